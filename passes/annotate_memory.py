@@ -1,0 +1,367 @@
+"""annotate_memory: bytes, storage and category per value, and a liveness simulation of the graph.
+
+Writes into ``node.meta["sac"]`` for every node that produces tensors:
+
+* ``nbytes``: new bytes the node allocates (0 for views and other aliases: storage-aware);
+* ``alloc_bytes``: the same, rounded as the target device's allocator rounds (CUDA: 512 bytes);
+* ``storage_owner``: the node whose allocation this value lives in (itself, or a view's base);
+* ``category``: parameter, buffer, input, gradient, activation (a forward value alive at the end of
+  forward) or temporary.
+
+and a :class:`MemorySimulation` into ``gm.meta["sac"]["annotate_memory"]``: the graph is executed in
+its order, each allocation freed after its last use, parameters, buffers and inputs alive
+throughout, forward outputs and gradients held to the end. The result has the peak, the live bytes
+at the end of forward, and per-module snapshots ("current" at the module's exit and "peak" while it
+runs), as PyTorch's MemTracker reports them.
+
+``fused_pointwise=True`` approximates Inductor: a pointwise op whose users are all pointwise ops of
+the same side, and which is neither saved for backward nor an output, is fused away (no buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from passes.annotate_ops import is_alias_op
+from passes.record import (
+    MemoryCategory,
+    Side,
+    call_functions,
+    get_record,
+    graph_results,
+    tensor_values,
+    update_record,
+)
+
+log = logging.getLogger(__name__)
+
+CUDA_ROUNDING = 512
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Live bytes around one module's forward and backward (like MemTracker's snapshots)."""
+
+    pre_fw: int = 0
+    post_fw: int = 0
+    peak_fw: int = 0
+    pre_bw: int = 0
+    post_bw: int = 0
+    peak_bw: int = 0
+
+
+@dataclass(frozen=True)
+class MemorySimulation:
+    peak_bytes: int
+    peak_node: str
+    peak_by_category: dict[MemoryCategory, int]
+    end_of_forward_bytes: int
+    static_bytes: int
+    timeline: list[tuple[str, int]] = field(repr=False)
+    module_memory: dict[str, ModuleMemory] = field(repr=False)
+    optimizer_state_bytes: int = 0
+    optimizer_step_peak_bytes: int = 0
+
+    def snapshot(self, kind: str = "peak") -> dict[str, int]:
+        """``{"Total": bytes, <category>: bytes}`` at the peak (``"peak"``) or the end (``"current"``)."""
+        if kind == "peak":
+            out = {c.value: b for c, b in self.peak_by_category.items()}
+            out["Total"] = self.peak_bytes
+            return out
+        if kind == "current":
+            return {"Total": self.timeline[-1][1] if self.timeline else 0}
+        raise ValueError(f"snapshot kind must be 'peak' or 'current', got {kind!r}")
+
+
+def round_allocation(nbytes: int, device: torch.device | str | None) -> int:
+    """Bytes the device allocator hands out for a request of ``nbytes`` (CUDA rounds to 512)."""
+    if nbytes <= 0:
+        return 0
+    if device is not None and torch.device(device).type == "cuda":
+        return -(-nbytes // CUDA_ROUNDING) * CUDA_ROUNDING
+    return nbytes
+
+
+def _hint(x: Any) -> int:
+    if isinstance(x, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return int(hint_int(x))
+    return int(x)
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the tensor's storage (sizes from hints where symbolic)."""
+    try:
+        return _hint(t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
+        return _hint(t.numel()) * t.element_size()
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _side(node: fx.Node) -> Side:
+    side = get_record(node).side
+    if side is not None:
+        return side
+    return Side.BACKWARD if node.meta.get("partitioner_tag") == "is_backward" else Side.FORWARD
+
+
+def annotate_memory(
+    gm: fx.GraphModule,
+    target_device: torch.device | str | None = None,
+    num_fwd_outputs: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state_bytes: int | None = None,
+    fused_pointwise: bool = False,
+) -> MemorySimulation:
+    """Annotate bytes and categories; simulate liveness over the graph order; return the result."""
+    from sac_compiler.capture import InputKind, capture_info
+
+    info = capture_info(gm)
+    if target_device is None:
+        target_device = info.target_device if info is not None else None
+    if num_fwd_outputs is None:
+        num_fwd_outputs = info.num_fwd_outputs if info is not None else None
+    input_kinds = {i.name: i.kind for i in info.inputs} if info is not None else {}
+
+    nodes = list(gm.graph.nodes)
+    output = nodes[-1]
+    outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    n_fwd = num_fwd_outputs if num_fwd_outputs is not None else len(outputs)
+    fwd_outputs = {n for n in outputs[:n_fwd] if isinstance(n, fx.Node)}
+    grad_outputs = {n for n in outputs[n_fwd:] if isinstance(n, fx.Node)}
+
+    # 1. Storage owners: a view (or getitem of a view) lives in its base's allocation.
+    owner: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_function" and node.target is operator.getitem:
+            owner[node] = node  # one output of a multi-output op: its own allocation
+        elif node.op == "call_function" and is_alias_op(node) and node.all_input_nodes:
+            base = next((a for a in node.args if isinstance(a, fx.Node)), node.all_input_nodes[0])
+            owner[node] = owner.get(base, base)
+        else:
+            owner[node] = node
+
+    # 2. Bytes per allocation.
+    nbytes: dict[fx.Node, int] = {}
+    for node in nodes:
+        if owner[node] is not node:
+            continue
+        vals = tensor_values(node)
+        if node.op == "call_function" and any(u.target is operator.getitem for u in node.users):
+            vals = []  # a multi-output op: its getitem users own the bytes
+        nbytes[node] = sum(tensor_nbytes(v) for v in vals)
+
+    saved = {n for n in nodes if get_record(n).saved_for_backward}
+    if fused_pointwise:
+        for node in call_functions(gm):
+            if owner[node] is node and _is_pointwise(node) and node not in saved and node not in outputs:
+                users = list(node.users)
+                if users and all(_is_pointwise(u) and _side(u) == _side(node) for u in users):
+                    nbytes[node] = 0
+
+    # 3. Last use of every allocation (through its aliases).
+    index = {node: i for i, node in enumerate(nodes)}
+    last_use: dict[fx.Node, int] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            base = owner[arg]
+            last_use[base] = max(last_use.get(base, -1), index[node])
+    end = len(nodes) - 1
+    held = {owner[n] for n in fwd_outputs | grad_outputs}
+    first_backward = next((i for i, n in enumerate(nodes) if n.op == "call_function" and _side(n) == Side.BACKWARD), end)
+
+    # 4. Categories.
+    grad_owners = {owner[n] for n in grad_outputs}
+    categories: dict[fx.Node, MemoryCategory] = {}
+    for node in nodes:
+        base = owner[node]
+        if base.op == "placeholder":
+            kind = input_kinds.get(base.name)
+            categories[node] = {
+                InputKind.PARAMETER: MemoryCategory.PARAMETER,
+                InputKind.BUFFER: MemoryCategory.BUFFER,
+            }.get(kind, MemoryCategory.INPUT if kind != InputKind.TANGENT and "tangents" not in base.name
+                   else MemoryCategory.TEMPORARY)
+        elif base in grad_owners:
+            categories[node] = MemoryCategory.GRADIENT
+        elif _side(base) == Side.FORWARD and (last_use.get(base, -1) >= first_backward or base in held):
+            categories[node] = MemoryCategory.ACTIVATION
+        else:
+            categories[node] = MemoryCategory.TEMPORARY
+
+    for node in nodes:
+        if node.op == "output":
+            continue
+        own = owner[node] is node
+        raw = nbytes.get(node, 0) if own else 0
+        update_record(
+            node,
+            "annotate_memory",
+            nbytes=raw,
+            alloc_bytes=round_allocation(raw, target_device),
+            storage_owner=owner[node].name,
+            category=categories[node],
+        )
+
+    # 5. Liveness simulation.
+    alloc = {n: round_allocation(b, target_device) for n, b in nbytes.items()}
+    static = [n for n in nodes if n.op == "placeholder" and "tangents" not in n.name]
+    live: dict[MemoryCategory, int] = {c: 0 for c in MemoryCategory}
+    for n in static:
+        live[categories[n]] += alloc.get(n, 0)
+    opt_state = _optimizer_state_bytes(optimizer, optimizer_state_bytes, info, gm, alloc)
+    live[MemoryCategory.OPTIMIZER_STATE] += opt_state
+    static_bytes = sum(live.values())
+    frees: dict[int, list[fx.Node]] = {}
+    for base, i in last_use.items():
+        if base.op == "placeholder" and base in static or base in held:
+            continue
+        frees.setdefault(i, []).append(base)
+
+    total = static_bytes
+    peak, peak_node, peak_cats = total, "start", dict(live)
+    timeline: list[tuple[str, int]] = []
+    end_of_forward = total
+    module_live: dict[str, dict[str, int]] = {}
+    tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
+    for i, node in enumerate(nodes):
+        if i == first_backward and tangents:
+            end_of_forward = total
+            for t in tangents:
+                live[categories[t]] += alloc.get(t, 0)
+                total += alloc.get(t, 0)
+        if node.op == "call_function" and owner[node] is node:
+            b = alloc.get(node, 0)
+            live[categories[node]] += b
+            total += b
+        if total > peak:
+            peak, peak_node, peak_cats = total, node.name, dict(live)
+        _track_modules(node, total, module_live)
+        for base in frees.get(i, []):
+            if base.op == "placeholder" and base not in tangents:
+                continue
+            b = alloc.get(base, 0)
+            live[categories[base]] -= b
+            total -= b
+        timeline.append((node.name, total))
+    if not tangents:
+        end_of_forward = total
+
+    step_peak = _optimizer_step_peak(optimizer, static_bytes, opt_state, alloc, grad_owners, info)
+    result = MemorySimulation(
+        peak_bytes=max(peak, step_peak),
+        peak_node=peak_node if peak >= step_peak else "optimizer.step",
+        peak_by_category={c: b for c, b in peak_cats.items() if b},
+        end_of_forward_bytes=end_of_forward,
+        static_bytes=static_bytes,
+        timeline=timeline,
+        module_memory={fqn: ModuleMemory(**v) for fqn, v in module_live.items()},
+        optimizer_state_bytes=opt_state,
+        optimizer_step_peak_bytes=step_peak,
+    )
+    graph_results(gm)["annotate_memory"] = result
+    return result
+
+
+def _track_modules(node: fx.Node, total: int, module_live: dict[str, dict[str, int]]) -> None:
+    record = get_record(node)
+    if node.op != "call_function" or not record.module_stack:
+        return
+    fw = record.side == Side.FORWARD
+    for fqn in record.module_stack:
+        entry = module_live.setdefault(fqn, {})
+        pre, post, peak = ("pre_fw", "post_fw", "peak_fw") if fw else ("pre_bw", "post_bw", "peak_bw")
+        entry.setdefault(pre, total)
+        entry[post] = total
+        entry[peak] = max(entry.get(peak, 0), total)
+
+
+def _parameter_bytes(info: Any, alloc: dict[fx.Node, int], gm: fx.GraphModule) -> int:
+    from sac_compiler.capture import InputKind
+
+    if info is None:
+        return 0
+    params = {i.name for i in info.inputs if i.kind == InputKind.PARAMETER}
+    return sum(alloc.get(n, 0) for n in gm.graph.find_nodes(op="placeholder") if n.name in params)
+
+
+def _optimizer_state_bytes(
+    optimizer: torch.optim.Optimizer | None,
+    explicit: int | None,
+    info: Any,
+    gm: fx.GraphModule,
+    alloc: dict[fx.Node, int],
+) -> int:
+    """Optimizer state: measured from a stepped optimizer, else estimated from its type."""
+    if explicit is not None:
+        if explicit < 0:
+            raise ValueError(f"optimizer_state_bytes must be >= 0, got {explicit}")
+        return int(explicit)
+    if optimizer is None:
+        return 0
+    device = info.target_device if info is not None else None
+    if optimizer.state:
+        return sum(
+            round_allocation(tensor_nbytes(v), device)
+            for state in optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
+    per_param = _STATE_PER_PARAM.get(type(optimizer).__name__)
+    if per_param is None:
+        raise ValueError(
+            f"cannot estimate the state of {type(optimizer).__name__} before its first step: "
+            "run one optimizer.step() first or pass optimizer_state_bytes="
+        )
+    if callable(per_param):
+        per_param = per_param(optimizer)
+    return int(per_param * _parameter_bytes(info, alloc, gm))
+
+
+def _momentum(optimizer: torch.optim.Optimizer) -> float:
+    return 1.0 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0.0
+
+
+_STATE_PER_PARAM: dict[str, Any] = {
+    "Adam": 2.0,
+    "AdamW": 2.0,
+    "Adamax": 2.0,
+    "NAdam": 2.0,
+    "RAdam": 2.0,
+    "Adagrad": 1.0,
+    "RMSprop": 1.0,
+    "SGD": _momentum,
+}
+
+
+def _optimizer_step_peak(
+    optimizer: torch.optim.Optimizer | None,
+    static_bytes: int,
+    opt_state: int,
+    alloc: dict[fx.Node, int],
+    grad_owners: set[fx.Node],
+    info: Any,
+) -> int:
+    """Peak during optimizer.step(): parameters, state, gradients, and the step's temporaries.
+
+    Foreach Adam-style steps materialise one parameter-sized temporary (``_foreach_sqrt`` of the
+    second moment); other optimizers are counted without temporaries.
+    """
+    if optimizer is None:
+        return 0
+    grads = sum(alloc.get(n, 0) for n in grad_owners)
+    temporaries = 0
+    if type(optimizer).__name__ in ("Adam", "AdamW", "NAdam", "RAdam"):
+        temporaries = opt_state // 2
+    return static_bytes + grads + temporaries

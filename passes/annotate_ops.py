@@ -1,0 +1,259 @@
+"""annotate_ops: view-like, random and in-place ops, and what the default partition saves.
+
+Writes into ``node.meta["sac"]`` for every ``call_function`` node:
+
+* ``op_name``: ``"aten.addmm"`` style name (overload dropped), as the eager SAC tools print it;
+* ``is_view``: the op's output aliases an input (``OpOverload.is_view``): zero new bytes;
+* ``is_random``: the op is ``nondeterministic_seeded`` (scaled-dot-product attention counts only
+  with ``dropout_p != 0``);
+* ``is_inplace`` / ``inplace_parent``: the user wrote an in-place op (``relu_``, ``x.add_``,
+  ``nn.ReLU(inplace=True)``). The joint graph is functional, so this is recovered from provenance
+  (``node.meta["from_node"]`` back to Dynamo's graph); the parent is the op whose output storage
+  the in-place op mutates (through views and earlier in-place ops), as in PyTorch's SACEstimator;
+* ``source_op``: the name of the Dynamo graph node this ATen node was traced from;
+* ``saved_for_backward``: PyTorch's ``default_partition`` (no recomputation) saves this value.
+
+Before: ``%relu = aten.relu.default(%addmm)`` traced from ``torch.relu_(x)``.
+After: ``meta["sac"].is_inplace is True, .inplace_parent == "addmm"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from passes.record import call_functions, Side, get_record, graph_results, update_record
+
+log = logging.getLogger(__name__)
+
+# Ops the eager SAC tools leave out of a module's op list (they neither compute nor allocate).
+IGNORED_OPS = frozenset({"aten.detach", "aten.lift_fresh", "aten.lift_fresh_copy", "aten._to_copy_view"})
+_SDPA_DROPOUT_OPS = frozenset(
+    {
+        "aten.scaled_dot_product_attention",
+        "aten._scaled_dot_product_flash_attention",
+        "aten._scaled_dot_product_efficient_attention",
+        "aten._scaled_dot_product_cudnn_attention",
+        "aten._scaled_dot_product_attention_math",
+        "aten._scaled_dot_product_flash_attention_for_cpu",
+        "aten._flash_attention_forward",
+        "aten._efficient_attention_forward",
+    }
+)
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                      operator.iand, operator.ior, operator.ixor, operator.imatmul}
+_VIEW_SOURCE_METHODS = frozenset({"view", "view_as", "reshape", "transpose", "t", "permute", "expand",
+                                  "squeeze", "unsqueeze", "narrow", "select", "unflatten", "flatten",
+                                  "as_strided", "diagonal", "unbind", "split", "chunk", "__getitem__"})
+
+
+def op_name(target: Any) -> str:
+    """``aten.addmm.default`` -> ``"aten.addmm"``; other callables by their name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"hop.{target.name()}"
+    return getattr(target, "__name__", str(target))
+
+
+def is_view_op(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and bool(target.is_view)
+
+
+_ALIAS_OPS = frozenset({"aten._unsafe_view", "aten.alias"})
+
+
+def is_alias_op(node: fx.Node) -> bool:
+    """The op's output shares its input's storage: views, and ``_unsafe_view``/``alias``."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and (bool(target.is_view) or op_name(target) in _ALIAS_OPS)
+
+
+def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
+    target = node.target
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return arg.default_value if arg.has_default_value() else default
+    return default
+
+
+def is_random_op(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = op_name(target)
+    if name in _SDPA_DROPOUT_OPS:
+        dropout_p = _argument(node, "dropout_p", 0.0)
+        return bool(dropout_p)
+    if name.startswith("prims.inductor_") and "seed" in name or name == "prims.inductor_random":
+        return True
+    return torch.Tag.nondeterministic_seeded in target.tags
+
+
+def _source_chain_root(node: fx.Node, graph_ids: set[int] | None) -> Any:
+    """The NodeSource of the Dynamo node this node was traced from (deepest provenance entry)."""
+    sources = node.meta.get("from_node") or []
+    best = None
+    while sources:
+        src = sources[0]
+        if graph_ids is None or getattr(src, "graph_id", None) in graph_ids:
+            best = src
+        sources = getattr(src, "from_node", None) or []
+    return best
+
+
+def _is_inplace_source(src_node: fx.Node | None, target_repr: str) -> bool:
+    if src_node is not None:
+        target = src_node.target
+        if src_node.kwargs.get("inplace") is True:
+            return True
+        if target in _INPLACE_OPERATORS:
+            return True
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    # No Dynamo graph at hand: judge from the recorded target's text alone.
+    text = target_repr.split(" of ")[0].replace("<built-in method ", "").replace("<function ", "")
+    text = text.split(" at ")[0].strip("<>")
+    return text.endswith("_") and not text.endswith("__")
+
+
+def _mutated_origin(src_node: fx.Node, is_inplace: dict[str, bool]) -> fx.Node:
+    """Follow a Dynamo node's first tensor argument through views/in-place ops to the op that made it."""
+    current = src_node
+    while True:
+        args = [a for a in current.args if isinstance(a, fx.Node)]
+        if not args:
+            return current
+        first = args[0]
+        name = first.target if isinstance(first.target, str) else getattr(first.target, "__name__", "")
+        if is_inplace.get(first.name) or (first.op == "call_method" and name in _VIEW_SOURCE_METHODS):
+            current = first
+            continue
+        if first.op == "call_function" and name in _VIEW_SOURCE_METHODS:
+            current = first
+            continue
+        return first
+
+
+def default_saved_values(gm: fx.GraphModule, num_fwd_outputs: int) -> set[str]:
+    """Names of the joint graph's values PyTorch's default partition saves for backward."""
+    from torch._functorch.partitioners import default_partition
+
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    fw_module, _ = default_partition(gm, placeholders, num_fwd_outputs=num_fwd_outputs)
+    out = next(iter(fw_module.graph.find_nodes(op="output")))
+    saved = out.args[0][num_fwd_outputs:]
+    return {n.name for n in saved if isinstance(n, fx.Node)}
+
+
+def annotate_ops(
+    gm: fx.GraphModule,
+    source_gm: fx.GraphModule | None = None,
+    num_fwd_outputs: int | None = None,
+) -> dict[str, str]:
+    """Annotate op kinds; return ``{in-place node: parent node}`` for the forward in-place ops.
+
+    ``source_gm`` is the Dynamo graph the joint graph was traced from (``capture_joint`` attaches it;
+    without it, in-place ops are recognised from the provenance's target names, which misses
+    ``inplace=True`` keyword forms). ``num_fwd_outputs`` enables ``saved_for_backward`` on joint graphs.
+    """
+    from sac_compiler.capture import capture_info
+
+    info = capture_info(gm)
+    if source_gm is None and info is not None:
+        source_gm = info.source_gm
+    if num_fwd_outputs is None and info is not None and info.has_backward:
+        num_fwd_outputs = info.num_fwd_outputs
+    has_tangents = any("tangents" in n.name for n in gm.graph.find_nodes(op="placeholder"))
+
+    saved: set[str] = set()
+    if num_fwd_outputs is not None and has_tangents:
+        saved = default_saved_values(gm, num_fwd_outputs)
+
+    source_nodes = {n.name: n for n in source_gm.graph.nodes} if source_gm is not None else {}
+    graph_ids = {id(source_gm.graph)} if source_gm is not None else None
+
+    # Dynamo-level in-place ops and the ATen nodes traced from each Dynamo node.
+    inplace_sources: dict[str, bool] = {}
+    by_source: dict[str, list[fx.Node]] = {}
+    node_source: dict[fx.Node, str] = {}
+    for node in call_functions(gm):
+        src = _source_chain_root(node, graph_ids) or _source_chain_root(node, None)
+        if src is None:
+            continue
+        name = src.name
+        node_source[node] = name
+        by_source.setdefault(name, []).append(node)
+        if name not in inplace_sources:
+            inplace_sources[name] = _is_inplace_source(source_nodes.get(name), str(src.target))
+
+    def main_node(source_name: str) -> fx.Node | None:
+        """The ATen node that computes a Dynamo node's result: its last non-view forward op."""
+        candidates = [n for n in by_source.get(source_name, []) if _forward(n) and n.target is not operator.getitem]
+        non_views = [n for n in candidates if not is_view_op(n)]
+        pool = non_views or candidates
+        return pool[-1] if pool else None
+
+    parents: dict[str, str] = {}
+    for src_name, is_inplace in inplace_sources.items():
+        if not is_inplace:
+            continue
+        node = main_node(src_name)
+        if node is None:
+            continue
+        parent_name = node.name
+        src_node = source_nodes.get(src_name)
+        if src_node is not None:
+            origin = _mutated_origin(src_node, inplace_sources)
+            parent = main_node(origin.name) if origin.op != "placeholder" else None
+            if parent is not None:
+                parent_name = parent.name
+        parents[node.name] = parent_name
+
+    for node in call_functions(gm):
+        update_record(
+            node,
+            "annotate_ops",
+            op_name=op_name(node.target),
+            is_view=is_view_op(node),
+            is_random=is_random_op(node),
+            is_inplace=node.name in parents,
+            inplace_parent=parents.get(node.name),
+            source_op=node_source.get(node),
+            saved_for_backward=node.name in saved,
+        )
+    for node in gm.graph.find_nodes(op="placeholder"):
+        update_record(node, "annotate_ops", saved_for_backward=node.name in saved)
+    graph_results(gm)["annotate_ops"] = parents
+    return parents
+
+
+def _forward(node: fx.Node) -> bool:
+    record = get_record(node)
+    if record.side is not None:
+        return record.side == Side.FORWARD
+    return node.meta.get("partitioner_tag", "is_forward") == "is_forward"
+
+
+def forward_ops(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """The op list of the eager SAC tools: forward ATen ops, without getitem and ignored ops."""
+    out = []
+    for node in nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if op_name(node.target) in IGNORED_OPS or not _forward(node):
+            continue
+        out.append(node)
+    return out

@@ -1,0 +1,163 @@
+"""annotate_runtime: estimated runtime per node on a target device.
+
+Writes ``flops``, ``bytes_accessed``, ``runtime_ms`` and ``runtime_source`` into ``node.meta["sac"]``.
+
+* ``mode="cost-model"``: a roofline on a :class:`~sac_compiler.device_specs.DeviceSpec`: FLOPs from
+  PyTorch's FlopCounterMode formulas (computed from shapes, nothing runs), bytes read and written over
+  HBM bandwidth, and the larger of the two. Views and other aliases cost nothing.
+* ``mode="benchmark"``: each distinct (op, shapes, dtypes, strides) is run on the real GPU with random
+  inputs: warm-up, then the median of several CUDA-event timings. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import statistics
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from passes.annotate_ops import is_alias_op
+from passes.record import call_functions, get_record, graph_results, tensor_values, update_record
+
+log = logging.getLogger(__name__)
+
+MODES = ("cost-model", "benchmark")
+
+
+def _hint(x: Any) -> int:
+    if isinstance(x, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return int(hint_int(x))
+    return int(x)
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return _hint(t.numel()) * t.element_size()
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs of one ATen node from PyTorch's flop formulas (0 for ops without one)."""
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return 0
+    args = tree_map(_val, node.args)
+    kwargs = tree_map(_val, node.kwargs)
+    out = node.meta.get("val")
+    packet = target.overloadpacket
+    if packet in flop_registry:
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    name = target._schema.name
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        if name.endswith("_backward"):
+            grad_out, q, k, v = args[:4]
+            return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+        q, k, v = args[:3]
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+    return 0
+
+
+def node_bytes(node: fx.Node) -> int:
+    """Bytes an op reads and writes (inputs plus new outputs; aliases move nothing)."""
+    if is_alias_op(node) or node.target is operator.getitem:
+        return 0
+    read = sum(_nbytes(v) for a in node.all_input_nodes for v in tensor_values(a))
+    written = sum(_nbytes(v) for v in tensor_values(node))
+    return read + written
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    vals = [v for a in node.all_input_nodes for v in tensor_values(a) if v.is_floating_point()]
+    vals = vals or tensor_values(node)
+    return vals[0].dtype if vals else torch.float32
+
+
+def annotate_runtime(
+    gm: fx.GraphModule,
+    device_spec: Any,
+    mode: str = "cost-model",
+    warmup: int = 3,
+    repeats: int = 10,
+) -> float:
+    """Annotate every call_function node with its runtime; return the graph's total in ms."""
+    if mode not in MODES:
+        raise ValueError(f"annotate_runtime mode must be one of {MODES}, got {mode!r}")
+    if mode == "benchmark" and not torch.cuda.is_available():
+        raise ValueError("mode='benchmark' times ops on a GPU and needs CUDA; use mode='cost-model' here")
+    cache: dict[Any, float] = {}
+    total = 0.0
+    for node in call_functions(gm):
+        flops = node_flops(node)
+        moved = node_bytes(node)
+        if is_alias_op(node) or node.target is operator.getitem or (flops == 0 and moved == 0):
+            ms = 0.0
+        elif mode == "cost-model":
+            ms = 1e3 * device_spec.seconds_for(flops, moved, _dtype(node))
+        else:
+            ms = _benchmark(node, cache, warmup, repeats)
+        total += ms
+        update_record(node, "annotate_runtime", flops=flops, bytes_accessed=moved, runtime_ms=ms,
+                      runtime_source=mode)
+    graph_results(gm)["annotate_runtime"] = total
+    return total
+
+
+def _materialize(val: Any, device: torch.device) -> Any:
+    if not isinstance(val, torch.Tensor):
+        return val
+    shape = [_hint(s) for s in val.shape]
+    stride = [_hint(s) for s in val.stride()]
+    if val.dtype.is_floating_point or val.dtype.is_complex:
+        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).normal_()
+    elif val.dtype == torch.bool:
+        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).fill_(True)
+    else:
+        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).zero_()
+    return t
+
+
+def _signature(node: fx.Node) -> Any:
+    def sig(a: Any) -> Any:
+        v = _val(a)
+        if isinstance(v, torch.Tensor):
+            return (tuple(_hint(s) for s in v.shape), tuple(_hint(s) for s in v.stride()), v.dtype)
+        return repr(v)
+
+    return (node.target, tuple(tree_map(sig, list(node.args))), tuple(sorted((k, repr(tree_map(sig, v))) for k, v in node.kwargs.items())))
+
+
+def _benchmark(node: fx.Node, cache: dict[Any, float], warmup: int, repeats: int) -> float:
+    key = _signature(node)
+    if key in cache:
+        return cache[key]
+    device = torch.device("cuda", torch.cuda.current_device())
+    args = tree_map(lambda a: _materialize(_val(a), device), node.args)
+    kwargs = tree_map(lambda a: _materialize(_val(a), device), node.kwargs)
+    kwargs = {k: (device if isinstance(v, torch.device) else v) for k, v in kwargs.items()}
+    fn = node.target
+    try:
+        for _ in range(warmup):
+            fn(*args, **kwargs)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    except RuntimeError as e:
+        raise RuntimeError(f"benchmarking {node.format_node()} failed: {e}") from e
+    ms = statistics.median(times)
+    cache[key] = ms
+    return ms

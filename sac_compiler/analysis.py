@@ -1,0 +1,78 @@
+"""Run the annotation passes over a captured graph: the one place that knows their order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from passes.annotate_memory import MemorySimulation, annotate_memory
+from passes.annotate_modules import ModuleOrders, annotate_modules
+from passes.annotate_ops import annotate_ops
+from passes.annotate_runtime import annotate_runtime
+from sac_compiler.capture import JointGraph
+from sac_compiler.device_specs import DeviceSpec, get_device_spec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_SPEC = "H100-SXM"
+
+
+def resolve_device_spec(device: str | DeviceSpec = "auto") -> DeviceSpec:
+    """A spec by name; ``"auto"`` matches the visible GPU, or falls back to H100-SXM without CUDA."""
+    if isinstance(device, DeviceSpec):
+        return device
+    if device == "auto" and not torch.cuda.is_available():
+        log.info("no CUDA device: costs use the %s spec; pass device=<spec name> to choose another", DEFAULT_CPU_SPEC)
+        return get_device_spec(DEFAULT_CPU_SPEC)
+    return get_device_spec(device)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    graph: JointGraph
+    orders: ModuleOrders
+    inplace_parents: dict[str, str]
+    memory: MemorySimulation
+    runtime_ms: float
+    device_spec: DeviceSpec
+
+
+def analyze(
+    graph: JointGraph,
+    device: str | DeviceSpec = "auto",
+    estimate_mode: str = "cost-model",
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state_bytes: int | None = None,
+    fused_pointwise: bool = False,
+) -> Analysis:
+    """Annotate ``graph.gm`` with every pass; return their graph-level results."""
+    spec = resolve_device_spec(device)
+    orders = annotate_modules(graph.gm, graph.root_name)
+    parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None)
+    memory = annotate_memory(
+        graph.gm,
+        target_device=graph.target_device,
+        num_fwd_outputs=graph.num_fwd_outputs,
+        optimizer=optimizer,
+        optimizer_state_bytes=optimizer_state_bytes,
+        fused_pointwise=fused_pointwise,
+    )
+    runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
+    return Analysis(graph, orders, parents, memory, runtime, spec)
+
+
+def summary_rows(analysis: Analysis) -> list[tuple[str, str]]:
+    mem = analysis.memory
+    gib = 2**30
+    return [
+        ("device spec", analysis.device_spec.name),
+        ("graph nodes", str(len(analysis.graph.gm.graph.nodes))),
+        ("modules", str(len(analysis.orders.fw_pre_order))),
+        ("predicted peak", f"{mem.peak_bytes / gib:.3f} GiB (at {mem.peak_node})"),
+        ("live at end of forward", f"{mem.end_of_forward_bytes / gib:.3f} GiB"),
+        ("static (params, buffers, inputs, optimizer)", f"{mem.static_bytes / gib:.3f} GiB"),
+        ("estimated step time", f"{analysis.runtime_ms:.3f} ms"),
+    ]

@@ -1,0 +1,103 @@
+"""``torch.compile(model, backend="sac", options={...})``.
+
+Dynamo hands the backend an FX graph; AOTAutograd builds the joint forward+backward graph; the
+backend's partitioner annotates it (and, with a ``memory_budget``, tags it with a recompute plan)
+and lets PyTorch's own partitioner split it. Inductor stays in charge of the joint-graph passes and
+code generation: the backend only substitutes the partition decision, through Inductor's
+``custom_partitioner_fn``. ``compiler="eager"`` runs the partitioned graphs without Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+
+from sac_compiler.config import SACConfig
+
+log = logging.getLogger(__name__)
+
+
+def _root_name(gm: fx.GraphModule) -> str:
+    """The compiled module's class name, as far as Dynamo's module stacks tell it."""
+    for node in gm.graph.nodes:
+        for path, mod_type in (node.meta.get("nn_module_stack") or {}).values():
+            if path.endswith("]") and "." not in path:  # the bare root, e.g. L['self']
+                return getattr(mod_type, "__name__", "Model")
+    return "Model"
+
+
+class SACPartitioner(CustomPartitionerFn):
+    """Annotate (and plan) the joint graph, then partition it with PyTorch's min-cut partitioner."""
+
+    def __init__(self, config: SACConfig, source_gm: fx.GraphModule) -> None:
+        self.config = config
+        self.source_gm = source_gm
+        self.last_result: Any = None
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        from sac_compiler.plan_graph import plan_and_tag
+
+        num_fwd_outputs = kwargs["num_fwd_outputs"]
+        self.last_result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, _root_name(self.source_gm), self.config)
+        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if self.last_result is not None:
+            self.last_result.check_partition(fw, bw)
+        return fw, bw
+
+    def uuid(self) -> Any:
+        import passes
+        import sac_compiler
+
+        files = [*_package_files(sac_compiler), *_package_files(passes)]
+        return (get_hash_for_files(tuple(files)), repr(_cache_relevant(self.config)))
+
+
+def _package_files(package: Any) -> list[str]:
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(package.__file__).parent.glob("*.py"))
+
+
+def _cache_relevant(config: SACConfig) -> tuple[Any, ...]:
+    return (config.memory_budget, config.device, config.estimate_mode, config.solver, config.mip_gap,
+            config.world_size, config.optimizer_state_bytes, config.report)
+
+
+def _needs_backward(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+
+
+def sac_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
+) -> Callable[..., Any]:
+    """The ``torch_dynamo_backends`` entry point ``sac``."""
+    config = SACConfig.from_options(options)
+    if not _needs_backward(example_inputs):
+        log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
+                 config.compiler)
+    partitioner = SACPartitioner(config, gm)
+    if config.compiler == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with inductor_config.patch(custom_partitioner_fn=partitioner):
+            return compile_fx(gm, example_inputs)
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def boxed(module: fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
+        return make_boxed_func(module.forward)
+
+    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partitioner)(gm, example_inputs)
