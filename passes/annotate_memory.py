@@ -14,6 +14,10 @@ throughout, forward outputs and gradients held to the end. The result has the pe
 at the end of forward, and per-module snapshots ("current" at the module's exit and "peak" while it
 runs), as PyTorch's MemTracker reports them.
 
+``recomputed`` names forward values that backward recomputes instead of keeping (default: those the
+user wrapped in ``torch.utils.checkpoint``): they are freed after their last forward use and live
+again from their first to their last backward use.
+
 ``fused_pointwise=True`` approximates Inductor: a pointwise op whose users are all pointwise ops of
 the same side, and which is neither saved for backward nor an output, is fused away (no buffer).
 """
@@ -123,6 +127,7 @@ def annotate_memory(
     optimizer: torch.optim.Optimizer | None = None,
     optimizer_state_bytes: int | None = None,
     fused_pointwise: bool = False,
+    recomputed: set[str] | None = None,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate liveness over the graph order; return the result."""
     from sac_compiler.capture import InputKind, capture_info
@@ -214,48 +219,64 @@ def annotate_memory(
             category=categories[node],
         )
 
-    # 5. Liveness simulation.
+    # 5. Liveness simulation: allocation and free events per step.
     alloc = {n: round_allocation(b, target_device) for n, b in nbytes.items()}
     static = [n for n in nodes if n.op == "placeholder" and "tangents" not in n.name]
+    tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
     live: dict[MemoryCategory, int] = {c: 0 for c in MemoryCategory}
     for n in static:
         live[categories[n]] += alloc.get(n, 0)
     opt_state = _optimizer_state_bytes(optimizer, optimizer_state_bytes, info, gm, alloc)
     live[MemoryCategory.OPTIMIZER_STATE] += opt_state
     static_bytes = sum(live.values())
+
+    if recomputed is None:
+        recomputed = {n.name for n in nodes if get_record(n).user_recompute}
+    uses_of: dict[fx.Node, set[int]] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            uses_of.setdefault(owner[arg], set()).add(index[node])
+    allocs: dict[int, list[fx.Node]] = {}
     frees: dict[int, list[fx.Node]] = {}
-    for base, i in last_use.items():
-        if base.op == "placeholder" and base in static or base in held:
+    for node in nodes:
+        if owner[node] is not node or node.op == "output" or node in static:
             continue
-        frees.setdefault(i, []).append(base)
+        start_at = first_backward if node in tangents else index[node]
+        allocs.setdefault(start_at, []).append(node)
+        if node in held:
+            continue
+        uses = sorted(uses_of.get(node, ()))
+        if node.name in recomputed and _side(node) == Side.FORWARD:
+            fw_uses = [i for i in uses if i < first_backward]
+            bw_uses = [i for i in uses if i >= first_backward]
+            frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(node)
+            if bw_uses:  # rematerialised just before its first backward use
+                allocs.setdefault(bw_uses[0], []).append(node)
+                frees.setdefault(bw_uses[-1], []).append(node)
+            continue
+        frees.setdefault(uses[-1] if uses else start_at, []).append(node)
 
     total = static_bytes
     peak, peak_node, peak_cats = total, "start", dict(live)
     timeline: list[tuple[str, int]] = []
-    end_of_forward = total
+    end_of_forward = None
     module_live: dict[str, dict[str, int]] = {}
-    tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
     for i, node in enumerate(nodes):
-        if i == first_backward and tangents:
+        if i == first_backward and end_of_forward is None:
             end_of_forward = total
-            for t in tangents:
-                live[categories[t]] += alloc.get(t, 0)
-                total += alloc.get(t, 0)
-        if node.op == "call_function" and owner[node] is node:
-            b = alloc.get(node, 0)
-            live[categories[node]] += b
+        for base in allocs.get(i, []):
+            b = alloc.get(base, 0)
+            live[categories[base]] += b
             total += b
         if total > peak:
             peak, peak_node, peak_cats = total, node.name, dict(live)
         _track_modules(node, total, module_live)
         for base in frees.get(i, []):
-            if base.op == "placeholder" and base not in tangents:
-                continue
             b = alloc.get(base, 0)
             live[categories[base]] -= b
             total -= b
         timeline.append((node.name, total))
-    if not tangents:
+    if end_of_forward is None:
         end_of_forward = total
 
     step_peak = _optimizer_step_peak(optimizer, static_bytes, opt_state, alloc, grad_owners, info)

@@ -115,6 +115,25 @@ def _walk(stacks: list[tuple[str, ...]], pre: list[str], post: list[str]) -> Non
             post.append(fqn)
 
 
+def _tagged_recompute(node: fx.Node) -> bool:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return node.meta.get("recompute") in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _user_recomputes(node: fx.Node) -> bool:
+    """A forward node the user's ``checkpoint`` recomputes in backward.
+
+    As PyTorch's partitioner does (``cleanup_recompute_tags``), the output of a checkpointed region
+    that feeds the next checkpointed region directly is kept, not recomputed.
+    """
+    if not _tagged_recompute(node) or "ac_graph_id" not in node.meta:
+        return False
+    return not any(
+        _tagged_recompute(u) and u.meta.get("ac_graph_id", -1) > node.meta["ac_graph_id"] for u in node.users
+    )
+
+
 def annotate_modules(gm: fx.GraphModule, root_name: str | None = None) -> ModuleOrders:
     """Annotate every call_function node with its module and side; return the module orders."""
     root = _root_name(gm, root_name)
@@ -139,7 +158,7 @@ def annotate_modules(gm: fx.GraphModule, root_name: str | None = None) -> Module
             seq_nr = node.meta.get("seq_nr")
             if seq_nr is not None:
                 forward_by_seq.setdefault(seq_nr, stack)
-            user_recompute = node.meta.get("recompute") is not None and node.meta.get("ac_graph_id") is not None
+            user_recompute = _user_recomputes(node)
             if user_recompute:
                 recomputed_fw.add(stack[-1])
             fw_stacks.append(stack)

@@ -1,0 +1,42 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from passes import annotate_ops, annotate_runtime, get_record
+from sac_compiler import capture_joint
+from sac_compiler.device_specs import get_device_spec
+
+
+def test_roofline_per_node():
+    spec = get_device_spec("H100-SXM")
+    graph = capture_joint(nn.Linear(1024, 1024, bias=False), torch.randn(512, 1024))
+    annotate_ops(graph.gm)
+    total = annotate_runtime(graph.gm, spec)
+    mm = [n for n in graph.gm.graph.nodes if n.target == torch.ops.aten.mm.default]
+    fw = mm[0]
+    rec = get_record(fw)
+    assert rec.flops == 2 * 512 * 1024 * 1024
+    assert rec.bytes_accessed == 4 * (512 * 1024 + 1024 * 1024 + 512 * 1024)
+    expected = 1e3 * max(rec.flops / spec.peak_flops_for(torch.float32), rec.bytes_accessed / spec.hbm_bandwidth)
+    assert rec.runtime_ms == pytest.approx(expected)
+    assert rec.runtime_source == "cost-model"
+    views = [n for n in graph.gm.graph.nodes if n.target == torch.ops.aten.t.default]
+    assert views and all(get_record(v).runtime_ms == 0 for v in views)
+    assert total == pytest.approx(sum(get_record(n).runtime_ms for n in graph.gm.graph.nodes if n.op == "call_function"))
+
+
+def test_faster_device_is_faster():
+    graph = capture_joint(nn.Linear(256, 256), torch.randn(64, 256))
+    annotate_ops(graph.gm)
+    slow = annotate_runtime(graph.gm, get_device_spec("A100-40GB"))
+    fast = annotate_runtime(graph.gm, get_device_spec("H200"))
+    assert fast < slow
+
+
+def test_bad_mode_and_benchmark_without_cuda():
+    graph = capture_joint(nn.Linear(4, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        annotate_runtime(graph.gm, get_device_spec("H100-SXM"), mode="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            annotate_runtime(graph.gm, get_device_spec("H100-SXM"), mode="benchmark")

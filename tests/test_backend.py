@@ -1,0 +1,127 @@
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sac_compiler.config import MemoryBudget, SACConfig, parse_bytes
+from tests.models import DropoutMLP, InplaceMLP, Nested, TiedLinear, tiny_transformer
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _run(model, inputs, compiled=None, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = (compiled if compiled is not None else model)(*inputs)
+    out.float().sum().backward()
+    return out.detach(), _grads(model)
+
+
+def test_entry_point_is_registered():
+    names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert names.get("sac") == "sac_compiler.backend:sac_backend"
+    assert "sac" in torch._dynamo.list_backends(exclude_tags=())
+
+
+@pytest.mark.parametrize(
+    "make_model, make_inputs",
+    [
+        (lambda: Nested(), lambda: (torch.randn(8, 16),)),
+        (lambda: InplaceMLP(), lambda: (torch.randn(8, 16),)),
+        (lambda: TiedLinear(), lambda: (torch.randn(8, 16),)),
+        (lambda: tiny_transformer(dropout_p=0.0), lambda: (torch.randint(0, 64, (2, 16)),)),
+    ],
+)
+def test_eager_route_matches_eager(make_model, make_inputs):
+    torch.manual_seed(0)
+    model, inputs = make_model(), make_inputs()
+    ref_out, ref_grads = _run(model, inputs)
+    compiled = torch.compile(model, backend="sac", options={"compiler": "eager"})
+    out, grads = _run(model, inputs, compiled)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_eager_route_dropout_matches_eager_rng():
+    # The eager route runs the same ATen random ops with the same generator: identical masks.
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    x = torch.randn(8, 16)
+    ref_out, ref_grads = _run(model, (x,), seed=3)
+    compiled = torch.compile(model, backend="sac", options={"compiler": "eager"})
+    out, grads = _run(model, (x,), compiled, seed=3)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.inductor
+def test_inductor_route_matches_plain_torch_compile_with_dropout():
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    x = torch.randn(8, 16)
+    plain = torch.compile(model)
+    ref_out, ref_grads = _run(model, (x,), plain, seed=5)
+    torch._dynamo.reset()
+    sac = torch.compile(model, backend="sac", options={"report": True})
+    out, grads = _run(model, (x,), sac, seed=5)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_report_prints_the_analysis(capsys):
+    model = Nested()
+    compiled = torch.compile(model, backend="sac", options={"compiler": "eager", "report": True})
+    compiled(torch.randn(4, 16)).sum().backward()
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "Nested.layers.1.mlp" in out
+
+
+def test_inference_graph_says_so_once(caplog):
+    model = nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="sac", options={"compiler": "eager"})
+    with caplog.at_level(logging.INFO, logger="sac_compiler.backend"), torch.no_grad():
+        out = compiled(torch.randn(2, 4))
+        compiled(torch.randn(2, 4))
+    torch.testing.assert_close(out, out)  # ran
+    messages = [r.message for r in caplog.records if "no backward" in r.message]
+    assert len(messages) == 1 and "inference" in messages[0]
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(Exception, match=r"unknown backend='sac' option\(s\) \['budget'\]"):
+        torch.compile(nn.Linear(2, 2), backend="sac", options={"budget": "1GiB"})(torch.randn(1, 2))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"compiler": "tvm"}, r"compiler must be one of \['inductor', 'eager'\]"),
+        ({"solver": "gurobi"}, r"solver must be one of \['cbc', 'highs'\]"),
+        ({"estimate_mode": "guess"}, "estimate_mode must be one of"),
+        ({"memory_budget": 1.5}, r"must be in \(0, 1\]"),
+        ({"memory_budget": "6 parsecs"}, "cannot read '6 parsecs' as a byte size"),
+        ({"world_size": 0}, "world_size must be an int >= 1"),
+        ({"mip_gap": 2}, r"mip_gap must be in \[0, 1\)"),
+    ],
+)
+def test_bad_option_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        SACConfig.from_options(options)
+
+
+def test_budget_parsing():
+    assert parse_bytes("6GiB") == 6 * 2**30
+    assert parse_bytes("6000MB") == 6 * 10**9
+    assert parse_bytes(" 1.5 kib") == 1536
+    assert parse_bytes(4096) == 4096
+    assert MemoryBudget.parse(0.5) == MemoryBudget(fraction=0.5)
+    assert MemoryBudget.parse("2GiB") == MemoryBudget(bytes=2 * 2**30)
+    with pytest.raises(ValueError, match="positive"):
+        parse_bytes(0)
