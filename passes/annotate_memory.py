@@ -128,6 +128,7 @@ def annotate_memory(
     optimizer_state_bytes: int | None = None,
     fused_pointwise: bool = False,
     recomputed: set[str] | None = None,
+    hold_outputs: bool = False,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate liveness over the graph order; return the result."""
     from sac_compiler.capture import InputKind, capture_info
@@ -183,7 +184,9 @@ def annotate_memory(
             base = owner[arg]
             last_use[base] = max(last_use.get(base, -1), index[node])
     end = len(nodes) - 1
-    held = {owner[n] for n in fwd_outputs | grad_outputs}
+    # Gradients stay (they become .grad); forward outputs are held only when asked: in
+    # ``model(x).sum().backward()`` the caller drops the output before backward runs.
+    held = {owner[n] for n in grad_outputs | (fwd_outputs if hold_outputs else set())}
     first_backward = next((i for i, n in enumerate(nodes) if n.op == "call_function" and _side(n) == Side.BACKWARD), end)
 
     # 4. Categories.
@@ -235,7 +238,10 @@ def annotate_memory(
     uses_of: dict[fx.Node, set[int]] = {}
     for node in nodes:
         for arg in node.all_input_nodes:
-            uses_of.setdefault(owner[arg], set()).add(index[node])
+            # returning a value is not a use: the caller drops forward outputs before backward
+            step = index[node] if node.op != "output" else max(first_backward - 1, 0)
+            uses_of.setdefault(owner[arg], set()).add(step)
+    rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
     allocs: dict[int, list[fx.Node]] = {}
     frees: dict[int, list[fx.Node]] = {}
     for node in nodes:
@@ -246,13 +252,13 @@ def annotate_memory(
         if node in held:
             continue
         uses = sorted(uses_of.get(node, ()))
-        if node.name in recomputed and _side(node) == Side.FORWARD:
+        if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
-            bw_uses = [i for i in uses if i >= first_backward]
             frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(node)
-            if bw_uses:  # rematerialised just before its first backward use
-                allocs.setdefault(bw_uses[0], []).append(node)
-                frees.setdefault(bw_uses[-1], []).append(node)
+            needed = rematerialized[node]
+            if needed:  # rematerialised for its first backward need, kept to its last
+                allocs.setdefault(min(needed), []).append(node)
+                frees.setdefault(max(needed), []).append(node)
             continue
         frees.setdefault(uses[-1] if uses else start_at, []).append(node)
 
@@ -262,14 +268,14 @@ def annotate_memory(
     end_of_forward = None
     module_live: dict[str, dict[str, int]] = {}
     for i, node in enumerate(nodes):
-        if i == first_backward and end_of_forward is None:
-            end_of_forward = total
         for base in allocs.get(i, []):
             b = alloc.get(base, 0)
             live[categories[base]] += b
             total += b
         if total > peak:
             peak, peak_node, peak_cats = total, node.name, dict(live)
+        if i == first_backward - 1:
+            end_of_forward = total
         _track_modules(node, total, module_live)
         for base in frees.get(i, []):
             b = alloc.get(base, 0)
@@ -293,6 +299,32 @@ def annotate_memory(
     )
     graph_results(gm)["annotate_memory"] = result
     return result
+
+
+def _backward_needs(
+    nodes: list[fx.Node],
+    owner: dict[fx.Node, fx.Node],
+    index: dict[fx.Node, int],
+    uses_of: dict[fx.Node, set[int]],
+    recomputed: set[str],
+    first_backward: int,
+) -> dict[fx.Node, set[int]]:
+    """Backward steps at which each recomputed forward allocation must exist.
+
+    Its own backward uses, and the step at which any recomputed value computed from it is
+    rematerialised (recomputing ``relu(addmm)`` needs ``addmm`` alive at that moment).
+    """
+    members = [n for n in nodes if n.name in recomputed and owner[n] is n and _side(n) == Side.FORWARD]
+    needs = {n: {i for i in uses_of.get(n, ()) if i >= first_backward} for n in members}
+    for node in sorted(members, key=index.__getitem__, reverse=True):
+        if not needs[node]:
+            continue
+        at = min(needs[node])
+        for arg in node.all_input_nodes:
+            base = owner[arg]
+            if base in needs:
+                needs[base].add(at)
+    return needs
 
 
 def _track_modules(node: fx.Node, total: int, module_live: dict[str, dict[str, int]]) -> None:

@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def _root_name(gm: fx.GraphModule) -> str:
-    """The compiled module's class name, as far as Dynamo's module stacks tell it."""
+    """The compiled module's class name: from the traced code (``Nested.forward``) or the module stacks."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    for code in getattr(context, "traced_code", None) or []:
+        qualname = getattr(code, "co_qualname", "")
+        if qualname.endswith(".forward"):
+            return qualname.rsplit(".", 2)[-2]
     for node in gm.graph.nodes:
         for path, mod_type in (node.meta.get("nn_module_stack") or {}).values():
             if path.endswith("]") and "." not in path:  # the bare root, e.g. L['self']
@@ -48,7 +55,15 @@ class SACPartitioner(CustomPartitionerFn):
 
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         self.last_result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, _root_name(self.source_gm), self.config)
-        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if self.config.compiler == "eager" and self.config.memory_budget is None:
+            # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
+            from torch._functorch.partitioners import default_partition
+
+            kwargs.pop("compiler", None)
+            kwargs.pop("static_lifetime_input_indices", None)
+            fw, bw = default_partition(gm, joint_inputs, **kwargs)
+        else:
+            fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if self.last_result is not None:
             self.last_result.check_partition(fw, bw)
         return fw, bw
@@ -94,10 +109,8 @@ def sac_backend(
         with inductor_config.patch(custom_partitioner_fn=partitioner):
             return compile_fx(gm, example_inputs)
 
-    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
 
-    def boxed(module: fx.GraphModule, _inputs: Any) -> Callable[..., Any]:
-        return make_boxed_func(module.forward)
-
-    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partitioner)(gm, example_inputs)
+    # boxed_nop (as aot_eager): the graphs run op by op and free each input at its last use.
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner)(gm, example_inputs)

@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -126,6 +126,11 @@ class DeviceSpec:
     def matches(self, gpu_name: str) -> bool:
         """Whether ``gpu_name`` (as from ``torch.cuda.get_device_name``) is this GPU."""
         return any(re.search(p, gpu_name.strip(), re.IGNORECASE) for p in self.name_patterns)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # The read-only view of peak_flops does not pickle; rebuild from a plain dict.
+        return (type(self), (self.name, self.marketing_name, dict(self.peak_flops), self.hbm_bandwidth,
+                             self.memory_bytes, self.sources, self.name_patterns))
 
     def peak_flops_for(self, dtype: torch.dtype) -> float:
         """Dense peak FLOP/s for matmul-class work in ``dtype``.

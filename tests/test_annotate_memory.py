@@ -36,10 +36,10 @@ def test_peak_by_hand():
     graph, sim = _annotated(model, torch.randn(1024, 4096))
     mib = 2**20
     weight, x, out = 64 * mib, 16 * mib, 16 * mib
-    # forward: weight + x + out; backward adds the tangent (16 MiB) then the weight grad (64 MiB);
-    # x is saved for the weight gradient, the output is held by the caller.
+    # forward: weight + x + out; the caller drops the output (model(x).sum().backward()), then
+    # backward adds the tangent (16 MiB) and the weight grad (64 MiB); x is saved for the weight grad.
     assert sim.end_of_forward_bytes == weight + x + out
-    assert sim.peak_bytes == weight + x + out + 16 * mib + 64 * mib
+    assert sim.peak_bytes == weight + x + 16 * mib + 64 * mib
     assert sim.static_bytes == weight + x
 
 
@@ -106,6 +106,7 @@ def test_user_checkpoint_frees_activations_until_backward():
     _, plain = _annotated(CheckpointedMLP(4, 128, use_ac=False), x)
     _, ac = _annotated(CheckpointedMLP(4, 128, use_ac=True), x)
     # Three of four blocks are checkpointed: the ReLU output inside each (256 x 256 fp32 = 256 KiB)
-    # is not kept through the forward but rematerialised in backward.
-    assert plain.end_of_forward_bytes - ac.end_of_forward_bytes == 3 * 256 * 256 * 4
+    # is not kept through the forward but rematerialised in backward. At the last forward step the
+    # last block's own values are still being computed, so two blocks' worth are gone by then.
+    assert plain.end_of_forward_bytes - ac.end_of_forward_bytes == 2 * 256 * 256 * 4
     assert ac.peak_bytes < plain.peak_bytes

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,8 @@ def test_tradeoff_pwlf_stats_on_seed_stats() -> None:
     # Discarding more memory never costs less recomputation: a convex, increasing fit.
     assert 0 < tradeoff.slopes[0] < tradeoff.slopes[1]
     # The fit follows the shifted points (x_k, y_{k+1}).
-    fit = [max(s * x + b for s, b in zip(tradeoff.slopes, tradeoff.intercepts)) for x in xs[:-1]]
+    lines = list(zip(tradeoff.slopes, tradeoff.intercepts, strict=True))
+    fit = [max(s * x + b for s, b in lines) for x in xs[:-1]]
     assert np.abs(np.array(fit) - np.array(ys[1:])).max() < 0.06
 
 
@@ -133,8 +134,8 @@ def test_tradeoff_curve_is_monotone_and_fit_is_reproducible() -> None:
     second = get_sac_tradeoff_pwlf_stats(stats, meta, n_segments=3)
     assert first == second
     xs, ys = list(first.tradeoff_curve), list(first.tradeoff_curve.values())
-    assert all(a < b for a, b in zip(xs, xs[1:]))
-    assert all(a <= b for a, b in zip(ys, ys[1:]))
+    assert all(a < b for a, b in itertools.pairwise(xs))
+    assert all(a <= b for a, b in itertools.pairwise(ys))
     assert xs[-1] == pytest.approx(1.01) and ys[-1] == pytest.approx(1.0)
     assert first.n_segments == 3 and len(first.fit_breaks) == 4
     assert all(s > 0 for s in first.slopes)
@@ -203,6 +204,6 @@ def test_format_sac_tradeoff_stats() -> None:
         "aten.native_dropout", "aten.copy_",
     ]
     assert len(lines) == len(expected)
-    assert all(name in line for name, line in zip(expected, lines))
+    assert all(name in line for name, line in zip(expected, lines, strict=True))
     assert lines[-1].split()[-7:-3] == ["1.0000", "420", "1.0000", "63.0000"]
     assert "2.00e+01" in lines[1]  # add's MSPS

@@ -1,0 +1,257 @@
+"""The one place that talks to python-mip: options, model creation, solve and status.
+
+python-mip is imported lazily so that importing the solver layer costs nothing until a
+model is built. CBC ships with python-mip; HiGHS needs the ``highspy`` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import mip
+
+__all__ = [
+    "BINARY",
+    "CONTINUOUS",
+    "InfeasibleError",
+    "NoSolutionError",
+    "SolveOutcome",
+    "SolverError",
+    "SolverOptions",
+    "new_model",
+    "solve",
+    "xsum",
+]
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("cbc", "highs")
+SENSES = ("MIN", "MAX")
+# python-mip's variable type codes.
+BINARY = "B"
+CONTINUOUS = "C"
+
+
+class SolverError(RuntimeError):
+    """The MILP solver did not return a usable solution."""
+
+
+class InfeasibleError(SolverError):
+    """The solver proved that no solution satisfies the constraints."""
+
+
+class NoSolutionError(SolverError):
+    """The search stopped (time limit) before finding any feasible solution."""
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How to run the MILP solver.
+
+    Attributes:
+        solver: ``"cbc"`` (bundled with python-mip) or ``"highs"`` (needs highspy).
+        time_limit_s: wall-clock limit of one solve in seconds; ``None``: no limit.
+        mip_gap: relative optimality gap at which the search stops; ``None``: the
+            solver's default (1e-4). PyTorch's PuLP version used 0.05.
+        threads: solver threads; ``None``: the solver's default.
+        verbose: let the solver print its log.
+    """
+
+    solver: str = "cbc"
+    time_limit_s: float | None = None
+    mip_gap: float | None = None
+    threads: int | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(
+                f"SolverOptions.solver must be one of {SOLVERS}, got {self.solver!r}"
+            )
+        if self.time_limit_s is not None and not (
+            _is_real(self.time_limit_s) and math.isfinite(self.time_limit_s)
+            and self.time_limit_s > 0
+        ):
+            raise ValueError(
+                "SolverOptions.time_limit_s must be None or a finite number of seconds > 0, "
+                f"got {self.time_limit_s!r}"
+            )
+        if self.mip_gap is not None and not (
+            _is_real(self.mip_gap) and 0 <= self.mip_gap < 1
+        ):
+            raise ValueError(
+                f"SolverOptions.mip_gap must be None or a relative gap in [0, 1), "
+                f"got {self.mip_gap!r}"
+            )
+        if self.threads is not None and not (
+            isinstance(self.threads, int) and not isinstance(self.threads, bool)
+            and self.threads >= 1
+        ):
+            raise ValueError(
+                f"SolverOptions.threads must be None or an int >= 1, got {self.threads!r}"
+            )
+        if not isinstance(self.verbose, bool):
+            raise ValueError(
+                f"SolverOptions.verbose must be True or False, got {self.verbose!r}"
+            )
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SolveOutcome:
+    """What a successful solve returned.
+
+    Attributes:
+        status: ``"OPTIMAL"`` or ``"FEASIBLE"`` (stopped by the time limit).
+        objective_value: objective of the returned solution.
+        objective_bound: best bound proven on the objective.
+        gap: relative gap between the two (at most ``mip_gap`` when OPTIMAL;
+            ``inf`` when the objective is 0 and the bound is not).
+        solve_time_s: wall-clock time of ``optimize``.
+        num_vars: number of variables of the model.
+        num_constraints: number of constraints of the model.
+        solver: the solver that ran (``SolverOptions.solver``).
+    """
+
+    status: str
+    objective_value: float
+    objective_bound: float
+    gap: float
+    solve_time_s: float
+    num_vars: int
+    num_constraints: int
+    solver: str
+
+
+def _relative_gap(objective_value: float, objective_bound: float) -> float:
+    difference = abs(objective_value - objective_bound)
+    if abs(objective_value) > 1e-10:
+        return difference / abs(objective_value)
+    return 0.0 if difference <= 1e-10 else math.inf
+
+
+def _import_mip() -> ModuleType:
+    try:
+        import mip
+    except ImportError as err:
+        raise ImportError(
+            "sac_compiler's MILP solvers need python-mip: pip install 'mip>=1.15'"
+        ) from err
+    return cast(ModuleType, mip)
+
+
+def _check_highs() -> None:
+    missing = (
+        "SolverOptions(solver='highs') needs the highspy package: pip install highspy "
+        "(or pip install 'sac-compiler[highs]'), or use SolverOptions(solver='cbc')"
+    )
+    if importlib.util.find_spec("highspy") is None:
+        raise ImportError(missing)
+    import mip.highs
+
+    if not mip.highs.has_highs:
+        raise ImportError(f"python-mip could not load HiGHS from highspy. {missing}")
+
+
+def xsum(terms: Iterable[object]) -> mip.LinExpr:
+    """python-mip's ``xsum`` (a linear expression summing ``terms``), imported lazily."""
+    return _import_mip().xsum(terms)
+
+
+def new_model(name: str, sense: str, options: SolverOptions) -> mip.Model:
+    """An empty python-mip model configured from ``options``.
+
+    Args:
+        name: model name, used in log messages and errors.
+        sense: ``"MIN"`` or ``"MAX"``.
+        options: solver, gap, threads and verbosity (the time limit applies in ``solve``).
+    """
+    if sense not in SENSES:
+        raise ValueError(f"sense must be one of {SENSES}, got {sense!r}")
+    mip_module = _import_mip()
+    if options.solver == "highs":
+        _check_highs()
+    solver_name = mip_module.CBC if options.solver == "cbc" else mip_module.HIGHS
+    model = mip_module.Model(name=name, sense=sense, solver_name=solver_name)
+    model.verbose = int(options.verbose)
+    if options.mip_gap is not None:
+        model.max_mip_gap = options.mip_gap
+    if options.threads is not None:
+        model.threads = options.threads
+    return model
+
+
+def solve(model: mip.Model, options: SolverOptions) -> SolveOutcome:
+    """Optimizes ``model`` and checks the solver status explicitly.
+
+    Returns the outcome for OPTIMAL and FEASIBLE (time limit hit with a solution: the
+    gap is logged at warning level). Raises ``InfeasibleError`` when the model is
+    proven infeasible, ``NoSolutionError`` when the search stopped without a solution,
+    and ``SolverError`` for any other status (unbounded, solver error, ...).
+    """
+    mip_module = _import_mip()
+    status_enum = mip_module.OptimizationStatus
+    max_seconds = options.time_limit_s if options.time_limit_s is not None else mip_module.INF
+    start = time.perf_counter()
+    status = model.optimize(max_seconds=max_seconds)
+    solve_time_s = time.perf_counter() - start
+    logger.debug(
+        "%s: %d variables (%d integer), %d constraints; %s returned %s in %.3f s",
+        model.name, model.num_cols, model.num_int, model.num_rows,
+        options.solver, status.name, solve_time_s,
+    )
+
+    if status in (status_enum.INFEASIBLE, status_enum.INT_INFEASIBLE):
+        raise InfeasibleError(
+            f"{model.name}: {options.solver} proved that no solution satisfies the "
+            "constraints; relax them (e.g. a larger memory budget)"
+        )
+    if status == status_enum.NO_SOLUTION_FOUND:
+        raise NoSolutionError(
+            f"{model.name}: {options.solver} stopped after {solve_time_s:.1f} s "
+            f"(time_limit_s={options.time_limit_s}) without a feasible solution; "
+            "raise SolverOptions.time_limit_s or relax the constraints"
+        )
+    if status == status_enum.UNBOUNDED:
+        raise SolverError(
+            f"{model.name}: {options.solver} reports the objective unbounded, which "
+            "means the formulation is missing a bound; please report it with the inputs"
+        )
+    if status not in (status_enum.OPTIMAL, status_enum.FEASIBLE):
+        raise SolverError(
+            f"{model.name}: {options.solver} returned status {status.name}; rerun with "
+            "SolverOptions(verbose=True) to see the solver log, or try the other solver"
+        )
+
+    objective_value = float(model.objective_value)
+    objective_bound = float(model.objective_bound)
+    gap = _relative_gap(objective_value, objective_bound)
+    if status == status_enum.FEASIBLE:
+        logger.warning(
+            "%s: %s stopped at the time limit (%.1f s) with a feasible solution "
+            "%.6g, gap %.2f%% to the bound %.6g; raise SolverOptions.time_limit_s "
+            "for a proven optimum",
+            model.name, options.solver, solve_time_s, objective_value, 100 * gap,
+            objective_bound,
+        )
+    return SolveOutcome(
+        status=status.name,
+        objective_value=objective_value,
+        objective_bound=objective_bound,
+        gap=gap,
+        solve_time_s=solve_time_s,
+        num_vars=model.num_cols,
+        num_constraints=model.num_rows,
+        solver=options.solver,
+    )
