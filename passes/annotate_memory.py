@@ -237,6 +237,8 @@ def annotate_memory(
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
     uses_of: dict[fx.Node, set[int]] = {}
     for node in nodes:
+        if owner[node] is not node:
+            continue  # an alias reads nothing itself; its users count as uses of its base
         for arg in node.all_input_nodes:
             # returning a value is not a use: the caller drops forward outputs before backward
             step = index[node] if node.op != "output" else max(first_backward - 1, 0)

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from passes.record import call_functions, Side, get_record, graph_results, update_record
@@ -129,9 +130,18 @@ def _user_recomputes(node: fx.Node) -> bool:
     """
     if not _tagged_recompute(node) or "ac_graph_id" not in node.meta:
         return False
-    return not any(
-        _tagged_recompute(u) and u.meta.get("ac_graph_id", -1) > node.meta["ac_graph_id"] for u in node.users
-    )
+    region = node.meta["ac_graph_id"]
+    pending, seen = list(node.users), set()
+    while pending:  # through views: saving a view of the region's output saves the output
+        user = pending.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if _tagged_recompute(user) and user.meta.get("ac_graph_id", -1) > region:
+            return False
+        if isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
+            pending.extend(user.users)
+    return True
 
 
 def annotate_modules(gm: fx.GraphModule, root_name: str | None = None) -> ModuleOrders:
