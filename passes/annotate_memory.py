@@ -50,7 +50,12 @@ CUDA_ROUNDING = 512
 
 @dataclass(frozen=True)
 class ModuleMemory:
-    """Live bytes around one module's forward and backward (like MemTracker's snapshots)."""
+    """Live bytes around one module's forward and backward (like MemTracker's snapshots).
+
+    ``views`` holds the same six snapshots split as MemTracker splits them: ``act`` (live values
+    made in forward), ``temp`` (made in backward, not gradients), ``grad`` (parameter gradients),
+    and ``total`` (everything, parameters and optimizer state included).
+    """
 
     pre_fw: int = 0
     post_fw: int = 0
@@ -58,6 +63,7 @@ class ModuleMemory:
     pre_bw: int = 0
     post_bw: int = 0
     peak_bw: int = 0
+    views: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -268,21 +274,33 @@ def annotate_memory(
     peak, peak_node, peak_cats = total, "start", dict(live)
     timeline: list[tuple[str, int]] = []
     end_of_forward = None
-    module_live: dict[str, dict[str, int]] = {}
+    module_live: dict[str, dict[str, Any]] = {}
+    # MemTracker's split of the live bytes: made in forward / made in backward / gradients.
+    phase_of = {n: ("grad" if categories[n] == MemoryCategory.GRADIENT
+                    else "act" if _side(n) == Side.FORWARD and n.op != "placeholder" else "temp")
+                for n in nodes if n.op != "output"}
+    view = {"total": total, "act": 0, "temp": 0, "grad": 0}
+
+    def change(base: fx.Node, sign: int) -> None:
+        nonlocal total
+        b = sign * alloc.get(base, 0)
+        live[categories[base]] += b
+        total += b
+        view["total"] = total
+        view[phase_of[base]] += b
+
     for i, node in enumerate(nodes):
+        _track_modules(node, "before", view, module_live)
         for base in allocs.get(i, []):
-            b = alloc.get(base, 0)
-            live[categories[base]] += b
-            total += b
+            change(base, +1)
         if total > peak:
             peak, peak_node, peak_cats = total, node.name, dict(live)
         if i == first_backward - 1:
             end_of_forward = total
-        _track_modules(node, total, module_live)
+        _track_modules(node, "during", view, module_live)
         for base in frees.get(i, []):
-            b = alloc.get(base, 0)
-            live[categories[base]] -= b
-            total -= b
+            change(base, -1)
+        _track_modules(node, "after", view, module_live)
         timeline.append((node.name, total))
     if end_of_forward is None:
         end_of_forward = total
@@ -295,7 +313,7 @@ def annotate_memory(
         end_of_forward_bytes=end_of_forward,
         static_bytes=static_bytes,
         timeline=timeline,
-        module_memory={fqn: ModuleMemory(**v) for fqn, v in module_live.items()},
+        module_memory={fqn: _module_memory(v) for fqn, v in module_live.items()},
         optimizer_state_bytes=opt_state,
         optimizer_step_peak_bytes=step_peak,
     )
@@ -329,17 +347,27 @@ def _backward_needs(
     return needs
 
 
-def _track_modules(node: fx.Node, total: int, module_live: dict[str, dict[str, int]]) -> None:
+def _track_modules(node: fx.Node, moment: str, view: dict[str, int], module_live: dict[str, dict[str, Any]]) -> None:
+    """Record ``view`` for every module running ``node``: ``moment`` is "before", "during" or "after"."""
     record = get_record(node)
     if node.op != "call_function" or not record.module_stack:
         return
-    fw = record.side == Side.FORWARD
+    phase = "fw" if record.side == Side.FORWARD else "bw"
     for fqn in record.module_stack:
         entry = module_live.setdefault(fqn, {})
-        pre, post, peak = ("pre_fw", "post_fw", "peak_fw") if fw else ("pre_bw", "post_bw", "peak_bw")
-        entry.setdefault(pre, total)
-        entry[post] = total
-        entry[peak] = max(entry.get(peak, 0), total)
+        if moment == "before":
+            entry.setdefault(f"pre_{phase}", dict(view))
+        elif moment == "during":
+            peak = entry.get(f"peak_{phase}")
+            if peak is None or view["total"] > peak["total"]:
+                entry[f"peak_{phase}"] = dict(view)
+        else:
+            entry[f"post_{phase}"] = dict(view)
+
+
+def _module_memory(entry: dict[str, dict[str, int]]) -> ModuleMemory:
+    totals = {key: snap["total"] for key, snap in entry.items()}
+    return ModuleMemory(**totals, views=entry)
 
 
 def _parameter_bytes(info: Any, alloc: dict[fx.Node, int], gm: fx.GraphModule) -> int:
