@@ -74,6 +74,8 @@ class MemorySimulation:
     end_of_forward_bytes: int
     static_bytes: int
     timeline: list[tuple[str, int]] = field(repr=False)
+    step_peaks: list[int] = field(repr=False)  # live bytes while each node runs (after its allocations)
+    first_backward: int = field(repr=False)  # index of the first backward node in the graph order
     module_memory: dict[str, ModuleMemory] = field(repr=False)
     optimizer_state_bytes: int = 0
     optimizer_step_peak_bytes: int = 0
@@ -246,12 +248,14 @@ def annotate_memory(
         if owner[node] is not node:
             continue  # an alias reads nothing itself; its users count as uses of its base
         for arg in node.all_input_nodes:
-            # returning a value is not a use: the caller drops forward outputs before backward
-            step = index[node] if node.op != "output" else max(first_backward - 1, 0)
-            uses_of.setdefault(owner[arg], set()).add(step)
+            if node.op == "output":
+                continue  # returning a value is not a use: see ``released`` below
+            uses_of.setdefault(owner[arg], set()).add(index[node])
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
     allocs: dict[int, list[fx.Node]] = {}
     frees: dict[int, list[fx.Node]] = {}
+    returned = {owner[n] for n in fwd_outputs} - held
+    released: list[fx.Node] = []
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
@@ -260,6 +264,9 @@ def annotate_memory(
         if node in held:
             continue
         uses = sorted(uses_of.get(node, ()))
+        if node in returned and not any(i >= first_backward for i in uses):
+            released.append(node)  # the caller drops it (model(x).sum().backward()) before backward
+            continue
         if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
             frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(node)
@@ -273,6 +280,7 @@ def annotate_memory(
     total = static_bytes
     peak, peak_node, peak_cats = total, "start", dict(live)
     timeline: list[tuple[str, int]] = []
+    step_peaks: list[int] = []
     end_of_forward = None
     module_live: dict[str, dict[str, Any]] = {}
     # MemTracker's split of the live bytes: made in forward / made in backward / gradients.
@@ -290,6 +298,9 @@ def annotate_memory(
         view[phase_of[base]] += b
 
     for i, node in enumerate(nodes):
+        if i == first_backward:
+            for base in released:
+                change(base, -1)
         _track_modules(node, "before", view, module_live)
         for base in allocs.get(i, []):
             change(base, +1)
@@ -297,6 +308,7 @@ def annotate_memory(
             peak, peak_node, peak_cats = total, node.name, dict(live)
         if i == first_backward - 1:
             end_of_forward = total
+        step_peaks.append(total)
         _track_modules(node, "during", view, module_live)
         for base in frees.get(i, []):
             change(base, -1)
@@ -313,6 +325,8 @@ def annotate_memory(
         end_of_forward_bytes=end_of_forward,
         static_bytes=static_bytes,
         timeline=timeline,
+        step_peaks=step_peaks,
+        first_backward=first_backward,
         module_memory={fqn: _module_memory(v) for fqn, v in module_live.items()},
         optimizer_state_bytes=opt_state,
         optimizer_step_peak_bytes=step_peak,

@@ -72,3 +72,43 @@ def test_benchmark_mode_times_ops():
     roofline = get_record(mm).runtime_ms
     print(f"\naddmm 4096^3 bf16 on {torch.cuda.get_device_name()}: benchmark {measured:.4f} ms, roofline {roofline:.4f} ms")
     assert roofline <= measured < 5 * roofline
+
+
+def _seed_estimate(mode):
+    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+
+    from sac_compiler.estimator import estimate
+
+    with FakeTensorMode():
+        with torch.device("cuda"):
+            args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=0.1)
+            model = Transformer(args)
+        tokens = torch.randint(0, args.vocab_size, (8, args.max_seq_len), device="cuda")
+        return estimate(model, tokens, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["operator-level-benchmark", "operator-level-cost-model"])
+def test_seed_000_transformer_estimation_on_cuda(mode):
+    est = _seed_estimate(mode)
+    est.pwlf_sac_tradeoff_curve(n_segments=2, save_tradeoff_graphs=False)
+    stats = est.sac_mod_stats["Transformer.layers.0"]
+    assert any("flash" in name or "efficient" in name for name in stats.func_names), stats.func_names
+    assert stats.rand_ops  # dropout (and attention dropout) are random
+    assert sum(stats.runtimes) > 0
+    print(f"\n{mode}: layer 0 fw {sum(stats.runtimes):.3f} ms, {len(stats.func_names)} ops")
+
+
+def test_seed_001_sac_milp_cases_on_cuda():
+    from sac_compiler.module_info import get_peak_memory_runtime_baseline, parse_module_info
+    from sac_compiler.solvers import sac_milp
+
+    graph = parse_module_info(_seed_estimate("operator-level-cost-model").module_info())
+    peak, compute_ms = get_peak_memory_runtime_baseline(graph)
+    print(f"\nbaseline peak {peak} bytes (seed, eager tools on an A100: 2583888896), compute {compute_ms:.2f} ms")
+    decisions, recompute_ms, _ = sac_milp(graph, memory_budget=1.6, world_size=4)
+    print(f"1.6 GiB: {decisions}, recompute {recompute_ms} ms ({recompute_ms / compute_ms:.3f} of compute)")
+    assert set(decisions) == {f"Transformer.layers.{i}" for i in range(4)}
+    loose = sac_milp(graph, memory_budget=2.4, world_size=4)
+    print(f"2.4 GiB: {loose}")
+    assert loose[0] == {} and loose[1] == 0 and loose[2] > 1
+    assert sac_milp(graph, memory_budget=0.8, world_size=4) == ({}, 0, -1)
