@@ -47,6 +47,7 @@ def analyze(
     optimizer: torch.optim.Optimizer | None = None,
     optimizer_state_bytes: int | None = None,
     fused_pointwise: bool = False,
+    recomputed: set[str] | None = None,
 ) -> Analysis:
     """Annotate ``graph.gm`` with every pass; return their graph-level results."""
     spec = resolve_device_spec(device)
@@ -59,6 +60,7 @@ def analyze(
         optimizer=optimizer,
         optimizer_state_bytes=optimizer_state_bytes,
         fused_pointwise=fused_pointwise,
+        recomputed=recomputed,
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec)

@@ -23,18 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def _root_name(gm: fx.GraphModule) -> str:
-    """The compiled module's class name: from the traced code (``Nested.forward``) or the module stacks."""
-    from torch._guards import TracingContext
-
-    context = TracingContext.try_get()
-    for code in getattr(context, "traced_code", None) or []:
-        qualname = getattr(code, "co_qualname", "")
-        if qualname.endswith(".forward"):
-            return qualname.rsplit(".", 2)[-2]
+    """The compiled module's class name: the bare root of Dynamo's module stacks, else the traced code."""
     for node in gm.graph.nodes:
         for path, mod_type in (node.meta.get("nn_module_stack") or {}).values():
             if path.endswith("]") and "." not in path:  # the bare root, e.g. L['self']
                 return getattr(mod_type, "__name__", "Model")
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    codes = list(getattr(context, "traced_code", None) or [])
+    if codes and getattr(codes[0], "co_qualname", "").endswith(".forward"):
+        return codes[0].co_qualname.rsplit(".", 2)[-2]
     return "Model"
 
 
@@ -66,6 +65,10 @@ class SACPartitioner(CustomPartitionerFn):
             fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if self.last_result is not None:
             self.last_result.check_partition(fw, bw)
+            if self.config.report and self.last_result.plan is not None:
+                from sac_compiler.report import write_report
+
+                write_report(self.last_result, self.config.report)
         return fw, bw
 
     def uuid(self) -> Any:
@@ -97,11 +100,20 @@ def sac_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
     """The ``torch_dynamo_backends`` entry point ``sac``."""
-    config = SACConfig.from_options(options)
+    return compile_graph(gm, example_inputs, SACConfig.from_options(options))
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: SACConfig,
+    partitioner_cls: type[SACPartitioner] = SACPartitioner,
+) -> Callable[..., Any]:
+    """Compile one Dynamo graph with ``config`` (``partitioner_cls`` lets tests record partitions)."""
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
-    partitioner = SACPartitioner(config, gm)
+    partitioner = partitioner_cls(config, gm)
     if config.compiler == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx

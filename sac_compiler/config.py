@@ -40,6 +40,14 @@ def parse_bytes(value: str | int) -> int:
     return nbytes
 
 
+def format_bytes(nbytes: float) -> str:
+    """``3.25 GiB``, ``12.50 MiB``, ``4.00 KiB``: the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """Either absolute bytes for the whole step's peak, or a fraction of the activation memory."""
@@ -61,7 +69,7 @@ class MemoryBudget:
     def __str__(self) -> str:
         if self.fraction is not None:
             return f"{self.fraction:g} of the activation memory"
-        return f"{self.bytes / 2**30:.2f} GiB"
+        return format_bytes(self.bytes)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,38 @@
-"""The backend's work on one joint graph: annotate it, report it, and (with a budget) plan it."""
+"""The backend's work on one joint graph: annotate it, plan it under a budget, tag it, check it.
+
+The plan decides, for every forward allocation the backward needs, whether it is kept or
+recomputed (``sac_compiler.solvers.graph_plan``); the decision reaches PyTorch through its own
+contract, ``node.meta["recompute"] = CheckpointPolicy.MUST_SAVE / MUST_RECOMPUTE`` on every forward
+node, and PyTorch's partitioner splits the graph. After partitioning, the forward graph's saved
+values are compared with the plan.
+
+Random ops are never recomputed: under Inductor the joint-graph passes turn them into seeded
+Inductor RNG ops that cannot carry a recompute tag, and a recomputed dropout must reproduce its
+forward mask. They (and the values only they produce) stay saved, and the report says so.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import operator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
 
+from passes.record import Side, get_record
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
-from sac_compiler.config import SACConfig
+from sac_compiler.config import SACConfig, format_bytes
 
 log = logging.getLogger(__name__)
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot be met by any plan."""
 
 
 @dataclass
@@ -19,28 +40,171 @@ class GraphPlanResult:
     """What the backend decided for one graph, and what the partitioner then did."""
 
     analysis: Any
+    budget_bytes: int | None = None
+    plan: Any = None  # solvers.graph_plan.GraphPlan
+    baseline_peak: int | None = None
+    predicted_peak: int | None = None
+    kept_random: list[str] = field(default_factory=list)
     saved_by_partition: list[str] = field(default_factory=list)
-    recomputed_by_partition: list[str] = field(default_factory=list)
+    unplanned_saves: list[str] = field(default_factory=list)
 
     def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
-        """Record which forward values the partitioned forward graph actually saves for backward."""
+        """Record what the partitioned forward saves for backward; flag saves the plan did not intend."""
         out = next(iter(fw.graph.find_nodes(op="output")))
         num_fwd = self.analysis.graph.num_fwd_outputs
-        self.saved_by_partition = [n.name for n in out.args[0][num_fwd:] if isinstance(n, fx.Node)]
-        fw_names = {n.name for n in fw.graph.nodes if n.op == "call_function"}
-        self.recomputed_by_partition = [n.name for n in bw.graph.nodes if n.op == "call_function" and n.name in fw_names]
+        saved = [n for n in out.args[0][num_fwd:] if isinstance(n, fx.Node)]
+        self.saved_by_partition = [n.name for n in saved]
+        if self.plan is None:
+            return
+        owner = {n.name: get_record(n).storage_owner for n in self.analysis.graph.gm.graph.nodes if n.op != "output"}
+        recomputed = set(self.plan.recompute)
+        self.unplanned_saves = [name for name in self.saved_by_partition if owner.get(name, name) in recomputed]
+        if self.unplanned_saves:
+            log.warning("the partitioner saved %d value(s) the plan recomputes: %s",
+                        len(self.unplanned_saves), self.unplanned_saves[:8])
+
+
+def _owner_map(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return {n: by_name.get(get_record(n).storage_owner or n.name, n) for n in gm.graph.nodes if n.op != "output"}
+
+
+def _producer(node: fx.Node) -> fx.Node:
+    """The op that computes a value: a getitem's multi-output op, else the node itself."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return node
+
+
+def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str]]:
+    """The torch-free planning problem of an annotated joint graph (everything-saved baseline)."""
+    from sac_compiler.solvers.graph_plan import PlanProblem, PlanValue
+
+    gm = analysis.graph.gm
+    sim = analysis.memory
+    nodes = [n for n in gm.graph.nodes]
+    index = {n: i for i, n in enumerate(nodes)}
+    fb = sim.first_backward
+    owner = _owner_map(gm)
+
+    # Non-alias reads of every allocation, through its aliases.
+    reads: dict[fx.Node, list[int]] = {}
+    for node in nodes:
+        if node.op == "output" or (node.op == "call_function" and owner[node] is not node):
+            continue
+        for arg in node.all_input_nodes:
+            reads.setdefault(owner[arg], []).append(index[node])
+
+    candidates = [n for n in nodes if n.op == "call_function" and owner.get(n) is n and get_record(n).side == Side.FORWARD
+                  and (n.target is operator.getitem or not any(u.target is operator.getitem for u in n.users))]
+    candidate_set = set(candidates)
+    kept_random: list[str] = []
+    values = []
+    charged: set[fx.Node] = set()
+    saved_bytes_at = [0] * (len(nodes) - fb)
+    end_of_forward_kept = 0
+    for node in candidates:
+        rec = get_record(node)
+        producer = _producer(node)
+        prec = get_record(producer)
+        uses = reads.get(node, [])
+        bw = [i - fb for i in uses if i >= fb]
+        fw = [i for i in uses if i < fb]
+        nbytes = rec.alloc_bytes or 0
+        inputs = []
+        for arg in producer.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base in candidate_set:
+                inputs.append(base.name)
+        cost = 0.0 if producer in charged else (prec.runtime_ms or 0.0)
+        charged.add(producer)
+        is_random = bool(prec.is_random)
+        group = None
+        if producer is not node:
+            group = f"op:{producer.name}"
+        if is_random:
+            group = "random"
+            kept_random.append(producer.name)
+        elif prec.is_inplace and prec.inplace_parent:
+            group = f"inplace:{prec.inplace_parent}"
+        values.append(PlanValue(
+            name=node.name,
+            nbytes=nbytes,
+            recompute_ms=cost,
+            inputs=tuple(dict.fromkeys(inputs)),
+            bw_first_use=min(bw) if bw else None,
+            bw_last_use=max(bw) if bw else None,
+            fw_last_use=max(fw) if fw else None,
+            must_save=is_random,
+            must_recompute=False,
+            group=group,
+        ))
+        if bw:
+            end_of_forward_kept += nbytes
+            for t in range(0, max(bw) + 1):
+                saved_bytes_at[t] += nbytes
+
+    # In-place groups name their parent: give the parent the same group.
+    groups = {v.group for v in values if v.group and v.group.startswith("inplace:")}
+    values = [
+        PlanValue(**{**v.__dict__, "group": f"inplace:{v.name}"}) if f"inplace:{v.name}" in groups and v.group is None else v
+        for v in values
+    ]
+    base = tuple(max(0, sim.step_peaks[fb + t] - saved_bytes_at[t]) for t in range(len(nodes) - fb))
+    problem = PlanProblem(
+        values=tuple(values),
+        n_steps=len(base),
+        base_bytes=base,
+        end_of_forward_base=max(0, sim.end_of_forward_bytes - end_of_forward_kept),
+        budget_bytes=budget_bytes,
+    )
+    return problem, sorted(set(kept_random))
+
+
+def _budget_bytes(config: SACConfig, analysis: Any) -> int:
+    budget = config.memory_budget
+    if budget.bytes is not None:
+        return budget.bytes
+    static = analysis.memory.static_bytes
+    return int(static + budget.fraction * (analysis.memory.peak_bytes - static))
+
+
+def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
+    """Write the plan as ``meta["recompute"]`` on every forward node; return how many of each."""
+    recompute = set(recompute)
+    owner = _owner_map(gm)
+    counts = {"must_save": 0, "must_recompute": 0}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or get_record(node).side != Side.FORWARD:
+            continue
+        rec = get_record(node)
+        if rec.is_random:
+            node.meta.pop("recompute", None)  # untagged random ops are always saved
+            node.meta.pop("ac_graph_id", None)
+            continue
+        base = owner.get(node, node)
+        if node is not base:  # an alias: recomputing it from its base is free
+            decided = True
+        elif any(u.target is operator.getitem for u in node.users):  # a multi-output op
+            decided = any(u.name in recompute for u in node.users)
+        else:
+            decided = node.name in recompute
+        if get_record(_producer(node)).is_random:
+            decided = False
+        policy = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
+        node.meta["recompute"] = policy
+        node.meta.pop("ac_graph_id", None)
+        counts["must_recompute" if decided else "must_save"] += 1
+    return counts
 
 
 def plan_and_tag(
     gm: fx.GraphModule, num_fwd_outputs: int, source_gm: fx.GraphModule, root_name: str, config: SACConfig
 ) -> GraphPlanResult | None:
-    """Annotate the joint graph when a budget or a report asks for it; None when neither does."""
+    """Annotate the joint graph when a budget or a report asks for it; with a budget, plan and tag it."""
     if config.memory_budget is None and not config.report:
         return None
     from sac_compiler.analysis import analyze
-    from sac_compiler.device_specs import get_device_spec  # noqa: F401 - resolves lazily in analyze
-
-    import torch
 
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
                if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -54,21 +218,85 @@ def plan_and_tag(
         source_gm=source_gm,
     )
     attach_capture_info(graph)
+    fused = config.compiler == "inductor"
     analysis = analyze(
         graph,
         device=config.device,
         estimate_mode=config.estimate_mode,
         optimizer=config.optimizer,
         optimizer_state_bytes=config.optimizer_state_bytes,
-        fused_pointwise=config.compiler == "inductor",
+        fused_pointwise=fused,
+        recomputed=set(),  # the plan replaces any checkpoint the user wrote
     )
+    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes)
     if config.memory_budget is not None:
-        raise NotImplementedError(
-            "memory_budget planning is not available in this version of sac-compiler; "
-            "leave memory_budget unset (the backend then partitions as torch.compile does)"
-        )
-    if config.report:
+        _plan(result, config)
+    # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on it.
+    gm.meta.pop("sac_capture", None)
+    gm.meta.pop("sac", None)
+    if config.memory_budget is None and config.report:  # with a plan, the backend reports after partitioning
         from sac_compiler.report import write_report
 
-        write_report(analysis, config.report)
-    return GraphPlanResult(analysis)
+        write_report(result, config.report)
+    return result
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """The MILP solver's OpenMP runtime may reset the process's thread count; Dynamo checks it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _plan(result: GraphPlanResult, config: SACConfig) -> None:
+    from passes.annotate_memory import annotate_memory
+    from sac_compiler.solvers import SolverOptions
+    from sac_compiler.solvers.graph_plan import min_feasible_peak, solve_graph_plan
+
+    analysis = result.analysis
+    budget = _budget_bytes(config, analysis)
+    result.budget_bytes = budget
+    step_peak = analysis.memory.optimizer_step_peak_bytes
+    if step_peak > budget:
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "
+            f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
+            "recomputation changes"
+        )
+    problem, kept_random = build_plan_problem(analysis, budget)
+    result.kept_random = kept_random
+    options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    from sac_compiler.solvers import InfeasibleError
+
+    try:
+        with _torch_threads_kept():
+            plan = solve_graph_plan(problem, options)
+    except InfeasibleError as e:
+        with _torch_threads_kept():
+            smallest = min_feasible_peak(problem, options)
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} is below the smallest feasible peak "
+            f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept); "
+            f"raise memory_budget to at least {smallest} bytes"
+        ) from e
+    result.plan = plan
+    tag_graph(analysis.graph.gm, plan.recompute)
+    recomputed_nodes = set(plan.recompute)
+    sim = annotate_memory(
+        analysis.graph.gm,
+        target_device=analysis.graph.target_device,
+        num_fwd_outputs=analysis.graph.num_fwd_outputs,
+        optimizer=config.optimizer,
+        optimizer_state_bytes=config.optimizer_state_bytes,
+        fused_pointwise=config.compiler == "inductor",
+        recomputed=recomputed_nodes,
+    )
+    result.predicted_peak = sim.peak_bytes
+    log.info("sac plan: budget %s, baseline peak %s, planned peak %s, simulated %s, "
+             "%d values recomputed (%.3f ms), %s in %.2f s",
+             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(plan.peak_bytes),
+             format_bytes(sim.peak_bytes), len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)

@@ -27,9 +27,46 @@ def format_analysis(analysis: Any) -> str:
     return f"{head}\n\n{table}\n"
 
 
-def write_report(analysis: Any, report: bool | str) -> None:
+def format_plan(result: Any) -> str:
+    """The analysis, and with a budget the plan: what is recomputed and kept, per module."""
+    from tabulate import tabulate
+
+    text = format_analysis(result.analysis)
+    if result.plan is None:
+        return text
+    from passes.record import get_record
+
+    from sac_compiler.config import format_bytes
+
+    plan = result.plan
+    rows = [
+        ("budget", format_bytes(result.budget_bytes)),
+        ("peak without recomputation", format_bytes(result.baseline_peak or 0)),
+        ("planned peak (solver's model)", format_bytes(plan.peak_bytes)),
+        ("simulated peak of the tagged graph", format_bytes(result.predicted_peak or 0)),
+        ("recompute time", f"{plan.recompute_ms:.3f} ms"),
+        ("solve", f"{plan.status}, {plan.solve_s:.2f} s, {plan.n_vars} vars, {plan.n_constraints} constraints"),
+        ("random ops kept (never recomputed)", ", ".join(result.kept_random) or "none"),
+    ]
+    if result.saved_by_partition:
+        rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
+        rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))
+    per_module: dict[str, list[int]] = {}
+    by_name = {n.name: n for n in result.analysis.graph.gm.graph.nodes}
+    for name in plan.recompute:
+        rec = get_record(by_name[name])
+        entry = per_module.setdefault(rec.module_fqn or "Global", [0, 0])
+        entry[0] += 1
+        entry[1] += rec.alloc_bytes or 0
+    mods = sorted(per_module.items())
+    table = tabulate([(m, n, f"{b / 2**20:.2f}") for m, (n, b) in mods],
+                     headers=["module", "values recomputed", "MiB freed between forward and use"], tablefmt="simple")
+    return f"{text}\n{tabulate(rows, tablefmt='simple')}\n\n{table}\n"
+
+
+def write_report(result: Any, report: bool | str) -> None:
     """``report=True`` prints the table; a string is a file path to write it to."""
-    text = format_analysis(analysis)
+    text = format_plan(result) if hasattr(result, "plan") else format_analysis(result)
     if report is True:
         sys.stdout.write(text)
     elif isinstance(report, str):
