@@ -68,7 +68,7 @@ class MemoryBudget:
 
     def __str__(self) -> str:
         if self.fraction is not None:
-            return f"{self.fraction:g} of the activation memory"
+            return f"{self.fraction:g} of the saved activations"
         return format_bytes(self.bytes)
 
 

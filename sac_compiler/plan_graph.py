@@ -14,6 +14,7 @@ forward mask. They (and the values only they produce) stay saved, and the report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import operator
 from collections.abc import Iterable, Iterator
@@ -76,8 +77,12 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
-def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str]]:
-    """The torch-free planning problem of an annotated joint graph (everything-saved baseline)."""
+def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str], int]:
+    """The torch-free planning problem of an annotated joint graph (everything-saved baseline).
+
+    Returns the problem, the random ops kept, and the activation bytes the baseline keeps from the
+    end of forward into backward (what a fractional budget is a fraction of).
+    """
     from sac_compiler.solvers.graph_plan import PlanProblem, PlanValue
 
     gm = analysis.graph.gm
@@ -158,15 +163,15 @@ def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str]
         end_of_forward_base=max(0, sim.end_of_forward_bytes - end_of_forward_kept),
         budget_bytes=budget_bytes,
     )
-    return problem, sorted(set(kept_random))
+    return problem, sorted(set(kept_random)), end_of_forward_kept
 
 
-def _budget_bytes(config: SACConfig, analysis: Any) -> int:
+def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) -> int:
+    """Absolute bytes as given; a fraction f keeps f of the activations: peak - (1 - f) * activations."""
     budget = config.memory_budget
     if budget.bytes is not None:
         return budget.bytes
-    static = analysis.memory.static_bytes
-    return int(static + budget.fraction * (analysis.memory.peak_bytes - static))
+    return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
 
 
 def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
@@ -201,11 +206,9 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
 def plan_and_tag(
     gm: fx.GraphModule, num_fwd_outputs: int, source_gm: fx.GraphModule, root_name: str, config: SACConfig
 ) -> GraphPlanResult | None:
-    """Annotate the joint graph when a budget or a report asks for it; with a budget, plan and tag it."""
+    """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag."""
     if config.memory_budget is None and not config.report:
         return None
-    from sac_compiler.analysis import analyze
-
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
                if isinstance(n.meta.get("val"), torch.Tensor)]
     graph = JointGraph(
@@ -218,19 +221,7 @@ def plan_and_tag(
         source_gm=source_gm,
     )
     attach_capture_info(graph)
-    fused = config.compiler == "inductor"
-    analysis = analyze(
-        graph,
-        device=config.device,
-        estimate_mode=config.estimate_mode,
-        optimizer=config.optimizer,
-        optimizer_state_bytes=config.optimizer_state_bytes,
-        fused_pointwise=fused,
-        recomputed=set(),  # the plan replaces any checkpoint the user wrote
-    )
-    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes)
-    if config.memory_budget is not None:
-        _plan(result, config)
+    result = plan_joint(graph, config)
     # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on it.
     gm.meta.pop("sac_capture", None)
     gm.meta.pop("sac", None)
@@ -239,6 +230,36 @@ def plan_and_tag(
 
         write_report(result, config.report)
     return result
+
+
+def plan_joint(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
+    """Annotate a captured joint graph and, with ``config.memory_budget``, plan and tag it."""
+    from sac_compiler.analysis import analyze
+
+    analysis = analyze(
+        graph,
+        device=config.device,
+        estimate_mode=config.estimate_mode,
+        optimizer=config.optimizer,
+        optimizer_state_bytes=config.optimizer_state_bytes,
+        fused_pointwise=config.compiler == "inductor",
+        recomputed=set(),  # the plan replaces any checkpoint the user wrote
+    )
+    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes)
+    if config.memory_budget is not None:
+        _plan(result, config)
+    return result
+
+
+def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
+    """The lowest peak any plan reaches on this annotated graph (random ops kept)."""
+    from sac_compiler.solvers import SolverOptions
+    from sac_compiler.solvers.graph_plan import min_feasible_peak
+
+    problem, _, _ = build_plan_problem(analysis, 0)
+    options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    with _torch_threads_kept():
+        return max(min_feasible_peak(problem, options), analysis.memory.optimizer_step_peak_bytes)
 
 
 @contextlib.contextmanager
@@ -258,7 +279,9 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
     from sac_compiler.solvers.graph_plan import min_feasible_peak, solve_graph_plan
 
     analysis = result.analysis
-    budget = _budget_bytes(config, analysis)
+    problem, kept_random, activation_bytes = build_plan_problem(analysis, 0)
+    budget = _budget_bytes(config, analysis.memory.peak_bytes, activation_bytes)
+    problem = dataclasses.replace(problem, budget_bytes=budget)
     result.budget_bytes = budget
     step_peak = analysis.memory.optimizer_step_peak_bytes
     if step_peak > budget:
@@ -267,7 +290,6 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
-    problem, kept_random = build_plan_problem(analysis, budget)
     result.kept_random = kept_random
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
     from sac_compiler.solvers import InfeasibleError

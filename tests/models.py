@@ -171,3 +171,17 @@ class LinearReLUStack(nn.Module):
         for layer in self.linears:
             x = layer(x)
         return x
+
+
+class SharedStack(nn.Module):
+    """One Linear applied at every depth (shared weights), with a tied output projection."""
+
+    def __init__(self, dim: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.depth = depth
+
+    def forward(self, x):
+        for _ in range(self.depth):
+            x = torch.tanh(self.fc(x)) + x
+        return torch.nn.functional.linear(x, self.fc.weight)

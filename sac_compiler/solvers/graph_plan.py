@@ -483,6 +483,7 @@ class _PlanModel:
         self.unit = 2 ** max(0, (largest - 1).bit_length() - _MAX_COEFFICIENT.bit_length() + 1)
         self.rows: dict[int | None, mip.Constr] = {}
         self._z: dict[tuple[int, int], _Term] = {}
+        self._live: dict[tuple[object, ...], mip.Var] = {}
         self._end = problem.n_steps - 1
 
         # r_v: v is recomputed (one variable per group).
@@ -616,11 +617,15 @@ class _PlanModel:
                 term for term in (self.s[i], self.z(i, t)) if not _is_zero(term))
             if not extending or (not st.read[i] and not start.expr):
                 continue
-            live = self.model.add_var(name=f"live_{i}_{t}", lb=0, ub=1)
-            # Past its last read, a value is live while a needed consumer is not recomputed yet.
-            for x in extending:
-                self.model += live >= start + self.z(x, self._end) - self.z(x, t - 1) - 1
-            terms.append((v.nbytes, live))
+            # One variable serves every step at which the terms below are the same variables.
+            key = (i, None if st.read[i] else self._z_index(i, t),
+                   tuple((x, self._z_index(x, t - 1)) for x in extending))
+            if key not in self._live:
+                live = self._live[key] = self.model.add_var(name=f"live_{i}_{t}", lb=0, ub=1)
+                # Past its last read, a value is live while a needed consumer is not recomputed yet.
+                for x in extending:
+                    self.model += live >= start + self.z(x, self._end) - self.z(x, t - 1) - 1
+            terms.append((v.nbytes, self._live[key]))
         self._add_row(t, terms, constant)
 
     def _latest(self, x: int) -> int:
@@ -710,10 +715,6 @@ def _solve_lazily(
     raise AssertionError(f"{pm.model.name}: the lazy rows did not converge")
 
 
-def _peak_options(options: SolverOptions) -> SolverOptions:
-    return options if options.mip_gap is not None else dataclasses.replace(options, mip_gap=0.0)
-
-
 def min_feasible_peak(problem: PlanProblem, options: SolverOptions | None = None) -> int:
     """The smallest peak (bytes) of any valid plan, whatever the budget.
 
@@ -727,11 +728,11 @@ def min_feasible_peak(problem: PlanProblem, options: SolverOptions | None = None
         SolverError: a solver failure.
     """
     options = options if options is not None else SolverOptions()
-    return _solve_lazily(problem, _analyze(problem), _peak_options(options), True).profile.peak
+    return _solve_lazily(problem, _analyze(problem), options, True).profile.peak
 
 
 def _over_budget(problem: PlanProblem, st: _Structure, options: SolverOptions) -> InfeasibleError:
-    smallest = _solve_lazily(problem, st, _peak_options(options), True).profile.peak
+    smallest = _solve_lazily(problem, st, options, True).profile.peak
     assert smallest > problem.budget_bytes, (smallest, problem.budget_bytes)
     return InfeasibleError(
         f"budget {problem.budget_bytes} B ({_fmt_bytes(problem.budget_bytes)}) is below the "

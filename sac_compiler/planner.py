@@ -1,0 +1,52 @@
+"""The offline planner: the plan ``backend="sac"`` would make, without compiling or running anything.
+
+    from sac_compiler.planner import budget_range, plan
+
+    low, high = budget_range(model, tokens, device="H100-SXM")
+    result = plan(model, tokens, memory_budget="6GiB", device="H100-SXM")
+    print(format_plan(result))
+
+The model is captured on fake tensors (see ``capture_joint``), so a model of any size can be planned
+on a laptop: build it on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sac_compiler.capture import capture_joint
+from sac_compiler.config import SACConfig
+from sac_compiler.plan_graph import GraphPlanResult, plan_joint, smallest_feasible_peak
+
+
+@dataclass(frozen=True)
+class BudgetRange:
+    """The budgets that make sense for one model and input: from the lowest reachable peak to no recompute."""
+
+    smallest_feasible_peak: int
+    no_recompute_peak: int
+
+
+def _config(options: dict[str, Any]) -> SACConfig:
+    return SACConfig.from_options(options)
+
+
+def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> GraphPlanResult:
+    """Plan ``model(*example_inputs)`` with the backend's ``options`` (``memory_budget`` required)."""
+    config = _config(options)
+    if config.memory_budget is None:
+        raise ValueError("plan() needs memory_budget=...; budget_range() tells which budgets are feasible")
+    graph = capture_joint(model, *example_inputs, target_device=target_device)
+    return plan_joint(graph, config)
+
+
+def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> BudgetRange:
+    """The smallest feasible peak and the peak without recomputation, in bytes."""
+    config = _config(options)
+    graph = capture_joint(model, *example_inputs, target_device=target_device)
+    result = plan_joint(graph, config)
+    low = smallest_feasible_peak(result.analysis, config)
+    return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak)

@@ -1,0 +1,152 @@
+"""backend="sac" with a memory budget: the plan, its tags, the partition, and exact gradients."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import FileCheck
+
+from sac_compiler.backend import SACPartitioner, compile_graph
+from sac_compiler.config import SACConfig
+from sac_compiler.planner import budget_range
+from tests.models import DropoutMLP, InplaceMLP, Nested, SharedStack, tiny_transformer
+
+
+def recording_backend(**options):
+    """A ``backend=`` callable running the sac backend that also records each partition."""
+    records = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            fw, bw = super().__call__(gm, joint_inputs, **kwargs)
+            records.append((self.last_result, fw, bw))
+            return fw, bw
+
+    backend = functools.partial(compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording)
+    return backend, records
+
+
+def _step(model, inputs, compiled=None, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = (compiled if compiled is not None else model)(*inputs)
+    out.float().sum().backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+# Batches large next to the weights, so that activations (what recomputation saves) dominate.
+CASES = {
+    "nested-mlp": (lambda: Nested(dim=32, n_layers=3), lambda: (torch.randn(2048, 32),)),
+    "inplace-mlp": (lambda: nn.Sequential(*[InplaceMLP(dim=32) for _ in range(3)]), lambda: (torch.randn(2048, 32),)),
+    "shared-weights": (lambda: SharedStack(dim=32, depth=4), lambda: (torch.randn(2048, 32),)),
+    "dropout-mlp": (lambda: nn.Sequential(*[DropoutMLP(dim=32, p=0.3) for _ in range(3)]),
+                    lambda: (torch.randn(2048, 32),)),
+    "transformer-dropout": (lambda: tiny_transformer(n_layers=2, dropout_p=0.1),
+                            lambda: (torch.randint(0, 64, (64, 16)),)),
+}
+
+
+@pytest.mark.parametrize("position", [0.75, 0.25])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_route_gradients_exact_at_every_budget(case, position):
+    make_model, make_inputs = CASES[case]
+    torch.manual_seed(0)
+    model, inputs = make_model(), make_inputs()
+    span = budget_range(model, *inputs, compiler="eager", target_device="cpu")
+    assert span.smallest_feasible_peak < span.no_recompute_peak
+    budget = int(span.smallest_feasible_peak + position * (span.no_recompute_peak - span.smallest_feasible_peak))
+    ref_out, ref_grads = _step(model, inputs, seed=7)
+    backend, records = recording_backend(memory_budget=budget, compiler="eager")
+    out, grads = _step(model, inputs, torch.compile(model, backend=backend), seed=7)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    (result, _fw, _bw), = records
+    assert result.budget_bytes == budget
+    assert result.plan.recompute  # below the no-recompute peak, something must be recomputed
+    assert result.plan.peak_bytes <= budget
+    assert result.predicted_peak <= budget
+    assert result.unplanned_saves == []
+
+
+def test_backward_graph_recomputes_what_the_plan_says():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(4096, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    backend, records = recording_backend(memory_budget=span.smallest_feasible_peak, compiler="eager")
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, fw, bw), = records
+    gm = result.analysis.graph.gm
+    by_name = {n.name: n for n in gm.graph.nodes}
+    recomputed_ops = {str(by_name[name].target) for name in result.plan.recompute
+                      if by_name[name].op == "call_function"}
+    # At the smallest feasible peak the plan recomputes the linears' outputs (the GELUs' inputs,
+    # which gelu_backward reads); the backward of a linear has no addmm of its own.
+    assert recomputed_ops == {"aten.addmm.default"}
+    FileCheck().check("tangents").check("torch.ops.aten.addmm.default").run(bw.code)
+    FileCheck().check_not("torch.ops.aten.gelu.default").run(bw.code)  # GELU outputs are kept
+    # and the saved values the partitioner produced are exactly the planned ones (none recomputed)
+    assert result.unplanned_saves == []
+    kept = set(result.saved_by_partition)
+    assert not (kept & set(result.plan.recompute))
+
+    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
+    torch._dynamo.reset()
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, fw, bw), = records
+    assert result.plan.recompute == frozenset()
+    FileCheck().check_not("torch.ops.aten.addmm.default").run(bw.code)
+
+
+def test_absolute_budget_and_report(tmp_path):
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    x = torch.randn(2048, 32)
+    report = tmp_path / "plan.txt"
+    # between this model's smallest feasible peak (4.13 MiB) and its no-recompute peak (8.91 MiB)
+    backend, records = recording_backend(memory_budget="6MiB", compiler="eager", report=str(report))
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert result.budget_bytes == 6 * 2**20
+    text = report.read_text()
+    assert "6.00 MiB" in text and "values recomputed" in text and "Nested.layers" in text
+
+
+def test_infeasible_budget_names_the_smallest_feasible_peak():
+    model = Nested(dim=32, n_layers=3)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    compiled = torch.compile(model, backend="sac", options={"memory_budget": param_bytes * 4, "compiler": "eager"})
+    with pytest.raises(Exception, match=r"is below the smallest feasible peak .* raise memory_budget to at least \d+ bytes"):
+        compiled(torch.randn(2048, 32))
+
+
+def test_random_ops_are_kept_and_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[DropoutMLP(dim=32, p=0.3) for _ in range(2)])
+    x = torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    backend, records = recording_backend(memory_budget=span.smallest_feasible_peak, compiler="eager")
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert result.kept_random == ["native_dropout", "native_dropout_1"]
+    gm = result.analysis.graph.gm
+    dropout = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.native_dropout.default)
+    assert "recompute" not in dropout.meta  # untagged: the partitioner always saves random ops
+
+
+@pytest.mark.inductor
+def test_inductor_route_matches_plain_torch_compile_with_dropout():
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=2, dropout_p=0.1)
+    tokens = torch.randint(0, 64, (8, 16))
+    ref_out, ref_grads = _step(model, (tokens,), torch.compile(model), seed=11)
+    torch._dynamo.reset()
+    backend, records = recording_backend(memory_budget=0.5)
+    out, grads = _step(model, (tokens,), torch.compile(model, backend=backend), seed=11)
+    (result, _fw, _bw), = records
+    assert result.plan.recompute  # something was recomputed
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
