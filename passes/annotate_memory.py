@@ -252,6 +252,15 @@ def annotate_memory(
                 continue  # returning a value is not a use: see ``released`` below
             uses_of.setdefault(owner[arg], set()).add(index[node])
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
+    # A kept value that a recomputed one is rebuilt from lives until that rebuild.
+    held_for_recompute: dict[fx.Node, int] = {}
+    for node, needed in rematerialized.items():
+        if not needed:
+            continue
+        for arg in node.all_input_nodes:
+            base = owner[arg]
+            if base not in rematerialized and base.op != "placeholder":
+                held_for_recompute[base] = max(held_for_recompute.get(base, -1), min(needed))
     allocs: dict[int, list[fx.Node]] = {}
     frees: dict[int, list[fx.Node]] = {}
     returned = {owner[n] for n in fwd_outputs} - held
@@ -267,6 +276,8 @@ def annotate_memory(
         if node in returned and not any(i >= first_backward for i in uses):
             released.append(node)  # the caller drops it (model(x).sum().backward()) before backward
             continue
+        if node in held_for_recompute:  # kept so that a recomputed value can be rebuilt from it
+            uses = sorted(set(uses) | {held_for_recompute[node]})
         if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
             frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(node)

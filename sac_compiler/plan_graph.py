@@ -77,17 +77,18 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
-def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str], int]:
-    """The torch-free planning problem of an annotated joint graph (everything-saved baseline).
+def build_plan_problem(analysis: Any) -> tuple[Any, list[str], int]:
+    """The torch-free planning problem of an annotated joint graph (everything-kept baseline).
 
-    Returns the problem, the random ops kept, and the activation bytes the baseline keeps from the
-    end of forward into backward (what a fractional budget is a fraction of).
+    Returns the problem (budget 0: the caller sets it), the random ops kept, and the activation
+    bytes the baseline keeps from the end of forward into backward (what a fractional budget is a
+    fraction of).
     """
-    from sac_compiler.solvers.graph_plan import PlanProblem, PlanValue
+    from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem
 
     gm = analysis.graph.gm
     sim = analysis.memory
-    nodes = [n for n in gm.graph.nodes]
+    nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     fb = sim.first_backward
     owner = _owner_map(gm)
@@ -100,70 +101,45 @@ def build_plan_problem(analysis: Any, budget_bytes: int) -> tuple[Any, list[str]
         for arg in node.all_input_nodes:
             reads.setdefault(owner[arg], []).append(index[node])
 
-    candidates = [n for n in nodes if n.op == "call_function" and owner.get(n) is n and get_record(n).side == Side.FORWARD
+    candidates = [n for n in nodes if n.op == "call_function" and owner.get(n) is n
+                  and get_record(n).side == Side.FORWARD
                   and (n.target is operator.getitem or not any(u.target is operator.getitem for u in n.users))]
     candidate_set = set(candidates)
     kept_random: list[str] = []
-    values = []
     charged: set[fx.Node] = set()
-    saved_bytes_at = [0] * (len(nodes) - fb)
-    end_of_forward_kept = 0
+    activation_bytes = 0
+    values = []
     for node in candidates:
-        rec = get_record(node)
         producer = _producer(node)
         prec = get_record(producer)
-        uses = reads.get(node, [])
-        bw = [i - fb for i in uses if i >= fb]
-        fw = [i for i in uses if i < fb]
-        nbytes = rec.alloc_bytes or 0
-        inputs = []
-        for arg in producer.all_input_nodes:
-            base = owner.get(arg, arg)
-            if base in candidate_set:
-                inputs.append(base.name)
+        bw = [i - fb + 1 for i in reads.get(node, []) if i >= fb]  # step 0 is the end of forward
+        nbytes = get_record(node).alloc_bytes or 0
+        inputs = [owner.get(a, a).name for a in producer.all_input_nodes if owner.get(a, a) in candidate_set]
         cost = 0.0 if producer in charged else (prec.runtime_ms or 0.0)
         charged.add(producer)
-        is_random = bool(prec.is_random)
-        group = None
-        if producer is not node:
-            group = f"op:{producer.name}"
-        if is_random:
-            group = "random"
+        group = f"op:{producer.name}" if producer is not node else None
+        if prec.is_random:
             kept_random.append(producer.name)
         elif prec.is_inplace and prec.inplace_parent:
             group = f"inplace:{prec.inplace_parent}"
-        values.append(PlanValue(
+        if bw:
+            activation_bytes += nbytes
+        values.append(Candidate(
             name=node.name,
             nbytes=nbytes,
-            recompute_ms=cost,
+            cost_ms=cost,
             inputs=tuple(dict.fromkeys(inputs)),
-            bw_first_use=min(bw) if bw else None,
-            bw_last_use=max(bw) if bw else None,
-            fw_last_use=max(fw) if fw else None,
-            must_save=is_random,
-            must_recompute=False,
+            first_use=min(bw) if bw else None,
+            must_save=bool(prec.is_random),
             group=group,
         ))
-        if bw:
-            end_of_forward_kept += nbytes
-            for t in range(0, max(bw) + 1):
-                saved_bytes_at[t] += nbytes
-
-    # In-place groups name their parent: give the parent the same group.
-    groups = {v.group for v in values if v.group and v.group.startswith("inplace:")}
-    values = [
-        PlanValue(**{**v.__dict__, "group": f"inplace:{v.name}"}) if f"inplace:{v.name}" in groups and v.group is None else v
-        for v in values
-    ]
-    base = tuple(max(0, sim.step_peaks[fb + t] - saved_bytes_at[t]) for t in range(len(nodes) - fb))
-    problem = PlanProblem(
-        values=tuple(values),
-        n_steps=len(base),
-        base_bytes=base,
-        end_of_forward_base=max(0, sim.end_of_forward_bytes - end_of_forward_kept),
-        budget_bytes=budget_bytes,
-    )
-    return problem, sorted(set(kept_random)), end_of_forward_kept
+    # an in-place chain's parent shares the chain's decision
+    chains = {v.group for v in values if v.group and v.group.startswith("inplace:")}
+    values = [dataclasses.replace(v, group=f"inplace:{v.name}") if f"inplace:{v.name}" in chains and v.group is None
+              else v for v in values]
+    baseline = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+    problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
+    return problem, sorted(set(kept_random)), activation_bytes
 
 
 def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) -> int:
@@ -254,12 +230,13 @@ def plan_joint(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     """The lowest peak any plan reaches on this annotated graph (random ops kept)."""
     from sac_compiler.solvers import SolverOptions
-    from sac_compiler.solvers.graph_plan import min_feasible_peak
+    from sac_compiler.solvers.savings_plan import min_feasible_peak
 
-    problem, _, _ = build_plan_problem(analysis, 0)
+    problem, _, _ = build_plan_problem(analysis)
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
     with _torch_threads_kept():
-        return max(min_feasible_peak(problem, options), analysis.memory.optimizer_step_peak_bytes)
+        low = min_feasible_peak(problem, options)
+    return max(low, analysis.memory.optimizer_step_peak_bytes)
 
 
 @contextlib.contextmanager
@@ -274,15 +251,16 @@ def _torch_threads_kept() -> Iterator[None]:
 
 
 def _plan(result: GraphPlanResult, config: SACConfig) -> None:
+    """Solve, tag, and re-check on the exact memory simulation; tighten and re-solve if it is over."""
     from passes.annotate_memory import annotate_memory
-    from sac_compiler.solvers import SolverOptions
-    from sac_compiler.solvers.graph_plan import min_feasible_peak, solve_graph_plan
+    from sac_compiler.solvers import InfeasibleError, SolverOptions
+    from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
 
     analysis = result.analysis
-    problem, kept_random, activation_bytes = build_plan_problem(analysis, 0)
+    problem, kept_random, activation_bytes = build_plan_problem(analysis)
     budget = _budget_bytes(config, analysis.memory.peak_bytes, activation_bytes)
-    problem = dataclasses.replace(problem, budget_bytes=budget)
     result.budget_bytes = budget
+    result.kept_random = kept_random
     step_peak = analysis.memory.optimizer_step_peak_bytes
     if step_peak > budget:
         raise BudgetError(
@@ -290,35 +268,63 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
-    result.kept_random = kept_random
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
-    from sac_compiler.solvers import InfeasibleError
-
-    try:
-        with _torch_threads_kept():
-            plan = solve_graph_plan(problem, options)
-    except InfeasibleError as e:
-        with _torch_threads_kept():
-            smallest = min_feasible_peak(problem, options)
+    for attempt in range(_MAX_ROUNDS):
+        try:
+            with _torch_threads_kept():
+                plan = solve_savings_plan(dataclasses.replace(problem, budget=budget), options)
+        except InfeasibleError as e:
+            smallest = smallest_feasible_peak(analysis, config)
+            if attempt > 0:
+                raise BudgetError(
+                    f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher "
+                    f"in the exact simulation (best {format_bytes(sim.peak_bytes)}); the smallest feasible "
+                    f"peak is about {format_bytes(smallest)}: raise memory_budget"
+                ) from e
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} is below the smallest feasible peak "
+                f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept); "
+                f"raise memory_budget to at least {smallest} bytes"
+            ) from e
+        sim = annotate_memory(
+            analysis.graph.gm,
+            target_device=analysis.graph.target_device,
+            num_fwd_outputs=analysis.graph.num_fwd_outputs,
+            optimizer=config.optimizer,
+            optimizer_state_bytes=config.optimizer_state_bytes,
+            fused_pointwise=config.compiler == "inductor",
+            recomputed=set(plan.recompute),
+        )
+        if sim.peak_bytes <= budget:
+            break
+        # The planner's lifetimes are a model: where the exact simulation is over the budget,
+        # raise that step's baseline by the excess and solve again.
+        fb = sim.first_backward
+        simulated = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+        saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
+        modelled = [b - v for b, v in zip(problem.baseline, saved)]
+        under = {t: simulated[t] - modelled[t] for t in range(len(modelled))
+                 if simulated[t] > budget and simulated[t] > modelled[t]}
+        log.info("sac plan round %d: simulated peak %s over the budget %s; the model was low at %d step(s)",
+                 attempt + 1, format_bytes(sim.peak_bytes), format_bytes(budget), len(under))
+        if not under:  # over in forward, where no recomputation helps
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} is below the forward pass's own peak "
+                f"{format_bytes(sim.peak_bytes)}, which recomputation does not lower; raise memory_budget"
+            )
+        problem = dataclasses.replace(
+            problem, baseline=tuple(b + under.get(t, 0) for t, b in enumerate(problem.baseline)))
+    else:
         raise BudgetError(
-            f"memory budget {format_bytes(budget)} is below the smallest feasible peak "
-            f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept); "
-            f"raise memory_budget to at least {smallest} bytes"
-        ) from e
+            f"memory budget {format_bytes(budget)}: after {_MAX_ROUNDS} rounds the best plan still peaks at "
+            f"{format_bytes(sim.peak_bytes)} in simulation; raise memory_budget"
+        )
     result.plan = plan
-    tag_graph(analysis.graph.gm, plan.recompute)
-    recomputed_nodes = set(plan.recompute)
-    sim = annotate_memory(
-        analysis.graph.gm,
-        target_device=analysis.graph.target_device,
-        num_fwd_outputs=analysis.graph.num_fwd_outputs,
-        optimizer=config.optimizer,
-        optimizer_state_bytes=config.optimizer_state_bytes,
-        fused_pointwise=config.compiler == "inductor",
-        recomputed=recomputed_nodes,
-    )
     result.predicted_peak = sim.peak_bytes
-    log.info("sac plan: budget %s, baseline peak %s, planned peak %s, simulated %s, "
-             "%d values recomputed (%.3f ms), %s in %.2f s",
-             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(plan.peak_bytes),
-             format_bytes(sim.peak_bytes), len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+    tag_graph(analysis.graph.gm, plan.recompute)
+    log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
+             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
+             len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+
+
+_MAX_ROUNDS = 5

@@ -42,8 +42,7 @@ def format_plan(result: Any) -> str:
     rows = [
         ("budget", format_bytes(result.budget_bytes)),
         ("peak without recomputation", format_bytes(result.baseline_peak or 0)),
-        ("planned peak (solver's model)", format_bytes(plan.peak_bytes)),
-        ("simulated peak of the tagged graph", format_bytes(result.predicted_peak or 0)),
+        ("predicted peak of the plan", format_bytes(result.predicted_peak or 0)),
         ("recompute time", f"{plan.recompute_ms:.3f} ms"),
         ("solve", f"{plan.status}, {plan.solve_s:.2f} s, {plan.n_vars} vars, {plan.n_constraints} constraints"),
         ("random ops kept (never recomputed)", ", ".join(result.kept_random) or "none"),

@@ -65,7 +65,6 @@ def test_eager_route_gradients_exact_at_every_budget(case, position):
     (result, _fw, _bw), = records
     assert result.budget_bytes == budget
     assert result.plan.recompute  # below the no-recompute peak, something must be recomputed
-    assert result.plan.peak_bytes <= budget
     assert result.predicted_peak <= budget
     assert result.unplanned_saves == []
 

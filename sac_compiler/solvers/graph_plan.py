@@ -536,7 +536,10 @@ class _PlanModel:
                 sizes[self.r[i]] = sizes.get(self.r[i], 0.0) + v.nbytes / self.unit
         if minimize_peak:
             self.peak = m.add_var(name="peak", lb=st.certain_peak / self.unit)
-            m.objective = self.peak
+            import os
+            w = float(os.environ.get("GP_PEAK_TB", "0"))
+            total = sum(costs.values()) or 1.0
+            m.objective = self.peak + xsum(w * st.certain_peak / self.unit / total * costs[r] * r for r in costs)
         else:
             positive = [c for c in costs.values() if c > 0]
             weight = _TIE_BREAK * min(positive, default=1.0) / (sum(sizes.values()) + len(sizes) + 1)

@@ -1,0 +1,369 @@
+"""Which forward values to recompute, as memory *savings* against the everything-kept baseline.
+
+The baseline keeps every forward value the backward reads from the moment it is made until its last
+backward read. Recomputing value ``v`` instead frees it between the end of forward and its first
+backward read ``first_v``: in backward step order (step 0 is the end of forward), its saving is a
+*prefix* ``[0, first_v)``. A plan fits the budget when at every step the savings cover the
+baseline's excess there::
+
+    need_t = baseline_t - budget            savings_t = sum of the prefixes covering t  >=  need_t
+
+Prefixes make the program small: a suffix sum per breakpoint instead of one long row per step.
+Two corrections keep it honest:
+
+* recomputing ``v`` needs its inputs. An input ``u`` that backward also reads is kept or recomputed
+  anyway; if ``u`` is recomputed too, it must exist at ``first_v`` already, so its saving ends at the
+  earliest recomputed consumer (``y_u``). An input backward does not read must be kept for ``v``
+  (``k_u``, costing its bytes over ``[0, first_v)``) or recomputed;
+* values of one group (a multi-output op, an in-place chain) share one decision, and ``must_save``
+  values are never recomputed.
+
+The lifetimes are a model: the caller re-checks a plan on its exact memory simulation and
+tightens the budget if the check finds a higher peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sac_compiler.solvers._mip import (
+    BINARY,
+    CONTINUOUS,
+    InfeasibleError,
+    SolverOptions,
+    new_model,
+    solve,
+    xsum,
+)
+
+logger = logging.getLogger(__name__)
+
+# Objective tie-break per byte recomputed: prefers freeing fewer bytes at equal time.
+_BYTES_TIE_BREAK_MS = 1e-15
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One forward allocation.
+
+    Attributes:
+        name: unique name.
+        nbytes: bytes of the allocation.
+        cost_ms: time to recompute it (0 for a group's later members: the group's op runs once).
+        inputs: candidates it is computed from (others, like parameters, are always there).
+        first_use: first backward step (1-based; step 0 is the end of forward) that reads it;
+            None when backward does not read it.
+        must_save: never recomputed.
+        group: members of one group share one decision.
+    """
+
+    name: str
+    nbytes: int
+    cost_ms: float
+    inputs: tuple[str, ...] = ()
+    first_use: int | None = None
+    must_save: bool = False
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class SavingsProblem:
+    """``baseline[t]``: live bytes at step ``t`` with everything kept (step 0: end of forward)."""
+
+    candidates: tuple[Candidate, ...]
+    baseline: tuple[int, ...]
+    budget: int
+
+    @property
+    def need(self) -> tuple[int, ...]:
+        return tuple(b - self.budget for b in self.baseline)
+
+
+@dataclass(frozen=True)
+class SavingsPlan:
+    recompute: frozenset[str]
+    kept_for_recompute: frozenset[str]
+    recompute_ms: float
+    status: str
+    gap: float
+    solve_s: float
+    n_vars: int
+    n_constraints: int
+
+
+def _when(candidates: Sequence[Candidate], consumers: dict[str, list[str]]) -> dict[str, int | None]:
+    """The first backward step at which each value must exist if recomputed: its first read, or for
+    a value backward never reads, the earliest such step of the values made from it."""
+    when: dict[str, int | None] = {}
+    for c in reversed(candidates):
+        reaches = [when[v] for v in consumers[c.name] if when.get(v) is not None]
+        when[c.name] = c.first_use if c.first_use is not None else (min(reaches) if reaches else None)
+    return when
+
+
+_CHAIN_DEPTH = 3
+
+
+def _descendants(name: str, consumers: dict[str, list[str]], depth: int = _CHAIN_DEPTH) -> set[str]:
+    """Values made from ``name`` within ``depth`` steps of the forward graph."""
+    out: set[str] = set()
+    frontier = [name]
+    for _ in range(depth):
+        frontier = [v for u in frontier for v in consumers[u] if v not in out]
+        out.update(frontier)
+    return out
+
+
+def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Iterable[str] = ()) -> list[int]:
+    """Bytes a plan saves at each step under this module's model (the MILP's rows, evaluated)."""
+    recompute, kept = set(recompute), set(kept)
+    by_name = {c.name: c for c in problem.candidates}
+    consumers = _consumers(problem.candidates)
+    when = _when(problem.candidates, consumers)
+    steps = len(problem.baseline)
+    saved = [0] * steps
+
+    def cover(end: int, nbytes: int) -> None:
+        for t in range(min(end, steps)):
+            saved[t] += nbytes
+
+    for c in problem.candidates:
+        if c.name in recompute and c.first_use is not None:
+            early = [when[v] for v in _descendants(c.name, consumers) if v in recompute and when[v] is not None
+                     and when[v] < c.first_use]
+            cover(min(early) if early else c.first_use, c.nbytes)
+        if c.name in kept:
+            cover(max((when[v] or 0) for v in consumers[c.name]), -c.nbytes)
+        if c.name in recompute and when[c.name] is not None:
+            for u in c.inputs:
+                if u in recompute and by_name[u].first_use is None:
+                    at = [when[c.name]] + [when[w] for w in _descendants(c.name, consumers, _CHAIN_DEPTH - 1)
+                                           if w in recompute and when[w] is not None and when[w] < when[c.name]]
+                    for step in set(at):
+                        if step < steps:
+                            saved[step] -= by_name[u].nbytes
+    return saved
+
+
+def check_plan(problem: SavingsProblem, recompute: set[str], kept: set[str]) -> None:
+    """Raise ValueError if a plan breaks the rules (not its memory: see ``savings_profile``)."""
+    by_name = {c.name: c for c in problem.candidates}
+    unknown = (recompute | kept) - set(by_name)
+    if unknown:
+        raise ValueError(f"unknown values in the plan: {sorted(unknown)}")
+    for c in problem.candidates:
+        if c.must_save and c.name in recompute:
+            raise ValueError(f"{c.name} must be saved but is recomputed")
+        if c.name in recompute:
+            for u in c.inputs:
+                if u in by_name and by_name[u].first_use is None and u not in recompute and u not in kept:
+                    raise ValueError(f"recomputing {c.name} needs {u}, which is neither kept nor recomputed")
+    groups: dict[str, set[bool]] = {}
+    for c in problem.candidates:
+        if c.group is not None:
+            groups.setdefault(c.group, set()).add(c.name in recompute)
+    split = sorted(g for g, decisions in groups.items() if len(decisions) > 1)
+    if split:
+        raise ValueError(f"groups split between kept and recomputed: {split}")
+
+
+def _consumers(candidates: Sequence[Candidate]) -> dict[str, list[str]]:
+    consumers: dict[str, list[str]] = {c.name: [] for c in candidates}
+    for c in candidates:
+        for u in c.inputs:
+            if u in consumers:
+                consumers[u].append(c.name)
+    return consumers
+
+
+def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = None) -> SavingsPlan:
+    """Minimise recompute time so that the savings cover the need at every step.
+
+    Raises InfeasibleError when no plan covers the need (recomputing everything allowed is not
+    enough), NoSolutionError when the time limit stops the search before any plan.
+    """
+    options = options if options is not None else SolverOptions()
+    start = time.perf_counter()
+    if max(problem.need, default=0) <= 0:
+        return SavingsPlan(frozenset(), frozenset(), 0.0, "OPTIMAL", 0.0, time.perf_counter() - start, 0, 0)
+    model, r, kept, suffixes, reach = _build(problem, options, "savings_plan")
+    for var, lo, hi in suffixes:
+        model += var >= max(problem.need[lo:hi])  # the savings cover the need on steps [lo, hi)
+    uncovered = max(problem.need[reach:], default=0)
+    if uncovered > 0:
+        raise InfeasibleError(
+            f"savings_plan: {uncovered} bytes over budget at steps no recomputation reaches "
+            "(gradients and backward temporaries); raise the budget"
+        )
+    by_name = {c.name: c for c in problem.candidates}
+    model.objective = xsum((by_name[n].cost_ms + _BYTES_TIE_BREAK_MS * by_name[n].nbytes) * v for n, v in r.items()) + \
+        xsum(_BYTES_TIE_BREAK_MS * by_name[u].nbytes * k for u, k in kept.items())
+    outcome = solve(model, options)
+    return _plan(problem, r, kept, outcome, start)
+
+
+def min_feasible_peak(problem: SavingsProblem, options: SolverOptions | None = None) -> int:
+    """The lowest peak any valid plan reaches under this model (the budget is ignored)."""
+    options = options if options is not None else SolverOptions()
+    model, r, kept, suffixes, reach = _build(problem, options, "savings_min_peak")
+    peak = model.add_var(name="peak", var_type=CONTINUOUS, lb=0)
+    for var, lo, hi in suffixes:
+        model += peak >= max(problem.baseline[lo:hi]) - var  # the peak on steps [lo, hi)
+    if reach < len(problem.baseline):
+        model += peak >= max(problem.baseline[reach:])
+    model.objective = peak
+    outcome = solve(model, options)
+    return int(round(outcome.objective_value))
+
+
+def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[Any, dict, dict, list, int]:
+    """The variables and savings expressions.
+
+    Returns (model, r, kept, rows, reach): each row ``(saving, lo, hi)`` is the bytes saved on every
+    step of ``[lo, hi)``; no recomputation saves anything at steps ``>= reach``.
+    """
+    cands = problem.candidates
+    by_name = {c.name: c for c in cands}
+    consumers = _consumers(cands)
+    steps = len(problem.baseline)
+    m = new_model(name, "MIN", options)
+    recomputable = [c for c in cands if not c.must_save and _useful(c, by_name, consumers)]
+    r = {c.name: m.add_var(name=f"r_{i}", var_type=BINARY) for i, c in enumerate(recomputable)}
+
+    # groups share one decision
+    group_rep: dict[str, str] = {}
+    for c in cands:
+        if c.group is None:
+            continue
+        rep = group_rep.setdefault(c.group, c.name)
+        if rep == c.name:
+            continue
+        if (c.name in r) != (rep in r):  # a member may not be recomputed: neither may the group
+            for member in (c.name, rep):
+                if member in r:
+                    m += r[member] == 0
+        elif c.name in r:
+            m += r[c.name] == r[rep]
+
+    # terms[e]: expressions whose saving covers the prefix of steps [0, e)
+    terms: dict[int, list[Any]] = {}
+
+    def add(end: int, expr: Any) -> None:
+        end = min(end, steps)
+        if end > 0:
+            terms.setdefault(end, []).append(expr)
+
+    when = _when(cands, consumers)
+
+    kept: dict[str, Any] = {}
+    for c in recomputable:
+        rc = r[c.name]
+        # recomputing c needs each input that backward does not read: kept for it, or recomputed
+        for u in c.inputs:
+            uc = by_name.get(u)
+            if uc is None or uc.first_use is not None:
+                continue
+            if u not in kept:
+                kept[u] = m.add_var(name=f"k_{len(kept)}", var_type=BINARY)
+            m += rc <= kept[u] + (r[u] if u in r else 0)
+        if c.first_use is None:
+            continue
+        # a recomputed value made from c (within a few steps) that is needed before c's own read
+        # needs c rebuilt then (conservative: as if the values in between were recomputed too)
+        descendants = _descendants(c.name, consumers)
+        early = [when[v] for v in descendants if v in r and when[v] is not None and when[v] < c.first_use]
+        if not early:
+            add(c.first_use, c.nbytes * rc)
+            continue
+        # c saves up to its earliest early consumer for sure; up to its own first use only if
+        # no consumer that needs it earlier is recomputed as well
+        y = m.add_var(name=f"y_{c.name}", var_type=CONTINUOUS, lb=0, ub=1)
+        m += y <= rc
+        for v in descendants:
+            if v in r and when[v] is not None and when[v] < c.first_use:
+                m += y <= 1 - r[v]
+        add(min(early), c.nbytes * (rc - y))  # the prefixes add up: b*r before min(early)
+        add(c.first_use, c.nbytes * y)
+    for u, k in kept.items():
+        reach = max((when[v] or 0) for v in consumers[u])
+        add(reach, -by_name[u].nbytes * k)
+
+    # transients: rebuilding v at when[v] materialises the recomputed inputs that backward never
+    # reads (those it reads are covered by their shortened prefix above)
+    transients: dict[int, list[Any]] = {}
+    for v in recomputable:
+        at = when[v.name]
+        if at is None or at >= steps:
+            continue
+        for u in v.inputs:
+            if u not in r or by_name[u].first_use is not None:
+                continue
+            both = m.add_var(name=f"w_{u}_{v.name}", var_type=CONTINUOUS, lb=0, ub=1)
+            m += both >= r[u] + r[v.name] - 1
+            transients.setdefault(at, []).append(by_name[u].nbytes * both)
+            # v itself is rebuilt earlier when a recomputed consumer needs it before its own read
+            for w in _descendants(v.name, consumers, _CHAIN_DEPTH - 1):
+                if w in r and when[w] is not None and when[w] < at:
+                    chain = m.add_var(name=f"w_{u}_{v.name}_{w}", var_type=CONTINUOUS, lb=0, ub=1)
+                    m += chain >= r[u] + r[v.name] + r[w] - 2
+                    transients.setdefault(when[w], []).append(by_name[u].nbytes * chain)
+
+    # suffix sums: the saving on steps [previous end, end) is every prefix reaching beyond them
+    ends = sorted(terms)
+    suffixes: list[tuple[Any, int, int]] = []
+    suffix: Any = None
+    for idx in range(len(ends) - 1, -1, -1):
+        end, lo = ends[idx], (ends[idx - 1] if idx > 0 else 0)
+        var = m.add_var(name=f"s_{end}", var_type=CONTINUOUS, lb=-float("inf"))
+        m += var == xsum(terms[end]) + (suffix if suffix is not None else 0)
+        suffix = var
+        suffixes.append((var, lo, end))
+    suffixes.reverse()
+    # a step with transients gets its own row: the segment's savings less the transients there
+    for step, exprs in transients.items():
+        segment = next(var for var, lo, hi in suffixes if lo <= step < hi) if any(
+            lo <= step < hi for _, lo, hi in suffixes) else None
+        saving = segment if segment is not None else 0
+        var = m.add_var(name=f"t_{step}", var_type=CONTINUOUS, lb=-float("inf"))
+        m += var == saving - xsum(exprs)
+        suffixes.append((var, step, step + 1))
+    return m, r, kept, suffixes, (ends[-1] if ends else 0)
+
+
+def _plan(problem: SavingsProblem, r: dict, kept: dict, outcome: Any, start: float) -> SavingsPlan:
+    by_name = {c.name: c for c in problem.candidates}
+    recompute = frozenset(n for n, var in r.items() if var.x is not None and var.x >= 0.5)
+    kept_names = frozenset(u for u, var in kept.items() if var.x is not None and var.x >= 0.5)
+    elapsed = time.perf_counter() - start
+    logger.debug("savings_plan: %d candidates, %d steps -> %d recomputed in %.3f s",
+                 len(problem.candidates), len(problem.baseline), len(recompute), elapsed)
+    return SavingsPlan(
+        recompute=recompute,
+        kept_for_recompute=kept_names,
+        recompute_ms=sum(by_name[n].cost_ms for n in recompute),
+        status=outcome.status,
+        gap=outcome.gap,
+        solve_s=elapsed,
+        n_vars=outcome.num_vars,
+        n_constraints=outcome.num_constraints,
+    )
+
+
+def _useful(c: Candidate, by_name: dict[str, Candidate], consumers: dict[str, list[str]]) -> bool:
+    """Recomputing c can matter: backward reads it, or it feeds a value backward reads."""
+    return c.first_use is not None or any(by_name[v].first_use is not None or consumers[v] for v in consumers[c.name])
+
+
+__all__ = [
+    "Candidate",
+    "SavingsPlan",
+    "SavingsProblem",
+    "check_plan",
+    "min_feasible_peak",
+    "savings_profile",
+    "solve_savings_plan",
+]
