@@ -77,9 +77,9 @@ class SACConfig:
     memory_budget: MemoryBudget | None = None
     device: str = "auto"
     estimate_mode: str = "cost-model"
-    solver: str = "cbc"
+    solver: str = "highs"
     time_limit_s: float | None = 30.0
-    mip_gap: float | None = 1e-3
+    mip_gap: float | None = 0.01
     compiler: str = "inductor"
     world_size: int = 1
     optimizer_state_bytes: int | None = None

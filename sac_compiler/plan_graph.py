@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,12 +78,16 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
-def build_plan_problem(analysis: Any) -> tuple[Any, list[str], int]:
+def build_plan_problem(analysis: Any, tie_blocks: int | None = 4) -> tuple[Any, list[str], int]:
     """The torch-free planning problem of an annotated joint graph (everything-kept baseline).
 
     Returns the problem (budget 0: the caller sets it), the random ops kept, and the activation
     bytes the baseline keeps from the end of forward into backward (what a fractional budget is a
     fraction of).
+
+    ``tie_blocks``: repeated layers (``layers.0``, ``layers.1``, ... with the same ops) are split
+    into this many contiguous blocks, and the same value in every layer of a block shares one
+    decision: the program shrinks by the layer count and solves in seconds. None unties them.
     """
     from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem
 
@@ -137,9 +142,61 @@ def build_plan_problem(analysis: Any) -> tuple[Any, list[str], int]:
     chains = {v.group for v in values if v.group and v.group.startswith("inplace:")}
     values = [dataclasses.replace(v, group=f"inplace:{v.name}") if f"inplace:{v.name}" in chains and v.group is None
               else v for v in values]
+    values = _tie_repeated_layers(values, candidates, tie_blocks)
     baseline = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
     return problem, sorted(set(kept_random)), activation_bytes
+
+
+_LAYER = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _tie_repeated_layers(values: list[Any], nodes: list[fx.Node], blocks: int | None) -> list[Any]:
+    """Give the same value of structurally identical repeated layers one shared group per block."""
+    if not blocks:
+        return values
+    # layer of each candidate: the innermost module ending in an index (``...layers.3``)
+    layer_of: dict[str, tuple[str, int]] = {}
+    for node in nodes:
+        for fqn in reversed(get_record(_producer(node)).module_stack or ()):
+            match = _LAYER.match(fqn)
+            if match:
+                layer_of[node.name] = (match.group(1), int(match.group(2)))
+                break
+    per_layer: dict[tuple[str, int], list[Any]] = {}
+    for v in values:
+        if v.name in layer_of:
+            per_layer.setdefault(layer_of[v.name], []).append(v)
+    containers: dict[str, list[int]] = {}
+    for prefix, idx in per_layer:
+        containers.setdefault(prefix, []).append(idx)
+    op_of = {n.name: get_record(_producer(n)).op_name for n in nodes}
+    tie: dict[str, str] = {}
+    for prefix, indices in containers.items():
+        indices.sort()
+        shapes = {tuple((op_of[v.name], v.nbytes) for v in per_layer[(prefix, i)]) for i in indices}
+        if len(indices) < 2 or len(shapes) != 1:
+            continue  # not repeated, or the layers differ: plan them one by one
+        size = -(-len(indices) // blocks)
+        for rank, i in enumerate(indices):
+            for pos, v in enumerate(per_layer[(prefix, i)]):
+                tie[v.name] = f"tie:{prefix}:{rank // size}:{pos}"
+    if not tie:
+        return values
+    # merge with the existing groups: union-find over names
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for v in values:
+        for key in (v.group, tie.get(v.name)):
+            if key is not None:
+                parent[find(f"name:{v.name}")] = find(key)
+    return [dataclasses.replace(v, group=find(f"name:{v.name}")) if (v.group or v.name in tie) else v for v in values]
 
 
 def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) -> int:

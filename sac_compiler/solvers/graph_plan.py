@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import math
 import time
 from bisect import bisect_right
@@ -86,7 +87,8 @@ logger = logging.getLogger(__name__)
 # Tie-break weight (relative to the smallest positive recompute cost) for recomputed bytes.
 _TIE_BREAK = 1e-7
 # Most violated steps whose memory rows one round of the lazy loop adds.
-_ROWS_PER_ROUND = 24
+_ROWS_PER_ROUND = 2
+_PEAK_ROWS_PER_ROUND = int(__import__("os").environ.get("GP_PK", "8"))
 # Memory coefficients are scaled by a power of two so that the largest one is below this.
 _MAX_COEFFICIENT = 2**12
 
@@ -464,6 +466,12 @@ def _is_zero(term: _Term) -> bool:
     return isinstance(term, (int, float)) and term == 0
 
 
+def _linear(*pairs: tuple[float, _Term]) -> mip.LinExpr:
+    """The sum of ``coefficient * term``. Always build expressions with it: in python-mip
+    2.0, ``v - v`` for one variable ``v`` is ``-v``, not 0."""
+    return xsum(coefficient * term for coefficient, term in pairs if not _is_zero(term))
+
+
 class _PlanModel:
     """The MILP of one problem. Memory rows of backward steps are added on request.
 
@@ -478,6 +486,10 @@ class _PlanModel:
         self.problem, self.st, self.minimize_peak = problem, st, minimize_peak
         name = "graph_plan_min_peak" if minimize_peak else "graph_plan"
         self.model = m = new_model(name, "MIN", options)
+        import os
+        for k in ("cuts", "emphasis", "preprocess", "clique", "cut_passes", "lp_method"):
+            if os.environ.get("GP_" + k.upper()):
+                setattr(m, k, int(os.environ["GP_" + k.upper()]))
         largest = max([v.nbytes for v in values] + [1])
         # Bytes in units of a power of two: exact, and coefficients of at most 2**12.
         self.unit = 2 ** max(0, (largest - 1).bit_length() - _MAX_COEFFICIENT.bit_length() + 1)
@@ -544,6 +556,8 @@ class _PlanModel:
             positive = [c for c in costs.values() if c > 0]
             weight = _TIE_BREAK * min(positive, default=1.0) / (sum(sizes.values()) + len(sizes) + 1)
             m.objective = xsum((costs[r] + weight * (sizes[r] + 1)) * r for r in costs)
+            if os.environ.get("GP_ABS"):
+                m.max_mip_gap_abs = float(os.environ["GP_ABS"]) * sum(v.recompute_ms for v in values)
         # Memory at the end of forward: base + kept values.
         self._add_row(
             None,
@@ -596,7 +610,7 @@ class _PlanModel:
         z_u = m.add_var(name=f"z_{u}_{at}", lb=0, ub=1)
         # Recomputed by step t: a consumer recomputed by t needs u kept or recomputed by t;
         for term in terms:
-            m += z_u >= (term if _is_zero(self.s[u]) else term - self.s[u])
+            m += z_u >= _linear((1, term), (-1, self.s[u]))
         # and u is recomputed by t only if it is recomputed and some consumer is.
         m += z_u <= self.r[u]
         m += z_u <= xsum(terms)
@@ -616,9 +630,8 @@ class _PlanModel:
                     terms += [(v.nbytes, self.s[i]), (v.nbytes, self.z(i, t))]
                 continue
             extending = [x for x in st.consumers[i] if self._latest(x) >= t]
-            start = 1 if st.read[i] else xsum(
-                term for term in (self.s[i], self.z(i, t)) if not _is_zero(term))
-            if not extending or (not st.read[i] and not start.expr):
+            start = _linear((1, 1)) if st.read[i] else _linear((1, self.s[i]), (1, self.z(i, t)))
+            if not extending or not (st.read[i] or start.expr):
                 continue
             # One variable serves every step at which the terms below are the same variables.
             key = (i, None if st.read[i] else self._z_index(i, t),
@@ -627,13 +640,16 @@ class _PlanModel:
                 live = self._live[key] = self.model.add_var(name=f"live_{i}_{t}", lb=0, ub=1)
                 # Past its last read, a value is live while a needed consumer is not recomputed yet.
                 for x in extending:
-                    self.model += live >= start + self.z(x, self._end) - self.z(x, t - 1) - 1
+                    self.model += live >= start + _linear(
+                        (1, self.z(x, self._end)), (-1, self.z(x, t - 1)), (-1, 1))
             terms.append((v.nbytes, self._live[key]))
         self._add_row(t, terms, constant)
 
     def _latest(self, x: int) -> int:
         """Latest step at which x may be recomputed (-1: never)."""
         mask = self.st.candidates[x]
+        if self.st.read[x]:
+            return self.problem.values[x].bw_first_use
         return self.st.times[mask.bit_length() - 1] if mask else -1
 
     def _add_row(self, step: int | None, terms: list[tuple[int, _Term]], constant: int) -> None:
@@ -664,7 +680,8 @@ class _PlanModel:
 class _Solved:
     recompute: frozenset[str]
     profile: _Profile
-    outcome: SolveOutcome | None  # None: no solver ran
+    status: str  # "optimal" or "feasible"
+    gap: float | None  # None: no solver ran
     n_vars: int
     n_constraints: int
 
@@ -674,18 +691,32 @@ def _solve_lazily(
 ) -> _Solved:
     """Solves, evaluates the answer at every step, adds the violated rows, and repeats.
 
+    With ``minimize_peak``, every round's answer is a plan whose evaluated peak bounds the
+    smallest peak from above; when the time limit ends the rounds, the best one is
+    returned (status "feasible", logged at warning level).
+
     Raises what ``_mip.solve`` raises; ``NoSolutionError`` also when the time limit ends
-    the rounds before an answer fits at every step.
+    the rounds before a plan fits the budget at every step.
     """
     if not any(st.may_recompute):
         # Nothing to decide: every value that backward reads is kept.
-        return _Solved(frozenset(), _memory_profile(problem, st.index, ()), None, 0, 0)
+        return _Solved(frozenset(), _memory_profile(problem, st.index, ()), "optimal", None, 0, 0)
     start = time.perf_counter()
     pm = _PlanModel(problem, st, options, minimize_peak)
+    best: _Solved | None = None
+    rows_per_round = _PEAK_ROWS_PER_ROUND if minimize_peak else _ROWS_PER_ROUND
     for rounds in range(1, len(st.check_steps) + 64):
         round_options = options
         if options.time_limit_s is not None:
             left = options.time_limit_s - (time.perf_counter() - start)
+            if left <= 0 and best is not None:
+                logger.warning(
+                    "%s: the time limit (%s s) ran out after %d rounds; the smallest peak "
+                    "found is %d B, at most %.2f%% above the smallest possible",
+                    pm.model.name, options.time_limit_s, rounds - 1, best.profile.peak,
+                    100 * best.gap,
+                )
+                return best
             if left <= 0:
                 raise NoSolutionError(
                     f"{pm.model.name}: the time limit ({options.time_limit_s} s) ran out after "
@@ -706,13 +737,24 @@ def _solve_lazily(
             pm.model.name, rounds, len(pm.rows), outcome.status, outcome.objective_value,
             len(over), limit,
         )
+        if minimize_peak:
+            bound = outcome.objective_bound * pm.unit
+            gap = max(0.0, (profile.peak - bound) / profile.peak) if profile.peak else 0.0
+        else:
+            gap = outcome.gap
+        solved = _Solved(
+            recompute, profile, "optimal" if outcome.status == "OPTIMAL" and not over else
+            "feasible", gap, pm.model.num_cols, pm.model.num_rows,
+        )
+        if minimize_peak and (best is None or profile.peak < best.profile.peak):
+            best = dataclasses.replace(solved, status="feasible")
         if not over:
-            return _Solved(recompute, profile, outcome, pm.model.num_cols, pm.model.num_rows)
+            return solved if best is None or solved.profile.peak <= best.profile.peak else best
         added = 0
         for excess, step in sorted(over, key=lambda item: -item[0]):
             if step in pm.rows:
                 pm.tighten(step, excess)  # a rounding artefact of the solver: rare
-            elif added < _ROWS_PER_ROUND:
+            elif added < rows_per_round:
                 pm.add_step(step)
                 added += 1
     raise AssertionError(f"{pm.model.name}: the lazy rows did not converge")
@@ -774,16 +816,15 @@ def solve_graph_plan(problem: PlanProblem, options: SolverOptions | None = None)
     except InfeasibleError as err:
         raise _over_budget(problem, st, options) from err
     if solved.profile.peak > problem.budget_bytes:
-        assert solved.outcome is None  # the solver's answers always fit
+        assert solved.gap is None  # the solver's answers always fit
         raise _over_budget(problem, st, options)
-    outcome = solved.outcome
     return GraphPlan(
         recompute=solved.recompute,
         save=solved.profile.save,
         recompute_ms=solved.profile.recompute_ms,
         peak_bytes=solved.profile.peak,
-        status="feasible" if outcome is not None and outcome.status == "FEASIBLE" else "optimal",
-        gap=None if outcome is None else outcome.gap,
+        status=solved.status,
+        gap=solved.gap,
         solve_s=time.perf_counter() - start,
         n_vars=solved.n_vars,
         n_constraints=solved.n_constraints,

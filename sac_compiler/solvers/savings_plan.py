@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 # Objective tie-break per byte recomputed: prefers freeing fewer bytes at equal time.
 _BYTES_TIE_BREAK_MS = 1e-15
+# The program counts memory in MiB: byte counts near 1e10 next to 0/1 variables trouble solvers' tolerances.
+_MIB = float(2**20)
+
+
+def _mib(nbytes: float) -> float:
+    return nbytes / _MIB
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = 
         return SavingsPlan(frozenset(), frozenset(), 0.0, "OPTIMAL", 0.0, time.perf_counter() - start, 0, 0)
     model, r, kept, suffixes, reach = _build(problem, options, "savings_plan")
     for var, lo, hi in suffixes:
-        model += var >= max(problem.need[lo:hi])  # the savings cover the need on steps [lo, hi)
+        model += var >= _mib(max(problem.need[lo:hi]))  # the savings cover the need on steps [lo, hi)
     uncovered = max(problem.need[reach:], default=0)
     if uncovered > 0:
         raise InfeasibleError(
@@ -212,12 +218,12 @@ def min_feasible_peak(problem: SavingsProblem, options: SolverOptions | None = N
     model, r, kept, suffixes, reach = _build(problem, options, "savings_min_peak")
     peak = model.add_var(name="peak", var_type=CONTINUOUS, lb=0)
     for var, lo, hi in suffixes:
-        model += peak >= max(problem.baseline[lo:hi]) - var  # the peak on steps [lo, hi)
+        model += peak >= _mib(max(problem.baseline[lo:hi])) - var  # the peak on steps [lo, hi)
     if reach < len(problem.baseline):
-        model += peak >= max(problem.baseline[reach:])
+        model += peak >= _mib(max(problem.baseline[reach:]))
     model.objective = peak
     outcome = solve(model, options)
-    return int(round(outcome.objective_value))
+    return int(round(outcome.objective_value * _MIB))
 
 
 def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[Any, dict, dict, list, int]:
@@ -231,6 +237,9 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
     consumers = _consumers(cands)
     steps = len(problem.baseline)
     m = new_model(name, "MIN", options)
+    # a finite lower bound for the savings rows (kept-for-recompute values count negative):
+    # python-mip passes -inf on to some solvers as 0
+    floor = _mib(sum(c.nbytes for c in cands)) + 1.0
     recomputable = [c for c in cands if not c.must_save and _useful(c, by_name, consumers)]
     r = {c.name: m.add_var(name=f"r_{i}", var_type=BINARY) for i, c in enumerate(recomputable)}
 
@@ -277,7 +286,7 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         descendants = _descendants(c.name, consumers)
         early = [when[v] for v in descendants if v in r and when[v] is not None and when[v] < c.first_use]
         if not early:
-            add(c.first_use, c.nbytes * rc)
+            add(c.first_use, _mib(c.nbytes) * rc)
             continue
         # c saves up to its earliest early consumer for sure; up to its own first use only if
         # no consumer that needs it earlier is recomputed as well
@@ -286,11 +295,11 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         for v in descendants:
             if v in r and when[v] is not None and when[v] < c.first_use:
                 m += y <= 1 - r[v]
-        add(min(early), c.nbytes * (rc - y))  # the prefixes add up: b*r before min(early)
-        add(c.first_use, c.nbytes * y)
+        add(min(early), _mib(c.nbytes) * (rc - y))  # the prefixes add up: b*r before min(early)
+        add(c.first_use, _mib(c.nbytes) * y)
     for u, k in kept.items():
         reach = max((when[v] or 0) for v in consumers[u])
-        add(reach, -by_name[u].nbytes * k)
+        add(reach, -_mib(by_name[u].nbytes) * k)
 
     # transients: rebuilding v at when[v] materialises the recomputed inputs that backward never
     # reads (those it reads are covered by their shortened prefix above)
@@ -304,13 +313,13 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
                 continue
             both = m.add_var(name=f"w_{u}_{v.name}", var_type=CONTINUOUS, lb=0, ub=1)
             m += both >= r[u] + r[v.name] - 1
-            transients.setdefault(at, []).append(by_name[u].nbytes * both)
+            transients.setdefault(at, []).append(_mib(by_name[u].nbytes) * both)
             # v itself is rebuilt earlier when a recomputed consumer needs it before its own read
             for w in _descendants(v.name, consumers, _CHAIN_DEPTH - 1):
                 if w in r and when[w] is not None and when[w] < at:
                     chain = m.add_var(name=f"w_{u}_{v.name}_{w}", var_type=CONTINUOUS, lb=0, ub=1)
                     m += chain >= r[u] + r[v.name] + r[w] - 2
-                    transients.setdefault(when[w], []).append(by_name[u].nbytes * chain)
+                    transients.setdefault(when[w], []).append(_mib(by_name[u].nbytes) * chain)
 
     # suffix sums: the saving on steps [previous end, end) is every prefix reaching beyond them
     ends = sorted(terms)
@@ -318,7 +327,7 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
     suffix: Any = None
     for idx in range(len(ends) - 1, -1, -1):
         end, lo = ends[idx], (ends[idx - 1] if idx > 0 else 0)
-        var = m.add_var(name=f"s_{end}", var_type=CONTINUOUS, lb=-float("inf"))
+        var = m.add_var(name=f"s_{end}", var_type=CONTINUOUS, lb=-floor)
         m += var == xsum(terms[end]) + (suffix if suffix is not None else 0)
         suffix = var
         suffixes.append((var, lo, end))
@@ -328,7 +337,7 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         segment = next(var for var, lo, hi in suffixes if lo <= step < hi) if any(
             lo <= step < hi for _, lo, hi in suffixes) else None
         saving = segment if segment is not None else 0
-        var = m.add_var(name=f"t_{step}", var_type=CONTINUOUS, lb=-float("inf"))
+        var = m.add_var(name=f"t_{step}", var_type=CONTINUOUS, lb=-floor)
         m += var == saving - xsum(exprs)
         suffixes.append((var, step, step + 1))
     return m, r, kept, suffixes, (ends[-1] if ends else 0)
