@@ -1,8 +1,9 @@
 """``python -m sac_compiler``: plan a built-in model (or a seed model) and print the analysis.
 
 The default is a small GPT-style Transformer (4 layers, dim 256, sequence 512, batch 8) captured on
-fake tensors, so it runs on any machine in seconds and costs nothing but CPU time; ``--train-step``
-then runs a few real training steps with ``torch.compile(backend="sac")``.
+fake tensors and planned for half its saved activations, so it runs on any machine in seconds and
+costs nothing but CPU time; ``--train-step`` then runs a few real training steps with
+``torch.compile(backend="sac")``.
 """
 
 from __future__ import annotations
@@ -31,32 +32,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout probability (on a CPU trace, attention with dropout lowers to the math kernel)")
     parser.add_argument("--device", default="auto", help="a device spec name (H100-SXM, H200, A100-80GB, ...) or auto")
+    parser.add_argument("--budget", default="0.5",
+                        help="memory budget to plan for: a fraction of the saved activations (0.5) or bytes ('6GiB')")
     parser.add_argument("--train-step", type=int, default=0, metavar="N",
                         help="also run N real training steps through torch.compile(backend='sac', compiler='eager')")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
-    from sac_compiler.analysis import analyze
-    from sac_compiler.capture import capture_joint
-    from sac_compiler.report import format_analysis
+    from sac_compiler.planner import plan
+    from sac_compiler.report import format_plan
 
+    budget: float | str = float(args.budget) if _is_number(args.budget) else args.budget
     with torch.device("meta"):
         model = _transformer(args.layers, args.dim, args.heads, args.seq, args.vocab, args.dropout)
         tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
     start = time.perf_counter()
-    graph = capture_joint(model, tokens, target_device="cuda")
-    analysis = analyze(graph, device=args.device)
+    result = plan(model, tokens, memory_budget=budget, device=args.device)
     elapsed = time.perf_counter() - start
     sys.stdout.write(f"Transformer: {args.layers} layers, dim {args.dim}, batch {args.batch} x {args.seq} tokens, "
-                     f"planned on fake tensors in {elapsed:.1f} s\n\n")
-    sys.stdout.write(format_analysis(analysis))
+                     f"memory_budget={budget!r}: captured, annotated and planned on fake tensors in {elapsed:.1f} s\n\n")
+    sys.stdout.write(format_plan(result))
 
     if args.train_step:
         _train(args)
     return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _train(args: Any) -> None:

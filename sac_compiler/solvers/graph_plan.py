@@ -88,7 +88,7 @@ logger = logging.getLogger(__name__)
 _TIE_BREAK = 1e-7
 # Most violated steps whose memory rows one round of the lazy loop adds.
 _ROWS_PER_ROUND = 2
-_PEAK_ROWS_PER_ROUND = int(__import__("os").environ.get("GP_PK", "8"))
+_PEAK_ROWS_PER_ROUND = int(__import__("os").environ.get("GP_PK", "2"))
 # Memory coefficients are scaled by a power of two so that the largest one is below this.
 _MAX_COEFFICIENT = 2**12
 
@@ -723,8 +723,17 @@ def _solve_lazily(
                     f"{rounds - 1} rounds, before a plan fitted every backward step; raise "
                     "SolverOptions.time_limit_s"
                 )
+            if minimize_peak:
+                left = max(left / float(os.environ.get("GP_DIV", "1")), min(left, 1.0))
             round_options = dataclasses.replace(options, time_limit_s=left)
-        outcome = solve(pm.model, round_options)
+        try:
+            outcome = solve(pm.model, round_options)
+        except NoSolutionError:
+            if best is None:
+                raise
+            logger.warning("%s: no plan in round %d; returning the best earlier one (%d B)",
+                           pm.model.name, rounds, best.profile.peak)
+            return best
         recompute = pm.recompute()
         profile = _memory_profile(problem, st.index, recompute)
         limit = (math.floor(pm.peak.x * pm.unit + 0.5) if minimize_peak
