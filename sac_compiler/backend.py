@@ -37,6 +37,9 @@ def _root_name(gm: fx.GraphModule) -> str:
     return "Model"
 
 
+_PARTITION_ROUNDS = 3
+
+
 class SACPartitioner(CustomPartitionerFn):
     """Annotate (and plan) the joint graph, then partition it with PyTorch's min-cut partitioner."""
 
@@ -50,10 +53,12 @@ class SACPartitioner(CustomPartitionerFn):
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-        from sac_compiler.plan_graph import plan_and_tag
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
         num_fwd_outputs = kwargs["num_fwd_outputs"]
-        self.last_result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, _root_name(self.source_gm), self.config)
+        root = _root_name(self.source_gm)
+        result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config)
+        self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
             from torch._functorch.partitioners import default_partition
@@ -63,12 +68,35 @@ class SACPartitioner(CustomPartitionerFn):
             fw, bw = default_partition(gm, joint_inputs, **kwargs)
         else:
             fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if self.last_result is not None:
-            self.last_result.check_partition(fw, bw)
-            if self.config.report and self.last_result.plan is not None:
+        if result is not None:
+            result.check_partition(fw, bw)
+            target = result.budget_bytes
+            best = (result.partitioned.peak_bytes, result, fw, bw)
+            for _ in range(_PARTITION_ROUNDS):
+                if result.plan is None or result.partitioned.peak_bytes <= result.budget_bytes:
+                    break
+                # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
+                target -= result.partitioned.peak_bytes - result.budget_bytes
+                log.info("sac: partitioned graphs peak at %d bytes over the budget %d; planning for %d",
+                         result.partitioned.peak_bytes, result.budget_bytes, target)
+                try:
+                    result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
+                                          target=target, budget=result.budget_bytes)
+                except BudgetError:
+                    break  # no plan reaches the lower target: keep the best partition so far
+                fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+                result.check_partition(fw, bw)
+                if result.partitioned.peak_bytes < best[0]:
+                    best = (result.partitioned.peak_bytes, result, fw, bw)
+            _, result, fw, bw = best
+            self.last_result = result
+            if result.plan is not None and result.partitioned.peak_bytes > result.budget_bytes:
+                log.warning("sac: the partitioned graphs still peak at %d bytes, over the budget %d",
+                            result.partitioned.peak_bytes, result.budget_bytes)
+            if self.config.report and result.plan is not None:
                 from sac_compiler.report import write_report
 
-                write_report(self.last_result, self.config.report)
+                write_report(result, self.config.report)
         return fw, bw
 
     def uuid(self) -> Any:

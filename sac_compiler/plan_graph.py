@@ -43,12 +43,29 @@ class GraphPlanResult:
 
     analysis: Any
     budget_bytes: int | None = None
-    plan: Any = None  # solvers.graph_plan.GraphPlan
+    plan: Any = None  # solvers.savings_plan.SavingsPlan
     baseline_peak: int | None = None
     predicted_peak: int | None = None
     kept_random: list[str] = field(default_factory=list)
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
+    partitioned: Any = None  # passes.annotate_memory.PartitionedPeak of the graphs that will run
+    fused_pointwise: bool = False
+
+    def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
+        """Peak of the partitioned graphs as they will run (forward, then backward)."""
+        from passes.annotate_memory import simulate_partitioned
+        from sac_compiler.capture import InputKind
+
+        graph = self.analysis.graph
+        memory = self.analysis.memory
+        return simulate_partitioned(
+            fw, bw, graph.num_fwd_outputs,
+            static_names={i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
+            target_device=graph.target_device,
+            fused_pointwise=self.fused_pointwise,
+            extra_static_bytes=memory.optimizer_state_bytes,
+        )
 
     def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
         """Record what the partitioned forward saves for backward; flag saves the plan did not intend."""
@@ -56,6 +73,7 @@ class GraphPlanResult:
         num_fwd = self.analysis.graph.num_fwd_outputs
         saved = [n for n in out.args[0][num_fwd:] if isinstance(n, fx.Node)]
         self.saved_by_partition = [n.name for n in saved]
+        self.partitioned = self.simulate(fw, bw)
         if self.plan is None:
             return
         owner = {n.name: get_record(n).storage_owner for n in self.analysis.graph.gm.graph.nodes if n.op != "output"}
@@ -207,8 +225,14 @@ def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) 
     return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
 
 
-def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
-    """Write the plan as ``meta["recompute"]`` on every forward node; return how many of each."""
+def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = True) -> dict[str, int]:
+    """Write the plan as ``meta["recompute"]`` on the forward nodes; return how many of each.
+
+    With ``tag_saves`` every other forward node is tagged MUST_SAVE (the eager route runs exactly
+    the plan); without, only the recomputed ones are tagged and PyTorch's min-cut chooses the rest,
+    as Inductor needs: its joint graph is decomposed into pointwise pieces it fuses, and forcing
+    every piece to be saved would materialise buffers Inductor never allocates.
+    """
     recompute = set(recompute)
     owner = _owner_map(gm)
     counts = {"must_save": 0, "must_recompute": 0}
@@ -229,15 +253,23 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
             decided = node.name in recompute
         if get_record(_producer(node)).is_random:
             decided = False
-        policy = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
-        node.meta["recompute"] = policy
         node.meta.pop("ac_graph_id", None)
+        if not decided and not tag_saves:
+            node.meta.pop("recompute", None)
+            continue
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
         counts["must_recompute" if decided else "must_save"] += 1
     return counts
 
 
 def plan_and_tag(
-    gm: fx.GraphModule, num_fwd_outputs: int, source_gm: fx.GraphModule, root_name: str, config: SACConfig
+    gm: fx.GraphModule,
+    num_fwd_outputs: int,
+    source_gm: fx.GraphModule,
+    root_name: str,
+    config: SACConfig,
+    target: int | None = None,
+    budget: int | None = None,
 ) -> GraphPlanResult | None:
     """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag."""
     if config.memory_budget is None and not config.report:
@@ -254,7 +286,7 @@ def plan_and_tag(
         source_gm=source_gm,
     )
     attach_capture_info(graph)
-    result = plan_joint(graph, config)
+    result = plan_joint(graph, config, target, budget)
     # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on it.
     gm.meta.pop("sac_capture", None)
     gm.meta.pop("sac", None)
@@ -265,8 +297,14 @@ def plan_and_tag(
     return result
 
 
-def plan_joint(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
-    """Annotate a captured joint graph and, with ``config.memory_budget``, plan and tag it."""
+def plan_joint(
+    graph: JointGraph, config: SACConfig, target: int | None = None, budget: int | None = None
+) -> GraphPlanResult:
+    """Annotate a captured joint graph and, with ``config.memory_budget``, plan and tag it.
+
+    ``budget`` fixes the budget in bytes (else it comes from ``config``); ``target`` plans for a
+    lower peak than the budget (the backend's correction when the partitioned graphs peak higher).
+    """
     from sac_compiler.analysis import analyze
 
     analysis = analyze(
@@ -278,9 +316,10 @@ def plan_joint(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(),  # the plan replaces any checkpoint the user wrote
     )
-    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes)
+    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes,
+                             fused_pointwise=config.compiler == "inductor")
     if config.memory_budget is not None:
-        _plan(result, config)
+        _plan(result, config, target, budget)
     return result
 
 
@@ -307,16 +346,22 @@ def _torch_threads_kept() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _plan(result: GraphPlanResult, config: SACConfig) -> None:
-    """Solve, tag, and re-check on the exact memory simulation; tighten and re-solve if it is over."""
+def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None, budget: int | None = None) -> None:
+    """Solve, tag, and re-check on the exact memory simulation; tighten and re-solve if it is over.
+
+    ``target``: plan for this peak instead of the budget (the backend lowers it when the
+    partitioned graphs turn out higher than the joint-graph simulation).
+    """
     from passes.annotate_memory import annotate_memory
     from sac_compiler.solvers import InfeasibleError, SolverOptions
     from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
 
     analysis = result.analysis
     problem, kept_random, activation_bytes = build_plan_problem(analysis)
-    budget = _budget_bytes(config, analysis.memory.peak_bytes, activation_bytes)
+    if budget is None:
+        budget = _budget_bytes(config, analysis.memory.peak_bytes, activation_bytes)
     result.budget_bytes = budget
+    goal = target if target is not None else budget
     result.kept_random = kept_random
     step_peak = analysis.memory.optimizer_step_peak_bytes
     if step_peak > budget:
@@ -329,7 +374,7 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
     for attempt in range(_MAX_ROUNDS):
         try:
             with _torch_threads_kept():
-                plan = solve_savings_plan(dataclasses.replace(problem, budget=budget), options)
+                plan = solve_savings_plan(dataclasses.replace(problem, budget=goal), options)
         except InfeasibleError as e:
             smallest = smallest_feasible_peak(analysis, config)
             if attempt > 0:
@@ -352,7 +397,7 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
             fused_pointwise=config.compiler == "inductor",
             recomputed=set(plan.recompute),
         )
-        if sim.peak_bytes <= budget:
+        if sim.peak_bytes <= goal:
             break
         # The planner's lifetimes are a model: where the exact simulation is over the budget,
         # raise that step's baseline by the excess and solve again.
@@ -361,7 +406,7 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
         saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
         modelled = [b - v for b, v in zip(problem.baseline, saved)]
         under = {t: simulated[t] - modelled[t] for t in range(len(modelled))
-                 if simulated[t] > budget and simulated[t] > modelled[t]}
+                 if simulated[t] > goal and simulated[t] > modelled[t]}
         log.info("sac plan round %d: simulated peak %s over the budget %s; the model was low at %d step(s)",
                  attempt + 1, format_bytes(sim.peak_bytes), format_bytes(budget), len(under))
         if not under:  # over in forward, where no recomputation helps
@@ -378,7 +423,7 @@ def _plan(result: GraphPlanResult, config: SACConfig) -> None:
         )
     result.plan = plan
     result.predicted_peak = sim.peak_bytes
-    tag_graph(analysis.graph.gm, plan.recompute)
+    tag_graph(analysis.graph.gm, plan.recompute, tag_saves=config.compiler != "inductor")
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)

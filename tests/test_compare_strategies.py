@@ -1,0 +1,58 @@
+"""The strategy benchmark's CPU smoke mode: one record per strategy, times measured, errors kept as text."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_strategies.py"
+
+
+@pytest.fixture(scope="module")
+def compare_strategies():
+    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_smoke_writes_one_record_per_strategy(compare_strategies, tmp_path):
+    compare_strategies.main(["--smoke", "--steps", "3", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+
+    names = [s.name for s in compare_strategies.SMOKE_STRATEGIES]
+    assert [r["strategy"] for r in report["results"]] == names
+    assert report["smoke"] is True and report["torch_version"] == torch.__version__
+    for record in report["results"]:
+        assert record["peak_bytes"] is None  # no peak on CPU
+        if record["status"] == "ok":
+            assert record["step_ms"] > 0 and len(record["step_ms_all"]) == 3
+            assert all(t > 0 for t in record["step_ms_all"])
+            assert record["error"] is None
+        else:
+            assert record["status"] == "error"
+            assert isinstance(record["error"], str) and record["error"]
+            assert isinstance(record["traceback"], str)
+    # The eager strategies do not depend on the backend: they must run.
+    by_name = {r["strategy"]: r for r in report["results"]}
+    assert by_name["eager"]["status"] == by_name["eager + full AC"]["status"] == "ok"
+
+
+def test_a_failing_strategy_is_recorded_not_raised(compare_strategies):
+    def build(device):
+        raise RuntimeError("model construction failed on purpose")
+
+    workload = compare_strategies.Workload("broken", {}, build, lambda device: torch.zeros(1, 1, dtype=torch.long))
+    result = compare_strategies.run_strategy(
+        workload, compare_strategies.Strategy("eager"), torch.device("cpu"), steps=1, warmup=1, seed=0
+    )
+    assert result.status == "error" and result.step_ms is None
+    assert result.error == "RuntimeError: model construction failed on purpose"
+    assert "Traceback" in result.traceback
