@@ -50,9 +50,10 @@ def test_a_failing_strategy_is_recorded_not_raised(compare_strategies):
         raise RuntimeError("model construction failed on purpose")
 
     workload = compare_strategies.Workload("broken", {}, build, lambda device: torch.zeros(1, 1, dtype=torch.long))
-    result = compare_strategies.run_strategy(
-        workload, compare_strategies.Strategy("eager"), torch.device("cpu"), steps=1, warmup=1, seed=0
+    result, grads = compare_strategies.run_strategy(
+        workload, compare_strategies.Strategy("eager"), torch.device("cpu"), steps=1, warmup=1, seed=0,
+        seeded_grads=True,
     )
-    assert result.status == "error" and result.step_ms is None
+    assert result.status == "error" and result.step_ms is None and grads is None
     assert result.error == "RuntimeError: model construction failed on purpose"
     assert "Traceback" in result.traceback

@@ -1,0 +1,681 @@
+"""Step time and peak memory of one training step under activation-checkpointing strategies.
+
+One step is ``model(tokens).float().sum().backward()`` (no optimizer), on one CUDA GPU, for a
+Llama-style decoder (RMSNorm, rotary embeddings, causal SDPA, SwiGLU, bf16 parameters) and for
+PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), under:
+
+* ``eager``; ``eager + full AC`` (``torch.utils.checkpoint`` around each block of ``model.layers``);
+  ``eager + selective AC`` (torchtitan's policy: save mm/addmm/bmm/SDPA outputs, recompute the rest);
+* ``compile`` (Inductor); ``compile + full AC``; ``compile, amb=B`` for
+  ``torch._functorch.config.activation_memory_budget`` B in 0.8, 0.5, 0.3, 0.1, 0.0;
+* ``sac F`` (``backend="sac"``) at ``memory_budget`` = parameter-and-input bytes + F x the extra
+  peak that plain ``compile`` measured, F in 75%, 50%, 25%.
+
+Each strategy gets a fresh model built from the same seed and 3 warm-up steps (the first compiles);
+"before" is what is allocated just after them (parameters and inputs: gradients are set to None
+after every step); then ``--steps`` timed steps, one CUDA event pair each, give the median step
+time and ``max_memory_allocated``; the extra peak is peak - before. The cuBLAS workspaces are
+created once up front so they count in no strategy's extra peak. Between strategies everything is
+freed and Dynamo reset; memory still allocated after that is recorded (``left_allocated_bytes``)
+and reported. A strategy that raises is recorded with its error and the run goes on.
+
+Writes ``OUT/results.json`` (after each model) and ``OUT/pareto.png`` (step time against extra
+peak; needs matplotlib) and prints a table. ``--check-grads`` also compares the seed model's
+gradients under ``backend="sac"`` at each budget with plain ``torch.compile``'s: after the timed
+steps, each of those runs takes one more step right after ``torch.manual_seed`` (Inductor draws its
+dropout seeds from it) and the largest absolute difference over all parameters is recorded.
+Compiling dominates the run time: about 6 to 9 minutes for ``--model both`` on an H200.
+``--smoke`` runs a tiny Llama on CPU with eager, eager + full AC and ``backend="sac"``
+(``compiler="eager"``, no budget), timed with ``time.perf_counter`` and no peak. Run from the
+repository root::
+
+    python benchmarks/compare_strategies.py --model both --out bench-out/strategies [--check-grads]
+    python benchmarks/compare_strategies.py --smoke --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import gc
+import json
+import platform
+import re
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+AMB_BUDGETS = (0.8, 0.5, 0.3, 0.1, 0.0)
+SAC_FRACTIONS = (0.75, 0.5, 0.25)
+COMPILE = "compile"  # the strategy whose extra peak sets the sac budgets
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    layers: int = 16
+    dim: int = 2048
+    heads: int = 16
+    ffn: int = 5632
+    vocab: int = 32000
+    batch: int = 4
+    seq: int = 2048
+
+
+SMOKE_LLAMA = LlamaArgs(layers=2, dim=64, heads=4, ffn=176, vocab=128, batch=2, seq=32)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` (batch, seq, heads, head_dim), rotate-half layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (w(x).view(b, s, self.heads, d // self.heads) for w in (self.wq, self.wk, self.wv))
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim)
+        self.attention = Attention(args.dim, args.heads)
+        self.ffn_norm = RMSNorm(args.dim)
+        self.feed_forward = SwiGLU(args.dim, args.ffn)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: LlamaArgs, rope_theta: float = 10000.0) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(args.vocab, args.dim)
+        self.layers = nn.ModuleList(LlamaBlock(args) for _ in range(args.layers))
+        self.norm = RMSNorm(args.dim)
+        self.output = nn.Linear(args.dim, args.vocab, bias=False)
+        head_dim = args.dim // args.heads
+        freqs = rope_theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(args.seq, dtype=torch.float32), freqs).repeat(1, 2)
+        self.register_buffer("rope_cos", angles.cos()[:, None, :], persistent=False)  # (seq, 1, head_dim)
+        self.register_buffer("rope_sin", angles.sin()[:, None, :], persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model family: ``build`` makes a fresh model on a device, ``tokens`` its input batch."""
+
+    name: str
+    config: dict[str, Any]
+    build: Callable[[torch.device], nn.Module]
+    tokens: Callable[[torch.device], torch.Tensor]
+
+
+def llama_workload(args: LlamaArgs) -> Workload:
+    def build(device: torch.device) -> nn.Module:
+        with torch.device(device):
+            return Llama(args).to(torch.bfloat16)
+
+    def tokens(device: torch.device) -> torch.Tensor:
+        return torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+
+    return Workload("llama", {**dataclasses.asdict(args), "dtype": "bfloat16"}, build, tokens)
+
+
+def seed_workload(batch: int) -> Workload:
+    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+
+    args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=0.1)
+
+    def build(device: torch.device) -> nn.Module:
+        with torch.device(device):
+            return Transformer(args)
+
+    def tokens(device: torch.device) -> torch.Tensor:
+        return torch.randint(0, args.vocab_size, (batch, args.max_seq_len), device=device)
+
+    return Workload("seed", {**dataclasses.asdict(args), "batch": batch, "dtype": "float32"}, build, tokens)
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    checkpoint: str = "none"  # "none", "full" or "selective" around each block of model.layers
+    backend: str | None = None  # None (eager), "inductor" or "sac"
+    activation_memory_budget: float | None = None  # torch._functorch.config, for backend="inductor"
+    sac_fraction: float | None = None  # sac budget: before + fraction * compile's extra peak
+    sac_compiler: str = "inductor"
+
+
+def gpu_strategies() -> list[Strategy]:
+    return [
+        Strategy("eager"),
+        Strategy("eager + full AC", checkpoint="full"),
+        Strategy("eager + selective AC", checkpoint="selective"),
+        Strategy(COMPILE, backend="inductor"),
+        Strategy("compile + full AC", checkpoint="full", backend="inductor"),
+        *(Strategy(f"compile, amb={b}", backend="inductor", activation_memory_budget=b) for b in AMB_BUDGETS),
+        *(Strategy(f"sac {f:.0%}", backend="sac", sac_fraction=f) for f in SAC_FRACTIONS),
+    ]
+
+
+SMOKE_STRATEGIES = (
+    Strategy("eager"),
+    Strategy("eager + full AC", checkpoint="full"),
+    Strategy("sac (compiler=eager, no budget)", backend="sac", sac_compiler="eager"),
+)
+
+_SAVED_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm}
+
+
+def save_matmuls_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """torchtitan-style selective AC: keep matmul and attention outputs, recompute everything else."""
+    packet = op.overloadpacket
+    if packet in _SAVED_MATMULS or packet.__name__.startswith("_scaled_dot_product_"):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class Checkpointed(nn.Module):
+    """``block`` under ``torch.utils.checkpoint`` (non-reentrant), optionally with a ``context_fn``."""
+
+    def __init__(self, block: nn.Module, context_fn: Callable[[], Any] | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.context_fn = context_fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.context_fn is None:
+            return checkpoint(self.block, *args, use_reentrant=False)
+        return checkpoint(self.block, *args, use_reentrant=False, context_fn=self.context_fn)
+
+
+def apply_checkpointing(model: nn.Module, kind: str) -> None:
+    if kind == "none":
+        return
+    context_fn = None
+    if kind == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, save_matmuls_policy)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = Checkpointed(block, context_fn)
+
+
+def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None) -> Callable[..., torch.Tensor]:
+    if strategy.backend is None:
+        return model
+    if strategy.backend == "inductor":
+        return torch.compile(model)
+    options: dict[str, Any] = {"compiler": strategy.sac_compiler}
+    if budget_bytes is not None:
+        options["memory_budget"] = budget_bytes
+    return torch.compile(model, backend="sac", options=options)
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    model: str
+    strategy: str
+    status: str  # "ok", "error" (the strategy raised) or "skipped" (no budget to give it)
+    step_ms: float | None = None  # median over the timed steps
+    step_ms_all: tuple[float, ...] = ()
+    built_bytes: int | None = None  # allocated once the model and its inputs exist, before any step
+    before_bytes: int | None = None  # allocated just before the timed steps (parameters, inputs, no gradients)
+    peak_bytes: int | None = None  # max_memory_allocated over the timed steps; None on CPU
+    extra_peak_gib: float | None = None  # (peak - before) / 2**30
+    budget_bytes: int | None = None  # backend="sac" memory_budget
+    budget_gib: float | None = None
+    activation_memory_budget: float | None = None
+    left_allocated_bytes: int | None = None  # still allocated after the strategy was released (0 expected)
+    error: str | None = None  # type and full message of what the strategy raised
+    error_summary: str | None = None  # one line: the outer type and the innermost "...Error: ..." line
+    traceback: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _allocated(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Failed): \S")
+
+
+def error_summary(error: BaseException) -> str:
+    """``Outer: Inner: message`` from the innermost exception line of a wrapped error's message.
+
+    Dynamo and Inductor wrap what a backend or a compile worker raised into their own message
+    (``BackendCompilerFailed: backend='sac' raised:`` and the original below it); the table shows
+    the original.
+    """
+    outer = type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    inner = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    message = inner[-1] if inner else (lines[0] if lines else "(no message)")
+    return message if message.startswith(outer + ":") else f"{outer}: {message}"
+
+
+def _train_step(fn: Callable[..., torch.Tensor], tokens: torch.Tensor) -> None:
+    fn(tokens).float().sum().backward()
+
+
+def timed_steps(fn: Callable[..., torch.Tensor], model: nn.Module, tokens: torch.Tensor, steps: int,
+                device: torch.device) -> tuple[list[float], int | None]:
+    """Milliseconds of each step (CUDA events, or perf_counter on CPU) and the peak bytes (None on CPU)."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _train_step(fn, tokens)
+            times.append((time.perf_counter() - start) * 1e3)
+            model.zero_grad(set_to_none=True)
+        return times, None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        _train_step(fn, tokens)
+        end.record()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events], torch.cuda.max_memory_allocated(device)
+
+
+Grads = dict[str, torch.Tensor]
+
+
+def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
+                 seed: int, budget_bytes: int | None = None,
+                 seeded_grads: bool = False) -> tuple[StrategyResult, Grads | None]:
+    """Build, (compile,) warm up and time one strategy; an exception becomes an "error" result.
+
+    With ``seeded_grads``, one more step after the timed ones, right after ``torch.manual_seed(seed)``,
+    gives the gradients (copied to the CPU) for the gradient check.
+    """
+    base = dict(model=workload.name, strategy=strategy.name, budget_bytes=budget_bytes,
+                budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
+                activation_memory_budget=strategy.activation_memory_budget)
+    model = fn = tokens = None
+    grads = None
+    amb = strategy.activation_memory_budget
+    try:
+        torch.manual_seed(seed)
+        model = workload.build(device)
+        apply_checkpointing(model, strategy.checkpoint)
+        tokens = workload.tokens(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        built = _allocated(device)
+        patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
+        with patch:  # compile and the first calls (where AOTAutograd partitions) see the budget
+            fn = compile_for(model, strategy, budget_bytes)
+            for _ in range(warmup):
+                _train_step(fn, tokens)
+                model.zero_grad(set_to_none=True)
+        # Measured after the warm-up: memory that an earlier strategy left behind and that the compile
+        # released (seen after Inductor failures) must not count against this strategy.
+        before = _allocated(device)
+        times, peak = timed_steps(fn, model, tokens, steps, device)
+        if seeded_grads:
+            torch.manual_seed(seed)
+            _train_step(fn, tokens)
+            grads = {name: p.grad.detach().to("cpu", copy=True)
+                     for name, p in model.named_parameters() if p.grad is not None}
+    except Exception as e:
+        result = StrategyResult(**base, status="error", error=f"{type(e).__name__}: {e}",
+                                error_summary=error_summary(e), traceback=traceback.format_exc())
+        return result, None
+    finally:
+        del model, fn, tokens
+        _release(device)
+    extra = None if peak is None else (peak - before) / 2**30
+    result = StrategyResult(**base, status="ok", step_ms=statistics.median(times), step_ms_all=tuple(times),
+                            built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra)
+    return result, grads
+
+
+def sac_budget(compiled: StrategyResult, fraction: float) -> int:
+    """Absolute budget: the parameter-and-input bytes plus ``fraction`` of compile's extra peak."""
+    return compiled.before_bytes + round(fraction * (compiled.peak_bytes - compiled.before_bytes))
+
+
+@dataclass(frozen=True)
+class GradCheck:
+    """backend="sac" against plain torch.compile, one seeded step each, same initial weights."""
+
+    model: str
+    strategy: str
+    budget_bytes: int | None
+    status: str  # "ok", or "error"/"skipped" as the strategy's result
+    max_abs_diff: float | None = None  # over every parameter
+    max_abs_grad: float | None = None  # the reference gradients' largest magnitude, for scale
+    error_summary: str | None = None
+
+
+def compare_grads(result: StrategyResult, grads: Grads | None, reference: Grads) -> GradCheck:
+    base = dict(model=result.model, strategy=result.strategy, budget_bytes=result.budget_bytes)
+    if grads is None:
+        return GradCheck(**base, status=result.status, error_summary=result.error_summary)
+    if grads.keys() != reference.keys():
+        raise AssertionError(f"parameters with gradients differ: {sorted(grads.keys() ^ reference.keys())}")
+    diff = max((grads[k].float() - reference[k].float()).abs().max().item() for k in reference)
+    scale = max(g.float().abs().max().item() for g in reference.values())
+    return GradCheck(**base, status="ok", max_abs_diff=diff, max_abs_grad=scale)
+
+
+LEAK_WARNING_BYTES = 16 * 2**20
+
+
+def run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
+                 warmup: int, seed: int, baseline_bytes: int | None = None,
+                 check_grads: bool = False) -> tuple[list[StrategyResult], list[GradCheck]]:
+    """Every strategy in turn, and with ``check_grads`` each sac strategy's gradients against compile's.
+
+    ``baseline_bytes`` is what should be allocated between strategies; more is recorded and reported.
+    """
+    results: list[StrategyResult] = []
+    checks: list[GradCheck] = []
+    by_name: dict[str, StrategyResult] = {}
+    reference: Grads | None = None
+    for strategy in strategies:
+        budget = None
+        is_sac = strategy.backend == "sac"
+        if strategy.sac_fraction is not None:
+            compiled = by_name.get(COMPILE)
+            if compiled is None or compiled.peak_bytes is None:
+                why = ("did not run" if compiled is None else f"failed: {compiled.error_summary}"
+                       if compiled.status != "ok" else "measured no peak memory (CPU)")
+                error = f"no budget: plain torch.compile {why}"
+                result = StrategyResult(workload.name, strategy.name, "skipped", error=error, error_summary=error)
+                results.append(result)
+                _progress(result, 0.0)
+                if check_grads:
+                    checks.append(compare_grads(result, None, {}))
+                continue
+            budget = sac_budget(compiled, strategy.sac_fraction)
+        start = time.perf_counter()
+        wants_grads = check_grads and (strategy.name == COMPILE or (is_sac and reference is not None))
+        result, grads = run_strategy(workload, strategy, device, steps, warmup, seed, budget, wants_grads)
+        if baseline_bytes is not None:
+            result = dataclasses.replace(result, left_allocated_bytes=_allocated(device) - baseline_bytes)
+        results.append(result)
+        by_name[strategy.name] = result
+        _progress(result, time.perf_counter() - start)
+        if strategy.name == COMPILE:
+            reference = grads
+        elif check_grads and is_sac and reference is not None:
+            checks.append(compare_grads(result, grads, reference))
+            _progress_grads(checks[-1])
+    return results, checks
+
+
+def _progress(result: StrategyResult, seconds: float) -> None:
+    if result.status == "ok":
+        extra = "" if result.extra_peak_gib is None else f", extra peak {result.extra_peak_gib:.2f} GiB"
+        line = f"{result.step_ms:.1f} ms{extra}"
+    else:
+        line = f"{result.status.upper()} {_clip(result.error_summary)}"
+    print(f"[{result.model}] {result.strategy}: {line} ({seconds:.0f} s)", flush=True)
+    if result.left_allocated_bytes is not None and abs(result.left_allocated_bytes) > LEAK_WARNING_BYTES:
+        print(f"  WARNING: {result.left_allocated_bytes / 2**30:+.2f} GiB allocated compared with the start once this "
+              "strategy was released (later strategies measure their extra peak from just before their timed steps)",
+              flush=True)
+
+
+def _progress_grads(check: GradCheck) -> None:
+    if check.status == "ok":
+        detail = f"max |grad diff| {check.max_abs_diff:.3g} (max |grad| {check.max_abs_grad:.3g})"
+    else:
+        detail = f"{check.status.upper()} {_clip(check.error_summary)}"
+    print(f"[{check.model}] grad check {check.strategy} vs {COMPILE}: {detail}", flush=True)
+
+
+def _clip(text: str | None, width: int = 160) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkReport:
+    device: str
+    torch_version: str
+    python_version: str
+    smoke: bool
+    steps: int
+    warmup: int
+    models: dict[str, dict[str, Any]]
+    results: list[StrategyResult]
+    grad_checks: list[GradCheck] | None
+
+
+def format_table(results: Sequence[StrategyResult]) -> str:
+    rows = [
+        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.budget_gib,
+         "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
+        for r in results
+    ]
+    return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "budget GiB", "status"],
+                    tablefmt="github", floatfmt=".2f", missingval="-")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (memory, time) points that no other point beats on both, sorted by memory."""
+    front: list[tuple[float, float]] = []
+    for mem, ms in sorted(points):
+        if not front or ms < front[-1][1]:
+            front.append((mem, ms))
+    return front
+
+
+def plot_pareto(results: Sequence[StrategyResult], path: Path) -> str:
+    """Step ms against extra peak GiB, one panel per model; returns what happened, for stdout."""
+    measured = [r for r in results if r.status == "ok" and r.extra_peak_gib is not None]
+    if not measured:
+        return "no peak memory was measured (CPU run or every strategy failed): no Pareto plot"
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no Pareto plot"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in measured))
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        points = [r for r in measured if r.model == name]
+        for is_sac in (False, True):
+            group = [r for r in points if r.strategy.startswith("sac") == is_sac]
+            ax.scatter([r.extra_peak_gib for r in group], [r.step_ms for r in group], marker="*" if is_sac else "o",
+                       s=180 if is_sac else 50, color="tab:red" if is_sac else "tab:blue", zorder=3,
+                       label="backend='sac'" if is_sac else "baselines")
+        for r in points:
+            ax.annotate(r.strategy, (r.extra_peak_gib, r.step_ms), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        front = pareto_front([(r.extra_peak_gib, r.step_ms) for r in points])
+        ax.step([m for m, _ in front], [t for _, t in front], where="post", linestyle="--", color="gray",
+                zorder=1, label="Pareto front")
+        ax.set_title(name)
+        ax.set_xlabel("extra peak memory (GiB)")
+        ax.set_ylabel("step time (ms)")
+        ax.grid(alpha=0.3)
+        ax.margins(0.12)
+        ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["llama", "seed", "both"], default="both")
+    defaults = LlamaArgs()
+    for field in dataclasses.fields(LlamaArgs):
+        parser.add_argument(f"--{field.name}", type=int, default=getattr(defaults, field.name),
+                            help=f"Llama {field.name} (default {getattr(defaults, field.name)})")
+    parser.add_argument("--seed-batch", type=int, default=8, help="batch of the seed Transformer (default 8)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per strategy (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
+    parser.add_argument("--rng-seed", type=int, default=0)
+    parser.add_argument("--check-grads", action="store_true",
+                        help="compare the seed model's gradients under backend='sac' with torch.compile's")
+    parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, three strategies")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/compare_strategies"),
+                        help="folder for results.json and pareto.png")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1 (the first warm-up step compiles)")
+    if args.check_grads and (args.smoke or args.model == "llama"):
+        parser.error("--check-grads runs on the seed model: use --model seed or both, without --smoke")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU; --smoke runs the CPU variant")
+    return args
+
+
+def _warm_up_cublas(device: torch.device) -> None:
+    """Create the cuBLAS handles and workspaces (kept for the process) before anything is measured."""
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = nn.Linear(256, 256, device=device, dtype=dtype)
+        lin(torch.randn(4, 8, 256, device=device, dtype=dtype)).sum().backward()
+    _sync(device)
+
+
+def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
+    args = _parse_args(None if argv is None else [str(a) for a in argv])
+    start = time.perf_counter()
+    if args.smoke:
+        device = torch.device("cpu")
+        workloads, strategies = [llama_workload(SMOKE_LLAMA)], list(SMOKE_STRATEGIES)
+        device_name = f"cpu ({platform.processor() or platform.machine()})"
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+        llama = LlamaArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LlamaArgs)})
+        workloads = []
+        if args.model in ("llama", "both"):
+            workloads.append(llama_workload(llama))
+        if args.model in ("seed", "both"):
+            workloads.append(seed_workload(args.seed_batch))
+        strategies = gpu_strategies()
+        device_name = torch.cuda.get_device_name(device)
+        _warm_up_cublas(device)
+    print(f"{device_name}, torch {torch.__version__}, {len(strategies)} strategies x {len(workloads)} model(s), "
+          f"{args.warmup} warm-up + {args.steps} timed steps each", flush=True)
+
+    results: list[StrategyResult] = []
+    grad_checks: list[GradCheck] | None = [] if args.check_grads else None
+    baseline = _allocated(device)
+    json_path = args.out / "results.json"
+    for workload in workloads:
+        model_results, model_checks = run_workload(
+            workload, strategies, device, args.steps, args.warmup, args.rng_seed, baseline_bytes=baseline,
+            check_grads=args.check_grads and workload.name == "seed")
+        results += model_results
+        if grad_checks is not None:
+            grad_checks += model_checks
+        report = BenchmarkReport(
+            device=device_name, torch_version=torch.__version__, python_version=platform.python_version(),
+            smoke=args.smoke, steps=args.steps, warmup=args.warmup,
+            models={w.name: w.config for w in workloads}, results=results, grad_checks=grad_checks,
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")  # after each model
+    print()
+    print(format_table(results))
+    if grad_checks:
+        print()
+        print(tabulate([(c.model, c.strategy, c.max_abs_diff, c.max_abs_grad,
+                         "ok" if c.status == "ok" else f"{c.status}: {_clip(c.error_summary, 100)}") for c in grad_checks],
+                       headers=["model", f"vs {COMPILE}", "max |grad diff|", "max |grad|", "status"],
+                       tablefmt="github", floatfmt=".3g", missingval="-"))
+    print()
+    print(plot_pareto(results, args.out / "pareto.png"))
+    print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
