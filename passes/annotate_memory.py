@@ -473,3 +473,118 @@ def _optimizer_step_peak(
     if type(optimizer).__name__ in ("Adam", "AdamW", "NAdam", "RAdam"):
         temporaries = opt_state // 2
     return static_bytes + grads + temporaries
+
+
+@dataclass(frozen=True)
+class PartitionedPeak:
+    """Peak of the partitioned forward then backward graphs, as they run."""
+
+    peak_bytes: int
+    peak_graph: str
+    peak_node: str
+    saved_bytes: int  # what the forward hands to the backward
+    end_of_forward_bytes: int
+
+
+def _graph_liveness(
+    gm: fx.GraphModule,
+    live_at_start: int,
+    keep: set[str],
+    device: torch.device | str | None,
+    fused_pointwise: bool,
+) -> tuple[int, str, int, dict[str, int]]:
+    """Peak, its node, and the live bytes at the end of one graph run op by op.
+
+    Placeholders are counted by the caller (``live_at_start``); outputs named in ``keep`` stay
+    allocated at the end; everything else is freed after its last use. Returns the bytes of every
+    allocation by name as well.
+    """
+    nodes = list(gm.graph.nodes)
+    owner: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_function" and node.target is not operator.getitem and is_alias_op(node) and node.all_input_nodes:
+            base = next((a for a in node.args if isinstance(a, fx.Node)), node.all_input_nodes[0])
+            owner[node] = owner.get(base, base)
+        else:
+            owner[node] = node
+    out = nodes[-1]
+    outputs = {owner[a] for a in out.all_input_nodes}
+    sizes: dict[fx.Node, int] = {}
+    for node in nodes:
+        if node.op != "call_function" or owner[node] is not node:
+            continue
+        if any(u.target is operator.getitem for u in node.users):
+            continue
+        sizes[node] = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
+        if fused_pointwise and _is_pointwise(node) and node not in outputs:
+            users = list(node.users)
+            if users and all(_is_pointwise(u) for u in users):
+                sizes[node] = 0
+    index = {n: i for i, n in enumerate(nodes)}
+    last: dict[fx.Node, int] = {}
+    for node in nodes:
+        if node.op == "output":
+            continue
+        for arg in node.all_input_nodes:
+            last[owner[arg]] = max(last.get(owner[arg], -1), index[node])
+    frees: dict[int, list[fx.Node]] = {}
+    for node, size in sizes.items():
+        if node.name in keep:
+            continue
+        frees.setdefault(last.get(node, index[node]), []).append(node)
+    # placeholders freed at their last use (saved activations in the backward), unless kept
+    placeholder_sizes = {n: round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), device)
+                         for n in nodes if n.op == "placeholder"}
+    for node, size in placeholder_sizes.items():
+        if node.name not in keep and node in last:
+            frees.setdefault(last[node], []).append(node)
+    sizes.update(placeholder_sizes)
+    total, peak, peak_node = live_at_start, live_at_start, "start"
+    for i, node in enumerate(nodes):
+        if node in sizes and node.op == "call_function":
+            total += sizes[node]
+        if total > peak:
+            peak, peak_node = total, node.name
+        for done in frees.get(i, []):
+            total -= sizes[done]
+    return peak, peak_node, total, {n.name: s for n, s in sizes.items()}
+
+
+def simulate_partitioned(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    num_fwd_outputs: int,
+    static_names: set[str],
+    target_device: torch.device | str | None = None,
+    fused_pointwise: bool = False,
+    extra_static_bytes: int = 0,
+) -> PartitionedPeak:
+    """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
+
+    ``static_names``: forward placeholders that stay allocated throughout (parameters, buffers, user
+    inputs); ``extra_static_bytes``: memory outside the graphs (optimizer state).
+    """
+    fw_placeholders = [n for n in fw.graph.nodes if n.op == "placeholder"]
+    static = extra_static_bytes + sum(
+        round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), target_device) for n in fw_placeholders
+    )
+    out = next(iter(fw.graph.find_nodes(op="output")))
+    outs = [a for a in out.args[0] if isinstance(a, fx.Node)]
+    saved = outs[num_fwd_outputs:]
+    keep_fw = {n.name for n in outs} | {n.name for n in fw_placeholders}
+    fw_peak, fw_node, fw_end, fw_sizes = _graph_liveness(fw, static, keep_fw, target_device, fused_pointwise)
+    user_outputs = sum(fw_sizes.get(n.name, 0) for n in outs[:num_fwd_outputs])
+    saved_bytes = sum(fw_sizes.get(n.name, 0) for n in saved if n.op != "placeholder")
+    # between the graphs the caller drops the outputs (model(x).sum().backward())
+    at_backward = fw_end - user_outputs
+    bw_placeholders = [n for n in bw.graph.nodes if n.op == "placeholder"]
+    tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), target_device)
+                   for n in bw_placeholders if n.name.startswith("tangents"))
+    # the backward's placeholders are counted in at_backward (saved) and tangents; static ones stay
+    keep_bw = {n.name for n in bw_placeholders if n.name in static_names}
+    bw_out = next(iter(bw.graph.find_nodes(op="output")))
+    keep_bw |= {a.name for a in bw_out.all_input_nodes}
+    bw_peak, bw_node, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise)
+    if bw_peak >= fw_peak:
+        return PartitionedPeak(bw_peak, "backward", bw_node, saved_bytes, fw_end)
+    return PartitionedPeak(fw_peak, "forward", fw_node, saved_bytes, fw_end)
