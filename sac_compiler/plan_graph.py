@@ -225,13 +225,18 @@ def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) 
     return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
 
 
+def _is_pointwise_node(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
 def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = True) -> dict[str, int]:
     """Write the plan as ``meta["recompute"]`` on the forward nodes; return how many of each.
 
     With ``tag_saves`` every other forward node is tagged MUST_SAVE (the eager route runs exactly
-    the plan); without, only the recomputed ones are tagged and PyTorch's min-cut chooses the rest,
-    as Inductor needs: its joint graph is decomposed into pointwise pieces it fuses, and forcing
-    every piece to be saved would materialise buffers Inductor never allocates.
+    the plan); without, kept pointwise nodes stay untagged and PyTorch's min-cut places them, as
+    Inductor needs: its joint graph is decomposed into pointwise pieces it fuses, and forcing every
+    piece to be saved would materialise buffers Inductor never allocates.
     """
     recompute = set(recompute)
     owner = _owner_map(gm)
@@ -254,7 +259,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = Tr
         if get_record(_producer(node)).is_random:
             decided = False
         node.meta.pop("ac_graph_id", None)
-        if not decided and not tag_saves:
+        if not decided and not tag_saves and _is_pointwise_node(node):
             node.meta.pop("recompute", None)
             continue
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
