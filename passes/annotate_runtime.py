@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from passes.annotate_ops import is_alias_op
-from passes.record import call_functions, get_record, graph_results, tensor_values, update_record
+from passes.record import call_functions, graph_results, tensor_values, update_record
 
 log = logging.getLogger(__name__)
 

@@ -376,6 +376,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             "recomputation changes"
         )
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    sim: Any = None  # the exact simulation of the previous round's plan
     for attempt in range(_MAX_ROUNDS):
         try:
             with _torch_threads_kept():

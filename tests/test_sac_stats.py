@@ -18,32 +18,9 @@ from sac_compiler.sac_stats import (
     get_greedy_order_meta,
     get_sac_tradeoff_pwlf_stats,
 )
+from tests.seed_data import seed_sac_stats
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
-
-
-def seed_sac_stats(force_store_random: bool = False) -> SACStats:
-    """The SACStats of PyTorch's TestOptimalCheckpointingPolicy."""
-    data = [
-        ("aten.copy_", 5, 0),
-        ("aten.add", 5, 100),
-        ("aten.div", 8, 100),
-        ("aten.mm", 15, 120),
-        ("aten.native_dropout", 15, 0),
-        ("aten.linear", 9, 100),
-        ("aten.t", 1, 0),
-        ("aten.relu_", 5, 0),
-    ]
-    return SACStats(
-        func_names=[x[0] for x in data],
-        runtimes=[x[1] for x in data],
-        memory=[x[2] for x in data],
-        view_like_ops=[6],
-        rand_ops=[4],
-        saved_autograd_ops=[],
-        inplace_ops=[(0, 0), (7, 5)],
-        force_store_random=force_store_random,
-    )
 
 
 def test_greedy_order_on_seed_stats() -> None:
