@@ -96,7 +96,7 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
-def build_plan_problem(analysis: Any, tie_blocks: int | None = 4) -> tuple[Any, list[str], int]:
+def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[Any, list[str], int]:
     """The torch-free planning problem of an annotated joint graph (everything-kept baseline).
 
     Returns the problem (budget 0: the caller sets it), the random ops kept, and the activation
@@ -105,7 +105,8 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = 4) -> tuple[Any, 
 
     ``tie_blocks``: repeated layers (``layers.0``, ``layers.1``, ... with the same ops) are split
     into this many contiguous blocks, and the same value in every layer of a block shares one
-    decision: the program shrinks by the layer count and solves in seconds. None unties them.
+    decision. Off by default: measured on a 16-layer Llama graph, HiGHS solves the untied program
+    in under a second and the tied ones no faster, with a worse optimum.
     """
     from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem
 
