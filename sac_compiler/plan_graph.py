@@ -174,10 +174,10 @@ def _tie_repeated_layers(values: list[Any], nodes: list[fx.Node], blocks: int | 
     """Give the same value of structurally identical repeated layers one shared group per block."""
     if not blocks:
         return values
-    # layer of each candidate: the innermost module ending in an index (``...layers.3``)
+    # layer of each candidate: the outermost module ending in an index (``Model.layers.3``)
     layer_of: dict[str, tuple[str, int]] = {}
     for node in nodes:
-        for fqn in reversed(get_record(_producer(node)).module_stack or ()):
+        for fqn in get_record(_producer(node)).module_stack or ():
             match = _LAYER.match(fqn)
             if match:
                 layer_of[node.name] = (match.group(1), int(match.group(2)))

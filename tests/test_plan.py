@@ -161,3 +161,23 @@ def test_partitioned_graphs_match_the_joint_simulation_on_the_eager_route(budget
     # the forward and backward graphs that will run peak where the plan's simulation said
     assert result.partitioned.peak_bytes == pytest.approx(result.predicted_peak, rel=0.01)
     assert result.partitioned.peak_bytes <= result.budget_bytes
+
+
+def test_repeated_layers_can_share_decisions():
+    from sac_compiler import capture_joint
+    from sac_compiler.plan_graph import build_plan_problem, plan_joint
+
+    graph = capture_joint(Nested(dim=32, n_layers=4), torch.randn(256, 32), target_device="cpu")
+    result = plan_joint(graph, SACConfig.from_options({"compiler": "eager"}))
+    untied, _, _ = build_plan_problem(result.analysis)
+    tied, _, _ = build_plan_problem(result.analysis, tie_blocks=2)
+    groups = {}
+    for c in tied.candidates:
+        if c.group is not None:
+            groups.setdefault(c.group, []).append(c.name)
+    # layers 0-1 and 2-3 form two blocks: each value of a layer shares its decision with the same
+    # value of the other layer of its block (and with its multi-output siblings)
+    shared = [names for names in groups.values() if len(names) >= 2]
+    assert shared and len({c.group for c in tied.candidates}) < len({c.group or c.name for c in untied.candidates})
+    addmms = [c for c in tied.candidates if c.name.startswith("addmm")]
+    assert len({c.group for c in addmms[:4]}) == 2  # layers 0 and 1: two linears each, tied pairwise
