@@ -38,6 +38,7 @@ def _root_name(gm: fx.GraphModule) -> str:
 
 
 _PARTITION_ROUNDS = 3
+_BISECTIONS = 3
 
 
 class SACPartitioner(CustomPartitionerFn):
@@ -70,20 +71,26 @@ class SACPartitioner(CustomPartitionerFn):
             fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         if result is not None:
             result.check_partition(fw, bw)
-            target = result.budget_bytes
+            target = plannable = result.budget_bytes
             best = (result.partitioned.peak_bytes, result, fw, bw)
             for _ in range(_PARTITION_ROUNDS):
                 if result.plan is None or result.partitioned.peak_bytes <= result.budget_bytes:
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
                 target -= result.partitioned.peak_bytes - result.budget_bytes
-                log.info("sac: partitioned graphs peak at %d bytes over the budget %d; planning for %d",
-                         result.partitioned.peak_bytes, result.budget_bytes, target)
-                try:
-                    result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                                          target=target, budget=result.budget_bytes)
-                except BudgetError:
-                    break  # no plan reaches the lower target: keep the best partition so far
+                candidate = None
+                for _ in range(_BISECTIONS):
+                    log.info("sac: partitioned graphs peak at %d bytes over the budget %d; planning for %d",
+                             result.partitioned.peak_bytes, result.budget_bytes, target)
+                    try:
+                        candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
+                                                 target=target, budget=result.budget_bytes)
+                        break
+                    except BudgetError:
+                        target = (target + plannable) // 2  # too low for any plan: halfway back
+                if candidate is None:
+                    break
+                plannable, result = target, candidate
                 fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
                 result.check_partition(fw, bw)
                 if result.partitioned.peak_bytes < best[0]:
