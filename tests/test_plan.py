@@ -181,3 +181,16 @@ def test_repeated_layers_can_share_decisions():
     assert shared and len({c.group for c in tied.candidates}) < len({c.group or c.name for c in untied.candidates})
     addmms = [c for c in tied.candidates if c.name.startswith("addmm")]
     assert len({c.group for c in addmms[:4]}) == 2  # layers 0 and 1: two linears each, tied pairwise
+
+
+@pytest.mark.inductor
+def test_inductor_partition_fits_the_budget():
+    """Under Inductor the partitioned graphs (simulated with fusion) stay under the budget."""
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=4, dropout_p=0.1)
+    tokens = torch.randint(0, 64, (128, 16))
+    backend, records = recording_backend(memory_budget=0.75)
+    _step(model, (tokens,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert result.plan.recompute
+    assert result.partitioned.peak_bytes <= result.budget_bytes < result.baseline_peak
