@@ -7,14 +7,21 @@ seed-compatible statistics and solvers on their own.
 
 from sac_compiler.capture import CaptureError, GraphInput, InputKind, JointGraph, capture_joint
 from sac_compiler.config import MemoryBudget, SACConfig, parse_bytes
+from sac_compiler.estimator import SACEstimate, estimate
+from sac_compiler.planner import BudgetRange, budget_range, plan
 
 __all__ = [
+    "BudgetRange",
     "CaptureError",
     "GraphInput",
     "InputKind",
     "JointGraph",
     "MemoryBudget",
     "SACConfig",
+    "SACEstimate",
+    "budget_range",
     "capture_joint",
+    "estimate",
     "parse_bytes",
+    "plan",
 ]

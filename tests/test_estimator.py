@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sac_compiler.estimator import estimate
+from sac_compiler import estimate
 from sac_compiler.module_info import get_peak_memory_runtime_baseline, parse_module_info
 from sac_compiler.solvers import sac_milp
 from tests.models import DropoutMLP, Foo
