@@ -1,10 +1,11 @@
 """The backend's work on one joint graph: annotate it, plan it under a budget, tag it, check it.
 
 The plan decides, for every forward allocation the backward needs, whether it is kept or
-recomputed (``sac_compiler.solvers.graph_plan``); the decision reaches PyTorch through its own
-contract, ``node.meta["recompute"] = CheckpointPolicy.MUST_SAVE / MUST_RECOMPUTE`` on every forward
-node, and PyTorch's partitioner splits the graph. After partitioning, the forward graph's saved
-values are compared with the plan.
+recomputed (``sac_compiler.solvers.savings_plan``); the decision reaches PyTorch through its own
+contract, ``node.meta["recompute"] = CheckpointPolicy.MUST_SAVE / MUST_RECOMPUTE`` (see
+``tag_graph`` for which nodes carry a tag on each route), and PyTorch's partitioner splits the
+graph. After partitioning, the forward graph's saved values are compared with the plan and the
+partitioned graphs' peak is simulated.
 
 Random ops are never recomputed: under Inductor the joint-graph passes turn them into seeded
 Inductor RNG ops that cannot carry a recompute tag, and a recomputed dropout must reproduce its
