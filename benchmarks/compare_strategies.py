@@ -30,7 +30,7 @@ Compiling dominates the run time: about 6 to 9 minutes for ``--model both`` on a
 repository root::
 
     python benchmarks/compare_strategies.py --model both --out bench-out/strategies [--check-grads]
-    python benchmarks/compare_strategies.py --smoke --out /tmp/smoke
+    python benchmarks/compare_strategies.py --smoke --out bench-out/smoke
 """
 
 from __future__ import annotations
