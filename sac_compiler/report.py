@@ -47,6 +47,10 @@ def format_plan(result: Any) -> str:
         ("solve", f"{plan.status}, {plan.solve_s:.2f} s, {plan.n_vars} vars, {plan.n_constraints} constraints"),
         ("random ops kept (never recomputed)", ", ".join(result.kept_random) or "none"),
     ]
+    if result.partitioned is not None:
+        over = " (over the budget)" if result.partitioned.peak_bytes > result.budget_bytes else ""
+        rows.append(("simulated peak of the partitioned graphs",
+                     f"{format_bytes(result.partitioned.peak_bytes)} in {result.partitioned.peak_graph}{over}"))
     if result.saved_by_partition:
         rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
         rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))

@@ -111,6 +111,7 @@ def test_absolute_budget_and_report(tmp_path):
     assert result.budget_bytes == 6 * 2**20
     text = report.read_text()
     assert "6.00 MiB" in text and "values recomputed" in text and "Nested.layers" in text
+    assert "simulated peak of the partitioned graphs" in text and "(over the budget)" not in text
 
 
 def test_infeasible_budget_names_the_smallest_feasible_peak():
