@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.annotate_ops import is_alias_op
+from passes.annotate_ops import is_alias_op, is_pointwise_op
 from passes.record import (
     MemoryCategory,
     Side,
@@ -116,11 +116,6 @@ def tensor_nbytes(t: torch.Tensor) -> int:
         return _hint(t.numel()) * t.element_size()
 
 
-def _is_pointwise(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-
-
 def _side(node: fx.Node) -> Side:
     side = get_record(node).side
     if side is not None:
@@ -179,9 +174,9 @@ def annotate_memory(
     saved = {n for n in nodes if get_record(n).saved_for_backward}
     if fused_pointwise:
         for node in call_functions(gm):
-            if owner[node] is node and _is_pointwise(node) and node not in saved and node not in outputs:
+            if owner[node] is node and is_pointwise_op(node) and node not in saved and node not in outputs:
                 users = list(node.users)
-                if users and all(_is_pointwise(u) and _side(u) == _side(node) for u in users):
+                if users and all(is_pointwise_op(u) and _side(u) == _side(node) for u in users):
                     nbytes[node] = 0
 
     # 3. Last use of every allocation (through its aliases).
@@ -516,9 +511,9 @@ def _graph_liveness(
         if any(u.target is operator.getitem for u in node.users):
             continue
         sizes[node] = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
-        if fused_pointwise and _is_pointwise(node) and node not in outputs:
+        if fused_pointwise and is_pointwise_op(node) and node not in outputs:
             users = list(node.users)
-            if users and all(_is_pointwise(u) for u in users):
+            if users and all(is_pointwise_op(u) for u in users):
                 sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
     last: dict[fx.Node, int] = {}

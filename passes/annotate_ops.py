@@ -87,6 +87,12 @@ def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
     return default
 
 
+def is_pointwise_op(node: fx.Node) -> bool:
+    """An elementwise ATen op (``torch.Tag.pointwise``): what Inductor fuses into its neighbours."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
 def is_random_op(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):

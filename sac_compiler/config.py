@@ -98,6 +98,11 @@ class SACConfig:
             raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap!r}")
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if self.world_size != 1:
+            raise ValueError(
+                f"world_size={self.world_size}: backend='sac' does not yet plan sharded parameters and "
+                "gradients; leave world_size at 1 (sac_milp plans FSDP sharding at module level)"
+            )
         if self.optimizer_state_bytes is not None and self.optimizer is not None:
             raise ValueError("give either optimizer_state_bytes or optimizer, not both")
         if self.optimizer is not None:

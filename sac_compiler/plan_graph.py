@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from passes.annotate_ops import is_pointwise_op
 from passes.record import Side, get_record
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
@@ -227,11 +228,6 @@ def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) 
     return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
 
 
-def _is_pointwise_node(node: fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-
-
 def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = True) -> dict[str, int]:
     """Write the plan as ``meta["recompute"]`` on the forward nodes; return how many of each.
 
@@ -261,7 +257,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = Tr
         if get_record(_producer(node)).is_random:
             decided = False
         node.meta.pop("ac_graph_id", None)
-        if not decided and not tag_saves and _is_pointwise_node(node):
+        if not decided and not tag_saves and is_pointwise_op(node):
             node.meta.pop("recompute", None)
             continue
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE

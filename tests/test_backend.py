@@ -108,6 +108,7 @@ def test_unknown_option_is_a_clear_error():
         ({"memory_budget": 1.5}, r"must be in \(0, 1\]"),
         ({"memory_budget": "6 parsecs"}, "cannot read '6 parsecs' as a byte size"),
         ({"world_size": 0}, "world_size must be an int >= 1"),
+        ({"world_size": 8}, "does not yet plan sharded parameters"),
         ({"mip_gap": 2}, r"mip_gap must be in \[0, 1\)"),
     ],
 )

@@ -143,7 +143,7 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
                      and when[v] < c.first_use]
             cover(min(early) if early else c.first_use, c.nbytes)
         if c.name in kept:
-            cover(max((when[v] or 0) for v in consumers[c.name]), -c.nbytes)
+            cover(max(((when[v] or 0) for v in consumers[c.name]), default=0), -c.nbytes)
         if c.name in recompute and when[c.name] is not None:
             for u in c.inputs:
                 if u in recompute and by_name[u].first_use is None:
@@ -240,7 +240,8 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
     # a finite lower bound for the savings rows (kept-for-recompute values count negative):
     # python-mip passes -inf on to some solvers as 0
     floor = _mib(sum(c.nbytes for c in cands)) + 1.0
-    recomputable = [c for c in cands if not c.must_save and _useful(c, by_name, consumers)]
+    # values whose recomputation can matter, and group members (their group may be recomputed)
+    recomputable = [c for c in cands if not c.must_save and (c.group is not None or _useful(c, by_name, consumers))]
     r = {c.name: m.add_var(name=f"r_{i}", var_type=BINARY) for i, c in enumerate(recomputable)}
 
     # groups share one decision

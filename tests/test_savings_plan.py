@@ -1,0 +1,145 @@
+"""The savings formulation of the recompute plan, against hand-checked cases and brute force."""
+
+import itertools
+import random
+
+import pytest
+
+from sac_compiler.solvers import InfeasibleError, SolverOptions
+from sac_compiler.solvers.savings_plan import (
+    Candidate,
+    SavingsProblem,
+    check_plan,
+    min_feasible_peak,
+    savings_profile,
+    solve_savings_plan,
+)
+
+EXACT = SolverOptions(mip_gap=0.0)
+
+
+def _chain():
+    # a (1000 B, 1 ms) read by backward at step 3; b = f(a) (2000 B, 5 ms) read at step 1.
+    # Baseline: 3000 B live at steps 0..1, 1000 B at steps 2..3, on top of 500 B of base.
+    candidates = (
+        Candidate("a", 1000, 1.0, first_use=3),
+        Candidate("b", 2000, 5.0, inputs=("a",), first_use=1),
+    )
+    return SavingsProblem(candidates, baseline=(3500, 3500, 1500, 1500), budget=0)
+
+
+def test_hand_checked_chain():
+    problem = _chain()
+    # Budget 2600: at steps 0..1 900 B must go. Recomputing a (1 ms) frees 1000 B before step 3,
+    # but b is kept so a is not needed before step 3: the cheap choice suffices.
+    plan = solve_savings_plan(SavingsProblem(problem.candidates, problem.baseline, 2600), EXACT)
+    assert plan.recompute == {"a"} and plan.recompute_ms == pytest.approx(1.0)
+    # Budget 1600: 1900 B must go at steps 0..1. b frees 2000 B at step 0 only (backward reads it at
+    # step 1), a frees at most 1000 B at step 1: no plan fits.
+    with pytest.raises(InfeasibleError):
+        solve_savings_plan(SavingsProblem(problem.candidates, problem.baseline, 1600), EXACT)
+
+
+def test_the_large_value_when_only_it_covers_the_need():
+    # Independent values; 1900 B must go at step 0 only: a (1000 B) cannot, b (2000 B) can.
+    candidates = (Candidate("a", 1000, 1.0, first_use=3), Candidate("b", 2000, 5.0, first_use=1))
+    problem = SavingsProblem(candidates, baseline=(3500, 1500, 1500, 1500), budget=1600)
+    plan = solve_savings_plan(problem, EXACT)
+    assert plan.recompute == {"b"} and plan.recompute_ms == pytest.approx(5.0)
+
+
+def test_recomputed_input_is_rebuilt_at_its_consumer():
+    problem = _chain()
+    # Recomputing both: b is read at step 1 and a is needed then to rebuild it, so both save only
+    # at step 0; recomputing a alone saves its 1000 B until its own read at step 3.
+    saved = savings_profile(problem, {"a", "b"})
+    assert saved == [3000, 0, 0, 0]
+    assert savings_profile(problem, {"a"}) == [1000, 1000, 1000, 0]
+
+
+def test_check_plan_rules():
+    problem = SavingsProblem(
+        (
+            Candidate("x", 10, 1.0, first_use=None),
+            Candidate("y", 10, 1.0, inputs=("x",), first_use=2),
+            Candidate("r", 10, 1.0, first_use=1, must_save=True),
+            Candidate("g1", 10, 1.0, first_use=1, group="g"),
+            Candidate("g2", 10, 0.0, first_use=2, group="g"),
+        ),
+        baseline=(50, 50, 50),
+        budget=0,
+    )
+    check_plan(problem, {"y"}, {"x"})
+    with pytest.raises(ValueError, match="needs x"):
+        check_plan(problem, {"y"}, set())
+    with pytest.raises(ValueError, match="must be saved"):
+        check_plan(problem, {"r"}, set())
+    with pytest.raises(ValueError, match="groups split"):
+        check_plan(problem, {"g1"}, set())
+    with pytest.raises(ValueError, match="unknown"):
+        check_plan(problem, {"zz"}, set())
+
+
+def _random_problem(rng: random.Random) -> SavingsProblem:
+    n = rng.randint(3, 9)
+    steps = rng.randint(3, 8)
+    candidates = []
+    for i in range(n):
+        inputs = tuple(f"v{j}" for j in range(i) if rng.random() < 0.3)
+        first = rng.choice([None] + list(range(1, steps)))
+        candidates.append(Candidate(
+            f"v{i}", rng.randint(1, 8) * 100, round(rng.uniform(0.1, 5.0), 2), inputs=inputs, first_use=first,
+            must_save=rng.random() < 0.1, group="g" if rng.random() < 0.15 else None,
+        ))
+    base = [rng.randint(0, 1000) for _ in range(steps)]
+    baseline = tuple(b + sum(c.nbytes for c in candidates if c.first_use is not None and t <= c.first_use)
+                     for t, b in enumerate(base))
+    return SavingsProblem(tuple(candidates), baseline, budget=0)
+
+
+def _brute_force(problem: SavingsProblem, budget: int) -> float | None:
+    names = [c.name for c in problem.candidates]
+    bare = [c.name for c in problem.candidates if c.first_use is None]
+    best = None
+    for bits in itertools.product((0, 1), repeat=len(names)):
+        recompute = {n for n, b in zip(names, bits) if b}
+        for kbits in itertools.product((0, 1), repeat=len(bare)):
+            kept = {n for n, b in zip(bare, kbits) if b}
+            try:
+                check_plan(problem, recompute, kept)
+            except ValueError:
+                continue
+            saved = savings_profile(problem, recompute, kept)
+            if all(b - s <= budget for b, s in zip(problem.baseline, saved)):
+                cost = sum(c.cost_ms for c in problem.candidates if c.name in recompute)
+                best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_milp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    problem = _random_problem(rng)
+    low, high = min(problem.baseline) // 2, max(problem.baseline)
+    budget = rng.randint(low, high)
+    expected = _brute_force(problem, budget)
+    bounded = SavingsProblem(problem.candidates, problem.baseline, budget)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            solve_savings_plan(bounded, EXACT)
+        return
+    plan = solve_savings_plan(bounded, EXACT)
+    check_plan(bounded, set(plan.recompute), set(plan.kept_for_recompute))
+    saved = savings_profile(bounded, plan.recompute, plan.kept_for_recompute)
+    assert all(b - s <= budget for b, s in zip(bounded.baseline, saved))
+    assert plan.recompute_ms == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_min_feasible_peak_matches_brute_force(seed):
+    rng = random.Random(100 + seed)
+    problem = _random_problem(rng)
+    peak = min_feasible_peak(problem, EXACT)
+    # the smallest feasible peak is feasible, and nothing below it is
+    assert _brute_force(problem, peak) is not None
+    assert _brute_force(problem, peak - 1) is None
