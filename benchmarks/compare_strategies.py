@@ -261,7 +261,9 @@ def apply_checkpointing(model: nn.Module, kind: str) -> None:
         model.layers[i] = Checkpointed(block, context_fn)
 
 
-def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None) -> Callable[..., torch.Tensor]:
+def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
+                plans: list[Any] | None = None) -> Callable[..., torch.Tensor]:
+    """The strategy's callable; for backend="sac", ``plans`` receives each graph's plan result."""
     if strategy.backend is None:
         return model
     if strategy.backend == "inductor":
@@ -269,7 +271,20 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None) 
     options: dict[str, Any] = {"compiler": strategy.sac_compiler}
     if budget_bytes is not None:
         options["memory_budget"] = budget_bytes
-    return torch.compile(model, backend="sac", options=options)
+    if plans is None:
+        return torch.compile(model, backend="sac", options=options)
+    # the same backend as backend="sac", with a partitioner that also hands over its plan
+    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.config import SACConfig
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            plans.append(self.last_result)
+            return out
+
+    return torch.compile(model, backend=functools.partial(
+        compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording))
 
 
 # --- measurement -------------------------------------------------------------------------------
@@ -289,6 +304,8 @@ class StrategyResult:
     budget_bytes: int | None = None  # backend="sac" memory_budget
     budget_gib: float | None = None
     activation_memory_budget: float | None = None
+    first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
+    predicted_extra_gib: float | None = None  # backend="sac": the plan's simulated extra peak
     left_allocated_bytes: int | None = None  # still allocated after the strategy was released (0 expected)
     error: str | None = None  # type and full message of what the strategy raised
     error_summary: str | None = None  # one line: the outer type and the innermost "...Error: ..." line
@@ -385,11 +402,16 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
             torch.cuda.reset_peak_memory_stats(device)
         built = _allocated(device)
         patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
+        plans: list[Any] = []
         with patch:  # compile and the first calls (where AOTAutograd partitions) see the budget
-            fn = compile_for(model, strategy, budget_bytes)
-            for _ in range(warmup):
+            fn = compile_for(model, strategy, budget_bytes, plans)
+            for i in range(warmup):
+                t0 = time.perf_counter()
                 _train_step(fn, tokens)
                 model.zero_grad(set_to_none=True)
+                if i == 0:
+                    _sync(device)
+                    first_step_s = time.perf_counter() - t0
         # Measured after the warm-up: memory that an earlier strategy left behind and that the compile
         # released (seen after Inductor failures) must not count against this strategy.
         before = _allocated(device)
@@ -407,8 +429,13 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
         del model, fn, tokens
         _release(device)
     extra = None if peak is None else (peak - before) / 2**30
+    predicted = None
+    if plans and all(p is not None and p.partitioned is not None for p in plans):
+        # the simulated peak of the partitioned graphs, over the parameters and inputs
+        predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes for p in plans) / 2**30
     result = StrategyResult(**base, status="ok", step_ms=statistics.median(times), step_ms_all=tuple(times),
-                            built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra)
+                            built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra,
+                            first_step_s=first_step_s, predicted_extra_gib=predicted)
     return result, grads
 
 
@@ -490,7 +517,9 @@ def run_workload(workload: Workload, strategies: Sequence[Strategy], device: tor
 def _progress(result: StrategyResult, seconds: float) -> None:
     if result.status == "ok":
         extra = "" if result.extra_peak_gib is None else f", extra peak {result.extra_peak_gib:.2f} GiB"
-        line = f"{result.step_ms:.1f} ms{extra}"
+        if result.predicted_extra_gib is not None:
+            extra += f" (predicted {result.predicted_extra_gib:.2f})"
+        line = f"{result.step_ms:.1f} ms{extra}, first step {result.first_step_s:.1f} s"
     else:
         line = f"{result.status.upper()} {_clip(result.error_summary)}"
     print(f"[{result.model}] {result.strategy}: {line} ({seconds:.0f} s)", flush=True)
@@ -531,11 +560,12 @@ class BenchmarkReport:
 
 def format_table(results: Sequence[StrategyResult]) -> str:
     rows = [
-        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.budget_gib,
+        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, r.budget_gib, r.first_step_s,
          "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
         for r in results
     ]
-    return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "budget GiB", "status"],
+    return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "budget GiB",
+                                   "first step s", "status"],
                     tablefmt="github", floatfmt=".2f", missingval="-")
 
 
@@ -604,6 +634,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-grads", action="store_true",
                         help="compare the seed model's gradients under backend='sac' with torch.compile's")
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, three strategies")
+    parser.add_argument("--strategies", nargs="+", metavar="NAME",
+                        help="run only the strategies whose name contains one of these (default: all); "
+                             f"'{COMPILE}' always runs, as it sets the sac budgets")
     parser.add_argument("--out", type=Path, default=Path("bench-out/compare_strategies"),
                         help="folder for results.json and pareto.png")
     args = parser.parse_args(argv)
@@ -640,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         if args.model in ("seed", "both"):
             workloads.append(seed_workload(args.seed_batch))
         strategies = gpu_strategies()
+        if args.strategies:
+            strategies = [s for s in strategies if s.name == COMPILE or any(k in s.name for k in args.strategies)]
         device_name = torch.cuda.get_device_name(device)
         _warm_up_cublas(device)
     print(f"{device_name}, torch {torch.__version__}, {len(strategies)} strategies x {len(workloads)} model(s), "

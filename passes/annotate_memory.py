@@ -39,6 +39,7 @@ from passes.record import (
     call_functions,
     get_record,
     graph_results,
+    size_hint,
     tensor_values,
     update_record,
 )
@@ -101,11 +102,7 @@ def round_allocation(nbytes: int, device: torch.device | str | None) -> int:
 
 
 def _hint(x: Any) -> int:
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return int(hint_int(x))
-    return int(x)
+    return size_hint(x)
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -171,13 +168,15 @@ def annotate_memory(
             vals = []  # a multi-output op: its getitem users own the bytes
         nbytes[node] = sum(tensor_nbytes(v) for v in vals)
 
-    saved = {n for n in nodes if get_record(n).saved_for_backward}
+    # With fused_pointwise, values Inductor folds into their consumers' kernels (sized 0 below,
+    # once the recomputed values are known).
+    fusable: set[fx.Node] = set()
     if fused_pointwise:
         for node in call_functions(gm):
-            if owner[node] is node and is_pointwise_op(node) and node not in saved and node not in outputs:
-                users = list(node.users)
-                if users and all(is_pointwise_op(u) and _side(u) == _side(node) for u in users):
-                    nbytes[node] = 0
+            if owner[node] is node and is_pointwise_op(node) and node not in outputs:
+                same_side = [u for u in node.users if _side(u) == _side(node)]
+                if same_side and all(is_pointwise_op(u) for u in same_side):
+                    fusable.add(node)
 
     # 3. Last use of every allocation (through its aliases).
     index = {node: i for i, node in enumerate(nodes)}
@@ -227,6 +226,7 @@ def annotate_memory(
 
     # 5. Liveness simulation: allocation and free events per step.
     alloc = {n: round_allocation(b, target_device) for n, b in nbytes.items()}
+    remat_alloc = dict(alloc)  # the size of a value's second life, rebuilt in backward
     static = [n for n in nodes if n.op == "placeholder" and "tangents" not in n.name]
     tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
     live: dict[MemoryCategory, int] = {c: 0 for c in MemoryCategory}
@@ -256,32 +256,44 @@ def annotate_memory(
             base = owner[arg]
             if base not in rematerialized and base.op != "placeholder":
                 held_for_recompute[base] = max(held_for_recompute.get(base, -1), min(needed))
-    allocs: dict[int, list[fx.Node]] = {}
-    frees: dict[int, list[fx.Node]] = {}
+    for node in fusable:
+        read_by_backward = any(_side(u) == Side.BACKWARD for u in node.users)
+        if _side(node) == Side.BACKWARD or (node not in held_for_recompute
+                                            and (not read_by_backward or node in rematerialized)):
+            alloc[node] = 0  # a kept value is written out for backward; a recomputed one is not
+        if node in rematerialized:
+            # rebuilt in backward: a buffer only if a non-pointwise op reads it there
+            readers = [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
+            if all(is_pointwise_op(u) for u in readers):
+                remat_alloc[node] = 0
+    allocs: dict[int, list[tuple[fx.Node, int]]] = {}
+    frees: dict[int, list[tuple[fx.Node, int]]] = {}
     returned = {owner[n] for n in fwd_outputs} - held
     released: list[fx.Node] = []
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
         start_at = first_backward if node in tangents else index[node]
-        allocs.setdefault(start_at, []).append(node)
+        first = (node, alloc.get(node, 0))
+        allocs.setdefault(start_at, []).append(first)
         if node in held:
             continue
         uses = sorted(uses_of.get(node, ()))
         if node in returned and not any(i >= first_backward for i in uses):
-            released.append(node)  # the caller drops it (model(x).sum().backward()) before backward
+            released.append(first)  # the caller drops it (model(x).sum().backward()) before backward
             continue
         if node in held_for_recompute:  # kept so that a recomputed value can be rebuilt from it
             uses = sorted(set(uses) | {held_for_recompute[node]})
         if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
-            frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(node)
+            frees.setdefault(fw_uses[-1] if fw_uses else start_at, []).append(first)
             needed = rematerialized[node]
             if needed:  # rematerialised for its first backward need, kept to its last
-                allocs.setdefault(min(needed), []).append(node)
-                frees.setdefault(max(needed), []).append(node)
+                second = (node, remat_alloc.get(node, 0))
+                allocs.setdefault(min(needed), []).append(second)
+                frees.setdefault(max(needed), []).append(second)
             continue
-        frees.setdefault(uses[-1] if uses else start_at, []).append(node)
+        frees.setdefault(uses[-1] if uses else start_at, []).append(first)
 
     total = static_bytes
     peak, peak_node, peak_cats = total, "start", dict(live)
@@ -295,9 +307,10 @@ def annotate_memory(
                 for n in nodes if n.op != "output"}
     view = {"total": total, "act": 0, "temp": 0, "grad": 0}
 
-    def change(base: fx.Node, sign: int) -> None:
+    def change(event: tuple[fx.Node, int], sign: int) -> None:
         nonlocal total
-        b = sign * alloc.get(base, 0)
+        base, size = event
+        b = sign * size
         live[categories[base]] += b
         total += b
         view["total"] = total
@@ -305,19 +318,19 @@ def annotate_memory(
 
     for i, node in enumerate(nodes):
         if i == first_backward:
-            for base in released:
-                change(base, -1)
+            for event in released:
+                change(event, -1)
         _track_modules(node, "before", view, module_live)
-        for base in allocs.get(i, []):
-            change(base, +1)
+        for event in allocs.get(i, []):
+            change(event, +1)
         if total > peak:
             peak, peak_node, peak_cats = total, node.name, dict(live)
         if i == first_backward - 1:
             end_of_forward = total
         step_peaks.append(total)
         _track_modules(node, "during", view, module_live)
-        for base in frees.get(i, []):
-            change(base, -1)
+        for event in frees.get(i, []):
+            change(event, -1)
         _track_modules(node, "after", view, module_live)
         timeline.append((node.name, total))
     if end_of_forward is None:
@@ -487,12 +500,16 @@ def _graph_liveness(
     keep: set[str],
     device: torch.device | str | None,
     fused_pointwise: bool,
-) -> tuple[int, str, int, dict[str, int]]:
+    placeholder_storage: dict[str, tuple[str, int]] | None = None,
+) -> tuple[int, str, int, dict[str, int], dict[str, str]]:
     """Peak, its node, and the live bytes at the end of one graph run op by op.
 
-    Placeholders are counted by the caller (``live_at_start``); outputs named in ``keep`` stay
-    allocated at the end; everything else is freed after its last use. Returns the bytes of every
-    allocation by name as well.
+    Placeholders are counted by the caller (``live_at_start``); outputs named in ``keep`` (and the
+    allocations they alias) stay allocated at the end; everything else is freed after its last use.
+    ``placeholder_storage`` names, per placeholder, the allocation it lives in and that
+    allocation's bytes: placeholders sharing one are freed once, after the last use of any of them,
+    and one whose allocation is in ``keep`` is never freed. Returns the bytes of every allocation by
+    name, and the allocation each node lives in, as well.
     """
     nodes = list(gm.graph.nodes)
     owner: dict[fx.Node, fx.Node] = {}
@@ -522,27 +539,38 @@ def _graph_liveness(
             continue
         for arg in node.all_input_nodes:
             last[owner[arg]] = max(last.get(owner[arg], -1), index[node])
-    frees: dict[int, list[fx.Node]] = {}
+    kept = {owner[n] for n in nodes if n.name in keep}
+    frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
-        if node.name in keep:
+        if node in kept:
             continue
-        frees.setdefault(last.get(node, index[node]), []).append(node)
-    # placeholders freed at their last use (saved activations in the backward), unless kept
-    placeholder_sizes = {n: round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), device)
-                         for n in nodes if n.op == "placeholder"}
-    for node, size in placeholder_sizes.items():
-        if node.name not in keep and node in last:
-            frees.setdefault(last[node], []).append(node)
-    sizes.update(placeholder_sizes)
+        frees.setdefault(last.get(node, index[node]), []).append(size)
+    # placeholders (saved activations in the backward) freed after the last use of their allocation
+    storage = placeholder_storage or {}
+    groups: dict[str, list[fx.Node]] = {}
+    group_bytes: dict[str, int] = {}
+    for node in nodes:
+        if node.op != "placeholder":
+            continue
+        key, nbytes = storage.get(node.name, (node.name, -1))
+        if nbytes < 0:
+            nbytes = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
+        groups.setdefault(key, []).append(node)
+        group_bytes[key] = max(group_bytes.get(key, 0), nbytes)
+    for key, members in groups.items():
+        if key in keep or any(m in kept for m in members):
+            continue
+        uses = [last[m] for m in members if m in last]
+        if uses:
+            frees.setdefault(max(uses), []).append(group_bytes[key])
     total, peak, peak_node = live_at_start, live_at_start, "start"
     for i, node in enumerate(nodes):
         if node in sizes and node.op == "call_function":
             total += sizes[node]
         if total > peak:
             peak, peak_node = total, node.name
-        for done in frees.get(i, []):
-            total -= sizes[done]
-    return peak, peak_node, total, {n.name: s for n, s in sizes.items()}
+        total -= sum(frees.get(i, ()))
+    return peak, peak_node, total, {n.name: s for n, s in sizes.items()}, {n.name: owner[n].name for n in nodes}
 
 
 def simulate_partitioned(
@@ -567,19 +595,26 @@ def simulate_partitioned(
     outs = [a for a in out.args[0] if isinstance(a, fx.Node)]
     saved = outs[num_fwd_outputs:]
     keep_fw = {n.name for n in outs} | {n.name for n in fw_placeholders}
-    fw_peak, fw_node, fw_end, fw_sizes = _graph_liveness(fw, static, keep_fw, target_device, fused_pointwise)
-    user_outputs = sum(fw_sizes.get(n.name, 0) for n in outs[:num_fwd_outputs])
-    saved_bytes = sum(fw_sizes.get(n.name, 0) for n in saved if n.op != "placeholder")
+    fw_peak, fw_node, fw_end, fw_sizes, fw_owner = _graph_liveness(fw, static, keep_fw, target_device, fused_pointwise)
+    saved_owners = {fw_owner[n.name] for n in saved}
+    user_outputs = sum(fw_sizes.get(fw_owner[n.name], 0) for n in outs[:num_fwd_outputs]
+                       if fw_owner[n.name] not in saved_owners)
+    saved_bytes = sum(fw_sizes.get(name, 0) for name in saved_owners)
     # between the graphs the caller drops the outputs (model(x).sum().backward())
     at_backward = fw_end - user_outputs
     bw_placeholders = [n for n in bw.graph.nodes if n.op == "placeholder"]
     tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), target_device)
                    for n in bw_placeholders if n.name.startswith("tangents"))
     # the backward's placeholders are counted in at_backward (saved) and tangents; static ones stay
-    keep_bw = {n.name for n in bw_placeholders if n.name in static_names}
+    fw_static = {n.name for n in fw_placeholders}
+    keep_bw = {n.name for n in bw_placeholders if n.name in static_names} | fw_static
     bw_out = next(iter(bw.graph.find_nodes(op="output")))
     keep_bw |= {a.name for a in bw_out.all_input_nodes}
-    bw_peak, bw_node, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise)
+    # a saved value lives in its forward allocation: a view of a parameter is never freed, and
+    # views of one activation free it once
+    storage = {n.name: (fw_owner[n.name], fw_sizes.get(fw_owner[n.name], -1)) for n in saved}
+    bw_peak, bw_node, _, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise,
+                                                storage)
     if bw_peak >= fw_peak:
         return PartitionedPeak(bw_peak, "backward", bw_node, saved_bytes, fw_end)
     return PartitionedPeak(fw_peak, "forward", fw_node, saved_bytes, fw_end)

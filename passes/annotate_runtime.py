@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from passes.annotate_ops import is_alias_op
-from passes.record import call_functions, graph_results, tensor_values, update_record
+from passes.record import call_functions, graph_results, size_hint, tensor_values, update_record
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,7 @@ MODES = ("cost-model", "benchmark")
 
 
 def _hint(x: Any) -> int:
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return int(hint_int(x))
-    return int(x)
+    return size_hint(x)
 
 
 def _val(arg: Any) -> Any:

@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 META_KEY = "sac"
@@ -98,8 +99,6 @@ def graph_results(gm: fx.GraphModule) -> dict[str, Any]:
 
 def tensor_values(node: fx.Node) -> list[Any]:
     """The tensors (fake or real) a node produces, flattened; [] for non-tensor values."""
-    import torch
-
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return [val]
@@ -111,3 +110,15 @@ def tensor_values(node: fx.Node) -> list[Any]:
 def call_functions(gm: fx.GraphModule) -> list[fx.Node]:
     """The graph's call_function nodes, in order."""
     return [node for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def size_hint(x: Any) -> int:
+    """A concrete int for a size that may be symbolic (its hint: the example input's value)."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
+    if hint is None:
+        hint = symbolic_shapes.hint_int  # torch 2.11, 2.12
+    return int(hint(x))

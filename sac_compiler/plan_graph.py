@@ -98,7 +98,9 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
-def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[Any, list[str], int]:
+def build_plan_problem(
+    analysis: Any, tie_blocks: int | None = None, fused_pointwise: bool = False
+) -> tuple[Any, list[str], int]:
     """The torch-free planning problem of an annotated joint graph (everything-kept baseline).
 
     Returns the problem (budget 0: the caller sets it), the random ops kept, and the activation
@@ -109,6 +111,12 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[An
     into this many contiguous blocks, and the same value in every layer of a block shares one
     decision. Off by default: measured on a 16-layer Llama graph, HiGHS solves the untied program
     in under a second and the tied ones no faster, with a worse optimum.
+
+    ``fused_pointwise`` costs values as a fusing compiler (Inductor) runs them: recomputing a
+    pointwise value folds into the backward kernel that reads it and costs the reads of its
+    materialised inputs;
+    keeping it costs writing it out in forward (unless a non-fusible op reads it there anyway) and
+    reading it back.
     """
     from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem
 
@@ -133,6 +141,8 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[An
     candidate_set = set(candidates)
     kept_random: list[str] = []
     charged: set[fx.Node] = set()
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    fwd_outputs = {owner.get(a, a) for a in out.args[0][: analysis.graph.num_fwd_outputs] if isinstance(a, fx.Node)}
     activation_bytes = 0
     values = []
     for node in candidates:
@@ -143,6 +153,16 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[An
         inputs = [owner.get(a, a).name for a in producer.all_input_nodes if owner.get(a, a) in candidate_set]
         cost = 0.0 if producer in charged else (prec.runtime_ms or 0.0)
         charged.add(producer)
+        keep_cost = 0.0
+        inline = False
+        if fused_pointwise and producer is node and is_pointwise_op(node):
+            inline = node not in fwd_outputs and all(u.op == "call_function" and is_pointwise_op(u) for u in node.users)
+            # Recomputed, a pointwise value folds into the backward kernel that reads it, which then
+            # reads its inputs instead of it: free next to keeping it, which writes it out in
+            # forward where no non-fusible op there makes Inductor write it anyway.
+            cost = 0.0
+            if _fused_in_forward(node, fwd_outputs):
+                keep_cost = nbytes / (analysis.device_spec.hbm_bandwidth / 1e3)
         group = f"op:{producer.name}" if producer is not node else None
         if prec.is_random:
             kept_random.append(producer.name)
@@ -158,6 +178,9 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[An
             first_use=min(bw) if bw else None,
             must_save=bool(prec.is_random),
             group=group,
+            keep_cost_ms=keep_cost,
+            last_use=max(bw) if bw else None,
+            inline=inline,
         ))
     # an in-place chain's parent shares the chain's decision
     chains = {v.group for v in values if v.group and v.group.startswith("inplace:")}
@@ -167,6 +190,21 @@ def build_plan_problem(analysis: Any, tie_blocks: int | None = None) -> tuple[An
     baseline = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
     return problem, sorted(set(kept_random)), activation_bytes
+
+
+def _tensor_bytes(node: fx.Node) -> int:
+    from passes.annotate_memory import tensor_nbytes
+    from passes.record import tensor_values
+
+    return sum(tensor_nbytes(v) for v in tensor_values(node))
+
+
+def _fused_in_forward(node: fx.Node, fwd_outputs: set[fx.Node]) -> bool:
+    """A pointwise value that only pointwise forward ops read: Inductor writes it out only if saved."""
+    if node in fwd_outputs:
+        return False
+    users = [u for u in node.users if get_record(u).side == Side.FORWARD]
+    return all(u.op == "call_function" and is_pointwise_op(u) for u in users)
 
 
 _LAYER = re.compile(r"^(.*)\.(\d+)$")
@@ -355,14 +393,25 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     ``target``: plan for this peak instead of the budget (the backend lowers it when the
     partitioned graphs turn out higher than the joint-graph simulation).
     """
-    from passes.annotate_memory import annotate_memory
     from sac_compiler.solvers import InfeasibleError, SolverOptions
     from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
 
     analysis = result.analysis
-    problem, kept_random, activation_bytes = build_plan_problem(analysis)
+    fused = config.compiler == "inductor"
+    problem, kept_random, activation_bytes = build_plan_problem(analysis, fused_pointwise=fused)
+    options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    fastest = None
+    if fused:
+        # Under Inductor the fastest plan already recomputes the pointwise values that are cheaper
+        # to recompute than to write out: a fraction is of its activations.
+        with _torch_threads_kept():
+            fastest = solve_savings_plan(dataclasses.replace(problem, budget=max(problem.baseline)), options)
     if budget is None:
-        budget = _budget_bytes(config, analysis.memory.peak_bytes, activation_bytes)
+        peak = analysis.memory.peak_bytes
+        if config.memory_budget.bytes is None and fastest is not None:
+            peak = _simulate(analysis, config, fastest.recompute).peak_bytes
+            activation_bytes = _kept_activation_bytes(problem, fastest)
+        budget = _budget_bytes(config, peak, activation_bytes)
     result.budget_bytes = budget
     goal = target if target is not None else budget
     result.kept_random = kept_random
@@ -373,7 +422,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
-    options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    original = problem
     sim: Any = None  # the exact simulation of the previous round's plan
     for attempt in range(_MAX_ROUNDS):
         try:
@@ -392,15 +441,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept); "
                 f"raise memory_budget to at least {smallest} bytes"
             ) from e
-        sim = annotate_memory(
-            analysis.graph.gm,
-            target_device=analysis.graph.target_device,
-            num_fwd_outputs=analysis.graph.num_fwd_outputs,
-            optimizer=config.optimizer,
-            optimizer_state_bytes=config.optimizer_state_bytes,
-            fused_pointwise=config.compiler == "inductor",
-            recomputed=set(plan.recompute),
-        )
+        sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
             break
         # The planner's lifetimes are a model: where the exact simulation is over the budget,
@@ -425,12 +466,89 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"memory budget {format_bytes(budget)}: after {_MAX_ROUNDS} rounds the best plan still peaks at "
             f"{format_bytes(sim.peak_bytes)} in simulation; raise memory_budget"
         )
+    if fastest is not None:
+        plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim)
     result.plan = plan
     result.predicted_peak = sim.peak_bytes
-    tag_graph(analysis.graph.gm, plan.recompute, tag_saves=config.compiler != "inductor")
+    tag_graph(analysis.graph.gm, plan.recompute)
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
 
 
 _MAX_ROUNDS = 5
+_CALIBRATION_ROUNDS = 3
+
+
+def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
+    """Per step, the exact simulation of ``plan`` less the planner's model of it."""
+    from sac_compiler.solvers.savings_plan import savings_profile
+
+    fb = sim.first_backward
+    simulated = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+    saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
+    return [s - (b - v) for s, b, v in zip(simulated, problem.baseline, saved)]
+
+
+def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, options: Any,
+                reference: Any, best: Any, best_sim: Any) -> tuple[Any, Any]:
+    """A faster plan than ``best`` from a model shifted onto the exact simulation, if one fits.
+
+    The savings model counts a recomputed value as a buffer again from its first backward read;
+    Inductor folds a recomputed pointwise value into the kernels that read it, so the model
+    over-counts and the plan recomputes more than the budget needs. Shifting the model by its error
+    on a reference plan (at first the fastest one) corrects that near the reference; each plan the
+    shifted model gives is checked on the exact simulation and kept only if it fits and is faster.
+    """
+    from sac_compiler.solvers import InfeasibleError
+    from sac_compiler.solvers.savings_plan import plan_time_ms, solve_savings_plan
+
+    def time_of(plan: Any) -> float:
+        return plan_time_ms(problem, plan.recompute, plan.kept_for_recompute)
+
+    if reference.recompute != best.recompute and time_of(reference) < time_of(best):
+        sim = _simulate(analysis, config, reference.recompute)
+        if sim.peak_bytes <= goal:
+            return reference, sim  # the fastest plan fits
+    best_ms = time_of(best)
+    seen = {best.recompute}
+    for _ in range(_CALIBRATION_ROUNDS):
+        error = _model_error(problem, reference, _simulate(analysis, config, reference.recompute))
+        shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, error)),
+                                      budget=goal)
+        try:
+            with _torch_threads_kept():
+                plan = solve_savings_plan(shifted, options)
+        except InfeasibleError:
+            break
+        if plan.recompute in seen:
+            break
+        seen.add(plan.recompute)
+        sim = _simulate(analysis, config, plan.recompute)
+        log.info("sac calibration: plan of %.4f ms simulates at %s (budget %s; best so far %.4f ms)",
+                 time_of(plan), format_bytes(sim.peak_bytes), format_bytes(goal), best_ms)
+        if sim.peak_bytes <= goal and time_of(plan) < best_ms:
+            best, best_sim, best_ms = plan, sim, time_of(plan)
+        reference = plan
+    return best, best_sim
+
+
+def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
+    """The exact memory simulation of the joint graph with ``recompute`` recomputed."""
+    from passes.annotate_memory import annotate_memory
+
+    return annotate_memory(
+        analysis.graph.gm,
+        target_device=analysis.graph.target_device,
+        num_fwd_outputs=analysis.graph.num_fwd_outputs,
+        optimizer=config.optimizer,
+        optimizer_state_bytes=config.optimizer_state_bytes,
+        fused_pointwise=config.compiler == "inductor",
+        recomputed=set(recompute),
+    )
+
+
+def _kept_activation_bytes(problem: Any, plan: Any) -> int:
+    """Bytes a plan keeps from the end of forward into backward."""
+    return sum(c.nbytes for c in problem.candidates
+               if (c.first_use is not None and c.name not in plan.recompute) or c.name in plan.kept_for_recompute)

@@ -18,6 +18,9 @@ Two corrections keep it honest:
 * values of one group (a multi-output op, an in-place chain) share one decision, and ``must_save``
   values are never recomputed.
 
+The objective is time: each recomputed value's ``cost_ms``, and each kept value's ``keep_cost_ms``
+(what a fusing compiler pays to write a value out in forward and read it back in backward).
+
 The lifetimes are a model: the caller re-checks a plan on its exact memory simulation and
 tightens the budget if the check finds a higher peak.
 """
@@ -65,6 +68,14 @@ class Candidate:
             None when backward does not read it.
         must_save: never recomputed.
         group: members of one group share one decision.
+        keep_cost_ms: time that keeping it costs, against recomputing it (under a fusing compiler,
+            a pointwise value kept for backward is written out in forward and read back, where
+            recomputing it folds into the backward's kernels): keeping it when backward reads it,
+            or keeping it for a recomputed consumer, adds this to the objective.
+        last_use: last backward step that reads it (None when backward does not read it).
+        inline: recomputed, it is never a buffer: a fusing compiler folds it into each kernel that
+            reads it (a pointwise value only pointwise ops read), so it saves its bytes up to its
+            last read, and what it is made from must live until then.
     """
 
     name: str
@@ -74,6 +85,9 @@ class Candidate:
     first_use: int | None = None
     must_save: bool = False
     group: str | None = None
+    keep_cost_ms: float = 0.0
+    last_use: int | None = None
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,26 @@ def _when(candidates: Sequence[Candidate], consumers: dict[str, list[str]]) -> d
     return when
 
 
+def _reach(candidates: Sequence[Candidate], consumers: dict[str, list[str]],
+           when: dict[str, int | None]) -> dict[str, int]:
+    """The last backward step at which recomputing each value needs its inputs: its rebuild
+    (``when``), or for an inline value, every step that reads it or an inline value made from it."""
+    by_name = {c.name: c for c in candidates}
+    reach: dict[str, int] = {}
+    for c in reversed(candidates):
+        steps = [when[c.name] or 0]
+        if c.inline:
+            steps.append(c.last_use or 0)
+            steps += [reach[v] if by_name[v].inline else (when[v] or 0) for v in consumers[c.name]]
+        reach[c.name] = max(steps)
+    return reach
+
+
+def _input_reach(u: str, consumers: dict[str, list[str]], reach: dict[str, int]) -> int:
+    """How long a value kept for its recomputed consumers must live."""
+    return max((reach[v] for v in consumers[u]), default=0)
+
+
 _CHAIN_DEPTH = 3
 
 
@@ -137,22 +171,34 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
         for t in range(min(end, steps)):
             saved[t] += nbytes
 
+    reach = _reach(problem.candidates, consumers, when)
     for c in problem.candidates:
-        if c.name in recompute and c.first_use is not None:
+        if c.name in recompute and c.first_use is not None and c.inline:
+            cover((c.last_use or c.first_use) + 1, c.nbytes)
+        elif c.name in recompute and c.first_use is not None:
             early = [when[v] for v in _descendants(c.name, consumers) if v in recompute and when[v] is not None
                      and when[v] < c.first_use]
             cover(min(early) if early else c.first_use, c.nbytes)
         if c.name in kept:
-            cover(max(((when[v] or 0) for v in consumers[c.name]), default=0), -c.nbytes)
+            cover(_input_reach(c.name, consumers, reach) + 1 if _feeds_inline(c, by_name, consumers)
+                  else _input_reach(c.name, consumers, reach), -c.nbytes)
         if c.name in recompute and when[c.name] is not None:
             for u in c.inputs:
-                if u in recompute and by_name[u].first_use is None:
+                if u in recompute and by_name[u].first_use is None and not by_name[u].inline:
                     at = [when[c.name]] + [when[w] for w in _descendants(c.name, consumers, _CHAIN_DEPTH - 1)
                                            if w in recompute and when[w] is not None and when[w] < when[c.name]]
                     for step in set(at):
                         if step < steps:
                             saved[step] -= by_name[u].nbytes
     return saved
+
+
+def plan_time_ms(problem: SavingsProblem, recompute: Iterable[str], kept: Iterable[str] = ()) -> float:
+    """The objective's time of a plan: recompute costs, and the keep costs of what stays kept."""
+    recompute, kept = set(recompute), set(kept)
+    return sum(c.cost_ms if c.name in recompute
+               else c.keep_cost_ms if (c.first_use is not None or c.name in kept) else 0.0
+               for c in problem.candidates)
 
 
 def check_plan(problem: SavingsProblem, recompute: set[str], kept: set[str]) -> None:
@@ -187,14 +233,18 @@ def _consumers(candidates: Sequence[Candidate]) -> dict[str, list[str]]:
 
 
 def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = None) -> SavingsPlan:
-    """Minimise recompute time so that the savings cover the need at every step.
+    """Minimise recompute time (less the keep costs it avoids) so that the savings cover the need at every step.
+
+    With keep costs a plan may recompute values even where nothing is over the budget: under a
+    fusing compiler recomputing a cheap pointwise value is faster than writing it out and reading it back.
 
     Raises InfeasibleError when no plan covers the need (recomputing everything allowed is not
     enough), NoSolutionError when the time limit stops the search before any plan.
     """
     options = options if options is not None else SolverOptions()
     start = time.perf_counter()
-    if max(problem.need, default=0) <= 0:
+    gains = any(c.keep_cost_ms > c.cost_ms and c.first_use is not None and not c.must_save for c in problem.candidates)
+    if max(problem.need, default=0) <= 0 and not gains:
         return SavingsPlan(frozenset(), frozenset(), 0.0, "OPTIMAL", 0.0, time.perf_counter() - start, 0, 0)
     model, r, kept, suffixes, reach = _build(problem, options, "savings_plan")
     for var, lo, hi in suffixes:
@@ -205,11 +255,22 @@ def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = 
             f"savings_plan: {uncovered} bytes over budget at steps no recomputation reaches "
             "(gradients and backward temporaries); raise the budget"
         )
-    by_name = {c.name: c for c in problem.candidates}
-    model.objective = xsum((by_name[n].cost_ms + _BYTES_TIE_BREAK_MS * by_name[n].nbytes) * v for n, v in r.items()) + \
-        xsum(_BYTES_TIE_BREAK_MS * by_name[u].nbytes * k for u, k in kept.items())
+    model.objective = _time_objective(problem, r, kept)
     outcome = solve(model, options)
     return _plan(problem, r, kept, outcome, start)
+
+
+def _time_objective(problem: SavingsProblem, r: dict, kept: dict) -> Any:
+    """Recompute time, plus the keep cost of what stays kept (constants left out)."""
+    by_name = {c.name: c for c in problem.candidates}
+
+    def recompute_coefficient(c: Candidate) -> float:
+        # keeping c when backward reads it costs keep_cost_ms; recomputing it avoids that
+        avoided = c.keep_cost_ms if c.first_use is not None else 0.0
+        return c.cost_ms - avoided + _BYTES_TIE_BREAK_MS * c.nbytes
+
+    return xsum(recompute_coefficient(by_name[n]) * v for n, v in r.items()) + \
+        xsum((by_name[u].keep_cost_ms + _BYTES_TIE_BREAK_MS * by_name[u].nbytes) * k for u, k in kept.items())
 
 
 def min_feasible_peak(problem: SavingsProblem, options: SolverOptions | None = None) -> int:
@@ -282,6 +343,9 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
             m += rc <= kept[u] + (r[u] if u in r else 0)
         if c.first_use is None:
             continue
+        if c.inline:  # never a buffer when recomputed
+            add((c.last_use or c.first_use) + 1, _mib(c.nbytes) * rc)
+            continue
         # a recomputed value made from c (within a few steps) that is needed before c's own read
         # needs c rebuilt then (conservative: as if the values in between were recomputed too)
         descendants = _descendants(c.name, consumers)
@@ -298,9 +362,10 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
                 m += y <= 1 - r[v]
         add(min(early), _mib(c.nbytes) * (rc - y))  # the prefixes add up: b*r before min(early)
         add(c.first_use, _mib(c.nbytes) * y)
+    reach = _reach(cands, consumers, when)
     for u, k in kept.items():
-        reach = max((when[v] or 0) for v in consumers[u])
-        add(reach, -_mib(by_name[u].nbytes) * k)
+        until = _input_reach(u, consumers, reach)
+        add(until + 1 if _feeds_inline(by_name[u], by_name, consumers) else until, -_mib(by_name[u].nbytes) * k)
 
     # transients: rebuilding v at when[v] materialises the recomputed inputs that backward never
     # reads (those it reads are covered by their shortened prefix above)
@@ -310,7 +375,7 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         if at is None or at >= steps:
             continue
         for u in v.inputs:
-            if u not in r or by_name[u].first_use is not None:
+            if u not in r or by_name[u].first_use is not None or by_name[u].inline:
                 continue
             both = m.add_var(name=f"w_{u}_{v.name}", var_type=CONTINUOUS, lb=0, ub=1)
             m += both >= r[u] + r[v.name] - 1
@@ -363,6 +428,11 @@ def _plan(problem: SavingsProblem, r: dict, kept: dict, outcome: Any, start: flo
     )
 
 
+def _feeds_inline(c: Candidate, by_name: dict[str, Candidate], consumers: dict[str, list[str]]) -> bool:
+    """An inline consumer reads c at the step it reaches to (inclusive), not only before it."""
+    return any(by_name[v].inline for v in consumers[c.name])
+
+
 def _useful(c: Candidate, by_name: dict[str, Candidate], consumers: dict[str, list[str]]) -> bool:
     """Recomputing c can matter: backward reads it, or it feeds a value backward reads."""
     return c.first_use is not None or any(by_name[v].first_use is not None or consumers[v] for v in consumers[c.name])
@@ -374,6 +444,7 @@ __all__ = [
     "SavingsProblem",
     "check_plan",
     "min_feasible_peak",
+    "plan_time_ms",
     "savings_profile",
     "solve_savings_plan",
 ]
