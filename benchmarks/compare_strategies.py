@@ -1,6 +1,8 @@
 """Step time and peak memory of one training step under activation-checkpointing strategies.
 
-One step is ``model(tokens).float().sum().backward()`` (no optimizer), on one CUDA GPU, for a
+One step is ``loss(tokens).backward()`` with ``loss = model(tokens).float().sum()`` (no optimizer;
+compiled strategies compile ``loss``, so that the fp32 copy of the logits is inside the compiled
+region, where a memory budget can see it), on one CUDA GPU, for a
 Llama-style decoder (RMSNorm, rotary embeddings, causal SDPA, SwiGLU, bf16 parameters) and for
 PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), under:
 
@@ -41,6 +43,7 @@ import dataclasses
 import functools
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -216,6 +219,8 @@ def gpu_strategies() -> list[Strategy]:
         Strategy(COMPILE, backend="inductor"),
         Strategy("compile + full AC", checkpoint="full", backend="inductor"),
         *(Strategy(f"compile, amb={b}", backend="inductor", activation_memory_budget=b) for b in AMB_BUDGETS),
+        # no budget: PyTorch's own partition, which the backend simulates (its prediction against the measurement)
+        Strategy("sac, no budget", backend="sac"),
         *(Strategy(f"sac {f:.0%}", backend="sac", sac_fraction=f) for f in SAC_FRACTIONS),
     ]
 
@@ -261,18 +266,28 @@ def apply_checkpointing(model: nn.Module, kind: str) -> None:
         model.layers[i] = Checkpointed(block, context_fn)
 
 
+def loss_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        return model(tokens).float().sum()
+
+    return loss
+
+
 def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
                 plans: list[Any] | None = None) -> Callable[..., torch.Tensor]:
-    """The strategy's callable; for backend="sac", ``plans`` receives each graph's plan result."""
+    """The strategy's loss function; for backend="sac", ``plans`` receives each graph's plan result."""
+    loss = loss_of(model)
     if strategy.backend is None:
-        return model
+        return loss
     if strategy.backend == "inductor":
-        return torch.compile(model)
+        return torch.compile(loss)
     options: dict[str, Any] = {"compiler": strategy.sac_compiler}
     if budget_bytes is not None:
         options["memory_budget"] = budget_bytes
+    elif plans is not None:
+        options["report"] = os.devnull  # without a budget the backend simulates the partition only when reporting
     if plans is None:
-        return torch.compile(model, backend="sac", options=options)
+        return torch.compile(loss, backend="sac", options=options)
     # the same backend as backend="sac", with a partitioner that also hands over its plan
     from sac_compiler.backend import SACPartitioner, compile_graph
     from sac_compiler.config import SACConfig
@@ -283,7 +298,7 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
             plans.append(self.last_result)
             return out
 
-    return torch.compile(model, backend=functools.partial(
+    return torch.compile(loss, backend=functools.partial(
         compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording))
 
 
@@ -348,8 +363,8 @@ def error_summary(error: BaseException) -> str:
     return message if message.startswith(outer + ":") else f"{outer}: {message}"
 
 
-def _train_step(fn: Callable[..., torch.Tensor], tokens: torch.Tensor) -> None:
-    fn(tokens).float().sum().backward()
+def _train_step(loss: Callable[..., torch.Tensor], tokens: torch.Tensor) -> None:
+    loss(tokens).backward()
 
 
 def timed_steps(fn: Callable[..., torch.Tensor], model: nn.Module, tokens: torch.Tensor, steps: int,

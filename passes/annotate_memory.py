@@ -18,8 +18,9 @@ runs), as PyTorch's MemTracker reports them.
 user wrapped in ``torch.utils.checkpoint``): they are freed after their last forward use and live
 again from their first to their last backward use.
 
-``fused_pointwise=True`` approximates Inductor: a pointwise op whose users are all pointwise ops of
-the same side, and which is neither saved for backward nor an output, is fused away (no buffer).
+``fused_pointwise=True`` approximates Inductor: a pointwise op whose users on its side are all
+pointwise or reduction ops, and which is not an output, is fused into them (no buffer), unless it is
+kept for backward; recomputed in backward, it is a buffer only if a non-fusing op reads it there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.annotate_ops import is_alias_op, is_pointwise_op
+from passes.annotate_ops import fuses_pointwise_inputs, is_alias_op, is_pointwise_op
 from passes.record import (
     MemoryCategory,
     Side,
@@ -175,7 +176,7 @@ def annotate_memory(
         for node in call_functions(gm):
             if owner[node] is node and is_pointwise_op(node) and node not in outputs:
                 same_side = [u for u in node.users if _side(u) == _side(node)]
-                if same_side and all(is_pointwise_op(u) for u in same_side):
+                if same_side and all(fuses_pointwise_inputs(u) for u in same_side):
                     fusable.add(node)
 
     # 3. Last use of every allocation (through its aliases).
@@ -264,7 +265,7 @@ def annotate_memory(
         if node in rematerialized:
             # rebuilt in backward: a buffer only if a non-pointwise op reads it there
             readers = [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
-            if all(is_pointwise_op(u) for u in readers):
+            if all(fuses_pointwise_inputs(u) for u in readers):
                 remat_alloc[node] = 0
     allocs: dict[int, list[tuple[fx.Node, int]]] = {}
     frees: dict[int, list[tuple[fx.Node, int]]] = {}
@@ -530,7 +531,7 @@ def _graph_liveness(
         sizes[node] = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
         if fused_pointwise and is_pointwise_op(node) and node not in outputs:
             users = list(node.users)
-            if users and all(is_pointwise_op(u) for u in users):
+            if users and all(fuses_pointwise_inputs(u) for u in users):
                 sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
     last: dict[fx.Node, int] = {}

@@ -93,6 +93,14 @@ def is_pointwise_op(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
 
 
+def fuses_pointwise_inputs(node: fx.Node) -> bool:
+    """A pointwise or reduction op: Inductor folds a pointwise value that only such ops read into
+    their kernels, and never writes it out."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and (
+        torch.Tag.pointwise in target.tags or torch.Tag.reduction in target.tags)
+
+
 def is_random_op(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):

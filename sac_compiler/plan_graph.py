@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from passes.annotate_ops import is_pointwise_op
+from passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
 from passes.record import Side, get_record
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
@@ -156,7 +156,7 @@ def build_plan_problem(
         keep_cost = 0.0
         inline = False
         if fused_pointwise and producer is node and is_pointwise_op(node):
-            inline = node not in fwd_outputs and all(u.op == "call_function" and is_pointwise_op(u) for u in node.users)
+            inline = node not in fwd_outputs and all(u.op == "call_function" and fuses_pointwise_inputs(u) for u in node.users)
             # Recomputed, a pointwise value folds into the backward kernel that reads it, which then
             # reads its inputs instead of it: free next to keeping it, which writes it out in
             # forward where no non-fusible op there makes Inductor write it anyway.
@@ -204,7 +204,7 @@ def _fused_in_forward(node: fx.Node, fwd_outputs: set[fx.Node]) -> bool:
     if node in fwd_outputs:
         return False
     users = [u for u in node.users if get_record(u).side == Side.FORWARD]
-    return all(u.op == "call_function" and is_pointwise_op(u) for u in users)
+    return all(u.op == "call_function" and fuses_pointwise_inputs(u) for u in users)
 
 
 _LAYER = re.compile(r"^(.*)\.(\d+)$")
