@@ -187,7 +187,7 @@ def build_plan_problem(
     values = [dataclasses.replace(v, group=f"inplace:{v.name}") if f"inplace:{v.name}" in chains and v.group is None
               else v for v in values]
     values = _tie_repeated_layers(values, candidates, tie_blocks)
-    baseline = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+    baseline = _step_profile(sim)
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
     return problem, sorted(set(kept_random)), activation_bytes
 
@@ -446,8 +446,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             break
         # The planner's lifetimes are a model: where the exact simulation is over the budget,
         # raise that step's baseline by the excess and solve again.
-        fb = sim.first_backward
-        simulated = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+        simulated = _step_profile(sim)
         saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
         modelled = [b - v for b, v in zip(problem.baseline, saved)]
         under = {t: simulated[t] - modelled[t] for t in range(len(modelled))
@@ -484,8 +483,7 @@ def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
     """Per step, the exact simulation of ``plan`` less the planner's model of it."""
     from sac_compiler.solvers.savings_plan import savings_profile
 
-    fb = sim.first_backward
-    simulated = (sim.end_of_forward_bytes, *sim.step_peaks[fb:])
+    simulated = _step_profile(sim)
     saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
     return [s - (b - v) for s, b, v in zip(simulated, problem.baseline, saved)]
 
@@ -531,6 +529,13 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
             best, best_sim, best_ms = plan, sim, time_of(plan)
         reference = plan
     return best, best_sim
+
+
+def _step_profile(sim: Any) -> tuple[int, ...]:
+    """The planner's steps: the forward (its peak: recomputed values are freed after their last
+    forward use, which lowers it), then every backward step."""
+    fb = sim.first_backward
+    return (max(sim.end_of_forward_bytes, *sim.step_peaks[:fb]), *sim.step_peaks[fb:])
 
 
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
