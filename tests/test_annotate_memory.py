@@ -110,3 +110,53 @@ def test_user_checkpoint_frees_activations_until_backward():
     # last block's own values are still being computed, so two blocks' worth are gone by then.
     assert plain.end_of_forward_bytes - ac.end_of_forward_bytes == 2 * 256 * 256 * 4
     assert ac.peak_bytes < plain.peak_bytes
+
+
+def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
+    """A saved view keeps its allocation alive; a saved view of a parameter frees nothing in backward."""
+    import torch.fx as fx
+
+    from passes.annotate_memory import simulate_partitioned
+
+    def val(*shape):
+        return torch.empty(*shape)
+
+    fw = fx.Graph()
+    w = fw.placeholder("primals_1")
+    w.meta["val"] = val(256, 256)  # 256 KiB
+    x = fw.placeholder("primals_2")
+    x.meta["val"] = val(256, 256)
+    h = fw.call_function(torch.ops.aten.mm.default, (x, w))
+    h.meta["val"] = val(256, 256)
+    hv = fw.call_function(torch.ops.aten.view.default, (h, [65536]))
+    hv.meta["val"] = val(65536)
+    wt = fw.call_function(torch.ops.aten.t.default, (w,))
+    wt.meta["val"] = val(256, 256)
+    s = fw.call_function(torch.ops.aten.sum.default, (h,))
+    s.meta["val"] = val(())
+    fw.output((s, hv, wt))
+
+    bw = fx.Graph()
+    hv_in = bw.placeholder("view")
+    hv_in.meta["val"] = val(65536)
+    wt_in = bw.placeholder("t")
+    wt_in.meta["val"] = val(256, 256)
+    tangent = bw.placeholder("tangents_1")
+    tangent.meta["val"] = val(())
+    g = bw.call_function(torch.ops.aten.mul.Tensor, (hv_in, tangent))
+    g.meta["val"] = val(65536)
+    gw = bw.call_function(torch.ops.aten.mm.default, (wt_in, wt_in))
+    gw.meta["val"] = val(256, 256)
+    bw.output((g, gw))
+    fw_gm, bw_gm = fx.GraphModule({}, fw), fx.GraphModule({}, bw)
+    # names as the partitioner gives them: backward placeholders carry the saved forward nodes' names
+    hv.name, wt.name = "view", "t"
+    fw_gm.recompile()
+
+    peak = simulate_partitioned(fw_gm, bw_gm, 1, static_names={"primals_1", "primals_2"}, target_device="cpu")
+    kib = 1024
+    # forward: w, x, h (256 KiB each) and the scalar; h stays for backward through its saved view
+    assert peak.saved_bytes == 256 * kib
+    # backward: w, x, h alive; g (256 KiB) then gw (256 KiB) on top. Freeing the saved t (a view of
+    # w) after gw would wrongly drop w's bytes; freeing the view of h drops h once.
+    assert peak.peak_bytes >= 3 * 256 * kib + 256 * kib

@@ -57,6 +57,32 @@ def test_recomputed_input_is_rebuilt_at_its_consumer():
     assert savings_profile(problem, {"a"}) == [1000, 1000, 1000, 0]
 
 
+def test_inline_value_saves_through_its_last_read_and_holds_its_input():
+    # a (1000 B) feeds b (2000 B, pointwise, read at steps 1..2, folded into its readers when
+    # recomputed). Recomputed inline, b is never a buffer; a, which backward does not read, must
+    # then be kept until b's last read (step 2, inclusive).
+    candidates = (
+        Candidate("a", 1000, 1.0),
+        Candidate("b", 2000, 0.0, inputs=("a",), first_use=1, last_use=2, inline=True),
+    )
+    problem = SavingsProblem(candidates, baseline=(3000, 3000, 3000, 1000), budget=0)
+    assert savings_profile(problem, {"b"}, {"a"}) == [1000, 1000, 1000, 0]
+    # not inline, b would be a buffer again from its first read on
+    plain = SavingsProblem((candidates[0], Candidate("b", 2000, 0.0, inputs=("a",), first_use=1, last_use=2)),
+                           problem.baseline, 0)
+    assert savings_profile(plain, {"b"}, {"a"}) == [1000, 0, 0, 0]
+    plan = solve_savings_plan(SavingsProblem(candidates, problem.baseline, 2000), EXACT)
+    assert plan.recompute == {"b"} and plan.kept_for_recompute == {"a"}
+
+
+def test_keep_cost_makes_recomputing_worth_it_without_memory_pressure():
+    # Keeping b costs 0.5 ms (written out in forward, read back); recomputing it costs 0.1 ms.
+    candidates = (Candidate("b", 2000, 0.1, first_use=1, keep_cost_ms=0.5), Candidate("c", 500, 0.2, first_use=1))
+    problem = SavingsProblem(candidates, baseline=(3000, 3000), budget=10_000)  # nothing over the budget
+    plan = solve_savings_plan(problem, EXACT)
+    assert plan.recompute == {"b"}
+
+
 def test_check_plan_rules():
     problem = SavingsProblem(
         (
