@@ -248,7 +248,17 @@ def annotate_memory(
                 continue  # returning a value is not a use: see ``released`` below
             uses_of.setdefault(owner[arg], set()).add(index[node])
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
-    # A kept value that a recomputed one is rebuilt from lives until that rebuild.
+    # Rebuilt in backward, a fusable value is a buffer only if a non-fusing op reads it there;
+    # otherwise it is recomputed inside each kernel that reads it.
+    inline: set[fx.Node] = set()
+    for node in fusable:
+        if node in rematerialized:
+            readers = [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
+            if all(fuses_pointwise_inputs(u) for u in readers):
+                remat_alloc[node] = 0
+                inline.add(node)
+    # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
+    # last read of an inline one).
     held_for_recompute: dict[fx.Node, int] = {}
     for node, needed in rematerialized.items():
         if not needed:
@@ -256,17 +266,24 @@ def annotate_memory(
         for arg in node.all_input_nodes:
             base = owner[arg]
             if base not in rematerialized and base.op != "placeholder":
-                held_for_recompute[base] = max(held_for_recompute.get(base, -1), min(needed))
+                at = max(needed) if node in inline else min(needed)
+                held_for_recompute[base] = max(held_for_recompute.get(base, -1), at)
     for node in fusable:
         read_by_backward = any(_side(u) == Side.BACKWARD for u in node.users)
         if _side(node) == Side.BACKWARD or (node not in held_for_recompute
                                             and (not read_by_backward or node in rematerialized)):
             alloc[node] = 0  # a kept value is written out for backward; a recomputed one is not
-        if node in rematerialized:
-            # rebuilt in backward: a buffer only if a non-pointwise op reads it there
-            readers = [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
-            if all(fuses_pointwise_inputs(u) for u in readers):
-                remat_alloc[node] = 0
+    # A fused value runs inside the kernels of its readers on its side: what it reads lives until
+    # they run.
+    runs_until: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        if node in fusable and alloc.get(node) == 0:
+            readers = [u for u in node.users if _side(u) == _side(node)]
+            if readers:
+                runs_until[node] = max(runs_until.get(u, index[u]) for u in readers)
+    for node, until in runs_until.items():
+        for arg in node.all_input_nodes:
+            uses_of.setdefault(owner[arg], set()).add(until)
     allocs: dict[int, list[tuple[fx.Node, int]]] = {}
     frees: dict[int, list[tuple[fx.Node, int]]] = {}
     returned = {owner[n] for n in fwd_outputs} - held
@@ -534,12 +551,18 @@ def _graph_liveness(
             if users and all(fuses_pointwise_inputs(u) for u in users):
                 sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
+    # a fused node runs inside the kernels of its readers: what it reads lives until they run
+    runs_until: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        if sizes.get(node) == 0 and node.op == "call_function" and node.users:
+            runs_until[node] = max(runs_until.get(u, index[u]) for u in node.users)
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
             continue
+        at = runs_until.get(node, index[node])
         for arg in node.all_input_nodes:
-            last[owner[arg]] = max(last.get(owner[arg], -1), index[node])
+            last[owner[arg]] = max(last.get(owner[arg], -1), at)
     kept = {owner[n] for n in nodes if n.name in keep}
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():

@@ -143,7 +143,7 @@ def test_inductor_route_matches_plain_torch_compile_with_dropout():
     tokens = torch.randint(0, 64, (8, 16))
     ref_out, ref_grads = _step(model, (tokens,), torch.compile(model), seed=11)
     torch._dynamo.reset()
-    backend, records = recording_backend(memory_budget=0.5)
+    backend, records = recording_backend(memory_budget=0.8)
     out, grads = _step(model, (tokens,), torch.compile(model, backend=backend), seed=11)
     (result, _fw, _bw), = records
     assert result.plan.recompute  # something was recomputed
