@@ -393,8 +393,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     ``target``: plan for this peak instead of the budget (the backend lowers it when the
     partitioned graphs turn out higher than the joint-graph simulation).
     """
-    from sac_compiler.solvers import InfeasibleError, SolverOptions
-    from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
+    from sac_compiler.solvers import SolverOptions
+    from sac_compiler.solvers.savings_plan import solve_savings_plan
 
     analysis = result.analysis
     fused = config.compiler == "inductor"
@@ -422,6 +422,42 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
+    try:
+        plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest)
+    except BudgetError as error:
+        # the program's chain terms are conservative for plans that rebuild whole layers
+        layers = layer_checkpoint_plan(problem, analysis)
+        layer_sim = _simulate(analysis, config, layers.recompute) if layers is not None else None
+        if layer_sim is None or layer_sim.peak_bytes > goal:
+            if layer_sim is not None and layer_sim.peak_bytes < _smallest_in(error):
+                raise BudgetError(
+                    f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, "
+                    f"{format_bytes(layer_sim.peak_bytes)} (every layer checkpointed; random ops kept); "
+                    f"raise memory_budget to at least {layer_sim.peak_bytes} bytes") from error
+            raise
+        log.info("sac plan: the program has no plan under %s; per-layer checkpointing simulates at %s",
+                 format_bytes(goal), format_bytes(layer_sim.peak_bytes))
+        plan, sim = layers, layer_sim
+    result.plan = plan
+    result.predicted_peak = sim.peak_bytes
+    tag_graph(analysis.graph.gm, plan.recompute)
+    log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
+             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
+             len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+
+
+def _smallest_in(error: BudgetError) -> int:
+    """The smallest feasible peak a BudgetError names (bytes), or a huge number."""
+    match = re.search(r"at least (\d+) bytes", str(error))
+    return int(match.group(1)) if match else 2**62
+
+
+def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
+                  fastest: Any) -> tuple[Any, Any]:
+    """Solve and re-check on the exact simulation (see ``_plan``); the plan and its simulation."""
+    from sac_compiler.solvers import InfeasibleError
+    from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
+
     original = problem
     sim: Any = None  # the exact simulation of the previous round's plan
     for attempt in range(_MAX_ROUNDS):
@@ -467,16 +503,66 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         )
     if fastest is not None:
         plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim)
-    result.plan = plan
-    result.predicted_peak = sim.peak_bytes
-    tag_graph(analysis.graph.gm, plan.recompute)
-    log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
-             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
-             len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+    return plan, sim
 
 
 _MAX_ROUNDS = 5
 _CALIBRATION_ROUNDS = 3
+
+
+def _layer_of(node: fx.Node) -> tuple[str, int] | None:
+    """The repeated layer (``layers.3``: the outermost module ending in an index) a node runs in."""
+    for fqn in get_record(node).module_stack or ():
+        match = _LAYER.match(fqn)
+        if match:
+            return match.group(1), int(match.group(2))
+    return None
+
+
+def layer_checkpoint_plan(problem: Any, analysis: Any) -> Any:
+    """Full per-layer checkpointing in the program's terms, or None without repeated layers.
+
+    Keeps what crosses a layer boundary (a layer's output, a value another layer or the rest of
+    the model reads), and values outside the layers; recomputes everything else the layers make
+    (random ops and their groups stay kept). The program's chain terms are conservative for plans
+    that rebuild whole layers, so the planner also checks this plan on the exact simulation.
+    """
+    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
+
+    gm = analysis.graph.gm
+    owner = _owner_map(gm)
+    layer: dict[str, tuple[str, int] | None] = {}
+    crossing: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or get_record(node).side != Side.FORWARD:
+            continue
+        here = _layer_of(_producer(node))
+        layer[node.name] = here
+        for arg in node.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base.op == "call_function" and layer.get(base.name, here) != here:
+                crossing.add(base.name)
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    crossing |= {owner.get(a, a).name for a in out.args[0][: analysis.graph.num_fwd_outputs] if isinstance(a, fx.Node)}
+    if not any(layer.get(c.name) for c in problem.candidates):
+        return None
+    by_name = {c.name: c for c in problem.candidates}
+    recompute = {c.name for c in problem.candidates
+                 if layer.get(c.name) is not None and c.name not in crossing and not c.must_save}
+    groups: dict[str, set[str]] = {}
+    for c in problem.candidates:
+        if c.group is not None:
+            groups.setdefault(c.group, set()).add(c.name)
+    for members in groups.values():  # a group is recomputed whole or kept whole
+        if not members <= recompute:
+            recompute -= members
+    kept = {u for name in recompute for u in by_name[name].inputs
+            if u not in recompute and by_name[u].first_use is None}
+    check_plan(problem, recompute, kept)
+    return SavingsPlan(
+        recompute=frozenset(recompute), kept_for_recompute=frozenset(kept),
+        recompute_ms=sum(by_name[n].cost_ms for n in recompute), status="LAYER_CHECKPOINT",
+        gap=0.0, solve_s=0.0, n_vars=0, n_constraints=0)
 
 
 def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
