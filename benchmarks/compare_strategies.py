@@ -447,7 +447,8 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
     predicted = None
     if plans and all(p is not None and p.partitioned is not None for p in plans):
         # the simulated peak of the partitioned graphs, over the parameters and inputs
-        predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes for p in plans) / 2**30
+        predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes - p.outside_bytes
+                        for p in plans) / 2**30
     result = StrategyResult(**base, status="ok", step_ms=statistics.median(times), step_ms_all=tuple(times),
                             built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra,
                             first_step_s=first_step_s, predicted_extra_gib=predicted)

@@ -44,9 +44,10 @@ _BISECTIONS = 3
 class SACPartitioner(CustomPartitionerFn):
     """Annotate (and plan) the joint graph, then partition it with PyTorch's min-cut partitioner."""
 
-    def __init__(self, config: SACConfig, source_gm: fx.GraphModule) -> None:
+    def __init__(self, config: SACConfig, source_gm: fx.GraphModule, outside_bytes: int = 0) -> None:
         self.config = config
         self.source_gm = source_gm
+        self.outside_bytes = outside_bytes  # device memory held outside the graph (see outside_bytes())
         self.last_result: Any = None
 
     def __call__(
@@ -58,7 +59,8 @@ class SACPartitioner(CustomPartitionerFn):
 
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
-        result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config)
+        result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
+                              outside_bytes=self.outside_bytes)
         self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
@@ -84,7 +86,8 @@ class SACPartitioner(CustomPartitionerFn):
                              result.partitioned.peak_bytes, result.budget_bytes, target)
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                                                 target=target, budget=result.budget_bytes)
+                                                 target=target, budget=result.budget_bytes,
+                                                 outside_bytes=self.outside_bytes)
                         break
                     except BudgetError:
                         target = (target + plannable) // 2  # too low for any plan: halfway back
@@ -111,7 +114,7 @@ class SACPartitioner(CustomPartitionerFn):
         import sac_compiler
 
         files = [*_package_files(sac_compiler), *_package_files(passes)]
-        return (get_hash_for_files(tuple(files)), repr(_cache_relevant(self.config)))
+        return (get_hash_for_files(tuple(files)), repr(_cache_relevant(self.config)), self.outside_bytes >> 20)
 
 
 def _package_files(package: Any) -> list[str]:
@@ -123,6 +126,23 @@ def _package_files(package: Any) -> list[str]:
 def _cache_relevant(config: SACConfig) -> tuple[Any, ...]:
     return (config.memory_budget, config.device, config.estimate_mode, config.solver, config.mip_gap,
             config.world_size, config.optimizer_state_bytes, config.report)
+
+
+def outside_bytes(example_inputs: Sequence[Any]) -> int:
+    """CUDA memory the process holds beyond the graph's own inputs (other tensors, cuBLAS
+    workspaces): it stays allocated through the step, so an absolute budget must leave room for it.
+    0 off CUDA, or when the inputs are not real tensors on one CUDA device."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    devices = {x.device for x in tensors}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda" or any(is_fake(x) for x in tensors):
+        return 0
+    storages = {}
+    for x in tensors:
+        storage = x.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return max(0, torch.cuda.memory_allocated(next(iter(devices))) - sum(storages.values()))
 
 
 def _needs_backward(example_inputs: Sequence[Any]) -> bool:
@@ -148,7 +168,7 @@ def compile_graph(
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
-    partitioner = partitioner_cls(config, gm)
+    partitioner = partitioner_cls(config, gm, outside_bytes(example_inputs) if config.memory_budget is not None else 0)
     if config.compiler == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx

@@ -53,6 +53,10 @@ class GraphPlanResult:
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # passes.annotate_memory.PartitionedPeak of the graphs that will run
     fused_pointwise: bool = False
+    # device memory the process held outside this graph when it was compiled (other tensors,
+    # library workspaces): it is there during the step too, so it counts against the budget and
+    # is included in predicted_peak and partitioned.peak_bytes
+    outside_bytes: int = 0
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -66,7 +70,7 @@ class GraphPlanResult:
             static_names={i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
             target_device=graph.target_device,
             fused_pointwise=self.fused_pointwise,
-            extra_static_bytes=memory.optimizer_state_bytes,
+            extra_static_bytes=memory.optimizer_state_bytes + self.outside_bytes,
         )
 
     def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
@@ -311,6 +315,7 @@ def plan_and_tag(
     config: SACConfig,
     target: int | None = None,
     budget: int | None = None,
+    outside_bytes: int = 0,
 ) -> GraphPlanResult | None:
     """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag."""
     if config.memory_budget is None and not config.report:
@@ -327,7 +332,7 @@ def plan_and_tag(
         source_gm=source_gm,
     )
     attach_capture_info(graph)
-    result = plan_joint(graph, config, target, budget)
+    result = plan_joint(graph, config, target, budget, outside_bytes)
     # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on it.
     gm.meta.pop("sac_capture", None)
     gm.meta.pop("sac", None)
@@ -339,7 +344,8 @@ def plan_and_tag(
 
 
 def plan_joint(
-    graph: JointGraph, config: SACConfig, target: int | None = None, budget: int | None = None
+    graph: JointGraph, config: SACConfig, target: int | None = None, budget: int | None = None,
+    outside_bytes: int = 0,
 ) -> GraphPlanResult:
     """Annotate a captured joint graph and, with ``config.memory_budget``, plan and tag it.
 
@@ -357,8 +363,8 @@ def plan_joint(
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(),  # the plan replaces any checkpoint the user wrote
     )
-    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes,
-                             fused_pointwise=config.compiler == "inductor")
+    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes + outside_bytes,
+                             fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
     return result
@@ -397,6 +403,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     from sac_compiler.solvers.savings_plan import solve_savings_plan
 
     analysis = result.analysis
+    outside = result.outside_bytes
     fused = config.compiler == "inductor"
     problem, kept_random, activation_bytes = build_plan_problem(analysis, fused_pointwise=fused)
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
@@ -411,11 +418,11 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         if config.memory_budget.bytes is None and fastest is not None:
             peak = _simulate(analysis, config, fastest.recompute).peak_bytes
             activation_bytes = _kept_activation_bytes(problem, fastest)
-        budget = _budget_bytes(config, peak, activation_bytes)
+        budget = _budget_bytes(config, peak + outside, activation_bytes)
     result.budget_bytes = budget
-    goal = target if target is not None else budget
+    goal = (target if target is not None else budget) - outside  # for the graph's own memory
     result.kept_random = kept_random
-    step_peak = analysis.memory.optimizer_step_peak_bytes
+    step_peak = analysis.memory.optimizer_step_peak_bytes + outside
     if step_peak > budget:
         raise BudgetError(
             f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "
@@ -423,27 +430,32 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             "recomputation changes"
         )
     try:
-        plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest)
+        plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside)
     except BudgetError as error:
         # the program's chain terms are conservative for plans that rebuild whole layers
         layers = layer_checkpoint_plan(problem, analysis)
         layer_sim = _simulate(analysis, config, layers.recompute) if layers is not None else None
         if layer_sim is None or layer_sim.peak_bytes > goal:
-            if layer_sim is not None and layer_sim.peak_bytes < _smallest_in(error):
+            if layer_sim is not None and layer_sim.peak_bytes + outside < _smallest_in(error):
                 raise BudgetError(
                     f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, "
-                    f"{format_bytes(layer_sim.peak_bytes)} (every layer checkpointed; random ops kept); "
-                    f"raise memory_budget to at least {layer_sim.peak_bytes} bytes") from error
+                    f"{format_bytes(layer_sim.peak_bytes + outside)} (every layer checkpointed; random ops kept"
+                    f"{_outside_note(outside)}); raise memory_budget to at least {layer_sim.peak_bytes + outside} bytes"
+                ) from error
             raise
         log.info("sac plan: the program has no plan under %s; per-layer checkpointing simulates at %s",
                  format_bytes(goal), format_bytes(layer_sim.peak_bytes))
         plan, sim = layers, layer_sim
     result.plan = plan
-    result.predicted_peak = sim.peak_bytes
+    result.predicted_peak = sim.peak_bytes + outside
     tag_graph(analysis.graph.gm, plan.recompute)
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
-             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(sim.peak_bytes),
+             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+
+
+def _outside_note(outside: int) -> str:
+    return f"; with {format_bytes(outside)} held outside the graph" if outside else ""
 
 
 def _smallest_in(error: BudgetError) -> int:
@@ -453,7 +465,7 @@ def _smallest_in(error: BudgetError) -> int:
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
-                  fastest: Any) -> tuple[Any, Any]:
+                  fastest: Any, outside: int = 0) -> tuple[Any, Any]:
     """Solve and re-check on the exact simulation (see ``_plan``); the plan and its simulation."""
     from sac_compiler.solvers import InfeasibleError
     from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
@@ -465,16 +477,17 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
             with _torch_threads_kept():
                 plan = solve_savings_plan(dataclasses.replace(problem, budget=goal), options)
         except InfeasibleError as e:
-            smallest = smallest_feasible_peak(analysis, config)
+            smallest = smallest_feasible_peak(analysis, config) + outside
             if attempt > 0:
                 raise BudgetError(
                     f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher "
-                    f"in the exact simulation (best {format_bytes(sim.peak_bytes)}); the smallest feasible "
+                    f"in the exact simulation (best {format_bytes(sim.peak_bytes + outside)}); the smallest feasible "
                     f"peak is about {format_bytes(smallest)}: raise memory_budget"
                 ) from e
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} is below the smallest feasible peak "
-                f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept); "
+                f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept"
+                f"{_outside_note(outside)}); "
                 f"raise memory_budget to at least {smallest} bytes"
             ) from e
         sim = _simulate(analysis, config, plan.recompute)
@@ -488,18 +501,19 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
         under = {t: simulated[t] - modelled[t] for t in range(len(modelled))
                  if simulated[t] > goal and simulated[t] > modelled[t]}
         log.info("sac plan round %d: simulated peak %s over the budget %s; the model was low at %d step(s)",
-                 attempt + 1, format_bytes(sim.peak_bytes), format_bytes(budget), len(under))
+                 attempt + 1, format_bytes(sim.peak_bytes + outside), format_bytes(budget), len(under))
         if not under:  # over in forward, where no recomputation helps
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} is below the forward pass's own peak "
-                f"{format_bytes(sim.peak_bytes)}, which recomputation does not lower; raise memory_budget"
+                f"{format_bytes(sim.peak_bytes + outside)}{_outside_note(outside)}, which recomputation does not lower; "
+                "raise memory_budget"
             )
         problem = dataclasses.replace(
             problem, baseline=tuple(b + under.get(t, 0) for t, b in enumerate(problem.baseline)))
     else:
         raise BudgetError(
             f"memory budget {format_bytes(budget)}: after {_MAX_ROUNDS} rounds the best plan still peaks at "
-            f"{format_bytes(sim.peak_bytes)} in simulation; raise memory_budget"
+            f"{format_bytes(sim.peak_bytes + outside)} in simulation; raise memory_budget"
         )
     if fastest is not None:
         plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim)

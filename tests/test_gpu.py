@@ -167,9 +167,20 @@ def test_planned_step_fits_the_budget_on_cuda(fraction):
         assert fraction < 0.5, "budgets of half of plain torch.compile's extra peak and more must be met"
         return
     (result, _fw, _bw), = records
-    predicted_extra = result.partitioned.peak_bytes - result.analysis.memory.static_bytes
+    predicted_extra = result.partitioned.peak_bytes - result.analysis.memory.static_bytes - result.outside_bytes
     print(f"\nfraction {fraction}: budget extra {(budget - static) / 2**30:.3f} GiB, measured {measured_extra / 2**30:.3f}, "
           f"predicted {predicted_extra / 2**30:.3f}, plain compile {plain_extra / 2**30:.3f}, "
           f"{len(result.plan.recompute)} values recomputed ({result.plan.status})")
     assert measured_extra <= budget - static
     assert predicted_extra == pytest.approx(measured_extra, rel=0.05)
+
+
+def test_outside_bytes_counts_memory_beyond_the_graph_inputs():
+    from sac_compiler.backend import outside_bytes
+
+    weight = torch.empty(1024, 1024, device="cuda")
+    held = torch.empty(16 * 2**20, dtype=torch.uint8, device="cuda")  # 16 MiB the graph never sees
+    measured = outside_bytes([weight, weight.t()])  # a view shares its base's storage: counted once
+    assert measured >= held.numel()
+    assert measured == torch.cuda.memory_allocated() - weight.untyped_storage().nbytes()
+    assert outside_bytes([torch.empty(4)]) == 0  # CPU inputs: nothing to account for
