@@ -429,23 +429,31 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
+    from sac_compiler.solvers.savings_plan import plan_time_ms
+
     try:
         plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside)
     except BudgetError as error:
-        # the program's chain terms are conservative for plans that rebuild whole layers
-        layers = layer_checkpoint_plan(problem, analysis)
-        layer_sim = _simulate(analysis, config, layers.recompute) if layers is not None else None
-        if layer_sim is None or layer_sim.peak_bytes > goal:
-            if layer_sim is not None and layer_sim.peak_bytes + outside < _smallest_in(error):
-                raise BudgetError(
-                    f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, "
-                    f"{format_bytes(layer_sim.peak_bytes + outside)} (every layer checkpointed; random ops kept"
-                    f"{_outside_note(outside)}); raise memory_budget to at least {layer_sim.peak_bytes + outside} bytes"
-                ) from error
-            raise
-        log.info("sac plan: the program has no plan under %s; per-layer checkpointing simulates at %s",
-                 format_bytes(goal), format_bytes(layer_sim.peak_bytes))
-        plan, sim = layers, layer_sim
+        # The program's chain terms are conservative for plans that rebuild whole layers: try
+        # checkpointing the fewest leading layers whole, the rest as the fastest plan has them.
+        hybrid = _layer_hybrid(problem, analysis, config, goal, fastest)
+        if hybrid is None:
+            if not isinstance(error, _NoPlan):
+                raise
+            raise _budget_error(analysis, config, problem, budget, outside, error) from error
+        plan, sim = hybrid
+        log.info("sac plan: the program has no plan under %s; %s simulates at %s",
+                 format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
+    else:
+        # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
+        time_of = lambda p: plan_time_ms(problem, p.recompute, p.kept_for_recompute)  # noqa: E731
+        structure = _layer_structure(problem, analysis)
+        one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
+                                    fastest.recompute if fastest is not None else (), structure)
+        if one is not None and time_of(one) < time_of(plan):
+            hybrid = _layer_hybrid(problem, analysis, config, goal, fastest)
+            if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
+                plan, sim = hybrid
     result.plan = plan
     result.predicted_peak = sim.peak_bytes + outside
     tag_graph(analysis.graph.gm, plan.recompute)
@@ -454,14 +462,37 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
 
 
+class _NoPlan(BudgetError):
+    """The program has no plan under the budget (the caller words the error once it has tried
+    the other plans it knows)."""
+
+    def __init__(self, best_simulated: int | None) -> None:
+        super().__init__("no plan")
+        self.best_simulated = best_simulated
+
+
 def _outside_note(outside: int) -> str:
     return f"; with {format_bytes(outside)} held outside the graph" if outside else ""
 
 
-def _smallest_in(error: BudgetError) -> int:
-    """The smallest feasible peak a BudgetError names (bytes), or a huge number."""
-    match = re.search(r"at least (\d+) bytes", str(error))
-    return int(match.group(1)) if match else 2**62
+def _budget_error(analysis: Any, config: SACConfig, problem: Any, budget: int, outside: int,
+                  error: _NoPlan) -> BudgetError:
+    """The error for a budget no plan meets, naming the smallest feasible peak found."""
+    smallest = smallest_feasible_peak(analysis, config) + outside
+    how = "everything recomputable recomputed"
+    layers = layer_checkpoint_plan(problem, analysis)
+    if layers is not None:
+        layer_peak = _simulate(analysis, config, layers.recompute).peak_bytes + outside
+        if layer_peak < smallest:
+            smallest, how = layer_peak, "every layer checkpointed"
+    if error.best_simulated is not None:
+        return BudgetError(
+            f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher in the "
+            f"exact simulation (best {format_bytes(error.best_simulated)}); the smallest feasible peak found is "
+            f"{format_bytes(smallest)}: raise memory_budget to at least {smallest} bytes")
+    return BudgetError(
+        f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
+        f"({how}; random ops kept{_outside_note(outside)}); raise memory_budget to at least {smallest} bytes")
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
@@ -477,19 +508,7 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
             with _torch_threads_kept():
                 plan = solve_savings_plan(dataclasses.replace(problem, budget=goal), options)
         except InfeasibleError as e:
-            smallest = smallest_feasible_peak(analysis, config) + outside
-            if attempt > 0:
-                raise BudgetError(
-                    f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher "
-                    f"in the exact simulation (best {format_bytes(sim.peak_bytes + outside)}); the smallest feasible "
-                    f"peak is about {format_bytes(smallest)}: raise memory_budget"
-                ) from e
-            raise BudgetError(
-                f"memory budget {format_bytes(budget)} is below the smallest feasible peak "
-                f"{format_bytes(smallest)} (everything recomputable recomputed; random ops kept"
-                f"{_outside_note(outside)}); "
-                f"raise memory_budget to at least {smallest} bytes"
-            ) from e
+            raise _NoPlan(best_simulated=None if sim is None else sim.peak_bytes + outside) from e
         sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
             break
@@ -533,36 +552,51 @@ def _layer_of(node: fx.Node) -> tuple[str, int] | None:
     return None
 
 
-def layer_checkpoint_plan(problem: Any, analysis: Any) -> Any:
-    """Full per-layer checkpointing in the program's terms, or None without repeated layers.
-
-    Keeps what crosses a layer boundary (a layer's output, a value another layer or the rest of
-    the model reads), and values outside the layers; recomputes everything else the layers make
-    (random ops and their groups stay kept). The program's chain terms are conservative for plans
-    that rebuild whole layers, so the planner also checks this plan on the exact simulation.
-    """
-    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
-
+def _layer_structure(problem: Any, analysis: Any) -> tuple[dict[str, Any], set[str], list[Any]]:
+    """Each candidate's repeated layer (or None), the values that cross a layer boundary (a layer's
+    output, a value another layer or the rest of the model reads), and the layers in forward order."""
     gm = analysis.graph.gm
     owner = _owner_map(gm)
-    layer: dict[str, tuple[str, int] | None] = {}
+    layer: dict[str, Any] = {}
     crossing: set[str] = set()
+    order: list[Any] = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or get_record(node).side != Side.FORWARD:
             continue
         here = _layer_of(_producer(node))
         layer[node.name] = here
+        if here is not None and here not in order:
+            order.append(here)
         for arg in node.all_input_nodes:
             base = owner.get(arg, arg)
             if base.op == "call_function" and layer.get(base.name, here) != here:
                 crossing.add(base.name)
     out = next(iter(gm.graph.find_nodes(op="output")))
     crossing |= {owner.get(a, a).name for a in out.args[0][: analysis.graph.num_fwd_outputs] if isinstance(a, fx.Node)}
-    if not any(layer.get(c.name) for c in problem.candidates):
+    names = {c.name for c in problem.candidates}
+    return {n: layer.get(n) for n in names}, crossing, [k for k in order if any(layer.get(n) == k for n in names)]
+
+
+def layer_checkpoint_plan(problem: Any, analysis: Any, layers: Iterable[Any] | None = None,
+                          base: Iterable[str] = (), structure: Any = None) -> Any:
+    """Per-layer checkpointing in the program's terms, or None without repeated layers.
+
+    In the checkpointed ``layers`` (default: all), what crosses a layer boundary is kept and every
+    other value the layer makes is recomputed (random ops and their groups stay kept); elsewhere
+    the values in ``base`` (another plan's recomputed set) are recomputed. The program's chain terms
+    are conservative for plans that rebuild whole layers, so the planner checks these plans on the
+    exact simulation.
+    """
+    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
+
+    layer, crossing, order = structure if structure is not None else _layer_structure(problem, analysis)
+    if not order:
         return None
+    chosen = set(order if layers is None else layers)
     by_name = {c.name: c for c in problem.candidates}
-    recompute = {c.name for c in problem.candidates
-                 if layer.get(c.name) is not None and c.name not in crossing and not c.must_save}
+    base = set(base)
+    recompute = {c.name for c in problem.candidates if not c.must_save and (
+        (layer[c.name] in chosen and c.name not in crossing) or (layer[c.name] not in chosen and c.name in base))}
     groups: dict[str, set[str]] = {}
     for c in problem.candidates:
         if c.group is not None:
@@ -570,13 +604,42 @@ def layer_checkpoint_plan(problem: Any, analysis: Any) -> Any:
     for members in groups.values():  # a group is recomputed whole or kept whole
         if not members <= recompute:
             recompute -= members
+    # what a recomputed value is made from: recomputed with it where the base plan says so, else kept
     kept = {u for name in recompute for u in by_name[name].inputs
             if u not in recompute and by_name[u].first_use is None}
     check_plan(problem, recompute, kept)
     return SavingsPlan(
         recompute=frozenset(recompute), kept_for_recompute=frozenset(kept),
-        recompute_ms=sum(by_name[n].cost_ms for n in recompute), status="LAYER_CHECKPOINT",
+        recompute_ms=sum(by_name[n].cost_ms for n in recompute),
+        status=f"LAYER_CHECKPOINT({len(chosen)}/{len(order)})",
         gap=0.0, solve_s=0.0, n_vars=0, n_constraints=0)
+
+
+def _layer_hybrid(problem: Any, analysis: Any, config: SACConfig, goal: int, base: Any) -> tuple[Any, Any] | None:
+    """The fewest leading layers to checkpoint whole (the rest as ``base`` plans them) for the
+    exact simulation to fit ``goal``: (plan, simulation), or None if even every layer is not enough."""
+    structure = _layer_structure(problem, analysis)
+    order = structure[2]
+    if not order:
+        return None
+    recomputed = base.recompute if base is not None else frozenset()
+
+    def attempt(k: int) -> tuple[Any, Any]:
+        plan = layer_checkpoint_plan(problem, analysis, order[:k], recomputed, structure)
+        return plan, _simulate(analysis, config, plan.recompute)
+
+    best = attempt(len(order))
+    if best[1].peak_bytes > goal:
+        return None
+    lo, hi = 0, len(order)  # hi fits; find the smallest k that does (the peak falls as k grows)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = attempt(mid)
+        if trial[1].peak_bytes <= goal:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
 
 
 def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
