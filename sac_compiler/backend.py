@@ -87,7 +87,7 @@ class SACPartitioner(CustomPartitionerFn):
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes)
+                                                 outside_bytes=self.outside_bytes, previous=result)
                         break
                     except BudgetError:
                         target = (target + plannable) // 2  # too low for any plan: halfway back

@@ -57,6 +57,7 @@ class GraphPlanResult:
     # library workspaces): it is there during the step too, so it counts against the budget and
     # is included in predicted_peak and partitioned.peak_bytes
     outside_bytes: int = 0
+    fastest: Any = None  # under Inductor: the plan without memory pressure (solvers.savings_plan.SavingsPlan)
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -316,10 +317,18 @@ def plan_and_tag(
     target: int | None = None,
     budget: int | None = None,
     outside_bytes: int = 0,
+    previous: GraphPlanResult | None = None,
 ) -> GraphPlanResult | None:
     """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag."""
     if config.memory_budget is None and not config.report:
         return None
+    if previous is not None and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]:
+        # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
+        result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
+                                 fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
+                                 fastest=previous.fastest)
+        _plan(result, config, target, budget)
+        return result
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
                if isinstance(n.meta.get("val"), torch.Tensor)]
     graph = JointGraph(
@@ -407,12 +416,13 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     fused = config.compiler == "inductor"
     problem, kept_random, activation_bytes = build_plan_problem(analysis, fused_pointwise=fused)
     options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
-    fastest = None
-    if fused:
+    fastest = result.fastest
+    if fused and fastest is None:
         # Under Inductor the fastest plan already recomputes the pointwise values that are cheaper
         # to recompute than to write out: a fraction is of its activations.
         with _torch_threads_kept():
             fastest = solve_savings_plan(dataclasses.replace(problem, budget=max(problem.baseline)), options)
+        result.fastest = fastest
     if budget is None:
         peak = analysis.memory.peak_bytes
         if config.memory_budget.bytes is None and fastest is not None:

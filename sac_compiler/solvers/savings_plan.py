@@ -247,9 +247,10 @@ def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = 
     if max(problem.need, default=0) <= 0 and not gains:
         return SavingsPlan(frozenset(), frozenset(), 0.0, "OPTIMAL", 0.0, time.perf_counter() - start, 0, 0)
     model, r, kept, suffixes, reach = _build(problem, options, "savings_plan")
+    need = problem.need
     for var, lo, hi in suffixes:
-        model += var >= _mib(max(problem.need[lo:hi]))  # the savings cover the need on steps [lo, hi)
-    uncovered = max(problem.need[reach:], default=0)
+        model += var >= _mib(max(need[lo:hi]))  # the savings cover the need on steps [lo, hi)
+    uncovered = max(need[reach:], default=0)
     if uncovered > 0:
         raise InfeasibleError(
             f"savings_plan: {uncovered} bytes over budget at steps no recomputation reaches "
