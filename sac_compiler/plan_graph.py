@@ -458,6 +458,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
                  format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
+        # the program, shifted onto the exact simulation of the hybrid, may find a faster plan near it
+        plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim)
     else:
         # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
         time_of = lambda p: plan_time_ms(problem, p.recompute, p.kept_for_recompute)  # noqa: E731

@@ -195,3 +195,38 @@ def test_inductor_partition_fits_the_budget():
     (result, _fw, _bw), = records
     assert result.plan.recompute
     assert result.partitioned.peak_bytes <= result.budget_bytes < result.baseline_peak
+
+
+def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
+    """Without a plan from the program, the fewest leading layers are checkpointed whole: the plan
+    fits the budget in simulation, the partition follows it, and gradients stay exact."""
+    from sac_compiler import plan_graph
+
+    def no_plan(*args, **kwargs):
+        raise plan_graph._NoPlan(best_simulated=None)
+
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=4, dropout_p=0.0)
+    tokens = torch.randint(0, 64, (64, 16))
+    ref_out, ref_grads = _step(model, (tokens,))
+    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
+    _step(model, (tokens,), torch.compile(model, backend=backend))
+    (unplanned, _fw, _bw), = records
+    records.clear()
+    torch._dynamo.reset()
+    monkeypatch.setattr(plan_graph, "_solve_rounds", no_plan)
+    # the hybrid itself (the shifted program may find a faster plan near it: not what this tests)
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim: (best, sim))
+    # between every layer checkpointed and none: some leading layers checkpointed whole
+    budget = int(0.6 * unplanned.baseline_peak + 0.4 * unplanned.analysis.memory.static_bytes)
+    backend, records = recording_backend(memory_budget=budget, compiler="eager")
+    out, grads = _step(model, (tokens,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert result.plan.status.startswith("LAYER_CHECKPOINT(")
+    checkpointed, layers = map(int, result.plan.status[len("LAYER_CHECKPOINT("):-1].split("/"))
+    assert 0 < checkpointed <= layers == 4
+    assert result.predicted_peak <= budget and result.partitioned.peak_bytes <= budget
+    assert not result.unplanned_saves
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
