@@ -10,8 +10,14 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
   ``eager + selective AC`` (torchtitan's policy: save mm/addmm/bmm/SDPA outputs, recompute the rest);
 * ``compile`` (Inductor); ``compile + full AC``; ``compile, amb=B`` for
   ``torch._functorch.config.activation_memory_budget`` B in 0.8, 0.5, 0.3, 0.1, 0.0;
-* ``sac F`` (``backend="sac"``) at ``memory_budget`` = parameter-and-input bytes + F x the extra
-  peak that plain ``compile`` measured, F in 75%, 50%, 25%.
+* ``sac, no budget`` (``backend="sac"`` partitions as ``torch.compile`` does and simulates the
+  partition: its prediction against the measurement); ``sac F`` at ``memory_budget`` =
+  parameter-and-input bytes + F x the extra peak that plain ``compile`` measured, F in 75%, 50%, 25%.
+  For the sac strategies the table also gives the plan's predicted extra peak.
+
+``--strategies NAME ...`` runs only the strategies whose names contain one of the given strings
+(``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
+Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs).
 
 Each strategy gets a fresh model built from the same seed and 3 warm-up steps (the first compiles);
 "before" is what is allocated just after them (parameters and inputs: gradients are set to None
