@@ -198,13 +198,6 @@ def build_plan_problem(
     return problem, sorted(set(kept_random)), activation_bytes
 
 
-def _tensor_bytes(node: fx.Node) -> int:
-    from passes.annotate_memory import tensor_nbytes
-    from passes.record import tensor_values
-
-    return sum(tensor_nbytes(v) for v in tensor_values(node))
-
-
 def _fused_in_forward(node: fx.Node, fwd_outputs: set[fx.Node]) -> bool:
     """A pointwise value that only pointwise forward ops read: Inductor writes it out only if saved."""
     if node in fwd_outputs:
