@@ -3,7 +3,7 @@
 The plan decides, for every forward allocation the backward needs, whether it is kept or
 recomputed (``sac_compiler.solvers.savings_plan``); the decision reaches PyTorch through its own
 contract, ``node.meta["recompute"] = CheckpointPolicy.MUST_SAVE / MUST_RECOMPUTE`` (see
-``tag_graph`` for which nodes carry a tag on each route), and PyTorch's partitioner splits the
+``tag_graph``), and PyTorch's partitioner splits the
 graph. After partitioning, the forward graph's saved values are compared with the plan and the
 partitioned graphs' peak is simulated.
 
@@ -265,13 +265,13 @@ def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) 
     return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
 
 
-def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = True) -> dict[str, int]:
+def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
     """Write the plan as ``meta["recompute"]`` on the forward nodes; return how many of each.
 
-    With ``tag_saves`` every other forward node is tagged MUST_SAVE (the eager route runs exactly
-    the plan); without, kept pointwise nodes stay untagged and PyTorch's min-cut places them, as
-    Inductor needs: its joint graph is decomposed into pointwise pieces it fuses, and forcing every
-    piece to be saved would materialise buffers Inductor never allocates.
+    Every forward node but the random ones is tagged: MUST_RECOMPUTE as planned, MUST_SAVE
+    otherwise, so PyTorch's partitioner saves exactly what the plan keeps (a MUST_SAVE value that
+    neither backward nor a recomputed value reads is not saved). Under Inductor the plan itself
+    recomputes the pointwise values Inductor would fuse (see ``build_plan_problem``).
     """
     recompute = set(recompute)
     owner = _owner_map(gm)
@@ -294,9 +294,6 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str], tag_saves: bool = Tr
         if get_record(_producer(node)).is_random:
             decided = False
         node.meta.pop("ac_graph_id", None)
-        if not decided and not tag_saves and is_pointwise_op(node):
-            node.meta.pop("recompute", None)
-            continue
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
         counts["must_recompute" if decided else "must_save"] += 1
     return counts
