@@ -275,12 +275,9 @@ def annotate_memory(
             alloc[node] = 0  # a kept value is written out for backward; a recomputed one is not
     # A fused value runs inside the kernels of its readers on its side: what it reads lives until
     # they run.
-    runs_until: dict[fx.Node, int] = {}
-    for node in reversed(nodes):
-        if node in fusable and alloc.get(node) == 0:
-            readers = [u for u in node.users if _side(u) == _side(node)]
-            if readers:
-                runs_until[node] = max(runs_until.get(u, index[u]) for u in readers)
+    runs_until = _fused_runs_until(
+        nodes, index, {n: [u for u in n.users if _side(u) == _side(n)]
+                       for n in fusable if alloc.get(n) == 0})
     for node, until in runs_until.items():
         for arg in node.all_input_nodes:
             uses_of.setdefault(owner[arg], set()).add(until)
@@ -370,6 +367,17 @@ def annotate_memory(
     )
     graph_results(gm)["annotate_memory"] = result
     return result
+
+
+def _fused_runs_until(nodes: list[fx.Node], index: dict[fx.Node, int],
+                      readers: dict[fx.Node, list[fx.Node]]) -> dict[fx.Node, int]:
+    """For each fused node (``readers``: the nodes whose kernels it runs in), the last step at which
+    it runs: its last reader's, or that reader's own if the reader is fused too."""
+    until: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        if readers.get(node):
+            until[node] = max(until.get(u, index[u]) for u in readers[node])
+    return until
 
 
 def _backward_needs(
@@ -519,14 +527,16 @@ def _graph_liveness(
     device: torch.device | str | None,
     fused_pointwise: bool,
     placeholder_storage: dict[str, tuple[str, int]] | None = None,
+    static_storage: frozenset[str] = frozenset(),
 ) -> tuple[int, str, int, dict[str, int], dict[str, str]]:
     """Peak, its node, and the live bytes at the end of one graph run op by op.
 
     Placeholders are counted by the caller (``live_at_start``); outputs named in ``keep`` (and the
     allocations they alias) stay allocated at the end; everything else is freed after its last use.
     ``placeholder_storage`` names, per placeholder, the allocation it lives in and that
-    allocation's bytes: placeholders sharing one are freed once, after the last use of any of them,
-    and one whose allocation is in ``keep`` is never freed. Returns the bytes of every allocation by
+    allocation's bytes (allocations of the graph that made them: their names are that graph's):
+    placeholders sharing one are freed once, after the last use of any of them, and one whose
+    allocation is in ``static_storage`` is never freed. Returns the bytes of every allocation by
     name, and the allocation each node lives in, as well.
     """
     nodes = list(gm.graph.nodes)
@@ -552,10 +562,7 @@ def _graph_liveness(
                 sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
-    runs_until: dict[fx.Node, int] = {}
-    for node in reversed(nodes):
-        if sizes.get(node) == 0 and node.op == "call_function" and node.users:
-            runs_until[node] = max(runs_until.get(u, index[u]) for u in node.users)
+    runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
@@ -582,7 +589,7 @@ def _graph_liveness(
         groups.setdefault(key, []).append(node)
         group_bytes[key] = max(group_bytes.get(key, 0), nbytes)
     for key, members in groups.items():
-        if key in keep or any(m in kept for m in members):
+        if key in static_storage or any(m in kept for m in members):
             continue
         uses = [last[m] for m in members if m in last]
         if uses:
@@ -630,15 +637,14 @@ def simulate_partitioned(
     tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), target_device)
                    for n in bw_placeholders if n.name.startswith("tangents"))
     # the backward's placeholders are counted in at_backward (saved) and tangents; static ones stay
-    fw_static = {n.name for n in fw_placeholders}
-    keep_bw = {n.name for n in bw_placeholders if n.name in static_names} | fw_static
+    keep_bw = {n.name for n in bw_placeholders if n.name in static_names}
     bw_out = next(iter(bw.graph.find_nodes(op="output")))
     keep_bw |= {a.name for a in bw_out.all_input_nodes}
     # a saved value lives in its forward allocation: a view of a parameter is never freed, and
     # views of one activation free it once
     storage = {n.name: (fw_owner[n.name], fw_sizes.get(fw_owner[n.name], -1)) for n in saved}
     bw_peak, bw_node, _, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise,
-                                                storage)
+                                                storage, frozenset(n.name for n in fw_placeholders))
     if bw_peak >= fw_peak:
         return PartitionedPeak(bw_peak, "backward", bw_node, saved_bytes, fw_end)
     return PartitionedPeak(fw_peak, "forward", fw_node, saved_bytes, fw_end)

@@ -457,7 +457,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
                                     fastest.recompute if fastest is not None else (), structure)
         if one is not None and time_of(one) < time_of(plan):
-            hybrid = _layer_hybrid(problem, analysis, config, goal, fastest)
+            hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
             if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
                 plan, sim = hybrid
     result.plan = plan
@@ -624,10 +624,11 @@ def layer_checkpoint_plan(problem: Any, analysis: Any, layers: Iterable[Any] | N
         gap=0.0, solve_s=0.0, n_vars=0, n_constraints=0)
 
 
-def _layer_hybrid(problem: Any, analysis: Any, config: SACConfig, goal: int, base: Any) -> tuple[Any, Any] | None:
+def _layer_hybrid(problem: Any, analysis: Any, config: SACConfig, goal: int, base: Any,
+                  structure: Any = None) -> tuple[Any, Any] | None:
     """The fewest leading layers to checkpoint whole (the rest as ``base`` plans them) for the
     exact simulation to fit ``goal``: (plan, simulation), or None if even every layer is not enough."""
-    structure = _layer_structure(problem, analysis)
+    structure = structure if structure is not None else _layer_structure(problem, analysis)
     order = structure[2]
     if not order:
         return None

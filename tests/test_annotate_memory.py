@@ -155,7 +155,9 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     g.meta["val"] = val(65536)
     gw = bw.call_function(torch.ops.aten.mm.default, (wt_in, wt_in))
     gw.meta["val"] = val(256, 256)
-    bw.output((g, gw))
+    big = bw.call_function(torch.ops.aten.repeat.default, (gw, [2, 2]))
+    big.meta["val"] = val(512, 512)  # 1 MiB, after the saved t's last use
+    bw.output((g, gw, big))
     fw_gm, bw_gm = fx.GraphModule({}, fw), fx.GraphModule({}, bw)
     # names as the partitioner gives them: backward placeholders carry the saved forward nodes' names
     hv.name, wt.name = "view", "t"
@@ -165,6 +167,9 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     kib = 1024
     # forward: w, x, h (256 KiB each) and the scalar; h stays for backward through its saved view
     assert peak.saved_bytes == 256 * kib
-    # backward: w, x, h alive; g (256 KiB) then gw (256 KiB) on top. Freeing the saved t (a view of
-    # w) after gw would wrongly drop w's bytes; freeing the view of h drops h once.
-    assert peak.peak_bytes >= 3 * 256 * kib + 256 * kib
+    # backward: w, x, h and the scalar tangent; g (256 KiB, kept: a gradient); h and the tangent
+    # freed after g (their last use); gw (256 KiB); big (1 MiB). At big: w, x, g, gw, big.
+    # Freeing the saved t (a view of w) after gw would wrongly drop 256 KiB of w before big. (The
+    # backward's mm is named like the forward's: allocations are matched by graph, not by name.)
+    assert peak.peak_graph == "backward" and peak.peak_node == "repeat_default"
+    assert peak.peak_bytes == (2 + 1 + 1 + 4) * 256 * kib
