@@ -5,7 +5,8 @@ Writes into ``node.meta["sac"]`` for every ``call_function`` node:
 * ``op_name``: ``"aten.addmm"`` style name (overload dropped), as the eager SAC tools print it;
 * ``is_view``: the op's output aliases an input (``OpOverload.is_view``): zero new bytes;
 * ``is_random``: the op is ``nondeterministic_seeded`` (scaled-dot-product attention counts only
-  with ``dropout_p != 0``);
+  with ``dropout_p != 0``; under Inductor only ``inductor_seeds`` is: the ops it seeds are pure
+  functions of their seed, recomputed exactly);
 * ``is_inplace`` / ``inplace_parent``: the user wrote an in-place op (``relu_``, ``x.add_``,
   ``nn.ReLU(inplace=True)``). The joint graph is functional, so this is recovered from provenance
   (``node.meta["from_node"]`` back to Dynamo's graph); the parent is the op whose output storage
@@ -87,10 +88,19 @@ def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
     return default
 
 
+# Inductor's seeded RNG: its joint-graph passes turn a random op into ``inductor_seeds`` (one draw
+# from the generator per graph) and, per op, ``inductor_lookup_seed`` + ``inductor_random`` /
+# ``inductor_randint``, pure functions of the seed that Inductor generates inside the kernels
+# reading them. Recomputing them in backward reproduces the forward's values exactly.
+_INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed", "prims.inductor_random", "prims.inductor_randint"})
+
+
 def is_pointwise_op(node: fx.Node) -> bool:
-    """An elementwise ATen op (``torch.Tag.pointwise``): what Inductor fuses into its neighbours."""
+    """An elementwise op (``torch.Tag.pointwise``, or Inductor's seeded RNG): what Inductor fuses
+    into its neighbours."""
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    return isinstance(target, torch._ops.OpOverload) and (
+        torch.Tag.pointwise in target.tags or op_name(target) in _INDUCTOR_SEEDED)
 
 
 def fuses_pointwise_inputs(node: fx.Node) -> bool:
@@ -109,9 +119,7 @@ def is_random_op(node: fx.Node) -> bool:
     if name in _SDPA_DROPOUT_OPS:
         dropout_p = _argument(node, "dropout_p", 0.0)
         return bool(dropout_p)
-    if name.startswith("prims.inductor_") and "seed" in name or name == "prims.inductor_random":
-        return True
-    return torch.Tag.nondeterministic_seeded in target.tags
+    return torch.Tag.nondeterministic_seeded in target.tags  # prims.inductor_seeds, not the ops it seeds
 
 
 def _source_chain_root(node: fx.Node, graph_ids: set[int] | None) -> Any:
