@@ -257,6 +257,16 @@ def annotate_memory(
             if all(fuses_pointwise_inputs(u) for u in readers):
                 remat_alloc[node] = 0
                 inline.add(node)
+    # An inline value is recomputed inside every kernel that reads it: what it is rebuilt from
+    # must exist until its last read, not only at its first.
+    for node in sorted(inline, key=index.__getitem__, reverse=True):
+        needed = rematerialized[node]
+        if not needed:
+            continue
+        for arg in node.all_input_nodes:
+            base = owner[arg]
+            if base in rematerialized and rematerialized[base]:
+                rematerialized[base].add(max(needed))
     # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
     # last read of an inline one).
     held_for_recompute: dict[fx.Node, int] = {}

@@ -63,6 +63,9 @@ class SolverOptions:
             solver's default (1e-4). PyTorch's PuLP version used 0.05.
         threads: solver threads; ``None``: the solver's default.
         verbose: let the solver print its log.
+        mip_gap_abs: absolute optimality gap (in the objective's units) at which the search
+            stops as well; ``None``: the solver's default. An objective with constants left
+            out has no meaningful relative gap: the planner bounds its error in milliseconds.
     """
 
     solver: str = "cbc"
@@ -70,6 +73,7 @@ class SolverOptions:
     mip_gap: float | None = None
     threads: int | None = None
     verbose: bool = False
+    mip_gap_abs: float | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -90,6 +94,12 @@ class SolverOptions:
             raise ValueError(
                 f"SolverOptions.mip_gap must be None or a relative gap in [0, 1), "
                 f"got {self.mip_gap!r}"
+            )
+        if self.mip_gap_abs is not None and not (
+            _is_real(self.mip_gap_abs) and math.isfinite(self.mip_gap_abs) and self.mip_gap_abs >= 0
+        ):
+            raise ValueError(
+                f"SolverOptions.mip_gap_abs must be None or a finite number >= 0, got {self.mip_gap_abs!r}"
             )
         if self.threads is not None and not (
             isinstance(self.threads, int) and not isinstance(self.threads, bool)
@@ -187,6 +197,8 @@ def new_model(name: str, sense: str, options: SolverOptions) -> mip.Model:
     model.verbose = int(options.verbose)
     if options.mip_gap is not None:
         model.max_mip_gap = options.mip_gap
+    if options.mip_gap_abs is not None:
+        model.max_mip_gap_abs = options.mip_gap_abs
     if options.threads is not None:
         model.threads = options.threads
     return model

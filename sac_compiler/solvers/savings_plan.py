@@ -172,6 +172,7 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
             saved[t] += nbytes
 
     reach = _reach(problem.candidates, consumers, when)
+    materialised: set[tuple[str, int]] = set()
     for c in problem.candidates:
         if c.name in recompute and c.first_use is not None and c.inline:
             cover((c.last_use or c.first_use) + 1, c.nbytes)
@@ -182,14 +183,19 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
         if c.name in kept:
             cover(_input_reach(c.name, consumers, reach) + 1 if _feeds_inline(c, by_name, consumers)
                   else _input_reach(c.name, consumers, reach), -c.nbytes)
-        if c.name in recompute and when[c.name] is not None:
+        if c.name in recompute and when[c.name] is not None and when[c.name] < steps:
             for u in c.inputs:
-                if u in recompute and by_name[u].first_use is None and not by_name[u].inline:
-                    at = [when[c.name]] + [when[w] for w in _descendants(c.name, consumers, _CHAIN_DEPTH - 1)
-                                           if w in recompute and when[w] is not None and when[w] < when[c.name]]
-                    for step in set(at):
-                        if step < steps:
-                            saved[step] -= by_name[u].nbytes
+                if not (u in recompute and by_name[u].first_use is None and not by_name[u].inline):
+                    continue
+                if c.inline and reach[c.name] > when[c.name]:
+                    for step in range(when[c.name], min(reach[c.name] + 1, steps)):
+                        saved[step] -= by_name[u].nbytes
+                    continue
+                materialised.add((u, when[c.name]))
+                materialised.update((u, when[w]) for w in _descendants(c.name, consumers, _CHAIN_DEPTH - 1)
+                                    if w in recompute and when[w] is not None and when[w] < when[c.name])
+    for u, step in materialised:  # once per step, however many rebuilds read it there
+        saved[step] -= by_name[u].nbytes
     return saved
 
 
@@ -354,23 +360,39 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         if not early:
             add(c.first_use, _mib(c.nbytes) * rc)
             continue
-        # c saves up to its earliest early consumer for sure; up to its own first use only if
-        # no consumer that needs it earlier is recomputed as well
-        y = m.add_var(name=f"y_{c.name}", var_type=CONTINUOUS, lb=0, ub=1)
-        m += y <= rc
-        for v in descendants:
-            if v in r and when[v] is not None and when[v] < c.first_use:
-                m += y <= 1 - r[v]
-        add(min(early), _mib(c.nbytes) * (rc - y))  # the prefixes add up: b*r before min(early)
-        add(c.first_use, _mib(c.nbytes) * y)
+        # c saves up to its earliest early consumer for sure, and on past each later one (up to
+        # its own first use) while no consumer that needs it by then is recomputed: y_j says c
+        # still saves on [e_j, e_j+1)
+        stops = sorted(set(early))
+        ys = []
+        for j, stop in enumerate(stops):
+            y = m.add_var(name=f"y_{c.name}_{j}", var_type=CONTINUOUS, lb=0, ub=1)
+            m += y <= (ys[-1] if ys else rc)
+            for v in descendants:
+                if v in r and when[v] is not None and when[v] <= stop:
+                    m += y <= 1 - r[v]
+            ys.append(y)
+        # the prefixes add up: b*r before e_1, b*y_j on [e_j, e_j+1)
+        add(stops[0], _mib(c.nbytes) * (rc - ys[0]))
+        for j in range(1, len(stops)):
+            add(stops[j], _mib(c.nbytes) * (ys[j - 1] - ys[j]))
+        add(c.first_use, _mib(c.nbytes) * ys[-1])
     reach = _reach(cands, consumers, when)
     for u, k in kept.items():
         until = _input_reach(u, consumers, reach)
         add(until + 1 if _feeds_inline(by_name[u], by_name, consumers) else until, -_mib(by_name[u].nbytes) * k)
 
     # transients: rebuilding v at when[v] materialises the recomputed inputs that backward never
-    # reads (those it reads are covered by their shortened prefix above)
-    transients: dict[int, list[Any]] = {}
+    # reads (those it reads are covered by their shortened prefix above); an inline v is rebuilt
+    # in every kernel that reads it, so those inputs live from when[v] through reach[v]
+    # (u materialised at a step counts once, however many rebuilds there read it)
+    present: dict[tuple[str, int], Any] = {}
+
+    def materialised(u: str, step: int) -> Any:
+        if (u, step) not in present:
+            present[u, step] = m.add_var(name=f"w_{u}_{step}", var_type=CONTINUOUS, lb=0, ub=1)
+        return present[u, step]
+
     for v in recomputable:
         at = when[v.name]
         if at is None or at >= steps:
@@ -378,15 +400,20 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         for u in v.inputs:
             if u not in r or by_name[u].first_use is not None or by_name[u].inline:
                 continue
-            both = m.add_var(name=f"w_{u}_{v.name}", var_type=CONTINUOUS, lb=0, ub=1)
-            m += both >= r[u] + r[v.name] - 1
-            transients.setdefault(at, []).append(_mib(by_name[u].nbytes) * both)
+            if v.inline and reach[v.name] > at:
+                both = m.add_var(name=f"w_{u}_{v.name}", var_type=CONTINUOUS, lb=0, ub=1)
+                m += both >= r[u] + r[v.name] - 1
+                add(at, _mib(by_name[u].nbytes) * both)  # -bytes on the steps [at, reach]
+                add(reach[v.name] + 1, -_mib(by_name[u].nbytes) * both)
+                continue
+            m += materialised(u, at) >= r[u] + r[v.name] - 1
             # v itself is rebuilt earlier when a recomputed consumer needs it before its own read
             for w in _descendants(v.name, consumers, _CHAIN_DEPTH - 1):
                 if w in r and when[w] is not None and when[w] < at:
-                    chain = m.add_var(name=f"w_{u}_{v.name}_{w}", var_type=CONTINUOUS, lb=0, ub=1)
-                    m += chain >= r[u] + r[v.name] + r[w] - 2
-                    transients.setdefault(when[w], []).append(_mib(by_name[u].nbytes) * chain)
+                    m += materialised(u, when[w]) >= r[u] + r[v.name] + r[w] - 2
+    transients: dict[int, list[Any]] = {}
+    for (u, step), var in present.items():
+        transients.setdefault(step, []).append(_mib(by_name[u].nbytes) * var)
 
     # suffix sums: the saving on steps [previous end, end) is every prefix reaching beyond them
     ends = sorted(terms)
