@@ -234,3 +234,32 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition():
+    """Recomputing a Llama's residual stream (its adds, the matmul outputs and the embedding they
+    add up) rebuilds each add inside every kernel that reads it: under Inductor's fusion the
+    values it is made from live until its last read. The joint simulation the planner checks
+    plans on must agree with the partitioned graphs PyTorch's partitioner makes from the tags."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from benchmarks.compare_strategies import Llama, LlamaArgs
+    from sac_compiler import capture_joint
+    from sac_compiler.plan_graph import _owner_map, _simulate, build_plan_problem, plan_joint, tag_graph
+
+    torch.manual_seed(0)
+    args = LlamaArgs(layers=4, dim=64, heads=4, ffn=176, vocab=128, batch=2, seq=64)
+    graph = capture_joint(Llama(args), torch.randint(0, args.vocab, (args.batch, args.seq)), target_device="cpu")
+    config = SACConfig.from_options({"memory_budget": 1.0})
+    result = plan_joint(graph, config)
+    problem, _, _ = build_plan_problem(result.analysis, fused_pointwise=True)
+    names = {c.name for c in problem.candidates if not c.must_save}
+    owner = _owner_map(graph.gm)
+    adds = [n for n in graph.gm.graph.nodes if n.name in names and n.target == torch.ops.aten.add.Tensor]
+    recompute = {n.name for n in adds} | {owner.get(a, a).name for n in adds for a in n.all_input_nodes} & names
+    assert len(adds) > 2 * args.layers and any(name.startswith("embedding") for name in recompute)
+    tag_graph(graph.gm, recompute)
+    joint = _simulate(result.analysis, config, recompute)
+    fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    result.check_partition(fw, bw)
+    assert joint.peak_bytes == result.partitioned.peak_bytes
