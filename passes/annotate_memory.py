@@ -250,13 +250,18 @@ def annotate_memory(
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
     # Rebuilt in backward, a fusable value is a buffer only if a non-fusing op reads it there;
     # otherwise it is recomputed inside each kernel that reads it.
-    inline: set[fx.Node] = set()
-    for node in fusable:
-        if node in rematerialized:
-            readers = [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
-            if all(fuses_pointwise_inputs(u) for u in readers):
-                remat_alloc[node] = 0
-                inline.add(node)
+    def bw_readers(node: fx.Node) -> list[fx.Node]:
+        return [u for u in node.users if _side(u) == Side.BACKWARD or u in rematerialized]
+
+    inline = {node for node in fusable
+              if node in rematerialized and all(fuses_pointwise_inputs(u) for u in bw_readers(node))}
+    # ... unless Inductor stores it for reading too many buffers (it and the backward's own
+    # fused values make up the backward graph Inductor lowers)
+    inlined_bw = _inductor_inlined(
+        [n for n in nodes if n in inline or (n in fusable and _side(n) == Side.BACKWARD)], bw_readers, owner)
+    inline &= inlined_bw
+    for node in inline:
+        remat_alloc[node] = 0
     # An inline value is recomputed inside every kernel that reads it: what it is rebuilt from
     # must exist until its last read, not only at its first.
     for node in sorted(inline, key=index.__getitem__, reverse=True):
@@ -278,11 +283,14 @@ def annotate_memory(
             if base not in rematerialized and base.op != "placeholder":
                 at = max(needed) if node in inline else min(needed)
                 held_for_recompute[base] = max(held_for_recompute.get(base, -1), at)
-    for node in fusable:
-        read_by_backward = any(_side(u) == Side.BACKWARD for u in node.users)
-        if _side(node) == Side.BACKWARD or (node not in held_for_recompute
-                                            and (not read_by_backward or node in rematerialized)):
-            alloc[node] = 0  # a kept value is written out for backward; a recomputed one is not
+    fused_fw = [n for n in nodes if n in fusable and _side(n) == Side.FORWARD and n not in held_for_recompute
+                and (n in rematerialized or not any(_side(u) == Side.BACKWARD for u in n.users))]
+    # a kept value is written out for backward; a recomputed one is not
+    for node in _inductor_inlined(fused_fw, lambda n: [u for u in n.users if _side(u) == Side.FORWARD], owner):
+        alloc[node] = 0
+    for node in inlined_bw:
+        if _side(node) == Side.BACKWARD:
+            alloc[node] = 0
     # A fused value runs inside the kernels of its readers on its side: what it reads lives until
     # they run.
     runs_until = _fused_runs_until(
@@ -377,6 +385,42 @@ def annotate_memory(
     )
     graph_results(gm)["annotate_memory"] = result
     return result
+
+
+# Inductor's lowering stores a pointwise value it would otherwise fold into its readers once
+# folding would have it read too many buffers (torch._inductor.config: realize_reads_threshold
+# with more than one reader, the accumulated-reads default always; their GPU values).
+_REALIZE_READS = 4
+_REALIZE_ACC_READS = 8
+
+
+def _inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """The fusable ``candidates`` (in graph order) Inductor keeps folded into their readers.
+
+    A folded value reads what its inputs read (the buffers; what folded inputs read in turn);
+    it is stored instead when that is more than ``_REALIZE_ACC_READS`` buffers, or more than
+    ``_REALIZE_READS`` with more than one reader (``readers(node)``). Scalars do not count.
+    """
+    inlined: set[fx.Node] = set()
+    reads: dict[fx.Node, set[fx.Node]] = {}
+    for node in candidates:
+        read: set[fx.Node] = set()
+        for arg in node.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base in inlined:
+                read |= reads[base]
+            elif not _is_scalar(base):
+                read.add(base)
+        if len(read) > _REALIZE_ACC_READS or (len(readers(node)) > 1 and len(read) > _REALIZE_READS):
+            continue
+        inlined.add(node)
+        reads[node] = read
+    return inlined
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dim() == 0
 
 
 def _fused_runs_until(nodes: list[fx.Node], index: dict[fx.Node, int],
@@ -566,10 +610,11 @@ def _graph_liveness(
         if any(u.target is operator.getitem for u in node.users):
             continue
         sizes[node] = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
-        if fused_pointwise and is_pointwise_op(node) and node not in outputs:
-            users = list(node.users)
-            if users and all(fuses_pointwise_inputs(u) for u in users):
-                sizes[node] = 0
+    if fused_pointwise:
+        fused = [n for n in sizes if is_pointwise_op(n) and n not in outputs and n.users
+                 and all(fuses_pointwise_inputs(u) for u in n.users)]
+        for node in _inductor_inlined(fused, lambda n: list(n.users), owner):
+            sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
     runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
