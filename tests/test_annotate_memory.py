@@ -173,3 +173,30 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     # backward's mm is named like the forward's: allocations are matched by graph, not by name.)
     assert peak.peak_graph == "backward" and peak.peak_node == "repeat_default"
     assert peak.peak_bytes == (2 + 1 + 1 + 4) * 256 * kib
+
+
+def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
+    from passes.annotate_memory import _inductor_inlined
+
+    def chain_graph(length, readers_of_last):
+        graph = torch.fx.Graph()
+        inputs = []
+        for i in range(length + 1):
+            p = graph.placeholder(f"a{i}")
+            p.meta["val"] = torch.empty(8, 8)
+            inputs.append(p)
+        chain = [inputs[0]]
+        for i in range(1, length + 1):  # s_k = s_k-1 + a_k: folded, s_k reads a_0 .. a_k
+            chain.append(graph.call_function(torch.ops.aten.add.Tensor, (chain[-1], inputs[i])))
+        graph.output(tuple(graph.call_function(torch.ops.aten.mul.Tensor, (chain[-1], 2.0))
+                           for _ in range(readers_of_last)))
+        return chain[1:]
+
+    # one reader each: folded while the accumulated reads stay at most 8; s_8 (9 reads) is stored
+    chain = chain_graph(9, 1)
+    inlined = _inductor_inlined(chain, lambda n: list(n.users), {})
+    assert [n in inlined for n in chain] == [True] * 7 + [False, True]
+    # several readers: stored past 4 reads
+    for length, folded in ((3, True), (4, False)):
+        chain = chain_graph(length, 2)
+        assert (chain[-1] in _inductor_inlined(chain, lambda n: list(n.users), {})) == folded
