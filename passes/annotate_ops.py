@@ -90,13 +90,14 @@ def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
 
 # Inductor's seeded RNG: its joint-graph passes turn a random op into ``inductor_seeds`` (one draw
 # from the generator per graph) and, per op, ``inductor_lookup_seed`` + ``inductor_random`` /
-# ``inductor_randint``, pure functions of the seed that Inductor generates inside the kernels
-# reading them. Recomputing them in backward reproduces the forward's values exactly.
-_INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed", "prims.inductor_random", "prims.inductor_randint"})
+# ``inductor_randint``, pure functions of the seed: recomputing them in backward reproduces the
+# forward's values exactly. Inductor folds the seed lookup into its readers but always stores
+# the random values (its lowering realizes them: an fp32 buffer per random op).
+_INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed"})
 
 
 def is_pointwise_op(node: fx.Node) -> bool:
-    """An elementwise op (``torch.Tag.pointwise``, or Inductor's seeded RNG): what Inductor fuses
+    """An elementwise op (``torch.Tag.pointwise``, or Inductor's seed lookup): what Inductor fuses
     into its neighbours."""
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and (

@@ -515,6 +515,10 @@ def _budget_error(analysis: Any, config: SACConfig, problem: Any, budget: int, o
             smallest, how = layer_peak, "every layer checkpointed"
     if config.compiler == "inductor":  # the budget the planner's margin needs for that peak
         smallest = outside + math.ceil((smallest - outside) / (1 - _MODEL_MARGIN))
+    if smallest <= budget:  # the model allows a peak this low, but no plan found confirms it
+        return BudgetError(
+            f"memory budget {format_bytes(budget)}: no plan found fits it in the exact simulation, although "
+            f"the planner's model allows a peak of {format_bytes(smallest)}; raise memory_budget")
     if error.best_simulated is not None:
         return BudgetError(
             f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher in the "
