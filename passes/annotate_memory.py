@@ -272,6 +272,12 @@ def annotate_memory(
             base = owner[arg]
             if base in rematerialized and rematerialized[base]:
                 rematerialized[base].add(max(needed))
+    if fused_pointwise:  # Inductor rebuilds a chain of recomputed pointwise values in one kernel
+        needed_now = {n for n, needed in rematerialized.items() if needed}
+        for group in _fused_recompute_groups(nodes, needed_now, owner):
+            earliest = min(min(rematerialized[n]) for n in group)
+            for node in group:
+                rematerialized[node].add(earliest)
     # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
     # last read of an inline one).
     held_for_recompute: dict[fx.Node, int] = {}
@@ -416,6 +422,43 @@ def _inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.No
         inlined.add(node)
         reads[node] = read
     return inlined
+
+
+def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
+                            owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
+    """Recomputed pointwise values Inductor rebuilds in one fused kernel.
+
+    A recomputed pointwise value whose inputs are kept, or are such values themselves, can run as
+    soon as backward starts; Inductor fuses a connected set of them (the residual stream of every
+    layer, rebuilt from saved matmul outputs) into one kernel, which runs before the first of them
+    is needed: each value it stores exists from then on. Returns the connected sets (in graph order).
+    """
+    eligible: list[fx.Node] = []
+    ok: set[fx.Node] = set()
+    for node in order:
+        if node not in members or not is_pointwise_op(node):
+            continue
+        bases = [owner.get(a, a) for a in node.all_input_nodes]
+        if all(b in ok or b not in members for b in bases):
+            ok.add(node)
+            eligible.append(node)
+    parent = {n: n for n in eligible}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in eligible:
+        for arg in node.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base in ok:
+                parent[root(base)] = root(node)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in eligible:
+        groups.setdefault(root(node), []).append(node)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _is_scalar(node: fx.Node) -> bool:
@@ -582,6 +625,7 @@ def _graph_liveness(
     fused_pointwise: bool,
     placeholder_storage: dict[str, tuple[str, int]] | None = None,
     static_storage: frozenset[str] = frozenset(),
+    recomputed: frozenset[str] = frozenset(),
 ) -> tuple[int, str, int, dict[str, int], dict[str, str]]:
     """Peak, its node, and the live bytes at the end of one graph run op by op.
 
@@ -649,10 +693,22 @@ def _graph_liveness(
         uses = [last[m] for m in members if m in last]
         if uses:
             frees.setdefault(max(uses), []).append(group_bytes[key])
+    # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed
+    made_at = {node: index[node] for node in sizes}
+    if fused_pointwise and recomputed:
+        members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
+        for group in _fused_recompute_groups(nodes, members, owner):
+            earliest = min(index[n] for n in group)
+            for node in group:
+                if node in made_at:
+                    made_at[node] = earliest
+    allocs: dict[int, int] = {}
+    for node, size in sizes.items():
+        if node.op == "call_function":
+            allocs[made_at[node]] = allocs.get(made_at[node], 0) + size
     total, peak, peak_node = live_at_start, live_at_start, "start"
     for i, node in enumerate(nodes):
-        if node in sizes and node.op == "call_function":
-            total += sizes[node]
+        total += allocs.get(i, 0)
         if total > peak:
             peak, peak_node = total, node.name
         total -= sum(frees.get(i, ()))
@@ -667,11 +723,13 @@ def simulate_partitioned(
     target_device: torch.device | str | None = None,
     fused_pointwise: bool = False,
     extra_static_bytes: int = 0,
+    forward_names: frozenset[str] = frozenset(),
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
     ``static_names``: forward placeholders that stay allocated throughout (parameters, buffers, user
-    inputs); ``extra_static_bytes``: memory outside the graphs (optimizer state).
+    inputs); ``extra_static_bytes``: memory outside the graphs (optimizer state); ``forward_names``:
+    the joint graph's forward nodes (the backward's nodes so named are recomputed).
     """
     fw_placeholders = [n for n in fw.graph.nodes if n.op == "placeholder"]
     static = extra_static_bytes + sum(
@@ -699,7 +757,8 @@ def simulate_partitioned(
     # views of one activation free it once
     storage = {n.name: (fw_owner[n.name], fw_sizes.get(fw_owner[n.name], -1)) for n in saved}
     bw_peak, bw_node, _, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise,
-                                                storage, frozenset(n.name for n in fw_placeholders))
+                                                storage, frozenset(n.name for n in fw_placeholders),
+                                                forward_names)
     if bw_peak >= fw_peak:
         return PartitionedPeak(bw_peak, "backward", bw_node, saved_bytes, fw_end)
     return PartitionedPeak(fw_peak, "forward", fw_node, saved_bytes, fw_end)

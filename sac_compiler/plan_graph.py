@@ -76,6 +76,8 @@ class GraphPlanResult:
             target_device=graph.target_device,
             fused_pointwise=self.fused_pointwise,
             extra_static_bytes=memory.optimizer_state_bytes + self.outside_bytes,
+            forward_names=frozenset(n.name for n in graph.gm.graph.nodes
+                                    if n.op == "call_function" and get_record(n).side == Side.FORWARD),
         )
 
     def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
