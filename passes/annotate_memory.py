@@ -276,7 +276,7 @@ def annotate_memory(
         needed_now = {n for n, needed in rematerialized.items() if needed}
         for group in _fused_recompute_groups(nodes, needed_now, owner):
             earliest = min(min(rematerialized[n]) for n in group)
-            for node in group:
+            for node in _ancestors(group, needed_now, owner):
                 rematerialized[node].add(earliest)
     # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
     # last read of an inline one).
@@ -428,20 +428,14 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
                             owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
     """Recomputed pointwise values Inductor rebuilds in one fused kernel.
 
-    A recomputed pointwise value whose inputs are kept, or are such values themselves, can run as
-    soon as backward starts; Inductor fuses a connected set of them (the residual stream of every
-    layer, rebuilt from saved matmul outputs) into one kernel, which runs before the first of them
-    is needed: each value it stores exists from then on. Returns the connected sets (in graph order).
+    Recomputed values depend on nothing backward makes, so Inductor fuses a connected set of
+    recomputed pointwise values (the residual stream of every layer) into one kernel, which runs
+    before the first of them is needed, after the recomputed values it reads (matmuls included):
+    each value stored there exists from then on. Returns the connected sets (in graph order);
+    ``_ancestors`` gives what else they pull forward.
     """
-    eligible: list[fx.Node] = []
-    ok: set[fx.Node] = set()
-    for node in order:
-        if node not in members or not is_pointwise_op(node):
-            continue
-        bases = [owner.get(a, a) for a in node.all_input_nodes]
-        if all(b in ok or b not in members for b in bases):
-            ok.add(node)
-            eligible.append(node)
+    eligible = [n for n in order if n in members and is_pointwise_op(n)]
+    ok = set(eligible)
     parent = {n: n for n in eligible}
 
     def root(n: fx.Node) -> fx.Node:
@@ -459,6 +453,19 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     for node in eligible:
         groups.setdefault(root(node), []).append(node)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def _ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """The group and the recomputed values (``members``) it is made from, transitively."""
+    seen: set[fx.Node] = set()
+    stack = list(group)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack += [owner.get(a, a) for a in node.all_input_nodes if owner.get(a, a) in members]
+    return seen
 
 
 def _is_scalar(node: fx.Node) -> bool:
@@ -699,9 +706,9 @@ def _graph_liveness(
         members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
         for group in _fused_recompute_groups(nodes, members, owner):
             earliest = min(index[n] for n in group)
-            for node in group:
+            for node in _ancestors(group, members, owner):
                 if node in made_at:
-                    made_at[node] = earliest
+                    made_at[node] = min(made_at[node], earliest)
     allocs: dict[int, int] = {}
     for node, size in sizes.items():
         if node.op == "call_function":
