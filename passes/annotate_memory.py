@@ -313,6 +313,13 @@ def annotate_memory(
         if owner[node] is not node or node.op == "output" or node in static:
             continue
         start_at = first_backward if node in tangents else index[node]
+        accumulator = _inductor_accumulator(node, target_device) if fused_pointwise else None
+        if accumulator is not None and start_at >= first_backward:
+            if accumulator == 0:
+                start_at = first_backward  # the output is the accumulator
+            else:
+                allocs.setdefault(first_backward, []).append((node, accumulator))
+                frees.setdefault(index[node], []).append((node, accumulator))
         first = (node, alloc.get(node, 0))
         allocs.setdefault(start_at, []).append(first)
         if node in held:
@@ -466,6 +473,21 @@ def _ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node,
         seen.add(node)
         stack += [owner.get(a, a) for a in node.all_input_nodes if owner.get(a, a) in members]
     return seen
+
+
+def _inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> int | None:
+    """Inductor lowers ``embedding_dense_backward`` to a zero-filled accumulator that reads nothing,
+    so its scheduler fills it as backward starts (seen on an H200, torch 2.11: the embedding's
+    fp32 gradient of a bf16 model, live through the whole backward). None for other ops; else the
+    bytes of a separate fp32 accumulator for a 16-bit gradient, or 0 when the output itself is it."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.embedding_dense_backward.default:
+        return None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    if val.dtype in (torch.float16, torch.bfloat16):
+        return round_allocation(size_hint(val.numel()) * 4, device)
+    return 0
 
 
 def _is_scalar(node: fx.Node) -> bool:
@@ -710,6 +732,14 @@ def _graph_liveness(
                 if node in made_at:
                     made_at[node] = min(made_at[node], earliest)
     allocs: dict[int, int] = {}
+    if fused_pointwise:
+        for node in sizes:
+            accumulator = _inductor_accumulator(node, device)
+            if accumulator == 0:
+                made_at[node] = 0  # the output is the accumulator, filled as the graph starts
+            elif accumulator:
+                allocs[0] = allocs.get(0, 0) + accumulator
+                frees.setdefault(index[node], []).append(accumulator)
     for node, size in sizes.items():
         if node.op == "call_function":
             allocs[made_at[node]] = allocs.get(made_at[node], 0) + size

@@ -200,3 +200,27 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
     for length, folded in ((3, True), (4, False)):
         chain = chain_graph(length, 2)
         assert (chain[-1] in _inductor_inlined(chain, lambda n: list(n.users), {})) == folded
+
+
+def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_starts():
+    # Inductor lowers embedding_dense_backward to a zero-filled fp32 accumulator that reads
+    # nothing, so it is filled (and held) from the start of backward to the gradient's cast
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(4096, 64, dtype=torch.bfloat16)
+            self.proj = nn.Linear(64, 64, dtype=torch.bfloat16)
+
+        def forward(self, tokens):
+            return self.proj(self.emb(tokens))
+
+    accumulator = 4096 * 64 * 4
+    for fused in (False, True):
+        graph, sim = _annotated(Embed(), torch.randint(0, 4096, (8, 32)), fused_pointwise=fused)
+        nodes = list(graph.gm.graph.nodes)
+        at = next(i for i, n in enumerate(nodes) if n.target == torch.ops.aten.embedding_dense_backward.default)
+        fb = sim.first_backward
+        rise = sim.step_peaks[fb] - sim.step_peaks[fb - 1]
+        # held through the backward up to the gradient, which is made next to it
+        assert (rise >= accumulator) == fused
+        assert (min(sim.step_peaks[fb:at]) >= accumulator) == fused
