@@ -130,8 +130,13 @@ def annotate_memory(
     fused_pointwise: bool = False,
     recomputed: set[str] | None = None,
     hold_outputs: bool = False,
+    annotate: bool = True,
 ) -> MemorySimulation:
-    """Annotate bytes and categories; simulate liveness over the graph order; return the result."""
+    """Annotate bytes and categories; simulate liveness over the graph order; return the result.
+
+    ``annotate=False`` only simulates (a planner trying recompute sets): no node records, no
+    per-module memory, nothing stored on the graph.
+    """
     from sac_compiler.capture import InputKind, capture_info
 
     info = capture_info(gm)
@@ -212,7 +217,7 @@ def annotate_memory(
             categories[node] = MemoryCategory.TEMPORARY
 
     for node in nodes:
-        if node.op == "output":
+        if node.op == "output" or not annotate:
             continue
         own = owner[node] is node
         raw = nbytes.get(node, 0) if own else 0
@@ -362,11 +367,12 @@ def annotate_memory(
         view["total"] = total
         view[phase_of[base]] += b
 
+    track = _track_modules if annotate else lambda *args: None
     for i, node in enumerate(nodes):
         if i == first_backward:
             for event in released:
                 change(event, -1)
-        _track_modules(node, "before", view, module_live)
+        track(node, "before", view, module_live)
         for event in allocs.get(i, []):
             change(event, +1)
         if total > peak:
@@ -374,10 +380,10 @@ def annotate_memory(
         if i == first_backward - 1:
             end_of_forward = total
         step_peaks.append(total)
-        _track_modules(node, "during", view, module_live)
+        track(node, "during", view, module_live)
         for event in frees.get(i, []):
             change(event, -1)
-        _track_modules(node, "after", view, module_live)
+        track(node, "after", view, module_live)
         timeline.append((node.name, total))
     if end_of_forward is None:
         end_of_forward = total
@@ -396,7 +402,8 @@ def annotate_memory(
         optimizer_state_bytes=opt_state,
         optimizer_step_peak_bytes=step_peak,
     )
-    graph_results(gm)["annotate_memory"] = result
+    if annotate:
+        graph_results(gm)["annotate_memory"] = result
     return result
 
 

@@ -698,8 +698,9 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     over-counts and the plan recomputes more than the budget needs. Shifting the model by its error
     on a reference plan (at first the fastest one) corrects that near the reference. Each plan the
     shifted model gives is checked on the exact simulation: one that fits and is faster is kept and
-    becomes the reference; one that does not raises the shift where it went over, by what the
-    shifted model missed there, so the search does not return to it.
+    becomes the reference (one that fits and is no faster ends the search); one that does not fit
+    raises the shift where it went over, by what the shifted model missed there, so the search
+    does not return to it.
     """
     from sac_compiler.solvers import InfeasibleError
     from sac_compiler.solvers.savings_plan import plan_time_ms, solve_savings_plan
@@ -729,8 +730,9 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
         log.info("sac calibration: plan of %.4f ms simulates at %s (budget %s; best so far %.4f ms)",
                  time_of(plan), format_bytes(sim.peak_bytes), format_bytes(goal), best_ms)
         if sim.peak_bytes <= goal:
-            if time_of(plan) < best_ms:
-                best, best_sim, best_ms = plan, sim, time_of(plan)
+            if time_of(plan) >= best_ms:
+                break  # the search has settled: a plan that fits and is no faster
+            best, best_sim, best_ms = plan, sim, time_of(plan)
             shift = _model_error(problem, plan, sim)
         else:
             missed = _model_error(shifted, plan, sim)
@@ -759,6 +761,7 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         optimizer_state_bytes=config.optimizer_state_bytes,
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(recompute),
+        annotate=False,
     )
 
 
