@@ -160,9 +160,11 @@ def test_inductor_route_matches_plain_torch_compile_with_dropout(monkeypatch):
     assert result.kept_random == ["inductor_seeds_default"]
     assert any(name.startswith("inductor_random") for name in result.plan.recompute)
     FileCheck().check("torch.ops.prims.inductor_random.default(").run(bw.code)
-    torch.testing.assert_close(out, ref_out)
+    # other kernels round differently (fp32, gradients of order 1); another mask would be off by
+    # whole gradient entries
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.6])
