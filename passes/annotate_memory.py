@@ -20,7 +20,11 @@ again from their first to their last backward use.
 
 ``fused_pointwise=True`` approximates Inductor: a pointwise op whose users on its side are all
 pointwise or reduction ops, and which is not an output, is fused into them (no buffer), unless it is
-kept for backward; recomputed in backward, it is a buffer only if a non-fusing op reads it there.
+kept for backward or folding it would read too many buffers (Inductor's realize thresholds);
+recomputed in backward, it is a buffer only if a non-fusing op reads it there, and what it is made
+from lives until its last read. A connected chain of recomputed pointwise values is rebuilt in one
+kernel before the first of them is needed, and the embedding gradient's accumulator is filled as
+backward starts, as Inductor's scheduler runs them.
 """
 
 from __future__ import annotations
@@ -670,8 +674,9 @@ def _graph_liveness(
     ``placeholder_storage`` names, per placeholder, the allocation it lives in and that
     allocation's bytes (allocations of the graph that made them: their names are that graph's):
     placeholders sharing one are freed once, after the last use of any of them, and one whose
-    allocation is in ``static_storage`` is never freed. Returns the bytes of every allocation by
-    name, and the allocation each node lives in, as well.
+    allocation is in ``static_storage`` is never freed. ``recomputed`` names the nodes that rebuild
+    forward values (chains of them run as one kernel under ``fused_pointwise``). Returns the bytes
+    of every allocation by name, and the allocation each node lives in, as well.
     """
     nodes = list(gm.graph.nodes)
     owner: dict[fx.Node, fx.Node] = {}

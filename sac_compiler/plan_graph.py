@@ -10,8 +10,8 @@ partitioned graphs' peak is simulated.
 A recomputed dropout must reproduce its forward mask. Under Inductor the joint-graph passes turn
 every random op into one ``inductor_seeds`` draw per graph and, per op, seeded RNG
 (``inductor_lookup_seed`` + ``inductor_random``) that is a pure function of its seed: the seeds
-stay saved (``inductor_seeds`` cannot carry a tag), the seeded RNG is planned like any pointwise
-op and recomputes the same values. On the eager route the random ops themselves (and the values
+stay saved (``inductor_seeds`` cannot carry a tag), the seeded RNG is planned like any other op
+(Inductor stores its random values) and recomputes the same values. On the eager route the random ops themselves (and the values
 only they produce) stay saved. The report lists what stayed saved.
 """
 
