@@ -183,12 +183,15 @@ def annotate_ops(
     gm: fx.GraphModule,
     source_gm: fx.GraphModule | None = None,
     num_fwd_outputs: int | None = None,
+    saved_for_backward: bool = True,
 ) -> dict[str, str]:
     """Annotate op kinds; return ``{in-place node: parent node}`` for the forward in-place ops.
 
     ``source_gm`` is the Dynamo graph the joint graph was traced from (``capture_joint`` attaches it;
     without it, in-place ops are recognised from the provenance's target names, which misses
-    ``inplace=True`` keyword forms). ``num_fwd_outputs`` enables ``saved_for_backward`` on joint graphs.
+    ``inplace=True`` keyword forms). ``num_fwd_outputs`` enables ``saved_for_backward`` on joint graphs;
+    ``saved_for_backward=False`` leaves it unset (None) and skips PyTorch's default partition,
+    which that record needs (about a second on a 16-layer Llama graph).
     """
     from sac_compiler.capture import capture_info
 
@@ -200,8 +203,9 @@ def annotate_ops(
     has_tangents = any("tangents" in n.name for n in gm.graph.find_nodes(op="placeholder"))
 
     saved: set[str] = set()
-    if num_fwd_outputs is not None and has_tangents:
+    if num_fwd_outputs is not None and has_tangents and saved_for_backward:
         saved = default_saved_values(gm, num_fwd_outputs)
+    known = saved_for_backward or None  # None: not computed
 
     source_nodes = {n.name: n for n in source_gm.graph.nodes} if source_gm is not None else {}
     graph_ids = {id(source_gm.graph)} if source_gm is not None else None
@@ -253,10 +257,10 @@ def annotate_ops(
             is_inplace=node.name in parents,
             inplace_parent=parents.get(node.name),
             source_op=node_source.get(node),
-            saved_for_backward=node.name in saved,
+            saved_for_backward=known and node.name in saved,
         )
     for node in gm.graph.find_nodes(op="placeholder"):
-        update_record(node, "annotate_ops", saved_for_backward=node.name in saved)
+        update_record(node, "annotate_ops", saved_for_backward=known and node.name in saved)
     graph_results(gm)["annotate_ops"] = parents
     return parents
 

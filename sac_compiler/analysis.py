@@ -47,11 +47,16 @@ def analyze(
     optimizer_state_bytes: int | None = None,
     fused_pointwise: bool = False,
     recomputed: set[str] | None = None,
+    saved_for_backward: bool = True,
 ) -> Analysis:
-    """Annotate ``graph.gm`` with every pass; return their graph-level results."""
+    """Annotate ``graph.gm`` with every pass; return their graph-level results.
+
+    ``saved_for_backward=False``: leave out what PyTorch's default partition saves (the
+    statistics need it; the backend's planning does not)."""
     spec = resolve_device_spec(device)
     orders = annotate_modules(graph.gm, graph.root_name)
-    parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None)
+    parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None,
+                           saved_for_backward=saved_for_backward)
     memory = annotate_memory(
         graph.gm,
         target_device=graph.target_device,

@@ -367,6 +367,7 @@ def plan_joint(
         optimizer_state_bytes=config.optimizer_state_bytes,
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(),  # the plan replaces any checkpoint the user wrote
+        saved_for_backward=False,
     )
     result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes)
