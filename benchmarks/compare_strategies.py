@@ -17,7 +17,9 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
 
 ``--strategies NAME ...`` runs only the strategies whose names contain one of the given strings
 (``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
-Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs).
+Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs);
+"planning s" is the part of it the sac backend spent on its own (analysis, plans, simulations:
+all but the one partition plain ``torch.compile`` makes too), over all graphs.
 
 Each strategy gets a fresh model built from the same seed and 3 warm-up steps (the first compiles);
 "before" is what is allocated just after them (parameters and inputs: gradients are set to None
@@ -327,6 +329,7 @@ class StrategyResult:
     activation_memory_budget: float | None = None
     first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
     predicted_extra_gib: float | None = None  # backend="sac": the plan's simulated extra peak
+    planning_s: float | None = None  # backend="sac": the backend's own time in the first step (all graphs)
     left_allocated_bytes: int | None = None  # still allocated after the strategy was released (0 expected)
     error: str | None = None  # type and full message of what the strategy raised
     error_summary: str | None = None  # one line: the outer type and the innermost "...Error: ..." line
@@ -450,14 +453,15 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
         del model, fn, tokens
         _release(device)
     extra = None if peak is None else (peak - before) / 2**30
-    predicted = None
+    predicted = planning = None
     if plans and all(p is not None and p.partitioned is not None for p in plans):
         # the simulated peak of the partitioned graphs, over the parameters and inputs
         predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes - p.outside_bytes
                         for p in plans) / 2**30
+        planning = sum(p.planning_s for p in plans)
     result = StrategyResult(**base, status="ok", step_ms=statistics.median(times), step_ms_all=tuple(times),
                             built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra,
-                            first_step_s=first_step_s, predicted_extra_gib=predicted)
+                            first_step_s=first_step_s, predicted_extra_gib=predicted, planning_s=planning)
     return result, grads
 
 
@@ -542,6 +546,8 @@ def _progress(result: StrategyResult, seconds: float) -> None:
         if result.predicted_extra_gib is not None:
             extra += f" (predicted {result.predicted_extra_gib:.2f})"
         line = f"{result.step_ms:.1f} ms{extra}, first step {result.first_step_s:.1f} s"
+        if result.planning_s is not None:
+            line += f" (planning {result.planning_s:.1f} s)"
     else:
         line = f"{result.status.upper()} {_clip(result.error_summary)}"
     print(f"[{result.model}] {result.strategy}: {line} ({seconds:.0f} s)", flush=True)
@@ -583,11 +589,11 @@ class BenchmarkReport:
 def format_table(results: Sequence[StrategyResult]) -> str:
     rows = [
         (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, r.budget_gib, r.first_step_s,
-         "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
+         r.planning_s, "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
         for r in results
     ]
     return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "budget GiB",
-                                   "first step s", "status"],
+                                   "first step s", "planning s", "status"],
                     tablefmt="github", floatfmt=".2f", missingval="-")
 
 

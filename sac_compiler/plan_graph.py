@@ -62,6 +62,7 @@ class GraphPlanResult:
     # is included in predicted_peak and partitioned.peak_bytes
     outside_bytes: int = 0
     fastest: Any = None  # under Inductor: the plan without memory pressure (solvers.savings_plan.SavingsPlan)
+    planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""

@@ -177,6 +177,7 @@ def test_partitioned_graphs_match_the_joint_simulation_on_the_eager_route(budget
     # the forward and backward graphs that will run peak where the plan's simulation said
     assert result.partitioned.peak_bytes == pytest.approx(result.predicted_peak, rel=0.01)
     assert result.partitioned.peak_bytes <= result.budget_bytes
+    assert result.planning_s > 0  # the backend's own time is recorded
 
 
 def test_repeated_layers_can_share_decisions():
