@@ -11,14 +11,16 @@ A recomputed dropout must reproduce its forward mask. Under Inductor the joint-g
 every random op into one ``inductor_seeds`` draw per graph and, per op, seeded RNG
 (``inductor_lookup_seed`` + ``inductor_random``) that is a pure function of its seed: the seeds
 stay saved (``inductor_seeds`` cannot carry a tag), the seeded RNG is planned like any other op
-(Inductor stores its random values) and recomputes the same values. On the eager route the random ops themselves (and the values
-only they produce) stay saved. The report lists what stayed saved.
+(Inductor stores its random values) and recomputes the same values. On the eager route the
+random ops themselves (and the values only they produce) stay saved. The report lists what stayed
+saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import operator
@@ -453,14 +455,12 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
-    from sac_compiler.solvers.savings_plan import plan_time_ms
-
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
     try:
         if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
             plan, sim = fastest, fastest_sim  # nothing to trade: the fastest plan fits
         else:
-            plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside)
+            plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
     except BudgetError as error:
         # The program's chain terms are conservative for plans that rebuild whole layers: try
         # checkpointing the fewest leading layers whole, the rest as the fastest plan has them.
@@ -473,10 +473,10 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
                  format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
         # the program, shifted onto the exact simulation of the hybrid, may find a faster plan near it
-        plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim)
+        plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
     else:
         # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
-        time_of = lambda p: plan_time_ms(problem, p.recompute, p.kept_for_recompute)  # noqa: E731
+        time_of = functools.partial(_plan_ms, problem)
         structure = _layer_structure(problem, analysis)
         one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
                                     fastest.recompute if fastest is not None else (), structure)
@@ -534,7 +534,7 @@ def _budget_error(analysis: Any, config: SACConfig, problem: Any, budget: int, o
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
-                  fastest: Any, outside: int = 0) -> tuple[Any, Any]:
+                  fastest: Any, outside: int = 0, fastest_sim: Any = None) -> tuple[Any, Any]:
     """Solve and re-check on the exact simulation (see ``_plan``); the plan and its simulation."""
     from sac_compiler.solvers import InfeasibleError
     from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
@@ -573,7 +573,7 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
             f"{format_bytes(sim.peak_bytes + outside)} in simulation; raise memory_budget"
         )
     if fastest is not None:
-        plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim)
+        plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
     return plan, sim
 
 
@@ -692,7 +692,7 @@ def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
 
 
 def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, options: Any,
-                reference: Any, best: Any, best_sim: Any) -> tuple[Any, Any]:
+                reference: Any, best: Any, best_sim: Any, reference_sim: Any = None) -> tuple[Any, Any]:
     """A faster plan than ``best`` from a model shifted onto the exact simulation, if one fits.
 
     The savings model counts a recomputed value as a buffer again from its first backward read;
@@ -702,21 +702,21 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     shifted model gives is checked on the exact simulation: one that fits and is faster is kept and
     becomes the reference (one that fits and is no faster ends the search); one that does not fit
     raises the shift where it went over, by what the shifted model missed there, so the search
-    does not return to it.
+    does not return to it. ``reference_sim``: the reference's exact simulation, if the caller has it.
     """
     from sac_compiler.solvers import InfeasibleError
-    from sac_compiler.solvers.savings_plan import plan_time_ms, solve_savings_plan
+    from sac_compiler.solvers.savings_plan import solve_savings_plan
 
-    def time_of(plan: Any) -> float:
-        return plan_time_ms(problem, plan.recompute, plan.kept_for_recompute)
+    time_of = functools.partial(_plan_ms, problem)
 
-    if reference.recompute != best.recompute and time_of(reference) < time_of(best):
-        sim = _simulate(analysis, config, reference.recompute)
-        if sim.peak_bytes <= goal:
-            return reference, sim  # the fastest plan fits
+    if reference_sim is None:
+        reference_sim = _simulate(analysis, config, reference.recompute)
+    faster = reference.recompute != best.recompute and time_of(reference) < time_of(best)
+    if faster and reference_sim.peak_bytes <= goal:
+        return reference, reference_sim  # the fastest plan fits
     best_ms = time_of(best)
     seen = {best.recompute}
-    shift = _model_error(problem, reference, _simulate(analysis, config, reference.recompute))
+    shift = _model_error(problem, reference, reference_sim)
     for _ in range(_CALIBRATION_ROUNDS):
         shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
                                       budget=goal)
@@ -742,6 +742,13 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
             shift = [e + m if simulated[t] > goal and m > 0 else e
                      for t, (e, m) in enumerate(zip(shift, missed))]
     return best, best_sim
+
+
+def _plan_ms(problem: Any, plan: Any) -> float:
+    """The program's time of a plan (recompute costs and the keep costs of what stays kept)."""
+    from sac_compiler.solvers.savings_plan import plan_time_ms
+
+    return plan_time_ms(problem, plan.recompute, plan.kept_for_recompute)
 
 
 def _step_profile(sim: Any) -> tuple[int, ...]:

@@ -232,7 +232,7 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(plan_graph, "_solve_rounds", no_plan)
     # the hybrid itself (the shifted program may find a faster plan near it: not what this tests)
-    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim: (best, sim))
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
     # between every layer checkpointed and none: some leading layers checkpointed whole
     budget = int(0.6 * unplanned.baseline_peak + 0.4 * unplanned.analysis.memory.static_bytes)
     backend, records = recording_backend(memory_budget=budget, compiler="eager")
