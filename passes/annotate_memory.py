@@ -106,16 +106,12 @@ def round_allocation(nbytes: int, device: torch.device | str | None) -> int:
     return nbytes
 
 
-def _hint(x: Any) -> int:
-    return size_hint(x)
-
-
 def tensor_nbytes(t: torch.Tensor) -> int:
     """Bytes of the tensor's storage (sizes from hints where symbolic)."""
     try:
-        return _hint(t.untyped_storage().nbytes())
+        return size_hint(t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
-        return _hint(t.numel()) * t.element_size()
+        return size_hint(t.numel()) * t.element_size()
 
 
 def _side(node: fx.Node) -> Side:

@@ -28,16 +28,12 @@ log = logging.getLogger(__name__)
 MODES = ("cost-model", "benchmark")
 
 
-def _hint(x: Any) -> int:
-    return size_hint(x)
-
-
 def _val(arg: Any) -> Any:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return _hint(t.numel()) * t.element_size()
+    return size_hint(t.numel()) * t.element_size()
 
 
 def node_flops(node: fx.Node) -> int:
@@ -111,8 +107,8 @@ def annotate_runtime(
 def _materialize(val: Any, device: torch.device) -> Any:
     if not isinstance(val, torch.Tensor):
         return val
-    shape = [_hint(s) for s in val.shape]
-    stride = [_hint(s) for s in val.stride()]
+    shape = [size_hint(s) for s in val.shape]
+    stride = [size_hint(s) for s in val.stride()]
     if val.dtype.is_floating_point or val.dtype.is_complex:
         t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).normal_()
     elif val.dtype == torch.bool:
@@ -126,7 +122,7 @@ def _signature(node: fx.Node) -> Any:
     def sig(a: Any) -> Any:
         v = _val(a)
         if isinstance(v, torch.Tensor):
-            return (tuple(_hint(s) for s in v.shape), tuple(_hint(s) for s in v.stride()), v.dtype)
+            return (tuple(size_hint(s) for s in v.shape), tuple(size_hint(s) for s in v.stride()), v.dtype)
         return repr(v)
 
     return (node.target, tuple(tree_map(sig, list(node.args))), tuple(sorted((k, repr(tree_map(sig, v))) for k, v in node.kwargs.items())))
