@@ -22,12 +22,16 @@ Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeat
 all but the one partition plain ``torch.compile`` makes too), over all graphs.
 
 Each strategy gets a fresh model built from the same seed and 3 warm-up steps (the first compiles);
-"before" is what is allocated just after them (parameters and inputs: gradients are set to None
-after every step); then ``--steps`` timed steps, one CUDA event pair each, give the median step
-time and ``max_memory_allocated``; the extra peak is peak - before. The cuBLAS workspaces are
-created once up front so they count in no strategy's extra peak. Between strategies everything is
-freed and Dynamo reset; memory still allocated after that is recorded (``left_allocated_bytes``)
-and reported. A strategy that raises is recorded with its error and the run goes on.
+"before" is what its model and inputs hold just after them (parameters and inputs: gradients are set
+to None after every step); then ``--steps`` timed steps, one CUDA event pair each, with
+``max_memory_allocated``. The strategies stay alive, and ``--rounds`` rounds in all time every one of
+them again in turn, so that the GPU's clocks drifting over the run (seen on an H200: the same
+kernels 3 to 4% slower in one strategy's steps than in the one before) fall on all strategies alike.
+The step time is the median over all rounds; the extra peak is the largest peak - before of a round.
+The cuBLAS workspaces are created once up front so they count in no strategy's extra peak. Once a
+model's strategies are done everything is freed and Dynamo reset; memory still allocated after that
+is recorded (``left_allocated_bytes``) and reported. A strategy that raises is recorded with its
+error and the run goes on.
 
 Writes ``OUT/results.json`` (after each model) and ``OUT/pareto.png`` (step time against extra
 peak; needs matplotlib) and prints a table. ``--check-grads`` also compares the seed model's
@@ -318,11 +322,11 @@ class StrategyResult:
     model: str
     strategy: str
     status: str  # "ok", "error" (the strategy raised) or "skipped" (no budget to give it)
-    step_ms: float | None = None  # median over the timed steps
+    step_ms: float | None = None  # median over the timed steps of all rounds
     step_ms_all: tuple[float, ...] = ()
-    built_bytes: int | None = None  # allocated once the model and its inputs exist, before any step
-    before_bytes: int | None = None  # allocated just before the timed steps (parameters, inputs, no gradients)
-    peak_bytes: int | None = None  # max_memory_allocated over the timed steps; None on CPU
+    built_bytes: int | None = None  # the strategy's own bytes once its model and inputs exist, before any step
+    before_bytes: int | None = None  # the strategy's own bytes after the warm-up (parameters, inputs, no gradients)
+    peak_bytes: int | None = None  # before_bytes + its largest extra peak over the rounds; None on CPU
     extra_peak_gib: float | None = None  # (peak - before) / 2**30
     budget_bytes: int | None = None  # backend="sac" memory_budget
     budget_gib: float | None = None
@@ -341,9 +345,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _release(device: torch.device) -> None:
+def _release(device: torch.device, reset: bool = True) -> None:
+    """Free what is unreferenced; ``reset`` also drops Dynamo's compiled code (of every strategy)."""
     gc.collect()
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -402,20 +408,67 @@ def timed_steps(fn: Callable[..., torch.Tensor], model: nn.Module, tokens: torch
 Grads = dict[str, torch.Tensor]
 
 
-def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
-                 seed: int, budget_bytes: int | None = None,
-                 seeded_grads: bool = False) -> tuple[StrategyResult, Grads | None]:
-    """Build, (compile,) warm up and time one strategy; an exception becomes an "error" result.
+@dataclass
+class _Prepared:
+    """A strategy built, compiled and warmed up, kept alive for its timing rounds."""
 
-    With ``seeded_grads``, one more step after the timed ones, right after ``torch.manual_seed(seed)``,
-    gives the gradients (copied to the CPU) for the gradient check.
-    """
+    strategy: Strategy
+    base: dict[str, Any]
+    model: nn.Module
+    fn: Callable[..., torch.Tensor]
+    tokens: torch.Tensor
+    built: int | None  # this strategy's own bytes once its model and inputs exist
+    before: int | None  # its own bytes after the warm-up (parameters, inputs, no gradients)
+    first_step_s: float
+    plans: list[Any]
+    times: list[float] = dataclasses.field(default_factory=list)
+    extra: int | None = None  # the largest (peak - allocated just before) over its rounds
+
+    def time_round(self, steps: int, device: torch.device) -> None:
+        before = _allocated(device)
+        times, peak = timed_steps(self.fn, self.model, self.tokens, steps, device)
+        self.times += times
+        if peak is not None and before is not None:
+            self.extra = max(self.extra or 0, peak - before)
+
+    def result(self) -> StrategyResult:
+        extra = None if self.extra is None else self.extra / 2**30
+        peak = None if self.extra is None or self.before is None else self.before + self.extra
+        predicted = planning = None
+        plans = self.plans
+        if plans and all(p is not None and p.partitioned is not None for p in plans):
+            # the simulated peak of the partitioned graphs, over the parameters and inputs
+            predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes - p.outside_bytes
+                            for p in plans) / 2**30
+            planning = sum(p.planning_s for p in plans)
+        return StrategyResult(**self.base, status="ok", step_ms=statistics.median(self.times),
+                              step_ms_all=tuple(self.times), built_bytes=self.built, before_bytes=self.before,
+                              peak_bytes=peak, extra_peak_gib=extra, first_step_s=self.first_step_s,
+                              predicted_extra_gib=predicted, planning_s=planning)
+
+    def seeded_grads(self, seed: int) -> Grads:
+        """One more step right after ``torch.manual_seed(seed)``; the gradients, copied to the CPU."""
+        torch.manual_seed(seed)
+        _train_step(self.fn, self.tokens)
+        grads = {name: p.grad.detach().to("cpu", copy=True)
+                 for name, p in self.model.named_parameters() if p.grad is not None}
+        self.model.zero_grad(set_to_none=True)
+        return grads
+
+
+def _error_result(base: dict[str, Any], error: BaseException) -> StrategyResult:
+    return StrategyResult(**base, status="error", error=f"{type(error).__name__}: {error}",
+                          error_summary=error_summary(error), traceback=traceback.format_exc())
+
+
+def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
+                     seed: int, budget_bytes: int | None = None) -> _Prepared | StrategyResult:
+    """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result."""
     base = dict(model=workload.name, strategy=strategy.name, budget_bytes=budget_bytes,
                 budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
                 activation_memory_budget=strategy.activation_memory_budget)
-    model = fn = tokens = None
-    grads = None
     amb = strategy.activation_memory_budget
+    start = _allocated(device)
     try:
         torch.manual_seed(seed)
         model = workload.build(device)
@@ -423,7 +476,6 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
         tokens = workload.tokens(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         built = _allocated(device)
         patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
         plans: list[Any] = []
@@ -436,33 +488,32 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
                 if i == 0:
                     _sync(device)
                     first_step_s = time.perf_counter() - t0
-        # Measured after the warm-up: memory that an earlier strategy left behind and that the compile
-        # released (seen after Inductor failures) must not count against this strategy.
-        before = _allocated(device)
-        times, peak = timed_steps(fn, model, tokens, steps, device)
-        if seeded_grads:
-            torch.manual_seed(seed)
-            _train_step(fn, tokens)
-            grads = {name: p.grad.detach().to("cpu", copy=True)
-                     for name, p in model.named_parameters() if p.grad is not None}
+        # Measured after the warm-up: memory that the compile released must not count against it.
+        after = _allocated(device)
+        own = (lambda b: None if b is None or start is None else b - start)
+        prepared = _Prepared(strategy, base, model, fn, tokens, own(built), own(after), first_step_s, plans)
+        prepared.time_round(steps, device)
+        return prepared
     except Exception as e:
-        result = StrategyResult(**base, status="error", error=f"{type(e).__name__}: {e}",
-                                error_summary=error_summary(e), traceback=traceback.format_exc())
-        return result, None
+        return _error_result(base, e)
+
+
+def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
+                 seed: int, budget_bytes: int | None = None,
+                 seeded_grads: bool = False) -> tuple[StrategyResult, Grads | None]:
+    """One strategy on its own: prepared, timed ``steps`` steps, with ``seeded_grads`` its gradients
+    (see :meth:`_Prepared.seeded_grads`), then released."""
+    prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget_bytes)
+    if not isinstance(prepared, _Prepared):
+        return prepared, None
+    try:
+        grads = prepared.seeded_grads(seed) if seeded_grads else None
+        return prepared.result(), grads
+    except Exception as e:
+        return _error_result(prepared.base, e), None
     finally:
-        del model, fn, tokens
+        del prepared
         _release(device)
-    extra = None if peak is None else (peak - before) / 2**30
-    predicted = planning = None
-    if plans and all(p is not None and p.partitioned is not None for p in plans):
-        # the simulated peak of the partitioned graphs, over the parameters and inputs
-        predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes - p.outside_bytes
-                        for p in plans) / 2**30
-        planning = sum(p.planning_s for p in plans)
-    result = StrategyResult(**base, status="ok", step_ms=statistics.median(times), step_ms_all=tuple(times),
-                            built_bytes=built, before_bytes=before, peak_bytes=peak, extra_peak_gib=extra,
-                            first_step_s=first_step_s, predicted_extra_gib=predicted, planning_s=planning)
-    return result, grads
 
 
 def sac_budget(compiled: StrategyResult, fraction: float) -> int:
@@ -498,46 +549,87 @@ LEAK_WARNING_BYTES = 16 * 2**20
 
 
 def run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
-                 warmup: int, seed: int, baseline_bytes: int | None = None,
+                 warmup: int, seed: int, rounds: int = 1, baseline_bytes: int | None = None,
                  check_grads: bool = False) -> tuple[list[StrategyResult], list[GradCheck]]:
-    """Every strategy in turn, and with ``check_grads`` each sac strategy's gradients against compile's.
+    """Every strategy in turn, timed in ``rounds`` interleaved rounds of ``steps`` steps, and with
+    ``check_grads`` each sac strategy's gradients against compile's.
 
-    ``baseline_bytes`` is what should be allocated between strategies; more is recorded and reported.
+    Each strategy is built, compiled, warmed up and timed once in the order given (compile's peak
+    sets the sac budgets); then rounds 2.. time every strategy again, one after another, so that a
+    drift of the GPU's clocks over the run falls on all of them alike. ``baseline_bytes`` is what
+    should be allocated once they are all released; more is recorded and reported.
     """
-    results: list[StrategyResult] = []
+    # Every compiled strategy keeps a Dynamo cache entry on the one ``loss`` code object.
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(strategies))):
+        return _run_workload(workload, strategies, device, steps, warmup, seed, rounds, baseline_bytes, check_grads)
+
+
+def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
+                  warmup: int, seed: int, rounds: int, baseline_bytes: int | None,
+                  check_grads: bool) -> tuple[list[StrategyResult], list[GradCheck]]:
+    results: dict[str, StrategyResult] = {}
     checks: list[GradCheck] = []
-    by_name: dict[str, StrategyResult] = {}
-    reference: Grads | None = None
+    live: list[_Prepared] = []
     for strategy in strategies:
         budget = None
-        is_sac = strategy.backend == "sac"
         if strategy.sac_fraction is not None:
-            compiled = by_name.get(COMPILE)
+            compiled = results.get(COMPILE)
             if compiled is None or compiled.peak_bytes is None:
                 why = ("did not run" if compiled is None else f"failed: {compiled.error_summary}"
                        if compiled.status != "ok" else "measured no peak memory (CPU)")
                 error = f"no budget: plain torch.compile {why}"
-                result = StrategyResult(workload.name, strategy.name, "skipped", error=error, error_summary=error)
-                results.append(result)
-                _progress(result, 0.0)
-                if check_grads:
-                    checks.append(compare_grads(result, None, {}))
+                results[strategy.name] = StrategyResult(workload.name, strategy.name, "skipped", error=error,
+                                                        error_summary=error)
+                _progress(results[strategy.name], 0.0)
                 continue
             budget = sac_budget(compiled, strategy.sac_fraction)
         start = time.perf_counter()
-        wants_grads = check_grads and (strategy.name == COMPILE or (is_sac and reference is not None))
-        result, grads = run_strategy(workload, strategy, device, steps, warmup, seed, budget, wants_grads)
-        if baseline_bytes is not None:
-            result = dataclasses.replace(result, left_allocated_bytes=_allocated(device) - baseline_bytes)
-        results.append(result)
-        by_name[strategy.name] = result
+        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget)
+        if isinstance(prepared, _Prepared):
+            live.append(prepared)
+            result = prepared.result()
+        else:
+            result = prepared
+            _release(device, reset=False)  # the strategies kept for the later rounds stay compiled
+        results[strategy.name] = result
         _progress(result, time.perf_counter() - start)
-        if strategy.name == COMPILE:
+    for i in range(1, rounds):
+        for prepared in live:
+            prepared.time_round(steps, device)
+        print(f"[{workload.name}] timing round {i + 1} of {rounds} done", flush=True)
+    by_name = {p.strategy.name: p for p in live}
+    reference: Grads | None = None
+    for strategy in strategies:
+        prepared, result = by_name.get(strategy.name), results[strategy.name]
+        if prepared is not None:
+            result = results[strategy.name] = prepared.result()
+            if rounds > 1:
+                _progress(result, 0.0)
+        is_compile = strategy.name == COMPILE
+        if not check_grads or not (is_compile or strategy.backend == "sac"):
+            continue
+        grads = None
+        if prepared is not None and (is_compile or reference is not None):
+            try:
+                grads = prepared.seeded_grads(seed)
+            except Exception as e:
+                result = results[strategy.name] = _error_result(prepared.base, e)
+        if is_compile:
             reference = grads
-        elif check_grads and is_sac and reference is not None:
-            checks.append(compare_grads(result, grads, reference))
+        elif reference is not None or result.status != "ok":
+            checks.append(compare_grads(result, grads, reference or {}))
             _progress_grads(checks[-1])
-    return results, checks
+    live.clear()
+    by_name.clear()
+    prepared = None
+    _release(device)
+    if baseline_bytes is not None:
+        left = _allocated(device) - baseline_bytes
+        results = {k: dataclasses.replace(r, left_allocated_bytes=left) for k, r in results.items()}
+        if abs(left) > LEAK_WARNING_BYTES:
+            print(f"  WARNING: {left / 2**30:+.2f} GiB allocated compared with the start once the "
+                  f"{workload.name} strategies were released", flush=True)
+    return list(results.values()), checks
 
 
 def _progress(result: StrategyResult, seconds: float) -> None:
@@ -551,10 +643,6 @@ def _progress(result: StrategyResult, seconds: float) -> None:
     else:
         line = f"{result.status.upper()} {_clip(result.error_summary)}"
     print(f"[{result.model}] {result.strategy}: {line} ({seconds:.0f} s)", flush=True)
-    if result.left_allocated_bytes is not None and abs(result.left_allocated_bytes) > LEAK_WARNING_BYTES:
-        print(f"  WARNING: {result.left_allocated_bytes / 2**30:+.2f} GiB allocated compared with the start once this "
-              "strategy was released (later strategies measure their extra peak from just before their timed steps)",
-              flush=True)
 
 
 def _progress_grads(check: GradCheck) -> None:
@@ -580,6 +668,7 @@ class BenchmarkReport:
     python_version: str
     smoke: bool
     steps: int
+    rounds: int
     warmup: int
     models: dict[str, dict[str, Any]]
     results: list[StrategyResult]
@@ -657,6 +746,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                             help=f"Llama {field.name} (default {getattr(defaults, field.name)})")
     parser.add_argument("--seed-batch", type=int, default=8, help="batch of the seed Transformer (default 8)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per strategy (default 10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds over all strategies, --steps steps each (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
     parser.add_argument("--rng-seed", type=int, default=0)
     parser.add_argument("--check-grads", action="store_true",
@@ -668,8 +759,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-out/compare_strategies"),
                         help="folder for results.json and pareto.png")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1 (the first warm-up step compiles)")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--steps, --rounds and --warmup must be >= 1 (the first warm-up step compiles)")
     if args.check_grads and (args.smoke or args.model == "llama"):
         parser.error("--check-grads runs on the seed model: use --model seed or both, without --smoke")
     if not args.smoke and not torch.cuda.is_available():
@@ -706,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         device_name = torch.cuda.get_device_name(device)
         _warm_up_cublas(device)
     print(f"{device_name}, torch {torch.__version__}, {len(strategies)} strategies x {len(workloads)} model(s), "
-          f"{args.warmup} warm-up + {args.steps} timed steps each", flush=True)
+          f"{args.warmup} warm-up + {args.rounds} x {args.steps} timed steps each", flush=True)
 
     results: list[StrategyResult] = []
     grad_checks: list[GradCheck] | None = [] if args.check_grads else None
@@ -714,14 +805,14 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     json_path = args.out / "results.json"
     for workload in workloads:
         model_results, model_checks = run_workload(
-            workload, strategies, device, args.steps, args.warmup, args.rng_seed, baseline_bytes=baseline,
+            workload, strategies, device, args.steps, args.warmup, args.rng_seed, rounds=args.rounds, baseline_bytes=baseline,
             check_grads=args.check_grads and workload.name == "seed")
         results += model_results
         if grad_checks is not None:
             grad_checks += model_checks
         report = BenchmarkReport(
             device=device_name, torch_version=torch.__version__, python_version=platform.python_version(),
-            smoke=args.smoke, steps=args.steps, warmup=args.warmup,
+            smoke=args.smoke, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
             models={w.name: w.config for w in workloads}, results=results, grad_checks=grad_checks,
         )
         args.out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
+from passes.annotate_runtime import achieved_seconds
 from passes.record import Side, get_record
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
@@ -176,7 +177,7 @@ def build_plan_problem(
             # forward where no non-fusible op there makes Inductor write it anyway.
             cost = 0.0
             if _fused_in_forward(node, fwd_outputs):
-                keep_cost = nbytes / (analysis.device_spec.hbm_bandwidth / 1e3)
+                keep_cost = 1e3 * achieved_seconds(analysis.device_spec, 0, nbytes, torch.float32)
         group = f"op:{producer.name}" if producer is not node else None
         if prec.is_random:
             kept_random.append(producer.name)

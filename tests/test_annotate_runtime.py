@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from passes import annotate_ops, annotate_runtime, get_record
+from passes.annotate_runtime import BANDWIDTH_EFFICIENCY, MATMUL_EFFICIENCY
 from sac_compiler import capture_joint
 from sac_compiler.device_specs import get_device_spec
 
@@ -17,7 +18,9 @@ def test_roofline_per_node():
     rec = get_record(fw)
     assert rec.flops == 2 * 512 * 1024 * 1024
     assert rec.bytes_accessed == 4 * (512 * 1024 + 1024 * 1024 + 512 * 1024)
-    expected = 1e3 * max(rec.flops / spec.peak_flops_for(torch.float32), rec.bytes_accessed / spec.hbm_bandwidth)
+    # the datasheet roofline, at the fractions of it that kernels achieve
+    expected = 1e3 * max(rec.flops / (spec.peak_flops_for(torch.float32) * MATMUL_EFFICIENCY),
+                         rec.bytes_accessed / (spec.hbm_bandwidth * BANDWIDTH_EFFICIENCY))
     assert rec.runtime_ms == pytest.approx(expected)
     assert rec.runtime_source == "cost-model"
     views = [n for n in graph.gm.graph.nodes if n.target == torch.ops.aten.t.default]

@@ -24,16 +24,17 @@ def compare_strategies():
 
 
 def test_smoke_writes_one_record_per_strategy(compare_strategies, tmp_path):
-    compare_strategies.main(["--smoke", "--steps", "3", "--out", str(tmp_path)])
+    compare_strategies.main(["--smoke", "--steps", "3", "--rounds", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
 
     names = [s.name for s in compare_strategies.SMOKE_STRATEGIES]
     assert [r["strategy"] for r in report["results"]] == names
     assert report["smoke"] is True and report["torch_version"] == torch.__version__
+    assert report["steps"] == 3 and report["rounds"] == 2
     for record in report["results"]:
         assert record["peak_bytes"] is None  # no peak on CPU
         if record["status"] == "ok":
-            assert record["step_ms"] > 0 and len(record["step_ms_all"]) == 3
+            assert record["step_ms"] > 0 and len(record["step_ms_all"]) == 3 * 2  # steps x rounds
             assert all(t > 0 for t in record["step_ms_all"])
             assert record["error"] is None
         else:
