@@ -12,8 +12,10 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
   ``torch._functorch.config.activation_memory_budget`` B in 0.8, 0.5, 0.3, 0.1, 0.0;
 * ``sac, no budget`` (``backend="sac"`` partitions as ``torch.compile`` does and simulates the
   partition: its prediction against the measurement); ``sac F`` at ``memory_budget`` =
-  parameter-and-input bytes + F x the extra peak that plain ``compile`` measured, F in 75%, 50%, 25%.
-  For the sac strategies the table also gives the plan's predicted extra peak.
+  parameter-and-input bytes + F x the extra peak that plain ``compile`` measured, F in 75%, 50%, 25%
+  (the table's budget), plus what the strategies kept alive before it hold: the backend counts all
+  allocated memory against an absolute budget. For the sac strategies the table also gives the
+  plan's predicted extra peak.
 
 ``--strategies NAME ...`` runs only the strategies whose names contain one of the given strings
 (``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
@@ -70,6 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
+from torch._dynamo.utils import counters
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 AMB_BUDGETS = (0.8, 0.5, 0.3, 0.1, 0.0)
@@ -291,6 +294,10 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
     loss = loss_of(model)
     if strategy.backend is None:
         return loss
+    # Dynamo keeps compiled graphs on the code object and, with the modules' parameters as graph
+    # inputs, guards on a model's structure rather than its identity: the strategies kept alive for
+    # the timing rounds would run the first one's graph. Each compiled strategy gets its own code.
+    loss.__code__ = loss.__code__.replace()
     if strategy.backend == "inductor":
         return torch.compile(loss)
     options: dict[str, Any] = {"compiler": strategy.sac_compiler}
@@ -328,7 +335,7 @@ class StrategyResult:
     before_bytes: int | None = None  # the strategy's own bytes after the warm-up (parameters, inputs, no gradients)
     peak_bytes: int | None = None  # before_bytes + its largest extra peak over the rounds; None on CPU
     extra_peak_gib: float | None = None  # (peak - before) / 2**30
-    budget_bytes: int | None = None  # backend="sac" memory_budget
+    budget_bytes: int | None = None  # backend="sac": its own budget (memory_budget less what others held)
     budget_gib: float | None = None
     activation_memory_budget: float | None = None
     first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
@@ -468,7 +475,8 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
                 budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
                 activation_memory_budget=strategy.activation_memory_budget)
     amb = strategy.activation_memory_budget
-    start = _allocated(device)
+    start = _allocated(device)  # the strategies kept alive so far: the backend sees them as outside the graph
+    graphs = counters["stats"]["unique_graphs"]
     try:
         torch.manual_seed(seed)
         model = workload.build(device)
@@ -480,7 +488,7 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
         plans: list[Any] = []
         with patch:  # compile and the first calls (where AOTAutograd partitions) see the budget
-            fn = compile_for(model, strategy, budget_bytes, plans)
+            fn = compile_for(model, strategy, None if budget_bytes is None else budget_bytes + (start or 0), plans)
             for i in range(warmup):
                 t0 = time.perf_counter()
                 _train_step(fn, tokens)
@@ -488,6 +496,8 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
                 if i == 0:
                     _sync(device)
                     first_step_s = time.perf_counter() - t0
+        if strategy.backend is not None and counters["stats"]["unique_graphs"] == graphs:
+            raise RuntimeError(f"{strategy.name} compiled no graph of its own (it would time another strategy's)")
         # Measured after the warm-up: memory that the compile released must not count against it.
         after = _allocated(device)
         own = (lambda b: None if b is None or start is None else b - start)
@@ -517,7 +527,8 @@ def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, s
 
 
 def sac_budget(compiled: StrategyResult, fraction: float) -> int:
-    """Absolute budget: the parameter-and-input bytes plus ``fraction`` of compile's extra peak."""
+    """The strategy's own budget: the parameter-and-input bytes plus ``fraction`` of compile's extra
+    peak (the backend is given this plus what the strategies kept alive before it hold)."""
     return compiled.before_bytes + round(fraction * (compiled.peak_bytes - compiled.before_bytes))
 
 
