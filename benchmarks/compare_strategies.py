@@ -29,6 +29,7 @@ to None after every step); then ``--steps`` timed steps, one CUDA event pair eac
 ``max_memory_allocated``. The strategies stay alive, and ``--rounds`` rounds in all time every one of
 them again in turn, so that the GPU's clocks drifting over the run (seen on an H200: the same
 kernels 3 to 4% slower in one strategy's steps than in the one before) fall on all strategies alike.
+Each round starts by freeing the allocator's cached blocks and taking one untimed step.
 The step time is the median over all rounds; the extra peak is the largest peak - before of a round.
 The cuBLAS workspaces are created once up front so they count in no strategy's extra peak. Once a
 model's strategies are done everything is freed and Dynamo reset; memory still allocated after that
@@ -432,6 +433,12 @@ class _Prepared:
     extra: int | None = None  # the largest (peak - allocated just before) over its rounds
 
     def time_round(self, steps: int, device: torch.device) -> None:
+        # The caching allocator still holds the blocks of the strategies timed before this one: with
+        # them all alive, near the GPU's capacity, steps would wait on the allocator freeing them.
+        # Hand them back, and let one untimed step cache this strategy's own.
+        _release(device, reset=False)
+        _train_step(self.fn, self.tokens)
+        self.model.zero_grad(set_to_none=True)
         before = _allocated(device)
         times, peak = timed_steps(self.fn, self.model, self.tokens, steps, device)
         self.times += times
