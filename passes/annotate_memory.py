@@ -451,6 +451,18 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     eligible = [n for n in order if n in members and is_pointwise_op(n)]
     ok = set(eligible)
     parent = {n: n for n in eligible}
+    # A value made from a recomputed matmul (or reduction) that reads the chain cannot share the
+    # kernel of the chain values that matmul reads (fusing them would make a cycle): one level per
+    # such step. A recomputed matmul of saved values only runs wherever the kernel needs it.
+    level: dict[fx.Node, int] = {}
+
+    def member_inputs(node: fx.Node) -> list[fx.Node]:
+        return [b for b in (owner.get(a, a) for a in node.all_input_nodes) if b in level]
+
+    for node in order:
+        if node in members:
+            level[node] = max((level[b] + (b not in ok and bool(member_inputs(b))) for b in member_inputs(node)),
+                              default=0)
 
     def root(n: fx.Node) -> fx.Node:
         while parent[n] is not n:
@@ -461,7 +473,7 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     for node in eligible:
         for arg in node.all_input_nodes:
             base = owner.get(arg, arg)
-            if base in ok:
+            if base in ok and level[base] == level[node]:
                 parent[root(base)] = root(node)
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in eligible:

@@ -202,6 +202,33 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
         assert (chain[-1] in _inductor_inlined(chain, lambda n: list(n.users), {})) == folded
 
 
+def test_recomputed_chain_splits_where_a_recomputed_matmul_reads_it():
+    from passes.annotate_memory import _ancestors, _fused_recompute_groups
+
+    # a = x + 1; b = a * 2 (one kernel); m = mm(b, w) reads the chain, so c = m + b and d = c * 3
+    # run after m: fusing them with a and b would make a cycle. e = mm(x, w) reads no chain value:
+    # g = (e + x) * a joins a's kernel, which e then runs before.
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    for p in (x, w):
+        p.meta["val"] = torch.empty(8, 8)
+    a = graph.call_function(torch.ops.aten.add.Tensor, (x, 1.0))
+    b = graph.call_function(torch.ops.aten.mul.Tensor, (a, 2.0))
+    m = graph.call_function(torch.ops.aten.mm.default, (b, w))
+    c = graph.call_function(torch.ops.aten.add.Tensor, (m, b))
+    d = graph.call_function(torch.ops.aten.mul.Tensor, (c, 3.0))
+    e = graph.call_function(torch.ops.aten.mm.default, (x, w))
+    f = graph.call_function(torch.ops.aten.add.Tensor, (e, x))
+    g = graph.call_function(torch.ops.aten.mul.Tensor, (f, a))
+    graph.output((d, g))
+    members = {a, b, m, c, d, e, f, g}
+    groups = _fused_recompute_groups(list(graph.nodes), members, {})
+    assert {frozenset(group) for group in groups} == {frozenset((a, b, f, g)), frozenset((c, d))}
+    assert len(groups) == 2
+    (first,) = [group for group in groups if a in group]
+    assert _ancestors(first, members, {}) == {a, b, e, f, g}  # the matmul it reads comes forward with it
+
+
 def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_starts():
     # Inductor lowers embedding_dense_backward to a zero-filled fp32 accumulator that reads
     # nothing, so it is filled (and held) from the start of backward to the gradient's cast
