@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -279,10 +280,24 @@ def annotate_memory(
                 rematerialized[base].add(max(needed))
     if fused_pointwise:  # Inductor rebuilds a chain of recomputed pointwise values in one kernel
         needed_now = {n for n, needed in rematerialized.items() if needed}
+        readers = _alloc_readers(nodes, owner)
         for group in _fused_recompute_groups(nodes, needed_now, owner):
             earliest = min(min(rematerialized[n]) for n in group)
-            for node in _ancestors(group, needed_now, owner):
+            inside = _ancestors(group, needed_now, owner)
+            for node in inside:
                 rematerialized[node].add(earliest)
+            local, reused = _fused_kernel_buffers(
+                inside, lambda n: any(_side(u) == Side.BACKWARD or (u in needed_now and u not in inside)
+                                      for u in readers.get(n, ())),
+                lambda n: remat_alloc.get(n, 0), index)
+            for node in local:
+                if is_pointwise_op(node):
+                    remat_alloc[node] = 0
+                else:
+                    rematerialized[node] = {earliest}
+            for dying, out in reused:  # the output lives in the matmul's buffer
+                rematerialized[dying] = {earliest, max(rematerialized[out])}
+                remat_alloc[out] = 0
     # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
     # last read of an inline one).
     held_for_recompute: dict[fx.Node, int] = {}
@@ -492,6 +507,39 @@ def _ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node,
         seen.add(node)
         stack += [owner.get(a, a) for a in node.all_input_nodes if owner.get(a, a) in members]
     return seen
+
+
+def _alloc_readers(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node]) -> dict[fx.Node, set[fx.Node]]:
+    """The nodes that read each allocation, through its views (views themselves left out)."""
+    readers: dict[fx.Node, set[fx.Node]] = {}
+    for node in nodes:
+        if node.op == "call_function" and owner.get(node, node) is not node:
+            continue
+        for arg in node.all_input_nodes:
+            readers.setdefault(owner.get(arg, arg), set()).add(node)
+    return readers
+
+
+def _fused_kernel_buffers(inside: set[fx.Node], read_outside: Callable[[fx.Node], bool],
+                          nbytes: Callable[[fx.Node], int],
+                          index: dict[fx.Node, int]) -> tuple[set[fx.Node], list[tuple[fx.Node, fx.Node]]]:
+    """What one fused recompute kernel (``inside``: its values and the matmuls made for it) stores.
+
+    Read against Inductor's generated backward of the seed Transformer on an H200 (torch 2.11):
+    a value of the kernel that nothing outside it reads is never stored (the dropout masks it
+    draws again included), and a matmul output that dies in the kernel is freed once it has run,
+    its buffer taken in place by an output of the kernel of the same size. Returns the values no
+    outside op reads, and the (dying matmul output, kernel output) pairs that share a buffer.
+    """
+    local = {n for n in inside if not read_outside(n)}
+    dying = sorted((n for n in local if not is_pointwise_op(n) and nbytes(n)), key=index.__getitem__)
+    reused: list[tuple[fx.Node, fx.Node]] = []
+    for out in sorted((n for n in inside - local if is_pointwise_op(n) and nbytes(n)), key=index.__getitem__):
+        match = next((d for d in dying if nbytes(d) == nbytes(out)), None)
+        if match is not None:
+            dying.remove(match)
+            reused.append((match, out))
+    return local, reused
 
 
 def _inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> int | None:
@@ -719,6 +767,32 @@ def _graph_liveness(
         for arg in node.all_input_nodes:
             last[owner[arg]] = max(last.get(owner[arg], -1), at)
     kept = {owner[n] for n in nodes if n.name in keep}
+    # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed
+    made_at = {node: index[node] for node in sizes}
+    if fused_pointwise and recomputed:
+        members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
+        readers = _alloc_readers(nodes, owner)
+        stays = kept | outputs
+        for group in _fused_recompute_groups(nodes, members, owner):
+            earliest = min(index[n] for n in group)
+            inside = _ancestors(group, members, owner)
+            for node in inside:
+                if node in made_at:
+                    made_at[node] = min(made_at[node], earliest)
+            local, reused = _fused_kernel_buffers(
+                inside, lambda n: n in stays or not readers.get(n, set()) <= inside, lambda n: sizes.get(n, 0), index)
+            for node in local:
+                if is_pointwise_op(node):
+                    sizes[node] = 0
+                else:
+                    last[node] = earliest
+            for dying, out in reused:  # the output lives in the matmul's buffer
+                last[dying] = last.get(out, index[out])
+                sizes[out] = 0
+            # saved values that only the kernel reads are freed once it has run
+            for node, by in readers.items():
+                if node.op == "placeholder" and by <= inside:
+                    last[node] = earliest
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
         if node in kept:
@@ -742,15 +816,6 @@ def _graph_liveness(
         uses = [last[m] for m in members if m in last]
         if uses:
             frees.setdefault(max(uses), []).append(group_bytes[key])
-    # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed
-    made_at = {node: index[node] for node in sizes}
-    if fused_pointwise and recomputed:
-        members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
-        for group in _fused_recompute_groups(nodes, members, owner):
-            earliest = min(index[n] for n in group)
-            for node in _ancestors(group, members, owner):
-                if node in made_at:
-                    made_at[node] = min(made_at[node], earliest)
     allocs: dict[int, int] = {}
     if fused_pointwise:
         for node in sizes:

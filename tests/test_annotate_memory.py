@@ -229,6 +229,27 @@ def test_recomputed_chain_splits_where_a_recomputed_matmul_reads_it():
     assert _ancestors(first, members, {}) == {a, b, e, f, g}  # the matmul it reads comes forward with it
 
 
+def test_a_fused_recompute_kernel_stores_only_what_outside_ops_read():
+    from passes.annotate_memory import _fused_kernel_buffers
+
+    # m = mm(x, w) and t = x * 2 are made for the kernel only; a = m + t and b = a * 3 are read
+    # by backward ops: t is never stored, a takes m's buffer in place, b gets its own
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    m = graph.call_function(torch.ops.aten.mm.default, (x, w))
+    t = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    a = graph.call_function(torch.ops.aten.add.Tensor, (m, t))
+    b = graph.call_function(torch.ops.aten.mul.Tensor, (a, 3.0))
+    graph.output((graph.call_function(torch.ops.aten.mm.default, (b, w)),
+                  graph.call_function(torch.ops.aten.mm.default, (a, w))))
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    local, reused = _fused_kernel_buffers({m, t, a, b}, lambda n: n in (a, b), lambda n: 256, index)
+    assert local == {m, t} and reused == [(m, a)]
+    # a smaller output cannot take the matmul's buffer
+    local, reused = _fused_kernel_buffers({m, t, a, b}, lambda n: n in (a, b), lambda n: 512 if n is m else 256, index)
+    assert local == {m, t} and reused == []
+
+
 def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_starts():
     # Inductor lowers embedding_dense_backward to a zero-filled fp32 accumulator that reads
     # nothing, so it is filled (and held) from the start of backward to the gradient's cast
