@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -280,24 +280,12 @@ def annotate_memory(
                 rematerialized[base].add(max(needed))
     if fused_pointwise:  # Inductor rebuilds a chain of recomputed pointwise values in one kernel
         needed_now = {n for n, needed in rematerialized.items() if needed}
-        readers = _alloc_readers(nodes, owner)
         for group in _fused_recompute_groups(nodes, needed_now, owner):
             earliest = min(min(rematerialized[n]) for n in group)
-            inside = _ancestors(group, needed_now, owner)
-            for node in inside:
+            for node in _ancestors(group, needed_now, owner):
                 rematerialized[node].add(earliest)
-            local, reused = _fused_kernel_buffers(
-                inside, lambda n: any(_side(u) == Side.BACKWARD or (u in needed_now and u not in inside)
-                                      for u in readers.get(n, ())),
-                lambda n: remat_alloc.get(n, 0), index)
-            for node in local:
-                if is_pointwise_op(node):
+                if _drawn_in_kernel(node, group, (u for u in node.users if _side(u) == Side.BACKWARD or u in needed_now)):
                     remat_alloc[node] = 0
-                else:
-                    rematerialized[node] = {earliest}
-            for dying, out in reused:  # the output lives in the matmul's buffer
-                rematerialized[dying] = {earliest, max(rematerialized[out])}
-                remat_alloc[out] = 0
     # A kept value that a recomputed one is rebuilt from lives until that rebuild (until the
     # last read of an inline one).
     held_for_recompute: dict[fx.Node, int] = {}
@@ -466,18 +454,6 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     eligible = [n for n in order if n in members and is_pointwise_op(n)]
     ok = set(eligible)
     parent = {n: n for n in eligible}
-    # A value made from a recomputed matmul (or reduction) that reads the chain cannot share the
-    # kernel of the chain values that matmul reads (fusing them would make a cycle): one level per
-    # such step. A recomputed matmul of saved values only runs wherever the kernel needs it.
-    level: dict[fx.Node, int] = {}
-
-    def member_inputs(node: fx.Node) -> list[fx.Node]:
-        return [b for b in (owner.get(a, a) for a in node.all_input_nodes) if b in level]
-
-    for node in order:
-        if node in members:
-            level[node] = max((level[b] + (b not in ok and bool(member_inputs(b))) for b in member_inputs(node)),
-                              default=0)
 
     def root(n: fx.Node) -> fx.Node:
         while parent[n] is not n:
@@ -488,7 +464,7 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     for node in eligible:
         for arg in node.all_input_nodes:
             base = owner.get(arg, arg)
-            if base in ok and level[base] == level[node]:
+            if base in ok:
                 parent[root(base)] = root(node)
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in eligible:
@@ -509,37 +485,11 @@ def _ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node,
     return seen
 
 
-def _alloc_readers(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node]) -> dict[fx.Node, set[fx.Node]]:
-    """The nodes that read each allocation, through its views (views themselves left out)."""
-    readers: dict[fx.Node, set[fx.Node]] = {}
-    for node in nodes:
-        if node.op == "call_function" and owner.get(node, node) is not node:
-            continue
-        for arg in node.all_input_nodes:
-            readers.setdefault(owner.get(arg, arg), set()).add(node)
-    return readers
-
-
-def _fused_kernel_buffers(inside: set[fx.Node], read_outside: Callable[[fx.Node], bool],
-                          nbytes: Callable[[fx.Node], int],
-                          index: dict[fx.Node, int]) -> tuple[set[fx.Node], list[tuple[fx.Node, fx.Node]]]:
-    """What one fused recompute kernel (``inside``: its values and the matmuls made for it) stores.
-
-    Read against Inductor's generated backward of the seed Transformer on an H200 (torch 2.11):
-    a value of the kernel that nothing outside it reads is never stored (the dropout masks it
-    draws again included), and a matmul output that dies in the kernel is freed once it has run,
-    its buffer taken in place by an output of the kernel of the same size. Returns the values no
-    outside op reads, and the (dying matmul output, kernel output) pairs that share a buffer.
-    """
-    local = {n for n in inside if not read_outside(n)}
-    dying = sorted((n for n in local if not is_pointwise_op(n) and nbytes(n)), key=index.__getitem__)
-    reused: list[tuple[fx.Node, fx.Node]] = []
-    for out in sorted((n for n in inside - local if is_pointwise_op(n) and nbytes(n)), key=index.__getitem__):
-        match = next((d for d in dying if nbytes(d) == nbytes(out)), None)
-        if match is not None:
-            dying.remove(match)
-            reused.append((match, out))
-    return local, reused
+def _drawn_in_kernel(node: fx.Node, group: list[fx.Node], readers: Iterable[fx.Node]) -> bool:
+    """A recomputed ``inductor_random`` that only the fused chain ``group`` reads: Inductor draws it
+    inside the chain's kernel and never stores it (seen in its generated backward of the seed
+    Transformer on an H200, torch 2.11), though its lowering stores the forward's."""
+    return node.target is torch.ops.prims.inductor_random.default and set(readers) <= set(group)
 
 
 def _inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> int | None:
@@ -771,28 +721,13 @@ def _graph_liveness(
     made_at = {node: index[node] for node in sizes}
     if fused_pointwise and recomputed:
         members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
-        readers = _alloc_readers(nodes, owner)
-        stays = kept | outputs
         for group in _fused_recompute_groups(nodes, members, owner):
             earliest = min(index[n] for n in group)
-            inside = _ancestors(group, members, owner)
-            for node in inside:
+            for node in _ancestors(group, members, owner):
                 if node in made_at:
                     made_at[node] = min(made_at[node], earliest)
-            local, reused = _fused_kernel_buffers(
-                inside, lambda n: n in stays or not readers.get(n, set()) <= inside, lambda n: sizes.get(n, 0), index)
-            for node in local:
-                if is_pointwise_op(node):
-                    sizes[node] = 0
-                else:
-                    last[node] = earliest
-            for dying, out in reused:  # the output lives in the matmul's buffer
-                last[dying] = last.get(out, index[out])
-                sizes[out] = 0
-            # saved values that only the kernel reads are freed once it has run
-            for node, by in readers.items():
-                if node.op == "placeholder" and by <= inside:
-                    last[node] = earliest
+                    if node not in outputs and _drawn_in_kernel(node, group, node.users):
+                        sizes[node] = 0
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
         if node in kept:

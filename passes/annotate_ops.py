@@ -91,8 +91,9 @@ def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
 # Inductor's seeded RNG: its joint-graph passes turn a random op into ``inductor_seeds`` (one draw
 # from the generator per graph) and, per op, ``inductor_lookup_seed`` + ``inductor_random`` /
 # ``inductor_randint``, pure functions of the seed: recomputing them in backward reproduces the
-# forward's values exactly. Inductor folds the seed lookup into its readers but always stores
-# the random values (its lowering realizes them: an fp32 buffer per random op).
+# forward's values exactly. Inductor folds the seed lookup into its readers and stores the random
+# values it draws in forward (its lowering realizes them: an fp32 buffer per random op); drawn
+# again in backward inside a fused chain that alone reads them, they are never stored.
 _INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed"})
 
 

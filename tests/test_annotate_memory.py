@@ -202,52 +202,25 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
         assert (chain[-1] in _inductor_inlined(chain, lambda n: list(n.users), {})) == folded
 
 
-def test_recomputed_chain_splits_where_a_recomputed_matmul_reads_it():
-    from passes.annotate_memory import _ancestors, _fused_recompute_groups
+def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
+    from passes.annotate_memory import _drawn_in_kernel, _fused_recompute_groups
 
-    # a = x + 1; b = a * 2 (one kernel); m = mm(b, w) reads the chain, so c = m + b and d = c * 3
-    # run after m: fusing them with a and b would make a cycle. e = mm(x, w) reads no chain value:
-    # g = (e + x) * a joins a's kernel, which e then runs before.
+    # rebuilt in backward: r = inductor_random(seed); keep = r > p; h = x + keep * y; g = h * 2
     graph = torch.fx.Graph()
-    x, w = graph.placeholder("x"), graph.placeholder("w")
-    for p in (x, w):
-        p.meta["val"] = torch.empty(8, 8)
-    a = graph.call_function(torch.ops.aten.add.Tensor, (x, 1.0))
-    b = graph.call_function(torch.ops.aten.mul.Tensor, (a, 2.0))
-    m = graph.call_function(torch.ops.aten.mm.default, (b, w))
-    c = graph.call_function(torch.ops.aten.add.Tensor, (m, b))
-    d = graph.call_function(torch.ops.aten.mul.Tensor, (c, 3.0))
-    e = graph.call_function(torch.ops.aten.mm.default, (x, w))
-    f = graph.call_function(torch.ops.aten.add.Tensor, (e, x))
-    g = graph.call_function(torch.ops.aten.mul.Tensor, (f, a))
-    graph.output((d, g))
-    members = {a, b, m, c, d, e, f, g}
-    groups = _fused_recompute_groups(list(graph.nodes), members, {})
-    assert {frozenset(group) for group in groups} == {frozenset((a, b, f, g)), frozenset((c, d))}
-    assert len(groups) == 2
-    (first,) = [group for group in groups if a in group]
-    assert _ancestors(first, members, {}) == {a, b, e, f, g}  # the matmul it reads comes forward with it
-
-
-def test_a_fused_recompute_kernel_stores_only_what_outside_ops_read():
-    from passes.annotate_memory import _fused_kernel_buffers
-
-    # m = mm(x, w) and t = x * 2 are made for the kernel only; a = m + t and b = a * 3 are read
-    # by backward ops: t is never stored, a takes m's buffer in place, b gets its own
-    graph = torch.fx.Graph()
-    x, w = graph.placeholder("x"), graph.placeholder("w")
-    m = graph.call_function(torch.ops.aten.mm.default, (x, w))
-    t = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
-    a = graph.call_function(torch.ops.aten.add.Tensor, (m, t))
-    b = graph.call_function(torch.ops.aten.mul.Tensor, (a, 3.0))
-    graph.output((graph.call_function(torch.ops.aten.mm.default, (b, w)),
-                  graph.call_function(torch.ops.aten.mm.default, (a, w))))
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    local, reused = _fused_kernel_buffers({m, t, a, b}, lambda n: n in (a, b), lambda n: 256, index)
-    assert local == {m, t} and reused == [(m, a)]
-    # a smaller output cannot take the matmul's buffer
-    local, reused = _fused_kernel_buffers({m, t, a, b}, lambda n: n in (a, b), lambda n: 512 if n is m else 256, index)
-    assert local == {m, t} and reused == []
+    x, y, seed = graph.placeholder("x"), graph.placeholder("y"), graph.placeholder("seed")
+    r = graph.call_function(torch.ops.prims.inductor_random.default, ([8, 8], seed, "rand"))
+    keep = graph.call_function(torch.ops.aten.gt.Scalar, (r, 0.1))
+    h = graph.call_function(torch.ops.aten.add.Tensor, (x, graph.call_function(torch.ops.aten.mul.Tensor, (keep, y))))
+    g = graph.call_function(torch.ops.aten.mul.Tensor, (h, 2.0))
+    graph.output((g, graph.call_function(torch.ops.aten.mm.default, (h, y))))
+    members = {n for n in graph.nodes if n.op == "call_function" and n.target is not torch.ops.aten.mm.default}
+    (group,) = _fused_recompute_groups(list(graph.nodes), members, {})
+    assert r not in group and keep in group  # the draw is not pointwise: pulled in as an input
+    assert _drawn_in_kernel(r, group, r.users)
+    # a mask that a backward op also reads (dropout's backward) is stored
+    later = graph.call_function(torch.ops.aten.mul.Tensor, (r, 3.0))
+    assert not _drawn_in_kernel(r, group, r.users)
+    assert not _drawn_in_kernel(keep, group, keep.users) and later in r.users  # only random draws
 
 
 def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_starts():
