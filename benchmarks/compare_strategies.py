@@ -577,7 +577,8 @@ def run_workload(workload: Workload, strategies: Sequence[Strategy], device: tor
     drift of the GPU's clocks over the run falls on all of them alike. ``baseline_bytes`` is what
     should be allocated once they are all released; more is recorded and reported.
     """
-    # Every compiled strategy keeps a Dynamo cache entry on the one ``loss`` code object.
+    # Each strategy's loss has its own code object, but the model code that a graph break would
+    # leave to Dynamo is shared: every strategy kept alive holds its own cache entries there.
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(strategies))):
         return _run_workload(workload, strategies, device, steps, warmup, seed, rounds, baseline_bytes, check_grads)
 

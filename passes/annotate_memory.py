@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.annotate_ops import fuses_pointwise_inputs, is_alias_op, is_pointwise_op
+from passes.annotate_ops import fuses_pointwise_inputs, is_alias_op, is_pointwise_op, op_name
 from passes.record import (
     MemoryCategory,
     Side,
@@ -489,7 +489,8 @@ def _drawn_in_kernel(node: fx.Node, group: list[fx.Node], readers: Iterable[fx.N
     """A recomputed ``inductor_random`` that only the fused chain ``group`` reads: Inductor draws it
     inside the chain's kernel and never stores it (seen in its generated backward of the seed
     Transformer on an H200, torch 2.11), though its lowering stores the forward's."""
-    return node.target is torch.ops.prims.inductor_random.default and set(readers) <= set(group)
+    # by name: Inductor registers its prims only once it is imported
+    return op_name(node.target) == "prims.inductor_random" and set(readers) <= set(group)
 
 
 def _inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> int | None:

@@ -203,6 +203,7 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
 
 
 def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_random)
     from passes.annotate_memory import _drawn_in_kernel, _fused_recompute_groups
 
     # rebuilt in backward: r = inductor_random(seed); keep = r > p; h = x + keep * y; g = h * 2
@@ -221,6 +222,41 @@ def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
     later = graph.call_function(torch.ops.aten.mul.Tensor, (r, 3.0))
     assert not _drawn_in_kernel(r, group, r.users)
     assert not _drawn_in_kernel(keep, group, keep.users) and later in r.users  # only random draws
+
+
+def test_the_partitioned_simulation_stores_no_mask_drawn_inside_a_fused_chain():
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_random)
+    from passes.annotate_memory import _graph_liveness
+
+    def backward(mask_read_by_backward):
+        graph = torch.fx.Graph()
+        x, y = graph.placeholder("x"), graph.placeholder("y")
+        seed = graph.placeholder("seed")
+        x.meta["val"] = y.meta["val"] = torch.empty(64, 64)
+        seed.meta["val"] = torch.empty((), dtype=torch.int64)
+
+        def op(target, *args, val):
+            node = graph.call_function(target, args)
+            node.meta["val"] = val
+            return node
+
+        r = op(torch.ops.prims.inductor_random.default, [64, 64], seed, "rand", val=torch.empty(64, 64))
+        keep = op(torch.ops.aten.gt.Scalar, r, 0.1, val=torch.empty(64, 64, dtype=torch.bool))
+        h = op(torch.ops.aten.add.Tensor, x, op(torch.ops.aten.mul.Tensor, keep, y, val=torch.empty(64, 64)),
+               val=torch.empty(64, 64))
+        outs = [op(torch.ops.aten.mm.default, op(torch.ops.aten.mul.Tensor, h, 2.0, val=torch.empty(64, 64)), y,
+                   val=torch.empty(64, 64)), op(torch.ops.aten.mm.default, h, y, val=torch.empty(64, 64))]
+        if mask_read_by_backward:
+            outs.append(op(torch.ops.aten.mm.default, r, y, val=torch.empty(64, 64)))
+        graph.output(tuple(outs))
+        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        recomputed = frozenset(n.name for n in graph.nodes
+                               if n.op == "call_function" and n.target is not torch.ops.aten.mm.default)
+        _, _, _, sizes, _ = _graph_liveness(gm, 0, set(), "cuda", True, recomputed=recomputed)
+        return sizes[r.name]
+
+    assert backward(mask_read_by_backward=False) == 0
+    assert backward(mask_read_by_backward=True) == 64 * 64 * 4
 
 
 def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_starts():
