@@ -464,8 +464,16 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
     except BudgetError as error:
         # The program's chain terms are conservative for plans that rebuild whole layers: try
-        # checkpointing the fewest leading layers whole, the rest as the fastest plan has them.
-        hybrid = _layer_hybrid(problem, analysis, config, goal, fastest)
+        # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
+        # as the plan of the rounds that came nearest the budget has them (the faster of the two).
+        structure = _layer_structure(problem, analysis)
+        hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
+        near = getattr(error, "nearest", None)
+        if near is not None:
+            for other in (_repaired(problem, analysis, config, goal, *near),
+                          _layer_hybrid(problem, analysis, config, goal, near[0], structure)):
+                if other is not None and (hybrid is None or _plan_ms(problem, other[0]) < _plan_ms(problem, hybrid[0])):
+                    hybrid = other
         if hybrid is None:
             if not isinstance(error, _NoPlan):
                 raise
@@ -473,7 +481,10 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
                  format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
-        # the program, shifted onto the exact simulation of the hybrid, may find a faster plan near it
+        # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
+        # then of the best plan so far, may find a faster plan near either
+        if fastest is not None:
+            plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
         plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
     else:
         # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
@@ -542,15 +553,19 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
 
     original = problem
     sim: Any = None  # the exact simulation of the previous round's plan
+    nearest: Any = None  # (plan, simulation) of the round that came nearest the goal
+    solve_goal = goal
     for attempt in range(_MAX_ROUNDS):
         try:
             with _torch_threads_kept():
-                plan = solve_savings_plan(dataclasses.replace(problem, budget=goal), options)
+                plan = solve_savings_plan(dataclasses.replace(problem, budget=solve_goal), options)
         except InfeasibleError as e:
-            raise _NoPlan(best_simulated=None if sim is None else sim.peak_bytes + outside) from e
+            raise _nearest(_NoPlan(best_simulated=None if sim is None else sim.peak_bytes + outside), nearest) from e
         sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
             break
+        if nearest is None or sim.peak_bytes < nearest[1].peak_bytes:
+            nearest = (plan, sim)
         # The planner's lifetimes are a model: where the exact simulation is over the budget,
         # raise that step's baseline by the excess and solve again.
         simulated = _step_profile(sim)
@@ -561,24 +576,35 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
         log.info("sac plan round %d: simulated peak %s over the budget %s; the model was low at %d step(s)",
                  attempt + 1, format_bytes(sim.peak_bytes + outside), format_bytes(budget), len(under))
         if not under:  # over in forward, where no recomputation helps
-            raise BudgetError(
+            raise _nearest(BudgetError(
                 f"memory budget {format_bytes(budget)} is below the forward pass's own peak "
                 f"{format_bytes(sim.peak_bytes + outside)}{_outside_note(outside)}, which recomputation does not lower; "
                 "raise memory_budget"
-            )
+            ), nearest)
         problem = dataclasses.replace(
             problem, baseline=tuple(b + under.get(t, 0) for t, b in enumerate(problem.baseline)))
+        if attempt + 1 >= _PLAIN_ROUNDS:
+            # Once the model is near (the first rounds correct most of it), what is left may be a
+            # plan that moves its peak to another step each round by a few MiB: plan lower by the excess.
+            solve_goal -= sim.peak_bytes - goal
     else:
-        raise BudgetError(
+        raise _nearest(BudgetError(
             f"memory budget {format_bytes(budget)}: after {_MAX_ROUNDS} rounds the best plan still peaks at "
             f"{format_bytes(sim.peak_bytes + outside)} in simulation; raise memory_budget"
-        )
+        ), nearest)
     if fastest is not None:
         plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
     return plan, sim
 
 
+def _nearest(error: BudgetError, nearest: Any) -> BudgetError:
+    """``error``, carrying (plan, simulation) of the round that came nearest the goal (None if none ran)."""
+    error.nearest = nearest  # type: ignore[attr-defined]
+    return error
+
+
 _MAX_ROUNDS = 5
+_PLAIN_ROUNDS = 3  # rounds that only correct the model; those after also plan lower
 _MODEL_MARGIN = 0.02
 _CALIBRATION_ROUNDS = 4
 
@@ -683,6 +709,57 @@ def _layer_hybrid(problem: Any, analysis: Any, config: SACConfig, goal: int, bas
     return best
 
 
+def _repaired(problem: Any, analysis: Any, config: SACConfig, goal: int, plan: Any, sim: Any) -> tuple[Any, Any] | None:
+    """``plan`` (over ``goal`` in the exact simulation) with more values recomputed until it fits,
+    or None if ``_REPAIR_ROUNDS`` rounds do not get there.
+
+    Each round takes the step where the simulation peaks and recomputes, cheapest per byte first,
+    values kept through that step whose inputs are there anyway (kept for backward, or recomputed
+    already), until they cover the excess with a quarter to spare, then simulates again. Near the
+    budget the program's plans often miss by a few MiB at one step, and each re-solve moves the
+    peak to another step; a repair keeps the plan and adds only what the excess needs.
+    """
+    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
+
+    by_name = {c.name: c for c in problem.candidates}
+    recompute, kept = set(plan.recompute), set(plan.kept_for_recompute)
+
+    def there(u: str) -> bool:
+        c = by_name.get(u)
+        return c is None or u in recompute or u in kept or c.first_use is not None
+
+    for _ in range(_REPAIR_ROUNDS):
+        over = sim.peak_bytes - goal
+        if over <= 0:
+            return plan, sim
+        profile = _step_profile(sim)
+        step = max(range(len(profile)), key=profile.__getitem__)
+        options = sorted(
+            (c for c in problem.candidates
+             if c.name not in recompute and not c.must_save and c.group is None and c.nbytes > 0
+             and c.first_use is not None and c.first_use > step and all(there(u) for u in c.inputs)),
+            key=lambda c: (c.cost_ms - c.keep_cost_ms) / c.nbytes)
+        added, covered = [], 0
+        for c in options:
+            if covered >= over * 1.25:
+                break
+            added.append(c.name)
+            covered += c.nbytes
+        if not added or covered < over:
+            return None
+        recompute.update(added)
+        check_plan(problem, recompute, kept)
+        plan = SavingsPlan(recompute=frozenset(recompute), kept_for_recompute=frozenset(kept),
+                           recompute_ms=sum(by_name[n].cost_ms for n in recompute),
+                           status=plan.status if plan.status.endswith("+REPAIR") else f"{plan.status}+REPAIR",
+                           gap=plan.gap, solve_s=plan.solve_s, n_vars=plan.n_vars, n_constraints=plan.n_constraints)
+        sim = _simulate(analysis, config, recompute)
+    return (plan, sim) if sim.peak_bytes <= goal else None
+
+
+_REPAIR_ROUNDS = 3
+
+
 def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
     """Per step, the exact simulation of ``plan`` less the planner's model of it."""
     from sac_compiler.solvers.savings_plan import savings_profile
@@ -738,6 +815,10 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
             best, best_sim, best_ms = plan, sim, time_of(plan)
             shift = _model_error(problem, plan, sim)
         else:
+            repaired = _repaired(problem, analysis, config, goal, plan, sim)
+            if repaired is not None and time_of(repaired[0]) < best_ms:
+                best, best_sim = repaired
+                best_ms = time_of(best)
             missed = _model_error(shifted, plan, sim)
             simulated = _step_profile(sim)
             shift = [e + m if simulated[t] > goal and m > 0 else e

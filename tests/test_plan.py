@@ -249,6 +249,48 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
+def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
+    """A plan the rounds leave just over the budget is repaired: more values recomputed, cheapest
+    per byte at the peak first, until the exact simulation fits; the partition follows it and
+    gradients stay exact. A goal no repair reaches gives None."""
+    from sac_compiler import plan_graph
+    from sac_compiler.solvers.savings_plan import SavingsPlan
+
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=4, dropout_p=0.0)
+    tokens = torch.randint(0, 64, (64, 16))
+    ref_out, ref_grads = _step(model, (tokens,))
+    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
+    _step(model, (tokens,), torch.compile(model, backend=backend))
+    (unplanned, _fw, _bw), = records
+    records.clear()
+    torch._dynamo.reset()
+    tried = []
+
+    def rounds_end_over(problem, analysis, config, goal, *args, **kwargs):
+        plan = SavingsPlan(frozenset(), frozenset(), 0.0, "NONE", 0.0, 0.0, 0, 0)
+        sim = plan_graph._simulate(analysis, config, ())
+        assert sim.peak_bytes > goal
+        assert plan_graph._repaired(problem, analysis, config, 0, plan, sim) is None
+        tried.append(goal)
+        raise plan_graph._nearest(plan_graph.BudgetError("over after the rounds"), (plan, sim))
+
+    monkeypatch.setattr(plan_graph, "_solve_rounds", rounds_end_over)
+    monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
+    budget = int(0.9 * unplanned.baseline_peak + 0.1 * unplanned.analysis.memory.static_bytes)
+    backend, records = recording_backend(memory_budget=budget, compiler="eager")
+    out, grads = _step(model, (tokens,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert tried == [budget]
+    assert result.plan.status == "NONE+REPAIR" and result.plan.recompute
+    assert result.predicted_peak <= budget and result.partitioned.peak_bytes <= budget
+    assert not result.unplanned_saves
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition():
     """Recomputing a Llama's residual stream (its adds, the matmul outputs and the embedding they
     add up) rebuilds each add inside every kernel that reads it: under Inductor's fusion the
