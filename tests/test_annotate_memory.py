@@ -281,3 +281,33 @@ def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_star
         # held through the backward up to the gradient, which is made next to it
         assert (rise >= accumulator) == fused
         assert (min(sim.step_peaks[fb:at]) >= accumulator) == fused
+
+
+def test_inductor_holds_a_freed_buffer_for_a_later_one_of_its_size():
+    """Inductor's generated code hands a freed buffer to a later one of the same size instead of
+    freeing it; in between it stays allocated (a graph run op by op frees it at once)."""
+    from passes.annotate_memory import _graph_liveness
+
+    graph = torch.fx.Graph()
+    x, w, big_w = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("big_w")
+    x.meta["val"] = w.meta["val"] = torch.empty(64, 64)
+    big_w.meta["val"] = torch.empty(64, 256)
+
+    def mm(a, b, cols):
+        node = graph.call_function(torch.ops.aten.mm.default, (a, b))
+        node.meta["val"] = torch.empty(64, cols)
+        return node
+
+    first = mm(x, w, 64)  # 16 KiB, last read by `small`
+    small = graph.call_function(torch.ops.aten.sum.default, (first,))
+    small.meta["val"] = torch.empty(())
+    big = mm(x, big_w, 256)  # 64 KiB, allocated while `first` is dead
+    wide = graph.call_function(torch.ops.aten.sum.default, (big,))
+    wide.meta["val"] = torch.empty(())
+    later = mm(x, w, 64)  # 16 KiB: takes over `first`'s buffer under Inductor
+    graph.output((small, wide, later))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    outputs = {small.name, wide.name, later.name}  # stay allocated: only `first` is freed
+    peaks = {fused: _graph_liveness(gm, 0, outputs, "cuda", fused)[0] for fused in (False, True)}
+    assert peaks[False] == 64 * 256 * 4 + 512  # `big` and the scalar `small`: `first` is freed
+    assert peaks[True] == peaks[False] + 64 * 64 * 4  # `first` held for `later`
