@@ -709,9 +709,10 @@ def _layer_hybrid(problem: Any, analysis: Any, config: SACConfig, goal: int, bas
     return best
 
 
-def _repaired(problem: Any, analysis: Any, config: SACConfig, goal: int, plan: Any, sim: Any) -> tuple[Any, Any] | None:
+def _repaired(problem: Any, analysis: Any, config: SACConfig, goal: int, plan: Any, sim: Any,
+              slower_than_ms: float | None = None) -> tuple[Any, Any] | None:
     """``plan`` (over ``goal`` in the exact simulation) with more values recomputed until it fits,
-    or None if ``_REPAIR_ROUNDS`` rounds do not get there.
+    or None if ``_REPAIR_ROUNDS`` rounds do not get there (or it would take ``slower_than_ms`` or more).
 
     Each round takes the step where the simulation peaks and recomputes, cheapest per byte first,
     values kept through that step whose inputs are there anyway (kept for backward, or recomputed
@@ -719,7 +720,7 @@ def _repaired(problem: Any, analysis: Any, config: SACConfig, goal: int, plan: A
     budget the program's plans often miss by a few MiB at one step, and each re-solve moves the
     peak to another step; a repair keeps the plan and adds only what the excess needs.
     """
-    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
+    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan, plan_time_ms
 
     by_name = {c.name: c for c in problem.candidates}
     recompute, kept = set(plan.recompute), set(plan.kept_for_recompute)
@@ -749,6 +750,8 @@ def _repaired(problem: Any, analysis: Any, config: SACConfig, goal: int, plan: A
             return None
         recompute.update(added)
         check_plan(problem, recompute, kept)
+        if slower_than_ms is not None and plan_time_ms(problem, recompute, kept) >= slower_than_ms:
+            return None  # no faster than a plan the caller has
         plan = SavingsPlan(recompute=frozenset(recompute), kept_for_recompute=frozenset(kept),
                            recompute_ms=sum(by_name[n].cost_ms for n in recompute),
                            status=plan.status if plan.status.endswith("+REPAIR") else f"{plan.status}+REPAIR",
@@ -815,8 +818,9 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
             best, best_sim, best_ms = plan, sim, time_of(plan)
             shift = _model_error(problem, plan, sim)
         else:
-            repaired = _repaired(problem, analysis, config, goal, plan, sim)
-            if repaired is not None and time_of(repaired[0]) < best_ms:
+            repaired = _repaired(problem, analysis, config, goal, plan, sim, slower_than_ms=best_ms) \
+                if time_of(plan) < best_ms else None
+            if repaired is not None:
                 best, best_sim = repaired
                 best_ms = time_of(best)
             missed = _model_error(shifted, plan, sim)
