@@ -214,6 +214,20 @@ def test_inductor_partition_fits_the_budget():
     assert result.partitioned.peak_bytes <= result.budget_bytes < result.baseline_peak
 
 
+def _tiny_transformer_unplanned():
+    """A 4-layer tiny Transformer, its eager step's output and gradients, and the backend's
+    record of its graph without a plan (eager route)."""
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=4, dropout_p=0.0)
+    tokens = torch.randint(0, 64, (64, 16))
+    reference = _step(model, (tokens,))
+    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
+    _step(model, (tokens,), torch.compile(model, backend=backend))
+    (unplanned, _fw, _bw), = records
+    torch._dynamo.reset()
+    return model, tokens, reference, unplanned
+
+
 def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     """Without a plan from the program, the fewest leading layers are checkpointed whole: the plan
     fits the budget in simulation, the partition follows it, and gradients stay exact."""
@@ -222,15 +236,7 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     def no_plan(*args, **kwargs):
         raise plan_graph._NoPlan(best_simulated=None)
 
-    torch.manual_seed(0)
-    model = tiny_transformer(n_layers=4, dropout_p=0.0)
-    tokens = torch.randint(0, 64, (64, 16))
-    ref_out, ref_grads = _step(model, (tokens,))
-    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
-    _step(model, (tokens,), torch.compile(model, backend=backend))
-    (unplanned, _fw, _bw), = records
-    records.clear()
-    torch._dynamo.reset()
+    model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
     monkeypatch.setattr(plan_graph, "_solve_rounds", no_plan)
     # the hybrid itself (the shifted program may find a faster plan near it: not what this tests)
     monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
@@ -256,15 +262,7 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
     from sac_compiler import plan_graph
     from sac_compiler.solvers.savings_plan import SavingsPlan
 
-    torch.manual_seed(0)
-    model = tiny_transformer(n_layers=4, dropout_p=0.0)
-    tokens = torch.randint(0, 64, (64, 16))
-    ref_out, ref_grads = _step(model, (tokens,))
-    backend, records = recording_backend(memory_budget=1.0, compiler="eager")
-    _step(model, (tokens,), torch.compile(model, backend=backend))
-    (unplanned, _fw, _bw), = records
-    records.clear()
-    torch._dynamo.reset()
+    model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
     tried = []
 
     def rounds_end_over(problem, analysis, config, goal, *args, **kwargs):
