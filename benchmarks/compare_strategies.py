@@ -21,7 +21,8 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
 (``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
 Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs);
 "planning s" is the part of it the sac backend spent on its own (analysis, plans, simulations:
-all but the one partition plain ``torch.compile`` makes too), over all graphs.
+all but the one partition plain ``torch.compile`` makes too), over all graphs; "longest solve s"
+is the longest single call of the MILP solver in it (each call is listed in the JSON).
 
 Each strategy gets a fresh model built from the same seed and 3 warm-up steps (the first compiles);
 "before" is what its model and inputs hold just after them (parameters and inputs: gradients are set
@@ -342,6 +343,7 @@ class StrategyResult:
     first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
     predicted_extra_gib: float | None = None  # backend="sac": the plan's simulated extra peak
     planning_s: float | None = None  # backend="sac": the backend's own time in the first step (all graphs)
+    solves_s: tuple[float, ...] | None = None  # backend="sac": each solver call within planning_s
     left_allocated_bytes: int | None = None  # still allocated after the strategy was released (0 expected)
     error: str | None = None  # type and full message of what the strategy raised
     error_summary: str | None = None  # one line: the outer type and the innermost "...Error: ..." line
@@ -448,17 +450,18 @@ class _Prepared:
     def result(self) -> StrategyResult:
         extra = None if self.extra is None else self.extra / 2**30
         peak = None if self.extra is None or self.before is None else self.before + self.extra
-        predicted = planning = None
+        predicted = planning = solves = None
         plans = self.plans
         if plans and all(p is not None and p.partitioned is not None for p in plans):
             # the simulated peak of the partitioned graphs, over the parameters and inputs
             predicted = max(p.partitioned.peak_bytes - p.analysis.memory.static_bytes - p.outside_bytes
                             for p in plans) / 2**30
             planning = sum(p.planning_s for p in plans)
+            solves = tuple(t for p in plans for t in p.solve_times_s)
         return StrategyResult(**self.base, status="ok", step_ms=statistics.median(self.times),
                               step_ms_all=tuple(self.times), built_bytes=self.built, before_bytes=self.before,
                               peak_bytes=peak, extra_peak_gib=extra, first_step_s=self.first_step_s,
-                              predicted_extra_gib=predicted, planning_s=planning)
+                              predicted_extra_gib=predicted, planning_s=planning, solves_s=solves)
 
     def seeded_grads(self, seed: int) -> Grads:
         """One more step right after ``torch.manual_seed(seed)``; the gradients, copied to the CPU."""
@@ -658,7 +661,7 @@ def _progress(result: StrategyResult, seconds: float) -> None:
             extra += f" (predicted {result.predicted_extra_gib:.2f})"
         line = f"{result.step_ms:.1f} ms{extra}, first step {result.first_step_s:.1f} s"
         if result.planning_s is not None:
-            line += f" (planning {result.planning_s:.1f} s)"
+            line += f" (planning {result.planning_s:.1f} s{_solves(result.solves_s)})"
     else:
         line = f"{result.status.upper()} {_clip(result.error_summary)}"
     print(f"[{result.model}] {result.strategy}: {line} ({seconds:.0f} s)", flush=True)
@@ -697,12 +700,19 @@ class BenchmarkReport:
 def format_table(results: Sequence[StrategyResult]) -> str:
     rows = [
         (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, r.budget_gib, r.first_step_s,
-         r.planning_s, "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
+         r.planning_s, max(r.solves_s) if r.solves_s else None,
+         "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
         for r in results
     ]
     return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "budget GiB",
-                                   "first step s", "planning s", "status"],
+                                   "first step s", "planning s", "longest solve s", "status"],
                     tablefmt="github", floatfmt=".2f", missingval="-")
+
+
+def _solves(times: Sequence[float] | None) -> str:
+    if not times:
+        return ""
+    return f"; {len(times)} solves, {sum(times):.1f} s in all, the longest {max(times):.2f} s"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

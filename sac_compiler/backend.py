@@ -54,6 +54,13 @@ class SACPartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from sac_compiler.plan_graph import recording_solves
+
+        with recording_solves() as solve_times:
+            return self._partition(gm, joint_inputs, solve_times, **kwargs)
+
+    def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], solve_times: list[float],
+                   **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
         from sac_compiler.plan_graph import BudgetError, plan_and_tag
@@ -111,6 +118,7 @@ class SACPartitioner(CustomPartitionerFn):
             _, result, fw, bw = best
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
+            result.solve_times_s = list(solve_times)
             self.last_result = result
             if result.plan is not None and result.partitioned.peak_bytes > result.budget_bytes:
                 log.warning("sac: the partitioned graphs still peak at %d bytes, over the budget %d",

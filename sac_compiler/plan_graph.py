@@ -19,12 +19,14 @@ saved.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
 import math
 import operator
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +68,7 @@ class GraphPlanResult:
     outside_bytes: int = 0
     fastest: Any = None  # under Inductor: the plan without memory pressure (solvers.savings_plan.SavingsPlan)
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
+    solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -406,6 +409,35 @@ def _solver_options(config: SACConfig, analysis: Any) -> Any:
                          mip_gap_abs=_STEP_GAP * analysis.runtime_ms)
 
 
+_SOLVE_TIMES: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("sac_solve_times", default=None)
+
+
+@contextlib.contextmanager
+def recording_solves() -> Iterator[list[float]]:
+    """Within the block, the wall time of every solver call (model building included) is
+    appended to the list it yields."""
+    times: list[float] = []
+    token = _SOLVE_TIMES.set(times)
+    try:
+        yield times
+    finally:
+        _SOLVE_TIMES.reset(token)
+
+
+def _solve(problem: Any, options: Any) -> Any:
+    """``solve_savings_plan``, timed for ``recording_solves``."""
+    from sac_compiler.solvers.savings_plan import solve_savings_plan
+
+    start = time.perf_counter()
+    try:
+        with _torch_threads_kept():
+            return solve_savings_plan(problem, options)
+    finally:
+        times = _SOLVE_TIMES.get()
+        if times is not None:
+            times.append(time.perf_counter() - start)
+
+
 @contextlib.contextmanager
 def _torch_threads_kept() -> Iterator[None]:
     """The MILP solver's OpenMP runtime may reset the process's thread count; Dynamo checks it."""
@@ -423,7 +455,6 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     ``target``: plan for this peak instead of the budget (the backend lowers it when the
     partitioned graphs turn out higher than the joint-graph simulation).
     """
-    from sac_compiler.solvers.savings_plan import solve_savings_plan
 
     analysis = result.analysis
     outside = result.outside_bytes
@@ -434,8 +465,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     if fused and fastest is None:
         # Under Inductor the fastest plan already recomputes the pointwise values that are cheaper
         # to recompute than to write out: a fraction is of its activations.
-        with _torch_threads_kept():
-            fastest = solve_savings_plan(dataclasses.replace(problem, budget=max(problem.baseline)), options)
+        fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline)), options)
         result.fastest = fastest
     if budget is None:
         peak = analysis.memory.peak_bytes
@@ -549,7 +579,7 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
                   fastest: Any, outside: int = 0, fastest_sim: Any = None) -> tuple[Any, Any]:
     """Solve and re-check on the exact simulation (see ``_plan``); the plan and its simulation."""
     from sac_compiler.solvers import InfeasibleError
-    from sac_compiler.solvers.savings_plan import savings_profile, solve_savings_plan
+    from sac_compiler.solvers.savings_plan import savings_profile
 
     original = problem
     sim: Any = None  # the exact simulation of the previous round's plan
@@ -557,8 +587,7 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
     solve_goal = goal
     for attempt in range(_MAX_ROUNDS):
         try:
-            with _torch_threads_kept():
-                plan = solve_savings_plan(dataclasses.replace(problem, budget=solve_goal), options)
+            plan = _solve(dataclasses.replace(problem, budget=solve_goal), options)
         except InfeasibleError as e:
             raise _nearest(_NoPlan(best_simulated=None if sim is None else sim.peak_bytes + outside), nearest) from e
         sim = _simulate(analysis, config, plan.recompute)
@@ -786,7 +815,6 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     does not return to it. ``reference_sim``: the reference's exact simulation, if the caller has it.
     """
     from sac_compiler.solvers import InfeasibleError
-    from sac_compiler.solvers.savings_plan import solve_savings_plan
 
     time_of = functools.partial(_plan_ms, problem)
 
@@ -802,8 +830,7 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
         shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
                                       budget=goal)
         try:
-            with _torch_threads_kept():
-                plan = solve_savings_plan(shifted, options)
+            plan = _solve(shifted, options)
         except InfeasibleError:
             break
         if plan.recompute in seen:
