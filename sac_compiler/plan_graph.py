@@ -455,7 +455,6 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     ``target``: plan for this peak instead of the budget (the backend lowers it when the
     partitioned graphs turn out higher than the joint-graph simulation).
     """
-
     analysis = result.analysis
     outside = result.outside_bytes
     fused = config.compiler == "inductor"
