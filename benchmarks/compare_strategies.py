@@ -518,24 +518,6 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         return _error_result(base, e)
 
 
-def run_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
-                 seed: int, budget_bytes: int | None = None,
-                 seeded_grads: bool = False) -> tuple[StrategyResult, Grads | None]:
-    """One strategy on its own: prepared, timed ``steps`` steps, with ``seeded_grads`` its gradients
-    (see :meth:`_Prepared.seeded_grads`), then released."""
-    prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget_bytes)
-    if not isinstance(prepared, _Prepared):
-        return prepared, None
-    try:
-        grads = prepared.seeded_grads(seed) if seeded_grads else None
-        return prepared.result(), grads
-    except Exception as e:
-        return _error_result(prepared.base, e), None
-    finally:
-        del prepared
-        _release(device)
-
-
 def sac_budget(compiled: StrategyResult, fraction: float) -> int:
     """The strategy's own budget: the parameter-and-input bytes plus ``fraction`` of compile's extra
     peak (the backend is given this plus what the strategies kept alive before it hold)."""

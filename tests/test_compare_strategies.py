@@ -51,10 +51,11 @@ def test_a_failing_strategy_is_recorded_not_raised(compare_strategies):
         raise RuntimeError("model construction failed on purpose")
 
     workload = compare_strategies.Workload("broken", {}, build, lambda device: torch.zeros(1, 1, dtype=torch.long))
-    result, grads = compare_strategies.run_strategy(
-        workload, compare_strategies.Strategy("eager"), torch.device("cpu"), steps=1, warmup=1, seed=0,
-        seeded_grads=True,
-    )
-    assert result.status == "error" and result.step_ms is None and grads is None
-    assert result.error == "RuntimeError: model construction failed on purpose"
-    assert "Traceback" in result.traceback
+    strategies = [compare_strategies.Strategy("eager"), compare_strategies.Strategy("eager + full AC", checkpoint="full")]
+    results, checks = compare_strategies.run_workload(workload, strategies, torch.device("cpu"), steps=1, warmup=1,
+                                                      seed=0, rounds=2)
+    assert [r.strategy for r in results] == ["eager", "eager + full AC"] and checks == []
+    for result in results:  # each recorded, and the run went on past the first
+        assert result.status == "error" and result.step_ms is None
+        assert result.error == "RuntimeError: model construction failed on purpose"
+        assert "Traceback" in result.traceback

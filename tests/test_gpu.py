@@ -69,8 +69,8 @@ def test_benchmark_mode_times_ops():
     mm = next(n for n in graph.gm.graph.nodes if n.target == torch.ops.aten.addmm.default)
     measured = get_record(mm).runtime_ms
     annotate_runtime(graph.gm, spec, mode="cost-model")
-    estimated = get_record(mm).runtime_ms
     rec = get_record(mm)
+    estimated = rec.runtime_ms
     roofline = 1e3 * spec.seconds_for(rec.flops, rec.bytes_accessed, torch.bfloat16)  # the datasheet's bound
     print(f"\naddmm 4096^3 bf16 on {torch.cuda.get_device_name()}: benchmark {measured:.4f} ms, "
           f"cost model {estimated:.4f} ms, datasheet roofline {roofline:.4f} ms")
