@@ -171,7 +171,12 @@ def _check_highs() -> None:
     import mip.highs
 
     if not mip.highs.has_highs:
-        raise ImportError(f"python-mip could not load HiGHS from highspy. {missing}")
+        from importlib.metadata import version
+
+        raise ImportError(
+            f"python-mip could not load HiGHS from highspy {version('highspy')} (python-mip 2.0 cannot "
+            "use highspy 1.16: pip install 'highspy<1.16'). " + missing
+        )
 
 
 def xsum(terms: Iterable[object]) -> mip.LinExpr:
