@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
 from passes.annotate_ops import is_alias_op
@@ -119,17 +120,25 @@ def annotate_runtime(
 
 
 def _materialize(val: Any, device: torch.device) -> Any:
+    """A real tensor with ``val``'s shape, strides, offset and dtype, filled with data.
+
+    The data fills a flat storage that the strided view is taken of, so overlapping layouts (an
+    expanded tangent, stride 0) can be made: filling them in place would be an overlapping write.
+    """
     if not isinstance(val, torch.Tensor):
         return val
     shape = [size_hint(s) for s in val.shape]
     stride = [size_hint(s) for s in val.stride()]
+    offset = size_hint(val.storage_offset())
+    numel = 0 if any(s == 0 for s in shape) else offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    flat = torch.empty(numel, dtype=val.dtype, device=device)
     if val.dtype.is_floating_point or val.dtype.is_complex:
-        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).normal_()
+        flat.normal_()
     elif val.dtype == torch.bool:
-        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).fill_(True)
+        flat.fill_(True)
     else:
-        t = torch.empty_strided(shape, stride, dtype=val.dtype, device=device).zero_()
-    return t
+        flat.zero_()
+    return flat.as_strided(shape, stride, offset)
 
 
 def _signature(node: fx.Node) -> Any:
@@ -146,6 +155,15 @@ def _benchmark(node: fx.Node, cache: dict[Any, float], warmup: int, repeats: int
     key = _signature(node)
     if key in cache:
         return cache[key]
+    # The backend plans inside AOTAutograd, under its fake mode: the ops must run on real tensors.
+    with unset_fake_temporarily():
+        ms = _time_op(node, warmup, repeats)
+    cache[key] = ms
+    return ms
+
+
+def _time_op(node: fx.Node, warmup: int, repeats: int) -> float:
+    """Median CUDA-event milliseconds of ``node``'s op on random inputs of its shapes."""
     device = torch.device("cuda", torch.cuda.current_device())
     args = tree_map(lambda a: _materialize(_val(a), device), node.args)
     kwargs = tree_map(lambda a: _materialize(_val(a), device), node.kwargs)
@@ -164,6 +182,4 @@ def _benchmark(node: fx.Node, cache: dict[Any, float], warmup: int, repeats: int
             times.append(start.elapsed_time(end))
     except RuntimeError as e:
         raise RuntimeError(f"benchmarking {node.format_node()} failed: {e}") from e
-    ms = statistics.median(times)
-    cache[key] = ms
-    return ms
+    return statistics.median(times)

@@ -43,3 +43,21 @@ def test_bad_mode_and_benchmark_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
             annotate_runtime(graph.gm, get_device_spec("H100-SXM"), mode="benchmark")
+
+
+def test_benchmark_inputs_keep_the_layout_of_expanded_and_offset_values():
+    """Benchmark mode runs each op on real inputs of the fake values' layout: an expanded value
+    (stride 0, as the tangent of a ``sum``) cannot be filled in place, so its storage is filled first."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from passes.annotate_runtime import _materialize
+
+    with FakeTensorMode():
+        expanded = torch.ones(()).expand(64, 32)
+        offset = torch.empty(10, 8)[2:, 1:]
+    for val in (expanded, offset):
+        real = _materialize(val, torch.device("cpu"))
+        assert type(real) is torch.Tensor
+        assert (real.shape, real.stride(), real.storage_offset()) == (val.shape, val.stride(), val.storage_offset())
+        assert torch.isfinite(real).all()
+    assert real.std() > 0  # random data, not an empty buffer (the expanded one holds a single value)

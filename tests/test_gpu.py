@@ -179,6 +179,32 @@ def test_planned_step_fits_the_budget_on_cuda(fraction):
     assert predicted_extra == pytest.approx(measured_extra, rel=0.05)
 
 
+def test_backend_with_benchmark_mode_times_ops_inside_the_compile():
+    """estimate_mode="benchmark": the backend times the joint graph's ops on the GPU while
+    AOTAutograd's fake mode is active (the timing runs on real tensors), and the planned step's
+    gradients equal plain torch.compile's."""
+    from passes import get_record
+    from tests.test_plan import recording_backend
+
+    model, loss, tokens = _seed_transformer_loss()
+    model.train(False)  # no dropout: the two compiles are compared exactly up to fp32 rounding
+    torch._dynamo.reset()
+    loss_ref = torch.compile(loss)
+    loss_ref(tokens).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    backend, records = recording_backend(memory_budget=0.5, estimate_mode="benchmark", compiler="eager")
+    torch.compile(loss, backend=backend)(tokens).backward()
+    (result, _fw, _bw), = records
+    mms = [n for n in result.analysis.graph.gm.graph.nodes if n.target == torch.ops.aten.mm.default]
+    assert mms and all(get_record(n).runtime_source == "benchmark" for n in mms)
+    assert all(get_record(n).runtime_ms > 0 for n in mms)  # real kernels were timed
+    assert result.plan is not None
+    for p, ref in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-3)
+
+
 def test_outside_bytes_counts_memory_beyond_the_graph_inputs():
     from sac_compiler.backend import outside_bytes
 
