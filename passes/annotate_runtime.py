@@ -106,17 +106,34 @@ def annotate_runtime(
     for node in call_functions(gm):
         flops = node_flops(node)
         moved = node_bytes(node)
+        source = mode
         if is_alias_op(node) or node.target is operator.getitem or (flops == 0 and moved == 0):
             ms = 0.0
-        elif mode == "cost-model":
+        elif mode == "cost-model" or _reads_rng_state(node):
+            source = "cost-model"
             ms = 1e3 * achieved_seconds(device_spec, flops, moved, _dtype(node))
         else:
             ms = _benchmark(node, cache, warmup, repeats)
         total += ms
         update_record(node, "annotate_runtime", flops=flops, bytes_accessed=moved, runtime_ms=ms,
-                      runtime_source=mode)
+                      runtime_source=source)
     graph_results(gm)["annotate_runtime"] = total
     return total
+
+
+def _reads_rng_state(node: fx.Node) -> bool:
+    """An attention backward with dropout: it reads the RNG seed and offset its forward drew, which
+    random inputs cannot stand in for (on an H200 with torch 2.11 the efficient-attention backward
+    crashed the process on them), so benchmark mode costs it with the cost model."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or "attention_backward" not in schema.name:
+        return False
+    names = [a.name for a in schema.arguments]
+    if "dropout_p" not in names:
+        return False
+    i = names.index("dropout_p")
+    p = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", 0.0)
+    return isinstance(p, (int, float)) and p > 0
 
 
 def _materialize(val: Any, device: torch.device) -> Any:
@@ -124,9 +141,13 @@ def _materialize(val: Any, device: torch.device) -> Any:
 
     The data fills a flat storage that the strided view is taken of, so overlapping layouts (an
     expanded tangent, stride 0) can be made: filling them in place would be an overlapping write.
+    A value on the CPU stays there (attention kernels may read their RNG seed and offset on the
+    host); the others go to ``device``.
     """
     if not isinstance(val, torch.Tensor):
         return val
+    if val.device.type == "cpu":
+        device = val.device
     shape = [size_hint(s) for s in val.shape]
     stride = [size_hint(s) for s in val.stride()]
     offset = size_hint(val.storage_offset())
@@ -164,6 +185,7 @@ def _benchmark(node: fx.Node, cache: dict[Any, float], warmup: int, repeats: int
 
 def _time_op(node: fx.Node, warmup: int, repeats: int) -> float:
     """Median CUDA-event milliseconds of ``node``'s op on random inputs of its shapes."""
+    log.debug("benchmarking %s", node.format_node())
     device = torch.device("cuda", torch.cuda.current_device())
     args = tree_map(lambda a: _materialize(_val(a), device), node.args)
     kwargs = tree_map(lambda a: _materialize(_val(a), device), node.kwargs)

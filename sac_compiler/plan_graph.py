@@ -384,15 +384,40 @@ def plan_joint(
 
 
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
-    """The lowest peak any plan reaches on this annotated graph (random ops kept)."""
-    from sac_compiler.solvers import SolverOptions
+    """The lowest peak found on this annotated graph (random ops kept), by a plan the exact memory
+    simulation confirms; never below the optimizer step's own peak."""
+    problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
+    peak, _, _, _ = _lowest_plan(problem, analysis, config, _solver_options(config, analysis))
+    return max(peak, analysis.memory.optimizer_step_peak_bytes)
+
+
+def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any) -> tuple[int, str, Any, Any]:
+    """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
+    low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
+    checkpointed, each run through the exact simulation (the program's peak is a model: long
+    recompute chains hold more than it counts)."""
+    from sac_compiler.solvers import InfeasibleError
     from sac_compiler.solvers.savings_plan import min_feasible_peak
 
-    problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
-    options = SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap)
+    plans = [("everything recomputable recomputed", _fixed_plan(
+        problem, {c.name for c in problem.candidates if not c.must_save}, "RECOMPUTE_ALL"))]
+    layers = layer_checkpoint_plan(problem, analysis)
+    if layers is not None:
+        plans.append(("every layer checkpointed", layers))
     with _torch_threads_kept():
         low = min_feasible_peak(problem, options)
-    return max(low, analysis.memory.optimizer_step_peak_bytes)
+    for slack in (0, 4096):  # the solver's peak is a float of MiB: a rounding may cut it a few bytes short
+        try:
+            plans.append(("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), options)))
+            break
+        except InfeasibleError:
+            continue
+    best = None
+    for how, plan in plans:
+        sim = _simulate(analysis, config, plan.recompute)
+        if best is None or sim.peak_bytes < best[0]:
+            best = (sim.peak_bytes, how, plan, sim)
+    return best
 
 
 # The program's objective (recompute time less the keep costs avoided) leaves constants out, so
@@ -506,7 +531,10 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         if hybrid is None:
             if not isinstance(error, _NoPlan):
                 raise
-            raise _budget_error(analysis, config, problem, budget, outside, error, fastest_sim) from error
+            lowest = _lowest_plan(problem, analysis, config, options)
+            if lowest[0] > goal:
+                raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
+            hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
                  format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
@@ -546,29 +574,18 @@ def _outside_note(outside: int) -> str:
     return f"; with {format_bytes(outside)} held outside the graph" if outside else ""
 
 
-def _budget_error(analysis: Any, config: SACConfig, problem: Any, budget: int, outside: int,
-                  error: _NoPlan, fastest_sim: Any = None) -> BudgetError:
-    """The error for a budget no plan meets, naming the smallest feasible peak found."""
-    smallest = smallest_feasible_peak(analysis, config) + outside
-    how = "everything recomputable recomputed"
+def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, error: _NoPlan,
+                  fastest_sim: Any, lowest: tuple[int, str, Any, Any]) -> BudgetError:
+    """The error for a budget no plan meets, naming the smallest peak a plan was found to reach
+    (every candidate's peak is from the exact simulation)."""
+    smallest, how = lowest[0] + outside, lowest[1]
     if fastest_sim is not None and fastest_sim.peak_bytes + outside < smallest:
         smallest, how = fastest_sim.peak_bytes + outside, "the fastest plan"
-    layers = layer_checkpoint_plan(problem, analysis)
-    if layers is not None:
-        layer_peak = _simulate(analysis, config, layers.recompute).peak_bytes + outside
-        if layer_peak < smallest:
-            smallest, how = layer_peak, "every layer checkpointed"
+    if error.best_simulated is not None and error.best_simulated < smallest:
+        smallest, how = error.best_simulated, "the program's plan nearest the budget"
+    smallest = max(smallest, analysis.memory.optimizer_step_peak_bytes + outside)
     if config.compiler == "inductor":  # the budget the planner's margin needs for that peak
         smallest = outside + math.ceil((smallest - outside) / (1 - _MODEL_MARGIN))
-    if smallest <= budget:  # the model allows a peak this low, but no plan found confirms it
-        return BudgetError(
-            f"memory budget {format_bytes(budget)}: no plan found fits it in the exact simulation, although "
-            f"the planner's model allows a peak of {format_bytes(smallest)}; raise memory_budget")
-    if error.best_simulated is not None:
-        return BudgetError(
-            f"memory budget {format_bytes(budget)}: the plans that fit the planner's model peak higher in the "
-            f"exact simulation (best {format_bytes(error.best_simulated)}); the smallest feasible peak found is "
-            f"{format_bytes(smallest)}: raise memory_budget to at least {smallest} bytes")
     return BudgetError(
         f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
         f"({how}; random ops kept{_outside_note(outside)}); raise memory_budget to at least {smallest} bytes")
@@ -681,16 +698,23 @@ def layer_checkpoint_plan(problem: Any, analysis: Any, layers: Iterable[Any] | N
     are conservative for plans that rebuild whole layers, so the planner checks these plans on the
     exact simulation.
     """
-    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
-
     layer, crossing, order = structure if structure is not None else _layer_structure(problem, analysis)
     if not order:
         return None
     chosen = set(order if layers is None else layers)
-    by_name = {c.name: c for c in problem.candidates}
     base = set(base)
     recompute = {c.name for c in problem.candidates if not c.must_save and (
         (layer[c.name] in chosen and c.name not in crossing) or (layer[c.name] not in chosen and c.name in base))}
+    return _fixed_plan(problem, recompute, f"LAYER_CHECKPOINT({len(chosen)}/{len(order)})")
+
+
+def _fixed_plan(problem: Any, recompute: set[str], status: str) -> Any:
+    """A plan that recomputes ``recompute`` (less the groups it does not hold whole), keeping what
+    a recomputed value is made from where backward does not read it anyway."""
+    from sac_compiler.solvers.savings_plan import SavingsPlan, check_plan
+
+    by_name = {c.name: c for c in problem.candidates}
+    recompute = set(recompute)
     groups: dict[str, set[str]] = {}
     for c in problem.candidates:
         if c.group is not None:
@@ -704,8 +728,7 @@ def layer_checkpoint_plan(problem: Any, analysis: Any, layers: Iterable[Any] | N
     check_plan(problem, recompute, kept)
     return SavingsPlan(
         recompute=frozenset(recompute), kept_for_recompute=frozenset(kept),
-        recompute_ms=sum(by_name[n].cost_ms for n in recompute),
-        status=f"LAYER_CHECKPOINT({len(chosen)}/{len(order)})",
+        recompute_ms=sum(by_name[n].cost_ms for n in recompute), status=status,
         gap=0.0, solve_s=0.0, n_vars=0, n_constraints=0)
 
 

@@ -61,3 +61,18 @@ def test_benchmark_inputs_keep_the_layout_of_expanded_and_offset_values():
         assert (real.shape, real.stride(), real.storage_offset()) == (val.shape, val.stride(), val.storage_offset())
         assert torch.isfinite(real).all()
     assert real.std() > 0  # random data, not an empty buffer (the expanded one holds a single value)
+
+
+def test_benchmark_mode_leaves_attention_backward_with_dropout_to_the_cost_model():
+    from passes.annotate_runtime import _reads_rng_state
+
+    graph = capture_joint(nn.Linear(8, 8), torch.randn(4, 8))
+    node = next(n for n in graph.gm.graph.nodes if n.op == "call_function")
+    efficient = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+    args = [None] * 9
+    node.target, node.args = efficient, (*args, 0.1, [True, True, True, False], True)
+    assert _reads_rng_state(node)
+    node.args = (*args, 0.0, [True, True, True, False], True)
+    assert not _reads_rng_state(node)  # without dropout the inputs carry no RNG state
+    node.target = torch.ops.aten.mm.default
+    assert not _reads_rng_state(node)
