@@ -553,24 +553,30 @@ LEAK_WARNING_BYTES = 16 * 2**20
 
 def run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
                  warmup: int, seed: int, rounds: int = 1, baseline_bytes: int | None = None,
-                 check_grads: bool = False) -> tuple[list[StrategyResult], list[GradCheck]]:
+                 check_grads: bool = False,
+                 on_round: Callable[[list[StrategyResult], int], None] | None = None,
+                 ) -> tuple[list[StrategyResult], list[GradCheck]]:
     """Every strategy in turn, timed in ``rounds`` interleaved rounds of ``steps`` steps, and with
     ``check_grads`` each sac strategy's gradients against compile's.
 
     Each strategy is built, compiled, warmed up and timed once in the order given (compile's peak
     sets the sac budgets); then rounds 2.. time every strategy again, one after another, so that a
     drift of the GPU's clocks over the run falls on all of them alike. ``baseline_bytes`` is what
-    should be allocated once they are all released; more is recorded and reported.
+    should be allocated once they are all released; more is recorded and reported. ``on_round``
+    receives the results so far and the number of rounds done after every round (a run stopped
+    part way keeps what it measured).
     """
     # Each strategy's loss has its own code object, but the model code that a graph break would
     # leave to Dynamo is shared: every strategy kept alive holds its own cache entries there.
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(strategies))):
-        return _run_workload(workload, strategies, device, steps, warmup, seed, rounds, baseline_bytes, check_grads)
+        return _run_workload(workload, strategies, device, steps, warmup, seed, rounds, baseline_bytes, check_grads,
+                             on_round)
 
 
 def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
-                  warmup: int, seed: int, rounds: int, baseline_bytes: int | None,
-                  check_grads: bool) -> tuple[list[StrategyResult], list[GradCheck]]:
+                  warmup: int, seed: int, rounds: int, baseline_bytes: int | None, check_grads: bool,
+                  on_round: Callable[[list[StrategyResult], int], None] | None,
+                  ) -> tuple[list[StrategyResult], list[GradCheck]]:
     results: dict[str, StrategyResult] = {}
     checks: list[GradCheck] = []
     live: list[_Prepared] = []
@@ -597,11 +603,18 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
             _release(device, reset=False)  # the strategies kept for the later rounds stay compiled
         results[strategy.name] = result
         _progress(result, time.perf_counter() - start)
+    by_name = {p.strategy.name: p for p in live}
+
+    def report_round(done: int) -> None:
+        if on_round is not None:
+            on_round([by_name[n].result() if n in by_name else r for n, r in results.items()], done)
+
+    report_round(1)
     for i in range(1, rounds):
         for prepared in live:
             prepared.time_round(steps, device)
         print(f"[{workload.name}] timing round {i + 1} of {rounds} done", flush=True)
-    by_name = {p.strategy.name: p for p in live}
+        report_round(i + 1)
     reference: Grads | None = None
     for strategy in strategies:
         prepared, result = by_name.get(strategy.name), results[strategy.name]
@@ -677,6 +690,8 @@ class BenchmarkReport:
     models: dict[str, dict[str, Any]]
     results: list[StrategyResult]
     grad_checks: list[GradCheck] | None
+    rounds_done: dict[str, int]  # timing rounds finished per model (fewer than rounds: the run was stopped)
+    complete: bool  # every model ran all its rounds (and its gradient checks)
 
 
 def format_table(results: Sequence[StrategyResult]) -> str:
@@ -769,7 +784,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"'{COMPILE}' always runs, as it sets the sac budgets")
     parser.add_argument("--out", type=Path, default=Path("bench-out/compare_strategies"),
                         help="folder for results.json and pareto.png")
+    parser.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: print the table of an earlier run's results.json (one a stopped "
+                             "run left after its last full round too) and write its Pareto plot into --out")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        return args
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--steps, --rounds and --warmup must be >= 1 (the first warm-up step compiles)")
     if args.check_grads and (args.smoke or args.model == "llama"):
@@ -789,6 +809,8 @@ def _warm_up_cublas(device: torch.device) -> None:
 
 def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     args = _parse_args(None if argv is None else [str(a) for a in argv])
+    if args.from_json is not None:
+        return _from_json(args.from_json, args.out)
     start = time.perf_counter()
     if args.smoke:
         device = torch.device("cpu")
@@ -812,22 +834,33 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
 
     results: list[StrategyResult] = []
     grad_checks: list[GradCheck] | None = [] if args.check_grads else None
+    rounds_done: dict[str, int] = {}
     baseline = _allocated(device)
     json_path = args.out / "results.json"
-    for workload in workloads:
-        model_results, model_checks = run_workload(
-            workload, strategies, device, args.steps, args.warmup, args.rng_seed, rounds=args.rounds, baseline_bytes=baseline,
-            check_grads=args.check_grads and workload.name == "seed")
-        results += model_results
-        if grad_checks is not None:
-            grad_checks += model_checks
+
+    def write(model_results: list[StrategyResult], complete: bool) -> BenchmarkReport:
         report = BenchmarkReport(
             device=device_name, torch_version=torch.__version__, python_version=platform.python_version(),
             smoke=args.smoke, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-            models={w.name: w.config for w in workloads}, results=results, grad_checks=grad_checks,
+            models={w.name: w.config for w in workloads}, results=results + model_results, grad_checks=grad_checks,
+            rounds_done=dict(rounds_done), complete=complete,
         )
         args.out.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")  # after each model
+        json_path.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+        return report
+
+    for n, workload in enumerate(workloads):
+        def on_round(partial: list[StrategyResult], done: int, name: str = workload.name) -> None:
+            rounds_done[name] = done
+            write(partial, complete=False)  # after every round: a run stopped part way keeps what it measured
+
+        model_results, model_checks = run_workload(
+            workload, strategies, device, args.steps, args.warmup, args.rng_seed, rounds=args.rounds, baseline_bytes=baseline,
+            check_grads=args.check_grads and workload.name == "seed", on_round=on_round)
+        results += model_results
+        if grad_checks is not None:
+            grad_checks += model_checks
+        report = write([], complete=n == len(workloads) - 1)
     print()
     print(format_table(results))
     if grad_checks:
@@ -839,6 +872,26 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     print()
     print(plot_pareto(results, args.out / "pareto.png"))
     print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)", flush=True)
+    return report
+
+
+def _from_json(path: Path, out: Path) -> BenchmarkReport:
+    """The table and the Pareto plot of a results.json written earlier."""
+    data = json.loads(path.read_text())
+    if "rounds_done" not in data:  # written before these fields: only once a model had run all its rounds
+        data["rounds_done"] = {r["model"]: data["rounds"] for r in data["results"]}
+        data["complete"] = set(data["rounds_done"]) == set(data["models"])
+    data["results"] = [StrategyResult(**{**r, "step_ms_all": tuple(r["step_ms_all"]),
+                                         "solves_s": None if r["solves_s"] is None else tuple(r["solves_s"])})
+                       for r in data["results"]]
+    if data.get("grad_checks") is not None:
+        data["grad_checks"] = [GradCheck(**c) for c in data["grad_checks"]]
+    report = BenchmarkReport(**data)
+    state = "complete" if report.complete else f"stopped part way (rounds done: {report.rounds_done} of {report.rounds})"
+    print(f"{report.device}, torch {report.torch_version}: {path} ({state})")
+    print(format_table(report.results))
+    out.mkdir(parents=True, exist_ok=True)
+    print(plot_pareto(report.results, out / "pareto.png"))
     return report
 
 

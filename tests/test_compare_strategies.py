@@ -31,6 +31,7 @@ def test_smoke_writes_one_record_per_strategy(compare_strategies, tmp_path):
     assert [r["strategy"] for r in report["results"]] == names
     assert report["smoke"] is True and report["torch_version"] == torch.__version__
     assert report["steps"] == 3 and report["rounds"] == 2
+    assert report["rounds_done"] == {"llama": 2} and report["complete"] is True
     for record in report["results"]:
         assert record["peak_bytes"] is None  # no peak on CPU
         if record["status"] == "ok":
@@ -59,3 +60,24 @@ def test_a_failing_strategy_is_recorded_not_raised(compare_strategies):
         assert result.status == "error" and result.step_ms is None
         assert result.error == "RuntimeError: model construction failed on purpose"
         assert "Traceback" in result.traceback
+
+
+def test_results_are_written_after_every_round_and_can_be_read_back(compare_strategies, tmp_path, capsys):
+    workload = compare_strategies.llama_workload(compare_strategies.SMOKE_LLAMA)
+    strategies = [compare_strategies.Strategy("eager"), compare_strategies.Strategy("eager + full AC", checkpoint="full")]
+    seen = []
+    results, _ = compare_strategies.run_workload(
+        workload, strategies, torch.device("cpu"), steps=2, warmup=1, seed=0, rounds=3,
+        on_round=lambda partial, done: seen.append((done, [len(r.step_ms_all) for r in partial])))
+    # each strategy's steps so far, after every round; the last report is the final result
+    assert seen == [(1, [2, 2]), (2, [4, 4]), (3, [6, 6])]
+    assert [len(r.step_ms_all) for r in results] == [6, 6]
+
+    # a results.json read back gives the same table
+    compare_strategies.main(["--smoke", "--steps", "2", "--rounds", "1", "--out", str(tmp_path)])
+    written = capsys.readouterr().out
+    report = compare_strategies.main(["--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again")])
+    again = capsys.readouterr().out
+    assert report.complete and [r.strategy for r in report.results] == [s.name for s in compare_strategies.SMOKE_STRATEGIES]
+    table = compare_strategies.format_table(report.results)
+    assert table in written and table in again
