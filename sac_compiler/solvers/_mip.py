@@ -171,11 +171,15 @@ def _check_highs() -> None:
     import mip.highs
 
     if not mip.highs.has_highs:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
+            found = f"highspy {version('highspy')}"
+        except PackageNotFoundError:
+            found = "highspy (version unknown)"
         raise ImportError(
-            f"python-mip could not load HiGHS from highspy {version('highspy')} (python-mip 2.0 cannot "
-            "use highspy 1.16: pip install 'highspy<1.16'). " + missing
+            f"python-mip could not load HiGHS from {found} (python-mip 2.0 cannot use highspy 1.16: "
+            "pip install 'highspy<1.16'). " + missing
         )
 
 
