@@ -62,15 +62,16 @@ def node_flops(node: fx.Node) -> int:
     kwargs = tree_map(_val, node.kwargs)
     out = node.meta.get("val")
     packet = target.overloadpacket
+    # size_hint, not int(): int() of a symbolic count would specialise the graph to its sizes
     if packet in flop_registry:
-        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return size_hint(flop_registry[packet](*args, **kwargs, out_val=out))
     name = target._schema.name
     if "scaled_dot_product" in name or "flash_attention" in name:
         if name.endswith("_backward"):
             grad_out, q, k, v = args[:4]
-            return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+            return size_hint(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
         q, k, v = args[:3]
-        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+        return size_hint(sdpa_flop_count(q.shape, k.shape, v.shape))
     return 0
 
 

@@ -319,3 +319,25 @@ def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition()
     fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
     result.check_partition(fw, bw)
     assert joint.peak_bytes == result.partitioned.peak_bytes
+
+
+def test_dynamic_shapes_plan_at_the_size_hints_and_stay_exact():
+    """With dynamic=True one graph serves every batch size (planning must not specialise its
+    sizes: the flop count of a symbolic matmul once did, and each batch size recompiled); the plan
+    is made at the sizes of the compiling call, and gradients stay exact at the others."""
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    backend, records = recording_backend(memory_budget=0.5, compiler="eager")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for batch in (1024, 2048, 3000):
+        x = torch.randn(batch, 32)
+        ref_out, ref_grads = _step(model, (x,), seed=1)
+        out, grads = _step(model, (x,), compiled, seed=1)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+    (result, _fw, _bw), = records  # one graph, planned once
+    assert result.plan.recompute
+    inputs = [n.meta["val"] for n in result.analysis.graph.gm.graph.find_nodes(op="placeholder")
+              if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert any(isinstance(d, torch.SymInt) for v in inputs for d in v.shape), "the planned graph is symbolic"
