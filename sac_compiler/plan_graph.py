@@ -37,7 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
 from passes.annotate_runtime import achieved_seconds
-from passes.record import Side, get_record
+from passes.record import Side, get_record, size_hint
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
 
@@ -157,6 +157,7 @@ def build_plan_problem(
                   and get_record(n).side == Side.FORWARD
                   and (n.target is operator.getitem or not any(u.target is operator.getitem for u in n.users))]
     candidate_set = set(candidates)
+    mutated = _mutated_inputs(analysis.graph)
     kept_random: list[str] = []
     charged: set[fx.Node] = set()
     out = next(iter(gm.graph.find_nodes(op="output")))
@@ -194,7 +195,8 @@ def build_plan_problem(
             cost_ms=cost,
             inputs=tuple(dict.fromkeys(inputs)),
             first_use=min(bw) if bw else None,
-            must_save=bool(prec.is_random),
+            # recomputing from an input the forward mutates would read it after the mutation
+            must_save=bool(prec.is_random) or any(owner.get(a, a) in mutated for a in producer.all_input_nodes),
             group=group,
             keep_cost_ms=keep_cost,
             last_use=max(bw) if bw else None,
@@ -208,6 +210,52 @@ def build_plan_problem(
     baseline = _step_profile(sim)
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
     return problem, sorted(set(kept_random)), activation_bytes
+
+
+def _mutated_inputs(graph: JointGraph) -> set[fx.Node]:
+    """Graph inputs (buffers, user inputs) that the forward may mutate in place: BatchNorm's running
+    statistics, ``buf.add_(...)``. AOTAutograd returns a mutated input's new value among the
+    forward outputs and copies it into the input once the forward has run; its metadata saying
+    which inputs those are does not reach the partitioner, so a forward output made from an input
+    of its very size, dtype and strides is taken for one. Recomputing a value from such an input in
+    backward would read it mutated (autograd refuses: "modified by an inplace operation")."""
+    from sac_compiler.capture import InputKind
+
+    gm = graph.gm
+    kinds = {i.name: i.kind for i in graph.inputs}
+    inputs = {n for n in gm.graph.find_nodes(op="placeholder")
+              if kinds.get(n.name) in (InputKind.BUFFER, InputKind.USER_INPUT)}
+
+    def layout(node: fx.Node) -> Any:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        # size hints, not the sizes: comparing symbolic sizes would specialise the graph
+        return (tuple(size_hint(d) for d in val.shape), tuple(size_hint(d) for d in val.stride()), val.dtype)
+
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    mutated: set[fx.Node] = set()
+    for value in out.args[0][: graph.num_fwd_outputs]:
+        if not isinstance(value, fx.Node) or value.op != "call_function" or layout(value) is None:
+            continue
+        # back through the ops of the same layout (``buf.mul_(a).add_(b)`` is mul, then add)
+        frontier, seen = [value], {value}
+        for _ in range(_MUTATION_DEPTH):
+            step = []
+            for node in frontier:
+                for arg in _producer(node).all_input_nodes:
+                    if arg in seen or layout(arg) != layout(value):
+                        continue
+                    seen.add(arg)
+                    if arg in inputs:
+                        mutated.add(arg)
+                    elif arg.op == "call_function":
+                        step.append(arg)
+            frontier = step
+    return mutated
+
+
+_MUTATION_DEPTH = 4
 
 
 def _fused_in_forward(node: fx.Node, fwd_outputs: set[fx.Node]) -> bool:

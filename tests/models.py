@@ -185,3 +185,22 @@ class SharedStack(nn.Module):
         for _ in range(self.depth):
             x = torch.tanh(self.fc(x)) + x
         return torch.nn.functional.linear(x, self.fc.weight)
+
+
+class BatchNormNet(nn.Module):
+    """Convolutions with BatchNorm (running statistics updated in forward) and a buffer of its own
+    updated in place: inputs the forward mutates."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        )
+        self.head = nn.Linear(channels, 10)
+        self.register_buffer("feature_mean", torch.zeros(channels))
+
+    def forward(self, x):
+        h = self.features(x).mean((2, 3))
+        self.feature_mean.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        return self.head(h)

@@ -9,6 +9,7 @@ from torch.testing import FileCheck
 
 from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.config import SACConfig
+from sac_compiler.plan_graph import _producer
 from sac_compiler.planner import budget_range
 from tests.models import DropoutMLP, InplaceMLP, Nested, SharedStack, tiny_transformer
 
@@ -341,3 +342,30 @@ def test_dynamic_shapes_plan_at_the_size_hints_and_stay_exact():
     inputs = [n.meta["val"] for n in result.analysis.graph.gm.graph.find_nodes(op="placeholder")
               if isinstance(n.meta.get("val"), torch.Tensor)]
     assert any(isinstance(d, torch.SymInt) for v in inputs for d in v.shape), "the planned graph is symbolic"
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.6])
+def test_inputs_the_forward_mutates_are_never_recomputed_from(fraction):
+    """BatchNorm's running statistics and a buffer updated in place are copied back once the forward
+    has run: a plan that recomputed from them in backward would read them mutated (autograd
+    refused the step). Gradients and the updated buffers equal eager's."""
+    from tests.models import BatchNormNet
+
+    torch.manual_seed(0)
+    model, x = BatchNormNet(), torch.randn(16, 3, 32, 32)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _, ref_grads = _step(model, (x,))
+    ref_buffers = [b.clone() for b in model.buffers()]
+    model.load_state_dict(start)
+    backend, records = recording_backend(memory_budget=fraction, compiler="eager")
+    _, grads = _step(model, (x,), torch.compile(model, backend=backend))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    for b, r in zip(model.buffers(), ref_buffers):
+        torch.testing.assert_close(b, r, rtol=1e-5, atol=1e-6)
+    (result, _fw, _bw), = records
+    assert result.plan.recompute  # something is recomputed, just nothing made from a mutated input
+    by_name = {n.name: n for n in result.analysis.graph.gm.graph.nodes}
+    producers = {_producer(by_name[name]) for name in result.plan.recompute}
+    assert not any("batch_norm" in str(p.target) for p in producers)
+    assert result.unplanned_saves == []
