@@ -214,14 +214,21 @@ def build_plan_problem(
 
 def _mutated_inputs(graph: JointGraph) -> set[fx.Node]:
     """Graph inputs (buffers, user inputs) that the forward may mutate in place: BatchNorm's running
-    statistics, ``buf.add_(...)``. AOTAutograd returns a mutated input's new value among the
-    forward outputs and copies it into the input once the forward has run; its metadata saying
-    which inputs those are does not reach the partitioner, so a forward output made from an input
-    of its very size, dtype and strides is taken for one. Recomputing a value from such an input in
-    backward would read it mutated (autograd refuses: "modified by an inplace operation")."""
+    statistics, ``buf.add_(...)``. AOTAutograd returns the mutated inputs' new values first among
+    the forward outputs, before the user's outputs, and copies them into the inputs once the
+    forward has run; its metadata saying which inputs those are does not reach the partitioner,
+    so a value in that leading part of the outputs made from an input of its very size, dtype and
+    strides marks the input. Recomputing a value from such an input in backward would read it
+    mutated (autograd refuses: "modified by an inplace operation")."""
+    from torch.utils._pytree import tree_leaves
+
     from sac_compiler.capture import InputKind
 
     gm = graph.gm
+    leading = graph.num_fwd_outputs  # without the Dynamo graph, every forward output is suspect
+    if graph.source_gm is not None:
+        returned = next(iter(graph.source_gm.graph.find_nodes(op="output")))
+        leading -= len(tree_leaves(returned.args[0]))  # the user's outputs (then intermediate bases, if any)
     kinds = {i.name: i.kind for i in graph.inputs}
     inputs = {n for n in gm.graph.find_nodes(op="placeholder")
               if kinds.get(n.name) in (InputKind.BUFFER, InputKind.USER_INPUT)}
@@ -235,7 +242,7 @@ def _mutated_inputs(graph: JointGraph) -> set[fx.Node]:
 
     out = next(iter(gm.graph.find_nodes(op="output")))
     mutated: set[fx.Node] = set()
-    for value in out.args[0][: graph.num_fwd_outputs]:
+    for value in out.args[0][: max(leading, 0)]:
         if not isinstance(value, fx.Node) or value.op != "call_function" or layout(value) is None:
             continue
         # back through the ops of the same layout (``buf.mul_(a).add_(b)`` is mul, then add)
