@@ -546,12 +546,14 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         # to recompute than to write out: a fraction is of its activations.
         fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline)), options)
         result.fastest = fastest
+    fraction_of = None  # (peak, activation bytes) a fractional budget is taken of
     if budget is None:
         peak = analysis.memory.peak_bytes
         if config.memory_budget.bytes is None and fastest is not None:
             peak = _simulate(analysis, config, fastest.recompute).peak_bytes
             activation_bytes = _kept_activation_bytes(problem, fastest)
         budget = _budget_bytes(config, peak + outside, activation_bytes)
+        fraction_of = (peak + outside, activation_bytes)
     result.budget_bytes = budget
     # for the graph's own memory; under Inductor, an absolute budget keeps a margin for the
     # simulation's error against what Inductor allocates (a fraction is of the simulation itself)
@@ -588,7 +590,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 raise
             lowest = _lowest_plan(problem, analysis, config, options)
             if lowest[0] > goal:
-                raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
+                raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest,
+                                    fraction_of) from error
             hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
@@ -630,15 +633,25 @@ def _outside_note(outside: int) -> str:
 
 
 def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, error: _NoPlan,
-                  fastest_sim: Any, lowest: tuple[int, str, Any, Any]) -> BudgetError:
+                  fastest_sim: Any, lowest: tuple[int, str, Any, Any],
+                  fraction_of: tuple[int, int] | None = None) -> BudgetError:
     """The error for a budget no plan meets, naming the smallest peak a plan was found to reach
-    (every candidate's peak is from the exact simulation)."""
+    (every candidate's peak is from the exact simulation) and, for a fractional budget, the
+    smallest fraction that peak is."""
     smallest, how = lowest[0] + outside, lowest[1]
     if fastest_sim is not None and fastest_sim.peak_bytes + outside < smallest:
         smallest, how = fastest_sim.peak_bytes + outside, "the fastest plan"
     if error.best_simulated is not None and error.best_simulated < smallest:
         smallest, how = error.best_simulated, "the program's plan nearest the budget"
     smallest = max(smallest, analysis.memory.optimizer_step_peak_bytes + outside)
+    fraction = config.memory_budget.fraction
+    if fraction is not None and fraction_of is not None and fraction_of[1] > 0:
+        peak, activations = fraction_of
+        least = min(1.0, 1.0 - (peak - smallest) / activations)
+        return BudgetError(
+            f"memory budget {fraction:g} of the saved activations ({format_bytes(budget)}) is below the smallest "
+            f"feasible peak found, {format_bytes(smallest)} ({how}; random ops kept{_outside_note(outside)}): "
+            f"raise memory_budget to at least {math.ceil(least * 100) / 100:g} (or {smallest} bytes)")
     if config.compiler == "inductor":  # the budget the planner's margin needs for that peak
         smallest = outside + math.ceil((smallest - outside) / (1 - _MODEL_MARGIN))
     return BudgetError(

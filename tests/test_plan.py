@@ -369,3 +369,23 @@ def test_inputs_the_forward_mutates_are_never_recomputed_from(fraction):
     producers = {_producer(by_name[name]) for name in result.plan.recompute}
     assert not any("batch_norm" in str(p.target) for p in producers)
     assert result.unplanned_saves == []
+
+
+def test_an_infeasible_fraction_names_the_smallest_fraction_found():
+    """A fractional budget no plan meets is refused with the fraction that the smallest peak found
+    corresponds to; that fraction then compiles, within its budget."""
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+    x = torch.randn(2048, 32)
+    with pytest.raises(Exception, match=r"memory budget 0.3 of the saved activations") as info:
+        torch.compile(model, backend="sac", options={"memory_budget": 0.3, "compiler": "eager"})(x)
+    least = float(re.search(r"raise memory_budget to at least ([0-9.]+) \(or \d+ bytes\)", str(info.value)).group(1))
+    assert 0.3 < least <= 1.0
+    torch._dynamo.reset()
+    backend, records = recording_backend(memory_budget=least, compiler="eager")
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert result.predicted_peak <= result.budget_bytes
+    assert result.partitioned.peak_bytes <= result.budget_bytes
