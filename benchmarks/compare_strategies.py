@@ -44,8 +44,8 @@ and draws the plot of an earlier ``results.json`` without measuring. ``--check-g
 gradients under ``backend="sac"`` at each budget with plain ``torch.compile``'s: after the timed
 steps, each of those runs takes one more step right after ``torch.manual_seed`` (Inductor draws its
 dropout seeds from it) and the largest absolute difference over all parameters is recorded.
-Compiling dominates the run time: on an H200 about 3 minutes for the seed model and 7 to 8 for
-the Llama.
+Compiling dominates the run time: on an H200 about 3 minutes for the seed model; a Llama run
+was still in its third timing round after 7 minutes.
 ``--smoke`` runs a tiny Llama on CPU with eager, eager + full AC and ``backend="sac"``
 (``compiler="eager"``, no budget), timed with ``time.perf_counter`` and no peak. Run from the
 repository root::

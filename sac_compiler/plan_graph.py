@@ -446,7 +446,8 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     return max(peak, analysis.memory.optimizer_step_peak_bytes)
 
 
-def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any) -> tuple[int, str, Any, Any]:
+def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
+                 structure: Any = None) -> tuple[int, str, Any, Any]:
     """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
     checkpointed, each run through the exact simulation (the program's peak is a model: long
@@ -456,7 +457,7 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any) -
 
     plans = [("everything recomputable recomputed", _fixed_plan(
         problem, {c.name for c in problem.candidates if not c.must_save}, "RECOMPUTE_ALL"))]
-    layers = layer_checkpoint_plan(problem, analysis)
+    layers = layer_checkpoint_plan(problem, analysis, structure=structure)
     if layers is not None:
         plans.append(("every layer checkpointed", layers))
     with _torch_threads_kept():
@@ -588,7 +589,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         if hybrid is None:
             if not isinstance(error, _NoPlan):
                 raise
-            lowest = _lowest_plan(problem, analysis, config, options)
+            lowest = _lowest_plan(problem, analysis, config, options, structure)
             if lowest[0] > goal:
                 raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest,
                                     fraction_of) from error
