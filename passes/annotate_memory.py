@@ -245,6 +245,16 @@ def annotate_memory(
 
     if recomputed is None:
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
+    # where each op runs: its place in the graph, or the add Inductor folds a matmul into
+    runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, target_device) if fused_pointwise else {}).items()}
+    for mm in runs_at:
+        alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own
+    copies: dict[int, int] = {}  # broadcast operands a matmul copies out while it runs
+    for node in nodes:
+        copied = _broadcast_copies(node, target_device)
+        if copied:
+            step = runs_at.get(node, index[node])
+            copies[step] = copies.get(step, 0) + copied
     uses_of: dict[fx.Node, set[int]] = {}
     for node in nodes:
         if owner[node] is not node:
@@ -252,7 +262,7 @@ def annotate_memory(
         for arg in node.all_input_nodes:
             if node.op == "output":
                 continue  # returning a value is not a use: see ``released`` below
-            uses_of.setdefault(owner[arg], set()).add(index[node])
+            uses_of.setdefault(owner[arg], set()).add(runs_at.get(node, index[node]))
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward)
     # Rebuilt in backward, a fusable value is a buffer only if a non-fusing op reads it there;
     # otherwise it is recomputed inside each kernel that reads it.
@@ -278,11 +288,13 @@ def annotate_memory(
             base = owner[arg]
             if base in rematerialized and rematerialized[base]:
                 rematerialized[base].add(max(needed))
+    chain_kernels: list[tuple[int, set[fx.Node]]] = []
     if fused_pointwise:  # Inductor rebuilds a chain of recomputed pointwise values in one kernel
         needed_now = {n for n, needed in rematerialized.items() if needed}
         for group in _fused_recompute_groups(nodes, needed_now, owner):
             earliest = min(min(rematerialized[n]) for n in group)
-            for node in _ancestors(group, needed_now, owner):
+            chain_kernels.append((earliest, _ancestors(group, needed_now, owner)))
+            for node in chain_kernels[-1][1]:
                 rematerialized[node].add(earliest)
                 if _drawn_in_kernel(node, group, (u for u in node.users if _side(u) == Side.BACKWARD or u in needed_now)):
                     remat_alloc[node] = 0
@@ -297,6 +309,30 @@ def annotate_memory(
             if base not in rematerialized and base.op != "placeholder":
                 at = max(needed) if node in inline else min(needed)
                 held_for_recompute[base] = max(held_for_recompute.get(base, -1), at)
+    # A chain's kernel is the last reader of the kept values only it reads: an output of the same
+    # size takes over such a value's buffer (as in the partitioned simulation: see
+    # ``_hand_over_dying_inputs``).
+    handed_over: set[fx.Node] = set()  # kept values whose buffer a rebuilt one takes (not freed)
+    adopting: set[fx.Node] = set()  # rebuilt values taking one (no allocation of their own)
+    for step, kernel in chain_kernels:
+        dying: list[fx.Node] = []
+        for node in sorted(kernel, key=index.__getitem__):
+            for arg in node.all_input_nodes:
+                base = owner[arg]
+                if (base in kernel or base in dying or base in handed_over or base in rematerialized
+                        or base.op == "placeholder" or base in held or held_for_recompute.get(base) != step
+                        or any(i >= first_backward for i in uses_of.get(base, ()))):
+                    continue
+                dying.append(base)
+        for node in sorted(kernel, key=index.__getitem__):
+            needed = rematerialized.get(node)
+            if not needed or min(needed) != step or not remat_alloc.get(node, 0) or node in adopting:
+                continue
+            match = next((d for d in dying if alloc.get(d, 0) == remat_alloc[node]), None)
+            if match is not None:
+                dying.remove(match)
+                handed_over.add(match)
+                adopting.add(node)
     fused_fw = [n for n in nodes if n in fusable and _side(n) == Side.FORWARD and n not in held_for_recompute
                 and (n in rematerialized or not any(_side(u) == Side.BACKWARD for u in n.users))]
     # a kept value is written out for backward; a recomputed one is not
@@ -320,7 +356,7 @@ def annotate_memory(
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
-        start_at = first_backward if node in tangents else index[node]
+        start_at = first_backward if node in tangents else runs_at.get(node, index[node])
         accumulator = _inductor_accumulator(node, target_device) if fused_pointwise else None
         if accumulator is not None and start_at >= first_backward:
             if accumulator == 0:
@@ -344,10 +380,12 @@ def annotate_memory(
             needed = rematerialized[node]
             if needed:  # rematerialised for its first backward need, kept to its last
                 second = (node, remat_alloc.get(node, 0))
-                allocs.setdefault(min(needed), []).append(second)
+                if node not in adopting:
+                    allocs.setdefault(min(needed), []).append(second)
                 frees.setdefault(max(needed), []).append(second)
             continue
-        frees.setdefault(uses[-1] if uses else start_at, []).append(first)
+        if node not in handed_over:
+            frees.setdefault(uses[-1] if uses else start_at, []).append(first)
 
     total = static_bytes
     peak, peak_node, peak_cats = total, "start", dict(live)
@@ -365,10 +403,10 @@ def annotate_memory(
         nonlocal total
         base, size = event
         b = sign * size
-        live[categories[base]] += b
+        live[categories[base] if base is not None else MemoryCategory.TEMPORARY] += b
         total += b
         view["total"] = total
-        view[phase_of[base]] += b
+        view[phase_of[base] if base is not None else "temp"] += b
 
     track = _track_modules if annotate else lambda *args: None
     taken, held_frees = (_reused_frees(len(nodes), allocs, frees, lambda event: event[1], (first_backward,))
@@ -383,12 +421,16 @@ def annotate_memory(
                 freed_at, k = taken[(i, j)]
                 change(frees[freed_at][k], -1)
             change(event, +1)
+        if i in copies:
+            change((None, copies[i]), +1)
         if total > peak:
             peak, peak_node, peak_cats = total, node.name, dict(live)
         if i == first_backward - 1:
             end_of_forward = total
         step_peaks.append(total)
         track(node, "during", view, module_live)
+        if i in copies:
+            change((None, copies[i]), -1)
         for j, event in enumerate(frees.get(i, [])):
             if (i, j) not in held_frees:
                 change(event, -1)
@@ -512,6 +554,73 @@ def _inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> i
     if val.dtype in (torch.float16, torch.bfloat16):
         return round_allocation(size_hint(val.numel()) * 4, device)
     return 0
+
+
+# Operands a matmul reads through a dense layout; a broadcast one is first copied out.
+_DENSE_OPERANDS = {
+    torch.ops.aten.mm.default: (0, 1),
+    torch.ops.aten.bmm.default: (0, 1),
+    torch.ops.aten.addmm.default: (1, 2),
+    torch.ops.aten.baddbmm.default: (1, 2),
+}
+
+
+def _broadcast_copies(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes a matmul copies its broadcast operands into for the duration of the op.
+
+    A broadcast operand (stride 0 along a dimension of more than one element: the expanded
+    tangent of ``loss.sum()`` read by the output layer's matmuls) is no layout BLAS takes: eager
+    ATen clones it inside the op, Inductor fills a dense buffer just before the extern matmul and
+    frees it after (seen in its generated backward of the seed Transformer on an H200, torch
+    2.11: a 256 MiB fp32 copy before each of the two matmuls reading the logits' gradient)."""
+    positions = _DENSE_OPERANDS.get(node.target) if node.op == "call_function" else None
+    if not positions:
+        return 0
+    total = 0
+    for i in positions:
+        arg = node.args[i] if i < len(node.args) else None
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        if isinstance(val, torch.Tensor) and any(
+                size_hint(st) == 0 and size_hint(sz) > 1 for sz, st in zip(val.shape, val.stride())):
+            total += round_allocation(size_hint(val.numel()) * val.element_size(), device)
+    return total
+
+
+def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
+    """Matmuls Inductor folds into a later add: ``add(mm(a, b), c)`` becomes ``addmm(c, a, b)``
+    (its post-grad ``addmm`` pattern: the mm's only reader, ``c`` a tensor of the operands' dtype
+    that broadcasts to the product, and, on a GPU, not when every reader of the sum is pointwise).
+    The matmul then runs where the add is: on the seed Transformer's tied embedding, the output
+    layer's weight gradient moves from the start of backward to its end, and its operands live
+    until then. Returns each such mm and its add."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    moved: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2:
+            continue
+        if node.kwargs.get("alpha", 1) != 1:
+            continue
+        for mm, inp in (node.args, node.args[::-1]):
+            if not (isinstance(mm, fx.Node) and isinstance(inp, fx.Node) and mm.op == "call_function"
+                    and mm.target is torch.ops.aten.mm.default and len(mm.users) == 1):
+                continue
+            vals = [x.meta.get("val") for x in (inp, *mm.args[:2]) if isinstance(x, fx.Node)]
+            out = mm.meta.get("val")
+            if len(vals) != 3 or not all(isinstance(v, torch.Tensor) for v in (*vals, out)):
+                continue
+            if len({v.dtype for v in vals}) != 1 or not _broadcasts_to(vals[0].shape, out.shape):
+                continue
+            if on_gpu and all(u.op != "output" and is_pointwise_op(u) for u in node.users):
+                continue
+            moved[mm] = node
+            break
+    return moved
+
+
+def _broadcasts_to(shape: Any, target: Any) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(size_hint(s) in (1, size_hint(t)) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _is_scalar(node: fx.Node) -> bool:
@@ -714,30 +823,48 @@ def _graph_liveness(
         for node in _inductor_inlined(fused, lambda n: list(n.users), owner):
             sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
+    runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, device) if fused_pointwise else {}).items()}
+    for mm in runs_at:
+        sizes[mm] = 0
+    copies: dict[int, int] = {}
+    for node in nodes:
+        copied = _broadcast_copies(node, device)
+        if copied:
+            copies[runs_at.get(node, index[node])] = copies.get(runs_at.get(node, index[node]), 0) + copied
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
     runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
             continue
-        at = runs_until.get(node, index[node])
+        at = runs_at.get(node, runs_until.get(node, index[node]))
         for arg in node.all_input_nodes:
             last[owner[arg]] = max(last.get(owner[arg], -1), at)
     kept = {owner[n] for n in nodes if n.name in keep}
     # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed
-    made_at = {node: index[node] for node in sizes}
+    made_at = {node: runs_at.get(node, index[node]) for node in sizes}
+    handed_over: set[fx.Node] = set()  # inputs whose buffer a fused kernel's output takes over
+    adopting: set[fx.Node] = set()  # the outputs that take one over (no allocation of their own)
     if fused_pointwise and recomputed:
         members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
+        readers_of: dict[fx.Node, set[fx.Node]] = {}
+        for node in nodes:
+            if node.op == "output" or owner[node] is node:
+                for arg in node.all_input_nodes:
+                    readers_of.setdefault(owner[arg], set()).add(node)
         for group in _fused_recompute_groups(nodes, members, owner):
             earliest = min(index[n] for n in group)
-            for node in _ancestors(group, members, owner):
+            kernel = _ancestors(group, members, owner)
+            for node in kernel:
                 if node in made_at:
                     made_at[node] = min(made_at[node], earliest)
                     if node not in outputs and _drawn_in_kernel(node, group, node.users):
                         sizes[node] = 0
+            _hand_over_dying_inputs(nodes, kernel, earliest, owner, readers_of, kept, static_storage,
+                                    placeholder_storage or {}, sizes, made_at, last, handed_over, adopting)
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
-        if node in kept:
+        if node in kept or node in handed_over:
             continue
         frees.setdefault(last.get(node, index[node]), []).append(size)
     # placeholders (saved activations in the backward) freed after the last use of their allocation
@@ -753,7 +880,7 @@ def _graph_liveness(
         groups.setdefault(key, []).append(node)
         group_bytes[key] = max(group_bytes.get(key, 0), nbytes)
     for key, members in groups.items():
-        if key in static_storage or any(m in kept for m in members):
+        if key in static_storage or any(m in kept or m in handed_over for m in members):
             continue
         uses = [last[m] for m in members if m in last]
         if uses:
@@ -768,16 +895,65 @@ def _graph_liveness(
                 allocs.setdefault(0, []).append(accumulator)
                 frees.setdefault(index[node], []).append(accumulator)
     for node, size in sizes.items():
-        if node.op == "call_function":
+        if node.op == "call_function" and node not in adopting:
             allocs.setdefault(made_at[node], []).append(size)
     taken, held = _reused_frees(len(nodes), allocs, frees, lambda size: size) if fused_pointwise else ({}, set())
     total, peak, peak_node = live_at_start, live_at_start, "start"
     for i, node in enumerate(nodes):
         total += sum(size for j, size in enumerate(allocs.get(i, ())) if (i, j) not in taken)
-        if total > peak:
-            peak, peak_node = total, node.name
+        if total + copies.get(i, 0) > peak:
+            peak, peak_node = total + copies.get(i, 0), node.name
         total -= sum(size for j, size in enumerate(frees.get(i, ())) if (i, j) not in held)
     return peak, peak_node, total, {n.name: s for n, s in sizes.items()}, {n.name: owner[n].name for n in nodes}
+
+
+def _hand_over_dying_inputs(
+    nodes: list[fx.Node], kernel: set[fx.Node], step: int, owner: dict[fx.Node, fx.Node],
+    readers_of: dict[fx.Node, set[fx.Node]], kept: set[fx.Node], static_storage: frozenset[str],
+    storage: dict[str, tuple[str, int]], sizes: dict[fx.Node, int], made_at: dict[fx.Node, int],
+    last: dict[fx.Node, int], handed_over: set[fx.Node], adopting: set[fx.Node],
+) -> None:
+    """A fused recompute kernel (``kernel``: the nodes it computes, run at ``step``) is the last
+    reader of the inputs only it reads: they die in it, and Inductor writes an output of the same
+    size into a dying input's buffer (``in_out_ptr``; ``# reuse`` of the input in the generated
+    code). Seen in Inductor's generated backward of the seed Transformer on an H200 (torch 2.11):
+    the kernel rebuilding the residual stream of all four layers wrote three of its eleven outputs
+    into the dying matmul outputs it read. Marks the inputs whose buffer is taken over
+    (``handed_over``, no longer freed) and the outputs taking one (``adopting``, no allocation of
+    their own), and moves the last use of every dying input to ``step``."""
+    position = {n: i for i, n in enumerate(nodes)}
+    keys: dict[str, list[fx.Node]] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            keys.setdefault(storage.get(node.name, (node.name, -1))[0], []).append(node)
+    dying: list[tuple[fx.Node, int]] = []
+    seen: set[fx.Node] = set()
+    for node in sorted(kernel, key=position.__getitem__):
+        for arg in node.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base in kernel or base in seen or base in kept or base in handed_over:
+                continue
+            seen.add(base)
+            if not readers_of.get(base, set()) <= kernel:
+                continue
+            last[base] = step
+            if base.op == "placeholder":
+                key, nbytes = storage.get(base.name, (base.name, -1))
+                # a saved value shares its forward allocation with other saved views of it
+                if key in static_storage or len(keys.get(key, ())) != 1 or nbytes <= 0:
+                    continue
+                dying.append((base, nbytes))
+            elif sizes.get(base, 0) > 0:
+                dying.append((base, sizes[base]))
+    stored = [n for n in sorted(kernel, key=position.__getitem__)
+              if n.op == "call_function" and sizes.get(n, 0) > 0 and made_at.get(n) == step and n not in adopting]
+    for out in stored:
+        match = next((d for d in dying if d[1] == sizes[out]), None)
+        if match is None:
+            continue
+        dying.remove(match)
+        handed_over.add(match[0])
+        adopting.add(out)
 
 
 def _reused_frees(steps: int, allocs: dict[int, list[Any]], frees: dict[int, list[Any]], size_of: Any,

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from passes.annotate_memory import inductor_addmm
 from passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
 from passes.annotate_runtime import achieved_seconds
 from passes.record import Side, get_record, size_hint
@@ -145,13 +146,16 @@ def build_plan_problem(
     fb = sim.first_backward
     owner = _owner_map(gm)
 
-    # Non-alias reads of every allocation, through its aliases.
+    # Non-alias reads of every allocation, through its aliases, where the reading op runs (a
+    # matmul Inductor folds into a later add runs there).
+    runs_at = {mm: index[add] for mm, add in inductor_addmm(nodes, analysis.graph.target_device).items()} \
+        if fused_pointwise else {}
     reads: dict[fx.Node, list[int]] = {}
     for node in nodes:
         if node.op == "output" or (node.op == "call_function" and owner[node] is not node):
             continue
         for arg in node.all_input_nodes:
-            reads.setdefault(owner[arg], []).append(index[node])
+            reads.setdefault(owner[arg], []).append(runs_at.get(node, index[node]))
 
     candidates = [n for n in nodes if n.op == "call_function" and owner.get(n) is n
                   and get_record(n).side == Side.FORWARD

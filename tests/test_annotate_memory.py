@@ -311,3 +311,132 @@ def test_inductor_holds_a_freed_buffer_for_a_later_one_of_its_size():
     peaks = {fused: _graph_liveness(gm, 0, outputs, "cuda", fused)[0] for fused in (False, True)}
     assert peaks[False] == 64 * 256 * 4 + 512  # `big` and the scalar `small`: `first` is freed
     assert peaks[True] == peaks[False] + 64 * 64 * 4  # `first` held for `later`
+
+
+def _graph_builder():
+    graph = torch.fx.Graph()
+
+    def op(target, *args, val):
+        node = graph.call_function(target, args)
+        node.meta["val"] = val
+        return node
+
+    def placeholder(name, val):
+        node = graph.placeholder(name)
+        node.meta["val"] = val
+        return node
+
+    return graph, op, placeholder
+
+
+def test_eager_matmul_copies_a_broadcast_operand():
+    """The platform fact behind the broadcast rule: ATen clones a stride-0 matmul operand inside
+    the op (Inductor fills a dense buffer before its extern matmul instead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ones = torch.ones(()).expand(512, 512)  # the expanded tangent of loss.sum()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.mm(ones, torch.randn(512, 16))
+    cloned = sum(e.cpu_memory_usage for e in prof.key_averages() if e.key == "aten::clone")
+    assert cloned >= 512 * 512 * 4
+
+
+def test_a_matmul_reading_a_broadcast_operand_holds_a_dense_copy_while_it_runs():
+    from passes.annotate_memory import _broadcast_copies, _graph_liveness
+
+    graph, op, placeholder = _graph_builder()
+    tangent = placeholder("tangents_1", torch.empty(()))
+    w = placeholder("w", torch.empty(256, 32))
+    grad = op(torch.ops.aten.expand.default, tangent, [128, 256], val=torch.empty(()).expand(128, 256))
+    dense = op(torch.ops.aten.mul.Tensor, w, 2.0, val=torch.empty(256, 32))
+    out = op(torch.ops.aten.mm.default, grad, dense, val=torch.empty(128, 32))
+    graph.output((out,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    copy = 128 * 256 * 4
+    assert _broadcast_copies(out, "cpu") == copy and _broadcast_copies(dense, "cpu") == 0
+    weight, scaled, product = 256 * 32 * 4, 256 * 32 * 4, 128 * 32 * 4
+    for fused in (False, True):
+        peak, peak_node, end, _, _ = _graph_liveness(gm, weight + 4, {out.name}, "cpu", fused,
+                                                     static_storage=frozenset({"w"}))
+        # the scaled weight and the product live at the matmul, with the copy of the broadcast grad
+        assert (peak, peak_node) == (weight + 4 + scaled + product + copy, out.name)
+        assert end == weight + product  # the copy is gone after it, and the tangent with it
+    # the joint simulation counts it too
+    sim = annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=False, annotate=False)
+    assert sim.peak_bytes - sim.static_bytes >= copy
+
+
+def _mm_then_add(user_pointwise, dtype=torch.float32):
+    graph, op, placeholder = _graph_builder()
+    a, b = placeholder("a", torch.empty(64, 512)), placeholder("b", torch.empty(512, 64))
+    c = placeholder("c", torch.empty(64, 64, dtype=dtype))
+    mm = op(torch.ops.aten.mm.default, a, b, val=torch.empty(64, 64))
+    d = placeholder("d", torch.empty(512, 512))
+    big = op(torch.ops.aten.mm.default, a, d, val=torch.empty(64, 512))  # runs between the two
+    small = op(torch.ops.aten.sum.default, big, val=torch.empty(()))
+    add = op(torch.ops.aten.add.Tensor, mm, c, val=torch.empty(64, 64))
+    result = op(torch.ops.aten.relu.default, add, val=torch.empty(64, 64)) if user_pointwise else add
+    graph.output((result, small))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), mm, add
+
+
+def test_inductor_folds_a_matmul_into_a_later_add():
+    from passes.annotate_memory import _graph_liveness, inductor_addmm
+
+    gm, mm, add = _mm_then_add(user_pointwise=False)
+    nodes = list(gm.graph.nodes)
+    assert inductor_addmm(nodes, "cuda") == {mm: add}
+    # on a GPU Inductor keeps the sum separate when only pointwise ops read it
+    pointwise = list(_mm_then_add(user_pointwise=True)[0].graph.nodes)
+    assert inductor_addmm(pointwise, "cuda") == {} and len(inductor_addmm(pointwise, "cpu")) == 1
+    assert inductor_addmm(list(_mm_then_add(False, torch.float64)[0].graph.nodes), "cpu") == {}  # dtypes differ
+    # folded, the product has no buffer of its own and is not alive while `big` is
+    outputs = {n.name for n in nodes[-1].all_input_nodes}
+    inputs = frozenset(n.name for n in nodes if n.op == "placeholder")
+    eager_peak, eager_at = _graph_liveness(gm, 0, outputs, "cpu", False, static_storage=inputs)[:2]
+    folded_peak, folded_at = _graph_liveness(gm, 0, outputs, "cpu", True, static_storage=inputs)[:2]
+    assert eager_peak - folded_peak == 64 * 64 * 4  # the product, alive with `big` unfolded
+    assert folded_peak == 64 * 512 * 4 + 4  # `big` and the scalar sum
+
+
+def test_inductor_writes_a_matmul_and_a_later_add_as_one_addmm():
+    """The platform fact behind the fold (CPU Inductor; on a GPU too when a non-pointwise op reads
+    the sum)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def f(a, b, c):
+        return torch.mm(a, b) + c
+
+    torch._dynamo.reset()
+    args = (torch.randn(32, 16), torch.randn(16, 8), torch.randn(32, 8))
+    out, (code,) = run_and_get_code(torch.compile(f), *args)
+    assert "addmm" in code
+    torch.testing.assert_close(out, f(*args))
+
+
+def test_a_fused_rebuild_kernel_writes_an_output_into_a_dying_input():
+    """A recomputed chain rebuilt in one kernel is the last reader of a saved value only it reads:
+    the value dies there and the kernel writes an output of its size into its buffer."""
+    from passes.annotate_memory import _graph_liveness
+
+    def backward(saved_read_later):
+        graph, op, placeholder = _graph_builder()
+        h = placeholder("h", torch.empty(64, 64))  # saved: a matmul output only the chain reads
+        w = placeholder("w", torch.empty(64, 64))
+        g = placeholder("tangents_1", torch.empty(64, 64))
+        rebuilt = op(torch.ops.aten.add.Tensor, h, 1.0, val=torch.empty(64, 64))
+        normed = op(torch.ops.aten.mul.Tensor, rebuilt, 3.0, val=torch.empty(64, 64))
+        grad_w = op(torch.ops.aten.mm.default, g, normed, val=torch.empty(64, 64))
+        grad_x = op(torch.ops.aten.mm.default, g, w, val=torch.empty(64, 64))
+        outs = [grad_w, grad_x]
+        if saved_read_later:
+            outs.append(op(torch.ops.aten.mm.default, grad_x, h, val=torch.empty(64, 64)))
+        graph.output(tuple(outs))
+        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        keep = {n.name for n in outs}
+        storage = {"h": ("h", 64 * 64 * 4)}
+        return _graph_liveness(gm, 2 * 64 * 64 * 4, keep, "cpu", True, storage, frozenset({"w"}),
+                               frozenset({rebuilt.name, normed.name}))[0]
+
+    # the rebuilt value lives in h's buffer, so h and it never coexist
+    assert backward(saved_read_later=True) - backward(saved_read_later=False) == 64 * 64 * 4
