@@ -24,7 +24,9 @@ kept for backward or folding it would read too many buffers (Inductor's realize 
 recomputed in backward, it is a buffer only if a non-fusing op reads it there, and what it is made
 from lives until its last read. A connected chain of recomputed pointwise values is rebuilt in one
 kernel before the first of them is needed, and the embedding gradient's accumulator is filled as
-backward starts, as Inductor's scheduler runs them.
+backward starts, as Inductor's scheduler runs them; a matmul folded into a later add (``addmm``)
+runs there, and a chain's kernel writes outputs into the saved inputs that die in it. On both
+routes a matmul reading a broadcast operand holds a dense copy of it while it runs.
 """
 
 from __future__ import annotations
@@ -650,7 +652,8 @@ def _backward_needs(
     """Backward steps at which each recomputed forward allocation must exist.
 
     Its own backward uses, and the step at which any recomputed value computed from it is
-    rematerialised (recomputing ``relu(addmm)`` needs ``addmm`` alive at that moment).
+    rematerialised (recomputing ``relu(addmm)`` needs ``addmm`` alive at that moment; rebuilding
+    attention's output needs q, k and v: the op that makes it reruns).
     """
     members = [n for n in nodes if n.name in recomputed and owner[n] is n and _side(n) == Side.FORWARD]
     needs = {n: {i for i in uses_of.get(n, ()) if i >= first_backward} for n in members}
@@ -658,7 +661,10 @@ def _backward_needs(
         if not needs[node]:
             continue
         at = min(needs[node])
-        for arg in node.all_input_nodes:
+        # one output of a multi-output op (attention's) is rebuilt by rerunning the op, which
+        # reads the op's inputs then
+        rebuilt_by = node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
+        for arg in rebuilt_by.all_input_nodes:
             base = owner[arg]
             if base in needs:
                 needs[base].add(at)
