@@ -247,16 +247,9 @@ def annotate_memory(
 
     if recomputed is None:
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
-    # where each op runs: its place in the graph, or the add Inductor folds a matmul into
-    runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, target_device) if fused_pointwise else {}).items()}
+    runs_at, copies = _matmul_steps(nodes, index, target_device, fused_pointwise)
     for mm in runs_at:
         alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own
-    copies: dict[int, int] = {}  # broadcast operands a matmul copies out while it runs
-    for node in nodes:
-        copied = _broadcast_copies(node, target_device)
-        if copied:
-            step = runs_at.get(node, index[node])
-            copies[step] = copies.get(step, 0) + copied
     uses_of: dict[fx.Node, set[int]] = {}
     for node in nodes:
         if owner[node] is not node:
@@ -619,6 +612,20 @@ def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> d
     return moved
 
 
+def _matmul_steps(nodes: list[fx.Node], index: dict[fx.Node, int], device: torch.device | str | None,
+                  fused_pointwise: bool) -> tuple[dict[fx.Node, int], dict[int, int]]:
+    """Where matmuls run and what they copy there: the step of each matmul Inductor folds into a
+    later add (under ``fused_pointwise``), and the bytes of broadcast operands copied per step."""
+    runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, device) if fused_pointwise else {}).items()}
+    copies: dict[int, int] = {}
+    for node in nodes:
+        copied = _broadcast_copies(node, device)
+        if copied:
+            step = runs_at.get(node, index[node])
+            copies[step] = copies.get(step, 0) + copied
+    return runs_at, copies
+
+
 def _broadcasts_to(shape: Any, target: Any) -> bool:
     if len(shape) > len(target):
         return False
@@ -829,14 +836,9 @@ def _graph_liveness(
         for node in _inductor_inlined(fused, lambda n: list(n.users), owner):
             sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
-    runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, device) if fused_pointwise else {}).items()}
+    runs_at, copies = _matmul_steps(nodes, index, device, fused_pointwise)
     for mm in runs_at:
         sizes[mm] = 0
-    copies: dict[int, int] = {}
-    for node in nodes:
-        copied = _broadcast_copies(node, device)
-        if copied:
-            copies[runs_at.get(node, index[node])] = copies.get(runs_at.get(node, index[node]), 0) + copied
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
     runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
     last: dict[fx.Node, int] = {}
