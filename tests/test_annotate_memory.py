@@ -475,21 +475,16 @@ def test_a_tight_eager_budget_is_met_or_refused():
     """At 30% of a 3-layer Llama's activations (cross-entropy loss, eager route) plans recomputing
     attention outputs peaked 9% over the budget in the partitioned graphs while the joint
     simulation said they fit; the budget is now met or refused before anything runs."""
-    import sys
-    from pathlib import Path
-
     import torch.nn.functional as F
 
+    from benchmarks.compare_strategies import Llama, LlamaArgs
     from sac_compiler.plan_graph import BudgetError
     from tests.test_plan import recording_backend
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import compare_strategies as cs
-
-    args = cs.LlamaArgs(layers=3, dim=64, heads=4, ffn=176, vocab=256, batch=4, seq=64)
+    args = LlamaArgs(layers=3, dim=64, heads=4, ffn=176, vocab=256, batch=4, seq=64)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = cs.Llama(args)
+    model = Llama(args)
     tokens, targets = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
 
     def loss(t, y):
