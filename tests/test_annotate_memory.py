@@ -420,27 +420,31 @@ def test_a_fused_rebuild_kernel_writes_an_output_into_a_dying_input():
     the value dies there and the kernel writes an output of its size into its buffer."""
     from passes.annotate_memory import _graph_liveness
 
+    value, row = 64 * 64 * 4, 64 * 4
+
     def backward(saved_read_later):
         graph, op, placeholder = _graph_builder()
         h = placeholder("h", torch.empty(64, 64))  # saved: a matmul output only the chain reads
         w = placeholder("w", torch.empty(64, 64))
-        g = placeholder("tangents_1", torch.empty(64, 64))
+        g = placeholder("tangents_1", torch.empty(1, 64))
         rebuilt = op(torch.ops.aten.add.Tensor, h, 1.0, val=torch.empty(64, 64))
         normed = op(torch.ops.aten.mul.Tensor, rebuilt, 3.0, val=torch.empty(64, 64))
-        grad_w = op(torch.ops.aten.mm.default, g, normed, val=torch.empty(64, 64))
-        grad_x = op(torch.ops.aten.mm.default, g, w, val=torch.empty(64, 64))
+        grad_w = op(torch.ops.aten.mm.default, g, normed, val=torch.empty(1, 64))
+        grad_x = op(torch.ops.aten.mm.default, g, w, val=torch.empty(1, 64))
         outs = [grad_w, grad_x]
         if saved_read_later:
-            outs.append(op(torch.ops.aten.mm.default, grad_x, h, val=torch.empty(64, 64)))
+            outs.append(op(torch.ops.aten.mm.default, grad_x, h, val=torch.empty(1, 64)))
         graph.output(tuple(outs))
         gm = torch.fx.GraphModule(torch.nn.Module(), graph)
         keep = {n.name for n in outs}
-        storage = {"h": ("h", 64 * 64 * 4)}
-        return _graph_liveness(gm, 2 * 64 * 64 * 4, keep, "cpu", True, storage, frozenset({"w"}),
+        storage = {"h": ("h", value)}
+        return _graph_liveness(gm, value + row, keep, "cpu", True, storage, frozenset({"w"}),
                                frozenset({rebuilt.name, normed.name}))[0]
 
-    # the rebuilt value lives in h's buffer, so h and it never coexist
-    assert backward(saved_read_later=True) - backward(saved_read_later=False) == 64 * 64 * 4
+    # dying, h's buffer holds the rebuilt value: the peak is h, the tangent and grad_w
+    assert backward(saved_read_later=False) == value + row + row
+    # read later, h lives beside the rebuilt value
+    assert backward(saved_read_later=True) == 2 * value + 2 * row  # and grad_w, made next
 
 
 def test_rebuilding_one_output_of_a_multi_output_op_needs_the_ops_inputs_then():
@@ -499,3 +503,24 @@ def test_a_tight_eager_budget_is_met_or_refused():
         return
     result, _fw, _bw = records[-1]
     assert result.partitioned.peak_bytes <= result.budget_bytes
+
+
+def test_the_joint_simulation_writes_a_rebuilt_value_into_a_kept_one_dying_in_its_kernel():
+    """``mm`` is kept only to rebuild ``(mm + 1) * 3`` for the weight gradient; rebuilt in one
+    fused kernel, the product takes over ``mm``'s buffer instead of a new one."""
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 64))
+            self.w2 = nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return ((x @ self.w + 1) * 3) @ self.w2
+
+    graph, _ = _annotated(Chain(), torch.randn(128, 64))
+    sim = annotate_memory(graph.gm, fused_pointwise=True, recomputed={"add", "mul"}, annotate=False)
+    names = [n for n, _ in sim.timeline]
+    at = names.index("mm_2")  # the weight gradient: the chain's first backward reader
+    rise = sim.step_peaks[at] - sim.timeline[at - 1][1]
+    assert rise == 64 * 64 * 4  # the gradient only: the rebuilt product lives in mm's buffer
