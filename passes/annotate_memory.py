@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,7 +247,7 @@ def annotate_memory(
 
     if recomputed is None:
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
-    runs_at, copies = _matmul_steps(nodes, index, target_device, fused_pointwise)
+    runs_at, copies = _transient_steps(nodes, index, target_device, fused_pointwise)
     for mm in runs_at:
         alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own
     uses_of: dict[fx.Node, set[int]] = {}
@@ -351,7 +351,7 @@ def annotate_memory(
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
-        start_at = first_backward if node in tangents else runs_at.get(node, index[node])
+        start_at = first_backward if node in tangents else runs_at.get(_made_by(node), index[_made_by(node)])
         accumulator = _inductor_accumulator(node, target_device) if fused_pointwise else None
         if accumulator is not None and start_at >= first_backward:
             if accumulator == 0:
@@ -515,6 +515,57 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _fused_into_rebuild(
+    nodes: list[fx.Node], kernel: set[fx.Node], step: int, index: dict[fx.Node, int],
+    owner: dict[fx.Node, fx.Node], stored: Callable[[fx.Node], bool], made: Callable[[fx.Node], int],
+) -> list[set[fx.Node]]:
+    """Later pointwise kernels Inductor fuses into a rebuild kernel (``kernel``, run at ``step``).
+
+    Its scheduler fuses kernels that read the same buffers when nothing between them is needed:
+    a backward pointwise kernel whose every input exists at ``step`` (or is made in the kernel),
+    that reads a buffer the kernel reads or makes, over as many elements as one of its outputs,
+    runs inside it. Seen in Inductor's generated backward of the seed Transformer on an H200
+    (torch 2.11): the GELU backward ran in the kernel rebuilding the GELU forward for the FC2
+    weight gradient (both read the FC1 output), before that matmul rather than after it; the
+    FC1 output died there, and the gradient it was multiplied by with it. Returns each fused
+    kernel's nodes: the stored value (``stored``) and the unstored pointwise values it computes
+    inline. ``made``: the step each stored value exists from (-1: an input of the graph)."""
+    reads = set(kernel) | {owner.get(a, a) for n in kernel for a in n.all_input_nodes}
+    numels = {_numel(n) for n in kernel if stored(n)}
+    parts: list[set[fx.Node]] = []
+    joined: set[fx.Node] = set()
+    for node in nodes:
+        if (index[node] <= step or node in kernel or node.op != "call_function" or not is_pointwise_op(node)
+                or not stored(node) or _numel(node) not in numels):
+            continue
+        inline: set[fx.Node] = set()
+        buffers: set[fx.Node] = set()
+        stack, ok = [node], True
+        while stack and ok:
+            for arg in stack.pop().all_input_nodes:
+                base = owner.get(arg, arg)
+                if base in kernel or base in joined or base in buffers or base in inline:
+                    buffers.add(base)
+                elif base.op == "call_function" and is_pointwise_op(base) and not stored(base):
+                    inline.add(base)
+                    stack.append(base)
+                elif made(base) <= step:
+                    buffers.add(base)
+                else:
+                    ok = False
+                    break
+        if ok and buffers & reads:
+            part = {node} | {n for n in inline if all(u is node or u in inline for u in n.users)}
+            parts.append(part)
+            joined |= part
+    return parts
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return size_hint(val.numel()) if isinstance(val, torch.Tensor) else None
+
+
 def _ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node, fx.Node]) -> set[fx.Node]:
     """The group and the recomputed values (``members``) it is made from, transitively."""
     seen: set[fx.Node] = set()
@@ -581,6 +632,32 @@ def _broadcast_copies(node: fx.Node, device: torch.device | str | None) -> int:
     return total
 
 
+def _attention_backward_workspace(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes the memory-efficient attention backward allocates inside the op, on top of its outputs.
+
+    Its kernel accumulates the query's gradient in an fp32 workspace (the query's elements, 4 bytes
+    each) next to ``delta``, one fp32 value per query row and head. For fp32 inputs ATen computes
+    ``delta`` first, as ``(grad_out * out).sum(-1).transpose(-2, -1).contiguous()``: the product and
+    two deltas, before the workspace; for 16-bit inputs the kernel computes it. Measured on an H200
+    (torch 2.11, 8 x 12 heads x 1024 x 64): 25952256 bytes above the three gradients in fp32 (the
+    product and two deltas), 25583616 in bf16 (the workspace, 24 KiB more than the query's
+    elements, and one delta)."""
+    if node.op != "call_function" or node.target is not _EFFICIENT_ATTENTION_BACKWARD:
+        return 0
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2]]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return 0
+    grad_out, query = vals
+    delta = round_allocation(size_hint(grad_out.numel()) // max(1, size_hint(grad_out.shape[-1])) * 4, device)
+    workspace = round_allocation(size_hint(query.numel()) * 4, device) + delta
+    if grad_out.dtype != torch.float32:
+        return workspace
+    return max(workspace, round_allocation(size_hint(grad_out.numel()) * 4, device) + 2 * delta)
+
+
+_EFFICIENT_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+
+
 def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
     """Matmuls Inductor folds into a later add: ``add(mm(a, b), c)`` becomes ``addmm(c, a, b)``
     (its post-grad ``addmm`` pattern: the mm's only reader, ``c`` a tensor of the operands' dtype
@@ -612,18 +689,28 @@ def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> d
     return moved
 
 
-def _matmul_steps(nodes: list[fx.Node], index: dict[fx.Node, int], device: torch.device | str | None,
-                  fused_pointwise: bool) -> tuple[dict[fx.Node, int], dict[int, int]]:
-    """Where matmuls run and what they copy there: the step of each matmul Inductor folds into a
-    later add (under ``fused_pointwise``), and the bytes of broadcast operands copied per step."""
+def _transient_steps(nodes: list[fx.Node], index: dict[fx.Node, int], device: torch.device | str | None,
+                     fused_pointwise: bool) -> tuple[dict[fx.Node, int], dict[int, int]]:
+    """Where matmuls run, and the bytes ops hold only while they run: the step of each matmul
+    Inductor folds into a later add (under ``fused_pointwise``), and per step the copies of
+    broadcast matmul operands and the attention backward's workspace."""
     runs_at = {mm: index[add] for mm, add in (inductor_addmm(nodes, device) if fused_pointwise else {}).items()}
     copies: dict[int, int] = {}
     for node in nodes:
-        copied = _broadcast_copies(node, device)
+        copied = _broadcast_copies(node, device) + _attention_backward_workspace(node, device)
         if copied:
             step = runs_at.get(node, index[node])
             copies[step] = copies.get(step, 0) + copied
     return runs_at, copies
+
+
+def _made_by(node: fx.Node) -> fx.Node:
+    """The node whose step allocates ``node``: for one output of a multi-output op, the op (it
+    writes all its outputs while its inputs still live), else the node itself."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and node.args[0].op == "call_function":
+        return node.args[0]
+    return node
 
 
 def _broadcasts_to(shape: Any, target: Any) -> bool:
@@ -836,40 +923,61 @@ def _graph_liveness(
         for node in _inductor_inlined(fused, lambda n: list(n.users), owner):
             sizes[node] = 0
     index = {n: i for i, n in enumerate(nodes)}
-    runs_at, copies = _matmul_steps(nodes, index, device, fused_pointwise)
+    runs_at, copies = _transient_steps(nodes, index, device, fused_pointwise)
     for mm in runs_at:
         sizes[mm] = 0
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
     runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
+    made_at = {node: runs_at.get(_made_by(node), index[_made_by(node)]) for node in sizes}
+    # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed,
+    # with the later pointwise kernels Inductor fuses into it
+    kernels: list[tuple[list[fx.Node], int, set[fx.Node], list[set[fx.Node]]]] = []
+    moved: dict[fx.Node, int] = {}
+    if fused_pointwise and recomputed:
+        members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
+        rebuilt_at: dict[fx.Node, int] = {}
+        for group in _fused_recompute_groups(nodes, members, owner):
+            earliest = min(index[n] for n in group)
+            kernel = _ancestors(group, members, owner)
+            kernels.append((group, earliest, kernel, []))
+            for node in kernel:
+                rebuilt_at[node] = min(rebuilt_at.get(node, earliest), earliest)
+        for _, earliest, kernel, parts in kernels:
+            parts += _fused_into_rebuild(
+                nodes, kernel, earliest, index, owner, lambda n: sizes.get(n, 0) > 0,
+                lambda n: -1 if n.op == "placeholder" else moved.get(n, rebuilt_at.get(n, made_at.get(n, index[n]))))
+            for part in parts:
+                for node in part:
+                    moved[node] = earliest
+    if moved:
+        runs_until = _fused_runs_until(nodes, {**index, **moved},
+                                       {n: list(n.users) for n, size in sizes.items() if size == 0})
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
             continue
-        at = runs_at.get(node, runs_until.get(node, index[node]))
+        at = moved.get(node, runs_at.get(node, runs_until.get(node, index[node])))
         for arg in node.all_input_nodes:
             last[owner[arg]] = max(last.get(owner[arg], -1), at)
     kept = {owner[n] for n in nodes if n.name in keep}
-    # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed
-    made_at = {node: runs_at.get(node, index[node]) for node in sizes}
     handed_over: set[fx.Node] = set()  # inputs whose buffer a fused kernel's output takes over
     adopting: set[fx.Node] = set()  # the outputs that take one over (no allocation of their own)
-    if fused_pointwise and recomputed:
-        members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
+    if kernels:
         readers_of: dict[fx.Node, set[fx.Node]] = {}
         for node in nodes:
             if node.op == "output" or owner[node] is node:
                 for arg in node.all_input_nodes:
                     readers_of.setdefault(owner[arg], set()).add(node)
-        for group in _fused_recompute_groups(nodes, members, owner):
-            earliest = min(index[n] for n in group)
-            kernel = _ancestors(group, members, owner)
-            for node in kernel:
+        for group, earliest, kernel, parts in kernels:
+            for node in kernel | {n for part in parts for n in part}:
                 if node in made_at:
                     made_at[node] = min(made_at[node], earliest)
-                    if node not in outputs and _drawn_in_kernel(node, group, node.users):
+                    if node in kernel and node not in outputs and _drawn_in_kernel(node, group, node.users):
                         sizes[node] = 0
-            _hand_over_dying_inputs(nodes, kernel, earliest, owner, readers_of, kept, static_storage,
-                                    placeholder_storage or {}, sizes, made_at, last, handed_over, adopting)
+            # an output takes over an input that only its own part of the kernel reads
+            for part in (kernel, *parts):
+                _hand_over_dying_inputs(nodes, part, earliest, owner, readers_of, kept, static_storage,
+                                        placeholder_storage or {}, sizes, made_at, last, handed_over, adopting)
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
         if node in kept or node in handed_over:

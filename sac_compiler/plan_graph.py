@@ -68,6 +68,7 @@ class GraphPlanResult:
     # is included in predicted_peak and partitioned.peak_bytes
     outside_bytes: int = 0
     fastest: Any = None  # under Inductor: the plan without memory pressure (solvers.savings_plan.SavingsPlan)
+    slack_taken: bool = False  # planned again for the room the partitioned graphs left under the budget
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
 
@@ -562,7 +563,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     result.budget_bytes = budget
     # for the graph's own memory; under Inductor, an absolute budget keeps a margin for the
     # simulation's error against what Inductor allocates (a fraction is of the simulation itself)
-    margin = int(_MODEL_MARGIN * (budget - outside)) if fused and config.memory_budget.bytes is not None else 0
+    margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random
     step_peak = analysis.memory.optimizer_step_peak_bytes + outside
@@ -622,6 +623,14 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+
+
+def planning_margin(result: GraphPlanResult, config: SACConfig) -> int:
+    """Bytes of the budget a plan leaves free: under Inductor, an absolute budget keeps a margin for
+    the simulation's error against what Inductor allocates (a fraction is of the simulation itself)."""
+    if config.compiler != "inductor" or config.memory_budget.bytes is None or result.budget_bytes is None:
+        return 0
+    return int(_MODEL_MARGIN * (result.budget_bytes - result.outside_bytes))
 
 
 class _NoPlan(BudgetError):

@@ -367,6 +367,112 @@ def test_a_matmul_reading_a_broadcast_operand_holds_a_dense_copy_while_it_runs()
     assert sim.peak_bytes - sim.static_bytes >= copy
 
 
+def _attention_backward_graph(dtype, batch=2, heads=4, seq=256, dim=64, scaled_grad=False):
+    graph, op, placeholder = _graph_builder()
+    shape = (batch, heads, seq, dim)
+    grad, q, k, v, out = (placeholder(n, torch.empty(shape, dtype=dtype)) for n in ("g", "q", "k", "v", "o"))
+    if scaled_grad:  # a gradient made in the graph, dying in the attention backward
+        grad = op(torch.ops.aten.mul.Tensor, grad, 2.0, val=torch.empty(shape, dtype=dtype))
+    lse = placeholder("lse", torch.empty(batch, heads, seq))
+    seed, offset = placeholder("seed", torch.empty((), dtype=torch.int64)), placeholder("off", torch.empty((), dtype=torch.int64))
+    target = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+    grads = tuple(torch.empty(shape, dtype=dtype) for _ in range(3)) + (torch.empty(0),)
+    bw = graph.call_function(target, (grad, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False]))
+    bw.meta["val"] = grads
+    items = [op(operator.getitem, bw, i, val=grads[i]) for i in range(3)]
+    graph.output(tuple(items))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), bw, shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_efficient_attention_backward_holds_a_workspace_while_it_runs(dtype):
+    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+
+    gm, bw, shape = _attention_backward_graph(dtype)
+    numel = torch.Size(shape).numel()
+    delta = numel // shape[-1] * 4
+    # the fp32 accumulator of the query's gradient with one delta, or for fp32 inputs first the
+    # product grad_out * out and two deltas: whichever is larger
+    expected = numel * 4 + (2 * delta if dtype == torch.float32 else delta)
+    assert _attention_backward_workspace(bw, "cpu") == expected
+    assert _attention_backward_workspace(next(iter(bw.users)), "cpu") == 0
+    inputs = 5 * numel * torch.tensor([], dtype=dtype).element_size() + numel // shape[-1] * 4 + 16
+    outputs = 3 * numel * torch.tensor([], dtype=dtype).element_size()
+    for fused in (False, True):
+        peak, peak_node, _, _, _ = _graph_liveness(gm, inputs, {n.name for n in bw.users}, "cpu", fused)
+        assert (peak, peak_node) == (inputs + outputs + expected, bw.name)
+
+
+def test_a_multi_output_op_writes_its_outputs_while_its_inputs_live():
+    """Its outputs exist as it runs, before what dies in it is freed: both simulations allocate
+    them at the op's step, not at their getitems' (which come after the inputs are freed)."""
+    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+
+    gm, bw, shape = _attention_backward_graph(torch.float32, scaled_grad=True)
+    tensor = torch.Size(shape).numel() * 4
+    workspace = _attention_backward_workspace(bw, "cpu")
+    placeholders = sum(round_allocation(sum(t.numel() * t.element_size() for t in [n.meta["val"]]), "cpu")
+                       for n in gm.graph.nodes if n.op == "placeholder")
+    # the scaled gradient dies in the op: it, the three gradients and the workspace live at once
+    expected = tensor + 3 * tensor + workspace
+    for fused in (False, True):
+        peak, peak_node, _, _, _ = _graph_liveness(gm, placeholders, {n.name for n in bw.users}, "cpu", fused,
+                                                   static_storage=frozenset(n.name for n in gm.graph.nodes
+                                                                            if n.op == "placeholder"))
+        assert (peak - placeholders, peak_node) == (expected, bw.name)
+    sim = annotate_memory(gm, num_fwd_outputs=0, fused_pointwise=False, annotate=False)
+    assert sim.peak_bytes - sim.static_bytes == expected
+
+
+def _gelu_backward_graph(n=1024, d=2048, h=256, e=64):
+    """A backward graph as partitioned for an FFN whose erf GELU is recomputed: the gradient of
+    the FC2 output ``g``, the saved FC1 output ``a``; the GELU is rebuilt for FC2's weight
+    gradient, and the GELU backward reads ``a`` too."""
+    graph, op, placeholder = _graph_builder()
+    aten = torch.ops.aten
+    g, w2 = placeholder("g", torch.empty(n, d)), placeholder("w2", torch.empty(d, h))
+    a, w1 = placeholder("a", torch.empty(n, h)), placeholder("w1", torch.empty(h, e))
+
+    def big(target, *args):
+        return op(target, *args, val=torch.empty(n, h))
+
+    dgelu = big(aten.mm.default, g, w2)
+    half, scaled = big(aten.mul.Tensor, a, 0.5), big(aten.mul.Tensor, a, 0.7071)
+    erf = big(aten.erf.default, scaled)
+    one_plus = big(aten.add.Tensor, erf, 1)
+    gelu = big(aten.mul.Tensor, half, one_plus)
+    weight_grad = op(aten.mm.default, op(aten.permute.default, g, [1, 0], val=torch.empty(d, n)), gelu,
+                     val=torch.empty(d, h))
+    b1, sq = big(aten.mul.Tensor, one_plus, 0.5), big(aten.mul.Tensor, a, a)
+    b2 = big(aten.mul.Tensor, a, big(aten.exp.default, sq))
+    grad_a = big(aten.mul.Tensor, dgelu, big(aten.add.Tensor, b1, b2))
+    grad_x = op(aten.mm.default, grad_a, w1, val=torch.empty(n, e))
+    graph.output((weight_grad, grad_x))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    return gm, frozenset(x.name for x in (half, scaled, erf, one_plus, gelu)), (dgelu, gelu, weight_grad, grad_a, half)
+
+
+def test_inductor_runs_a_backward_kernel_sharing_a_rebuild_kernels_reads_inside_it():
+    from passes.annotate_memory import _graph_liveness
+
+    gm, recomputed, (dgelu, gelu, weight_grad, grad_a, half) = _gelu_backward_graph()
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    keep, static = {n.name for n in out.args[0]}, frozenset({"g", "w2", "w1"})
+    placeholders = sum(p.meta["val"].numel() * 4 for p in gm.graph.nodes if p.op == "placeholder")
+    buffer, wgrad, grad_x = 1024 * 256 * 4, 2048 * 256 * 4, 1024 * 64 * 4
+    # the GELU backward runs in the kernel rebuilding the GELU and writes into the dying dgelu;
+    # the FC1 output dies there too, so the weight gradient's matmul finds the gradient and the
+    # rebuilt GELU only
+    peak, peak_node, end, _, _ = _graph_liveness(gm, placeholders, keep, "cpu", True, static_storage=static,
+                                                 recomputed=recomputed)
+    assert (peak, peak_node) == (placeholders - buffer + 2 * buffer + wgrad, weight_grad.name)
+    assert end == placeholders - buffer + wgrad + grad_x
+    # in graph order (the same graph without the rebuild) the FC1 output and dgelu live until
+    # the GELU backward, after the weight gradient's matmul
+    peak, peak_node, _, _, _ = _graph_liveness(gm, placeholders, keep, "cpu", True, static_storage=static)
+    assert (peak, peak_node) == (placeholders + 2 * buffer + wgrad, weight_grad.name)
+
+
 def _mm_then_add(user_pointwise, dtype=torch.float32):
     graph, op, placeholder = _graph_builder()
     a, b = placeholder("a", torch.empty(64, 512)), placeholder("b", torch.empty(512, 64))

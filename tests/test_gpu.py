@@ -216,3 +216,31 @@ def test_outside_bytes_counts_memory_beyond_the_graph_inputs():
     assert measured >= held.numel()
     assert measured == torch.cuda.memory_allocated() - weight.untyped_storage().nbytes()
     assert outside_bytes([torch.empty(4)]) == 0  # CPU inputs: nothing to account for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_efficient_attention_backward_workspace_as_measured(dtype):
+    """The rule's bytes against the op's own peak: what the memory-efficient attention backward
+    allocates above its three gradients while it runs."""
+    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+
+    from tests.test_annotate_memory import _attention_backward_graph
+
+    batch, heads, seq, dim = 8, 12, 1024, 64
+    gm, bw, shape = _attention_backward_graph(dtype, batch, heads, seq, dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, True)
+    grad = torch.randn_like(out)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], True)
+    torch.cuda.synchronize()
+    above_outputs = torch.cuda.max_memory_allocated() - before - sum(
+        g.untyped_storage().nbytes() for g in grads if g is not None and g.numel())
+    predicted = _attention_backward_workspace(bw, "cuda")
+    print(f"\n{dtype} {torch.cuda.get_device_name()} torch {torch.__version__}: "
+          f"measured {above_outputs} bytes above the gradients, predicted {predicted}")
+    assert predicted == pytest.approx(above_outputs, rel=0.02)

@@ -263,6 +263,7 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
     """A plan the rounds leave just over the budget is repaired: more values recomputed, cheapest
     per byte at the peak first, until the exact simulation fits; the partition follows it and
     gradients stay exact. A goal no repair reaches gives None."""
+    from sac_compiler import backend as sac_backend
     from sac_compiler import plan_graph
     from sac_compiler.solvers.savings_plan import SavingsPlan
 
@@ -279,6 +280,7 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
 
     monkeypatch.setattr(plan_graph, "_solve_rounds", rounds_end_over)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sac_backend, "_SLACK_FRACTION", float("inf"))  # no second plan for the room left
     monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
     budget = int(0.9 * unplanned.baseline_peak + 0.1 * unplanned.analysis.memory.static_bytes)
     backend, records = recording_backend(memory_budget=budget, compiler="eager")
@@ -288,6 +290,36 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
     assert result.plan.status == "NONE+REPAIR" and result.plan.recompute
     assert result.predicted_peak <= budget and result.partitioned.peak_bytes <= budget
     assert not result.unplanned_saves
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan():
+    """When the partitioned graphs peak well under the budget, the backend plans again for that
+    room and takes the new plan if its partition fits and it recomputes less. Here the budget is
+    raised once the first plan is made (the room a pessimistic joint-graph simulation would leave)."""
+    model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
+    static = unplanned.analysis.memory.static_bytes
+    low = int(static + 0.6 * (unplanned.baseline_peak - static))
+    raised = int(static + 0.9 * (unplanned.baseline_peak - static))
+    seen = []
+
+    class Raising(SACPartitioner):
+        def _take_slack(self, gm, num_fwd_outputs, root, result, fw, bw, partition):
+            first_ms, first_peak = result.plan.recompute_ms, result.partitioned.peak_bytes
+            result.budget_bytes = raised
+            taken = super()._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition)
+            seen.append((first_ms, first_peak, taken[0]))
+            return taken
+
+    config = SACConfig.from_options({"memory_budget": low, "compiler": "eager"})
+    out, grads = _step(model, (tokens,), torch.compile(
+        model, backend=functools.partial(compile_graph, config=config, partitioner_cls=Raising)))
+    (first_ms, first_peak, final), = seen
+    assert first_peak <= low < raised
+    assert final.slack_taken and final.partitioned.peak_bytes <= raised
+    assert final.plan.recompute_ms < first_ms
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
@@ -344,7 +376,7 @@ def test_dynamic_shapes_plan_at_the_size_hints_and_stay_exact():
     assert any(isinstance(d, torch.SymInt) for v in inputs for d in v.shape), "the planned graph is symbolic"
 
 
-@pytest.mark.parametrize("fraction", [0.8, 0.6])
+@pytest.mark.parametrize("fraction", [0.9, 0.8])
 def test_inputs_the_forward_mutates_are_never_recomputed_from(fraction):
     """BatchNorm's running statistics and a buffer updated in place are copied back once the forward
     has run: a plan that recomputed from them in backward would read them mutated (autograd
