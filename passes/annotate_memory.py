@@ -527,7 +527,7 @@ def _fused_into_rebuild(
     runs inside it. Seen in Inductor's generated backward of the seed Transformer on an H200
     (torch 2.11): the GELU backward ran in the kernel rebuilding the GELU forward for the FC2
     weight gradient (both read the FC1 output), before that matmul rather than after it; the
-    FC1 output died there, and the gradient it was multiplied by with it. Returns each fused
+    FC1 output died there, and the GELU backward wrote over the dying incoming gradient. Returns each fused
     kernel's nodes: the stored value (``stored``) and the unstored pointwise values it computes
     inline. ``made``: the step each stored value exists from (-1: an input of the graph)."""
     reads = set(kernel) | {owner.get(a, a) for n in kernel for a in n.all_input_nodes}
