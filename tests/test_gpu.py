@@ -222,12 +222,11 @@ def test_outside_bytes_counts_memory_beyond_the_graph_inputs():
 def test_efficient_attention_backward_workspace_as_measured(dtype):
     """The rule's bytes against the op's own peak: what the memory-efficient attention backward
     allocates above its three gradients while it runs."""
-    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
-
+    from passes.annotate_memory import _attention_backward_workspace
     from tests.test_annotate_memory import _attention_backward_graph
 
     batch, heads, seq, dim = 8, 12, 1024, 64
-    gm, bw, shape = _attention_backward_graph(dtype, batch, heads, seq, dim)
+    _, bw, shape = _attention_backward_graph(dtype, batch, heads, seq, dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, None, True, 0.0, True)
