@@ -37,8 +37,9 @@ model's strategies are done everything is freed and Dynamo reset; memory still a
 is recorded (``left_allocated_bytes``) and reported. A strategy that raises is recorded with its
 error and the run goes on.
 
-Writes ``OUT/results.json`` (after every timing round of every model, with ``rounds_done`` and
-``complete``, so that a run stopped part way keeps what it measured) and ``OUT/pareto.png`` (step
+Writes ``OUT/results.json`` (after each strategy of a model's first round and after every timing
+round, with ``rounds_done`` (0 while the first round runs) and ``complete``, so that a run stopped
+part way keeps what it measured) and ``OUT/pareto.png`` (step
 time against extra peak; needs matplotlib) and prints a table; ``--from-json`` prints the table
 and draws the plot of an earlier ``results.json`` without measuring. ``--check-grads`` also compares the seed model's
 gradients under ``backend="sac"`` at each budget with plain ``torch.compile``'s: after the timed
@@ -566,8 +567,8 @@ def run_workload(workload: Workload, strategies: Sequence[Strategy], device: tor
     sets the sac budgets); then rounds 2.. time every strategy again, one after another, so that a
     drift of the GPU's clocks over the run falls on all of them alike. ``baseline_bytes`` is what
     should be allocated once they are all released; more is recorded and reported. ``on_round``
-    receives the results so far and the number of rounds done after every round (a run stopped
-    part way keeps what it measured).
+    receives the results so far and the number of rounds done after every strategy of the first
+    round (0 rounds done) and after every round (a run stopped part way keeps what it measured).
     """
     # Each strategy's loss has its own code object, but the model code that a graph break would
     # leave to Dynamo is shared: every strategy kept alive holds its own cache entries there.
@@ -594,6 +595,8 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
                 results[strategy.name] = StrategyResult(workload.name, strategy.name, "skipped", error=error,
                                                         error_summary=error)
                 _progress(results[strategy.name], 0.0)
+                if on_round is not None:
+                    on_round(list(results.values()), 0)
                 continue
             budget = sac_budget(compiled, strategy.sac_fraction)
         start = time.perf_counter()
@@ -606,6 +609,8 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
             _release(device, reset=False)  # the strategies kept for the later rounds stay compiled
         results[strategy.name] = result
         _progress(result, time.perf_counter() - start)
+        if on_round is not None:  # the first round in progress: what it has measured so far
+            on_round(list(results.values()), 0)
     by_name = {p.strategy.name: p for p in live}
 
     def report_round(done: int) -> None:
@@ -855,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     for n, workload in enumerate(workloads):
         def on_round(partial: list[StrategyResult], done: int, name: str = workload.name) -> None:
             rounds_done[name] = done
-            write(partial, complete=False)  # after every round: a run stopped part way keeps what it measured
+            write(partial, complete=False)  # a run stopped part way keeps what it measured
 
         model_results, model_checks = run_workload(
             workload, strategies, device, args.steps, args.warmup, args.rng_seed, rounds=args.rounds, baseline_bytes=baseline,

@@ -69,8 +69,9 @@ def test_results_are_written_after_every_round_and_can_be_read_back(compare_stra
     results, _ = compare_strategies.run_workload(
         workload, strategies, torch.device("cpu"), steps=2, warmup=1, seed=0, rounds=3,
         on_round=lambda partial, done: seen.append((done, [len(r.step_ms_all) for r in partial])))
-    # each strategy's steps so far, after every round; the last report is the final result
-    assert seen == [(1, [2, 2]), (2, [4, 4]), (3, [6, 6])]
+    # after each strategy of the first round, then each strategy's steps so far after every
+    # round; the last report is the final result
+    assert seen == [(0, [2]), (0, [2, 2]), (1, [2, 2]), (2, [4, 4]), (3, [6, 6])]
     assert [len(r.step_ms_all) for r in results] == [6, 6]
 
     # a results.json read back gives the same table
