@@ -348,6 +348,7 @@ def annotate_memory(
     frees: dict[int, list[tuple[fx.Node, int]]] = {}
     returned = {owner[n] for n in fwd_outputs} - held
     released: list[fx.Node] = []
+    rebuilt_events: set[int] = set()  # ids of the events of values rebuilt in backward
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
@@ -375,6 +376,7 @@ def annotate_memory(
             needed = rematerialized[node]
             if needed:  # rematerialised for its first backward need, kept to its last
                 second = (node, remat_alloc.get(node, 0))
+                rebuilt_events.add(id(second))
                 if node not in adopting:
                     allocs.setdefault(min(needed), []).append(second)
                 frees.setdefault(max(needed), []).append(second)
@@ -404,7 +406,17 @@ def annotate_memory(
         view[phase_of[base] if base is not None else "temp"] += b
 
     track = _track_modules if annotate else lambda *args: None
-    taken, held_frees = (_reused_frees(len(nodes), allocs, frees, lambda event: event[1], (first_backward,))
+    def pooled(i: int, j: int) -> bool:
+        """A free Inductor may reuse: not of an input of the backward graph (a tangent, or a value
+        forward saved for it), which it deletes (see ``_reused_frees``)."""
+        event = frees[i][j]
+        base = event[0]
+        if base is None or id(event) in rebuilt_events:
+            return True
+        return base.op != "placeholder" and not (i >= first_backward and _side(base) == Side.FORWARD)
+
+    taken, held_frees = (_reused_frees(len(nodes), allocs, frees, lambda event: event[1], (first_backward,),
+                                       pooled=pooled)
                          if fused_pointwise else ({}, set()))
     for i, node in enumerate(nodes):
         if i == first_backward:
@@ -975,15 +987,18 @@ def _graph_liveness(
                     if node in kernel and node not in outputs and _drawn_in_kernel(node, group, node.users):
                         sizes[node] = 0
             # an output takes over an input that only its own part of the kernel reads
+            same_step = kernel.union(*parts)
             for part in (kernel, *parts):
                 _hand_over_dying_inputs(nodes, part, earliest, owner, readers_of, kept, static_storage,
-                                        placeholder_storage or {}, sizes, made_at, last, handed_over, adopting)
+                                        placeholder_storage or {}, sizes, made_at, last, handed_over, adopting,
+                                        same_step)
     frees: dict[int, list[int]] = {}
     for node, size in sizes.items():
         if node in kept or node in handed_over:
             continue
         frees.setdefault(last.get(node, index[node]), []).append(size)
     # placeholders (saved activations in the backward) freed after the last use of their allocation
+    input_frees: set[tuple[int, int]] = set()  # (step, position) of those frees: never reused
     storage = placeholder_storage or {}
     groups: dict[str, list[fx.Node]] = {}
     group_bytes: dict[str, int] = {}
@@ -1000,7 +1015,9 @@ def _graph_liveness(
             continue
         uses = [last[m] for m in members if m in last]
         if uses:
-            frees.setdefault(max(uses), []).append(group_bytes[key])
+            step_frees = frees.setdefault(max(uses), [])
+            input_frees.add((max(uses), len(step_frees)))
+            step_frees.append(group_bytes[key])
     allocs: dict[int, list[int]] = {}
     if fused_pointwise:
         for node in sizes:
@@ -1013,7 +1030,9 @@ def _graph_liveness(
     for node, size in sizes.items():
         if node.op == "call_function" and node not in adopting:
             allocs.setdefault(made_at[node], []).append(size)
-    taken, held = _reused_frees(len(nodes), allocs, frees, lambda size: size) if fused_pointwise else ({}, set())
+    taken, held = (_reused_frees(len(nodes), allocs, frees, lambda size: size,
+                                 pooled=lambda i, j: (i, j) not in input_frees)
+                   if fused_pointwise else ({}, set()))
     total, peak, peak_node = live_at_start, live_at_start, "start"
     for i, node in enumerate(nodes):
         total += sum(size for j, size in enumerate(allocs.get(i, ())) if (i, j) not in taken)
@@ -1028,6 +1047,7 @@ def _hand_over_dying_inputs(
     readers_of: dict[fx.Node, set[fx.Node]], kept: set[fx.Node], static_storage: frozenset[str],
     storage: dict[str, tuple[str, int]], sizes: dict[fx.Node, int], made_at: dict[fx.Node, int],
     last: dict[fx.Node, int], handed_over: set[fx.Node], adopting: set[fx.Node],
+    same_step: set[fx.Node] | None = None,
 ) -> None:
     """A fused recompute kernel (``kernel``: the nodes it computes, run at ``step``) is the last
     reader of the inputs only it reads: they die in it, and Inductor writes an output of the same
@@ -1036,8 +1056,22 @@ def _hand_over_dying_inputs(
     the kernel rebuilding the residual stream of all four layers wrote three of its eleven outputs
     into the dying matmul outputs it read. Marks the inputs whose buffer is taken over
     (``handed_over``, no longer freed) and the outputs taking one (``adopting``, no allocation of
-    their own), and moves the last use of every dying input to ``step``."""
+    their own), and moves the last use of every dying input to ``step``.
+
+    An input read by a value the kernel computes without storing it does not die there if a
+    kernel running later (outside ``same_step``: the kernels run at ``step``) computes that value
+    again from it."""
     position = {n: i for i, n in enumerate(nodes)}
+    here = kernel if same_step is None else same_step
+    escaping: dict[fx.Node, bool] = {}
+
+    def escapes(node: fx.Node) -> bool:
+        if node not in escaping:
+            escaping[node] = False  # (a cycle cannot occur: users come later)
+            escaping[node] = sizes.get(node, 0) == 0 and any(
+                u.op != "output" and (u not in here or escapes(u)) for u in node.users)
+        return escaping[node]
+
     keys: dict[str, list[fx.Node]] = {}
     for node in nodes:
         if node.op == "placeholder":
@@ -1050,7 +1084,8 @@ def _hand_over_dying_inputs(
             if base in kernel or base in seen or base in kept or base in handed_over:
                 continue
             seen.add(base)
-            if not readers_of.get(base, set()) <= kernel:
+            readers = readers_of.get(base, set())
+            if not readers <= kernel or any(escapes(r) for r in readers):
                 continue
             last[base] = step
             if base.op == "placeholder":
@@ -1073,7 +1108,8 @@ def _hand_over_dying_inputs(
 
 
 def _reused_frees(steps: int, allocs: dict[int, list[Any]], frees: dict[int, list[Any]], size_of: Any,
-                  graph_starts: Iterable[int] = ()) -> tuple[dict[tuple[int, int], tuple[int, int]], set[tuple[int, int]]]:
+                  graph_starts: Iterable[int] = (), pooled: Callable[[int, int], bool] | None = None,
+                  ) -> tuple[dict[tuple[int, int], tuple[int, int]], set[tuple[int, int]]]:
     """Inductor's buffer reuse: a buffer its generated code frees is not released to the allocator
     when a later buffer of the same size takes it over (``# reuse`` in the generated code; the
     pool is last in, first out, within one graph); it stays allocated until then.
@@ -1085,6 +1121,11 @@ def _reused_frees(steps: int, allocs: dict[int, list[Any]], frees: dict[int, lis
     FFN-sized buffers from one layer's FFN backward through its attention backward, for the next
     layer's FFN, and peaked there, 110 MiB over the simulation without reuse. The simulation takes
     every reuse it can. ``graph_starts``: steps where a new graph begins (the pool empties).
+
+    A graph's inputs are freed, never reused (``del`` in the generated code: Inductor's wrapper
+    keeps ``InputBuffer``s out of its pool): ``pooled(step, position)`` says which frees may be
+    taken over. On the seed Transformer's 50% plan (H200, torch 2.11) the saved FC1 output was
+    deleted as the GELU backward ran, where the simulation held its 96 MiB for a later buffer.
     """
     starts = set(graph_starts)
     pool: dict[int, list[tuple[int, int]]] = {}  # size -> frees waiting for a taker
@@ -1098,7 +1139,7 @@ def _reused_frees(steps: int, allocs: dict[int, list[Any]], frees: dict[int, lis
                 taken[(i, j)] = pool[size].pop()
         for j, event in enumerate(frees.get(i, ())):
             size = size_of(event)
-            if size:
+            if size and (pooled is None or pooled(i, j)):
                 pool.setdefault(size, []).append((i, j))
     return taken, set(taken.values())
 

@@ -314,6 +314,55 @@ def test_inductor_holds_a_freed_buffer_for_a_later_one_of_its_size():
     assert peaks[True] == peaks[False] + 64 * 64 * 4  # `first` held for `later`
 
 
+def test_inductor_frees_a_graph_input_without_reusing_it():
+    """A graph input is deleted, never handed to a later buffer of its size (Inductor's wrapper
+    keeps inputs out of its reuse pool): the partitioned simulation frees a saved value at its
+    last use, and so does the joint simulation for a value forward saved for backward."""
+    from passes.annotate_memory import _graph_liveness
+
+    graph, op, placeholder = _graph_builder()
+    saved, w, big_w = (placeholder("saved", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64)),
+                       placeholder("big_w", torch.empty(64, 256)))
+    small = op(torch.ops.aten.sum.default, saved, val=torch.empty(()))  # the saved value's last read
+    big = op(torch.ops.aten.mm.default, w, big_w, val=torch.empty(64, 256))
+    wide = op(torch.ops.aten.sum.default, big, val=torch.empty(()))
+    later = op(torch.ops.aten.mm.default, w, w, val=torch.empty(64, 64))  # the saved value's size
+    graph.output((small, wide, later))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile, inputs = 64 * 64 * 4, 64 * 64 * 4 * 2 + 64 * 256 * 4
+    keep = {small.name, wide.name, later.name}
+    peaks = {fused: _graph_liveness(gm, inputs, keep, "cuda", fused, static_storage=frozenset({"w", "big_w"}))[0]
+             for fused in (False, True)}
+    # at `wide`: the weights, `big` and the two scalars; the saved value is gone, under Inductor too
+    assert peaks[True] == peaks[False] == inputs - tile + 64 * 256 * 4 + 2 * 512
+
+
+def test_the_joint_simulation_frees_a_value_saved_for_backward_without_reusing_it():
+    graph, op, placeholder = _graph_builder()
+    x, w, big_w = (placeholder("x", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64)),
+                   placeholder("big_w", torch.empty(64, 256)))
+    tangent = placeholder("tangents_1", torch.empty(()))
+    saved = op(torch.ops.aten.mm.default, x, w, val=torch.empty(64, 64))  # forward, read in backward
+    loss = op(torch.ops.aten.sum.default, saved, val=torch.empty(()))
+    backward = [
+        op(torch.ops.aten.mul.Tensor, saved, tangent, val=torch.empty(64, 64)),  # the saved value's last read
+    ]
+    backward.append(op(torch.ops.aten.sum.default, backward[0], val=torch.empty(())))
+    backward.append(op(torch.ops.aten.mm.default, w, big_w, val=torch.empty(64, 256)))
+    backward.append(op(torch.ops.aten.sum.default, backward[2], val=torch.empty(())))
+    backward.append(op(torch.ops.aten.mm.default, w, w, val=torch.empty(64, 64)))  # the saved value's size
+    for node in backward:
+        node.meta["partitioner_tag"] = "is_backward"
+    graph.output((loss, backward[1], backward[3], backward[4]))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    sims = {fused: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=fused, annotate=False)
+            for fused in (False, True)}
+    weights = 64 * 64 * 4 * 2 + 64 * 256 * 4
+    # at the wide matmul's sum: the inputs, the two scalar gradients and the wide product; the
+    # saved value is gone (deleted as an input of the backward graph, not held for `later`)
+    assert sims[True].peak_bytes == sims[False].peak_bytes == weights + 4 + 4 + 64 * 256 * 4
+
+
 def _graph_builder():
     graph = torch.fx.Graph()
 
@@ -471,6 +520,29 @@ def test_inductor_runs_a_backward_kernel_sharing_a_rebuild_kernels_reads_inside_
     # the GELU backward, after the weight gradient's matmul
     peak, peak_node, _, _, _ = _graph_liveness(gm, placeholders, keep, "cpu", True, static_storage=static)
     assert (peak, peak_node) == (placeholders + 2 * buffer + wgrad, weight_grad.name)
+
+
+def test_a_rebuild_kernel_does_not_write_into_an_input_a_later_kernel_rebuilds_from():
+    """An input of a rebuild kernel that a later kernel reads again (through a value the rebuild
+    computes without storing, which the later kernel computes anew) does not die in the rebuild:
+    no output takes its buffer, and it lives until that later kernel."""
+    from passes.annotate_memory import _graph_liveness
+
+    graph, op, placeholder = _graph_builder()
+    aten, shape = torch.ops.aten, (256, 256)
+    a, w = placeholder("a", torch.empty(shape)), placeholder("w", torch.empty(shape))
+    half = op(aten.mul.Tensor, a, 0.5, val=torch.empty(shape))  # rebuilt, not stored
+    rebuilt = op(aten.mul.Tensor, half, 3.0, val=torch.empty(shape))  # rebuilt, stored for the matmul
+    product = op(aten.mm.default, rebuilt, w, val=torch.empty(shape))
+    late = op(aten.mul.Tensor, half, product, val=torch.empty(shape))  # reads `half` again: needs `a`
+    out = op(aten.mm.default, late, w, val=torch.empty(shape))
+    graph.output((out,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile = 256 * 256 * 4
+    peak, _, _, _, _ = _graph_liveness(gm, 2 * tile, {out.name}, "cpu", True, static_storage=frozenset({"w"}),
+                                       recomputed=frozenset({half.name, rebuilt.name}))
+    # at the first matmul: w, a (still needed), the rebuilt value and the product
+    assert peak == 4 * tile
 
 
 def _mm_then_add(user_pointwise, dtype=torch.float32):
