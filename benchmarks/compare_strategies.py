@@ -295,8 +295,9 @@ def loss_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
-                plans: list[Any] | None = None) -> Callable[..., torch.Tensor]:
-    """The strategy's loss function; for backend="sac", ``plans`` receives each graph's plan result."""
+                plans: list[Any] | None = None, record: bool = False) -> Callable[..., torch.Tensor]:
+    """The strategy's loss function; for backend="sac", ``plans`` receives each graph's plan result
+    (with ``record``, carrying its partition as data: ``sac_compiler.partition_record``)."""
     loss = loss_of(model)
     if strategy.backend is None:
         return loss
@@ -321,6 +322,10 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
         def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
             out = super().__call__(gm, joint_inputs, **kwargs)
             plans.append(self.last_result)
+            if record and self.last_result is not None:
+                from sac_compiler.partition_record import record_partition
+
+                self.last_result.record = record_partition(self.last_result, *out)
             return out
 
     return torch.compile(loss, backend=functools.partial(
@@ -477,13 +482,23 @@ class _Prepared:
         return grads
 
 
+def _dump_partitions(dump_dir: Path, model: str, strategy: str, plans: Sequence[Any]) -> None:
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{model} {strategy}").strip("-")
+    for i, plan in enumerate(plans):
+        record = getattr(plan, "record", None)
+        if record is not None:
+            (dump_dir / f"{stem}-graph{i}.json").write_text(json.dumps(record) + "\n")
+
+
 def _error_result(base: dict[str, Any], error: BaseException) -> StrategyResult:
     return StrategyResult(**base, status="error", error=f"{type(error).__name__}: {error}",
                           error_summary=error_summary(error), traceback=traceback.format_exc())
 
 
 def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
-                     seed: int, budget_bytes: int | None = None) -> _Prepared | StrategyResult:
+                     seed: int, budget_bytes: int | None = None,
+                     dump_dir: Path | None = None) -> _Prepared | StrategyResult:
     """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result."""
     base = dict(model=workload.name, strategy=strategy.name, budget_bytes=budget_bytes,
                 budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
@@ -502,7 +517,8 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
         plans: list[Any] = []
         with patch:  # compile and the first calls (where AOTAutograd partitions) see the budget
-            fn = compile_for(model, strategy, None if budget_bytes is None else budget_bytes + (start or 0), plans)
+            fn = compile_for(model, strategy, None if budget_bytes is None else budget_bytes + (start or 0), plans,
+                             record=dump_dir is not None)
             for i in range(warmup):
                 t0 = time.perf_counter()
                 _train_step(fn, tokens)
@@ -517,6 +533,8 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         own = (lambda b: None if b is None or start is None else b - start)
         prepared = _Prepared(strategy, base, model, fn, tokens, own(built), own(after), first_step_s, plans)
         prepared.time_round(steps, device)
+        if dump_dir is not None:
+            _dump_partitions(dump_dir, workload.name, strategy.name, plans)
         return prepared
     except Exception as e:
         return _error_result(base, e)
@@ -559,6 +577,7 @@ def run_workload(workload: Workload, strategies: Sequence[Strategy], device: tor
                  warmup: int, seed: int, rounds: int = 1, baseline_bytes: int | None = None,
                  check_grads: bool = False,
                  on_round: Callable[[list[StrategyResult], int], None] | None = None,
+                 dump_dir: Path | None = None,
                  ) -> tuple[list[StrategyResult], list[GradCheck]]:
     """Every strategy in turn, timed in ``rounds`` interleaved rounds of ``steps`` steps, and with
     ``check_grads`` each sac strategy's gradients against compile's.
@@ -569,17 +588,20 @@ def run_workload(workload: Workload, strategies: Sequence[Strategy], device: tor
     should be allocated once they are all released; more is recorded and reported. ``on_round``
     receives the results so far and the number of rounds done after every strategy of the first
     round (0 rounds done) and after every round (a run stopped part way keeps what it measured).
+    With ``dump_dir`` each sac graph's partition is written there as JSON, by model, strategy and
+    graph (``sac_compiler.partition_record``).
     """
     # Each strategy's loss has its own code object, but the model code that a graph break would
     # leave to Dynamo is shared: every strategy kept alive holds its own cache entries there.
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(strategies))):
         return _run_workload(workload, strategies, device, steps, warmup, seed, rounds, baseline_bytes, check_grads,
-                             on_round)
+                             on_round, dump_dir)
 
 
 def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: torch.device, steps: int,
                   warmup: int, seed: int, rounds: int, baseline_bytes: int | None, check_grads: bool,
                   on_round: Callable[[list[StrategyResult], int], None] | None,
+                  dump_dir: Path | None = None,
                   ) -> tuple[list[StrategyResult], list[GradCheck]]:
     results: dict[str, StrategyResult] = {}
     checks: list[GradCheck] = []
@@ -600,7 +622,7 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
                 continue
             budget = sac_budget(compiled, strategy.sac_fraction)
         start = time.perf_counter()
-        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget)
+        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget, dump_dir)
         if isinstance(prepared, _Prepared):
             live.append(prepared)
             result = prepared.result()
@@ -784,6 +806,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timing rounds over all strategies, --steps steps each (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
     parser.add_argument("--rng-seed", type=int, default=0)
+    parser.add_argument("--dump-partitions", action="store_true",
+                        help="write each sac graph's partition as data to OUT/partitions/ (replay it on any "
+                             "machine: benchmarks/replay_partition.py)")
     parser.add_argument("--check-grads", action="store_true",
                         help="compare the seed model's gradients under backend='sac' with torch.compile's")
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, three strategies")
@@ -864,7 +889,8 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
 
         model_results, model_checks = run_workload(
             workload, strategies, device, args.steps, args.warmup, args.rng_seed, rounds=args.rounds, baseline_bytes=baseline,
-            check_grads=args.check_grads and workload.name == "seed", on_round=on_round)
+            check_grads=args.check_grads and workload.name == "seed", on_round=on_round,
+            dump_dir=args.out / "partitions" if args.dump_partitions else None)
         results += model_results
         if grad_checks is not None:
             grad_checks += model_checks

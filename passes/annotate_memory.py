@@ -900,6 +900,7 @@ def _graph_liveness(
     placeholder_storage: dict[str, tuple[str, int]] | None = None,
     static_storage: frozenset[str] = frozenset(),
     recomputed: frozenset[str] = frozenset(),
+    timeline: list[tuple[str, int]] | None = None,
 ) -> tuple[int, str, int, dict[str, int], dict[str, str]]:
     """Peak, its node, and the live bytes at the end of one graph run op by op.
 
@@ -910,7 +911,8 @@ def _graph_liveness(
     placeholders sharing one are freed once, after the last use of any of them, and one whose
     allocation is in ``static_storage`` is never freed. ``recomputed`` names the nodes that rebuild
     forward values (chains of them run as one kernel under ``fused_pointwise``). Returns the bytes
-    of every allocation by name, and the allocation each node lives in, as well.
+    of every allocation by name, and the allocation each node lives in, as well. ``timeline``
+    receives (node, live bytes while it runs) for every node.
     """
     nodes = list(gm.graph.nodes)
     owner: dict[fx.Node, fx.Node] = {}
@@ -1036,6 +1038,8 @@ def _graph_liveness(
     total, peak, peak_node = live_at_start, live_at_start, "start"
     for i, node in enumerate(nodes):
         total += sum(size for j, size in enumerate(allocs.get(i, ())) if (i, j) not in taken)
+        if timeline is not None:
+            timeline.append((node.name, total + copies.get(i, 0)))
         if total + copies.get(i, 0) > peak:
             peak, peak_node = total + copies.get(i, 0), node.name
         total -= sum(size for j, size in enumerate(frees.get(i, ())) if (i, j) not in held)
@@ -1153,12 +1157,14 @@ def simulate_partitioned(
     fused_pointwise: bool = False,
     extra_static_bytes: int = 0,
     forward_names: frozenset[str] = frozenset(),
+    timelines: dict[str, list[tuple[str, int]]] | None = None,
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
     ``static_names``: forward placeholders that stay allocated throughout (parameters, buffers, user
     inputs); ``extra_static_bytes``: memory outside the graphs (optimizer state); ``forward_names``:
-    the joint graph's forward nodes (the backward's nodes so named are recomputed).
+    the joint graph's forward nodes (the backward's nodes so named are recomputed); ``timelines``
+    receives each graph's live bytes per node, under ``"forward"`` and ``"backward"``.
     """
     fw_placeholders = [n for n in fw.graph.nodes if n.op == "placeholder"]
     static = extra_static_bytes + sum(
@@ -1168,7 +1174,9 @@ def simulate_partitioned(
     outs = [a for a in out.args[0] if isinstance(a, fx.Node)]
     saved = outs[num_fwd_outputs:]
     keep_fw = {n.name for n in outs} | {n.name for n in fw_placeholders}
-    fw_peak, fw_node, fw_end, fw_sizes, fw_owner = _graph_liveness(fw, static, keep_fw, target_device, fused_pointwise)
+    fw_peak, fw_node, fw_end, fw_sizes, fw_owner = _graph_liveness(
+        fw, static, keep_fw, target_device, fused_pointwise,
+        timeline=None if timelines is None else timelines.setdefault("forward", []))
     saved_owners = {fw_owner[n.name] for n in saved}
     user_outputs = sum(fw_sizes.get(fw_owner[n.name], 0) for n in outs[:num_fwd_outputs]
                        if fw_owner[n.name] not in saved_owners)
@@ -1187,7 +1195,8 @@ def simulate_partitioned(
     storage = {n.name: (fw_owner[n.name], fw_sizes.get(fw_owner[n.name], -1)) for n in saved}
     bw_peak, bw_node, _, _, _ = _graph_liveness(bw, at_backward + tangents, keep_bw, target_device, fused_pointwise,
                                                 storage, frozenset(n.name for n in fw_placeholders),
-                                                forward_names)
+                                                forward_names,
+                                                None if timelines is None else timelines.setdefault("backward", []))
     if bw_peak >= fw_peak:
         return PartitionedPeak(bw_peak, "backward", bw_node, saved_bytes, fw_end)
     return PartitionedPeak(fw_peak, "forward", fw_node, saved_bytes, fw_end)

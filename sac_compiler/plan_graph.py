@@ -75,16 +75,20 @@ class GraphPlanResult:
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
         from passes.annotate_memory import simulate_partitioned
+
+        return simulate_partitioned(fw, bw, **self.simulation_args())
+
+    def simulation_args(self) -> dict[str, Any]:
+        """The arguments besides the graphs that ``simulate`` passes to ``simulate_partitioned``."""
         from sac_compiler.capture import InputKind
 
         graph = self.analysis.graph
-        memory = self.analysis.memory
-        return simulate_partitioned(
-            fw, bw, graph.num_fwd_outputs,
+        return dict(
+            num_fwd_outputs=graph.num_fwd_outputs,
             static_names={i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
             target_device=graph.target_device,
             fused_pointwise=self.fused_pointwise,
-            extra_static_bytes=memory.optimizer_state_bytes + self.outside_bytes,
+            extra_static_bytes=self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
             forward_names=frozenset(n.name for n in graph.gm.graph.nodes
                                     if n.op == "call_function" and get_record(n).side == Side.FORWARD),
         )

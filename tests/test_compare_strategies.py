@@ -82,3 +82,20 @@ def test_results_are_written_after_every_round_and_can_be_read_back(compare_stra
     assert report.complete and [r.strategy for r in report.results] == [s.name for s in compare_strategies.SMOKE_STRATEGIES]
     table = compare_strategies.format_table(report.results)
     assert table in written and table in again
+
+
+def test_dumped_partitions_replay_to_their_recorded_peaks(compare_strategies, tmp_path, capsys):
+    """``--dump-partitions`` writes each sac graph's partition; ``replay_partition.py`` re-simulates
+    it (here with the same code, so to the same peak)."""
+    compare_strategies.main(["--smoke", "--steps", "1", "--rounds", "1", "--dump-partitions", "--out", str(tmp_path)])
+    records = sorted((tmp_path / "partitions").glob("*.json"))
+    assert records and all("sac" in p.name for p in records)
+    spec = importlib.util.spec_from_file_location("replay_partition", SCRIPT.parent / "replay_partition.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    rows = replay.replay_files(records)
+    assert all(recorded == replayed for _, recorded, replayed, _ in rows)
+    capsys.readouterr()
+    assert replay.main([str(p) for p in records] + ["--timeline"]) == 0
+    out = capsys.readouterr().out
+    assert records[0].name in out and "backward, MiB over parameters" in out

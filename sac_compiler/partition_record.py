@@ -1,0 +1,192 @@
+"""A partition as plain data, and its simulation replayed from that data on any machine.
+
+``record_partition(result, fw, bw)`` turns the forward and backward graphs the backend partitioned
+(with every placeholder's size, stride and dtype) and the arguments of their simulation into a
+JSON-ready dict; ``replay_partition(record)`` rebuilds the graphs on CPU fake tensors and runs the
+partitioned simulation of the code at hand on them. A plan recorded on a GPU can so be
+re-simulated on a laptop after the memory model changes, and compared with what the GPU measured
+(``benchmarks/compare_strategies.py --dump-partitions`` records every plan it runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+FORMAT = 1
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dict[str, Any]:
+    """``result``: the backend's ``GraphPlanResult`` for the graph ``fw`` and ``bw`` came from."""
+    args = result.simulation_args()
+    peak = result.partitioned
+    return {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "fw": _graph(fw),
+        "bw": _graph(bw),
+        "num_fwd_outputs": args["num_fwd_outputs"],
+        "static_names": sorted(args["static_names"]),
+        "target_device": str(args["target_device"]),
+        "fused_pointwise": args["fused_pointwise"],
+        "extra_static_bytes": args["extra_static_bytes"],
+        "forward_names": sorted(args["forward_names"]),
+        "static_bytes": result.analysis.memory.static_bytes,
+        "outside_bytes": result.outside_bytes,
+        "budget_bytes": result.budget_bytes,
+        "recompute": sorted(result.plan.recompute) if result.plan is not None else None,
+        "partitioned": None if peak is None else {
+            "peak_bytes": peak.peak_bytes, "peak_graph": peak.peak_graph, "peak_node": peak.peak_node},
+    }
+
+
+def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str, int]]] | None = None) -> Any:
+    """The partitioned simulation (``passes.annotate_memory.PartitionedPeak``) of a recorded
+    partition, by the memory model of this code; ``timelines`` receives each graph's live bytes
+    per node."""
+    from passes.annotate_memory import simulate_partitioned
+
+    if record.get("format") != FORMAT:
+        raise ValueError(f"partition record format {record.get('format')!r} is not {FORMAT}: "
+                         "record it again with this version of sac-compiler")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fw, bw = _module(record["fw"], mode), _module(record["bw"], mode)
+    return simulate_partitioned(
+        fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
+        record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines)
+
+
+# --- graphs as data ------------------------------------------------------------------------------
+
+
+def _graph(gm: fx.GraphModule) -> dict[str, Any]:
+    nodes: list[dict[str, Any]] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            nodes.append({"op": "placeholder", "name": node.name, "val": _tensor_spec(node)})
+        elif node.op == "call_function":
+            nodes.append({"op": "call_function", "name": node.name, "target": _target(node.target),
+                          "args": _value(node.args), "kwargs": _value(dict(node.kwargs))})
+        elif node.op == "output":
+            nodes.append({"op": "output", "args": _value(node.args)})
+        else:
+            raise ValueError(f"cannot record graph node {node.name} ({node.op}): only placeholders, "
+                             "call_function nodes and the output are supported")
+    return {"nodes": nodes}
+
+
+def _tensor_spec(node: fx.Node) -> Any:
+    from passes.record import size_hint
+
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return {"size": [size_hint(s) for s in val.shape], "stride": [size_hint(s) for s in val.stride()],
+                "dtype": str(val.dtype).removeprefix("torch.")}
+    if isinstance(val, (int, float, bool)) or val is None:
+        return {"scalar": _value(val)}
+    return {"scalar": size_hint(val)}  # a symbolic size: its hint
+
+
+def _target(target: Any) -> str:
+    if target is operator.getitem:
+        return "operator.getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    raise ValueError(f"cannot record call target {target!r}: only ATen/prims operator overloads and getitem")
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if isinstance(value, tuple):
+        return {"tuple": [_value(v) for v in value]}
+    if isinstance(value, list):
+        return [_value(v) for v in value]
+    if isinstance(value, dict):
+        return {"dict": {k: _value(v) for k, v in value.items()}}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    raise ValueError(f"cannot record argument {value!r} of type {type(value).__name__}")
+
+
+def _module(data: dict[str, Any], mode: Any) -> fx.GraphModule:
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    inputs: list[Any] = []
+    for entry in data["nodes"]:
+        if entry["op"] == "placeholder":
+            node = graph.placeholder(entry["name"])
+            inputs.append(_input(entry["val"], mode))
+        elif entry["op"] == "call_function":
+            node = graph.call_function(_resolve(entry["target"]), _load(entry["args"], env),
+                                       _load(entry["kwargs"], env))
+            node.name = entry["name"]
+        else:
+            graph.output(_load(entry["args"], env)[0])
+            continue
+        env[entry["name"]] = node
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    return gm
+
+
+def _input(spec: dict[str, Any], mode: Any) -> Any:
+    if "scalar" in spec:
+        return _load(spec["scalar"], {})
+    with mode:
+        return torch.empty_strided(spec["size"], spec["stride"], dtype=getattr(torch, spec["dtype"]))
+
+
+def _resolve(name: str) -> Any:
+    if name == "operator.getitem":
+        return operator.getitem
+    if name.startswith("prims.inductor_"):
+        importlib.import_module("torch._inductor.inductor_prims")  # registers Inductor's prims
+    namespace, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+
+
+def _load(value: Any, env: dict[str, fx.Node]) -> Any:
+    if isinstance(value, list):
+        return [_load(v, env) for v in value]
+    if not isinstance(value, dict):
+        return value
+    (kind, inner), = value.items()
+    if kind == "node":
+        return env[inner]
+    if kind == "tuple":
+        return tuple(_load(v, env) for v in inner)
+    if kind == "dict":
+        return {k: _load(v, env) for k, v in inner.items()}
+    if kind == "float":
+        return float(inner)
+    if kind == "dtype":
+        return getattr(torch, inner)
+    if kind == "device":
+        return torch.device("cpu")  # replayed on CPU fake tensors; the sizes are the device's
+    if kind == "layout":
+        return getattr(torch, inner)
+    if kind == "memory_format":
+        return getattr(torch, inner)
+    raise ValueError(f"unknown recorded value {value!r}")
