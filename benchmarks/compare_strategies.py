@@ -45,6 +45,8 @@ and draws the plot of an earlier ``results.json`` without measuring. ``--check-g
 gradients under ``backend="sac"`` at each budget with plain ``torch.compile``'s: after the timed
 steps, each of those runs takes one more step right after ``torch.manual_seed`` (Inductor draws its
 dropout seeds from it) and the largest absolute difference over all parameters is recorded.
+``--dump-partitions`` writes each sac graph's partition as data to ``OUT/partitions/`` (re-simulate
+them anywhere with ``benchmarks/replay_partition.py``).
 Compiling dominates the run time: on an H200 about 3 minutes for the seed model; a Llama run
 was still in its third timing round after 7 minutes.
 ``--smoke`` runs a tiny Llama on CPU with eager, eager + full AC and ``backend="sac"``
