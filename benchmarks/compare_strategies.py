@@ -297,9 +297,10 @@ def loss_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
-                plans: list[Any] | None = None, record: bool = False) -> Callable[..., torch.Tensor]:
+                plans: list[Any] | None = None, records: list[dict[str, Any]] | None = None,
+                ) -> Callable[..., torch.Tensor]:
     """The strategy's loss function; for backend="sac", ``plans`` receives each graph's plan result
-    (with ``record``, carrying its partition as data: ``sac_compiler.partition_record``)."""
+    and ``records`` each graph's partition as data (``sac_compiler.partition_record``)."""
     loss = loss_of(model)
     if strategy.backend is None:
         return loss
@@ -324,10 +325,10 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
         def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
             out = super().__call__(gm, joint_inputs, **kwargs)
             plans.append(self.last_result)
-            if record and self.last_result is not None:
+            if records is not None and self.last_result is not None:
                 from sac_compiler.partition_record import record_partition
 
-                self.last_result.record = record_partition(self.last_result, *out)
+                records.append(record_partition(self.last_result, *out))
             return out
 
     return torch.compile(loss, backend=functools.partial(
@@ -484,13 +485,11 @@ class _Prepared:
         return grads
 
 
-def _dump_partitions(dump_dir: Path, model: str, strategy: str, plans: Sequence[Any]) -> None:
+def _dump_partitions(dump_dir: Path, model: str, strategy: str, records: Sequence[dict[str, Any]]) -> None:
     dump_dir.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{model} {strategy}").strip("-")
-    for i, plan in enumerate(plans):
-        record = getattr(plan, "record", None)
-        if record is not None:
-            (dump_dir / f"{stem}-graph{i}.json").write_text(json.dumps(record) + "\n")
+    for i, record in enumerate(records):
+        (dump_dir / f"{stem}-graph{i}.json").write_text(json.dumps(record) + "\n")
 
 
 def _error_result(base: dict[str, Any], error: BaseException) -> StrategyResult:
@@ -518,9 +517,10 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         built = _allocated(device)
         patch = contextlib.nullcontext() if amb is None else torch._functorch.config.patch(activation_memory_budget=amb)
         plans: list[Any] = []
+        records: list[dict[str, Any]] | None = [] if dump_dir is not None else None
         with patch:  # compile and the first calls (where AOTAutograd partitions) see the budget
             fn = compile_for(model, strategy, None if budget_bytes is None else budget_bytes + (start or 0), plans,
-                             record=dump_dir is not None)
+                             records)
             for i in range(warmup):
                 t0 = time.perf_counter()
                 _train_step(fn, tokens)
@@ -535,8 +535,8 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
         own = (lambda b: None if b is None or start is None else b - start)
         prepared = _Prepared(strategy, base, model, fn, tokens, own(built), own(after), first_step_s, plans)
         prepared.time_round(steps, device)
-        if dump_dir is not None:
-            _dump_partitions(dump_dir, workload.name, strategy.name, plans)
+        if records is not None:
+            _dump_partitions(dump_dir, workload.name, strategy.name, records)
         return prepared
     except Exception as e:
         return _error_result(base, e)

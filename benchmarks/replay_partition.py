@@ -27,14 +27,19 @@ from sac_compiler.partition_record import replay_partition  # noqa: E402
 GIB = 2**30
 
 
-def replay_files(paths: Sequence[Path]) -> list[tuple[str, float | None, float, str]]:
-    """(file, recorded extra peak GiB, replayed extra peak GiB, where it is) per file."""
+def replay_files(paths: Sequence[Path], timelines: dict[Path, list[tuple[str, float]]] | None = None,
+                 ) -> list[tuple[str, float | None, float, str]]:
+    """(file, recorded extra peak GiB, replayed extra peak GiB, where it is) per file; ``timelines``
+    receives each file's backward timeline (node, MiB over the same base)."""
     rows = []
     for path in paths:
         record = json.loads(path.read_text())
         base = record["static_bytes"] + record["outside_bytes"]
         recorded = record.get("partitioned")
-        peak = replay_partition(record)
+        graphs: dict[str, list[tuple[str, int]]] = {}
+        peak = replay_partition(record, graphs)
+        if timelines is not None:
+            timelines[path] = [(name, (live - base) / 2**20) for name, live in graphs.get("backward", [])]
         rows.append((path.name, None if recorded is None else (recorded["peak_bytes"] - base) / GIB,
                      (peak.peak_bytes - base) / GIB, f"{peak.peak_graph}: {peak.peak_node}"))
     return rows
@@ -50,22 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [str(p) for p in args.records if not p.is_file()]
     if missing:
         parser.error(f"no such record: {', '.join(missing)} (write them with compare_strategies.py --dump-partitions)")
-    rows = replay_files(args.records)
+    timelines: dict[Path, list[tuple[str, float]]] | None = {} if args.timeline else None
+    rows = replay_files(args.records, timelines)
     print(tabulate(rows, headers=["record", "recorded extra GiB", "replayed extra GiB", "peak at"],
                    floatfmt=".4f", missingval="-"))
-    if args.timeline:
-        for path in args.records:
-            record = json.loads(path.read_text())
-            base = record["static_bytes"] + record["outside_bytes"]
-            timelines: dict[str, list[tuple[str, int]]] = {}
-            replay_partition(record, timelines)
-            print(f"\n{path.name}: backward, MiB over parameters, inputs and outside memory")
-            previous = None
-            for name, live in timelines.get("backward", []):
-                mib = (live - base) / 2**20
-                if previous is None or abs(mib - previous) >= args.step_mib:
-                    print(f"  {name:<48} {mib:10.1f}")
-                    previous = mib
+    for path, timeline in (timelines or {}).items():
+        print(f"\n{path.name}: backward, MiB over parameters, inputs and outside memory")
+        previous = None
+        for name, mib in timeline:
+            if previous is None or abs(mib - previous) >= args.step_mib:
+                print(f"  {name:<48} {mib:10.1f}")
+                previous = mib
     return 0
 
 

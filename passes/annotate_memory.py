@@ -940,8 +940,6 @@ def _graph_liveness(
     runs_at, copies = _transient_steps(nodes, index, device, fused_pointwise)
     for mm in runs_at:
         sizes[mm] = 0
-    # a fused node runs inside the kernels of its readers: what it reads lives until they run
-    runs_until = _fused_runs_until(nodes, index, {n: list(n.users) for n, size in sizes.items() if size == 0})
     made_at = {node: runs_at.get(_made_by(node), index[_made_by(node)]) for node in sizes}
     # a chain of recomputed pointwise values runs as one kernel, before the first of them is needed,
     # with the later pointwise kernels Inductor fuses into it
@@ -963,9 +961,9 @@ def _graph_liveness(
             for part in parts:
                 for node in part:
                     moved[node] = earliest
-    if moved:
-        runs_until = _fused_runs_until(nodes, {**index, **moved},
-                                       {n: list(n.users) for n, size in sizes.items() if size == 0})
+    # a fused node runs inside the kernels of its readers: what it reads lives until they run
+    runs_until = _fused_runs_until(nodes, {**index, **moved},
+                                   {n: list(n.users) for n, size in sizes.items() if size == 0})
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
@@ -1050,8 +1048,7 @@ def _hand_over_dying_inputs(
     nodes: list[fx.Node], kernel: set[fx.Node], step: int, owner: dict[fx.Node, fx.Node],
     readers_of: dict[fx.Node, set[fx.Node]], kept: set[fx.Node], static_storage: frozenset[str],
     storage: dict[str, tuple[str, int]], sizes: dict[fx.Node, int], made_at: dict[fx.Node, int],
-    last: dict[fx.Node, int], handed_over: set[fx.Node], adopting: set[fx.Node],
-    same_step: set[fx.Node] | None = None,
+    last: dict[fx.Node, int], handed_over: set[fx.Node], adopting: set[fx.Node], same_step: set[fx.Node],
 ) -> None:
     """A fused recompute kernel (``kernel``: the nodes it computes, run at ``step``) is the last
     reader of the inputs only it reads: they die in it, and Inductor writes an output of the same
@@ -1066,14 +1063,12 @@ def _hand_over_dying_inputs(
     kernel running later (outside ``same_step``: the kernels run at ``step``) computes that value
     again from it."""
     position = {n: i for i, n in enumerate(nodes)}
-    here = kernel if same_step is None else same_step
     escaping: dict[fx.Node, bool] = {}
 
     def escapes(node: fx.Node) -> bool:
         if node not in escaping:
-            escaping[node] = False  # (a cycle cannot occur: users come later)
             escaping[node] = sizes.get(node, 0) == 0 and any(
-                u.op != "output" and (u not in here or escapes(u)) for u in node.users)
+                u.op != "output" and (u not in same_step or escapes(u)) for u in node.users)
         return escaping[node]
 
     keys: dict[str, list[fx.Node]] = {}

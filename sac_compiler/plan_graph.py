@@ -569,8 +569,6 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         budget = _budget_bytes(config, peak + outside, activation_bytes)
         fraction_of = (peak + outside, activation_bytes)
     result.budget_bytes = budget
-    # for the graph's own memory; under Inductor, an absolute budget keeps a margin for the
-    # simulation's error against what Inductor allocates (a fraction is of the simulation itself)
     margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random
