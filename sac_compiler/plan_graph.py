@@ -461,8 +461,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
     checkpointed, each run through the exact simulation (the program's peak is a model: long
     recompute chains hold more than it counts)."""
-    from sac_compiler.solvers import InfeasibleError
-    from sac_compiler.solvers.savings_plan import min_feasible_peak
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError
+    from sac_compiler.solvers.savings_plan import min_peak_plan
 
     plans = [("everything recomputable recomputed", _fixed_plan(
         problem, {c.name for c in problem.candidates if not c.must_save}, "RECOMPUTE_ALL"))]
@@ -470,19 +470,34 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
     if layers is not None:
         plans.append(("every layer checkpointed", layers))
     with _torch_threads_kept():
-        low = min_feasible_peak(problem, options)
+        low, lowest = min_peak_plan(problem, options)
+    plans.append(("the program's lowest-peak plan", lowest))
+    # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans are
+    # feasible, and the search for one can run to the time limit (a 16-layer Llama at a 25% budget,
+    # on an H200: 30 s, none found).
+    limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
+    quick = dataclasses.replace(options, time_limit_s=limit)
     for slack in (0, 4096):  # the solver's peak is a float of MiB: a rounding may cut it a few bytes short
         try:
-            plans.append(("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), options)))
+            plans.append(("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), quick)))
             break
         except InfeasibleError:
             continue
+        except NoSolutionError as error:
+            log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
+            break
     best = None
     for how, plan in plans:
         sim = _simulate(analysis, config, plan.recompute)
-        if best is None or sim.peak_bytes < best[0]:
-            best = (sim.peak_bytes, how, plan, sim)
-    return best
+        key = (sim.peak_bytes, _plan_ms(problem, plan))
+        if best is None or key < best[0]:
+            best = (key, (sim.peak_bytes, how, plan, sim))
+    return best[1]
+
+
+# How long the search for the fastest plan at the lowest peak may take (the lowest-peak plan
+# itself is found first and kept if this finds nothing).
+_REFINE_S = 5.0
 
 
 # The program's objective (recompute time less the keep costs avoided) leaves constants out, so

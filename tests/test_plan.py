@@ -9,8 +9,10 @@ from torch.testing import FileCheck
 
 from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.config import SACConfig
+from sac_compiler import plan_graph
 from sac_compiler.plan_graph import _producer
 from sac_compiler.planner import budget_range
+from sac_compiler.solvers import NoSolutionError
 from tests.models import DropoutMLP, InplaceMLP, Nested, SharedStack, tiny_transformer
 
 
@@ -121,6 +123,27 @@ def test_infeasible_budget_names_the_smallest_feasible_peak():
     compiled = torch.compile(model, backend="sac", options={"memory_budget": param_bytes * 4, "compiler": "eager"})
     with pytest.raises(Exception, match=r"is below the smallest feasible peak .* raise memory_budget to at least \d+ bytes"):
         compiled(torch.randn(2048, 32))
+
+
+def test_infeasible_budget_is_named_when_no_faster_lowest_plan_is_found(monkeypatch):
+    # At the lowest peak few plans are feasible and the search for the fastest of them can stop
+    # at its time limit with none; the lowest-peak plan itself still names the smallest peak.
+    real_solve = plan_graph._solve
+    refined = []
+
+    def solve(problem, options):
+        if options.time_limit_s == plan_graph._REFINE_S:
+            refined.append(problem.budget)
+            raise NoSolutionError("savings_plan: stopped at the time limit without a feasible solution")
+        return real_solve(problem, options)
+
+    monkeypatch.setattr(plan_graph, "_solve", solve)
+    model = Nested(dim=32, n_layers=3)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
+    compiled = torch.compile(model, backend="sac", options={"memory_budget": param_bytes * 4, "compiler": "eager"})
+    with pytest.raises(Exception, match=r"is below the smallest feasible peak .* raise memory_budget to at least \d+ bytes"):
+        compiled(torch.randn(2048, 32))
+    assert refined
 
 
 def test_random_ops_are_kept_and_reported():

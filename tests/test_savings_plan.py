@@ -11,6 +11,7 @@ from sac_compiler.solvers.savings_plan import (
     SavingsProblem,
     check_plan,
     min_feasible_peak,
+    min_peak_plan,
     savings_profile,
     solve_savings_plan,
 )
@@ -171,3 +172,14 @@ def test_min_feasible_peak_matches_brute_force(seed):
     # the smallest feasible peak is feasible, and nothing below it is
     assert _brute_force(problem, peak) is not None
     assert _brute_force(problem, peak - 1) is None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_min_peak_plan_reaches_the_lowest_peak(seed):
+    rng = random.Random(100 + seed)
+    problem = _random_problem(rng)
+    peak, plan = min_peak_plan(problem, EXACT)
+    assert peak == min_feasible_peak(problem, EXACT)
+    check_plan(problem, set(plan.recompute), set(plan.kept_for_recompute))
+    saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
+    assert max(b - s for b, s in zip(problem.baseline, saved)) == pytest.approx(peak, abs=2**20 * 1e-6)

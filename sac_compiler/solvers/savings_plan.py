@@ -282,7 +282,14 @@ def _time_objective(problem: SavingsProblem, r: dict, kept: dict) -> Any:
 
 def min_feasible_peak(problem: SavingsProblem, options: SolverOptions | None = None) -> int:
     """The lowest peak any valid plan reaches under this model (the budget is ignored)."""
+    return min_peak_plan(problem, options)[0]
+
+
+def min_peak_plan(problem: SavingsProblem, options: SolverOptions | None = None) -> tuple[int, SavingsPlan]:
+    """The lowest peak any valid plan reaches under this model (the budget is ignored), and a plan
+    that reaches it (not the fastest such plan: its objective is the peak alone)."""
     options = options if options is not None else SolverOptions()
+    start = time.perf_counter()
     model, r, kept, suffixes, reach = _build(problem, options, "savings_min_peak")
     peak = model.add_var(name="peak", var_type=CONTINUOUS, lb=0)
     for var, lo, hi in suffixes:
@@ -291,7 +298,7 @@ def min_feasible_peak(problem: SavingsProblem, options: SolverOptions | None = N
         model += peak >= _mib(max(problem.baseline[reach:]))
     model.objective = peak
     outcome = solve(model, options)
-    return int(round(outcome.objective_value * _MIB))
+    return int(round(outcome.objective_value * _MIB)), _plan(problem, r, kept, outcome, start)
 
 
 def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[Any, dict, dict, list, int]:
@@ -472,6 +479,7 @@ __all__ = [
     "SavingsProblem",
     "check_plan",
     "min_feasible_peak",
+    "min_peak_plan",
     "plan_time_ms",
     "savings_profile",
     "solve_savings_plan",
