@@ -17,6 +17,8 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
   allocated memory against an absolute budget. For the sac strategies the table also gives the
   plan's predicted extra peak.
 
+``--sac-estimate-modes cost-model benchmark`` runs the budgeted sac strategies with each of the
+backend's ``estimate_mode`` values (the second set named ``sac F (benchmark)``).
 ``--strategies NAME ...`` runs only the strategies whose names contain one of the given strings
 (``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
 Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs);
@@ -232,9 +234,15 @@ class Strategy:
     activation_memory_budget: float | None = None  # torch._functorch.config, for backend="inductor"
     sac_fraction: float | None = None  # sac budget: before + fraction * compile's extra peak
     sac_compiler: str = "inductor"
+    sac_estimate_mode: str = "cost-model"  # backend="sac": how the planner costs each op
 
 
-def gpu_strategies() -> list[Strategy]:
+def gpu_strategies(sac_estimate_modes: Sequence[str] = ("cost-model",)) -> list[Strategy]:
+    """The table's strategies; each budgeted sac strategy once per estimate mode (the first
+    keeps the plain name, the others get theirs appended)."""
+    budgeted = [Strategy(f"sac {f:.0%}" + ("" if i == 0 else f" ({mode})"), backend="sac", sac_fraction=f,
+                         sac_estimate_mode=mode)
+                for i, mode in enumerate(sac_estimate_modes) for f in SAC_FRACTIONS]
     return [
         Strategy("eager"),
         Strategy("eager + full AC", checkpoint="full"),
@@ -244,7 +252,7 @@ def gpu_strategies() -> list[Strategy]:
         *(Strategy(f"compile, amb={b}", backend="inductor", activation_memory_budget=b) for b in AMB_BUDGETS),
         # no budget: PyTorch's own partition, which the backend simulates (its prediction against the measurement)
         Strategy("sac, no budget", backend="sac"),
-        *(Strategy(f"sac {f:.0%}", backend="sac", sac_fraction=f) for f in SAC_FRACTIONS),
+        *budgeted,
     ]
 
 
@@ -310,7 +318,7 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
     loss.__code__ = loss.__code__.replace()
     if strategy.backend == "inductor":
         return torch.compile(loss)
-    options: dict[str, Any] = {"compiler": strategy.sac_compiler}
+    options: dict[str, Any] = {"compiler": strategy.sac_compiler, "estimate_mode": strategy.sac_estimate_mode}
     if budget_bytes is not None:
         options["memory_budget"] = budget_bytes
     elif plans is not None:
@@ -817,6 +825,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", metavar="NAME",
                         help="run only the strategies whose name contains one of these (default: all); "
                              f"'{COMPILE}' always runs, as it sets the sac budgets")
+    parser.add_argument("--sac-estimate-modes", nargs="+", choices=("cost-model", "benchmark"), default=["cost-model"],
+                        metavar="MODE",
+                        help="run the budgeted sac strategies once per estimate_mode: cost-model (a roofline on "
+                             "the device's spec) and/or benchmark (each distinct op timed on the GPU); the "
+                             "first keeps the plain names (default: cost-model)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/compare_strategies"),
                         help="folder for results.json and pareto.png")
     parser.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
@@ -859,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
             workloads.append(llama_workload(llama))
         if args.model in ("seed", "both"):
             workloads.append(seed_workload(args.seed_batch))
-        strategies = gpu_strategies()
+        strategies = gpu_strategies(args.sac_estimate_modes)
         if args.strategies:
             strategies = [s for s in strategies if s.name == COMPILE or any(k in s.name for k in args.strategies)]
         device_name = torch.cuda.get_device_name(device)

@@ -99,3 +99,19 @@ def test_dumped_partitions_replay_to_their_recorded_peaks(compare_strategies, tm
     assert replay.main([str(p) for p in records] + ["--timeline"]) == 0
     out = capsys.readouterr().out
     assert records[0].name in out and "backward, MiB over parameters" in out
+
+
+def test_each_estimate_mode_gets_its_own_budgeted_sac_strategies(compare_strategies):
+    both = compare_strategies.gpu_strategies(("cost-model", "benchmark"))
+    names = [s.name for s in both]
+    assert len(names) == len(set(names))
+    assert [s.name for s in both if s.sac_estimate_mode == "benchmark"] == [
+        f"sac {f:.0%} (benchmark)" for f in compare_strategies.SAC_FRACTIONS]
+    assert [s for s in both if s.sac_estimate_mode == "cost-model"] == compare_strategies.gpu_strategies()
+    # the mode reaches the backend: benchmark estimates need a GPU, and say so on this machine
+    strategy = next(s for s in both if s.sac_estimate_mode == "benchmark")
+    model = torch.nn.Linear(8, 8)
+    loss = compare_strategies.compile_for(model, strategy, budget_bytes=2**20)
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="mode='benchmark' times ops on a GPU"):
+            loss(torch.randn(4, 8))
