@@ -496,6 +496,95 @@ def _inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.No
     return inlined
 
 
+def _column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node],
+                                 stored: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    """The graph's nodes in the order Inductor runs them once it has fused column reductions.
+
+    A column reduction (a sum over every dimension but the last: a norm's weight gradient, a
+    bias gradient) over a pointwise expression reads the buffers that expression reads. Inductor
+    fuses column reductions of one size that read a common buffer of that size into one kernel,
+    and its scheduler, visiting nodes depth first in graph order, pulls everything that kernel
+    needs ahead of the nodes that stood between its first and its last member: those run after
+    it. Seen in Inductor's generated backward of a 16-layer Llama on an H200 (torch 2.11): with
+    the residual stream of the last layers rebuilt from one saved value, the weight gradients of
+    four RMSNorms, from the final one to layer 14's, ran in one kernel after layer 14's
+    feed-forward input gradients, and layer 15's weight-gradient matmuls after it, their inputs
+    (three 88 MiB buffers) alive until then. Modelled so (the members keep their own steps),
+    the simulation of that plan's partition gives 4963429376 bytes of extra peak against
+    4963483648 measured (4.2520 GiB in graph order); placing the members' reads at the fused
+    kernel as well gave 5198330880, 4.7% over. ``stored``: the nodes that are buffers (what an
+    inlined pointwise value reads through)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    columns: list[tuple[fx.Node, int, set[fx.Node]]] = []
+    for node in nodes:
+        numel = _column_reduction_numel(node)
+        if numel is None:
+            continue
+        reads: set[fx.Node] = set()
+        seen: set[fx.Node] = set()
+        stack = [node.args[0]]
+        while stack:
+            arg = stack.pop()
+            base = owner.get(arg, arg)
+            if base in seen:
+                continue
+            seen.add(base)
+            if stored(base):
+                if _numel(base) == numel:
+                    reads.add(base)
+            else:  # computed inline: it reads what its inputs are
+                stack += base.all_input_nodes
+        columns.append((node, numel, reads))
+    parent = {c: c for c, _, _ in columns}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    by_read: dict[tuple[fx.Node, int], fx.Node] = {}
+    for node, numel, reads in columns:
+        for buffer in reads:
+            other = by_read.setdefault((buffer, numel), node)
+            parent[root(other)] = root(node)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node, _, _ in columns:
+        groups.setdefault(root(node), []).append(node)
+    order = nodes
+    for group in sorted((g for g in groups.values() if len(g) > 1), key=lambda g: index[g[0]]):
+        at = {n: i for i, n in enumerate(order)}
+        first = min(at[n] for n in group)
+        needed: set[fx.Node] = set()
+        stack = list(group)
+        while stack:
+            node = stack.pop()
+            if node in needed or at[node] < first:
+                continue
+            needed.add(node)
+            stack += node.all_input_nodes
+        later = order[first:]
+        order = order[:first] + [n for n in later if n in needed] + [n for n in later if n not in needed]
+    return order
+
+
+def _column_reduction_numel(node: fx.Node) -> int | None:
+    """The input's element count of a sum over every dimension but the last, else None."""
+    if node.op != "call_function" or op_name(node.target) != "aten.sum":
+        return None
+    source = node.args[0] if node.args else None
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return None
+    dims = {d % val.dim() for d in ([dims] if isinstance(dims, int) else dims)}
+    if dims != set(range(val.dim() - 1)):
+        return None
+    return size_hint(val.numel())
+
+
 def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
                             owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
     """Recomputed pointwise values Inductor rebuilds in one fused kernel.
@@ -936,6 +1025,7 @@ def _graph_liveness(
                  and all(fuses_pointwise_inputs(u) for u in n.users)]
         for node in _inductor_inlined(fused, lambda n: list(n.users), owner):
             sizes[node] = 0
+        nodes = _column_reductions_scheduled(nodes, owner, lambda n: sizes.get(n, 0) > 0 or n.op == "placeholder")
     index = {n: i for i, n in enumerate(nodes)}
     runs_at, copies = _transient_steps(nodes, index, device, fused_pointwise)
     for mm in runs_at:

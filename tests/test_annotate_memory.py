@@ -702,3 +702,44 @@ def test_the_joint_simulation_writes_a_rebuilt_value_into_a_kept_one_dying_in_it
     at = names.index("mm_2")  # the weight gradient: the chain's first backward reader
     rise = sim.step_peaks[at] - sim.timeline[at - 1][1]
     assert rise == 64 * 64 * 4  # the gradient only: the rebuilt product lives in mm's buffer
+
+
+def _column_reductions_graph(shared: bool):
+    """Two norm-like weight gradients (column sums) with a weight-gradient matmul between them; the
+    second reads the first's saved base ``x`` when ``shared``, else a buffer of its own."""
+    graph, op, placeholder = _graph_builder()
+    aten = torch.ops.aten
+    n, d, k = 1024, 256, 512
+    x, m, y = (placeholder(name, torch.empty(n, d)) for name in ("x", "m", "y"))
+    g1, big, gk = placeholder("g1", torch.empty(n, d)), placeholder("big", torch.empty(n, k)), placeholder("gk", torch.empty(n, k))
+    w = placeholder("w", torch.empty(k, d))
+    t = op(aten.mul.Tensor, big, 2.0, val=torch.empty(n, k))  # a matmul's input: stored
+    rebuilt = op(aten.add.Tensor, x, m, val=torch.empty(n, d))  # a residual rebuilt inline
+    c1 = op(aten.sum.dim_IntList, op(aten.mul.Tensor, g1, rebuilt, val=torch.empty(n, d)), [0], val=torch.empty(d))
+    wgrad = op(aten.mm.default, op(aten.permute.default, t, [1, 0], val=torch.empty(k, n)), g1, val=torch.empty(k, d))
+    g2 = op(aten.mm.default, gk, w, val=torch.empty(n, d))
+    c2 = op(aten.sum.dim_IntList, op(aten.mul.Tensor, g2, x if shared else y, val=torch.empty(n, d)), [0],
+            val=torch.empty(d))
+    graph.output((c1, wgrad, c2))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    return gm, (wgrad, c2), (n, d, k)
+
+
+def test_inductor_runs_column_reductions_reading_a_common_buffer_as_one_kernel():
+    from passes.annotate_memory import _graph_liveness
+
+    static = frozenset({"x", "m", "y", "g1", "big", "gk", "w"})
+    for shared in (False, True):
+        gm, (wgrad, c2), (n, d, k) = _column_reductions_graph(shared)
+        placeholders = sum(p.meta["val"].numel() * 4 for p in gm.graph.nodes if p.op == "placeholder")
+        out = next(iter(gm.graph.find_nodes(op="output")))
+        keep = {a.name for a in out.args[0]}
+        peak, peak_node, _, _, _ = _graph_liveness(gm, placeholders, keep, "cpu", True, static_storage=static)
+        if shared:
+            # one kernel for both sums: the second's matmul is pulled ahead of the weight-gradient
+            # matmul, whose input t lives through it
+            assert (peak, peak_node) == (placeholders + 4 * (n * k + n * d + 2 * d), c2.name)
+        else:
+            # graph order: t dies in the weight-gradient matmul (the first sum is made), before
+            # the second matmul runs
+            assert (peak, peak_node) == (placeholders + 4 * (n * k + k * d + d), wgrad.name)
