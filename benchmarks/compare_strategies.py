@@ -359,6 +359,7 @@ class StrategyResult:
     extra_peak_gib: float | None = None  # (peak - before) / 2**30
     budget_bytes: int | None = None  # backend="sac": its own budget (memory_budget less what others held)
     budget_gib: float | None = None
+    budget_extra_gib: float | None = None  # backend="sac": the budget less compile's before_bytes (the table's)
     activation_memory_budget: float | None = None
     first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
     predicted_extra_gib: float | None = None  # backend="sac": the plan's simulated extra peak
@@ -507,10 +508,12 @@ def _error_result(base: dict[str, Any], error: BaseException) -> StrategyResult:
 
 def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
                      seed: int, budget_bytes: int | None = None,
-                     dump_dir: Path | None = None) -> _Prepared | StrategyResult:
-    """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result."""
+                     dump_dir: Path | None = None, budget_extra_bytes: int | None = None) -> _Prepared | StrategyResult:
+    """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result.
+    ``budget_extra_bytes``: the part of ``budget_bytes`` over the parameters and inputs (for the table)."""
     base = dict(model=workload.name, strategy=strategy.name, budget_bytes=budget_bytes,
                 budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
+                budget_extra_gib=None if budget_extra_bytes is None else budget_extra_bytes / 2**30,
                 activation_memory_budget=strategy.activation_memory_budget)
     amb = strategy.activation_memory_budget
     start = _allocated(device)  # the strategies kept alive so far: the backend sees them as outside the graph
@@ -617,7 +620,7 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
     checks: list[GradCheck] = []
     live: list[_Prepared] = []
     for strategy in strategies:
-        budget = None
+        budget = budget_extra = None
         if strategy.sac_fraction is not None:
             compiled = results.get(COMPILE)
             if compiled is None or compiled.peak_bytes is None:
@@ -631,8 +634,9 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
                     on_round(list(results.values()), 0)
                 continue
             budget = sac_budget(compiled, strategy.sac_fraction)
+            budget_extra = budget - compiled.before_bytes
         start = time.perf_counter()
-        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget, dump_dir)
+        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget, dump_dir, budget_extra)
         if isinstance(prepared, _Prepared):
             live.append(prepared)
             result = prepared.result()
@@ -736,14 +740,24 @@ class BenchmarkReport:
 
 def format_table(results: Sequence[StrategyResult]) -> str:
     rows = [
-        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, r.budget_gib, r.first_step_s,
+        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, _extra_budget_gib(r), r.first_step_s,
          r.planning_s, max(r.solves_s) if r.solves_s else None,
          "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
         for r in results
     ]
-    return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "budget GiB",
+    return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "extra budget GiB",
                                    "first step s", "planning s", "longest solve s", "status"],
                     tablefmt="github", floatfmt=".2f", missingval="-")
+
+
+def _extra_budget_gib(r: StrategyResult) -> float | None:
+    """The budget over the parameters and inputs, as the extra peaks are (results written before
+    ``budget_extra_gib`` existed: from the strategy's own parameter-and-input bytes)."""
+    if r.budget_extra_gib is not None:
+        return r.budget_extra_gib
+    if r.budget_bytes is not None and r.before_bytes is not None:
+        return (r.budget_bytes - r.before_bytes) / 2**30
+    return None
 
 
 def _solves(times: Sequence[float] | None) -> str:

@@ -115,3 +115,16 @@ def test_each_estimate_mode_gets_its_own_budgeted_sac_strategies(compare_strateg
     if not torch.cuda.is_available():
         with pytest.raises(Exception, match="mode='benchmark' times ops on a GPU"):
             loss(torch.randn(4, 8))
+
+
+def test_recompute_rates_needs_a_gpu_and_says_so(capsys):
+    spec = importlib.util.spec_from_file_location("recompute_rates", SCRIPT.parent / "recompute_rates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if torch.cuda.is_available():
+        rows = module.main(["--batch", "1", "--seq", "256", "--dim", "256", "--ffn", "512", "--heads", "4"])
+        assert len(rows) == 3 and all(ms > 0 and per_mib > 0 for _, ms, per_mib in rows)
+    else:
+        with pytest.raises(SystemExit):
+            module.main([])
+        assert "needs a CUDA GPU" in capsys.readouterr().err
