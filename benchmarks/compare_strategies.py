@@ -360,7 +360,6 @@ class StrategyResult:
     extra_peak_gib: float | None = None  # (peak - before) / 2**30
     budget_bytes: int | None = None  # backend="sac": its own budget (memory_budget less what others held)
     budget_gib: float | None = None
-    budget_extra_gib: float | None = None  # backend="sac": the budget less compile's before_bytes (the table's)
     activation_memory_budget: float | None = None
     first_step_s: float | None = None  # the first warm-up step, with Dynamo, planning and compilation
     predicted_extra_gib: float | None = None  # backend="sac": the plan's simulated extra peak
@@ -509,12 +508,10 @@ def _error_result(base: dict[str, Any], error: BaseException) -> StrategyResult:
 
 def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.device, steps: int, warmup: int,
                      seed: int, budget_bytes: int | None = None,
-                     dump_dir: Path | None = None, budget_extra_bytes: int | None = None) -> _Prepared | StrategyResult:
-    """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result.
-    ``budget_extra_bytes``: the part of ``budget_bytes`` over the parameters and inputs (for the table)."""
+                     dump_dir: Path | None = None) -> _Prepared | StrategyResult:
+    """Build, (compile,) warm up and time one round of one strategy; an exception becomes an "error" result."""
     base = dict(model=workload.name, strategy=strategy.name, budget_bytes=budget_bytes,
                 budget_gib=None if budget_bytes is None else budget_bytes / 2**30,
-                budget_extra_gib=None if budget_extra_bytes is None else budget_extra_bytes / 2**30,
                 activation_memory_budget=strategy.activation_memory_budget)
     amb = strategy.activation_memory_budget
     start = _allocated(device)  # the strategies kept alive so far: the backend sees them as outside the graph
@@ -621,7 +618,7 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
     checks: list[GradCheck] = []
     live: list[_Prepared] = []
     for strategy in strategies:
-        budget = budget_extra = None
+        budget = None
         if strategy.sac_fraction is not None:
             compiled = results.get(COMPILE)
             if compiled is None or compiled.peak_bytes is None:
@@ -635,9 +632,8 @@ def _run_workload(workload: Workload, strategies: Sequence[Strategy], device: to
                     on_round(list(results.values()), 0)
                 continue
             budget = sac_budget(compiled, strategy.sac_fraction)
-            budget_extra = budget - compiled.before_bytes
         start = time.perf_counter()
-        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget, dump_dir, budget_extra)
+        prepared = prepare_strategy(workload, strategy, device, steps, warmup, seed, budget, dump_dir)
         if isinstance(prepared, _Prepared):
             live.append(prepared)
             result = prepared.result()
@@ -740,8 +736,12 @@ class BenchmarkReport:
 
 
 def format_table(results: Sequence[StrategyResult]) -> str:
+    # a sac budget is compile's parameter-and-input bytes plus its share of compile's extra peak
+    before = {r.model: r.before_bytes for r in results if r.strategy == COMPILE and r.before_bytes is not None}
     rows = [
-        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib, _extra_budget_gib(r), r.first_step_s,
+        (r.model, r.strategy, r.step_ms, r.extra_peak_gib, r.predicted_extra_gib,
+         None if r.budget_bytes is None or r.model not in before else (r.budget_bytes - before[r.model]) / 2**30,
+         r.first_step_s,
          r.planning_s, max(r.solves_s) if r.solves_s else None,
          "ok" if r.status == "ok" else f"{r.status}: {_clip(r.error_summary, 140)}")
         for r in results
@@ -749,16 +749,6 @@ def format_table(results: Sequence[StrategyResult]) -> str:
     return tabulate(rows, headers=["model", "strategy", "step ms", "extra peak GiB", "predicted GiB", "extra budget GiB",
                                    "first step s", "planning s", "longest solve s", "status"],
                     tablefmt="github", floatfmt=".2f", missingval="-")
-
-
-def _extra_budget_gib(r: StrategyResult) -> float | None:
-    """The budget over the parameters and inputs, as the extra peaks are (results written before
-    ``budget_extra_gib`` existed: from the strategy's own parameter-and-input bytes)."""
-    if r.budget_extra_gib is not None:
-        return r.budget_extra_gib
-    if r.budget_bytes is not None and r.before_bytes is not None:
-        return (r.budget_bytes - r.before_bytes) / 2**30
-    return None
 
 
 def _solves(times: Sequence[float] | None) -> str:

@@ -128,3 +128,13 @@ def test_recompute_rates_needs_a_gpu_and_says_so(capsys):
         with pytest.raises(SystemExit):
             module.main([])
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_table_gives_each_sac_budget_over_compiles_parameters_and_inputs(compare_strategies):
+    R = compare_strategies.StrategyResult
+    compiled = R("m", compare_strategies.COMPILE, "ok", step_ms=1.0, before_bytes=2**30, peak_bytes=2**31,
+                 extra_peak_gib=1.0)
+    refused = R("m", "sac 50%", "error", budget_bytes=2**30 + 2**29, error="BudgetError: too low",
+                error_summary="BudgetError: too low")
+    row = next(line for line in compare_strategies.format_table([compiled, refused]).splitlines() if "sac 50%" in line)
+    assert [cell.strip() for cell in row.split("|")][6] == "0.50"
