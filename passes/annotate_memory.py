@@ -514,7 +514,6 @@ def _column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.N
     4963483648 measured (4.2520 GiB in graph order); placing the members' reads at the fused
     kernel as well gave 5198330880, 4.7% over. ``stored``: the nodes that are buffers (what an
     inlined pointwise value reads through)."""
-    index = {n: i for i, n in enumerate(nodes)}
     columns: list[tuple[fx.Node, int, set[fx.Node]]] = []
     for node in nodes:
         numel = _column_reduction_numel(node)
@@ -535,24 +534,10 @@ def _column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.N
             else:  # computed inline: it reads what its inputs are
                 stack += base.all_input_nodes
         columns.append((node, numel, reads))
-    parent = {c: c for c, _, _ in columns}
-
-    def root(n: fx.Node) -> fx.Node:
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
     by_read: dict[tuple[fx.Node, int], fx.Node] = {}
-    for node, numel, reads in columns:
-        for buffer in reads:
-            other = by_read.setdefault((buffer, numel), node)
-            parent[root(other)] = root(node)
-    groups: dict[fx.Node, list[fx.Node]] = {}
-    for node, _, _ in columns:
-        groups.setdefault(root(node), []).append(node)
+    links = [(by_read.setdefault((buffer, numel), node), node) for node, numel, reads in columns for buffer in reads]
     order = nodes
-    for group in sorted((g for g in groups.values() if len(g) > 1), key=lambda g: index[g[0]]):
+    for group in _linked_groups([c for c, _, _ in columns], links):
         at = {n: i for i, n in enumerate(order)}
         first = min(at[n] for n in group)
         needed: set[fx.Node] = set()
@@ -597,7 +582,14 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     """
     eligible = [n for n in order if n in members and is_pointwise_op(n)]
     ok = set(eligible)
-    parent = {n: n for n in eligible}
+    return _linked_groups(eligible, [(owner.get(a, a), node) for node in eligible for a in node.all_input_nodes
+                                     if owner.get(a, a) in ok])
+
+
+def _linked_groups(items: list[fx.Node], links: Iterable[tuple[fx.Node, fx.Node]]) -> list[list[fx.Node]]:
+    """The sets of two or more ``items`` that ``links`` (pairs of items) connect, each in the items'
+    order, ordered by their first item."""
+    parent = {n: n for n in items}
 
     def root(n: fx.Node) -> fx.Node:
         while parent[n] is not n:
@@ -605,13 +597,10 @@ def _fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
             n = parent[n]
         return n
 
-    for node in eligible:
-        for arg in node.all_input_nodes:
-            base = owner.get(arg, arg)
-            if base in ok:
-                parent[root(base)] = root(node)
+    for a, b in links:
+        parent[root(a)] = root(b)
     groups: dict[fx.Node, list[fx.Node]] = {}
-    for node in eligible:
+    for node in items:
         groups.setdefault(root(node), []).append(node)
     return [g for g in groups.values() if len(g) > 1]
 
