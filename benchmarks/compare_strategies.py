@@ -21,7 +21,9 @@ PyTorch's seed Transformer (``common_dtensor.Transformer``, fp32, dropout 0.1), 
 backend's ``estimate_mode`` values (the second set named ``sac F (benchmark)``).
 ``--strategies NAME ...`` runs only the strategies whose names contain one of the given strings
 (``compile`` always runs: it sets the sac budgets). "first step s" is the first warm-up step, with
-Dynamo, planning and Inductor's compilation (the FX graph cache may serve repeated graphs);
+Dynamo, planning and Inductor's compilation (Inductor's caches may serve the other strategies'
+graphs; the sac strategies compile without them, so that their partitioner records every plan:
+compare first steps from a cold cache, ``TORCHINDUCTOR_CACHE_DIR`` set to a new folder);
 "planning s" is the part of it the sac backend spent on its own (analysis, plans, simulations:
 all but the one partition plain ``torch.compile`` makes too), over all graphs; "longest solve s"
 is the longest single call of the MILP solver in it (each call is listed in the JSON).
@@ -340,8 +342,16 @@ def compile_for(model: nn.Module, strategy: Strategy, budget_bytes: int | None,
                 records.append(record_partition(self.last_result, *out))
             return out
 
-    return torch.compile(loss, backend=functools.partial(
-        compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording))
+    config = SACConfig.from_options(options)
+
+    def recording_backend(gm: Any, example_inputs: Any) -> Any:
+        # Uncached: a cache hit would skip the partitioner and with it the plan and the record (and
+        # the local class above makes the caches' keys unpicklable: they would warn, then bypass).
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_graph(gm, example_inputs, config=config, partitioner_cls=Recording)
+
+    return torch.compile(loss, backend=recording_backend)
 
 
 # --- measurement -------------------------------------------------------------------------------

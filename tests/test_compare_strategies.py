@@ -138,3 +138,35 @@ def test_the_table_gives_each_sac_budget_over_compiles_parameters_and_inputs(com
                 error_summary="BudgetError: too low")
     row = next(line for line in compare_strategies.format_table([compiled, refused]).splitlines() if "sac 50%" in line)
     assert [cell.strip() for cell in row.split("|")][6] == "0.50"
+
+
+def test_recorded_sac_compiles_skip_the_caches_quietly(compare_strategies):
+    """The benchmark's recording partitioner must run on every compile (a cache hit would skip it
+    and lose the plan) and its class cannot be pickled into a cache key: its compiles bypass
+    Inductor's caches without the warning and traceback a failed key would log."""
+    import logging
+
+    class Seen(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    seen = Seen()
+    logger = logging.getLogger("torch._inductor.codecache")
+    logger.addHandler(seen)
+    workload = compare_strategies.llama_workload(compare_strategies.SMOKE_LLAMA)
+    strategy = compare_strategies.Strategy("sac, no budget", backend="sac")
+    plans, records = [], []
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        loss = compare_strategies.compile_for(workload.build(torch.device("cpu")), strategy, None, plans, records)
+        loss(workload.tokens(torch.device("cpu"))).backward()
+    finally:
+        logger.removeHandler(seen)
+        torch._dynamo.reset()
+    assert len(plans) == len(records) == 1 and plans[0].partitioned is not None
+    assert not [m for m in seen.messages if "pickle" in m], seen.messages
