@@ -51,9 +51,10 @@ steps, each of those runs takes one more step right after ``torch.manual_seed`` 
 dropout seeds from it) and the largest absolute difference over all parameters is recorded.
 ``--dump-partitions`` writes each sac graph's partition as data to ``OUT/partitions/`` (re-simulate
 them anywhere with ``benchmarks/replay_partition.py``).
-Compiling dominates the run time: on an H200 with a cold Inductor cache, 150 s for the seed
-model (every strategy, ``--rounds 2 --steps 5 --check-grads``) and 360 s for the Llama
-(``--rounds 1 --steps 5``); a Llama run at the defaults was still in its third round after 7 minutes.
+Compiling dominates the run time: on an H200 with a cold Inductor cache, 150 to 165 s for the
+seed model (every strategy, ``--rounds 2 --steps 5 --check-grads``) and 360 s for the Llama
+(``--rounds 1 --steps 5``; 415 s with ``--rounds 2``); a Llama run at the defaults was still in its
+third round after 7 minutes.
 ``--smoke`` runs a tiny Llama on CPU with eager, eager + full AC and ``backend="sac"``
 (``compiler="eager"``, no budget), timed with ``time.perf_counter`` and no peak. Run from the
 repository root::
