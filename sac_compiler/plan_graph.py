@@ -648,10 +648,18 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
 
 def planning_margin(result: GraphPlanResult, config: SACConfig) -> int:
     """Bytes of the budget a plan leaves free: under Inductor, an absolute budget keeps a margin for
-    the simulation's error against what Inductor allocates (a fraction is of the simulation itself)."""
+    the simulation's error against what Inductor allocates (a fraction is of the simulation itself).
+    The margin is a share of what the simulation accounts for: the budget less the memory held
+    outside the graph and the graph's static bytes (parameters, buffers, inputs, optimizer state),
+    which are counted exactly."""
     if config.compiler != "inductor" or config.memory_budget.bytes is None or result.budget_bytes is None:
         return 0
-    return int(_MODEL_MARGIN * (result.budget_bytes - result.outside_bytes))
+    return int(_MODEL_MARGIN * max(0, result.budget_bytes - _exact_bytes(result.analysis, result.outside_bytes)))
+
+
+def _exact_bytes(analysis: Any, outside: int) -> int:
+    """What the planner counts without simulating it: memory outside the graph and static bytes."""
+    return outside + analysis.memory.static_bytes
 
 
 class _NoPlan(BudgetError):
@@ -687,11 +695,14 @@ def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, e
             f"memory budget {fraction:g} of the saved activations ({format_bytes(budget)}) is below the smallest "
             f"feasible peak found, {format_bytes(smallest)} ({how}; random ops kept{_outside_note(outside)}): "
             f"raise memory_budget to at least {math.ceil(least * 100) / 100:g} (or {smallest} bytes)")
+    need, margin_note = smallest, ""
     if config.compiler == "inductor":  # the budget the planner's margin needs for that peak
-        smallest = outside + math.ceil((smallest - outside) / (1 - _MODEL_MARGIN))
+        exact = _exact_bytes(analysis, outside)
+        need = exact + math.ceil((smallest - exact) / (1 - _MODEL_MARGIN))
+        margin_note = f", and the {_MODEL_MARGIN:.0%} margin the planner keeps for its simulation's error under Inductor"
     return BudgetError(
         f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
-        f"({how}; random ops kept{_outside_note(outside)}); raise memory_budget to at least {smallest} bytes")
+        f"({how}; random ops kept{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} bytes")
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,

@@ -125,6 +125,34 @@ def test_infeasible_budget_names_the_smallest_feasible_peak():
         compiled(torch.randn(2048, 32))
 
 
+def test_the_budget_an_infeasible_error_names_is_the_least_that_plans_under_inductor():
+    """Under Inductor an absolute budget keeps a margin for the simulation's error. The margin is
+    a share of what is simulated, not of the parameters and inputs, which are counted exactly; the
+    budget the error names is the least one that plans."""
+    import math
+    import re
+
+    from sac_compiler.planner import plan
+
+    torch.manual_seed(0)
+    # the parameters (12 MiB) and their gradients dwarf the activations
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024))
+    x = torch.randn(256, 1024)
+    lowest = budget_range(model, x, target_device="cpu").smallest_feasible_peak
+    with pytest.raises(plan_graph.BudgetError, match="margin the planner keeps") as info:
+        plan(model, x, target_device="cpu", memory_budget=lowest)
+    need = int(re.search(r"raise memory_budget to at least (\d+) bytes", str(info.value)).group(1))
+    result = plan(model, x, target_device="cpu", memory_budget=need)
+    margin = plan_graph.planning_margin(result, SACConfig.from_options({"memory_budget": need}))
+    assert 0 < margin and result.predicted_peak <= need - margin
+    with pytest.raises(plan_graph.BudgetError):
+        plan(model, x, target_device="cpu", memory_budget=need - 4096)
+    static = result.analysis.memory.static_bytes
+    assert static >= 0.45 * lowest  # the parameters and the input are half the peak (their gradients most of the rest)...
+    # ... and do not widen the margin (2% of the whole peak would be twice this)
+    assert need - lowest <= math.ceil(plan_graph._MODEL_MARGIN / (1 - plan_graph._MODEL_MARGIN) * (lowest - static)) + 1
+
+
 def test_infeasible_budget_is_named_when_no_faster_lowest_plan_is_found(monkeypatch):
     # At the lowest peak few plans are feasible and the search for the fastest of them can stop
     # at its time limit with none; the lowest-peak plan itself still names the smallest peak.
