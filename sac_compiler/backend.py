@@ -66,7 +66,7 @@ class SACPartitioner(CustomPartitionerFn):
                    **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-        from sac_compiler.plan_graph import BudgetError, plan_and_tag
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag, planning_margin
 
         start = time.perf_counter()
         partitioning: list[float] = []  # PyTorch's partitioner; plain torch.compile runs it once
@@ -94,16 +94,18 @@ class SACPartitioner(CustomPartitionerFn):
         if result is not None:
             result.check_partition(fw, bw)
             target = plannable = result.budget_bytes
+            # the partitioned graphs must leave the planner's margin free too: the plan aims there
+            limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
             best = (result.partitioned.peak_bytes, result, fw, bw)
             for _ in range(_PARTITION_ROUNDS):
-                if result.plan is None or result.partitioned.peak_bytes <= result.budget_bytes:
+                if result.plan is None or result.partitioned.peak_bytes <= limit:
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
-                target -= result.partitioned.peak_bytes - result.budget_bytes
+                target -= result.partitioned.peak_bytes - limit
                 candidate = None
                 for _ in range(_BISECTIONS):
-                    log.info("sac: partitioned graphs peak at %d bytes over the budget %d; planning for %d",
-                             result.partitioned.peak_bytes, result.budget_bytes, target)
+                    log.info("sac: partitioned graphs peak at %d bytes, over the budget %d less the planner's "
+                             "margin; planning for %d", result.partitioned.peak_bytes, result.budget_bytes, target)
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
@@ -119,7 +121,7 @@ class SACPartitioner(CustomPartitionerFn):
                 if result.partitioned.peak_bytes < best[0]:
                     best = (result.partitioned.peak_bytes, result, fw, bw)
             _, result, fw, bw = best
-            if result.plan is not None and result.plan.recompute and result.partitioned.peak_bytes <= result.budget_bytes:
+            if result.plan is not None and result.plan.recompute and result.partitioned.peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition)
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)

@@ -153,6 +153,37 @@ def test_the_budget_an_infeasible_error_names_is_the_least_that_plans_under_indu
     assert need - lowest <= math.ceil(plan_graph._MODEL_MARGIN / (1 - plan_graph._MODEL_MARGIN) * (lowest - static)) + 1
 
 
+def test_partitioned_graphs_peaking_inside_the_margin_are_planned_lower(monkeypatch):
+    """The margin the planner keeps under Inductor holds for the partitioned graphs too: where
+    they peak under the budget but inside the margin (the simulation of the joint graph was
+    low), the backend plans lower, as where they peak over the budget."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    x = torch.randn(2048, 32)
+    span = budget_range(model, x, target_device="cpu")
+    budget = (span.smallest_feasible_peak + span.no_recompute_peak) // 2
+    config = SACConfig.from_options({"memory_budget": budget})
+    real_check = plan_graph.GraphPlanResult.check_partition
+    checked = []
+
+    def check(self, fw, bw):
+        real_check(self, fw, bw)
+        if not checked:  # the first plan's partition: say it peaks inside the margin
+            margin = plan_graph.planning_margin(self, config)
+            assert margin > 0
+            self.partitioned = dataclasses.replace(self.partitioned, peak_bytes=budget - margin // 2)
+        checked.append(self)
+
+    monkeypatch.setattr(plan_graph.GraphPlanResult, "check_partition", check)
+    backend, records = recording_backend(memory_budget=budget)
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    assert len(checked) >= 2 and result is not checked[0]
+    assert result.partitioned.peak_bytes <= budget - plan_graph.planning_margin(result, config)
+
+
 def test_infeasible_budget_is_named_when_no_faster_lowest_plan_is_found(monkeypatch):
     # At the lowest peak few plans are feasible and the search for the fastest of them can stop
     # at its time limit with none; the lowest-peak plan itself still names the smallest peak.
