@@ -652,7 +652,8 @@ def planning_margin(result: GraphPlanResult, config: SACConfig) -> int:
     The margin is a share of what the simulation accounts for: the budget less the memory held
     outside the graph and the graph's static bytes (parameters, buffers, inputs, optimizer state),
     which are counted exactly."""
-    if config.compiler != "inductor" or config.memory_budget.bytes is None or result.budget_bytes is None:
+    if (config.compiler != "inductor" or config.memory_budget is None or config.memory_budget.bytes is None
+            or result.budget_bytes is None):
         return 0
     return int(_MODEL_MARGIN * max(0, result.budget_bytes - _exact_bytes(result.analysis, result.outside_bytes)))
 
