@@ -122,7 +122,7 @@ class SACPartitioner(CustomPartitionerFn):
                     best = (result.partitioned.peak_bytes, result, fw, bw)
             _, result, fw, bw = best
             if result.plan is not None and result.plan.recompute and result.partitioned.peak_bytes <= limit:
-                result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition)
+                result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
@@ -137,14 +137,14 @@ class SACPartitioner(CustomPartitionerFn):
         return fw, bw
 
     def _take_slack(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any,
-                    fw: fx.GraphModule, bw: fx.GraphModule, partition: Callable[[], Any]) -> tuple[Any, Any, Any]:
-        """Where the partitioned graphs peak well under the budget, the joint-graph simulation was
-        pessimistic about this plan (it does not follow every kernel Inductor fuses): plan again for
-        the joint-graph peak plus what the partitioned graphs leave, and take that plan if its
-        partitioned graphs fit and it recomputes less."""
-        from sac_compiler.plan_graph import BudgetError, plan_and_tag, planning_margin
+                    fw: fx.GraphModule, bw: fx.GraphModule, partition: Callable[[], Any],
+                    limit: int) -> tuple[Any, Any, Any]:
+        """Where the partitioned graphs peak well under ``limit`` (the budget less the planner's
+        margin), the joint-graph simulation was pessimistic about this plan (it does not follow
+        every kernel Inductor fuses): plan again for the joint-graph peak plus what the partitioned
+        graphs leave, and take that plan if its partitioned graphs fit and it recomputes less."""
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
-        limit = result.budget_bytes - planning_margin(result, self.config)
         slack = limit - result.partitioned.peak_bytes
         if result.predicted_peak is None or slack <= _SLACK_FRACTION * (result.budget_bytes - result.outside_bytes):
             return result, fw, bw

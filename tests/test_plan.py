@@ -388,10 +388,11 @@ def test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan():
     seen = []
 
     class Raising(SACPartitioner):
-        def _take_slack(self, gm, num_fwd_outputs, root, result, fw, bw, partition):
+        def _take_slack(self, gm, num_fwd_outputs, root, result, fw, bw, partition, limit):
             first_ms, first_peak = result.plan.recompute_ms, result.partitioned.peak_bytes
             result.budget_bytes = raised
-            taken = super()._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition)
+            assert limit == low  # the eager route keeps no margin
+            taken = super()._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, raised)
             seen.append((first_ms, first_peak, taken[0]))
             return taken
 
