@@ -71,6 +71,8 @@ class GraphPlanResult:
     slack_taken: bool = False  # planned again for the room the partitioned graphs left under the budget
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
+    # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
+    fraction_range: tuple[int, int] | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -222,13 +224,44 @@ def build_plan_problem(
 
 
 def _mutated_inputs(graph: JointGraph) -> set[fx.Node]:
-    """Graph inputs (buffers, user inputs) that the forward may mutate in place: BatchNorm's running
-    statistics, ``buf.add_(...)``. AOTAutograd returns the mutated inputs' new values first among
-    the forward outputs, before the user's outputs, and copies them into the inputs once the
-    forward has run; its metadata saying which inputs those are does not reach the partitioner,
-    so a value in that leading part of the outputs made from an input of its very size, dtype and
-    strides marks the input. Recomputing a value from such an input in backward would read it
-    mutated (autograd refuses: "modified by an inplace operation")."""
+    """Graph inputs that the forward mutates in place, whatever the op and whatever the input's kind
+    (BatchNorm's running statistics, spectral norm's power-iteration vectors, a parameter clamped
+    under ``no_grad``). AOTAutograd returns each mutated input's new value among the forward outputs
+    and copies it into the input once the forward has run, so in backward the input holds its new
+    value: recomputing anything from it would read the mutation (autograd refuses on the eager route,
+    "modified by an inplace operation"; under Inductor the gradient is silently wrong).
+
+    AOTAutograd's descriptors name these outputs (``InputMutationAOTOutput``) and the input each
+    mutates; a joint graph without descriptors falls back to ``_mutated_inputs_by_layout``. An input
+    mutated inside the graph (``aten.copy_`` into a placeholder) counts too."""
+    placeholders = list(graph.gm.graph.find_nodes(op="placeholder"))
+    mutated = {n.args[0] for n in graph.gm.graph.nodes
+               if n.op == "call_function" and n.target in _COPY_INTO and n.args and n.args[0] in placeholders}
+    out = next(iter(graph.gm.graph.find_nodes(op="output")))
+    descs = out.meta.get("desc")
+    if not descs or not all("desc" in n.meta for n in placeholders):
+        return mutated | _mutated_inputs_by_layout(graph)
+    try:
+        from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput
+    except ImportError:  # a torch without descriptors (older than the versions supported)
+        return mutated | _mutated_inputs_by_layout(graph)
+    by_desc = {n.meta["desc"]: n for n in placeholders}
+    for desc in descs:
+        if isinstance(desc, InputMutationAOTOutput):
+            node = by_desc.get(desc.mutated_input)
+            if node is None:  # an input AOTAutograd rewrote (a synthetic base): be safe, guess by layout
+                return mutated | _mutated_inputs_by_layout(graph)
+            mutated.add(node)
+    return mutated
+
+
+_COPY_INTO = (torch.ops.aten.copy_.default,)
+
+
+def _mutated_inputs_by_layout(graph: JointGraph) -> set[fx.Node]:
+    """Without AOTAutograd's descriptors: the mutated inputs' new values come first among the
+    forward outputs, before the user's outputs; a value in that leading part of the outputs made
+    from an input of its very size, dtype and strides marks the input."""
     from torch.utils._pytree import tree_leaves
 
     from sac_compiler.capture import InputKind
@@ -333,12 +366,12 @@ def _tie_repeated_layers(values: list[Any], nodes: list[fx.Node], blocks: int | 
     return [dataclasses.replace(v, group=find(f"name:{v.name}")) if (v.group or v.name in tie) else v for v in values]
 
 
-def _budget_bytes(config: SACConfig, baseline_peak: int, activation_bytes: int) -> int:
-    """Absolute bytes as given; a fraction f keeps f of the activations: peak - (1 - f) * activations."""
-    budget = config.memory_budget
-    if budget.bytes is not None:
-        return budget.bytes
-    return int(baseline_peak - (1.0 - budget.fraction) * activation_bytes)
+def fraction_budget(fraction: float, lowest: int, fastest: int) -> int:
+    """The bytes a fractional budget resolves to: 0 is the lowest peak the planner finds, 1 the
+    fastest plan's peak, linear in bytes between (as ``activation_memory_budget`` runs from
+    recomputing everything it can to the default partition). Every fraction in [0, 1] plans."""
+    fastest = max(fastest, lowest)
+    return lowest + int(fraction * (fastest - lowest))
 
 
 def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
@@ -575,26 +608,33 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         # to recompute than to write out: a fraction is of its activations.
         fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline)), options)
         result.fastest = fastest
-    fraction_of = None  # (peak, activation bytes) a fractional budget is taken of
-    if budget is None:
-        peak = analysis.memory.peak_bytes
-        if config.memory_budget.bytes is None and fastest is not None:
-            peak = _simulate(analysis, config, fastest.recompute).peak_bytes
-            activation_bytes = _kept_activation_bytes(problem, fastest)
-        budget = _budget_bytes(config, peak + outside, activation_bytes)
-        fraction_of = (peak + outside, activation_bytes)
+    step_peak = analysis.memory.optimizer_step_peak_bytes + outside
+    fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
+    lowest = None  # (peak, how, plan, simulation) of the lowest-peak plan, once known
+    fraction = config.memory_budget.fraction
+    if budget is None and fraction is None:
+        budget = config.memory_budget.bytes
+    elif budget is None:
+        high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
+        low = high
+        if fraction < 1.0:
+            lowest = _lowest_plan(problem, analysis, config, options)
+            low = min(high, lowest[0] + outside)
+        low, high = max(low, step_peak), max(high, step_peak)
+        budget = fraction_budget(fraction, low, high)
+        result.fraction_range = (low, high)
+        log.info("sac plan: memory_budget %g resolves to %s (lowest peak found %s, fastest plan %s)",
+                 fraction, format_bytes(budget), format_bytes(low), format_bytes(high))
     result.budget_bytes = budget
     margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random
-    step_peak = analysis.memory.optimizer_step_peak_bytes + outside
     if step_peak > budget:
         raise BudgetError(
             f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "
             f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
             "recomputation changes"
         )
-    fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
     try:
         if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
             plan, sim = fastest, fastest_sim  # nothing to trade: the fastest plan fits
@@ -613,12 +653,18 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 if other is not None and (hybrid is None or _plan_ms(problem, other[0]) < _plan_ms(problem, hybrid[0])):
                     hybrid = other
         if hybrid is None:
-            if not isinstance(error, _NoPlan):
+            if not isinstance(error, _NoPlan) and fraction is None:
                 raise
-            lowest = _lowest_plan(problem, analysis, config, options, structure)
+            if lowest is None:
+                lowest = _lowest_plan(problem, analysis, config, options, structure)
             if lowest[0] > goal:
-                raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest,
-                                    fraction_of) from error
+                if fraction is not None and target is None:
+                    # a fraction resolved at or above this very plan's peak: the margin-free goal
+                    # can only miss it by the outside memory's rounding; plan it regardless
+                    log.info("sac plan: memory_budget %g: the lowest-peak plan simulates at %s, the budget is %s",
+                             fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
+                else:
+                    raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
             hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
@@ -677,33 +723,31 @@ def _outside_note(outside: int) -> str:
 
 
 def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, error: _NoPlan,
-                  fastest_sim: Any, lowest: tuple[int, str, Any, Any],
-                  fraction_of: tuple[int, int] | None = None) -> BudgetError:
-    """The error for a budget no plan meets, naming the smallest peak a plan was found to reach
-    (every candidate's peak is from the exact simulation) and, for a fractional budget, the
-    smallest fraction that peak is."""
+                  fastest_sim: Any, lowest: tuple[int, str, Any, Any]) -> BudgetError:
+    """The error for an absolute budget no plan meets, naming the smallest peak a plan was found to
+    reach (every candidate's peak is from the exact simulation) and the least budget that plans."""
     smallest, how = lowest[0] + outside, lowest[1]
     if fastest_sim is not None and fastest_sim.peak_bytes + outside < smallest:
         smallest, how = fastest_sim.peak_bytes + outside, "the fastest plan"
     if error.best_simulated is not None and error.best_simulated < smallest:
         smallest, how = error.best_simulated, "the program's plan nearest the budget"
     smallest = max(smallest, analysis.memory.optimizer_step_peak_bytes + outside)
-    fraction = config.memory_budget.fraction
-    if fraction is not None and fraction_of is not None and fraction_of[1] > 0:
-        peak, activations = fraction_of
-        least = min(1.0, 1.0 - (peak - smallest) / activations)
-        return BudgetError(
-            f"memory budget {fraction:g} of the saved activations ({format_bytes(budget)}) is below the smallest "
-            f"feasible peak found, {format_bytes(smallest)} ({how}; random ops kept{_outside_note(outside)}): "
-            f"raise memory_budget to at least {math.ceil(least * 100) / 100:g} (or {smallest} bytes)")
-    need, margin_note = smallest, ""
-    if config.compiler == "inductor":  # the budget the planner's margin needs for that peak
-        exact = _exact_bytes(analysis, outside)
-        need = exact + math.ceil((smallest - exact) / (1 - _MODEL_MARGIN))
+    need, margin_note = least_budget(analysis, config, smallest, outside), ""
+    if need > smallest:
         margin_note = f", and the {_MODEL_MARGIN:.0%} margin the planner keeps for its simulation's error under Inductor"
     return BudgetError(
         f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
-        f"({how}; random ops kept{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} bytes")
+        f"({how}; random ops kept{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} "
+        "bytes, or give a fraction (0.0 plans the lowest peak found)")
+
+
+def least_budget(analysis: Any, config: SACConfig, peak: int, outside: int = 0) -> int:
+    """The least absolute budget under which a plan peaking at ``peak`` is accepted: the peak
+    itself, plus under Inductor the margin the planner keeps for its simulation's error."""
+    if config.compiler != "inductor":
+        return peak
+    exact = _exact_bytes(analysis, outside)
+    return exact + math.ceil((peak - exact) / (1 - _MODEL_MARGIN))
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
@@ -1022,9 +1066,3 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         recomputed=set(recompute),
         annotate=False,
     )
-
-
-def _kept_activation_bytes(problem: Any, plan: Any) -> int:
-    """Bytes a plan keeps from the end of forward into backward."""
-    return sum(c.nbytes for c in problem.candidates
-               if (c.first_use is not None and c.name not in plan.recompute) or c.name in plan.kept_for_recompute)
