@@ -1,8 +1,10 @@
 """The offline planner: the plan ``backend="sac"`` would make, without compiling or running anything.
 
     from sac_compiler.planner import budget_range, plan
+    from sac_compiler.report import format_plan
 
-    low, high = budget_range(model, tokens, device="H100-SXM")
+    budgets = budget_range(model, tokens, device="H100-SXM")  # a BudgetRange, in bytes
+    budgets.smallest_feasible_peak, budgets.no_recompute_peak
     result = plan(model, tokens, memory_budget="6GiB", device="H100-SXM")
     print(format_plan(result))
 
