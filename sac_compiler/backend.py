@@ -38,6 +38,18 @@ def _root_name(gm: fx.GraphModule) -> str:
     return "Model"
 
 
+def _graph_name(gm: fx.GraphModule) -> str:
+    """Which of the model's graphs this is: Dynamo's compile id (frame/recompile) and the code it traced."""
+    from torch._guards import CompileContext, TracingContext
+
+    compile_id = CompileContext.current_compile_id()
+    context = TracingContext.try_get()
+    codes = list(getattr(context, "traced_code", None) or [])
+    where = f" of {codes[0].co_qualname} ({codes[0].co_filename}:{codes[0].co_firstlineno})" if codes else ""
+    ops = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    return f"graph {compile_id if compile_id is not None else '?'}{where}, {ops} ops"
+
+
 _PARTITION_ROUNDS = 3
 _BISECTIONS = 3
 # the partitioned graphs' room under the budget, as a fraction of it (less outside memory), that is
@@ -57,10 +69,14 @@ class SACPartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        from sac_compiler.plan_graph import recording_solves
+        from sac_compiler.plan_graph import BudgetError, recording_solves
 
         with recording_solves() as solve_times:
-            return self._partition(gm, joint_inputs, solve_times, **kwargs)
+            try:
+                return self._partition(gm, joint_inputs, solve_times, **kwargs)
+            except BudgetError as error:
+                # with graph breaks one model is several graphs, each planned on its own: say which
+                raise BudgetError(f"{_graph_name(self.source_gm)}: {error}") from error
 
     def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], solve_times: list[float],
                    **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:

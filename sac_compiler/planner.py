@@ -21,7 +21,7 @@ import torch
 
 from sac_compiler.capture import capture_joint
 from sac_compiler.config import SACConfig
-from sac_compiler.plan_graph import GraphPlanResult, plan_joint, smallest_feasible_peak
+from sac_compiler.plan_graph import GraphPlanResult, least_budget, plan_joint, smallest_feasible_peak
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class BudgetRange:
 
     smallest_feasible_peak: int
     no_recompute_peak: int
+    # the least absolute memory_budget that plans: the smallest feasible peak, plus under Inductor
+    # the margin the planner keeps for its simulation's error (a fraction of 0.0 needs no margin)
+    smallest_budget: int
 
 
 def _config(options: dict[str, Any]) -> SACConfig:
@@ -46,9 +49,10 @@ def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cud
 
 
 def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> BudgetRange:
-    """The smallest feasible peak and the peak without recomputation, in bytes."""
+    """The smallest feasible peak, the least budget that plans, and the peak without recomputation, in bytes."""
     config = _config(options)
     graph = capture_joint(model, *example_inputs, target_device=target_device)
     result = plan_joint(graph, config)
     low = smallest_feasible_peak(result.analysis, config)
-    return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak)
+    return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak,
+                       smallest_budget=least_budget(result.analysis, config, low))

@@ -138,10 +138,12 @@ def test_the_budget_an_infeasible_error_names_is_the_least_that_plans_under_indu
     # the parameters (12 MiB) and their gradients dwarf the activations
     model = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024))
     x = torch.randn(256, 1024)
-    lowest = budget_range(model, x, target_device="cpu").smallest_feasible_peak
+    span = budget_range(model, x, target_device="cpu")
+    lowest = span.smallest_feasible_peak
     with pytest.raises(plan_graph.BudgetError, match="margin the planner keeps") as info:
         plan(model, x, target_device="cpu", memory_budget=lowest)
     need = int(re.search(r"raise memory_budget to at least (\d+) bytes", str(info.value)).group(1))
+    assert span.smallest_budget == need  # budget_range names the budget that plans, not only the peak
     result = plan(model, x, target_device="cpu", memory_budget=need)
     margin = plan_graph.planning_margin(result, SACConfig.from_options({"memory_budget": need}))
     assert 0 < margin and result.predicted_peak <= need - margin
@@ -601,3 +603,20 @@ def test_spectral_norm_gradients_under_inductor_with_a_budget():
     error: the parametrized weight's gradient was off by a few percent."""
     backend, _ = recording_backend(memory_budget=0.5)
     _train_against_eager(_SpectralNet, torch.randn(512, 16), backend)
+
+
+def test_a_refused_budget_names_the_graph_it_was_refused_on():
+    """With a graph break the model is two graphs, each planned on its own: the error says which."""
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 128), nn.Linear(128, 32)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            torch._dynamo.graph_break()
+            return self.b(x).sin()
+
+    with pytest.raises(Exception, match=r"graph \d+/\d+ of \S*Broken.forward \(.*test_plan.py:\d+\), \d+ ops: memory budget"):
+        torch.compile(Broken(), backend="sac", options={"memory_budget": 50_000, "compiler": "eager"})(torch.randn(256, 32))
