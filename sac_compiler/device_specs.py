@@ -74,6 +74,8 @@ def _flops_key(dtype: torch.dtype) -> str:
         return "fp64"
     if str(dtype).startswith("torch.float8_"):
         return "fp8"
+    if dtype.is_complex:  # the rate of the real component (see peak_flops_for)
+        return {torch.complex32: "fp16", torch.complex64: "fp32", torch.complex128: "fp64"}.get(dtype, "fp32")
     if not dtype.is_floating_point and not dtype.is_complex:
         # Integer and bool ops: no separate table entry, use the FP32 rate.
         return "fp32"
@@ -139,13 +141,16 @@ class DeviceSpec:
         (``torch.backends.cuda.matmul.allow_tf32`` or a float32 matmul precision
         other than "highest") and the chip has TF32, else the FP32 rate.  float8
         dtypes use "fp8", float64 "fp64", integer and bool dtypes fall back to
-        "fp32".  A format the chip lacks (e.g. fp8 on A100) is a ValueError.
+        "fp32".  Complex dtypes run at a quarter of their real component's rate
+        (complex64 at fp32's, without Tensor Cores): one complex multiply-add is
+        four real ones, and PyTorch's flop formulas count it as one.  A format the
+        chip lacks (e.g. fp8 on A100) is a ValueError.
         """
         key = _flops_key(dtype)
         if key == "tf32" and "tf32" not in self.peak_flops:
             key = "fp32"
         try:
-            return self.peak_flops[key]
+            return self.peak_flops[key] / (4 if dtype.is_complex else 1)
         except KeyError:
             raise ValueError(
                 f"{self.name} has no {key} peak rate (dtype {dtype}); "

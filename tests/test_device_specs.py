@@ -241,10 +241,16 @@ def test_missing_format_is_value_error() -> None:
         a100.peak_flops_for(torch.float8_e4m3fn)
 
 
-def test_unsupported_dtype_and_non_dtype() -> None:
+def test_complex_dtypes_run_at_a_quarter_of_their_real_rate() -> None:
+    """A complex model is planned like any other (it was refused for lack of a rate)."""
     h100 = DEVICE_SPECS["H100-SXM"]
-    with pytest.raises(ValueError, match="complex64"):
-        h100.peak_flops_for(torch.complex64)
+    assert h100.peak_flops_for(torch.complex64) == h100.peak_flops["fp32"] / 4
+    assert h100.peak_flops_for(torch.complex128) == h100.peak_flops["fp64"] / 4
+    assert h100.peak_flops_for(torch.complex32) == h100.peak_flops["fp16"] / 4
+
+
+def test_non_dtype() -> None:
+    h100 = DEVICE_SPECS["H100-SXM"]
     with pytest.raises(TypeError):
         h100.peak_flops_for("bf16")  # type: ignore[arg-type]
 

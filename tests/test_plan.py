@@ -620,3 +620,25 @@ def test_a_refused_budget_names_the_graph_it_was_refused_on():
 
     with pytest.raises(Exception, match=r"graph \d+/\d+ of \S*Broken.forward \(.*test_plan.py:\d+\), \d+ ops: memory budget"):
         torch.compile(Broken(), backend="sac", options={"memory_budget": 50_000, "compiler": "eager"})(torch.randn(256, 32))
+
+
+class _ComplexNet(nn.Module):
+    """A complex-valued layer between FFTs: planned on memory like any model (it was refused for
+    lack of a complex FLOP rate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32, dtype=torch.complex64) / 8)
+        self.out = nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = torch.fft.fft(x, dim=-1) @ self.w
+        return self.out(torch.fft.ifft(y * y.abs(), dim=-1).real)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_a_complex_valued_model_plans(fraction):
+    backend, records = recording_backend(memory_budget=fraction, compiler="eager")
+    _train_against_eager(_ComplexNet, torch.randn(512, 32), backend)
+    result = records[0][0]
+    assert result.predicted_peak <= result.budget_bytes
