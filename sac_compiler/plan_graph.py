@@ -59,6 +59,8 @@ class GraphPlanResult:
     baseline_peak: int | None = None
     predicted_peak: int | None = None
     kept_random: list[str] = field(default_factory=list)
+    # forward ops never recomputed, whatever the budget, and why (see never_recomputed)
+    kept_ops: dict[str, str] = field(default_factory=dict)
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # passes.annotate_memory.PartitionedPeak of the graphs that will run
@@ -168,7 +170,7 @@ def build_plan_problem(
                   and get_record(n).side == Side.FORWARD
                   and (n.target is operator.getitem or not any(u.target is operator.getitem for u in n.users))]
     candidate_set = set(candidates)
-    mutated = _mutated_inputs(analysis.graph)
+    kept_ops = never_recomputed(gm, _mutated_inputs(analysis.graph))
     kept_random: list[str] = []
     charged: set[fx.Node] = set()
     out = next(iter(gm.graph.find_nodes(op="output")))
@@ -206,8 +208,7 @@ def build_plan_problem(
             cost_ms=cost,
             inputs=tuple(dict.fromkeys(inputs)),
             first_use=min(bw) if bw else None,
-            # recomputing from an input the forward mutates would read it after the mutation
-            must_save=bool(prec.is_random) or any(owner.get(a, a) in mutated for a in producer.all_input_nodes),
+            must_save=bool(prec.is_random) or producer.name in kept_ops,
             group=group,
             keep_cost_ms=keep_cost,
             last_use=max(bw) if bw else None,
@@ -221,6 +222,50 @@ def build_plan_problem(
     baseline = _step_profile(sim)
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
     return problem, sorted(set(kept_random)), activation_bytes
+
+
+# ATen ops PyTorch has no FLOP formula for whose cost is compute, not the bytes they move (the
+# roofline would price their recompute near zero): factorisations, FFTs, sorts and selections.
+_UNCOSTED = re.compile(r"^(_?fft_|_?linalg_|cholesky|_cholesky|svd|_svd|qr|geqrf|ormqr|_?lu_|lu_|triangular_solve|"
+                       r"_?eig|symeig|sort|topk|kthvalue|median|nanmedian|mode|_?unique|_?cdist|matrix_exp|"
+                       r"histc|histogram|searchsorted|bucketize)")
+_CORE_NAMESPACES = frozenset({"aten", "prims", "rngprims"})
+
+
+def never_recomputed(gm: fx.GraphModule, mutated: set[fx.Node]) -> dict[str, str]:
+    """Forward ops the plan keeps whatever the budget, by node name, with the reason the report gives:
+
+    * ops that read an input the forward mutates (see ``_mutated_inputs``): in backward the input
+      holds its new value;
+    * higher-order ops, custom ops (outside ATen and prims) and ops with side effects: recomputing
+      them would repeat their effects, and their cost is unknown;
+    * ATen ops without a FLOP formula whose cost is compute (``_UNCOSTED``): the cost model would
+      price their recompute at the bytes they move.
+
+    Random ops are kept by their own rule (``kept_random``)."""
+    from torch.utils.flop_counter import flop_registry
+
+    owner = _owner_map(gm)
+    reasons: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or get_record(node).side != Side.FORWARD:
+            continue
+        target = node.target
+        if any(owner.get(a, a) in mutated for a in node.all_input_nodes):
+            reasons[node.name] = "reads an input the forward mutates in place"
+        elif isinstance(target, torch._ops.HigherOrderOperator):
+            reasons[node.name] = f"higher-order op {target.name()}"
+        elif isinstance(target, torch._ops.OpOverload):
+            schema = target._schema
+            if target.namespace not in _CORE_NAMESPACES:
+                reasons[node.name] = f"custom op {schema.name}"
+            elif schema.is_mutable or (not get_record(node).is_random and node.is_impure()):
+                reasons[node.name] = f"op with side effects {schema.name}"
+            elif target.overloadpacket not in flop_registry and _UNCOSTED.match(schema.name.split("::")[-1]):
+                reasons[node.name] = f"no FLOP formula for {schema.name}"
+        elif target is not operator.getitem:
+            reasons[node.name] = f"not an ATen op: {getattr(target, '__name__', target)}"
+    return reasons
 
 
 def _mutated_inputs(graph: JointGraph) -> set[fx.Node]:
@@ -629,6 +674,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random
+    result.kept_ops = never_recomputed(analysis.graph.gm, _mutated_inputs(analysis.graph))
     if step_peak > budget:
         raise BudgetError(
             f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "

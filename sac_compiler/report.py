@@ -47,6 +47,10 @@ def format_plan(result: Any) -> str:
         ("solve", f"{plan.status}, {plan.solve_s:.2f} s, {plan.n_vars} vars, {plan.n_constraints} constraints"),
         ("random ops kept (never recomputed)", ", ".join(result.kept_random) or "none"),
     ]
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in getattr(result, "kept_ops", {}).items():
+        by_reason.setdefault(reason, []).append(name)
+    rows += [(f"kept: {reason}", ", ".join(names)) for reason, names in sorted(by_reason.items())]
     if result.partitioned is not None:
         over = " (over the budget)" if result.partitioned.peak_bytes > result.budget_bytes else ""
         rows.append(("simulated peak of the partitioned graphs",

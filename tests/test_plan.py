@@ -642,3 +642,54 @@ def test_a_complex_valued_model_plans(fraction):
     _train_against_eager(_ComplexNet, torch.randn(512, 32), backend)
     result = records[0][0]
     assert result.predicted_peak <= result.budget_bytes
+
+
+@torch.library.custom_op("sac_test::scaled_tanh", mutates_args=())
+def _scaled_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) * 2
+
+
+@_scaled_tanh.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _scaled_tanh_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * 2 * (1 - torch.tanh(x) ** 2)
+
+
+_scaled_tanh.register_autograd(_scaled_tanh_backward,
+                               setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+
+
+class _UncostedNet(nn.Module):
+    """A custom op, a sort and a QR factorisation: no cost the planner can trust."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = _scaled_tanh(self.a(x))
+        h = torch.sort(h, dim=-1).values * h
+        q = torch.linalg.qr(h.t() @ h / h.shape[0]).Q
+        return self.b(torch.relu(h @ q))
+
+
+def test_custom_uncosted_and_effectful_ops_are_kept_and_named():
+    """Unknown, custom and effectful ops, and ops whose cost is compute without a FLOP formula, are
+    kept whatever the budget, named in the report, and nothing crashes on them."""
+    from sac_compiler.report import format_plan
+
+    backend, records = recording_backend(memory_budget=0.0, compiler="eager", report=False)
+    _train_against_eager(_UncostedNet, torch.randn(256, 32), backend)
+    result = records[0][0]
+    reasons = set(result.kept_ops.values())
+    assert "custom op sac_test::scaled_tanh" in reasons
+    assert "no FLOP formula for aten::sort" in reasons
+    assert any(r.startswith("no FLOP formula for aten::linalg_qr") for r in reasons)
+    assert not set(result.kept_ops) & set(result.plan.recompute)
+    assert result.plan.recompute  # the rest still plans
+    text = format_plan(result)
+    assert "kept: custom op sac_test::scaled_tanh" in text and "kept: no FLOP formula for aten::sort" in text
