@@ -612,13 +612,22 @@ def recording_solves() -> Iterator[list[float]]:
 
 
 def _solve(problem: Any, options: Any) -> Any:
-    """``solve_savings_plan``, timed for ``recording_solves``."""
-    from sac_compiler.solvers.savings_plan import solve_savings_plan
+    """``solve_savings_plan``, timed for ``recording_solves``. If the solver fails (any status but a
+    proven infeasibility) the plan is the checked greedy one, and the log says so."""
+    from sac_compiler.solvers import InfeasibleError, SolverError
+    from sac_compiler.solvers.savings_plan import greedy_savings_plan, solve_savings_plan
 
     start = time.perf_counter()
     try:
         with _torch_threads_kept():
-            return solve_savings_plan(problem, options)
+            try:
+                return solve_savings_plan(problem, options)
+            except InfeasibleError:
+                raise
+            except SolverError as error:
+                log.warning("sac plan: the %s solver failed (%s); planning greedily instead (cheapest "
+                            "recompute per byte first, checked against the same model)", options.solver, error)
+                return greedy_savings_plan(problem)
     finally:
         times = _SOLVE_TIMES.get()
         if times is not None:

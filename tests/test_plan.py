@@ -693,3 +693,23 @@ def test_custom_uncosted_and_effectful_ops_are_kept_and_named():
     assert result.plan.recompute  # the rest still plans
     text = format_plan(result)
     assert "kept: custom op sac_test::scaled_tanh" in text and "kept: no FLOP formula for aten::sort" in text
+
+
+def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplog):
+    """Any solver status but a proven infeasibility (a crash, an unknown status) must not cost the
+    user their compile: the plan is the greedy one, checked by the same model, and the log says so."""
+    import logging
+
+    from sac_compiler.solvers import SolverError
+    from sac_compiler.solvers import savings_plan
+
+    def broken(problem, options=None):
+        raise SolverError("savings_plan: highs returned status ERROR")
+
+    monkeypatch.setattr(savings_plan, "solve_savings_plan", broken)
+    backend, records = recording_backend(memory_budget=0.5, compiler="eager")
+    with caplog.at_level(logging.WARNING, logger="sac_compiler.plan_graph"):
+        _train_against_eager(lambda: Nested(dim=32, n_layers=3), torch.randn(2048, 32), backend)
+    result = records[0][0]
+    assert "planning greedily" in caplog.text and "status ERROR" in caplog.text
+    assert result.plan.recompute and result.predicted_peak <= result.budget_bytes

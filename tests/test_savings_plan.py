@@ -10,6 +10,7 @@ from sac_compiler.solvers.savings_plan import (
     Candidate,
     SavingsProblem,
     check_plan,
+    greedy_savings_plan,
     min_feasible_peak,
     min_peak_plan,
     savings_profile,
@@ -183,3 +184,30 @@ def test_min_peak_plan_reaches_the_lowest_peak(seed):
     check_plan(problem, set(plan.recompute), set(plan.kept_for_recompute))
     saved = savings_profile(problem, plan.recompute, plan.kept_for_recompute)
     assert max(b - s for b, s in zip(problem.baseline, saved)) == pytest.approx(peak, abs=2**20 * 1e-6)
+
+
+def test_greedy_plans_are_valid_and_never_beat_the_optimum():
+    """The fallback when the solver fails: every plan it returns passes check_plan and covers the
+    need by the same evaluator; its time is never below the brute-force optimum; it finds a plan
+    on most budgets that have one."""
+    feasible = planned = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        problem = _random_problem(rng)
+        budget = rng.randint(min(problem.baseline) // 2, max(problem.baseline))
+        bounded = SavingsProblem(problem.candidates, problem.baseline, budget)
+        expected = _brute_force(problem, budget)
+        feasible += expected is not None
+        try:
+            plan = greedy_savings_plan(bounded)
+        except InfeasibleError:
+            continue
+        assert expected is not None, f"seed {seed}: greedy planned a budget brute force finds no plan for"
+        planned += 1
+        check_plan(bounded, set(plan.recompute), set(plan.kept_for_recompute))
+        saved = savings_profile(bounded, plan.recompute, plan.kept_for_recompute)
+        assert all(b - s <= budget for b, s in zip(bounded.baseline, saved)), seed
+        assert plan.recompute_ms >= expected - 1e-9 and plan.status == "GREEDY"
+    assert planned >= feasible // 2, (planned, feasible)
+    roomy = SavingsProblem(problem.candidates, problem.baseline, max(problem.baseline))
+    assert greedy_savings_plan(roomy).recompute == frozenset()

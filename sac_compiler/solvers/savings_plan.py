@@ -28,6 +28,7 @@ tightens the budget if the check finds a higher peak.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -267,6 +268,44 @@ def solve_savings_plan(problem: SavingsProblem, options: SolverOptions | None = 
     return _plan(problem, r, kept, outcome, start)
 
 
+def greedy_savings_plan(problem: SavingsProblem) -> SavingsPlan:
+    """A plan without the MILP solver, for when it fails: recompute the values backward reads,
+    cheapest per byte first and a whole group at a time, until ``savings_profile`` covers the need
+    at every step; what a recomputed value is made from and backward does not read stays kept.
+    Slower than the program's plans, and checked by ``check_plan``.
+
+    Raises InfeasibleError when recomputing every such value does not cover the need."""
+    start = time.perf_counter()
+    by_name = {c.name: c for c in problem.candidates}
+    units: dict[str, list[Candidate]] = {}
+    for c in problem.candidates:
+        units.setdefault(c.group or f"name:{c.name}", []).append(c)
+    eligible = [members for members in units.values()
+                if not any(c.must_save for c in members) and any(c.first_use is not None for c in members)]
+    eligible.sort(key=lambda m: sum(c.cost_ms for c in m) / max(1, sum(c.nbytes for c in m)))
+
+    def kept_for(recompute: set[str]) -> set[str]:
+        return {u for n in recompute for u in by_name[n].inputs
+                if u in by_name and by_name[u].first_use is None and u not in recompute}
+
+    need = problem.need
+    recompute: set[str] = set()
+    covered = max(need, default=0) <= 0
+    for members in eligible:
+        if covered:
+            break
+        recompute |= {c.name for c in members}
+        saved = savings_profile(problem, recompute, kept_for(recompute))
+        covered = all(s >= n for s, n in zip(saved, need))
+    if not covered:
+        raise InfeasibleError("savings_plan (greedy): recomputing every value backward reads does not cover "
+                              "the need; raise the budget")
+    kept = kept_for(recompute)
+    check_plan(problem, recompute, kept)
+    return SavingsPlan(frozenset(recompute), frozenset(kept), sum(by_name[n].cost_ms for n in recompute),
+                       "GREEDY", math.inf, time.perf_counter() - start, 0, 0)
+
+
 def _time_objective(problem: SavingsProblem, r: dict, kept: dict) -> Any:
     """Recompute time, plus the keep cost of what stays kept (constants left out)."""
     by_name = {c.name: c for c in problem.candidates}
@@ -478,6 +517,7 @@ __all__ = [
     "SavingsPlan",
     "SavingsProblem",
     "check_plan",
+    "greedy_savings_plan",
     "min_feasible_peak",
     "min_peak_plan",
     "plan_time_ms",
