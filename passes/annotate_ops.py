@@ -32,8 +32,15 @@ from passes.record import call_functions, Side, get_record, graph_results, updat
 
 log = logging.getLogger(__name__)
 
-# Ops the eager SAC tools leave out of a module's op list (they neither compute nor allocate).
-IGNORED_OPS = frozenset({"aten.detach", "aten.lift_fresh", "aten.lift_fresh_copy", "aten._to_copy_view"})
+# Ops the eager SAC tools leave out of a module's op list (they neither compute nor allocate, or, for
+# ``clone``, the eager tool drops every one: autograd clones the input of an in-place op whose
+# backward needs the original value, e.g. ``sin_``, and the joint graph traces that clone too).
+IGNORED_OPS = frozenset({"aten.detach", "aten.lift_fresh", "aten.lift_fresh_copy", "aten._to_copy_view",
+                         "aten.clone"})
+# What functionalization writes an in-place op's result on a view back into the view's base with
+# (besides inverse views such as ``t``): eager mutates the base directly and has no such op.
+VIEW_SCATTER_OPS = frozenset({"aten.slice_scatter", "aten.select_scatter", "aten.diagonal_scatter",
+                              "aten.as_strided_scatter"})
 _SDPA_DROPOUT_OPS = frozenset(
     {
         "aten.scaled_dot_product_attention",
@@ -46,8 +53,9 @@ _SDPA_DROPOUT_OPS = frozenset(
         "aten._efficient_attention_forward",
     }
 )
+# ``y[i] = v`` (``operator.setitem``) writes into ``y`` as ``fill_``/``copy_`` on the indexed view.
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
-                      operator.iand, operator.ior, operator.ixor, operator.imatmul}
+                      operator.iand, operator.ior, operator.ixor, operator.imatmul, operator.setitem}
 _VIEW_SOURCE_METHODS = frozenset({"view", "view_as", "reshape", "transpose", "t", "permute", "expand",
                                   "squeeze", "unsqueeze", "narrow", "select", "unflatten", "flatten",
                                   "as_strided", "diagonal", "unbind", "split", "chunk", "__getitem__"})
@@ -151,8 +159,13 @@ def _is_inplace_source(src_node: fx.Node | None, target_repr: str) -> bool:
     return text.endswith("_") and not text.endswith("__")
 
 
-def _mutated_origin(src_node: fx.Node, is_inplace: dict[str, bool]) -> fx.Node:
-    """Follow a Dynamo node's first tensor argument through views/in-place ops to the op that made it."""
+def _mutated_origin(src_node: fx.Node, is_inplace: dict[str, bool], view_getitems: frozenset[str] = frozenset()
+                    ) -> fx.Node:
+    """Follow a Dynamo node's first tensor argument through views/in-place ops to the op that made it.
+
+    ``view_getitems``: the ``operator.getitem`` nodes (``y[:, :4]``) that traced to views only; an
+    indexing that copies (``y[idx]``) makes a new tensor, which is then the origin.
+    """
     current = src_node
     while True:
         args = [a for a in current.args if isinstance(a, fx.Node)]
@@ -161,6 +174,9 @@ def _mutated_origin(src_node: fx.Node, is_inplace: dict[str, bool]) -> fx.Node:
         first = args[0]
         name = first.target if isinstance(first.target, str) else getattr(first.target, "__name__", "")
         if is_inplace.get(first.name) or (first.op == "call_method" and name in _VIEW_SOURCE_METHODS):
+            current = first
+            continue
+        if first.op == "call_function" and first.target is operator.getitem and first.name in view_getitems:
             current = first
             continue
         if first.op == "call_function" and name in _VIEW_SOURCE_METHODS:
@@ -226,11 +242,23 @@ def annotate_ops(
             inplace_sources[name] = _is_inplace_source(source_nodes.get(name), str(src.target))
 
     def main_node(source_name: str) -> fx.Node | None:
-        """The ATen node that computes a Dynamo node's result: its last non-view forward op."""
+        """The ATen node that computes a Dynamo node's result: its last non-view forward op.
+
+        For an in-place op on a view, that is the op computing the new values, not the
+        ``*_scatter`` that functionalization then writes them back into the base with.
+        """
         candidates = [n for n in by_source.get(source_name, []) if _forward(n) and n.target is not operator.getitem]
         non_views = [n for n in candidates if not is_view_op(n)]
-        pool = non_views or candidates
+        computing = [n for n in non_views if op_name(n.target) not in VIEW_SCATTER_OPS]
+        pool = computing or non_views or candidates
         return pool[-1] if pool else None
+
+    view_getitems = frozenset(
+        name for name, nodes in by_source.items()
+        if (src := source_nodes.get(name)) is not None and src.target is operator.getitem
+        and (aten := [n for n in nodes if n.target is not operator.getitem])
+        and all(is_alias_op(n) for n in aten)
+    )
 
     parents: dict[str, str] = {}
     for src_name, is_inplace in inplace_sources.items():
@@ -242,7 +270,7 @@ def annotate_ops(
         parent_name = node.name
         src_node = source_nodes.get(src_name)
         if src_node is not None:
-            origin = _mutated_origin(src_node, inplace_sources)
+            origin = _mutated_origin(src_node, inplace_sources, view_getitems)
             parent = main_node(origin.name) if origin.op != "placeholder" else None
             if parent is not None:
                 parent_name = parent.name

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sac_compiler import estimate
 from sac_compiler.module_info import get_peak_memory_runtime_baseline, parse_module_info
 from sac_compiler.solvers import sac_milp
-from tests.models import DropoutMLP, Foo
+from tests.models import DropoutMLP, Foo, InplaceMLP
 
 
 def _seed_transformer(dropout_p):
@@ -34,7 +35,8 @@ def test_seed_000_foo_indices():
     assert stats.view_like_ops == [0]
     assert stats.rand_ops == []
     assert stats.inplace_ops == [(2, 1), (3, 1), (4, 1)]
-    assert stats.func_names == ["t", "addmm", "relu", "cos", "sin"]
+    # named as eager dispatch sees them: the in-place overloads the model calls
+    assert stats.func_names == ["t", "addmm", "relu_", "cos_", "sin_"]
 
 
 def test_sac_stats_fields_on_a_dropout_model():
@@ -107,3 +109,146 @@ def test_seed_001_sac_milp_cases(transformer_estimate):
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         estimate(Foo(), torch.rand(10, 5), mode="fast")
+
+
+# In-place ops on a module's output (or input, or a view of either): the op list of every module must
+# be the one PyTorch's eager SACEstimator builds for the same model, computed here live from it.
+
+
+class _ReluOnChildOutput(nn.Module):
+    """The parent mutates a child's output: ``y = self.fc(x); y.relu_()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        y.relu_()
+        return self.out(y)
+
+
+class _SinOnChildOutput(nn.Module):
+    """``torch.sin_(self.fc(x))``: autograd keeps the original value (a clone) for sin's backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin_(self.fc(x)) * 2
+
+
+class _AddsToInput(nn.Module):
+    """A module whose forward ends with an in-place op on its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.add_(self.fc(x + 1))
+
+
+class _MutatesInputOfChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.child = _AddsToInput()
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.child(self.pre(x) * 2))
+
+
+class _ReturnsView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x) * 2).t()
+
+
+class _MutatesChildView(nn.Module):
+    """A child returns a view; the parent mutates it in place and uses it again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = _ReturnsView()
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.child(x)
+        v.mul_(3)
+        return self.out(v.t())
+
+
+class _MutatesSliceOfChildOutput(nn.Module):
+    """In-place ops on slices of a child's output: ``y[:, :4].mul_(2)`` and ``y[:, 0] = 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        y[:, :4].mul_(2)
+        y[:, 0] = 0.0
+        return self.out(y)
+
+
+def _inplace_relu_sequential() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 8))
+
+
+_INPLACE_MODELS = {
+    "relu_on_child_output": (_ReluOnChildOutput, (4, 8)),
+    "sin_on_child_output": (_SinOnChildOutput, (4, 8)),
+    "sequential_inplace_relu": (_inplace_relu_sequential, (4, 8)),
+    "child_mutates_its_input": (_MutatesInputOfChild, (4, 8)),
+    "parent_mutates_child_view": (_MutatesChildView, (4, 8)),
+    "slices_of_child_output": (_MutatesSliceOfChildOutput, (4, 8)),
+    "inplace_mlp": (InplaceMLP, (4, 16)),
+    "seed_foo": (Foo, (10, 5)),
+}
+_COMPARED_FIELDS = ("func_names", "inplace_ops", "view_like_ops", "rand_ops")
+
+
+def _eager_sac_stats(make_model, shape) -> dict:
+    """PyTorch's eager SACEstimator on ``make_model()(randn(shape)).sum()`` under fake tensors."""
+    from torch.distributed._tools.sac_estimator import SACEstimator
+
+    def no_runtime(func, args, kwargs):
+        # The op lists do not depend on runtimes, and the eager cost model needs CUDA.
+        return func(*args, **(kwargs or {})), 0.0
+
+    with FakeTensorMode():
+        model = make_model()
+        x = torch.randn(*shape)
+        est = SACEstimator()
+        est._estimate_runtime = no_runtime
+        with est:
+            loss = model(x).sum()
+        loss.backward()
+    return est.sac_mod_stats
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", list(_INPLACE_MODELS))
+def test_op_lists_match_eager_sac_estimator(name):
+    make_model, shape = _INPLACE_MODELS[name]
+    eager = _eager_sac_stats(make_model, shape)
+    est = estimate(make_model(), torch.randn(*shape))
+    ours = est.sac_mod_stats
+    assert set(ours) == set(eager)
+    for fqn, expected in eager.items():
+        for field_name in _COMPARED_FIELDS:
+            assert getattr(ours[fqn], field_name) == getattr(expected, field_name), (fqn, field_name)
+    # Eager records what autograd saved so far when a module's forward ends, so only the root's list
+    # has everything; without a traceable backward ours has nothing saved.
+    root = est.analysis.orders.fw_pre_order[0]
+    if est.analysis.graph.has_backward:
+        assert ours[root].saved_autograd_ops == eager[root].saved_autograd_ops
