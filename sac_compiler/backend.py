@@ -9,6 +9,7 @@ code generation: the backend only substitutes the partition decision, through In
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -206,17 +207,15 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
     """CUDA memory the process holds beyond the graph's own inputs (other tensors, cuBLAS
     workspaces): it stays allocated through the step, so an absolute budget must leave room for it.
     0 off CUDA, or when the inputs are not real tensors on one CUDA device."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    devices = {x.device for x in tensors}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda" or any(is_fake(x) for x in tensors):
+    device = _cuda_device(example_inputs)
+    if device is None:
         return 0
     storages = {}
-    for x in tensors:
-        storage = x.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return max(0, torch.cuda.memory_allocated(next(iter(devices))) - sum(storages.values()))
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
 
 
 def _needs_backward(example_inputs: Sequence[Any]) -> bool:
@@ -237,12 +236,47 @@ def compile_graph(
     example_inputs: Sequence[Any],
     config: SACConfig,
     partitioner_cls: type[SACPartitioner] = SACPartitioner,
+    read_peak: Callable[[], int] | None = None,
 ) -> Callable[..., Any]:
-    """Compile one Dynamo graph with ``config`` (``partitioner_cls`` lets tests record partitions)."""
+    """Compile one Dynamo graph with ``config`` (``partitioner_cls`` lets tests record partitions).
+
+    On CUDA an absolute budget is enforced at run time (``enforce_budget``, see
+    ``sac_compiler.enforce``): the step's measured peak is read, and a step over the budget is
+    planned again lower. ``read_peak`` supplies the measurement (the allocator's high-water mark
+    by default) and enforces the budget on any device."""
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
-    partitioner = partitioner_cls(config, gm, outside_bytes(example_inputs) if config.memory_budget is not None else 0)
+    outside = outside_bytes(example_inputs) if config.memory_budget is not None else 0
+
+    def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int) -> tuple[Callable[..., Any], Any]:
+        partitioner = partitioner_cls(config, graph, outside + extra_bytes)
+        return _compile(graph, inputs, config, partitioner), partitioner
+
+    device = _cuda_device(example_inputs)
+    budget = config.memory_budget
+    if (budget is not None and budget.bytes is not None and getattr(config, "enforce_budget", True)
+            and (device is not None or read_peak is not None) and _needs_backward(example_inputs)):
+        from sac_compiler.enforce import BudgetEnforcer
+
+        return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
+                              read_peak or functools.partial(torch.cuda.max_memory_allocated, device))
+    return compile_once(gm, example_inputs, 0)[0]
+
+
+def _cuda_device(example_inputs: Sequence[Any]) -> torch.device | None:
+    """The one CUDA device the real (not fake) inputs live on, else None."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    devices = {x.device for x in tensors}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda" or any(is_fake(x) for x in tensors):
+        return None
+    return next(iter(devices))
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfig,
+             partitioner: SACPartitioner) -> Callable[..., Any]:
     if config.compiler == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx

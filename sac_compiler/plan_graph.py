@@ -75,6 +75,9 @@ class GraphPlanResult:
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
     fraction_range: tuple[int, int] | None = None
+    # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
+    # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
+    measured_peak: int | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""

@@ -1,0 +1,140 @@
+"""The budget enforced at run time: measure the step's real peak and plan again if it went over.
+
+The plan is made before anything runs, from a simulation of the graphs Inductor will run; what
+the caller does around the compiled region (a criterion that saves its own tensors, outputs kept
+alive, the optimizer's first step) is outside that simulation. On CUDA, for an absolute budget,
+:class:`BudgetEnforcer` runs the compiled graph and, on the second step of each compiled version
+(the first one includes compilation and lazy library workspaces), reads the caching allocator's
+high-water mark before the forward and once the backward has finished. It never resets the
+user's statistics: a step whose peak does not raise the high-water mark above where it stood
+before the forward peaked at most there.
+
+If the step went over the budget, the graph is planned again with the measured excess counted as
+memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times.
+If the budget is still exceeded after that, the next call raises :class:`BudgetExceededError`
+naming the measured peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from sac_compiler.config import format_bytes
+from sac_compiler.plan_graph import BudgetError
+
+log = logging.getLogger(__name__)
+
+MAX_REPLANS = 2
+# which run of each compiled version is measured (1 is the first)
+MEASURED_RUN = 2
+
+
+class BudgetExceededError(BudgetError):
+    """The measured peak of a step stayed over an absolute budget after planning again."""
+
+
+Compile = Callable[[fx.GraphModule, Sequence[Any], int], tuple[Callable[..., Any], Any]]
+
+
+class BudgetEnforcer:
+    """A compiled Dynamo graph that measures its step's peak and recompiles lower when over budget.
+
+    ``compile(gm, example_inputs, extra_bytes)`` compiles a fresh copy of the graph with
+    ``extra_bytes`` more counted as held outside it and returns the callable and its partitioner
+    (whose ``last_result`` is the plan). ``read_peak`` returns the allocator's high-water mark.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
+                 read_peak: Callable[[], int]) -> None:
+        self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        self._compile = compile
+        self.budget_bytes = budget_bytes
+        self.read_peak = read_peak
+        self.extra_bytes = 0
+        self.replans = 0
+        self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
+        self._pending_excess: int | None = None
+        self._error: BudgetExceededError | None = None
+        self._runs = 0
+        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
+
+    def _fresh(self) -> fx.GraphModule:
+        return fx.GraphModule(self._pristine, copy.deepcopy(self._pristine.graph))
+
+    @property
+    def result(self) -> Any:
+        """The plan of the compiled version now running."""
+        return getattr(self.partitioner, "last_result", None)
+
+    def __call__(self, *args: Any) -> Any:
+        """Dynamo calls a backend's callable with the graph's inputs as positional arguments."""
+        if self._error is not None:
+            raise self._error
+        if self._pending_excess is not None:
+            self.extra_bytes += self._pending_excess
+            self._pending_excess = None
+            try:
+                self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes)
+            except BudgetError as error:
+                peak = self.measured[-1]
+                raise BudgetExceededError(
+                    f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak or 0)} "
+                    f"({peak} bytes), and no plan leaves room for the {format_bytes(self.extra_bytes)} the caller and "
+                    f"the allocator add around the graph: {error}") from error
+            self._runs = 0
+        self._runs += 1
+        if self._runs != MEASURED_RUN:
+            return self.compiled(*args)
+        before = self.read_peak()
+        out = self.compiled(*args)
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if tensors:
+            def backward_started(_grads: Any) -> None:
+                # runs once this backward pass has finished, whatever else it computes
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._step_done(before))
+
+            torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
+        return out
+
+    def _step_done(self, before: int) -> None:
+        after = self.read_peak()
+        peak = after if after > before else None
+        self.measured.append(peak)
+        result = self.result
+        predicted = getattr(result, "partitioned", None)
+        predicted_bytes = getattr(predicted, "peak_bytes", None)
+        if result is not None:
+            result.measured_peak = peak
+        if peak is None:
+            log.info("sac: the step did not raise the allocator's high-water mark (%s): its peak is at most that",
+                     format_bytes(before))
+            if before <= self.budget_bytes:
+                return
+            log.warning("sac: the allocator's high-water mark %s was over the budget %s before this step; "
+                        "its own peak cannot be read without resetting the statistics",
+                        format_bytes(before), format_bytes(self.budget_bytes))
+            return
+        log.info("sac: measured step peak %s, predicted %s, budget %s", format_bytes(peak),
+                 format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
+        if peak <= self.budget_bytes:
+            return
+        excess = peak - self.budget_bytes
+        if self.replans >= MAX_REPLANS:
+            self._error = BudgetExceededError(
+                f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak)} "
+                f"({peak} bytes) after planning again {self.replans} times for what the caller and the "
+                "allocator add around the graph; raise memory_budget, or set enforce_budget=False to run anyway")
+            return
+        self.replans += 1
+        self._pending_excess = excess
+        log.warning("sac: the step measured %s, %s over the budget %s (predicted %s); planning again lower by the "
+                    "excess at the next call (%d of %d)", format_bytes(peak), format_bytes(excess),
+                    format_bytes(self.budget_bytes),
+                    format_bytes(predicted_bytes) if predicted_bytes is not None else "?", self.replans, MAX_REPLANS)

@@ -1,0 +1,105 @@
+"""The budget enforced at run time (sac_compiler.enforce), on CPU with a supplied peak reading."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from sac_compiler.backend import SACPartitioner, compile_graph
+from sac_compiler.config import SACConfig
+from sac_compiler.enforce import MAX_REPLANS, BudgetEnforcer, BudgetExceededError
+from sac_compiler.planner import budget_range
+from tests.models import Nested
+
+MIB = 2**20
+
+
+class _Peaks:
+    """A high-water mark reading: 0 before each measured forward, then what the test says the step reached."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+        self.reads = 0
+
+    def __call__(self):
+        self.reads += 1
+        return 0 if self.reads % 2 else self.steps.pop(0)
+
+
+def _setup(peaks):
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    room = budget - span.smallest_budget  # what a replan can give up
+    partitioners = []
+
+    class Recording(SACPartitioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            partitioners.append(self)
+
+    enforcers = []
+
+    def backend(gm, inputs):
+        compiled = compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                 partitioner_cls=Recording, read_peak=_Peaks([p(budget, room) for p in peaks]))
+        enforcers.append(compiled)
+        return compiled
+
+    return model, x, budget, room, backend, partitioners, enforcers
+
+
+def _steps(model, x, backend, n):
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(n):
+        for m, f in ((reference, reference), (model, compiled)):
+            m.zero_grad(set_to_none=True)
+            f(x).sum().backward()
+        for p, q in zip(reference.parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+
+
+def test_a_step_over_the_budget_is_planned_again_lower_by_the_excess():
+    """The second step measures over the budget: the next call recompiles with the excess counted
+    outside the graph, and the new plan leaves it free; the one after measures under the budget."""
+    model, x, budget, room, backend, partitioners, enforcers = _setup([lambda b, r: b + r // 3, lambda b, r: b - 1])
+    _steps(model, x, backend, 4)
+    (enforcer,) = enforcers
+    excess = room // 3
+    assert isinstance(enforcer, BudgetEnforcer)
+    assert enforcer.replans == 1 and enforcer.extra_bytes == excess
+    assert enforcer.measured == [budget + excess, budget - 1]
+    first, second = partitioners
+    assert second.outside_bytes == first.outside_bytes + excess
+    assert second.last_result.predicted_peak <= budget
+    # the graph's own share of the budget shrank by the excess
+    assert second.last_result.predicted_peak - second.last_result.outside_bytes <= budget - excess
+    assert second.last_result.measured_peak == budget - 1
+
+
+def test_a_step_that_stays_over_the_budget_raises_naming_the_measured_peak():
+    over = [lambda b, r: b + r // 8] * (MAX_REPLANS + 1)
+    model, x, budget, room, backend, _, enforcers = _setup(over)
+    with pytest.raises(Exception, match=rf"the step measured .* \({budget + room // 8} bytes\) after planning again "
+                                        rf"{MAX_REPLANS} times"):
+        _steps(model, x, backend, 2 * (MAX_REPLANS + 1) + 1)
+    assert enforcers[0].replans == MAX_REPLANS
+
+
+def test_no_plan_for_the_measured_excess_is_an_error_naming_the_peak():
+    model, x, budget, room, backend, _, _ = _setup([lambda b, r: b + 2 * r])
+    with pytest.raises(Exception, match=rf"the step measured .* \({budget + 2 * room} bytes\), and no plan leaves room"):
+        _steps(model, x, backend, 3)
+
+
+def test_enforcement_off_and_fractions_are_not_wrapped():
+    for options in ({"memory_budget": 10 * MIB, "enforce_budget": False}, {"memory_budget": 0.5}):
+        config = SACConfig.from_options({**options, "compiler": "eager"})
+        backend = functools.partial(compile_graph, config=config, read_peak=lambda: 0)
+        seen = []
+        torch.compile(Nested(dim=32, n_layers=1), backend=lambda gm, inputs: seen.append(backend(gm, inputs)) or seen[-1])(
+            torch.randn(64, 32)).sum().backward()
+        assert not isinstance(seen[0], BudgetEnforcer), options
