@@ -1,11 +1,23 @@
-"""One frozen, validated configuration for ``backend="sac"``; ``options=`` maps onto it."""
+"""One frozen, validated configuration for ``backend="sac"``; ``options=`` maps onto it.
+
+Every option is checked when the configuration is made, before any graph is captured or planned:
+a wrong value fails with a ValueError that names the option, repeats the value and says what the
+option accepts, so a typo costs no compile time and needs no reading of the code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from sac_compiler.device_specs import DEVICE_ALIASES, known_device_names
 
 COMPILERS = ("inductor", "eager")
 ESTIMATE_MODES = ("cost-model", "benchmark")
@@ -16,27 +28,72 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+_BYTES_FORM = "an int of bytes or a string like '6GiB'"
+_BUDGET_FORM = (
+    "a fraction of the activation memory as a float in [0, 1] (0.0: the lowest-peak plan, 1.0: the fastest) "
+    "or an absolute size as a positive int of bytes or a string like '6GiB'"
+)
+_REPORT_FORM = "True/False or a file path (str or os.PathLike) to write the plan to"
+# torch device types: a user who writes device="cuda" means the hardware, not a spec name
+_TORCH_DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hip")
+_MAX_REPR = 80
 
 
-def parse_bytes(value: str | int) -> int:
-    """``"6GiB"`` -> 6442450944, ``"6000MB"`` -> 6000000000, ``1024`` -> 1024."""
-    if isinstance(value, bool):
-        raise ValueError(f"a byte size must be an int or a string like '6GiB', got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"a byte size must be positive, got {value}")
-        return value
-    match = _SIZE.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"cannot read {value!r} as a byte size; write an int of bytes or a number with one of the "
-            f"units {sorted(u for u in _UNITS if u)} (e.g. '6GiB', '6000MB')"
-        )
-    nbytes = int(float(match.group(1)) * _UNITS[unit])
-    if nbytes <= 0:
-        raise ValueError(f"a byte size must be positive, got {value!r}")
+def _describe(value: Any) -> str:
+    """``str '6GiB'``, ``bool True``, ``None``: the type and the repr, cut short if long, for messages."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    if len(text) > _MAX_REPR:
+        text = text[: _MAX_REPR - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_number(value: Any) -> bool:
+    """A real number and not a bool (``True > 0`` holds, but ``time_limit_s=True`` is a mistake)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_bytes(value: str | int, option: str | None = None, allow_zero: bool = False) -> int:
+    """``"6GiB"`` -> 6442450944, ``"6000MB"`` -> 6000000000, ``1024`` -> 1024.
+
+    ``option`` names the option in error messages; ``allow_zero`` accepts 0 (for a size that may be
+    nothing, such as the state of an optimizer without any).
+    """
+    name = option or "a byte size"
+    prefix = f"{option}: " if option else ""
+    least = "a size >= 0" if allow_zero else "a positive size" if option else "positive"
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(f"{name} must be {_BYTES_FORM}, got {_describe(value)}")
+    if isinstance(value, numbers.Integral):
+        nbytes = int(value)
+    elif isinstance(value, numbers.Real):
+        # a float such as 6e9 is a whole number of bytes; 2.5 or nan is not
+        number = float(value)
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ValueError(f"{name} must be {_BYTES_FORM} (a whole number of bytes), got {_describe(value)}")
+        nbytes = int(number)
+    else:
+        match = _SIZE.match(value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(
+                f"{prefix}cannot read {value!r} as a byte size; write an int of bytes or a number with one of the "
+                f"units {sorted(u for u in _UNITS if u)} (e.g. '6GiB', '6000MB')"
+            )
+        number = float(match.group(1))
+        scaled = number * _UNITS[unit]
+        if not math.isfinite(scaled):
+            raise ValueError(f"{prefix}{value!r} is too large for a byte size")
+        if _UNITS[unit] == 1 and not number.is_integer():
+            raise ValueError(f"{name} must be a whole number of bytes, got {value!r}; "
+                             f"write {_BYTES_FORM}")
+        nbytes = int(scaled)
+    if nbytes < 0 or (nbytes == 0 and not allow_zero):
+        form = f" ({_BYTES_FORM})" if option else ""
+        raise ValueError(f"{name} must be {least}{form}, got {_describe(value)}")
     return nbytes
 
 
@@ -57,14 +114,40 @@ class MemoryBudget:
 
     @staticmethod
     def parse(value: Any) -> MemoryBudget:
-        if isinstance(value, float) and not isinstance(value, bool):
-            if not 0.0 < value <= 1.0:
+        """A fraction from a float in [0, 1]; absolute bytes from an int or a string such as ``'6GiB'``.
+
+        Values that look like a fraction but would read as bytes are refused rather than planned
+        for: the ints 0 and 1 (0 or 1 byte) and unit-less strings such as ``'0.5'``.
+        """
+        if isinstance(value, MemoryBudget):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+            raise ValueError(f"memory_budget must be {_BUDGET_FORM}, got {_describe(value)}")
+        if isinstance(value, numbers.Integral):
+            if value in (0, 1):
+                plan = "the lowest-peak plan" if value == 0 else "the fastest plan"
                 raise ValueError(
-                    f"memory_budget as a float is a fraction of the activation memory and must be in "
-                    f"(0, 1], got {value}; give absolute sizes as an int of bytes or a string like '6GiB'"
+                    f"memory_budget={value!r} is an int, which means {value} byte{'' if value == 1 else 's'}; "
+                    f"write the float {value}.0 "
+                    f"for the fraction of the activation memory ({plan}), or give a size in bytes as a larger "
+                    "int or a string like '6GiB'"
                 )
-            return MemoryBudget(fraction=value)
-        return MemoryBudget(bytes=parse_bytes(value))
+            return MemoryBudget(bytes=parse_bytes(value, option="memory_budget"))
+        if isinstance(value, numbers.Real):
+            fraction = float(value)
+            if not 0.0 <= fraction <= 1.0:  # nan fails this too
+                raise ValueError(f"memory_budget must be {_BUDGET_FORM}, got {_describe(value)}")
+            return MemoryBudget(fraction=fraction)
+        match = _SIZE.match(value)
+        if match is not None and not match.group(2):
+            number = float(match.group(1))
+            if number <= 1 or not number.is_integer():
+                fraction = f"a float ({number!r})" if 0 <= number <= 1 else "a float in [0, 1]"
+                raise ValueError(
+                    f"memory_budget={value!r} is a string without a unit: a fraction must be {fraction}, not a "
+                    "string, and a size needs a unit ('6GiB') or must be an int of bytes"
+                )
+        return MemoryBudget(bytes=parse_bytes(value, option="memory_budget"))
 
     def __str__(self) -> str:
         if self.fraction is not None:
@@ -74,6 +157,12 @@ class MemoryBudget:
 
 @dataclass(frozen=True)
 class SACConfig:
+    """The options of ``backend="sac"``, checked (and brought to one form) when made.
+
+    ``memory_budget`` and ``optimizer_state_bytes`` given as strings or numbers are parsed here
+    (to a :class:`MemoryBudget` and to bytes); ``report`` as an ``os.PathLike`` becomes a str.
+    """
+
     memory_budget: MemoryBudget | None = None
     device: str = "auto"
     estimate_mode: str = "cost-model"
@@ -87,47 +176,139 @@ class SACConfig:
     report: bool | str = False
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            self._set("memory_budget", MemoryBudget.parse(self.memory_budget))
+        _check_device(self.device)
         _choice("estimate_mode", self.estimate_mode, ESTIMATE_MODES)
         _choice("solver", self.solver, SOLVERS)
+        if self.time_limit_s is not None:
+            if not (_is_number(self.time_limit_s) and math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+                raise ValueError(
+                    f"time_limit_s must be a number of seconds > 0 or None (no limit), got {_describe(self.time_limit_s)}"
+                )
+            self._set("time_limit_s", _plain_number(self.time_limit_s))
+        if self.mip_gap is not None:
+            if not (_is_number(self.mip_gap) and 0 <= self.mip_gap < 1):  # nan fails this too
+                raise ValueError(
+                    f"mip_gap must be in [0, 1) (a relative optimality gap such as 0.01) or None, "
+                    f"got {_describe(self.mip_gap)}"
+                )
+            self._set("mip_gap", _plain_number(self.mip_gap))
         _choice("compiler", self.compiler, COMPILERS)
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"device must be 'auto' or a device spec name, got {self.device!r}")
-        if self.time_limit_s is not None and not self.time_limit_s > 0:
-            raise ValueError(f"time_limit_s must be a positive number of seconds or None, got {self.time_limit_s!r}")
-        if self.mip_gap is not None and not 0 <= self.mip_gap < 1:
-            raise ValueError(f"mip_gap must be in [0, 1), got {self.mip_gap!r}")
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, numbers.Integral) or self.world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {_describe(self.world_size)}")
         if self.world_size != 1:
             raise ValueError(
                 f"world_size={self.world_size}: backend='sac' does not yet plan sharded parameters and "
                 "gradients; leave world_size at 1 (sac_milp plans FSDP sharding at module level)"
             )
-        if self.optimizer_state_bytes is not None and self.optimizer is not None:
-            raise ValueError("give either optimizer_state_bytes or optimizer, not both")
+        self._set("world_size", int(self.world_size))
+        if self.optimizer_state_bytes is not None:
+            self._set("optimizer_state_bytes",
+                      parse_bytes(self.optimizer_state_bytes, option="optimizer_state_bytes", allow_zero=True))
         if self.optimizer is not None:
-            import torch
+            _check_optimizer(self.optimizer)
+        if self.optimizer_state_bytes is not None and self.optimizer is not None:
+            raise ValueError(
+                f"give either optimizer_state_bytes or optimizer, not both; got optimizer_state_bytes="
+                f"{self.optimizer_state_bytes} and optimizer={type(self.optimizer).__name__}"
+            )
+        self._set("report", _checked_report(self.report))
 
-            if not isinstance(self.optimizer, torch.optim.Optimizer):
-                raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
-        if not isinstance(self.report, (bool, str)):
-            raise ValueError(f"report must be True/False or a file path to write the plan to, got {self.report!r}")
+    def _set(self, name: str, value: Any) -> None:
+        """Store the parsed form of an option (the dataclass is frozen)."""
+        if getattr(self, name) is not value:
+            object.__setattr__(self, name, value)
 
     @staticmethod
-    def from_options(options: dict[str, Any] | None) -> SACConfig:
+    def from_options(options: Mapping[str, Any] | None) -> SACConfig:
         """Validate ``torch.compile(..., options={...})`` for ``backend="sac"``."""
-        options = dict(options or {})
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                "options must be a dict of backend='sac' options such as {'memory_budget': '6GiB'}, "
+                f"got {_describe(options)}"
+            )
+        options = dict(options)
         known = {f.name for f in dataclasses.fields(SACConfig)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted((key for key in options if key not in known), key=str)
         if unknown:
             raise ValueError(f"unknown backend='sac' option(s) {unknown}; the options are {sorted(known)}")
-        if options.get("memory_budget") is not None:
-            options["memory_budget"] = MemoryBudget.parse(options["memory_budget"])
-        if options.get("optimizer_state_bytes") is not None:
-            options["optimizer_state_bytes"] = parse_bytes(options["optimizer_state_bytes"])
         return SACConfig(**options)
 
 
+def _plain_number(value: numbers.Real) -> int | float:
+    """An int or float as given; other reals (numpy scalars, Fraction) as a float, which the solvers take."""
+    return value if isinstance(value, (int, float)) else float(value)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    """``value`` must be one of the ``allowed`` strings, exactly."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {_describe(value)}")
+
+
+def _check_device(value: Any) -> None:
+    """``device`` must name what the cost model can look up: 'auto' or a spec name or alias, in any case."""
+    names = known_device_names()
+    accepted = {"auto", *(name.lower() for name in names), *DEVICE_ALIASES}
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key in accepted:
+        return
+    hint = ""
+    if key is not None and key.split(":")[0] in _TORCH_DEVICE_TYPES:
+        hint = ("; device names the GPU model whose specs the cost model uses, not a torch device: "
+                "'auto' detects the visible GPU")
+    raise ValueError(
+        f"device must be 'auto' or a device spec name ({', '.join(names)}; aliases "
+        f"{', '.join(sorted(DEVICE_ALIASES))}; any case), got {_describe(value)}{hint}"
+    )
+
+
+def _check_optimizer(value: Any) -> None:
+    """``optimizer`` must be an optimizer instance: the plan counts the state it holds."""
+    import torch
+
+    if isinstance(value, torch.optim.Optimizer):
+        return
+    hint = ""
+    if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
+        hint = f"; pass an instance, such as {value.__name__}(model.parameters()), not the class"
+    raise ValueError(
+        f"optimizer must be None or a torch.optim.Optimizer instance (the plan counts its state), "
+        f"got {_describe(value)}{hint}"
+    )
+
+
+def _checked_report(value: Any) -> bool | str:
+    """``report`` as True/False or as a str path the plan can be written to.
+
+    The path is checked now, so that a missing or read-only directory fails the configuration
+    rather than the compile after all of its planning.
+    """
+    if isinstance(value, bool):
+        return value
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str):
+        raise ValueError(f"report must be {_REPORT_FORM}, got {_describe(value)}")
+    if not path:
+        raise ValueError("report='' is an empty path; use report=False for no report, or give a file path to "
+                         "write the plan to")
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"report={path!r} is a directory; give a file path to write the plan to, such as "
+                         f"{str(target / 'sac_plan.txt')!r}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"report={path!r} is not writable; give a path the plan can be written to")
+    parent = target.parent
+    if not parent.exists():
+        tilde = " ('~' is not expanded: write the directory out)" if path.startswith("~") else ""
+        raise ValueError(f"report={path!r}: the directory {str(parent)!r} does not exist{tilde}; create it or "
+                         "give a path in an existing directory")
+    if not parent.is_dir():
+        raise ValueError(f"report={path!r}: {str(parent)!r} is not a directory; give a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"report={path!r}: the directory {str(parent)!r} is not writable; give a path in a "
+                         "writable directory")
+    return path
