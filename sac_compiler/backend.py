@@ -255,7 +255,7 @@ def compile_graph(
 
     device = _cuda_device(example_inputs)
     budget = config.memory_budget
-    if (budget is not None and budget.bytes is not None and getattr(config, "enforce_budget", True)
+    if (budget is not None and budget.bytes is not None and config.enforce_budget
             and (device is not None or read_peak is not None) and _needs_backward(example_inputs)):
         from sac_compiler.enforce import BudgetEnforcer
 

@@ -174,6 +174,9 @@ class SACConfig:
     optimizer_state_bytes: int | None = None
     optimizer: Any = None
     report: bool | str = False
+    # on CUDA, an absolute budget is measured at run time and planned again if a step goes over it
+    # (sac_compiler.enforce); False runs the first plan whatever it measures
+    enforce_budget: bool = True
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None:
@@ -214,6 +217,8 @@ class SACConfig:
                 f"{self.optimizer_state_bytes} and optimizer={type(self.optimizer).__name__}"
             )
         self._set("report", _checked_report(self.report))
+        if not isinstance(self.enforce_budget, bool):
+            raise ValueError(f"enforce_budget must be True or False, got {_describe(self.enforce_budget)}")
 
     def _set(self, name: str, value: Any) -> None:
         """Store the parsed form of an option (the dataclass is frozen)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,18 +97,27 @@ class BudgetEnforcer:
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if tensors:
+            outputs = [weakref.ref(t) for t in tensors]
+
             def backward_started(_grads: Any) -> None:
+                # the outputs the caller still holds as its backward starts stay alive through it
+                held = [t for t in (ref() for ref in outputs) if t is not None]
+                held_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in held}.values())
                 # runs once this backward pass has finished, whatever else it computes
-                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._step_done(before))
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._step_done(before, held_bytes))
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
 
-    def _step_done(self, before: int) -> None:
+    def _step_done(self, before: int, held_bytes: int = 0) -> None:
+        result = self.result
+        if result is not None:
+            result.caller_held_bytes = held_bytes
+        if held_bytes:
+            log.info("sac: the caller held %s of the graph's outputs through backward", format_bytes(held_bytes))
         after = self.read_peak()
         peak = after if after > before else None
         self.measured.append(peak)
-        result = self.result
         predicted = getattr(result, "partitioned", None)
         predicted_bytes = getattr(predicted, "peak_bytes", None)
         if result is not None:

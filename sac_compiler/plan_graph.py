@@ -74,10 +74,14 @@ class GraphPlanResult:
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
+    # (at 1.0 the lowest peak is not searched: both are the fastest plan's)
     fraction_range: tuple[int, int] | None = None
     # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
+    # of that step: bytes of the graph's outputs the caller still held when backward began (the
+    # simulation assumes the caller drops them, as in model(x).sum().backward())
+    caller_held_bytes: int | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""

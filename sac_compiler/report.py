@@ -57,6 +57,8 @@ def format_plan(result: Any) -> str:
                      f"{format_bytes(result.partitioned.peak_bytes)} in {result.partitioned.peak_graph}{over}"))
     if getattr(result, "measured_peak", None) is not None:
         rows.append(("measured peak of a step", format_bytes(result.measured_peak)))
+    if getattr(result, "caller_held_bytes", None):
+        rows.append(("outputs the caller held through backward", format_bytes(result.caller_held_bytes)))
     if result.saved_by_partition:
         rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
         rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))

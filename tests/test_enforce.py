@@ -103,3 +103,14 @@ def test_enforcement_off_and_fractions_are_not_wrapped():
         torch.compile(Nested(dim=32, n_layers=1), backend=lambda gm, inputs: seen.append(backend(gm, inputs)) or seen[-1])(
             torch.randn(64, 32)).sum().backward()
         assert not isinstance(seen[0], BudgetEnforcer), options
+
+
+def test_outputs_the_caller_holds_through_backward_are_reported():
+    """The simulation assumes the caller drops the outputs before backward; the measured step says
+    how much the caller held (here the whole output, kept in a variable)."""
+    model, x, budget, room, backend, partitioners, _ = _setup([lambda b, r: b - 1])
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        out = compiled(x)
+        out.sum().backward()
+    assert partitioners[0].last_result.caller_held_bytes == out.untyped_storage().nbytes()

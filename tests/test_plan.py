@@ -505,7 +505,7 @@ def test_every_fraction_plans_between_the_lowest_and_the_fastest_peak():
             torch.testing.assert_close(g, r, rtol=0, atol=0)
         (result, _fw, _bw), = records
         low, high = result.fraction_range
-        assert low < high
+        assert low < high or fraction == 1.0  # 1.0 is the fastest plan: the lowest peak is not searched
         assert result.budget_bytes == low + int(fraction * (high - low))
         assert result.predicted_peak <= result.budget_bytes
         assert result.partitioned.peak_bytes <= result.budget_bytes
