@@ -161,7 +161,7 @@ def test_planned_step_fits_the_budget_on_cuda(fraction):
     static = torch.cuda.memory_allocated()
     budget = int(static + fraction * plain_extra)
     torch._dynamo.reset()
-    backend, records = recording_backend(memory_budget=budget)
+    backend, records = recording_backend(memory_budget=budget, enforce_budget=False)  # the first plan's peak
     try:
         measured_extra = _measured_extra(model, torch.compile(loss, backend=backend), tokens)
     except Exception as error:  # Dynamo wraps the backend's error
@@ -243,3 +243,59 @@ def test_efficient_attention_backward_workspace_as_measured(dtype):
     print(f"\n{dtype} {torch.cuda.get_device_name()} torch {torch.__version__}: "
           f"measured {above_outputs} bytes above the gradients, predicted {predicted}")
     assert predicted == pytest.approx(above_outputs, rel=0.02)
+
+
+def test_an_enforced_budget_holds_with_a_criterion_outside():
+    """The user's loop: the model compiled alone, its fp32 logits kept in a variable and a
+    cross-entropy outside (which saves its own log-softmax for backward): the simulation does not
+    see what the caller adds, the measured step is planned again, and the step then holds its budget."""
+    from sac_compiler.enforce import BudgetEnforcer
+
+    torch.manual_seed(0)
+    vocab, dim, batch, seq = 32768, 1024, 4, 1024
+    model = nn.Sequential(nn.Embedding(vocab, dim), *[nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(),
+                                                                    nn.Linear(4 * dim, dim)) for _ in range(4)],
+                          nn.Linear(dim, vocab)).cuda()
+    tokens = torch.randint(0, vocab, (batch, seq), device="cuda")
+    targets = torch.randint(0, vocab, (batch * seq,), device="cuda")
+
+    def step(compiled):
+        logits = compiled(tokens)
+        loss = nn.functional.cross_entropy(logits.view(-1, vocab), targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    torch._dynamo.reset()
+    plain = torch.compile(model)
+    for _ in range(2):
+        step(plain)
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(plain)
+    plain_extra = torch.cuda.max_memory_allocated() - static
+    budget = int(static + 0.6 * plain_extra)
+    torch._dynamo.reset()
+    enforcers = []
+
+    def backend(gm, inputs):
+        from sac_compiler.backend import compile_graph
+        from sac_compiler.config import SACConfig
+
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget})))
+        return enforcers[-1]
+
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(6):
+        step(compiled)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(compiled)
+    measured = torch.cuda.max_memory_allocated()
+    (enforcer,) = enforcers
+    assert isinstance(enforcer, BudgetEnforcer)
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: budget {budget / 2**30:.3f} GiB, "
+          f"first plan measured {(enforcer.measured[0] or 0) / 2**30:.3f}, replans {enforcer.replans}, "
+          f"held by the caller {(enforcer.result.caller_held_bytes or 0) / 2**30:.3f}, "
+          f"after enforcement {measured / 2**30:.3f} GiB")
+    assert measured <= budget
