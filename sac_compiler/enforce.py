@@ -5,7 +5,7 @@ the caller does around the compiled region (a criterion that saves its own tenso
 alive, the optimizer's first step) is outside that simulation. On CUDA, for an absolute budget,
 :class:`BudgetEnforcer` runs the compiled graph and, on the second step of each compiled version
 (the first one includes compilation and lazy library workspaces), reads the caching allocator's
-high-water mark before the forward and once the backward has finished. It never resets the
+high-water mark before the step's first forward and once its backward has finished. It never resets the
 user's statistics: a step whose peak does not raise the high-water mark above where it stood
 before the forward peaked at most there.
 
@@ -33,8 +33,8 @@ from sac_compiler.plan_graph import BudgetError
 log = logging.getLogger(__name__)
 
 MAX_REPLANS = 2
-# which run of each compiled version is measured (1 is the first)
-MEASURED_RUN = 2
+# which step of each compiled version is measured (1 is the first)
+MEASURED_STEP = 2
 
 
 class BudgetExceededError(BudgetError):
@@ -50,6 +50,10 @@ class BudgetEnforcer:
     ``compile(gm, example_inputs, extra_bytes)`` compiles a fresh copy of the graph with
     ``extra_bytes`` more counted as held outside it and returns the callable and its partitioner
     (whose ``last_result`` is the plan). ``read_peak`` returns the allocator's high-water mark.
+
+    A step is one backward pass through the graph's outputs. The graph may run several times in
+    it (one compiled block serving every block of a model compiled block by block): the excess is
+    then shared among its runs, each of which holds its own saved values.
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
@@ -63,7 +67,11 @@ class BudgetEnforcer:
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self._pending_excess: int | None = None
         self._error: BudgetExceededError | None = None
-        self._runs = 0
+        self._steps = 0  # steps of the compiled version now running
+        self._calls = 0  # forward calls in the step under way
+        self._before = 0  # the high-water mark as the step under way began
+        self._held: list[int] = []  # bytes of outputs the caller held as each backward began
+        self._step_queued = False
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
 
     def _fresh(self) -> fx.GraphModule:
@@ -78,38 +86,53 @@ class BudgetEnforcer:
         """Dynamo calls a backend's callable with the graph's inputs as positional arguments."""
         if self._error is not None:
             raise self._error
-        if self._pending_excess is not None:
-            self.extra_bytes += self._pending_excess
-            self._pending_excess = None
-            try:
-                self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes)
-            except BudgetError as error:
-                peak = self.measured[-1]
-                raise BudgetExceededError(
-                    f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak or 0)} "
-                    f"({peak} bytes), and no plan leaves room for the {format_bytes(self.extra_bytes)} the caller and "
-                    f"the allocator add around the graph: {error}") from error
-            self._runs = 0
-        self._runs += 1
-        if self._runs != MEASURED_RUN:
-            return self.compiled(*args)
-        before = self.read_peak()
+        if self._calls == 0:  # the first forward call of a step
+            if self._pending_excess is not None:
+                self._recompile(args)
+            if self._steps == MEASURED_STEP - 1:
+                self._before = self.read_peak()
+        self._calls += 1
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if tensors:
+        if not tensors or self._steps >= MEASURED_STEP:
+            self._calls = 0  # no backward to wait for, or nothing left to measure
+        else:
             outputs = [weakref.ref(t) for t in tensors]
 
             def backward_started(_grads: Any) -> None:
                 # the outputs the caller still holds as its backward starts stay alive through it
-                held = [t for t in (ref() for ref in outputs) if t is not None]
-                held_bytes = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in held}.values())
-                # runs once this backward pass has finished, whatever else it computes
-                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._step_done(before, held_bytes))
+                held = {id(t): t for t in (ref() for ref in outputs) if t is not None}
+                self._held.append(sum(t.untyped_storage().nbytes() for t in held.values()))
+                if not self._step_queued:  # once per backward pass, however many runs it goes through
+                    self._step_queued = True
+                    torch.autograd.Variable._execution_engine.queue_callback(self._step_done)
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
 
-    def _step_done(self, before: int, held_bytes: int = 0) -> None:
+    def _recompile(self, args: Sequence[Any]) -> None:
+        self.extra_bytes += self._pending_excess or 0
+        self._pending_excess = None
+        try:
+            self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes)
+        except BudgetError as error:
+            peak = self.measured[-1]
+            raise BudgetExceededError(
+                f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak or 0)} "
+                f"({peak} bytes), and no plan leaves room for the {format_bytes(self.extra_bytes)} the caller and "
+                f"the allocator add around the graph: {error}") from error
+        self._steps = 0
+
+    def _step_done(self) -> None:
+        """The backward pass has finished: one step of this compiled version is done."""
+        self._step_queued = False
+        calls, self._calls = self._calls, 0
+        held, self._held = self._held, []
+        self._steps += 1
+        if self._steps != MEASURED_STEP:
+            return
+        before = self._before
+        held_bytes = held[0] if calls == 1 and held else 0
         result = self.result
         if result is not None:
             result.caller_held_bytes = held_bytes
@@ -135,7 +158,8 @@ class BudgetEnforcer:
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
             return
-        excess = peak - self.budget_bytes
+        # each run of the graph in the step holds its own saved values: share the excess among them
+        excess = -(-(peak - self.budget_bytes) // max(calls, 1))
         if self.replans >= MAX_REPLANS:
             self._error = BudgetExceededError(
                 f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak)} "
