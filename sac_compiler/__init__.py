@@ -25,3 +25,9 @@ __all__ = [
     "parse_bytes",
     "plan",
 ]
+
+# SAC_LOG=info|debug (or warning, error) logs this package's messages to stderr at that level
+# (README, "Command line"); unset, logging is left to the application.
+from sac_compiler.cli import logging_from_env as _logging_from_env  # noqa: E402
+
+_logging_from_env()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import operator
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,71 @@ def write_report(result: Any, report: bool | str) -> None:
     elif isinstance(report, str):
         Path(report).write_text(text)
         log.info("sac report written to %s", report)
+
+
+@dataclass(frozen=True)
+class ModulePlanRow:
+    """What one module keeps and recomputes of the forward values its backward needs, under a plan.
+
+    ``kept_*`` counts the values kept from forward into backward (read by the backward, or by a
+    recomputed value); ``recomputed_*`` the values the plan recomputes, and ``recomputed_ops`` their
+    ops by ATen name. Bytes are the allocations' sizes, as the memory simulation counts them.
+    """
+
+    module: str
+    kept_values: int
+    kept_bytes: int
+    recomputed_values: int
+    recomputed_bytes: int
+    recomputed_ops: dict[str, int]
+
+
+def module_plan_rows(result: Any) -> list[ModulePlanRow]:
+    """Per module (forward order, ``Global`` for values outside any module), the plan's kept and
+    recomputed values: the planner's candidates (``build_plan_problem``) split by the plan.
+
+    Read it before the graph is planned again: a later plan re-annotates the same nodes.
+    """
+    if result.plan is None:
+        return []
+    from passes.record import get_record
+    from sac_compiler.plan_graph import build_plan_problem
+
+    problem, _, _ = build_plan_problem(result.analysis, fused_pointwise=result.fused_pointwise)
+    recompute = set(result.plan.recompute)
+    kept_for_recompute = set(result.plan.kept_for_recompute)
+    by_name = {n.name: n for n in result.analysis.graph.gm.graph.nodes}
+    counts: dict[str, list[Any]] = {}
+    for cand in problem.candidates:
+        recomputed = cand.name in recompute
+        kept = not recomputed and (cand.first_use is not None or cand.name in kept_for_recompute)
+        if not (recomputed or kept):
+            continue
+        rec = get_record(by_name[cand.name])
+        entry = counts.setdefault(rec.module_fqn or "Global", [0, 0, 0, 0, {}])
+        if recomputed:
+            entry[2] += 1
+            entry[3] += cand.nbytes
+            node = by_name[cand.name]
+            source = node.args[0] if node.target is operator.getitem else node  # a multi-output op's value
+            op = (get_record(source).op_name or source.name).removeprefix("aten.")
+            entry[4][op] = entry[4].get(op, 0) + 1
+        else:
+            entry[0] += 1
+            entry[1] += cand.nbytes
+    order = {fqn: i for i, fqn in enumerate(result.analysis.orders.fw_pre_order)}
+    return [ModulePlanRow(module, kv, kb, rv, rb, dict(sorted(ops.items())))
+            for module, (kv, kb, rv, rb, ops) in sorted(counts.items(), key=lambda kv: (order.get(kv[0], -1), kv[0]))]
+
+
+def format_module_plan(result: Any) -> str:
+    """``module_plan_rows`` as a table: values and MiB kept and recomputed per module, and the ops
+    recomputed (``mm x2``: two values of ``mm``)."""
+    from tabulate import tabulate
+
+    rows = [(r.module, r.kept_values, f"{r.kept_bytes / 2**20:.2f}", r.recomputed_values,
+             f"{r.recomputed_bytes / 2**20:.2f}",
+             ", ".join(f"{op} x{n}" if n > 1 else op for op, n in r.recomputed_ops.items()) or "-")
+            for r in module_plan_rows(result)]
+    headers = ["module", "values kept", "MiB kept", "values recomputed", "MiB recomputed", "ops recomputed"]
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) + "\n"
