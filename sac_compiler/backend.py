@@ -5,19 +5,27 @@ backend's partitioner annotates it (and, with a ``memory_budget``, tags it with 
 and lets PyTorch's own partitioner split it. Inductor stays in charge of the joint-graph passes and
 code generation: the backend only substitutes the partition decision, through Inductor's
 ``custom_partitioner_fn``. ``compiler="eager"`` runs the partitioned graphs without Inductor.
+
+Inductor's FX graph and AOTAutograd caches key a compiled graph on the partitioner's ``uuid()``:
+a hash of every source file of ``sac_compiler`` and ``passes`` and of every ``SACConfig`` option,
+so that a warm cache never hands back a partition planned by other code or for other options.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from sac_compiler.config import SACConfig
 
@@ -59,19 +67,30 @@ _SLACK_FRACTION = 0.02
 
 
 class SACPartitioner(CustomPartitionerFn):
-    """Annotate (and plan) the joint graph, then partition it with PyTorch's min-cut partitioner."""
+    """Annotate (and plan) the joint graph, then partition it with PyTorch's min-cut partitioner.
+
+    Inductor keeps the partitioner in its config, and its cache-key code deep-copies and pickles
+    config values. The partitioner holds the Dynamo graph, the last plan (with the joint graph) and
+    the configured optimizer (with the model's parameters): copying those would duplicate the
+    parameters, and pickling them fails on any part that does not pickle (a cycle, a class defined
+    in a function) and logs a traceback per graph. So a deep copy is the partitioner itself (nothing
+    in its key changes after construction), and a pickled partitioner is its cache key alone
+    (:class:`PartitionerKey`, built from :meth:`uuid`).
+    """
 
     def __init__(self, config: SACConfig, source_gm: fx.GraphModule, outside_bytes: int = 0) -> None:
         self.config = config
         self.source_gm = source_gm
         self.outside_bytes = outside_bytes  # device memory held outside the graph (see outside_bytes())
         self.last_result: Any = None
+        self.ran = False  # called at least once (False after a compile that a cache served)
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         from sac_compiler.plan_graph import BudgetError, recording_solves
 
+        self.ran = True
         with recording_solves() as solve_times:
             try:
                 return self._partition(gm, joint_inputs, solve_times, **kwargs)
@@ -184,23 +203,149 @@ class SACPartitioner(CustomPartitionerFn):
                 return candidate, fw2, bw2
         return result, fw, bw
 
-    def uuid(self) -> Any:
-        import passes
-        import sac_compiler
+    def uuid(self) -> str:
+        """The partition's cache key, which Inductor puts in its FX graph and AOTAutograd cache keys.
 
-        files = [*_package_files(sac_compiler), *_package_files(passes)]
-        return (get_hash_for_files(tuple(files)), repr(_cache_relevant(self.config)), self.outside_bytes >> 20)
+        Everything the partition depends on besides the joint graph (which Inductor keys itself):
+        this class, every source file of ``sac_compiler`` and ``passes`` (solvers included), every
+        ``SACConfig`` option (:func:`config_key`) and the memory held outside the graph, in MiB.
+        """
+        key = (f"{type(self).__module__}.{type(self).__qualname__}", source_hash(_package_roots()),
+               config_key(self.config), self.outside_bytes >> 20)
+        return hashlib.sha256(repr(key).encode()).hexdigest()
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (PartitionerKey, (self.uuid(),))
+
+    def __copy__(self) -> SACPartitioner:
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SACPartitioner:
+        return self
 
 
-def _package_files(package: Any) -> list[str]:
-    from pathlib import Path
+class PartitionerKey(CustomPartitionerFn):
+    """What a pickled :class:`SACPartitioner` becomes: its ``uuid()``, nothing it partitions with.
 
-    return sorted(str(p) for p in Path(package.__file__).parent.glob("*.py"))
+    Inductor pickles its config into cache keys (and, compiling in a subprocess, to send it there
+    after the partition is made): the key is all that either needs."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def uuid(self) -> str:
+        return self.key
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        raise RuntimeError(
+            "this backend='sac' partitioner was unpickled, which keeps only its cache key (not the graph, "
+            "the options or the optimizer it plans with); partition with the SACPartitioner that "
+            "sac_compiler.backend.compile_graph made"
+        )
 
 
-def _cache_relevant(config: SACConfig) -> tuple[Any, ...]:
-    return (config.memory_budget, config.device, config.estimate_mode, config.solver, config.mip_gap,
-            config.world_size, config.optimizer_state_bytes, config.report)
+# SACConfig fields left out of config_key, each with its reason; a new field is keyed unless it is
+# listed here. None is listed: every option can change the plan, the partition or the compiled
+# graphs, except ``report``, which only says where the plan goes; it stays keyed because compiles
+# with a report skip the AOTAutograd cache anyway (see _compile), so keying on it loses no hits.
+_CONFIG_KEY_EXCLUDED: frozenset[str] = frozenset()
+
+# Optimizer param_group entries left out of the optimizer's key: ``params`` is keyed by the
+# parameters' shapes instead; ``lr`` and ``initial_lr`` change under learning-rate schedulers during
+# training and never change what the optimizer holds. Every other hyperparameter is keyed, as it can
+# change the state the optimizer keeps (momentum, amsgrad) or its step's temporaries (foreach,
+# fused, weight_decay).
+_OPTIMIZER_KEY_EXCLUDED: frozenset[str] = frozenset({"params", "lr", "initial_lr"})
+
+
+def config_key(config: SACConfig) -> tuple[tuple[str, Any], ...]:
+    """Every ``SACConfig`` field but those in ``_CONFIG_KEY_EXCLUDED``, each as (name, stable value):
+    plain data whose ``repr`` is the same in every process (no ``id()``, no hash order)."""
+    return tuple((f.name, _stable(getattr(config, f.name), f.name))
+                 for f in dataclasses.fields(config) if f.name not in _CONFIG_KEY_EXCLUDED)
+
+
+def _stable(value: Any, option: str) -> Any:
+    """``value`` as nested tuples of str, int, float, bool and None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.optim.Optimizer):
+        return _optimizer_key(value)
+    if isinstance(value, torch.Tensor):
+        return _tensor_key(value)
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. MemoryBudget
+        return (type(value).__qualname__,
+                tuple((f.name, _stable(getattr(value, f.name), option)) for f in dataclasses.fields(value)))
+    if isinstance(value, (tuple, list)):
+        return tuple(_stable(v, option) for v in value)
+    raise TypeError(
+        f"backend='sac' option {option}: no stable cache-key form for a {type(value).__qualname__} "
+        f"({value!r}); give that type one in sac_compiler.backend._stable"
+    )
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What a tensor holds in memory: its shape, dtype and device type (not its values)."""
+    return ("tensor", tuple(int(d) for d in tensor.shape), str(tensor.dtype), tensor.device.type)
+
+
+def _optimizer_key(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    """An optimizer as what changes the plan: its class, each parameter group's parameter shapes
+    and hyperparameters (less ``_OPTIMIZER_KEY_EXCLUDED``), and the state it holds per parameter
+    (each entry's shape and dtype; a stepped optimizer is measured, an unstepped one estimated)."""
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        hyper = []
+        for name in sorted(k for k in group if k not in _OPTIMIZER_KEY_EXCLUDED):
+            try:
+                hyper.append((name, _stable(group[name], f"optimizer.param_groups[{i}][{name!r}]")))
+            except TypeError:  # a hyperparameter of its own kind: keyed by its type
+                hyper.append((name, type(group[name]).__qualname__))
+        groups.append((tuple(_tensor_key(p) for p in group["params"]), tuple(hyper)))
+    state = tuple(
+        tuple(sorted((str(k), _tensor_key(v) if isinstance(v, torch.Tensor) else type(v).__qualname__)
+                     for k, v in optimizer.state.get(p, {}).items()))
+        for group in optimizer.param_groups for p in group["params"]
+    )
+    return (f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", tuple(groups), state)
+
+
+def _package_roots() -> tuple[Path, ...]:
+    """The source folders of the packages the partition runs: ``sac_compiler`` and ``passes``."""
+    import passes
+    import sac_compiler
+
+    return tuple(Path(package.__file__).parent for package in (sac_compiler, passes))
+
+
+def source_hash(roots: Sequence[Path]) -> str:
+    """SHA-256 over every ``*.py`` file under ``roots``, subpackages included, each with its path
+    relative to its root's parent (so the key does not depend on where the packages live)."""
+    files = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+            stat = path.stat()
+            files.append((str(path), f"{root.name}/{path.relative_to(root).as_posix()}", stat.st_mtime_ns,
+                          stat.st_size))
+    return _hash_files(tuple(files))
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
+    """Hash of (path, name, mtime, size) files; cached on the listing, so an edit (a new mtime or
+    size) or a new file is hashed again while unchanged sources are read once."""
+    hasher = hashlib.sha256()
+    for path, name, _mtime, _size in files:
+        data = Path(path).read_bytes()
+        hasher.update(f"{name}\0{len(data)}\0".encode())
+        hasher.update(data)
+    return hasher.hexdigest()
 
 
 def outside_bytes(example_inputs: Sequence[Any]) -> int:
@@ -240,6 +385,10 @@ def compile_graph(
 ) -> Callable[..., Any]:
     """Compile one Dynamo graph with ``config`` (``partitioner_cls`` lets tests record partitions).
 
+    Under Inductor, a compile with ``report`` set, or with a ``partitioner_cls`` other than
+    :class:`SACPartitioner`, skips the AOTAutograd cache, whose hits skip the partitioner: the
+    report is written, and a recording partitioner sees every partition (see ``_compile``).
+
     On CUDA an absolute budget is enforced at run time (``enforce_budget``, see
     ``sac_compiler.enforce``): the step's measured peak is read, and a step over the budget is
     planned again lower. ``read_peak`` supplies the measurement (the allocator's high-water mark
@@ -275,14 +424,49 @@ def _cuda_device(example_inputs: Sequence[Any]) -> torch.device | None:
     return next(iter(devices))
 
 
+@contextlib.contextmanager
+def _partitioner_always_runs(active: bool) -> Iterator[None]:
+    """While ``active``, compile without the AOTAutograd caches (local and remote), whose hits skip
+    the partitioner and with it what it does besides partitioning (the report it writes, what a
+    subclass records). Inductor's FX graph cache stays on: it serves the forward and backward
+    graphs the partitioner made, keyed on those graphs, so a hit there neither skips the
+    partitioner nor changes the plan."""
+    if not active:
+        yield
+        return
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False, enable_remote_autograd_cache=False):
+        yield
+
+
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfig,
              partitioner: SACPartitioner) -> Callable[..., Any]:
+    """Compile ``gm`` with ``partitioner`` on ``config.compiler``.
+
+    Under Inductor a compile with ``report`` set runs without the AOTAutograd caches: a cache hit
+    would hand back the partitioned graphs without running the partitioner, and the report would
+    not be written. Where the environment forces that cache on, the missing report is logged. A
+    subclass of SACPartitioner (tests and benchmarks record partitions with one) skips the cache
+    too: it would not see the partitions the cache serves.
+    """
     if config.compiler == "inductor":
+        from torch._dynamo.utils import counters
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        with inductor_config.patch(custom_partitioner_fn=partitioner):
-            return compile_fx(gm, example_inputs)
+        hits = counters["aot_autograd"]["autograd_cache_hit"]
+        always_run = bool(config.report) or type(partitioner) is not SACPartitioner
+        with inductor_config.patch(custom_partitioner_fn=partitioner), _partitioner_always_runs(always_run):
+            compiled = compile_fx(gm, example_inputs)
+        if config.report and not partitioner.ran and counters["aot_autograd"]["autograd_cache_hit"] > hits:
+            log.warning(
+                "sac: report not written for %s: the graph came from Inductor's AOTAutograd cache, so the "
+                "partitioner that writes the report did not run; the backend turns that cache off for "
+                "compiles with a report, and TORCHINDUCTOR_AUTOGRAD_CACHE=1 in the environment forces it on: "
+                "unset it (or set TORCHINDUCTOR_AUTOGRAD_CACHE=0) to bypass the cache",
+                _graph_name(gm))
+        return compiled
 
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
