@@ -408,8 +408,11 @@ def compile_graph(
             and (device is not None or read_peak is not None) and _needs_backward(example_inputs)):
         from sac_compiler.enforce import BudgetEnforcer
 
+        if read_peak is not None:
+            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak)
         return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
-                              read_peak or functools.partial(torch.cuda.max_memory_allocated, device))
+                              functools.partial(torch.cuda.max_memory_allocated, device),
+                              functools.partial(torch.cuda.reset_peak_memory_stats, device))
     return compile_once(gm, example_inputs, 0)[0]
 
 

@@ -5,9 +5,11 @@ the caller does around the compiled region (a criterion that saves its own tenso
 alive, the optimizer's first step) is outside that simulation. On CUDA, for an absolute budget,
 :class:`BudgetEnforcer` runs the compiled graph and, on the second step of each compiled version
 (the first one includes compilation and lazy library workspaces), reads the caching allocator's
-high-water mark before the step's first forward and once its backward has finished. It never resets the
-user's statistics: a step whose peak does not raise the high-water mark above where it stood
-before the forward peaked at most there.
+high-water mark before the step's first forward and once its backward has finished. A step whose
+peak does not raise the high-water mark above where it stood before peaked at most there. The
+user's statistics are left alone unless the mark is already over the budget before the measured
+step (an earlier plan went over it), which would hide the step's own peak: then the peak
+statistic is reset, and the log says so.
 
 If the step went over the budget, the graph is planned again with the measured excess counted as
 memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times.
@@ -57,11 +59,12 @@ class BudgetEnforcer:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
-                 read_peak: Callable[[], int]) -> None:
+                 read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None) -> None:
         self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         self._compile = compile
         self.budget_bytes = budget_bytes
         self.read_peak = read_peak
+        self.reset_peak = reset_peak
         self.extra_bytes = 0
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
@@ -90,7 +93,7 @@ class BudgetEnforcer:
             if self._pending_excess is not None:
                 self._recompile(args)
             if self._steps == MEASURED_STEP - 1:
-                self._before = self.read_peak()
+                self._before = self._mark_before_step()
         self._calls += 1
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -109,6 +112,19 @@ class BudgetEnforcer:
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
+
+    def _mark_before_step(self) -> int:
+        """The high-water mark as the measured step begins. A mark already over the budget (an
+        earlier plan, or earlier work of the process, went over it) would hide the step's own peak:
+        then, and only then, the peak statistic is reset, and the log says so and what it was."""
+        mark = self.read_peak()
+        if mark > self.budget_bytes and self.reset_peak is not None:
+            log.warning("sac: the allocator's high-water mark %s is over the budget %s, which would hide this "
+                        "step's own peak: resetting the peak statistic (torch.cuda.reset_peak_memory_stats)",
+                        format_bytes(mark), format_bytes(self.budget_bytes))
+            self.reset_peak()
+            mark = self.read_peak()
+        return mark
 
     def _recompile(self, args: Sequence[Any]) -> None:
         self.extra_bytes += self._pending_excess or 0

@@ -159,3 +159,47 @@ def test_one_graph_serving_every_block_shares_the_excess_among_its_runs():
     for enforcer in enforcers:
         assert enforcer.measured == [budget + excess, budget]
     assert sorted(e.extra_bytes for e in enforcers) == [-(-excess // 3), excess]
+
+
+def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
+    """The first plan went over the budget: the high-water mark hides every later step's own peak
+    unless it is reset, which the enforcer does then (and only then)."""
+    marks = {"now": 0, "resets": 0}
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    readings = iter([budget + 2**16, budget - 1])  # what each measured step reaches
+
+    def read_peak():
+        return marks["now"]
+
+    def reset_peak():
+        marks["resets"] += 1
+        marks["now"] = 0
+
+    def backend(gm, inputs):
+        config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager"})
+
+        def compile_once(graph, example_inputs, extra):
+            from sac_compiler.backend import _compile
+
+            partitioner = SACPartitioner(config, graph, extra)
+            return _compile(graph, example_inputs, config, partitioner), partitioner
+
+        enforcer = BudgetEnforcer(gm, inputs, budget, compile_once, read_peak, reset_peak)
+        real_done = enforcer._step_done
+
+        def step_done():
+            if enforcer._steps + 1 == 2:  # the measured step reached its peak
+                marks["now"] = max(marks["now"], next(readings))
+            real_done()
+
+        enforcer._step_done = step_done
+        return enforcer
+
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+    assert marks["resets"] == 1  # before the second version's measured step, the mark over the budget

@@ -1,0 +1,272 @@
+"""The zoo against its budgets: every model of ``benchmarks/zoo.py`` in the loops users write, on one GPU.
+
+For each (model, loop) ``compile`` (plain ``torch.compile``) runs first and measures what a step
+holds before it starts ("static": parameters, optimizer state, the batch) and its extra peak over
+that; then the anchors (``full_ac``: ``torch.utils.checkpoint`` around every repeated block, then
+plain ``torch.compile``; ``amb0.5``: ``activation_memory_budget=0.5``) and ``sac F`` for each
+fraction F: ``backend="sac"`` with the absolute ``memory_budget`` = static + F x compile's extra
+peak, enforced at run time (the default). Every cell is its own process (``--cell``), so memory
+left by one cannot skew another; ``--jobs`` runs that many at once: the peaks are per process and
+exact, step times taken side by side are not comparable with a sequential run's (``--jobs 1``).
+
+A cell builds the model at ``--size`` on the GPU (bf16 parameters for the LMs' ``--dtype``),
+AdamW, takes ``--warmup`` steps (the first compiles; the enforced budget may plan again in the
+next ones), then ``--steps`` timed steps with CUDA events after ``reset_peak_memory_stats``. It
+records the step's median time, its peak, the plan's predicted peak per graph, the first plan's
+measured peak and how many times it was planned again. A budget is violated when a measured peak
+is over it.
+
+Writes ``OUT/cells.jsonl`` (one line per cell, as each finishes) and prints a table;
+``--from-json OUT`` prints the table (and, with matplotlib, writes one Pareto plot per model to
+``OUT/pareto-MODEL.png``) of an earlier run. Run from the repository root::
+
+    python benchmarks/zoo_matrix.py --out bench-out/zoo --models gpt2 llama --loops loss_outside_criterion
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHORS = ("full_ac", "amb0.5")
+
+
+def _cell_command(cell: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One (model, loop, strategy) in this process: what it measured, or the error it raised."""
+    import functools
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.zoo import ZOO, TrainStep
+
+    entry = ZOO[cell["model"]]
+    device = torch.device("cuda")
+    dtype = getattr(torch, cell["dtype"]) if cell.get("dtype") else None
+    model = entry.model(cell["size"], device=device, dtype=dtype)
+    batch = entry.batch(cell["size"], device=device, dtype=dtype)
+    out: dict[str, Any] = dict(cell, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    strategy = cell["strategy"]
+    records: list[Any] = []
+
+    if strategy == "full_ac":
+        from torch.utils.checkpoint import checkpoint
+
+        class Checkpointed(torch.nn.Module):
+            def __init__(self, block: torch.nn.Module) -> None:
+                super().__init__()
+                self.block = block
+
+            def forward(self, *args: Any, **kwargs: Any) -> Any:
+                return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+        for blocks, i in entry.block_slots(model):
+            blocks[i] = Checkpointed(blocks[i])
+    if strategy.startswith("sac"):
+        from sac_compiler.backend import compile_graph
+        from sac_compiler.config import SACConfig
+
+        config = SACConfig.from_options({"memory_budget": cell["budget_bytes"]})
+
+        def backend(gm: Any, example_inputs: Any) -> Any:
+            compiled = compile_graph(gm, example_inputs, config)
+            records.append(compiled)
+            return compiled
+
+        compile_fn = functools.partial(torch.compile, backend=backend)
+    else:
+        compile_fn = torch.compile
+    import torch._functorch.config as functorch_config
+
+    patch = functorch_config.patch(activation_memory_budget=0.5) if strategy == "amb0.5" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    try:
+        if patch is not None:
+            patch.__enter__()
+        step = TrainStep(entry, model, cell["loop"], compile_fn)
+        start = time.perf_counter()
+        step(batch, optimizer)
+        torch.cuda.synchronize()
+        out["first_step_s"] = time.perf_counter() - start
+        for _ in range(cell["warmup"] - 1):
+            step(batch, optimizer)
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        out["static_bytes"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(cell["steps"]):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step(batch, optimizer)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["extra_bytes"] = out["peak_bytes"] - out["static_bytes"]
+        out["step_ms"] = statistics.median(times)
+        # one more step, split: what forward leaves (saved values, outputs, the loss's own) and the
+        # peak of backward and the optimizer
+        model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        output, loss = step.forward_loss(batch)
+        torch.cuda.synchronize()
+        out["after_forward_bytes"] = torch.cuda.memory_allocated() - out["static_bytes"]
+        out["forward_peak_bytes"] = torch.cuda.max_memory_allocated() - out["static_bytes"]
+        del output
+        loss.backward()
+        torch.cuda.synchronize()
+        out["backward_peak_bytes"] = torch.cuda.max_memory_allocated() - out["static_bytes"]
+        optimizer.step()
+    except Exception as error:  # noqa: BLE001 - recorded with the cell; the matrix goes on
+        out["error"] = f"{type(error).__name__}: {str(error)[-600:]}"
+    finally:
+        if patch is not None:
+            patch.__exit__(None, None, None)
+    graphs = []
+    for compiled in records:
+        result = getattr(compiled, "result", None) or getattr(getattr(compiled, "partitioner", None), "last_result", None)
+        graphs.append({
+            "predicted_peak": getattr(getattr(result, "partitioned", None), "peak_bytes", None),
+            "first_measured": (getattr(compiled, "measured", None) or [None])[0],
+            "replans": getattr(compiled, "replans", None),
+            "caller_held_bytes": getattr(result, "caller_held_bytes", None),
+            "recomputed": len(result.plan.recompute) if getattr(result, "plan", None) is not None else None,
+            "planning_s": getattr(result, "planning_s", None),
+            "predicted_saved_bytes": getattr(getattr(result, "partitioned", None), "saved_bytes", None),
+        })
+    out["graphs"] = graphs
+    if "budget_bytes" in cell and "peak_bytes" in out:
+        out["violation"] = out["peak_bytes"] > cell["budget_bytes"]
+    return out
+
+
+def _spawn(cell: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return dict(cell, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
+    return json.loads(lines[-1])
+
+
+def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "cells.jsonl"
+    done: list[dict[str, Any]] = []
+
+    def record(result: dict[str, Any]) -> None:
+        done.append(result)
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(_row(result), flush=True)
+
+    base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
+    pairs = [(m, loop) for m in args.models for loop in args.loops]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        # plain compile first: it sets every budget of its (model, loop)
+        plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile")): (m, loop) for m, loop in pairs}
+        followers = []
+        for future in concurrent.futures.as_completed(plain):
+            m, loop = plain[future]
+            result = future.result()
+            record(result)
+            if "error" in result:
+                continue
+            cells = [dict(base, model=m, loop=loop, strategy=a) for a in args.anchors]
+            cells += [dict(base, model=m, loop=loop, strategy=f"sac {f:g}", fraction=f,
+                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
+                      for f in args.fractions]
+            followers += [pool.submit(_spawn, c) for c in cells]
+        for future in concurrent.futures.as_completed(followers):
+            record(future.result())
+    return done
+
+
+def _gib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f}"
+
+
+def _row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} ERROR {r['error'][:160]}"
+    predicted = [g["predicted_peak"] for g in r.get("graphs", []) if g.get("predicted_peak")]
+    first = [g["first_measured"] for g in r.get("graphs", []) if g.get("first_measured")]
+    replans = sum(g.get("replans") or 0 for g in r.get("graphs", []))
+    budget = r.get("budget_bytes")
+    flag = " OVER" if r.get("violation") else ""
+    return (f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} {r['step_ms']:8.2f} ms  extra {_gib(r['extra_bytes'])} "
+            f"peak {_gib(r['peak_bytes'])} budget {_gib(budget)} predicted {_gib(max(predicted) if predicted else None)} "
+            f"first {_gib(max(first) if first else None)} replans {replans}{flag}")
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for model in sorted({r["model"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            if r["model"] == model and "error" not in r:
+                ax.scatter(r["extra_bytes"] / 2**30, r["step_ms"], label=f"{r['loop']}: {r['strategy']}", s=18)
+        ax.set_xlabel("extra peak (GiB)")
+        ax.set_ylabel("step (ms)")
+        ax.set_title(model)
+        ax.legend(fontsize=5)
+        fig.tight_layout()
+        fig.savefig(out / f"pareto-{model}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.zoo import LOOPS, ZOO  # noqa: F401 - the choices
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cell", help="run one cell (JSON) in this process and print its result")
+    parser.add_argument("--out", default="bench-out/zoo", help="output folder (default: bench-out/zoo)")
+    parser.add_argument("--from-json", metavar="OUT", help="print the table and plots of an earlier run")
+    parser.add_argument("--models", nargs="+", default=list(ZOO), help="zoo models (default: all)")
+    parser.add_argument("--loops", nargs="+", default=["loss_outside_criterion"], choices=LOOPS,
+                        help="loops (default: loss_outside_criterion)")
+    parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), help=f"anchor strategies (default: {ANCHORS})")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.75, 0.5],
+                        help="sac budgets as fractions of compile's extra peak (default: 0.9 0.75 0.5)")
+    parser.add_argument("--size", default="full", choices=("small", "full"), help="zoo size (default: full)")
+    parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the model's fp32)")
+    parser.add_argument("--warmup", type=int, default=7, help="untimed steps; the first compiles (default: 7)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
+    args = parser.parse_args(argv)
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell))), flush=True)
+        return
+    if args.from_json:
+        rows = [json.loads(line) for line in (Path(args.from_json) / "cells.jsonl").read_text().splitlines() if line]
+        for r in sorted(rows, key=lambda r: (r["model"], r["loop"], r["strategy"])):
+            print(_row(r))
+        _plot(rows, Path(args.from_json))
+        return
+    run_matrix(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
