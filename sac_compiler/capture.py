@@ -9,6 +9,11 @@ The graph is traced on the device the model and inputs live on. Build the model 
 ``FakeTensorMode()`` and ``torch.device("cuda")`` (where CUDA works) to plan a model of any size
 on CUDA fake tensors, or on ``"meta"``/CPU elsewhere; ``target_device`` then labels the values
 with the device the plan is for (the memory pass rounds as that device's allocator does).
+
+Traced on CPU or meta for a CUDA target, the composites whose body depends on the device
+(``scaled_dot_product_attention``, ``rms_norm``) are traced as their CUDA branch runs them, so the
+graph holds the fused attention and normalisation kernels the GPU runs and the tensors they keep
+for backward (see :mod:`sac_compiler.gpu_lowering`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class JointGraph:
     target_device: torch.device
     has_backward: bool
     source_gm: fx.GraphModule | None = field(default=None, repr=False)
+    # the composites traced as the target device runs them ("aten.op -> kernel"; see gpu_lowering)
+    lowered: tuple[str, ...] = ()
 
     @property
     def trace_device(self) -> torch.device | None:
@@ -147,6 +154,7 @@ def capture_joint(
     *example_inputs: Any,
     target_device: str | torch.device | None = None,
     backward: bool = True,
+    lower_for_target: bool = True,
 ) -> JointGraph:
     """Trace ``model(*example_inputs)`` to the joint forward+backward ATen graph on fake tensors.
 
@@ -154,22 +162,34 @@ def capture_joint(
     graph and the capture stops. With ``backward=False`` (or when nothing requires grad) the result
     is the forward graph alone (``has_backward=False``).
 
+    With a CUDA ``target_device`` and a CPU or meta trace, attention and RMSNorm are traced as the
+    GPU runs them (``lower_for_target=False`` keeps the trace device's own lowering);
+    ``JointGraph.lowered`` lists what was lowered. On meta, whatever the target, composites whose
+    gradient would stop at a meta kernel (``cross_entropy``'s ``nll_loss``) are traced through, as
+    on CPU.
+
     Raises ValueError for a model or inputs that do not fit, CaptureError when the model cannot be
     traced as one graph (graph breaks).
     """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    from sac_compiler.gpu_lowering import lowered_as_on, restore_aten_ops
+
     _validate(model, example_inputs)
     root_name = _root_name(model)
 
     def capture_backend(source_gm: fx.GraphModule, dynamo_inputs: list[Any]) -> Callable[..., Any]:
+        trace_device = _trace_device(dynamo_inputs)
+        lowering_target = target_device if (lower_for_target and target_device is not None) else trace_device
+
         def finish(gm: fx.GraphModule, num_fwd_outputs: int, has_backward: bool) -> None:
             device = target_device
             if device is None:
                 vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
                 devices = [v.device for v in vals if isinstance(v, torch.Tensor)]
                 device = devices[0] if devices else torch.device("cpu")
+            restore_aten_ops(gm)
             graph = JointGraph(
                 gm=gm,
                 num_fwd_outputs=num_fwd_outputs,
@@ -178,6 +198,7 @@ def capture_joint(
                 target_device=torch.device(device),
                 has_backward=has_backward,
                 source_gm=source_gm,
+                lowered=tuple(sorted(lowering.counts)),
             )
             attach_capture_info(graph)
             raise _CaptureDone(graph)
@@ -192,9 +213,10 @@ def capture_joint(
         def unused(gm: fx.GraphModule, _inputs: Any) -> Any:  # pragma: no cover - capture stops earlier
             return make_boxed_func(gm.forward)
 
-        return aot_autograd(
-            fw_compiler=unused, bw_compiler=unused, partition_fn=partition, inference_compiler=inference
-        )(source_gm, dynamo_inputs)
+        with lowered_as_on(trace_device, lowering_target) as lowering:
+            return aot_autograd(
+                fw_compiler=unused, bw_compiler=unused, partition_fn=partition, inference_compiler=inference
+            )(source_gm, dynamo_inputs)
 
     compiled = torch.compile(model, backend=capture_backend, fullgraph=True, dynamic=False)
     try:
@@ -210,6 +232,17 @@ def capture_joint(
         "the model ran without producing a graph to plan (nothing was traced); "
         "does its forward return tensors computed from its inputs or parameters?"
     )
+
+
+def _trace_device(inputs: Sequence[Any]) -> torch.device:
+    """The device the graph is traced on: that of its tensor inputs (meta if any is, as meta
+    decides how composites trace), CPU when it has none."""
+    devices = [x.device for x in inputs if isinstance(x, torch.Tensor)]
+    for kind in ("meta", "cuda"):
+        found = next((d for d in devices if d.type == kind), None)
+        if found is not None:
+            return found
+    return devices[0] if devices else torch.device("cpu")
 
 
 def _find_cause(e: BaseException, kind: type) -> Any:
