@@ -69,10 +69,20 @@ def node_flops(node: fx.Node) -> int:
     if "scaled_dot_product" in name or "flash_attention" in name:
         if name.endswith("_backward"):
             grad_out, q, k, v = args[:4]
-            return size_hint(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+            k_shape, v_shape = _query_heads(q.shape, k.shape), _query_heads(q.shape, v.shape)
+            return size_hint(sdpa_backward_flop_count(grad_out.shape, q.shape, k_shape, v_shape))
         q, k, v = args[:3]
-        return size_hint(sdpa_flop_count(q.shape, k.shape, v.shape))
+        return size_hint(sdpa_flop_count(q.shape, _query_heads(q.shape, k.shape), _query_heads(q.shape, v.shape)))
     return 0
+
+
+def _query_heads(q_shape: Any, kv_shape: Any) -> tuple[Any, ...]:
+    """Grouped-query attention's key or value shape with the query's head count: each key/value
+    head serves several query heads, so the work is that of as many heads as the query has (the
+    flop formulas of some torch versions assert equal head counts)."""
+    if len(q_shape) == 4 and len(kv_shape) == 4 and kv_shape[1] != q_shape[1]:
+        return (kv_shape[0], q_shape[1], kv_shape[2], kv_shape[3])
+    return tuple(kv_shape)
 
 
 def node_bytes(node: fx.Node) -> int:

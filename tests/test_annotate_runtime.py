@@ -76,3 +76,23 @@ def test_benchmark_mode_leaves_attention_backward_with_dropout_to_the_cost_model
     assert not _reads_rng_state(node)  # without dropout the inputs carry no RNG state
     node.target = torch.ops.aten.mm.default
     assert not _reads_rng_state(node)
+
+
+def test_grouped_query_attention_counts_the_query_heads():
+    """Each key/value head serves several query heads: the flops are those of the query's heads (some
+    torch versions' formulas assert equal head counts and failed on grouped-query attention)."""
+    import torch.nn.functional as F
+
+    from passes.annotate_runtime import node_flops
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, k = torch.randn(2, 8, 64, 16), torch.randn(2, 2, 64, 16)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(attend, tracing_mode="fake")(q, k, k)
+    sdpa = [n for n in gm.graph.nodes if "attention" in str(n.target)]
+    full = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), tracing_mode="fake")(q, q, q)
+    reference = [n for n in full.graph.nodes if "attention" in str(n.target)]
+    assert sdpa and reference, "the fused attention ops are traced"
+    assert node_flops(sdpa[0]) == node_flops(reference[0]) > 0
