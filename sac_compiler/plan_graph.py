@@ -493,10 +493,13 @@ def plan_and_tag(
         source_gm=source_gm,
     )
     attach_capture_info(graph)
-    result = plan_joint(graph, config, target, budget, outside_bytes)
-    # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on it.
-    gm.meta.pop("sac_capture", None)
-    gm.meta.pop("sac", None)
+    try:
+        result = plan_joint(graph, config, target, budget, outside_bytes)
+    finally:
+        # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on
+        # it, whether or not a plan was made (the capture record refers back to the graph)
+        gm.meta.pop("sac_capture", None)
+        gm.meta.pop("sac", None)
     if config.memory_budget is None and config.report:  # with a plan, the backend reports after partitioning
         from sac_compiler.report import write_report
 
