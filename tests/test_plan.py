@@ -713,3 +713,25 @@ def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplo
     result = records[0][0]
     assert "planning greedily" in caplog.text and "status ERROR" in caplog.text
     assert result.plan.recompute and result.predicted_peak <= result.budget_bytes
+
+
+def test_freezing_parameters_mid_training_replans_at_the_same_fraction():
+    """Freezing a layer recompiles (the inputs' requires_grad changed); the fraction that planned
+    before plans again (it raised a BudgetError when fractions were of the saved activations)."""
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    x = torch.randn(2048, 32)
+    backend, records = recording_backend(memory_budget=0.3, compiler="eager")
+    compiled = torch.compile(model, backend=backend)
+    _step(model, (x,), compiled)
+    for p in model.layers[0].parameters():
+        p.requires_grad_(False)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        fn(x).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for g, r in zip(grads(compiled), grads(model), strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    assert len(records) == 2 and all(r.predicted_peak <= r.budget_bytes for r, _fw, _bw in records)
