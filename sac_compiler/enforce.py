@@ -12,7 +12,8 @@ step (an earlier plan went over it), which would hide the step's own peak: then 
 statistic is reset, and the log says so.
 
 If the step went over the budget, the graph is planned again with the measured excess counted as
-memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times.
+memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
+replan that gave back less than it was asked for makes the next one ask for proportionally more.
 If the budget is still exceeded after that, the next call raises :class:`BudgetExceededError`
 naming the measured peak.
 """
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_REPLANS = 2
 # which step of each compiled version is measured (1 is the first)
 MEASURED_STEP = 2
+# the most a later replan scales the measured excess by, after an earlier one gave back less
+MAX_SCALE = 4.0
 
 
 class BudgetExceededError(BudgetError):
@@ -69,6 +72,7 @@ class BudgetEnforcer:
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self._pending_excess: int | None = None
+        self._last_request = 0  # the excess the last replan was asked to give up
         self._error: BudgetExceededError | None = None
         self._steps = 0  # steps of the compiled version now running
         self._calls = 0  # forward calls in the step under way
@@ -176,6 +180,14 @@ class BudgetEnforcer:
             return
         # each run of the graph in the step holds its own saved values: share the excess among them
         excess = -(-(peak - self.budget_bytes) // max(calls, 1))
+        previous = self.measured[-2] if len(self.measured) >= 2 else None
+        if self._last_request and previous is not None:
+            # the last replan gave back less than it was asked for (the plan's peak moved to a step
+            # it does not model, or the caller's memory overlaps it): ask for the excess scaled by
+            # what that replan achieved per byte asked, at most MAX_SCALE times
+            achieved = (previous - peak) / max(calls, 1)
+            scale = MAX_SCALE if achieved <= 0 else min(MAX_SCALE, max(1.0, self._last_request / achieved))
+            excess = int(excess * scale)
         if self.replans >= MAX_REPLANS:
             self._error = BudgetExceededError(
                 f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak)} "
@@ -183,7 +195,7 @@ class BudgetEnforcer:
                 "allocator add around the graph; raise memory_budget, or set enforce_budget=False to run anyway")
             return
         self.replans += 1
-        self._pending_excess = excess
+        self._pending_excess = self._last_request = excess
         log.warning("sac: the step measured %s, %s over the budget %s (predicted %s); planning again lower by the "
                     "excess at the next call (%d of %d)", format_bytes(peak), format_bytes(excess),
                     format_bytes(self.budget_bytes),

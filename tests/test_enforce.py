@@ -203,3 +203,17 @@ def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
         model.zero_grad(set_to_none=True)
         compiled(x).sum().backward()
     assert marks["resets"] == 1  # before the second version's measured step, the mark over the budget
+
+
+def test_a_replan_that_gave_back_too_little_makes_the_next_ask_for_more():
+    """The first replan was asked for a third of the room and the step came down by only half of
+    that: the second asks for the remaining excess scaled by two."""
+    steps = [lambda b, r: b + r // 3, lambda b, r: b + r // 6, lambda b, r: b - 1]
+    model, x, budget, room, backend, partitioners, enforcers = _setup(steps)
+    _steps(model, x, backend, 6)
+    (enforcer,) = enforcers
+    assert enforcer.measured == [budget + room // 3, budget + room // 6, budget - 1]
+    first = room // 3
+    achieved = room // 3 - room // 6
+    assert enforcer.extra_bytes == first + int(room // 6 * (first / achieved))
+    assert enforcer.replans == 2
