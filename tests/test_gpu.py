@@ -274,8 +274,7 @@ def test_an_enforced_budget_holds_with_a_criterion_outside():
     torch.cuda.reset_peak_memory_stats()
     step(plain)
     plain_extra = torch.cuda.max_memory_allocated() - static
-    # 0.6 was out of reach once the caller's part was counted (H200, torch 2.11: 1.99 GiB, and the
-    # replan named 2.20 GiB as the least budget that plans)
+    # lower fractions are out of reach once the caller's part is counted (docs/results.md)
     budget = int(static + 0.85 * plain_extra)
     torch._dynamo.reset()
     torch.cuda.reset_peak_memory_stats()  # the plain run's mark is the test's own, not the user's
