@@ -381,6 +381,12 @@ def _describe_inputs(loaded: LoadedModel) -> str:
     return "; ".join(f"{str(t.dtype).removeprefix('torch.')}[{','.join(map(str, t.shape))}]" for t in loaded.inputs)
 
 
+def _model_json(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """What the JSON of ``plan`` and ``estimate`` says of the model planned."""
+    return {"target": args.target, "model": loaded.name, "parameters": loaded.parameters,
+            "inputs": _inputs_json(loaded)}
+
+
 def _inputs_json(loaded: LoadedModel) -> list[dict[str, Any]]:
     if loaded.input_specs is not None:
         return [s.as_json() for s in loaded.input_specs]
@@ -565,10 +571,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     if args.json is not None:
         payload = {
-            "target": args.target,
-            "model": loaded.name,
-            "parameters": loaded.parameters,
-            "inputs": _inputs_json(loaded),
+            **_model_json(args, loaded),
             "device": spec_name,
             "compiler": args.compiler,
             "solver": args.solver,
@@ -632,10 +635,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     out.write(est.display_modulewise_sac_stats(depth=args.depth) + "\n")
     if args.json is not None:
         payload = {
-            "target": args.target,
-            "model": loaded.name,
-            "parameters": loaded.parameters,
-            "inputs": _inputs_json(loaded),
+            **_model_json(args, loaded),
             "device": est.analysis.device_spec.name,
             "mode": args.mode,
             "sac_mod_stats": {fqn: dataclasses.asdict(s) for fqn, s in est.sac_mod_stats.items()},

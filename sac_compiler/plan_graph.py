@@ -135,12 +135,11 @@ def _producer(node: fx.Node) -> fx.Node:
 
 def build_plan_problem(
     analysis: Any, tie_blocks: int | None = None, fused_pointwise: bool = False
-) -> tuple[Any, list[str], int]:
+) -> tuple[Any, list[str], dict[str, str]]:
     """The torch-free planning problem of an annotated joint graph (everything-kept baseline).
 
-    Returns the problem (budget 0: the caller sets it), the random ops kept, and the activation
-    bytes the baseline keeps from the end of forward into backward (what a fractional budget is a
-    fraction of).
+    Returns the problem (budget 0: the caller sets it), the random ops kept, and the other ops
+    kept whatever the budget, with the reason (``never_recomputed``).
 
     ``tie_blocks``: repeated layers (``layers.0``, ``layers.1``, ... with the same ops) are split
     into this many contiguous blocks, and the same value in every layer of a block shares one
@@ -182,7 +181,6 @@ def build_plan_problem(
     charged: set[fx.Node] = set()
     out = next(iter(gm.graph.find_nodes(op="output")))
     fwd_outputs = {owner.get(a, a) for a in out.args[0][: analysis.graph.num_fwd_outputs] if isinstance(a, fx.Node)}
-    activation_bytes = 0
     values = []
     for node in candidates:
         producer = _producer(node)
@@ -207,8 +205,6 @@ def build_plan_problem(
             kept_random.append(producer.name)
         elif prec.is_inplace and prec.inplace_parent:
             group = f"inplace:{prec.inplace_parent}"
-        if bw:
-            activation_bytes += nbytes
         values.append(Candidate(
             name=node.name,
             nbytes=nbytes,
@@ -228,7 +224,7 @@ def build_plan_problem(
     values = _tie_repeated_layers(values, candidates, tie_blocks)
     baseline = _step_profile(sim)
     problem = SavingsProblem(candidates=tuple(values), baseline=tuple(baseline), budget=0)
-    return problem, sorted(set(kept_random)), activation_bytes
+    return problem, sorted(set(kept_random)), kept_ops
 
 
 # ATen ops PyTorch has no FLOP formula for whose cost is compute, not the bytes they move (the
@@ -664,7 +660,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     analysis = result.analysis
     outside = result.outside_bytes
     fused = config.compiler == "inductor"
-    problem, kept_random, activation_bytes = build_plan_problem(analysis, fused_pointwise=fused)
+    problem, kept_random, kept_ops = build_plan_problem(analysis, fused_pointwise=fused)
     options = _solver_options(config, analysis)
     fastest = result.fastest
     if fused and fastest is None:
@@ -693,7 +689,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random
-    result.kept_ops = never_recomputed(analysis.graph.gm, _mutated_inputs(analysis.graph))
+    result.kept_ops = kept_ops
     if step_peak > budget:
         raise BudgetError(
             f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "
