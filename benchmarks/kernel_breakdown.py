@@ -58,7 +58,7 @@ def largest_changes(runs: dict[str, KernelTimes], base: str, against: str, top: 
 def recompute_summary(result: Any) -> list[tuple[str, str, int, float, float]]:
     """(module, op, values, MiB, estimated ms) of what a plan recomputes; modules of repeated
     layers are folded (``layers.3.attention`` -> ``attention``)."""
-    from passes.record import get_record
+    from sac_compiler.passes.record import get_record
 
     by_name = {n.name: n for n in result.analysis.graph.gm.graph.nodes}
     rows: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.annotate_ops import fuses_pointwise_inputs, is_alias_op, is_pointwise_op, op_name
-from passes.record import (
+from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_alias_op, is_pointwise_op, op_name
+from sac_compiler.passes.record import (
     MemoryCategory,
     Side,
     call_functions,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.record import call_functions, Side, get_record, graph_results, update_record
+from sac_compiler.passes.record import call_functions, Side, get_record, graph_results, update_record
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
-from passes.annotate_ops import is_alias_op
-from passes.record import call_functions, graph_results, size_hint, tensor_values, update_record
+from sac_compiler.passes.annotate_ops import is_alias_op
+from sac_compiler.passes.record import call_functions, graph_results, size_hint, tensor_values, update_record
 
 log = logging.getLogger(__name__)
 

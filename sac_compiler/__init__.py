@@ -5,10 +5,18 @@
 seed-compatible statistics and solvers on their own.
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
 from sac_compiler.capture import CaptureError, GraphInput, InputKind, JointGraph, capture_joint
 from sac_compiler.config import MemoryBudget, SACConfig, parse_bytes
 from sac_compiler.estimator import SACEstimate, estimate
 from sac_compiler.planner import BudgetRange, budget_range, plan
+
+try:
+    __version__ = _version("sac-compiler")
+except _PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BudgetRange",
@@ -19,6 +27,7 @@ __all__ = [
     "MemoryBudget",
     "SACConfig",
     "SACEstimate",
+    "__version__",
     "budget_range",
     "capture_joint",
     "estimate",

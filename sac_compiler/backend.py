@@ -317,9 +317,10 @@ def _optimizer_key(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
 
 
 def _package_roots() -> tuple[Path, ...]:
-    """The source folders of the packages the partition runs: ``sac_compiler`` and ``passes``."""
-    import passes
+    """The source folders of the packages the partition runs: ``sac_compiler`` and
+    ``sac_compiler.passes`` (the repository's ``passes/`` folder, mapped into the package)."""
     import sac_compiler
+    import sac_compiler.passes as passes
 
     return tuple(Path(package.__file__).parent for package in (sac_compiler, passes))
 

@@ -47,13 +47,13 @@ class CLIError(Exception):
 
 # ----------------------------------------------------------------------------------------- logging
 
-_LOGGERS = ("sac_compiler", "passes")
+_LOGGERS = ("sac_compiler",)  # the passes log as sac_compiler.passes.*
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _handler: logging.Handler | None = None
 
 
 def configure_logging(level: int) -> None:
-    """Log the package's records (loggers ``sac_compiler`` and ``passes``) at ``level`` and above to
+    """Log the package's records (the ``sac_compiler`` logger, the passes' ``sac_compiler.passes`` included) at ``level`` and above to
     stderr. Called again, it replaces its earlier handler rather than adding a second one; the
     records do not also reach the root logger, so they are not printed twice."""
     global _handler

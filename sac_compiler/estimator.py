@@ -26,15 +26,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.annotate_modules import nodes_of_module
-from passes.annotate_ops import (
+from sac_compiler.passes.annotate_modules import nodes_of_module
+from sac_compiler.passes.annotate_ops import (
     IGNORED_OPS,
     VIEW_SCATTER_OPS,
     forward_ops,
     is_alias_op,
     op_name,
 )
-from passes.record import MemoryCategory, Side, get_record
+from sac_compiler.passes.record import MemoryCategory, Side, get_record
 from sac_compiler.analysis import Analysis, analyze
 from sac_compiler.capture import InputKind, capture_joint
 from sac_compiler.module_info import ModStats, ModuleInfo

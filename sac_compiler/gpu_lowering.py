@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 from torch._C import DispatchKey
 
-from passes.record import size_hint
+from sac_compiler.passes.record import size_hint
 
 aten = torch.ops.aten
 

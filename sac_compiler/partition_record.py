@@ -48,10 +48,10 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
 
 
 def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str, int]]] | None = None) -> Any:
-    """The partitioned simulation (``passes.annotate_memory.PartitionedPeak``) of a recorded
+    """The partitioned simulation (``sac_compiler.passes.annotate_memory.PartitionedPeak``) of a recorded
     partition, by the memory model of this code; ``timelines`` receives each graph's live bytes
     per node."""
-    from passes.annotate_memory import simulate_partitioned
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
 
     if record.get("format") != FORMAT:
         raise ValueError(f"partition record format {record.get('format')!r} is not {FORMAT}: "
@@ -85,7 +85,7 @@ def _graph(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def _tensor_spec(node: fx.Node) -> Any:
-    from passes.record import size_hint
+    from sac_compiler.passes.record import size_hint
 
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):

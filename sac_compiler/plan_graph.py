@@ -35,10 +35,10 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from passes.annotate_memory import inductor_addmm
-from passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
-from passes.annotate_runtime import achieved_seconds
-from passes.record import Side, get_record, size_hint
+from sac_compiler.passes.annotate_memory import inductor_addmm
+from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
+from sac_compiler.passes.annotate_runtime import achieved_seconds
+from sac_compiler.passes.record import Side, get_record, size_hint
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
 
@@ -63,7 +63,7 @@ class GraphPlanResult:
     kept_ops: dict[str, str] = field(default_factory=dict)
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
-    partitioned: Any = None  # passes.annotate_memory.PartitionedPeak of the graphs that will run
+    partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
     fused_pointwise: bool = False
     # device memory the process held outside this graph when it was compiled (other tensors,
     # library workspaces): it is there during the step too, so it counts against the budget and
@@ -85,7 +85,7 @@ class GraphPlanResult:
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
-        from passes.annotate_memory import simulate_partitioned
+        from sac_compiler.passes.annotate_memory import simulate_partitioned
 
         return simulate_partitioned(fw, bw, **self.simulation_args())
 
@@ -1115,7 +1115,7 @@ def _step_profile(sim: Any) -> tuple[int, ...]:
 
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
     """The exact memory simulation of the joint graph with ``recompute`` recomputed."""
-    from passes.annotate_memory import annotate_memory
+    from sac_compiler.passes.annotate_memory import annotate_memory
 
     return annotate_memory(
         analysis.graph.gm,

@@ -36,7 +36,7 @@ def format_plan(result: Any) -> str:
     text = format_analysis(result.analysis)
     if result.plan is None:
         return text
-    from passes.record import get_record
+    from sac_compiler.passes.record import get_record
 
     from sac_compiler.config import format_bytes
 
@@ -112,7 +112,7 @@ def module_plan_rows(result: Any) -> list[ModulePlanRow]:
     """
     if result.plan is None:
         return []
-    from passes.record import get_record
+    from sac_compiler.passes.record import get_record
     from sac_compiler.plan_graph import build_plan_problem
 
     problem, _, _ = build_plan_problem(result.analysis, fused_pointwise=result.fused_pointwise)

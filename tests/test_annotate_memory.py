@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes import MemoryCategory, annotate_memory, annotate_modules, annotate_ops, get_record
-from passes.annotate_memory import round_allocation
+from sac_compiler.passes import MemoryCategory, annotate_memory, annotate_modules, annotate_ops, get_record
+from sac_compiler.passes.annotate_memory import round_allocation
 from sac_compiler import capture_joint
 from tests.models import Nested, TiedLinear
 
@@ -125,7 +125,7 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     """A saved view keeps its allocation alive; a saved view of a parameter frees nothing in backward."""
     import torch.fx as fx
 
-    from passes.annotate_memory import simulate_partitioned
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
 
     def val(*shape):
         return torch.empty(*shape)
@@ -177,7 +177,7 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
 
 
 def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
-    from passes.annotate_memory import _inductor_inlined
+    from sac_compiler.passes.annotate_memory import _inductor_inlined
 
     def chain_graph(length, readers_of_last):
         graph = torch.fx.Graph()
@@ -205,7 +205,7 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
 
 def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_random)
-    from passes.annotate_memory import _drawn_in_kernel, _fused_recompute_groups
+    from sac_compiler.passes.annotate_memory import _drawn_in_kernel, _fused_recompute_groups
 
     # rebuilt in backward: r = inductor_random(seed); keep = r > p; h = x + keep * y; g = h * 2
     graph = torch.fx.Graph()
@@ -227,7 +227,7 @@ def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
 
 def test_the_partitioned_simulation_stores_no_mask_drawn_inside_a_fused_chain():
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_random)
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     def backward(mask_read_by_backward):
         graph = torch.fx.Graph()
@@ -287,7 +287,7 @@ def test_inductor_fills_a_16_bit_embedding_gradient_accumulator_as_backward_star
 def test_inductor_holds_a_freed_buffer_for_a_later_one_of_its_size():
     """Inductor's generated code hands a freed buffer to a later one of the same size instead of
     freeing it; in between it stays allocated (a graph run op by op frees it at once)."""
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     graph = torch.fx.Graph()
     x, w, big_w = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("big_w")
@@ -318,7 +318,7 @@ def test_inductor_frees_a_graph_input_without_reusing_it():
     """A graph input is deleted, never handed to a later buffer of its size (Inductor's wrapper
     keeps inputs out of its reuse pool): the partitioned simulation frees a saved value at its
     last use, and so does the joint simulation for a value forward saved for backward."""
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     graph, op, placeholder = _graph_builder()
     saved, w, big_w = (placeholder("saved", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64)),
@@ -392,7 +392,7 @@ def test_eager_matmul_copies_a_broadcast_operand():
 
 
 def test_a_matmul_reading_a_broadcast_operand_holds_a_dense_copy_while_it_runs():
-    from passes.annotate_memory import _broadcast_copies, _graph_liveness
+    from sac_compiler.passes.annotate_memory import _broadcast_copies, _graph_liveness
 
     graph, op, placeholder = _graph_builder()
     tangent = placeholder("tangents_1", torch.empty(()))
@@ -435,7 +435,7 @@ def _attention_backward_graph(dtype, batch=2, heads=4, seq=256, dim=64, scaled_g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_efficient_attention_backward_holds_a_workspace_while_it_runs(dtype):
-    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+    from sac_compiler.passes.annotate_memory import _attention_backward_workspace, _graph_liveness
 
     gm, bw, shape = _attention_backward_graph(dtype)
     numel = torch.Size(shape).numel()
@@ -455,7 +455,7 @@ def test_the_efficient_attention_backward_holds_a_workspace_while_it_runs(dtype)
 def test_a_multi_output_op_writes_its_outputs_while_its_inputs_live():
     """Its outputs exist as it runs, before what dies in it is freed: both simulations allocate
     them at the op's step, not at their getitems' (which come after the inputs are freed)."""
-    from passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+    from sac_compiler.passes.annotate_memory import _attention_backward_workspace, _graph_liveness
 
     gm, bw, shape = _attention_backward_graph(torch.float32, scaled_grad=True)
     tensor = torch.Size(shape).numel() * 4
@@ -502,7 +502,7 @@ def _gelu_backward_graph(n=1024, d=2048, h=256, e=64):
 
 
 def test_inductor_runs_a_backward_kernel_sharing_a_rebuild_kernels_reads_inside_it():
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     gm, recomputed, (dgelu, gelu, weight_grad, grad_a, half) = _gelu_backward_graph()
     out = next(iter(gm.graph.find_nodes(op="output")))
@@ -526,7 +526,7 @@ def test_a_rebuild_kernel_does_not_write_into_an_input_a_later_kernel_rebuilds_f
     """An input of a rebuild kernel that a later kernel reads again (through a value the rebuild
     computes without storing, which the later kernel computes anew) does not die in the rebuild:
     no output takes its buffer, and it lives until that later kernel."""
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     graph, op, placeholder = _graph_builder()
     aten, shape = torch.ops.aten, (256, 256)
@@ -560,7 +560,7 @@ def _mm_then_add(user_pointwise, dtype=torch.float32):
 
 
 def test_inductor_folds_a_matmul_into_a_later_add():
-    from passes.annotate_memory import _graph_liveness, inductor_addmm
+    from sac_compiler.passes.annotate_memory import _graph_liveness, inductor_addmm
 
     gm, mm, add = _mm_then_add(user_pointwise=False)
     nodes = list(gm.graph.nodes)
@@ -596,7 +596,7 @@ def test_inductor_writes_a_matmul_and_a_later_add_as_one_addmm():
 def test_a_fused_rebuild_kernel_writes_an_output_into_a_dying_input():
     """A recomputed chain rebuilt in one kernel is the last reader of a saved value only it reads:
     the value dies there and the kernel writes an output of its size into its buffer."""
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     value, row = 64 * 64 * 4, 64 * 4
 
@@ -629,7 +629,7 @@ def test_rebuilding_one_output_of_a_multi_output_op_needs_the_ops_inputs_then():
     """Recomputing attention's output reruns the attention, which reads q, k and v: recomputed too,
     they must exist when the output is rebuilt (its first backward reader), not only at their own
     first backward read, as PyTorch's partitioner places them."""
-    from passes.annotate_memory import _backward_needs
+    from sac_compiler.passes.annotate_memory import _backward_needs
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
@@ -726,7 +726,7 @@ def _column_reductions_graph(shared: bool):
 
 
 def test_inductor_runs_column_reductions_reading_a_common_buffer_as_one_kernel():
-    from passes.annotate_memory import _graph_liveness
+    from sac_compiler.passes.annotate_memory import _graph_liveness
 
     static = frozenset({"x", "m", "y", "g1", "big", "gk", "w"})
     for shared in (False, True):

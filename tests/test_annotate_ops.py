@@ -2,9 +2,9 @@ import torch
 import torch.nn as nn
 from torch.testing import FileCheck
 
-from passes import annotate_modules, annotate_ops, get_record
-from passes.annotate_modules import nodes_of_module
-from passes.annotate_ops import forward_ops
+from sac_compiler.passes import annotate_modules, annotate_ops, get_record
+from sac_compiler.passes.annotate_modules import nodes_of_module
+from sac_compiler.passes.annotate_ops import forward_ops
 from sac_compiler import capture_joint
 from tests.models import DropoutMLP, InplaceMLP, Foo
 
@@ -62,7 +62,7 @@ def test_dropout_is_random_and_saved_mask():
 def test_sdpa_is_random_only_with_dropout():
     import torch.fx as fx
 
-    from passes.annotate_ops import is_random_op
+    from sac_compiler.passes.annotate_ops import is_random_op
 
     for target in (torch.ops.aten._scaled_dot_product_flash_attention.default,
                    torch.ops.aten._scaled_dot_product_efficient_attention.default):

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes import annotate_ops, annotate_runtime, get_record
-from passes.annotate_runtime import BANDWIDTH_EFFICIENCY, MATMUL_EFFICIENCY
+from sac_compiler.passes import annotate_ops, annotate_runtime, get_record
+from sac_compiler.passes.annotate_runtime import BANDWIDTH_EFFICIENCY, MATMUL_EFFICIENCY
 from sac_compiler import capture_joint
 from sac_compiler.device_specs import get_device_spec
 
@@ -50,7 +50,7 @@ def test_benchmark_inputs_keep_the_layout_of_expanded_and_offset_values():
     (stride 0, as the tangent of a ``sum``) cannot be filled in place, so its storage is filled first."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from passes.annotate_runtime import _materialize
+    from sac_compiler.passes.annotate_runtime import _materialize
 
     with FakeTensorMode():
         expanded = torch.ones(()).expand(64, 32)
@@ -64,7 +64,7 @@ def test_benchmark_inputs_keep_the_layout_of_expanded_and_offset_values():
 
 
 def test_benchmark_mode_leaves_attention_backward_with_dropout_to_the_cost_model():
-    from passes.annotate_runtime import _reads_rng_state
+    from sac_compiler.passes.annotate_runtime import _reads_rng_state
 
     graph = capture_joint(nn.Linear(8, 8), torch.randn(4, 8))
     node = next(n for n in graph.gm.graph.nodes if n.op == "call_function")
@@ -83,7 +83,7 @@ def test_grouped_query_attention_counts_the_query_heads():
     torch versions' formulas assert equal head counts and failed on grouped-query attention)."""
     import torch.nn.functional as F
 
-    from passes.annotate_runtime import node_flops
+    from sac_compiler.passes.annotate_runtime import node_flops
 
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

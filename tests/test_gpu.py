@@ -57,7 +57,7 @@ def test_cuda_fake_capture_seed_style():
 
 
 def test_benchmark_mode_times_ops():
-    from passes import annotate_ops, annotate_runtime, get_record
+    from sac_compiler.passes import annotate_ops, annotate_runtime, get_record
     from sac_compiler import capture_joint
     from sac_compiler.analysis import resolve_device_spec
 
@@ -183,7 +183,7 @@ def test_backend_with_benchmark_mode_times_ops_inside_the_compile():
     """estimate_mode="benchmark": the backend times the joint graph's ops on the GPU while
     AOTAutograd's fake mode is active (the timing runs on real tensors), and the planned step's
     gradients equal plain torch.compile's."""
-    from passes import get_record
+    from sac_compiler.passes import get_record
     from tests.test_plan import recording_backend
 
     model, loss, tokens = _seed_transformer_loss()
@@ -222,7 +222,7 @@ def test_outside_bytes_counts_memory_beyond_the_graph_inputs():
 def test_efficient_attention_backward_workspace_as_measured(dtype):
     """The rule's bytes against the op's own peak: what the memory-efficient attention backward
     allocates above its three gradients while it runs."""
-    from passes.annotate_memory import _attention_backward_workspace
+    from sac_compiler.passes.annotate_memory import _attention_backward_workspace
     from tests.test_annotate_memory import _attention_backward_graph
 
     batch, heads, seq, dim = 8, 12, 1024, 64

@@ -12,8 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from passes import annotate_memory, get_record
-from passes.record import MemoryCategory
+from sac_compiler.passes import annotate_memory, get_record
+from sac_compiler.passes.record import MemoryCategory
 from sac_compiler import capture_joint
 from sac_compiler.gpu_lowering import CUDNN, EFFICIENT, FLASH, MATH, meta_autograd_gaps, sdpa_backend
 from sac_compiler.planner import budget_range, plan
