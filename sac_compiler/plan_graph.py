@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
+from sac_compiler.config import SACConfig, format_bytes
 from sac_compiler.passes.annotate_memory import inductor_addmm
 from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
 from sac_compiler.passes.annotate_runtime import achieved_seconds
 from sac_compiler.passes.record import Side, get_record, size_hint
-from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
-from sac_compiler.config import SACConfig, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,21 @@ class GraphPlanResult:
     def simulation_args(self) -> dict[str, Any]:
         """The arguments besides the graphs that ``simulate`` passes to ``simulate_partitioned``."""
         from sac_compiler.capture import InputKind
+        from sac_compiler.passes.record import MemoryCategory
 
         graph = self.analysis.graph
-        return dict(
-            num_fwd_outputs=graph.num_fwd_outputs,
-            static_names={i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
-            target_device=graph.target_device,
-            fused_pointwise=self.fused_pointwise,
-            extra_static_bytes=self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
-            forward_names=frozenset(n.name for n in graph.gm.graph.nodes
-                                    if n.op == "call_function" and get_record(n).side == Side.FORWARD),
-        )
+        categories = {InputKind.PARAMETER: MemoryCategory.PARAMETER, InputKind.BUFFER: MemoryCategory.BUFFER}
+        return {
+            "num_fwd_outputs": graph.num_fwd_outputs,
+            "static_names": {i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
+            "target_device": graph.target_device,
+            "fused_pointwise": self.fused_pointwise,
+            "extra_static_bytes": self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
+            "forward_names": frozenset(n.name for n in graph.gm.graph.nodes
+                                       if n.op == "call_function" and get_record(n).side == Side.FORWARD),
+            "input_categories": {i.name: categories.get(i.kind, MemoryCategory.INPUT) for i in graph.inputs
+                                 if i.kind != InputKind.TANGENT},
+        }
 
     def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
         """Record what the partitioned forward saves for backward; flag saves the plan did not intend."""
@@ -621,7 +625,10 @@ def _solve(problem: Any, options: Any) -> Any:
     """``solve_savings_plan``, timed for ``recording_solves``. If the solver fails (any status but a
     proven infeasibility) the plan is the checked greedy one, and the log says so."""
     from sac_compiler.solvers import InfeasibleError, SolverError
-    from sac_compiler.solvers.savings_plan import greedy_savings_plan, solve_savings_plan
+    from sac_compiler.solvers.savings_plan import (
+        greedy_savings_plan,
+        solve_savings_plan,
+    )
 
     start = time.perf_counter()
     try:

@@ -1,0 +1,532 @@
+"""Each rule of the memory model (``sac_compiler.passes.annotate_memory.RULES``) changes a simulated
+peak by a known amount on a small graph: every test asserts the figure with the rule and without it.
+Also: the lifetime record and the sweep every simulation measures with."""
+
+from __future__ import annotations
+
+import importlib
+import operator
+
+import pytest
+import torch
+from sac_compiler.passes import (
+    MemoryCategory,
+    annotate_memory,
+    annotate_modules,
+    annotate_ops,
+)
+from torch import nn
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from sac_compiler import capture_joint
+from tests.test_annotate_memory import (
+    _attention_backward_graph,
+    _column_reductions_graph,
+    _gelu_backward_graph,
+    _graph_builder,
+    _mm_then_add,
+)
+
+memory = importlib.import_module("sac_compiler.passes.annotate_memory")
+aten = torch.ops.aten
+KIB = 1024
+
+
+def _peak(gm, live_at_start, keep, device="cpu", fused=True, off=(), **kwargs):
+    """(peak, its node) of the partitioned simulation of one graph, with the rules ``off`` left out."""
+    return memory._graph_liveness(gm, live_at_start, keep, device, fused, disabled_rules=off, **kwargs)[:2]
+
+
+def _outputs(gm):
+    return {n.name for n in next(iter(gm.graph.find_nodes(op="output"))).all_input_nodes}
+
+
+def _placeholder_bytes(gm):
+    return sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _joint(model, *inputs, target_device="cpu"):
+    graph = capture_joint(model, *inputs, target_device=target_device)
+    annotate_modules(graph.gm, graph.root_name)
+    annotate_ops(graph.gm)
+    return graph
+
+
+def _partitioned(graph, **kwargs):
+    fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    static = {n.name for n in fw.graph.nodes if n.op == "placeholder"}
+    return memory.simulate_partitioned(fw, bw, graph.num_fwd_outputs, static, target_device=graph.target_device,
+                                       **kwargs)
+
+
+# --- the record and the sweep ---------------------------------------------------------------------
+
+
+def test_the_sweep_counts_each_lifetime_from_its_step_to_where_it_is_freed():
+    temp = MemoryCategory.TEMPORARY
+    lifetimes = [
+        memory.Lifetime("w", 100, -1, None, MemoryCategory.PARAMETER),
+        memory.Lifetime("a", 10, 0, 1, temp),  # freed after step 1
+        memory.Lifetime("b", 20, 1, 1, temp, phase="temp"),  # lives while step 1 runs only
+        memory.Lifetime("c", 30, 2, 2, temp, freed=memory.Freed.RELEASED),  # until step 3 begins
+        memory.Lifetime("d", 40, 2, 2, temp, freed=memory.Freed.HANDED_OVER),  # until step 3 allocates
+        memory.Lifetime("e", 40, 3, None, temp),  # takes over d's bytes
+    ]
+    sweep = memory.peak_sweep(lifetimes, 4)
+    assert sweep.start_bytes == 100
+    assert sweep.timeline == [(100, 110, 110), (110, 130, 100), (100, 170, 170), (140, 140, 140)]
+    assert (sweep.peak_bytes, sweep.peak_step) == (170, 2)
+    by_phase = memory.peak_sweep(lifetimes, 4, key=lambda life: life.phase).by_key
+    assert by_phase[1] == ({"": 110}, {"": 110, "temp": 20}, {"": 100, "temp": 0})
+    assert memory.live_by(lifetimes, 3 * 2 + 1, lambda life: life.name) == {"w": 100, "c": 30, "d": 40}
+    # nothing ever exceeds what lives at the start: the peak is the start's
+    assert memory.peak_sweep(lifetimes[:1], 2).peak_step == -1
+
+
+def test_the_joint_simulation_is_its_lifetimes_swept():
+    graph = _joint(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)), torch.randn(32, 64))
+    sim = annotate_memory(graph.gm, fused_pointwise=True)
+    sweep = memory.peak_sweep(sim.lifetimes, len(sim.timeline))
+    assert sweep.peak_bytes == sim.peak_bytes
+    assert [during for _, during, _ in sweep.timeline] == sim.step_peaks
+    timeline = sim.category_timeline()
+    assert [name for _, name, _ in timeline] == [name for name, _ in sim.timeline]
+    assert [sum(cats.values()) for _, _, cats in timeline] == sim.step_peaks
+    step = sim.step_peaks.index(sim.peak_bytes)
+    assert timeline[step][2] == sim.peak_by_category
+
+
+def test_the_partitioned_simulation_gives_its_timeline_by_category_forward_then_backward():
+    graph = _joint(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)), torch.randn(32, 64))
+    timelines = {}
+    peak = _partitioned(graph, timelines=timelines, extra_static_bytes=1000)
+    timeline = peak.category_timeline()
+    assert [name for _, name, _ in timeline] == [name for name, _ in timelines["forward"] + timelines["backward"]]
+    assert [sum(c.values()) for _, _, c in timeline] == [b for _, b in timelines["forward"] + timelines["backward"]]
+    assert [step for step, _, _ in timeline] == list(range(len(timeline)))
+    _, _, first = timeline[0]
+    assert first[MemoryCategory.OPTIMIZER_STATE] == 1000
+    # the backward starts with what forward saved (activations) and the tangent (a temporary)
+    _, _, backward_start = timeline[len(timelines["forward"])]
+    assert backward_start[MemoryCategory.ACTIVATION] >= peak.saved_bytes
+
+
+def test_rules_are_switched_off_by_name_and_unknown_names_refused():
+    assert all(rule.applies_to <= {"joint", "partitioned"} and rule.imitates for rule in memory.RULES.values())
+    assert "pointwise_fusion" in memory.enabled_rules("joint", fused_pointwise=True)
+    assert "pointwise_fusion" not in memory.enabled_rules("joint", fused_pointwise=False)  # Inductor's only
+    assert "rebuild_fusion" not in memory.enabled_rules("joint", fused_pointwise=True)  # partitioned only
+    with memory.rules_disabled("buffer_reuse"):
+        assert "buffer_reuse" not in memory.enabled_rules("partitioned", True)
+        assert "inputs_deleted" not in memory.enabled_rules("partitioned", True, ["inputs_deleted"])
+    assert "buffer_reuse" in memory.enabled_rules("partitioned", True)
+    with pytest.raises(ValueError, match="unknown memory rule"), memory.rules_disabled("no_such_rule"):
+        pass
+
+
+def test_every_rule_has_its_test():
+    tested = {name for name in memory.RULES if f"test_rule_{name}" in globals()}
+    assert tested == set(memory.RULES)
+
+
+# --- one test per rule -----------------------------------------------------------------------------
+
+
+def test_rule_cuda_rounding():
+    graph, op, placeholder = _graph_builder()
+    x = placeholder("x", torch.empty(3))  # 12 bytes
+    y = op(aten.mul.Tensor, x, 2.0, val=torch.empty(3))
+    graph.output((y,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert _peak(gm, 512, {y.name}, "cuda") == (1024, y.name)
+    assert _peak(gm, 512, {y.name}, "cuda", off={"cuda_rounding"}) == (512 + 12, y.name)
+    joint = {off: annotate_memory(gm, "cuda", num_fwd_outputs=1, annotate=False, disabled_rules=off).peak_bytes
+             for off in ((), ("cuda_rounding",))}
+    assert joint == {(): 1024, ("cuda_rounding",): 24}
+
+
+def test_rule_multi_output_at_op():
+    gm, bw, shape = _attention_backward_graph(torch.float32, scaled_grad=True)
+    tensor = torch.Size(shape).numel() * 4
+    workspace = memory._attention_backward_workspace(bw, "cpu")
+    inputs = _placeholder_bytes(gm)
+    static = frozenset(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    keep = {n.name for n in bw.users}
+    # the outputs are written while the scaled gradient they are made from still lives
+    assert _peak(gm, inputs, keep, static_storage=static) == (inputs + 4 * tensor + workspace, bw.name)
+    # allocated at their getitems, after it is freed: the three gradients make the peak at the last
+    last = max(bw.users, key=lambda n: list(gm.graph.nodes).index(n))
+    assert _peak(gm, inputs, keep, static_storage=static, off={"multi_output_at_op"}) == (inputs + 3 * tensor,
+                                                                                          last.name)
+    joint = {off: annotate_memory(gm, num_fwd_outputs=0, annotate=False, disabled_rules=off)
+             for off in ((), ("multi_output_at_op",))}
+    assert joint[()].peak_bytes - joint[()].static_bytes == 4 * tensor + workspace
+    assert joint[("multi_output_at_op",)].peak_bytes - joint[()].static_bytes == 3 * tensor
+
+
+def test_rule_broadcast_copy():
+    graph, op, placeholder = _graph_builder()
+    tangent = placeholder("tangents_1", torch.empty(()))
+    w = placeholder("w", torch.empty(256, 32))
+    grad = op(aten.expand.default, tangent, [128, 256], val=torch.empty(()).expand(128, 256))
+    dense = op(aten.mul.Tensor, w, 2.0, val=torch.empty(256, 32))
+    out = op(aten.mm.default, grad, dense, val=torch.empty(128, 32))
+    graph.output((out,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    weight, copy, product = 256 * 32 * 4, 128 * 256 * 4, 128 * 32 * 4
+    static = frozenset({"w"})
+    for fused in (False, True):
+        assert _peak(gm, weight + 4, {out.name}, fused=fused, static_storage=static) == (
+            weight + 4 + weight + product + copy, out.name)
+        assert _peak(gm, weight + 4, {out.name}, fused=fused, static_storage=static, off={"broadcast_copy"}) == (
+            weight + 4 + weight + product, out.name)
+    joint = {off: annotate_memory(gm, num_fwd_outputs=1, annotate=False, disabled_rules=off).peak_bytes
+             for off in ((), ("broadcast_copy",))}
+    assert joint[()] - joint[("broadcast_copy",)] == copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rule_attention_workspace(dtype):
+    gm, bw, shape = _attention_backward_graph(dtype)
+    numel = torch.Size(shape).numel()
+    delta = numel // shape[-1] * 4
+    workspace = numel * 4 + (2 * delta if dtype == torch.float32 else delta)
+    inputs = _placeholder_bytes(gm)
+    outputs = 3 * numel * torch.tensor([], dtype=dtype).element_size()
+    keep = {n.name for n in bw.users}
+    assert _peak(gm, inputs, keep) == (inputs + outputs + workspace, bw.name)
+    assert _peak(gm, inputs, keep, off={"attention_workspace"})[0] == inputs + outputs
+    joint = {off: annotate_memory(gm, num_fwd_outputs=0, annotate=False, disabled_rules=off).peak_bytes
+             for off in ((), ("attention_workspace",))}
+    assert joint[()] - joint[("attention_workspace",)] == workspace
+
+
+def test_rule_outputs_dropped():
+    # Linear(256 -> 256, no bias) on a [64, 256] input: the caller drops the 64 KiB output before
+    # backward, which then holds the weight, the input, the output's gradient and the weight's
+    graph = _joint(nn.Linear(256, 256, bias=False), torch.randn(64, 256))
+    weight, x, out = 256 * KIB, 64 * KIB, 64 * KIB
+    dropped = weight + x + out + weight
+    joint = {off: annotate_memory(graph.gm, annotate=False, disabled_rules=off).peak_bytes
+             for off in ((), ("outputs_dropped",))}
+    assert joint == {(): dropped, ("outputs_dropped",): dropped + out}
+    assert annotate_memory(graph.gm, annotate=False, hold_outputs=True).peak_bytes == dropped + out
+    assert _partitioned(graph).peak_bytes == dropped
+    assert _partitioned(graph, disabled_rules={"outputs_dropped"}).peak_bytes == dropped + out
+
+
+def test_rule_multi_output_rerun():
+    """Rebuilding the layer norm's output for ``early`` reruns the layer norm, which reads the
+    recomputed ``q``: with the rule ``q`` lives from there, through ``big``, to ``late``."""
+    graph, op, placeholder = _graph_builder()
+    tile = torch.empty(64, 1024)
+    x = placeholder("x", tile)
+    q = op(aten.mul.Tensor, x, 2.0, val=torch.empty_like(tile))
+    stats = torch.empty(64, 1)
+    norm = op(aten.native_layer_norm.default, q, [1024], None, None, 1e-5,
+              val=(torch.empty_like(tile), stats, torch.empty_like(stats)))
+    y, mean, rstd = (op(operator.getitem, norm, i, val=v) for i, v in enumerate(norm.meta["val"]))
+    loss = op(aten.sum.default, y, val=torch.empty(()))
+    backward = [op(aten.mul.Tensor, y, 3.0, val=torch.empty_like(tile))]  # early: reads the rebuilt y
+    backward.append(op(aten.mul.Tensor, backward[0], 2.0, val=torch.empty_like(tile)))  # big
+    backward.append(op(aten.sum.default, backward[1], val=torch.empty(())))
+    backward.append(op(aten.sum.default, q, val=torch.empty(())))  # late: reads q
+    for node in backward:
+        node.meta["partitioner_tag"] = "is_backward"
+    graph.output((loss, mean, rstd, backward[0], backward[2], backward[3]))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    size, stats = 64 * 1024 * 4, 64 * 4
+    sims = {off: annotate_memory(gm, num_fwd_outputs=3, recomputed={q.name, y.name}, annotate=False,
+                                 disabled_rules=off) for off in ((), ("multi_output_rerun",))}
+    static = sims[()].static_bytes  # x
+    # q (rebuilt with y, for the rerun), early, big and its sum: the peak, at the sum
+    assert (sims[()].peak_bytes, sims[()].peak_node) == (static + 3 * size + 4, backward[2].name)
+    # rebuilt at `late` only, q is gone there: the peak is the forward's, at the layer norm (q, y
+    # and the statistics)
+    assert (sims[("multi_output_rerun",)].peak_bytes, sims[("multi_output_rerun",)].peak_node) == (
+        static + 2 * size + 2 * stats, norm.name)
+
+
+def test_rule_pointwise_fusion():
+    graph, op, placeholder = _graph_builder()
+    x = placeholder("x", torch.empty(256, 256))
+    a = op(aten.mul.Tensor, x, 2.0, val=torch.empty(256, 256))
+    b = op(aten.add.Tensor, a, 1.0, val=torch.empty(256, 256))
+    c = op(aten.exp.default, b, val=torch.empty(256, 256))
+    graph.output((c,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile, static = 256 * KIB, frozenset({"x"})
+    # folded into exp's kernel, the two intermediates have no buffer: x and exp's output
+    assert _peak(gm, tile, {c.name}, static_storage=static) == (2 * tile, c.name)
+    assert _peak(gm, tile, {c.name}, static_storage=static, off={"pointwise_fusion"}) == (3 * tile, b.name)
+    # in the joint graph (forward only: the caller keeps nothing; x is an input, c the output)
+    joint = {off: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off).peak_bytes for off in ((), ("pointwise_fusion",))}
+    assert joint == {(): 2 * tile, ("pointwise_fusion",): 3 * tile}
+
+
+def test_rule_realize_thresholds():
+    # s_k = s_k-1 + a_k, folded: s_8 would read 9 buffers, so Inductor stores it
+    graph, op, placeholder = _graph_builder()
+    inputs = [placeholder(f"a{i}", torch.empty(64, 64)) for i in range(10)]
+    s = inputs[0]
+    for a in inputs[1:]:
+        s = op(aten.add.Tensor, s, a, val=torch.empty(64, 64))
+    out = op(aten.mul.Tensor, s, 2.0, val=torch.empty(64, 64))
+    graph.output((out,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile = 64 * 64 * 4
+    static = frozenset(p.name for p in inputs)
+    assert _peak(gm, 10 * tile, {out.name}, static_storage=static)[0] == 12 * tile  # s_8 and the output
+    assert _peak(gm, 10 * tile, {out.name}, static_storage=static, off={"realize_thresholds"})[0] == 11 * tile
+    joint = {off: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off).peak_bytes for off in ((), ("realize_thresholds",))}
+    assert joint == {(): 12 * tile, ("realize_thresholds",): 11 * tile}
+
+
+def test_rule_addmm_fold():
+    gm, _mm, _add = _mm_then_add(user_pointwise=False)
+    nodes = list(gm.graph.nodes)
+    outputs = {n.name for n in nodes[-1].all_input_nodes}
+    inputs = frozenset(n.name for n in nodes if n.op == "placeholder")
+    big_and_sum = 64 * 512 * 4 + 4
+    # folded into the add, the product is no buffer and is not alive while `big` is
+    assert _peak(gm, 0, outputs, static_storage=inputs)[0] == big_and_sum
+    assert _peak(gm, 0, outputs, static_storage=inputs, off={"addmm_fold"})[0] == big_and_sum + 64 * 64 * 4
+    joint = {off: annotate_memory(gm, num_fwd_outputs=2, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off) for off in ((), ("addmm_fold",))}
+    static = joint[()].static_bytes
+    assert joint[()].peak_bytes == static + big_and_sum
+    assert joint[("addmm_fold",)].peak_bytes == static + big_and_sum + 64 * 64 * 4
+
+
+def _chain_graph():
+    """A backward reading a saved ``h``: ``r1 = h + 1`` for one matmul, ``r2 = r1 * 3`` (both
+    recomputed) for a later one; between them a ``big`` temporary."""
+    graph, op, placeholder = _graph_builder()
+    h, w = placeholder("h", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64))
+    g = placeholder("tangents_1", torch.empty(1, 64))
+    r1 = op(aten.add.Tensor, h, 1.0, val=torch.empty(64, 64))
+    mm1 = op(aten.mm.default, g, r1, val=torch.empty(1, 64))
+    big = op(aten.mm.default, w, w, val=torch.empty(64, 64))
+    s = op(aten.sum.default, big, val=torch.empty(()))
+    r2 = op(aten.mul.Tensor, r1, 3.0, val=torch.empty(64, 64))
+    mm2 = op(aten.mm.default, g, r2, val=torch.empty(1, 64))
+    graph.output((mm1, s, mm2))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), (r1, r2, s), {mm1.name, s.name, mm2.name}
+
+
+def test_rule_recompute_chain_kernel():
+    gm, (r1, r2, s), keep = _chain_graph()
+    tile, row = 64 * 64 * 4, 64 * 4
+    start = 2 * tile + row
+    kwargs = {"static_storage": frozenset({"w"}), "recomputed": frozenset({r1.name, r2.name}),
+              "placeholder_storage": {"h": ("h", tile)}}
+    # one kernel rebuilds r1 and r2 before r1's matmul: r2 lives through `big` (freed after its sum)
+    assert _peak(gm, start, keep, off={"dying_input_reuse"}, **kwargs) == (4 * tile + 2 * row + 4, s.name)
+    assert _peak(gm, start, keep, off={"dying_input_reuse", "recompute_chain_kernel"}, **kwargs) == (
+        3 * tile + 2 * row + 4, s.name)
+
+
+def test_rule_dying_input_reuse():
+    # a backward: h, saved, is read only by the chain rebuilt for grad_w (its add folded into the mul)
+    graph, op, placeholder = _graph_builder()
+    h, w = placeholder("h", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64))
+    g = placeholder("tangents_1", torch.empty(1, 64))
+    rebuilt = op(aten.add.Tensor, h, 1.0, val=torch.empty(64, 64))
+    normed = op(aten.mul.Tensor, rebuilt, 3.0, val=torch.empty(64, 64))
+    grad_w = op(aten.mm.default, g, normed, val=torch.empty(1, 64))
+    grad_x = op(aten.mm.default, g, w, val=torch.empty(1, 64))
+    graph.output((grad_w, grad_x))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    value, row = 64 * 64 * 4, 64 * 4
+    kwargs = {"placeholder_storage": {"h": ("h", value)}, "static_storage": frozenset({"w"}),
+              "recomputed": frozenset({rebuilt.name, normed.name})}
+    # h dies in the kernel, which writes normed into its buffer: h's bytes, the tangent, grad_w
+    assert _peak(gm, value + row, _outputs(gm), **kwargs) == (value + 2 * row, grad_w.name)
+    # else normed is a buffer of its own next to h
+    assert _peak(gm, value + row, _outputs(gm), off={"dying_input_reuse"}, **kwargs) == (2 * value + row,
+                                                                                          rebuilt.name)
+    # the joint simulation: `mm` is kept only to rebuild (mm + 1) * 3, whose product takes its buffer
+    model = _TwoMatmuls()
+    graph = _joint(model, torch.randn(128, 64))
+    sims = {off: annotate_memory(graph.gm, fused_pointwise=True, recomputed={"add", "mul"}, annotate=False,
+                                 disabled_rules=off) for off in ((), ("dying_input_reuse",))}
+    at = [n for n, _ in sims[()].timeline].index("mm_2")  # the chain's first backward reader
+    assert sims[("dying_input_reuse",)].step_peaks[at] - sims[()].step_peaks[at] == 128 * 64 * 4
+
+
+class _TwoMatmuls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64))
+        self.w2 = nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x):
+        return ((x @ self.w + 1) * 3) @ self.w2
+
+
+def test_rule_random_drawn_in_chain():
+    import torch._inductor.inductor_prims  # registers prims.inductor_random
+
+    # rebuilt in backward: r = inductor_random(seed); h = x + (r > p) * z, read by a matmul, and
+    # h * 2 by another
+    graph, op, placeholder = _graph_builder()
+    x, z, w = placeholder("x", torch.empty(64, 64)), placeholder("z", torch.empty(64, 64)), placeholder(
+        "w", torch.empty(64, 8))
+    seed = placeholder("seed", torch.empty((), dtype=torch.int64))
+    r = op(torch.ops.prims.inductor_random.default, [64, 64], seed, "rand", val=torch.empty(64, 64))
+    keep = op(aten.gt.Scalar, r, 0.1, val=torch.empty(64, 64, dtype=torch.bool))
+    h = op(aten.add.Tensor, x, op(aten.mul.Tensor, keep, z, val=torch.empty(64, 64)), val=torch.empty(64, 64))
+    mm1 = op(aten.mm.default, op(aten.mul.Tensor, h, 2.0, val=torch.empty(64, 64)), w, val=torch.empty(64, 8))
+    graph.output((mm1, op(aten.mm.default, h, w, val=torch.empty(64, 8))))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    recomputed = frozenset(n.name for n in graph.nodes if n.op == "call_function" and n.target is not aten.mm.default)
+    tile, thin = 64 * 64 * 4, 64 * 8 * 4
+    start = _placeholder_bytes(gm)
+    kwargs = {"static_storage": frozenset({"x", "z", "w", "seed"}), "recomputed": recomputed}
+    # drawn inside the kernel rebuilding h and h * 2: no mask stored; the peak at the first matmul
+    assert _peak(gm, start, _outputs(gm), **kwargs) == (start + 2 * tile + thin, mm1.name)
+    # stored, the mask lives with h and h * 2 while the kernel runs
+    assert _peak(gm, start, _outputs(gm), off={"random_drawn_in_chain"}, **kwargs) == (start + 3 * tile, keep.name)
+
+
+def test_rule_rebuild_fusion():
+    gm, recomputed, (_, _, weight_grad, _, _) = _gelu_backward_graph()
+    keep, static = _outputs(gm), frozenset({"g", "w2", "w1"})
+    placeholders = _placeholder_bytes(gm)
+    buffer, wgrad = 1024 * 256 * 4, 2048 * 256 * 4
+    kwargs = {"static_storage": static, "recomputed": recomputed}
+    # the GELU backward runs in the kernel rebuilding the GELU and writes into the dying dgelu; the
+    # FC1 output dies there too, before the weight gradient's matmul
+    assert _peak(gm, placeholders, keep, **kwargs) == (placeholders - buffer + 2 * buffer + wgrad, weight_grad.name)
+    # in graph order the FC1 output and dgelu live through the matmul
+    assert _peak(gm, placeholders, keep, off={"rebuild_fusion"}, **kwargs) == (
+        placeholders + 2 * buffer + wgrad, weight_grad.name)
+
+
+def test_rule_column_reduction_order():
+    static = frozenset({"x", "m", "y", "g1", "big", "gk", "w"})
+    gm, (wgrad, c2), (n, d, k) = _column_reductions_graph(shared=True)
+    placeholders, keep = _placeholder_bytes(gm), _outputs(gm)
+    # one kernel for both sums: the second's matmul runs before the weight-gradient matmul, whose
+    # input t lives through it
+    assert _peak(gm, placeholders, keep, static_storage=static) == (placeholders + 4 * (n * k + n * d + 2 * d),
+                                                                    c2.name)
+    # graph order: t dies in the weight-gradient matmul before the second matmul runs
+    assert _peak(gm, placeholders, keep, static_storage=static, off={"column_reduction_order"}) == (
+        placeholders + 4 * (n * k + k * d + d), wgrad.name)
+
+
+def _embedding_backward(dtype):
+    """A backward: a wide temporary, then the embedding's gradient (1024 x 64) from the tangent."""
+    graph, op, placeholder = _graph_builder()
+    g = placeholder("tangents_1", torch.empty(8, 16, 64, dtype=dtype))
+    tokens = placeholder("tokens", torch.empty(8, 16, dtype=torch.int64))
+    w = placeholder("w", torch.empty(64, 512, dtype=dtype))
+    wide = op(aten.mm.default, op(aten.view.default, g, [128, 64], val=torch.empty(128, 64, dtype=dtype)), w,
+              val=torch.empty(128, 512, dtype=dtype))
+    s = op(aten.sum.default, wide, val=torch.empty((), dtype=dtype))
+    grad = op(aten.embedding_dense_backward.default, g, tokens, 1024, -1, False,
+              val=torch.empty(1024, 64, dtype=dtype))
+    graph.output((s, grad))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), s
+
+
+def test_rule_embedding_grad_early():
+    gm, s = _embedding_backward(torch.float32)
+    start, keep = _placeholder_bytes(gm), _outputs(gm)
+    static = frozenset({"w", "tokens"})
+    grad, wide_bytes = 1024 * 64 * 4, 128 * 512 * 4
+    # filled as backward starts, the gradient lives through the wide temporary (freed after its sum)
+    assert _peak(gm, start, keep, static_storage=static) == (start + wide_bytes + grad + 4, s.name)
+    assert _peak(gm, start, keep, static_storage=static, off={"embedding_grad_early"}) == (
+        start + wide_bytes + 4, s.name)
+
+
+def test_rule_fp32_accumulator():
+    gm, s = _embedding_backward(torch.bfloat16)
+    start, keep = _placeholder_bytes(gm), _outputs(gm)
+    static = frozenset({"w", "tokens"})
+    grad, wide_bytes = 1024 * 64 * 2, 128 * 512 * 2
+    # a 16-bit gradient accumulates in fp32, from the start of backward to the gradient's cast
+    assert _peak(gm, start, keep, static_storage=static) == (start + wide_bytes + 2 * grad + 2, s.name)
+    # without, the gradient itself is filled from there
+    assert _peak(gm, start, keep, static_storage=static, off={"fp32_accumulator"}) == (
+        start + wide_bytes + grad + 2, s.name)
+
+
+def _reuse_graph():
+    graph = torch.fx.Graph()
+    x, w, big_w = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("big_w")
+    x.meta["val"] = w.meta["val"] = torch.empty(64, 64)
+    big_w.meta["val"] = torch.empty(64, 256)
+
+    def node(target, args, val):
+        n = graph.call_function(target, args)
+        n.meta["val"] = val
+        return n
+
+    first = node(aten.mm.default, (x, w), torch.empty(64, 64))  # last read by `small`
+    small = node(aten.sum.default, (first,), torch.empty(()))
+    big = node(aten.mm.default, (x, big_w), torch.empty(64, 256))  # allocated while `first` is dead
+    wide = node(aten.sum.default, (big,), torch.empty(()))
+    later = node(aten.mm.default, (x, w), torch.empty(64, 64))  # `first`'s size: takes its buffer
+    graph.output((small, wide, later))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), {small.name, wide.name, later.name}
+
+
+def test_rule_buffer_reuse():
+    gm, outputs = _reuse_graph()
+    apart = 64 * 256 * 4 + 512  # `big` and the scalar `small` (CUDA rounding): `first` is freed
+    assert _peak(gm, 0, outputs, "cuda")[0] == apart + 64 * 64 * 4  # held for `later`
+    assert _peak(gm, 0, outputs, "cuda", off={"buffer_reuse"})[0] == apart
+    # the joint simulation (a forward graph: its inputs stay, the outputs to the end of the graph)
+    joint = {off: annotate_memory(gm, "cuda", num_fwd_outputs=3, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off) for off in ((), ("buffer_reuse",))}
+    static = joint[()].static_bytes
+    assert joint[()].peak_bytes == static + 64 * 64 * 4 + 64 * 256 * 4 + 2 * 512
+    assert joint[("buffer_reuse",)].peak_bytes == static + 64 * 256 * 4 + 2 * 512
+
+
+def test_rule_inputs_deleted():
+    graph, op, placeholder = _graph_builder()
+    saved, w, big_w = (placeholder("saved", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64)),
+                       placeholder("big_w", torch.empty(64, 256)))
+    small = op(aten.sum.default, saved, val=torch.empty(()))  # the saved value's last read
+    big = op(aten.mm.default, w, big_w, val=torch.empty(64, 256))
+    wide = op(aten.sum.default, big, val=torch.empty(()))
+    later = op(aten.mm.default, w, w, val=torch.empty(64, 64))  # the saved value's size
+    graph.output((small, wide, later))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile, inputs = 64 * 64 * 4, 64 * 64 * 4 * 2 + 64 * 256 * 4
+    kwargs = {"static_storage": frozenset({"w", "big_w"})}
+    deleted = inputs - tile + 64 * 256 * 4 + 2 * 512
+    assert _peak(gm, inputs, _outputs(gm), "cuda", **kwargs)[0] == deleted
+    # handed to `later` instead, the saved value would be held through `wide`
+    assert _peak(gm, inputs, _outputs(gm), "cuda", off={"inputs_deleted"}, **kwargs)[0] == deleted + tile
+
+
+def test_rule_inputs_deleted_in_the_joint_simulation():
+    """A forward value freed in backward is an input of the backward graph: deleted, not reused."""
+    graph, op, placeholder = _graph_builder()
+    x, w, big_w = (placeholder("x", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64)),
+                   placeholder("big_w", torch.empty(64, 256)))
+    tangent = placeholder("tangents_1", torch.empty(()))
+    saved = op(aten.mm.default, x, w, val=torch.empty(64, 64))  # forward, read in backward
+    loss = op(aten.sum.default, saved, val=torch.empty(()))
+    backward = [op(aten.mul.Tensor, saved, tangent, val=torch.empty(64, 64))]  # the saved value's last read
+    backward.append(op(aten.sum.default, backward[0], val=torch.empty(())))
+    backward.append(op(aten.mm.default, w, big_w, val=torch.empty(64, 256)))
+    backward.append(op(aten.sum.default, backward[2], val=torch.empty(())))
+    backward.append(op(aten.mm.default, w, w, val=torch.empty(64, 64)))  # the saved value's size
+    for node in backward:
+        node.meta["partitioner_tag"] = "is_backward"
+    graph.output((loss, backward[1], backward[3], backward[4]))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    sims = {off: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=True, annotate=False, disabled_rules=off)
+            for off in ((), ("inputs_deleted",))}
+    weights, tile, wide = 64 * 64 * 4 * 2 + 64 * 256 * 4, 64 * 64 * 4, 64 * 256 * 4
+    # at the wide matmul's sum: the inputs, the two scalar gradients and the wide product
+    assert sims[()].peak_bytes == weights + 4 + 4 + wide
+    assert sims[("inputs_deleted",)].peak_bytes == weights + 4 + 4 + wide + tile
