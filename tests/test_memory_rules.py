@@ -1,10 +1,9 @@
-"""Each rule of the memory model (``sac_compiler.passes.annotate_memory.RULES``) changes a simulated
+"""Each rule of the memory model (``sac_compiler.passes.memory_model.RULES``) changes a simulated
 peak by a known amount on a small graph: every test asserts the figure with the rule and without it.
 Also: the lifetime record and the sweep every simulation measures with."""
 
 from __future__ import annotations
 
-import importlib
 import operator
 
 import pytest
@@ -15,6 +14,17 @@ from sac_compiler.passes import (
     annotate_modules,
     annotate_ops,
 )
+from sac_compiler.passes.memory_model import (
+    RULES,
+    Freed,
+    Lifetime,
+    enabled_rules,
+    live_by,
+    peak_sweep,
+    rules_disabled,
+)
+from sac_compiler.passes.memory_rules import attention_backward_workspace
+from sac_compiler.passes.partitioned_memory import _graph_liveness, simulate_partitioned
 from torch import nn
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -27,14 +37,13 @@ from tests.test_annotate_memory import (
     _mm_then_add,
 )
 
-memory = importlib.import_module("sac_compiler.passes.annotate_memory")
 aten = torch.ops.aten
 KIB = 1024
 
 
 def _peak(gm, live_at_start, keep, device="cpu", fused=True, off=(), **kwargs):
     """(peak, its node) of the partitioned simulation of one graph, with the rules ``off`` left out."""
-    return memory._graph_liveness(gm, live_at_start, keep, device, fused, disabled_rules=off, **kwargs)[:2]
+    return _graph_liveness(gm, live_at_start, keep, device, fused, disabled_rules=off, **kwargs)[:2]
 
 
 def _outputs(gm):
@@ -55,7 +64,7 @@ def _joint(model, *inputs, target_device="cpu"):
 def _partitioned(graph, **kwargs):
     fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
     static = {n.name for n in fw.graph.nodes if n.op == "placeholder"}
-    return memory.simulate_partitioned(fw, bw, graph.num_fwd_outputs, static, target_device=graph.target_device,
+    return simulate_partitioned(fw, bw, graph.num_fwd_outputs, static, target_device=graph.target_device,
                                        **kwargs)
 
 
@@ -65,28 +74,28 @@ def _partitioned(graph, **kwargs):
 def test_the_sweep_counts_each_lifetime_from_its_step_to_where_it_is_freed():
     temp = MemoryCategory.TEMPORARY
     lifetimes = [
-        memory.Lifetime("w", 100, -1, None, MemoryCategory.PARAMETER),
-        memory.Lifetime("a", 10, 0, 1, temp),  # freed after step 1
-        memory.Lifetime("b", 20, 1, 1, temp, phase="temp"),  # lives while step 1 runs only
-        memory.Lifetime("c", 30, 2, 2, temp, freed=memory.Freed.RELEASED),  # until step 3 begins
-        memory.Lifetime("d", 40, 2, 2, temp, freed=memory.Freed.HANDED_OVER),  # until step 3 allocates
-        memory.Lifetime("e", 40, 3, None, temp),  # takes over d's bytes
+        Lifetime("w", 100, -1, None, MemoryCategory.PARAMETER),
+        Lifetime("a", 10, 0, 1, temp),  # freed after step 1
+        Lifetime("b", 20, 1, 1, temp, phase="temp"),  # lives while step 1 runs only
+        Lifetime("c", 30, 2, 2, temp, freed=Freed.RELEASED),  # until step 3 begins
+        Lifetime("d", 40, 2, 2, temp, freed=Freed.HANDED_OVER),  # until step 3 allocates
+        Lifetime("e", 40, 3, None, temp),  # takes over d's bytes
     ]
-    sweep = memory.peak_sweep(lifetimes, 4)
+    sweep = peak_sweep(lifetimes, 4)
     assert sweep.start_bytes == 100
     assert sweep.timeline == [(100, 110, 110), (110, 130, 100), (100, 170, 170), (140, 140, 140)]
     assert (sweep.peak_bytes, sweep.peak_step) == (170, 2)
-    by_phase = memory.peak_sweep(lifetimes, 4, key=lambda life: life.phase).by_key
+    by_phase = peak_sweep(lifetimes, 4, key=lambda life: life.phase).by_key
     assert by_phase[1] == ({"": 110}, {"": 110, "temp": 20}, {"": 100, "temp": 0})
-    assert memory.live_by(lifetimes, 3 * 2 + 1, lambda life: life.name) == {"w": 100, "c": 30, "d": 40}
+    assert live_by(lifetimes, 3 * 2 + 1, lambda life: life.name) == {"w": 100, "c": 30, "d": 40}
     # nothing ever exceeds what lives at the start: the peak is the start's
-    assert memory.peak_sweep(lifetimes[:1], 2).peak_step == -1
+    assert peak_sweep(lifetimes[:1], 2).peak_step == -1
 
 
 def test_the_joint_simulation_is_its_lifetimes_swept():
     graph = _joint(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)), torch.randn(32, 64))
     sim = annotate_memory(graph.gm, fused_pointwise=True)
-    sweep = memory.peak_sweep(sim.lifetimes, len(sim.timeline))
+    sweep = peak_sweep(sim.lifetimes, len(sim.timeline))
     assert sweep.peak_bytes == sim.peak_bytes
     assert [during for _, during, _ in sweep.timeline] == sim.step_peaks
     timeline = sim.category_timeline()
@@ -112,21 +121,21 @@ def test_the_partitioned_simulation_gives_its_timeline_by_category_forward_then_
 
 
 def test_rules_are_switched_off_by_name_and_unknown_names_refused():
-    assert all(rule.applies_to <= {"joint", "partitioned"} and rule.imitates for rule in memory.RULES.values())
-    assert "pointwise_fusion" in memory.enabled_rules("joint", fused_pointwise=True)
-    assert "pointwise_fusion" not in memory.enabled_rules("joint", fused_pointwise=False)  # Inductor's only
-    assert "rebuild_fusion" not in memory.enabled_rules("joint", fused_pointwise=True)  # partitioned only
-    with memory.rules_disabled("buffer_reuse"):
-        assert "buffer_reuse" not in memory.enabled_rules("partitioned", True)
-        assert "inputs_deleted" not in memory.enabled_rules("partitioned", True, ["inputs_deleted"])
-    assert "buffer_reuse" in memory.enabled_rules("partitioned", True)
-    with pytest.raises(ValueError, match="unknown memory rule"), memory.rules_disabled("no_such_rule"):
+    assert all(rule.applies_to <= {"joint", "partitioned"} and rule.imitates for rule in RULES.values())
+    assert "pointwise_fusion" in enabled_rules("joint", fused_pointwise=True)
+    assert "pointwise_fusion" not in enabled_rules("joint", fused_pointwise=False)  # Inductor's only
+    assert "rebuild_fusion" not in enabled_rules("joint", fused_pointwise=True)  # partitioned only
+    with rules_disabled("buffer_reuse"):
+        assert "buffer_reuse" not in enabled_rules("partitioned", True)
+        assert "inputs_deleted" not in enabled_rules("partitioned", True, ["inputs_deleted"])
+    assert "buffer_reuse" in enabled_rules("partitioned", True)
+    with pytest.raises(ValueError, match="unknown memory rule"), rules_disabled("no_such_rule"):
         pass
 
 
 def test_every_rule_has_its_test():
-    tested = {name for name in memory.RULES if f"test_rule_{name}" in globals()}
-    assert tested == set(memory.RULES)
+    tested = {name for name in RULES if f"test_rule_{name}" in globals()}
+    assert tested == set(RULES)
 
 
 # --- one test per rule -----------------------------------------------------------------------------
@@ -148,7 +157,7 @@ def test_rule_cuda_rounding():
 def test_rule_multi_output_at_op():
     gm, bw, shape = _attention_backward_graph(torch.float32, scaled_grad=True)
     tensor = torch.Size(shape).numel() * 4
-    workspace = memory._attention_backward_workspace(bw, "cpu")
+    workspace = attention_backward_workspace(bw, "cpu")
     inputs = _placeholder_bytes(gm)
     static = frozenset(n.name for n in gm.graph.nodes if n.op == "placeholder")
     keep = {n.name for n in bw.users}

@@ -1,0 +1,433 @@
+"""What the memory model's rules (:data:`sac_compiler.passes.memory_model.RULES`) read off a graph:
+which values Inductor folds or stores, which kernels it fuses and how it schedules them, what ops
+hold while they run, and which freed buffers it hands to later ones. Both memory simulations apply
+them; each function names its rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from sac_compiler.passes.annotate_ops import (
+    is_pointwise_op,
+    op_name,
+)
+from sac_compiler.passes.memory_model import Freed, Lifetime, round_allocation
+from sac_compiler.passes.record import size_hint
+from torch import fx
+
+# Inductor's lowering stores a pointwise value it would otherwise fold into its readers once
+# folding would have it read too many buffers (torch._inductor.config: realize_reads_threshold
+# with more than one reader, the accumulated-reads default always; their GPU values).
+_REALIZE_READS = 4
+_REALIZE_ACC_READS = 8
+
+
+def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node],
+                     realize: bool = True) -> set[fx.Node]:
+    """The fusable ``candidates`` (in graph order) Inductor keeps folded into their readers.
+
+    A folded value reads what its inputs read (the buffers; what folded inputs read in turn);
+    it is stored instead when that is more than ``_REALIZE_ACC_READS`` buffers, or more than
+    ``_REALIZE_READS`` with more than one reader (``readers(node)``). Scalars do not count.
+    ``realize=False`` (without the ``realize_thresholds`` rule): every candidate is folded.
+    """
+    inlined: set[fx.Node] = set()
+    reads: dict[fx.Node, set[fx.Node]] = {}
+    for node in candidates:
+        read: set[fx.Node] = set()
+        for arg in node.all_input_nodes:
+            base = owner.get(arg, arg)
+            if base in inlined:
+                read |= reads[base]
+            elif not _is_scalar(base):
+                read.add(base)
+        if realize and (len(read) > _REALIZE_ACC_READS or (len(readers(node)) > 1 and len(read) > _REALIZE_READS)):
+            continue
+        inlined.add(node)
+        reads[node] = read
+    return inlined
+
+
+def column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node],
+                                stored: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    """The graph's nodes in the order Inductor runs them once it has fused column reductions.
+
+    A column reduction (a sum over every dimension but the last: a norm's weight gradient, a
+    bias gradient) over a pointwise expression reads the buffers that expression reads. Inductor
+    fuses column reductions of one size that read a common buffer of that size into one kernel,
+    and its scheduler, visiting nodes depth first in graph order, pulls everything that kernel
+    needs ahead of the nodes that stood between its first and its last member: those run after
+    it (seen in Inductor's generated backward of a Llama: docs/design.md). The members keep their
+    own steps. ``stored``: the nodes that are buffers (what an inlined pointwise value reads
+    through). The ``column_reduction_order`` rule."""
+    columns: list[tuple[fx.Node, int, set[fx.Node]]] = []
+    for node in nodes:
+        numel = _column_reduction_numel(node)
+        if numel is None:
+            continue
+        reads: set[fx.Node] = set()
+        seen: set[fx.Node] = set()
+        stack = [node.args[0]]
+        while stack:
+            arg = stack.pop()
+            base = owner.get(arg, arg)
+            if base in seen:
+                continue
+            seen.add(base)
+            if stored(base):
+                if _numel(base) == numel:
+                    reads.add(base)
+            else:  # computed inline: it reads what its inputs are
+                stack += base.all_input_nodes
+        columns.append((node, numel, reads))
+    by_read: dict[tuple[fx.Node, int], fx.Node] = {}
+    links = [(by_read.setdefault((buffer, numel), node), node) for node, numel, reads in columns for buffer in reads]
+    order = nodes
+    for group in _linked_groups([c for c, _, _ in columns], links):
+        at = {n: i for i, n in enumerate(order)}
+        first = min(at[n] for n in group)
+        needed: set[fx.Node] = set()
+        stack = list(group)
+        while stack:
+            node = stack.pop()
+            if node in needed or at[node] < first:
+                continue
+            needed.add(node)
+            stack += node.all_input_nodes
+        later = order[first:]
+        order = order[:first] + [n for n in later if n in needed] + [n for n in later if n not in needed]
+    return order
+
+
+def _column_reduction_numel(node: fx.Node) -> int | None:
+    """The input's element count of a sum over every dimension but the last, else None."""
+    if node.op != "call_function" or op_name(node.target) != "aten.sum":
+        return None
+    source = node.args[0] if node.args else None
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return None
+    dims = {d % val.dim() for d in ([dims] if isinstance(dims, int) else dims)}
+    if dims != set(range(val.dim() - 1)):
+        return None
+    return size_hint(val.numel())
+
+
+def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
+                           owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
+    """Recomputed pointwise values Inductor rebuilds in one fused kernel.
+
+    Recomputed values depend on nothing backward makes, so Inductor fuses a connected set of
+    recomputed pointwise values (the residual stream of every layer) into one kernel, which runs
+    before the first of them is needed, after the recomputed values it reads (matmuls included):
+    each value stored there exists from then on. Returns the connected sets (in graph order);
+    ``ancestors`` gives what else they pull forward.
+    """
+    eligible = [n for n in order if n in members and is_pointwise_op(n)]
+    ok = set(eligible)
+    return _linked_groups(eligible, [(owner.get(a, a), node) for node in eligible for a in node.all_input_nodes
+                                     if owner.get(a, a) in ok])
+
+
+def _linked_groups(items: list[fx.Node], links: Iterable[tuple[fx.Node, fx.Node]]) -> list[list[fx.Node]]:
+    """The sets of two or more ``items`` that ``links`` (pairs of items) connect, each in the items'
+    order, ordered by their first item."""
+    parent = {n: n for n in items}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for a, b in links:
+        parent[root(a)] = root(b)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in items:
+        groups.setdefault(root(node), []).append(node)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def fused_into_rebuild(
+    nodes: list[fx.Node], kernel: set[fx.Node], step: int, index: dict[fx.Node, int],
+    owner: dict[fx.Node, fx.Node], stored: Callable[[fx.Node], bool], made: Callable[[fx.Node], int],
+) -> list[set[fx.Node]]:
+    """Later pointwise kernels Inductor fuses into a rebuild kernel (``kernel``, run at ``step``).
+
+    Its scheduler fuses kernels that read the same buffers when nothing between them is needed:
+    a backward pointwise kernel whose every input exists at ``step`` (or is made in the kernel),
+    that reads a buffer the kernel reads or makes, over as many elements as one of its outputs,
+    runs inside it (seen in Inductor's generated backward of the seed Transformer: the GELU
+    backward ran in the kernel rebuilding the GELU forward for the FC2 weight gradient, before
+    that matmul). The ``rebuild_fusion`` rule. Returns each fused kernel's nodes: the stored value (``stored``) and the unstored pointwise values it computes
+    inline. ``made``: the step each stored value exists from (-1: an input of the graph)."""
+    reads = set(kernel) | {owner.get(a, a) for n in kernel for a in n.all_input_nodes}
+    numels = {_numel(n) for n in kernel if stored(n)}
+    parts: list[set[fx.Node]] = []
+    joined: set[fx.Node] = set()
+    for node in nodes:
+        if (index[node] <= step or node in kernel or node.op != "call_function" or not is_pointwise_op(node)
+                or not stored(node) or _numel(node) not in numels):
+            continue
+        inline: set[fx.Node] = set()
+        buffers: set[fx.Node] = set()
+        stack, ok = [node], True
+        while stack and ok:
+            for arg in stack.pop().all_input_nodes:
+                base = owner.get(arg, arg)
+                if base in kernel or base in joined or base in buffers or base in inline:
+                    buffers.add(base)
+                elif base.op == "call_function" and is_pointwise_op(base) and not stored(base):
+                    inline.add(base)
+                    stack.append(base)
+                elif made(base) <= step:
+                    buffers.add(base)
+                else:
+                    ok = False
+                    break
+        if ok and buffers & reads:
+            part = {node} | {n for n in inline if all(u is node or u in inline for u in n.users)}
+            parts.append(part)
+            joined |= part
+    return parts
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return size_hint(val.numel()) if isinstance(val, torch.Tensor) else None
+
+
+def ancestors(group: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """The group and the recomputed values (``members``) it is made from, transitively."""
+    seen: set[fx.Node] = set()
+    stack = list(group)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack += [owner.get(a, a) for a in node.all_input_nodes if owner.get(a, a) in members]
+    return seen
+
+
+def drawn_in_kernel(node: fx.Node, group: list[fx.Node], readers: Iterable[fx.Node]) -> bool:
+    """A recomputed ``inductor_random`` that only the fused chain ``group`` reads: Inductor draws it
+    inside the chain's kernel and never stores it (seen in its generated backward of the seed
+    Transformer), though its lowering stores the forward's. The ``random_drawn_in_chain`` rule."""
+    # by name: Inductor registers its prims only once it is imported
+    return op_name(node.target) == "prims.inductor_random" and set(readers) <= set(group)
+
+
+def embedding_accumulator(node: fx.Node, device: torch.device | str | None,
+                          rules: frozenset[str]) -> tuple[bool, int]:
+    """How the rules place an embedding gradient: (filled as backward starts, by
+    ``embedding_grad_early``; the bytes of a separate accumulator, by ``fp32_accumulator``, or 0:
+    the output itself is it). (False, 0) for other ops."""
+    early, accumulate = "embedding_grad_early" in rules, "fp32_accumulator" in rules
+    accumulator = inductor_accumulator(node, device) if early or accumulate else None
+    if accumulator is None:
+        return False, 0
+    return early, accumulator if accumulate else 0
+
+
+def inductor_accumulator(node: fx.Node, device: torch.device | str | None) -> int | None:
+    """Inductor lowers ``embedding_dense_backward`` to a zero-filled accumulator that reads nothing,
+    so its scheduler fills it as backward starts (``embedding_grad_early``), in fp32 for a 16-bit
+    gradient (``fp32_accumulator``). None for other ops; else the bytes of a separate fp32
+    accumulator for a 16-bit gradient, or 0 when the output itself is it."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.embedding_dense_backward.default:
+        return None
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    if val.dtype in (torch.float16, torch.bfloat16):
+        return round_allocation(size_hint(val.numel()) * 4, device)
+    return 0
+
+
+# Operands a matmul reads through a dense layout; a broadcast one is first copied out.
+_DENSE_OPERANDS = {
+    torch.ops.aten.mm.default: (0, 1),
+    torch.ops.aten.bmm.default: (0, 1),
+    torch.ops.aten.addmm.default: (1, 2),
+    torch.ops.aten.baddbmm.default: (1, 2),
+}
+
+
+def broadcast_copies(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes a matmul copies its broadcast operands into for the duration of the op.
+
+    A broadcast operand (stride 0 along a dimension of more than one element: the expanded
+    tangent of ``loss.sum()`` read by the output layer's matmuls) is no layout BLAS takes: eager
+    ATen clones it inside the op, Inductor fills a dense buffer just before the extern matmul and
+    frees it after (seen in its generated backward of the seed Transformer). The
+    ``broadcast_copy`` rule."""
+    positions = _DENSE_OPERANDS.get(node.target) if node.op == "call_function" else None
+    if not positions:
+        return 0
+    total = 0
+    for i in positions:
+        arg = node.args[i] if i < len(node.args) else None
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        if isinstance(val, torch.Tensor) and any(
+                size_hint(st) == 0 and size_hint(sz) > 1 for sz, st in zip(val.shape, val.stride())):
+            total += round_allocation(size_hint(val.numel()) * val.element_size(), device)
+    return total
+
+
+def attention_backward_workspace(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes the memory-efficient attention backward allocates inside the op, on top of its outputs.
+
+    Its kernel accumulates the query's gradient in an fp32 workspace (the query's elements, 4 bytes
+    each) next to ``delta``, one fp32 value per query row and head. For fp32 inputs ATen computes
+    ``delta`` first, as ``(grad_out * out).sum(-1).transpose(-2, -1).contiguous()``: the product and
+    two deltas, before the workspace; for 16-bit inputs the kernel computes it (measured on the op
+    itself: ``tests/test_gpu.py``). The ``attention_workspace`` rule."""
+    if node.op != "call_function" or node.target is not _EFFICIENT_ATTENTION_BACKWARD:
+        return 0
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2]]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return 0
+    grad_out, query = vals
+    delta = round_allocation(size_hint(grad_out.numel()) // max(1, size_hint(grad_out.shape[-1])) * 4, device)
+    workspace = round_allocation(size_hint(query.numel()) * 4, device) + delta
+    if grad_out.dtype != torch.float32:
+        return workspace
+    return max(workspace, round_allocation(size_hint(grad_out.numel()) * 4, device) + 2 * delta)
+
+
+_EFFICIENT_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
+
+
+def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
+    """Matmuls Inductor folds into a later add: ``add(mm(a, b), c)`` becomes ``addmm(c, a, b)``
+    (its post-grad ``addmm`` pattern: the mm's only reader, ``c`` a tensor of the operands' dtype
+    that broadcasts to the product, and, on a GPU, not when every reader of the sum is pointwise).
+    The matmul then runs where the add is: on the seed Transformer's tied embedding, the output
+    layer's weight gradient moves from the start of backward to its end, and its operands live
+    until then. Returns each such mm and its add (the ``addmm_fold`` rule)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    moved: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2:
+            continue
+        if node.kwargs.get("alpha", 1) != 1:
+            continue
+        for mm, inp in (node.args, node.args[::-1]):
+            if not (isinstance(mm, fx.Node) and isinstance(inp, fx.Node) and mm.op == "call_function"
+                    and mm.target is torch.ops.aten.mm.default and len(mm.users) == 1):
+                continue
+            vals = [x.meta.get("val") for x in (inp, *mm.args[:2]) if isinstance(x, fx.Node)]
+            out = mm.meta.get("val")
+            if len(vals) != 3 or not all(isinstance(v, torch.Tensor) for v in (*vals, out)):
+                continue
+            if len({v.dtype for v in vals}) != 1 or not _broadcasts_to(vals[0].shape, out.shape):
+                continue
+            if on_gpu and all(u.op != "output" and is_pointwise_op(u) for u in node.users):
+                continue
+            moved[mm] = node
+            break
+    return moved
+
+
+def transient_buffers(nodes: list[fx.Node], index: dict[fx.Node, int], runs_at: dict[fx.Node, int],
+                device: torch.device | str | None, rules: frozenset[str]) -> list[tuple[fx.Node, int, int, str]]:
+    """(op, step, bytes, rule) of what ops hold only while they run: the copies of broadcast matmul
+    operands (``broadcast_copy``) and the attention backward's workspace (``attention_workspace``).
+    ``runs_at``: the step of each matmul folded into a later add (``addmm_fold``)."""
+    out = []
+    for node in nodes:
+        for rule, nbytes in (("broadcast_copy", broadcast_copies), ("attention_workspace", attention_backward_workspace)):
+            size = nbytes(node, device) if rule in rules else 0
+            if size:
+                out.append((node, runs_at.get(node, index[node]), size, rule))
+    return out
+
+
+def allocated_by(node: fx.Node) -> fx.Node:
+    """The node whose step allocates ``node``: for one output of a multi-output op, the op (it
+    writes all its outputs while its inputs still live: ``multi_output_at_op``), else the node itself."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and node.args[0].op == "call_function":
+        return node.args[0]
+    return node
+
+
+def _broadcasts_to(shape: Any, target: Any) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(size_hint(s) in (1, size_hint(t)) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dim() == 0
+
+
+def fused_runs_until(nodes: list[fx.Node], index: dict[fx.Node, int],
+                     readers: dict[fx.Node, list[fx.Node]]) -> dict[fx.Node, int]:
+    """For each fused node (``readers``: the nodes whose kernels it runs in), the last step at which
+    it runs: its last reader's, or that reader's own if the reader is fused too."""
+    until: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        if readers.get(node):
+            until[node] = max(until.get(u, index[u]) for u in readers[node])
+    return until
+
+
+def reuse_freed_buffers(lifetimes: list[Lifetime], takers: Sequence[int], givers: Sequence[int], steps: int,
+                        graph_starts: Iterable[int] = ()) -> None:
+    """Apply ``buffer_reuse`` to ``lifetimes`` in place: each freed record another allocation takes
+    over (see :func:`reused_frees`) is held until that allocation, and handed over to it."""
+    for giver, taker in reused_frees(lifetimes, takers, givers, steps, graph_starts).items():
+        lifetimes[giver] = dataclasses.replace(lifetimes[giver], free_step=lifetimes[taker].alloc_step - 1,
+                                               freed=Freed.HANDED_OVER, rule="buffer_reuse",
+                                               taken_by=lifetimes[taker].name)
+
+
+def reused_frees(lifetimes: Sequence[Lifetime], takers: Sequence[int], givers: Sequence[int], steps: int,
+                 graph_starts: Iterable[int] = ()) -> dict[int, int]:
+    """Inductor's buffer reuse: a buffer its generated code frees is not released to the allocator
+    when a later buffer of the same size takes it over (``# reuse`` in the generated code; the
+    pool is last in, first out, within one graph); it stays allocated until then.
+
+    ``takers``: the positions in ``lifetimes`` of the allocations that may take a freed buffer;
+    ``givers``: of the frees that may hand theirs over; each in the order the graph's steps make
+    them. Returns, for each free taken over, the allocation taking it (positions in ``lifetimes``).
+    ``graph_starts``: steps where a new graph begins (the pool empties).
+
+    Inductor declines a reuse that would raise its own estimate of the graph's peak, but that
+    estimate is not the allocator's (a held buffer was seen raising the measured peak): the
+    simulation takes every reuse it can. A graph's inputs are freed, never reused (``del`` in
+    the generated code: Inductor's wrapper keeps ``InputBuffer``s out of its pool): the callers
+    leave them out of ``givers`` (the ``inputs_deleted`` rule).
+    """
+    starts = set(graph_starts)
+    allocations: dict[int, list[int]] = {}
+    for i in takers:
+        allocations.setdefault(lifetimes[i].alloc_step, []).append(i)
+    frees: dict[int, list[int]] = {}
+    for i in givers:
+        frees.setdefault(lifetimes[i].free_step, []).append(i)  # type: ignore[arg-type]
+    pool: dict[int, list[int]] = {}  # size -> frees waiting for a taker
+    taken: dict[int, int] = {}
+    for step in range(steps):
+        if step in starts:
+            pool = {}
+        for i in allocations.get(step, ()):
+            size = lifetimes[i].nbytes
+            if size and pool.get(size):
+                taken[pool[size].pop()] = i
+        for i in frees.get(step, ()):
+            size = lifetimes[i].nbytes
+            if size:
+                pool.setdefault(size, []).append(i)
+    return taken
