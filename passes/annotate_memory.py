@@ -417,21 +417,18 @@ def annotate_memory(
     givers: list[int] = []
     inputs_deleted = "inputs_deleted" in rules
 
-    def add(life: Lifetime, takes: bool = True, gives: bool | None = None) -> None:
+    def add(node: fx.Node, life: Lifetime, takes: bool = True, gives: bool | None = None) -> None:
         """``gives`` None: a free Inductor may hand over unless it deletes an input of the backward
         graph (a tangent, or a value forward saved for it)."""
         if takes:
             takers.append(len(lifetimes))
         if life.free_step is not None and life.freed is Freed.AFTER:
             if gives is None:
-                base = by_name[life.name]
-                gives = not inputs_deleted or (base.op != "placeholder" and not (
-                    life.free_step >= first_backward and _side(base) == Side.FORWARD))
+                gives = not inputs_deleted or (node.op != "placeholder" and not (
+                    life.free_step >= first_backward and _side(node) == Side.FORWARD))
             if gives:
                 givers.append(len(lifetimes))
         lifetimes.append(life)
-
-    by_name = {n.name: n for n in nodes}
     for node in nodes:
         if owner[node] is not node or node.op == "output" or node in static:
             continue
@@ -442,38 +439,39 @@ def annotate_memory(
         early, accumulator = embedding_accumulator(node, device, rules)
         if start_at >= first_backward:
             if accumulator:
-                add(Lifetime(node.name, accumulator, first_backward if early else start_at, index[node], cat,
-                             "fp32_accumulator", phase=phase))
+                add(node, Lifetime(node.name, accumulator, first_backward if early else start_at, index[node],
+                                   cat, "fp32_accumulator", phase=phase))
             elif early:
                 start_at, rule = first_backward, "embedding_grad_early"  # the output is the accumulator
         size = alloc.get(node, 0)
         if size == 0 and nbytes.get(node, 0):
             rule = "addmm_fold" if node in runs_at else "pointwise_fusion"
         if node in held:
-            add(Lifetime(node.name, size, start_at, None, cat, rule, phase=phase))
+            add(node, Lifetime(node.name, size, start_at, None, cat, rule, phase=phase))
             continue
         uses = sorted(uses_of.get(node, ()))
         if released(node):  # the caller drops it (model(x).sum().backward()) before backward
-            add(Lifetime(node.name, size, start_at, first_backward - 1, cat, "outputs_dropped", Freed.RELEASED,
-                         phase))
+            add(node, Lifetime(node.name, size, start_at, first_backward - 1, cat, "outputs_dropped",
+                               Freed.RELEASED, phase))
             continue
         if node in held_for_recompute:  # kept so that a recomputed value can be rebuilt from it
             uses = sorted(set(uses) | {held_for_recompute[node]})
         if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
-            add(Lifetime(node.name, size, start_at, fw_uses[-1] if fw_uses else start_at, cat, rule, phase=phase))
+            add(node, Lifetime(node.name, size, start_at, fw_uses[-1] if fw_uses else start_at, cat, rule,
+                               phase=phase))
             needed = rematerialized[node]
             if needed:  # rematerialised for its first backward need, kept to its last
-                add(Lifetime(node.name, remat_alloc.get(node, 0), min(needed), max(needed), cat,
-                             remat_rule.get(node, LIVENESS), phase=phase),
+                add(node, Lifetime(node.name, remat_alloc.get(node, 0), min(needed), max(needed), cat,
+                                   remat_rule.get(node, LIVENESS), phase=phase),
                     takes=node not in adopting, gives=True)
             continue
         if node in handed_over:  # its buffer is written over by the rebuilt value taking it
             step, taker = handed_over[node]
-            add(Lifetime(node.name, size, start_at, step - 1, cat, "dying_input_reuse", Freed.HANDED_OVER, phase,
-                         taker.name))
+            add(node, Lifetime(node.name, size, start_at, step - 1, cat, "dying_input_reuse",
+                               Freed.HANDED_OVER, phase, taker.name))
         else:
-            add(Lifetime(node.name, size, start_at, uses[-1] if uses else start_at, cat, rule, phase=phase))
+            add(node, Lifetime(node.name, size, start_at, uses[-1] if uses else start_at, cat, rule, phase=phase))
     for node, step, nbytes_, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes_, step, step, MemoryCategory.TEMPORARY, rule, phase="temp"))
     if "buffer_reuse" in rules:

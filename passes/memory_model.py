@@ -105,9 +105,12 @@ def peak_sweep(lifetimes: Iterable[Lifetime], steps: int,
     start = 0
     start_by_key: dict[Any, int] = {}
     for life in lifetimes:
+        if not life.nbytes:
+            continue
         k = key(life) if key is not None else None
-        for point, size in ((life.alloc_point, life.nbytes), (life.free_point, -life.nbytes)):
-            if point is None or point >= points or not size:
+        free = None if life.free_step is None else 3 * life.free_step + _FREE_OFFSET[life.freed]
+        for point, size in ((3 * life.alloc_step + 1, life.nbytes), (free, -life.nbytes)):
+            if point is None or point >= points:
                 continue
             if point < 0:
                 start += size
@@ -147,10 +150,9 @@ def live_by(lifetimes: Iterable[Lifetime], point: int, key: Callable[[Lifetime],
     out: dict[Any, int] = {}
     for life in lifetimes:
         size = 0
-        if life.alloc_point <= point:
+        if 3 * life.alloc_step + 1 <= point:  # alloc_point, inlined: this runs once per record
             size += life.nbytes
-        free = life.free_point
-        if free is not None and free <= point:
+        if life.free_step is not None and 3 * life.free_step + _FREE_OFFSET[life.freed] <= point:
             size -= life.nbytes
         if size:
             k = key(life)

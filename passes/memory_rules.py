@@ -6,7 +6,6 @@ them; each function names its rule.
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -167,8 +166,9 @@ def fused_into_rebuild(
     that reads a buffer the kernel reads or makes, over as many elements as one of its outputs,
     runs inside it (seen in Inductor's generated backward of the seed Transformer: the GELU
     backward ran in the kernel rebuilding the GELU forward for the FC2 weight gradient, before
-    that matmul). The ``rebuild_fusion`` rule. Returns each fused kernel's nodes: the stored value (``stored``) and the unstored pointwise values it computes
-    inline. ``made``: the step each stored value exists from (-1: an input of the graph)."""
+    that matmul). The ``rebuild_fusion`` rule. Returns each fused kernel's nodes: the stored value
+    (``stored``) and the unstored pointwise values it computes inline. ``made``: the step each
+    stored value exists from (-1: an input of the graph)."""
     reads = set(kernel) | {owner.get(a, a) for n in kernel for a in n.all_input_nodes}
     numels = {_numel(n) for n in kernel if stored(n)}
     parts: list[set[fx.Node]] = []
@@ -345,7 +345,8 @@ def transient_buffers(nodes: list[fx.Node], index: dict[fx.Node, int], runs_at: 
     ``runs_at``: the step of each matmul folded into a later add (``addmm_fold``)."""
     out = []
     for node in nodes:
-        for rule, nbytes in (("broadcast_copy", broadcast_copies), ("attention_workspace", attention_backward_workspace)):
+        for rule, nbytes in (("broadcast_copy", broadcast_copies),
+                             ("attention_workspace", attention_backward_workspace)):
             size = nbytes(node, device) if rule in rules else 0
             if size:
                 out.append((node, runs_at.get(node, index[node]), size, rule))
@@ -388,9 +389,9 @@ def reuse_freed_buffers(lifetimes: list[Lifetime], takers: Sequence[int], givers
     """Apply ``buffer_reuse`` to ``lifetimes`` in place: each freed record another allocation takes
     over (see :func:`reused_frees`) is held until that allocation, and handed over to it."""
     for giver, taker in reused_frees(lifetimes, takers, givers, steps, graph_starts).items():
-        lifetimes[giver] = dataclasses.replace(lifetimes[giver], free_step=lifetimes[taker].alloc_step - 1,
-                                               freed=Freed.HANDED_OVER, rule="buffer_reuse",
-                                               taken_by=lifetimes[taker].name)
+        life, by = lifetimes[giver], lifetimes[taker]
+        lifetimes[giver] = Lifetime(life.name, life.nbytes, life.alloc_step, by.alloc_step - 1, life.category,
+                                    "buffer_reuse", Freed.HANDED_OVER, life.phase, by.name)
 
 
 def reused_frees(lifetimes: Sequence[Lifetime], takers: Sequence[int], givers: Sequence[int], steps: int,
