@@ -142,6 +142,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         graphs.append({
             "predicted_peak": getattr(getattr(result, "partitioned", None), "peak_bytes", None),
             "first_measured": (getattr(compiled, "measured", None) or [None])[0],
+            "first_predicted": (getattr(compiled, "predicted", None) or [None])[0],
             "replans": getattr(compiled, "replans", None),
             "caller_held_bytes": getattr(result, "caller_held_bytes", None),
             "recomputed": len(result.plan.recompute) if getattr(result, "plan", None) is not None else None,
@@ -154,8 +155,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spawn(cell: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT)
+def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
+    """Run one cell in its own process; its stderr (the backend's log at INFO) goes to ``logs``."""
+    env = dict(os.environ, SAC_LOG=os.environ.get("SAC_LOG", "info"))
+    proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT, env=env)
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        name = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+        (logs / f"{name}.log").write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return dict(cell, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
@@ -178,7 +185,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     pairs = [(m, loop) for m in args.models for loop in args.loops]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         # plain compile first: it sets every budget of its (model, loop)
-        plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile")): (m, loop) for m, loop in pairs}
+        plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile"), out / "logs"): (m, loop) for m, loop in pairs}
         followers = []
         for future in concurrent.futures.as_completed(plain):
             m, loop = plain[future]
@@ -190,7 +197,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             cells += [dict(base, model=m, loop=loop, strategy=f"sac {f:g}", fraction=f,
                            budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
                       for f in args.fractions]
-            followers += [pool.submit(_spawn, c) for c in cells]
+            followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())
     return done

@@ -909,7 +909,7 @@ def _optimizer_state_bytes(
             for v in state.values()
             if isinstance(v, torch.Tensor) and v.dim() > 0
         )
-    per_param = _STATE_PER_PARAM.get(type(optimizer).__name__)
+    per_param = STATE_PER_PARAM.get(type(optimizer).__name__)
     if per_param is None:
         raise ValueError(
             f"cannot estimate the state of {type(optimizer).__name__} before its first step: "
@@ -924,7 +924,8 @@ def _momentum(optimizer: torch.optim.Optimizer) -> float:
     return 1.0 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0.0
 
 
-_STATE_PER_PARAM: dict[str, Any] = {
+# state bytes per parameter byte of the optimizers whose state is known before their first step
+STATE_PER_PARAM: dict[str, Any] = {
     "Adam": 2.0,
     "AdamW": 2.0,
     "Adamax": 2.0,
@@ -1232,6 +1233,7 @@ def simulate_partitioned(
     extra_static_bytes: int = 0,
     forward_names: frozenset[str] = frozenset(),
     timelines: dict[str, list[tuple[str, int]]] | None = None,
+    hold_outputs: bool = False,
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
@@ -1239,6 +1241,8 @@ def simulate_partitioned(
     inputs); ``extra_static_bytes``: memory outside the graphs (optimizer state); ``forward_names``:
     the joint graph's forward nodes (the backward's nodes so named are recomputed); ``timelines``
     receives each graph's live bytes per node, under ``"forward"`` and ``"backward"``.
+    ``hold_outputs``: the caller keeps forward's outputs through backward; else it drops them
+    between the graphs (``model(x).sum().backward()``).
     """
     fw_placeholders = [n for n in fw.graph.nodes if n.op == "placeholder"]
     static = extra_static_bytes + sum(
@@ -1255,8 +1259,8 @@ def simulate_partitioned(
     user_outputs = sum(fw_sizes.get(fw_owner[n.name], 0) for n in outs[:num_fwd_outputs]
                        if fw_owner[n.name] not in saved_owners)
     saved_bytes = sum(fw_sizes.get(name, 0) for name in saved_owners)
-    # between the graphs the caller drops the outputs (model(x).sum().backward())
-    at_backward = fw_end - user_outputs
+    # between the graphs the caller drops the outputs (model(x).sum().backward()), or holds them
+    at_backward = fw_end if hold_outputs else fw_end - user_outputs
     bw_placeholders = [n for n in bw.graph.nodes if n.op == "placeholder"]
     tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), target_device)
                    for n in bw_placeholders if n.name.startswith("tangents"))

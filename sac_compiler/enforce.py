@@ -71,6 +71,7 @@ class BudgetEnforcer:
         self.extra_bytes = 0
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
+        self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
         self._pending_excess: int | None = None
         self._last_request = 0  # the excess the last replan was asked to give up
         self._error: BudgetExceededError | None = None
@@ -163,6 +164,7 @@ class BudgetEnforcer:
         self.measured.append(peak)
         predicted = getattr(result, "partitioned", None)
         predicted_bytes = getattr(predicted, "peak_bytes", None)
+        self.predicted.append(predicted_bytes)
         if result is not None:
             result.measured_peak = peak
         if peak is None:

@@ -49,6 +49,7 @@ _OTHER_VALUES = {
     "optimizer": _adamw,
     "report": lambda: True,
     "enforce_budget": lambda: False,
+    "hold_outputs": lambda: False,
 }
 
 

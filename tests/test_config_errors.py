@@ -37,6 +37,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "optimizer": {"None"},
     "report": {"bool", "str"},  # True prints it; a str is a relative file path in a writable directory
     "enforce_budget": {"bool"},
+    "hold_outputs": {"bool"},
 }
 
 _BUDGET_FORM = "a float in [0, 1]"
@@ -110,6 +111,7 @@ _BAD: list[Any] = [
     # enforce_budget
     pytest.param({"enforce_budget": "yes"}, ["True or False"], id="enforce-str"),
     pytest.param({"enforce_budget": 1}, ["True or False"], id="enforce-int"),
+    pytest.param({"hold_outputs": "no"}, ["hold_outputs", "True or False"], id="hold-outputs-str"),
     # report
     pytest.param({"report": None}, [_REPORT], id="report-none"),
     pytest.param({"report": 1}, [_REPORT], id="report-int"),
