@@ -1,0 +1,222 @@
+"""Keep, recompute or offload: the program (solvers.offload_plan), its independent check
+(solvers.offload_replay), the options, and the emission through PyTorch's partitioner (offload)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from sac_compiler.solvers import InfeasibleError, SolverOptions
+from sac_compiler.solvers.offload_plan import OffloadProblem, offloadable, reload_starts, solve_offload_plan, with_budget
+from sac_compiler.solvers.offload_replay import replay
+from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem, solve_savings_plan
+
+MiB = 2**20
+EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
+
+
+def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None):
+    savings = SavingsProblem(candidates=tuple(candidates), baseline=tuple(b * MiB for b in baseline), budget=budget * MiB)
+    return OffloadProblem(savings=savings, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready_ms,
+                          bandwidth=bandwidth, host_budget=host_budget)
+
+
+def _checked(problem):
+    """Solve, replay the plan, and check the replay against the program: peak, host, stalls, time."""
+    plan = solve_offload_plan(problem, EXACT)
+    run = replay(problem, plan.recompute, plan.kept_for_recompute, plan.offload)
+    assert run.peak_bytes <= problem.savings.budget
+    assert run.forward_stall_ms == 0.0
+    assert run.host_peak_bytes == plan.host_bytes
+    if problem.host_budget is not None:
+        assert run.host_peak_bytes <= problem.host_budget
+    assert run.backward_stall_ms == pytest.approx(plan.stall_ms, abs=1e-6)
+    return plan, run
+
+
+def _brute_force(problem):
+    """The least replayed time over every plan (keep, recompute, or offload with every reload start)
+    whose replay fits the budgets without stalling the forward, and whose reloads are issued in the
+    order of their first reads; None if no plan fits."""
+    cands = problem.savings.candidates
+    by_name = {c.name: c for c in cands}
+    options = []
+    for c in cands:
+        mine = [("keep",)]
+        if not c.must_save:
+            mine.append(("recompute",))
+        if c.name in problem.ready_ms and c.first_use:
+            mine += [("offload", s) for s in range(1, c.first_use + 1)]
+        options.append(mine)
+    best = None
+    for combo in itertools.product(*options):
+        recompute = {c.name for c, ch in zip(cands, combo) if ch[0] == "recompute"}
+        offload = {c.name: ch[1] for c, ch in zip(cands, combo) if ch[0] == "offload"}
+        if any(u in offload for n in recompute for u in by_name[n].inputs):
+            continue
+        if any(by_name[v].first_use < by_name[w].first_use and offload[v] > offload[w]
+               for v in offload for w in offload):
+            continue
+        kept = {u for n in recompute for u in by_name[n].inputs
+                if by_name[u].first_use is None and u not in recompute}
+        run = replay(problem, recompute, kept, offload)
+        if run.peak_bytes > problem.savings.budget or run.forward_stall_ms > 0:
+            continue
+        if problem.host_budget is not None and run.host_peak_bytes > problem.host_budget:
+            continue
+        if best is None or run.time_ms < best:
+            best = run.time_ms
+    return best
+
+
+# --- one value, three answers ---------------------------------------------------------------------
+# x: 100 MiB, made early in forward, read late in backward (step 4), 2 ms to recompute. The baseline
+# is over 400 MiB on steps 0-2 only, so a reload that starts at step 3 covers it, with step 3's
+# 1 ms of compute to hide the copy in.
+
+def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0):
+    x = Candidate("x", 100 * MiB, cost_ms, first_use=4, last_use=4)
+    return _problem([x], [500, 500, 500, 380, 380, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
+                    ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget)
+
+
+def test_keep_when_the_budget_allows():
+    plan, run = _checked(_one_value(budget=500, bandwidth=64e9))
+    assert (plan.recompute, dict(plan.offload)) == (frozenset(), {})
+    assert run.time_ms == 0.0
+
+
+def test_offload_when_the_link_hides_the_copies():
+    # 100 MiB at 200 GB/s: 0.52 ms, under step 3's 1 ms
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9))
+    assert plan.recompute == frozenset() and dict(plan.offload) == {"x": 3}
+    assert run.exposed_ms == 0.0 and run.time_ms == 0.0 and run.host_peak_bytes == 100 * MiB
+    assert run.profile[:3] == (400 * MiB,) * 3 and run.profile[3] == 380 * MiB
+
+
+def test_recompute_when_the_link_is_slow():
+    # 100 MiB at 50 GB/s: 2.1 ms, of which step 3 hides 1 ms: 1.1 ms exposed, against 0.5 ms to recompute
+    plan, run = _checked(_one_value(budget=400, bandwidth=50e9, cost_ms=0.5))
+    assert plan.recompute == {"x"} and not plan.offload
+    # and when recomputing costs more than the exposed copy, the copy is worth it
+    plan, run = _checked(_one_value(budget=400, bandwidth=50e9, cost_ms=2.0))
+    assert dict(plan.offload) == {"x": 3} and not plan.recompute
+    assert run.backward_stall_ms == pytest.approx(1e3 * 100 * MiB / 50e9 - 1.0)
+
+
+def test_recompute_when_the_forward_cannot_hide_the_copy():
+    # 100 MiB at 10 GB/s: 10.5 ms, more than the 8 ms of forward after x's last read
+    problem = _one_value(budget=400, bandwidth=10e9, cost_ms=50.0)
+    assert offloadable(problem) == []
+    plan, _ = _checked(problem)
+    assert plan.recompute == {"x"}
+
+
+def test_recompute_when_host_memory_is_short():
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=64 * MiB))
+    assert plan.recompute == {"x"} and not plan.offload
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=100 * MiB))
+    assert dict(plan.offload) == {"x": 3}
+
+
+def test_no_plan_under_what_neither_choice_reaches():
+    with pytest.raises(InfeasibleError):
+        solve_offload_plan(_one_value(budget=300, bandwidth=200e9), EXACT)
+
+
+# --- the link is shared ---------------------------------------------------------------------------
+
+def _two_values(bandwidth, budget=400, host_budget=None):
+    """a and b, 100 MiB each, both read at step 4 and over the budget together on steps 0-2. Their
+    reloads share step 3's 1 ms: at 200 GB/s each copy takes 0.52 ms, both 1.05 ms."""
+    a = Candidate("a", 100 * MiB, 0.2, first_use=4, last_use=4)
+    b = Candidate("b", 100 * MiB, 3.0, first_use=4, last_use=5)
+    return _problem([a, b], [600, 600, 600, 390, 390, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
+                    ready_ms={"a": 2.0, "b": 3.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget)
+
+
+def test_the_link_bounds_the_bytes_in_flight():
+    # both offloaded: 1.05 ms of copies in step 3's 1 ms leaves 0.05 ms exposed, cheaper than
+    # recomputing a (0.2 ms); the replay's stall is the program's
+    plan, run = _checked(_two_values(bandwidth=200e9))
+    assert set(plan.offload) == {"a", "b"} and not plan.recompute
+    assert run.backward_stall_ms == pytest.approx(2e3 * 100 * MiB / 200e9 - 1.0)
+    # a slower link: the two copies would expose 3.2 ms; recompute the cheap one, offload the other
+    plan, run = _checked(_two_values(bandwidth=100e9))
+    assert plan.recompute == {"a"} and set(plan.offload) == {"b"}
+
+
+def test_a_program_blind_to_the_link_would_be_caught_by_the_replay():
+    """Without the window rows both copies would look free; the replay shows what they expose."""
+    problem = _two_values(bandwidth=200e9)
+    run = replay(problem, offload={"a": 3, "b": 3})
+    assert run.backward_stall_ms > 0
+    assert run.time_ms > 0.0
+
+
+@pytest.mark.parametrize("budget, bandwidth, host_budget", [
+    (600, 64e9, None), (400, 200e9, None), (400, 100e9, None), (400, 40e9, None), (400, 200e9, 150 * MiB),
+    (300, 200e9, None), (300, 20e9, None),
+])
+def test_two_values_match_brute_force(budget, bandwidth, host_budget):
+    problem = _two_values(bandwidth, budget, host_budget)
+    best = _brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve_offload_plan(problem, EXACT)
+        return
+    plan, run = _checked(problem)
+    assert run.time_ms == pytest.approx(best, abs=1e-6)
+
+
+def _random_problem(rng):
+    steps = rng.randint(5, 8)
+    n = 3
+    cands = []
+    for i in range(n):
+        first = rng.randint(1, steps - 1)
+        inputs = (f"v{i - 1}",) if i and rng.random() < 0.4 else ()
+        cands.append(Candidate(f"v{i}", rng.choice([32, 64, 96, 128]) * MiB, round(rng.uniform(0.05, 3.0), 3),
+                               inputs=inputs, first_use=first, last_use=rng.randint(first, steps - 1)))
+    baseline = sorted((rng.randint(300, 700) for _ in range(steps)), reverse=True)
+    step_ms = [0.0] + [round(rng.uniform(0.1, 1.5), 3) for _ in range(steps - 1)]
+    forward_ms = 6.0
+    ready = {c.name: round(rng.uniform(0.0, 5.0), 3) for c in cands if rng.random() < 0.85}
+    bandwidth = rng.choice([25e9, 50e9, 100e9, 200e9])
+    budget = rng.randint(min(baseline) - 50, max(baseline))
+    host = rng.choice([None, None, 100 * MiB])
+    return _problem(cands, baseline, step_ms, forward_ms, ready, bandwidth, budget, host)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_small_problems_match_brute_force_and_the_replay(seed):
+    problem = _random_problem(random.Random(seed))
+    best = _brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve_offload_plan(problem, EXACT)
+        return
+    plan, run = _checked(problem)
+    assert run.time_ms == pytest.approx(best, abs=1e-6)
+
+
+def test_without_offloadable_values_the_program_is_the_recompute_program():
+    problem = _two_values(bandwidth=200e9)
+    problem = OffloadProblem(savings=problem.savings, step_ms=problem.step_ms, forward_ms=problem.forward_ms,
+                             ready_ms={}, bandwidth=problem.bandwidth)
+    plan = solve_offload_plan(problem, EXACT)
+    alone = solve_savings_plan(problem.savings, EXACT)
+    assert plan.recompute == alone.recompute and not plan.offload
+
+
+def test_reload_starts_far_from_the_first_use_are_a_few_leads():
+    x = Candidate("x", 100 * MiB, 1.0, first_use=100, last_use=100)
+    steps = 101
+    problem = _problem([x], [500] * steps, [0.0] + [0.5] * (steps - 1), 10.0, {"x": 1.0}, 200e9, 400)
+    starts = reload_starts(problem, "x")
+    assert starts[-1] == 100 and len(starts) <= 5
+    # 0.52 ms of copy needs two 0.5 ms steps before the first use; 2, 4 and 8 times it 3, 5 and 9
+    assert starts == [91, 95, 97, 98, 100]
+    assert with_budget(problem, 7).savings.budget == 7
