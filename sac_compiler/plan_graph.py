@@ -82,6 +82,8 @@ class GraphPlanResult:
     # of that step: bytes of the graph's outputs the caller still held when backward began (the
     # simulation assumes the caller drops them, as in model(x).sum().backward())
     caller_held_bytes: int | None = None
+    # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
+    offload_note: str | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -528,6 +530,10 @@ def plan_joint(
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
+    if config.offload:
+        from sac_compiler.offload import offload_note
+
+        result.offload_note = offload_note(config, analysis)
     return result
 
 

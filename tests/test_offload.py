@@ -220,3 +220,173 @@ def test_reload_starts_far_from_the_first_use_are_a_few_leads():
     # 0.52 ms of copy needs two 0.5 ms steps before the first use; 2, 4 and 8 times it 3, 5 and 9
     assert starts == [91, 95, 97, 98, 100]
     assert with_budget(problem, 7).savings.budget == 7
+
+
+# --- a real joint graph: the problem, the plan, the emission -----------------------------------------
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from sac_compiler import offload as offload_mod  # noqa: E402
+from sac_compiler.config import SACConfig  # noqa: E402
+
+
+def _graph():
+    """An annotated joint graph of a small MLP, planned for an H100 (the cost model's timeline)."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.plan_graph import build_plan_problem, plan_joint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 8))
+    x = torch.randn(1024, 32)
+    graph = capture_joint(model, x, target_device="cpu")
+    config = SACConfig(device="H100-SXM", compiler="eager")
+    result = plan_joint(graph, config)
+    problem, _, _ = build_plan_problem(result.analysis)
+    return model, x, result, problem, config
+
+
+def _offload_problem(result, problem, **kwargs):
+    return offload_mod.build_offload_problem(result.analysis, problem, **kwargs)
+
+
+def test_the_problem_of_a_joint_graph():
+    _, _, result, problem, _ = _graph()
+    off = _offload_problem(result, problem)
+    assert off.bandwidth == 48e9  # the H100's host link
+    assert len(off.step_ms) == len(problem.baseline) and off.step_ms[0] == 0.0
+    assert sum(off.step_ms) > 0 and off.forward_ms > 0
+    by_name = {c.name: c for c in problem.candidates}
+    assert off.ready_ms and all(0 < t <= off.forward_ms for t in off.ready_ms.values())
+    assert all(by_name[n].first_use is not None for n in off.ready_ms)
+    gm = result.analysis.graph.gm
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    model_output = out.args[0][0]
+    assert model_output.name not in off.ready_ms  # the caller holds it: never offloaded
+    # the last linear's input (read by its addmm, the forward's last op but one) is ready later
+    # than the first linear's output
+    ready = sorted(off.ready_ms.items(), key=lambda kv: kv[1])
+    assert ready[0][1] < ready[-1][1]
+
+
+def test_the_plan_of_a_joint_graph_checks_out_on_the_replay():
+    _, _, result, problem, _ = _graph()
+    # a link fast enough for the cost model's microsecond ops, and a budget below the everything-kept peak
+    off = _offload_problem(result, problem, bandwidth=5e12)
+    budget = max(problem.baseline) - max(c.nbytes for c in problem.candidates)
+    off = with_budget(off, budget)
+    plan, run = _checked(off)
+    assert plan.offload and run.peak_bytes <= budget
+
+
+def test_tagging_and_the_partitioner_insert_the_copies():
+    """On CPU, PyTorch's partitioner inserts the offload ops for the tagged values (its prefetch, which
+    times ops on the GPU, stays off without CUDA)."""
+    reason = offload_mod.offload_support()
+    if reason is not None:
+        pytest.skip(reason)
+    _, _, result, problem, _ = _graph()
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 1)
+    plan = solve_offload_plan(off, EXACT)
+    assert plan.offload
+    graph = result.analysis.graph
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    fw, bw = offload_mod.partition_with_offload(graph.gm, inputs, graph.num_fwd_outputs, plan.recompute,
+                                                plan.offload, off.bandwidth)
+    for name in plan.offload:
+        assert f"torch.ops.ao.offload.default({name})" in fw.code
+        assert f"torch.ops.ao.reload.default(cpu_offload_{name}," in bw.code
+    assert "cpu_offload_" in fw.code.split("return")[-1]  # the host copies are what backward gets
+    # the forward waits for its copies at its end (sink_wait), after its last compute op
+    fw_ops = [n for n in fw.graph.nodes if n.op == "call_function"]
+    waits = [i for i, n in enumerate(fw_ops) if n.target is torch.ops.ao.wait_tensor.default]
+    assert waits and min(waits) > max(i for i, n in enumerate(fw_ops) if n.target is torch.ops.aten.addmm.default)
+    assert not [n for n in graph.gm.graph.nodes if n.meta.get("should_offload") and n.name not in plan.offload]
+
+
+def test_must_cpu_offload_alone_is_not_what_this_torch_reads():
+    """torch 2.13's partitioner acts on ``should_offload`` of a saved value, not on the MUST_CPU_OFFLOAD
+    policy: a value tagged with the policy alone is saved on the device. If this fails, the installed
+    torch reads the policy, and tag_offload can write it instead."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from sac_compiler.plan_graph import tag_graph
+
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    _, _, result, problem, _ = _graph()
+    graph = result.analysis.graph
+    tag_graph(graph.gm, ())
+    name = next(iter(_offload_problem(result, problem).ready_ms))
+    node = next(n for n in graph.gm.graph.nodes if n.name == name)
+    node.meta["recompute"] = CheckpointPolicy.MUST_CPU_OFFLOAD
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    with offload_mod.offload_partitioning(5e12):
+        fw, _ = min_cut_rematerialization_partition(graph.gm, inputs, num_fwd_outputs=graph.num_fwd_outputs)
+    assert "ao.offload" not in fw.code and name in fw.code.split("return")[-1]
+
+
+def test_tag_offload_refuses_what_the_partitioner_cannot_offload():
+    _, _, result, problem, _ = _graph()
+    graph = result.analysis.graph
+    out = next(iter(graph.gm.graph.find_nodes(op="output")))
+    with pytest.raises(ValueError, match="an output of the forward"):
+        offload_mod.tag_offload(graph.gm, [out.args[0][0].name], graph.num_fwd_outputs)
+    with pytest.raises(ValueError, match="not in the graph"):
+        offload_mod.tag_offload(graph.gm, ["no_such_value"], graph.num_fwd_outputs)
+    placeholder = next(iter(graph.gm.graph.find_nodes(op="placeholder")))
+    with pytest.raises(ValueError, match="not a forward op"):
+        offload_mod.tag_offload(graph.gm, [placeholder.name], graph.num_fwd_outputs)
+
+
+def test_partitioner_config_names_what_this_torch_has():
+    from torch._functorch import config as functorch_config
+
+    entries = offload_mod.partitioner_config(64 * 2**30, prefetch=False)
+    assert all(hasattr(functorch_config, name) for name in entries)
+    if offload_mod.offload_support() is None:
+        assert entries["enable_activation_offloading"] and entries["activation_offload_separate_stream"]
+    if "activation_offload_cpu_gpu_bw" in entries:
+        assert entries["activation_offload_cpu_gpu_bw"] == 64.0  # PyTorch takes GiB/s
+    if "activation_reload_prefetch" in entries:
+        assert offload_mod.partitioner_config(1e9)["activation_reload_prefetch"] == torch.cuda.is_available()
+
+
+def test_without_the_torch_support_offload_is_not_offered_and_the_report_says_why(monkeypatch):
+    monkeypatch.setattr(offload_mod, "_REQUIRED_CONFIG", (*offload_mod._REQUIRED_CONFIG, "no_such_switch"))
+    reason = offload_mod.offload_support()
+    assert reason is not None and "no_such_switch" in reason and torch.__version__ in reason
+    with pytest.raises(RuntimeError, match="no_such_switch"):
+        with offload_mod.offload_partitioning(48e9):
+            pass
+    _, _, result, _, _ = _graph()
+    config = SACConfig(device="H100-SXM", compiler="eager", offload=True)
+    outcome = offload_mod.plan_offload(result.analysis, config, budget=10**9)
+    assert outcome.plan is None and outcome.reason == reason
+
+    class Policy:  # a CheckpointPolicy of a torch before offloading
+        MUST_SAVE = 0
+
+    monkeypatch.setattr(offload_mod, "CheckpointPolicy", Policy)
+    assert "MUST_CPU_OFFLOAD" in offload_mod.offload_support()
+
+
+def test_the_report_says_offload_is_not_planned_yet():
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.plan_graph import plan_joint
+    from sac_compiler.report import format_plan
+
+    graph = capture_joint(nn.Linear(8, 8), torch.randn(4, 8), target_device="cpu")
+    result = plan_joint(graph, SACConfig(device="H100-SXM", compiler="eager", offload=True))
+    assert result.offload_note is not None
+    assert f"offload: {result.offload_note}" in format_plan(result)
+    assert plan_joint(capture_joint(nn.Linear(8, 8), torch.randn(4, 8), target_device="cpu"),
+                      SACConfig(device="H100-SXM", compiler="eager")).offload_note is None
+
+
+def test_plan_offload_plans_with_the_options_host_budget():
+    _, _, result, problem, _ = _graph()
+    config = SACConfig(device="H100-SXM", compiler="eager", offload=True, host_memory_budget=1)
+    outcome = offload_mod.plan_offload(result.analysis, config, budget=max(problem.baseline), bandwidth=5e12)
+    assert outcome.plan is not None and not outcome.plan.offload and outcome.problem.host_budget == 1
