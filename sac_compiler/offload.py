@@ -24,6 +24,7 @@ planning path does not take it yet (``offload_note`` says so in the report).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -214,8 +215,18 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
         if offload_refusal(node, outputs) is not None:
             continue
         ready[c.name] = last_read.get(node, done_at.get(node, forward_ms))
+    # step 0 of the savings problem is the forward's peak or its end, whichever is higher; offloaded
+    # values are gone only at the end (after the forward's waits for their copies): split the two
+    sim = analysis.memory
+    end = sim.end_of_forward_bytes
+    inside = max(sim.step_peaks[:fb], default=0)
+    if problem.baseline and inside > end and problem.baseline[0] == max(end, inside):
+        problem = dataclasses.replace(problem, baseline=(end, *problem.baseline[1:]))
+        forward_peak = inside
+    else:
+        forward_peak = None
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
-                          bandwidth=float(bandwidth), host_budget=host_budget)
+                          bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak)
 
 
 @dataclass(frozen=True)

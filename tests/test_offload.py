@@ -17,10 +17,12 @@ MiB = 2**20
 EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
 
 
-def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None):
+def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None,
+             forward_peak=None):
     savings = SavingsProblem(candidates=tuple(candidates), baseline=tuple(b * MiB for b in baseline), budget=budget * MiB)
     return OffloadProblem(savings=savings, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready_ms,
-                          bandwidth=bandwidth, host_budget=host_budget)
+                          bandwidth=bandwidth, host_budget=host_budget,
+                          forward_peak=None if forward_peak is None else forward_peak * MiB)
 
 
 def _checked(problem):
@@ -76,10 +78,11 @@ def _brute_force(problem):
 # is over 400 MiB on steps 0-2 only, so a reload that starts at step 3 covers it, with step 3's
 # 1 ms of compute to hide the copy in.
 
-def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0):
+def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None):
     x = Candidate("x", 100 * MiB, cost_ms, first_use=4, last_use=4)
     return _problem([x], [500, 500, 500, 380, 380, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
-                    ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget)
+                    ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget,
+                    forward_peak=forward_peak)
 
 
 def test_keep_when_the_budget_allows():
@@ -118,6 +121,18 @@ def test_recompute_when_host_memory_is_short():
     plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=64 * MiB))
     assert plan.recompute == {"x"} and not plan.offload
     plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=100 * MiB))
+    assert dict(plan.offload) == {"x": 3}
+
+
+def test_offload_does_not_lower_the_forwards_own_peak():
+    """The forward waits for its copies at its end: at a forward peak above the budget the value is
+    still on the device, and only recomputing it helps."""
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480))
+    assert plan.recompute == {"x"} and not plan.offload
+    assert run.forward_peak_bytes == 380 * MiB
+    assert replay(_one_value(budget=400, bandwidth=200e9, forward_peak=480), offload={"x": 3}).peak_bytes == 480 * MiB
+    # a forward peak under the budget changes nothing
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=390))
     assert dict(plan.offload) == {"x": 3}
 
 
@@ -187,7 +202,8 @@ def _random_problem(rng):
     bandwidth = rng.choice([25e9, 50e9, 100e9, 200e9])
     budget = rng.randint(min(baseline) - 50, max(baseline))
     host = rng.choice([None, None, 100 * MiB])
-    return _problem(cands, baseline, step_ms, forward_ms, ready, bandwidth, budget, host)
+    forward_peak = rng.choice([None, baseline[0] + rng.randint(0, 100)])
+    return _problem(cands, baseline, step_ms, forward_ms, ready, bandwidth, budget, host, forward_peak)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -4,9 +4,12 @@ An offloaded value is copied to pinned host memory after its last forward read a
 (reloaded) before its first backward read. The memory model, on the savings program's step axis
 (step 0 is the end of forward, step ``t >= 1`` the backward's ``t``-th op):
 
-* the value is freed on the device once its device-to-host copy has finished. Copies in forward
-  must finish by the end of forward (the forward never waits for one: an offload whose copy the
-  forward's remaining compute cannot hide is not offered), so the value is gone at step 0;
+* the value is freed on the device once its device-to-host copy has finished and the forward has
+  waited for it, which it does at its end (PyTorch's ``activation_offload_sink_wait``). Copies in
+  forward must finish by the end of forward's compute (an offload whose copy the forward's
+  remaining compute cannot hide is not offered), so the value is gone at step 0 (the end of
+  forward, after those waits) but still there at the forward's own peak (``forward_peak``), where
+  only recomputation helps;
 * its reload starts at a step ``s`` the program chooses, ``1 <= s <= first_use``; the value is
   allocated again from ``s`` (the reload's buffer) until its last backward read, as if kept. It saves
   its bytes on the prefix ``[0, s)``, as a recomputed value saves them up to its first read.
@@ -32,7 +35,8 @@ offloadable value and candidate reload start ``s`` a binary ``o_{v,s}`` (offload
 ``sum_s o_{v,s} + r_v <= 1``; an offloaded value is no input of a recomputed one; continuous stalls
 ``e_t >= 0`` at the steps reloads are read; running maxima ``m_j`` of the reload starts over the
 first-use order. The savings rows become ``recompute savings_t + sum(bytes_v * o_{v,s} : s > t)
->= baseline_t - budget``.
+>= baseline_t - budget``, and the forward's peak gets a row of its own: ``recompute savings_0 >=
+forward_peak - budget``.
 
 ``sac_compiler.solvers.offload_replay`` replays a plan independently (a copy-stream simulation) to
 check the program's peak, host bytes and stalls.
@@ -78,6 +82,9 @@ class OffloadProblem:
             never offloaded.
         bandwidth: bytes per second the host link moves in each direction.
         host_budget: pinned host bytes the offloaded values may take; None: unlimited.
+        forward_peak: live bytes at the forward's own peak with everything kept, when it is above
+            the end of forward (``savings.baseline[0]``, after the forward's waits for its copies):
+            offloaded values are still on the device there. None: no such peak.
     """
 
     savings: SavingsProblem
@@ -86,6 +93,7 @@ class OffloadProblem:
     ready_ms: Mapping[str, float] = field(default_factory=dict)
     bandwidth: float = 48e9
     host_budget: int | None = None
+    forward_peak: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.step_ms) != len(self.savings.baseline):
@@ -199,6 +207,7 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
                     m += chosen[name] + r[v] <= 1
         for (name, s), var in o.items():
             add(s, _mib(by_name[name].nbytes) * var)  # freed on the steps [0, s)
+        offloaded_mib = xsum(_mib(by_name[n].nbytes) * chosen[n] for n in names)
         if problem.host_budget is not None and names:
             m += xsum(_mib(by_name[n].nbytes) * chosen[n] for n in names) <= _mib(problem.host_budget)
         # forward: copies ready at or after a fit in the compute after a
@@ -237,7 +246,7 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
                 for n in group:
                     m += run >= xsum(s * o[n, s] for s in reload_starts(problem, n))
                 previous = (run, d)
-        state.update(o=o, stall=stall)
+        state.update(o=o, stall=stall, offloaded_mib=offloaded_mib)
 
     model, r, kept, rows, reach = _build(savings, options, "offload_plan", extend=extend)
     need = savings.need
@@ -249,6 +258,15 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
             f"offload_plan: {uncovered} bytes over budget at steps no recomputation or offload reaches "
             "(gradients and backward temporaries); raise the budget")
     o, stall = state["o"], state["stall"]
+    if problem.forward_peak is not None and problem.forward_peak > savings.budget:
+        # the forward's peak: recomputation's savings at step 0 (every offload term reaches step 0: take it out)
+        first = next((var for var, lo, _ in rows if lo == 0), None)
+        recomputed_mib = (first - state["offloaded_mib"]) if first is not None else 0
+        if first is None:
+            raise InfeasibleError(
+                f"offload_plan: the forward's peak is {problem.forward_peak - savings.budget} bytes over budget "
+                "and no recomputation lowers it; raise the budget")
+        model += recomputed_mib >= _mib(problem.forward_peak - savings.budget)
     model.objective = _time_objective(savings, r, kept) + xsum(stall.values()) + \
         xsum(_OFFLOAD_TIE_BREAK_MS * by_name[n].nbytes * var for (n, _), var in o.items())
     outcome = solve(model, options)

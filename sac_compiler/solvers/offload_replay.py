@@ -5,16 +5,17 @@ candidates, the baseline, the compute timeline, the link) and a plan, and runs t
 emitted graphs would:
 
 * forward: each offloaded value's copy to the host is issued once its last forward read has run,
-  onto one copy stream (first in, first out); the device copy is freed when the copy ends. The
-  compute stream waits at the end of forward for every copy still running (exposed forward time);
+  onto one copy stream (first in, first out). The compute stream waits at the end of forward for
+  every copy still running (exposed forward time), and then frees the device copies: at the
+  forward's own peak (``forward_peak``) they are all still there;
 * backward, at each step ``t``: the reloads that start at ``t`` are issued onto the copy stream (in
   the order of their first reads), the reload buffer is allocated; then the compute stream waits
   for every reload read at ``t`` (exposed backward time), then the step's compute runs;
 * a pinned host buffer is held from its copy's issue until its reload has finished.
 
 Recomputation's effect on memory is the savings model's own evaluation (``savings_profile``); the
-replay adds the offloaded values: at step 0 (the end of forward's compute) a value whose copy has
-not finished is still on the device; at a step ``t >= 1`` it is on the device from its reload's start.
+replay adds the offloaded values: gone at step 0 (the end of forward, after its waits), on the
+device again from their reload's start.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class Replay:
     """What a plan does on the timeline.
 
     Attributes:
-        profile: device bytes at every step (step 0: the end of forward's compute).
-        peak_bytes: the largest of them.
+        profile: device bytes at every step (step 0: the end of forward, after its waits).
+        forward_peak_bytes: device bytes at the forward's own peak (None: the problem has none).
+        peak_bytes: the largest of all of them.
         host_peak_bytes: the most pinned host bytes held at once.
         forward_stall_ms: time the compute stream waits at the end of forward for copies.
         backward_stall_ms: time it waits in backward for reloads, in all.
@@ -41,6 +43,7 @@ class Replay:
     """
 
     profile: tuple[int, ...]
+    forward_peak_bytes: int | None
     peak_bytes: int
     host_peak_bytes: int
     forward_stall_ms: float
@@ -86,14 +89,11 @@ def replay(problem: OffloadProblem, recompute: Iterable[str] = (), kept: Iterabl
     events: list[tuple[float, int]] = []  # (time, host bytes +/-) for the host peak
     # forward: one FIFO copy stream, copies in the order their last forward reads run
     stream = 0.0
-    copied_at: dict[str, float] = {}
     for name in sorted(offload, key=lambda n: (problem.ready_ms.get(n, problem.forward_ms), order[n])):
         begin = max(stream, problem.ready_ms.get(name, problem.forward_ms))
         stream = begin + copy_ms(name)
-        copied_at[name] = stream
         events.append((begin, cands[name].nbytes))
     forward_stall = max(0.0, stream - problem.forward_ms)
-    still_there = sum(cands[n].nbytes for n, end in copied_at.items() if end > problem.forward_ms)
 
     # backward
     now = problem.forward_ms + forward_stall
@@ -115,16 +115,19 @@ def replay(problem: OffloadProblem, recompute: Iterable[str] = (), kept: Iterabl
     profile = []
     for t in range(steps):
         away = sum(cands[n].nbytes for n, s in offload.items() if t < s)
-        if t == 0:
-            away -= still_there
         profile.append(problem.savings.baseline[t] - saved[t] - away)
+    # the forward's peak, before its waits: the offloaded values are there, the recomputed ones are
+    # gone as far as the savings model has them gone at step 0
+    forward_peak = None if problem.forward_peak is None else problem.forward_peak - saved[0]
     host = peak_host = 0
     for _, delta in sorted(events, key=lambda e: (e[0], -e[1])):  # at a tie, count the allocation first
         host += delta
         peak_host = max(peak_host, host)
     backward_stall = sum(stalls.values())
     return Replay(
-        profile=tuple(profile), peak_bytes=max(profile, default=0), host_peak_bytes=peak_host,
+        profile=tuple(profile), forward_peak_bytes=forward_peak,
+        peak_bytes=max([*profile, *([forward_peak] if forward_peak is not None else [])], default=0),
+        host_peak_bytes=peak_host,
         forward_stall_ms=forward_stall, backward_stall_ms=backward_stall, stalls=stalls,
         time_ms=plan_time_ms(problem.savings, recompute, kept) + forward_stall + backward_stall)
 
