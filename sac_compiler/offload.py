@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,18 +148,64 @@ def tag_offload(gm: fx.GraphModule, offload: Iterable[str], num_fwd_outputs: int
 
 def partition_with_offload(gm: fx.GraphModule, joint_inputs: Any, num_fwd_outputs: int, recompute: Iterable[str],
                            offload: Iterable[str], bandwidth: float, prefetch: bool | None = None,
+                           reload_before: Mapping[str, str] | None = None,
                            ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Tag a plan on an annotated joint graph (``plan_graph.tag_graph``, then ``tag_offload``) and
     split it with PyTorch's min-cut partitioner under ``offload_partitioning``: the forward graph
-    copies the offloaded values to the host, the backward graph reloads them."""
+    copies the offloaded values to the host, the backward graph reloads them.
+
+    ``reload_before`` (``reload_anchors``): start each reload where the plan starts it, before the
+    named backward op, instead of by PyTorch's prefetch (which is then off)."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from sac_compiler.plan_graph import tag_graph
 
     tag_graph(gm, recompute)
     tag_offload(gm, offload, num_fwd_outputs)
+    if reload_before:
+        prefetch = False
     with offload_partitioning(bandwidth, prefetch):
-        return min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
+        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
+    if reload_before:
+        place_reloads(bw, reload_before)
+    return fw, bw
+
+
+def reload_anchors(analysis: Any, offload: Mapping[str, int]) -> dict[str, str]:
+    """For a plan's reload starts (value -> step), the backward op each reload is issued before: the
+    op of that step in the joint graph (step ``t >= 1`` is the backward's ``t``-th op)."""
+    nodes = list(analysis.graph.gm.graph.nodes)
+    fb = analysis.memory.first_backward
+    return {name: nodes[fb + step - 1].name for name, step in offload.items() if 0 < fb + step - 1 < len(nodes)}
+
+
+def place_reloads(bw: fx.GraphModule, reload_before: Mapping[str, str]) -> dict[str, str]:
+    """Move each offloaded value's reload (``ao.reload``) in the partitioned backward graph to just
+    before the op named in ``reload_before`` (its wait stays before the first read). A reload is left
+    where it is when that op is not in the graph or not before the reload's wait. Returns the moves
+    made (value -> op)."""
+    graph = bw.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    by_name = {n.name: n for n in graph.nodes}
+    reload_op = getattr(getattr(torch.ops, "ao", None), "reload", None)
+    moved: dict[str, str] = {}
+    reloads = [n for n in graph.nodes if reload_op is not None and n.target is reload_op.default]
+    for node in reloads:  # in the order of their first reads, as they were inserted
+        source = node.args[0]
+        name = source.name[len(_CPU_OFFLOAD):] if source.name.startswith(_CPU_OFFLOAD) else source.name
+        anchor = by_name.get(reload_before.get(name, ""))
+        wait = next((u for u in node.users if u.target is torch.ops.ao.wait_tensor.default), None)
+        if anchor is None or anchor.op != "call_function" or wait is None or position[anchor] > position[wait]:
+            continue
+        anchor.prepend(node)
+        moved[name] = anchor.name
+    graph.lint()
+    bw.recompile()
+    return moved
+
+
+# PyTorch's name for a value's host copy (torch._functorch._activation_offloading's CPU_OFFLOAD_PREFIX)
+_CPU_OFFLOAD = "cpu_offload_"
 
 
 def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None = None,
@@ -286,6 +332,8 @@ __all__ = [
     "offload_refusal",
     "offload_support",
     "partition_with_offload",
+    "place_reloads",
+    "reload_anchors",
     "partitioner_config",
     "plan_offload",
     "tag_offload",

@@ -433,8 +433,9 @@ def _offload_backend(records, bandwidth=5e12):
             off = with_budget(off, max(problem.baseline) - max(c.nbytes for c in problem.candidates))
             with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
                 plan = solve_offload_plan(off, EXACT)
-            fw, bw = offload_mod.partition_with_offload(gm, joint_inputs, num_fwd_outputs, plan.recompute,
-                                                        plan.offload, bandwidth)
+            fw, bw = offload_mod.partition_with_offload(
+                gm, joint_inputs, num_fwd_outputs, plan.recompute, plan.offload, bandwidth,
+                reload_before=offload_mod.reload_anchors(result.analysis, plan.offload))
             records.append((plan, fw, bw))
             return fw, bw
 
@@ -450,7 +451,7 @@ def _offload_backend(records, bandwidth=5e12):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
     """On CUDA the partitioned graphs run: the copies go out on the transfer stream in forward, come
-    back (prefetched by PyTorch) in backward, and the gradients are eager's."""
+    back from the plan's reload starts in backward, and the gradients are eager's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 8)).cuda()
     x = torch.randn(4096, 256, device="cuda")
@@ -466,3 +467,23 @@ def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
     assert "torch.ops.ao.offload.default" in fw.code and "torch.ops.ao.reload.default" in bw.code
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_reloads_start_where_the_plan_starts_them():
+    """With the plan's reload starts the partitioned backward issues each reload before the op of its
+    start step (PyTorch's prefetch off), and waits for it before the first read, as before."""
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    _, _, result, problem, _ = _graph()
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 1)
+    plan = solve_offload_plan(off, EXACT)
+    early = {name: 1 for name in plan.offload}  # every reload at the backward's first step
+    anchors = offload_mod.reload_anchors(result.analysis, early)
+    graph = result.analysis.graph
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    fw, bw = offload_mod.partition_with_offload(graph.gm, inputs, graph.num_fwd_outputs, plan.recompute,
+                                                plan.offload, off.bandwidth, reload_before=anchors)
+    order = [n.name for n in bw.graph.nodes]
+    for name, anchor in anchors.items():
+        assert anchor in order, anchor
+        assert order.index(f"async_gpu_reload_{name}") < order.index(anchor) <= order.index(f"gpu_reload_{name}")
