@@ -302,7 +302,7 @@ def test_tagging_and_the_partitioner_insert_the_copies():
     if reason is not None:
         pytest.skip(reason)
     _, _, result, problem, _ = _graph()
-    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 1)
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 2**18)
     plan = solve_offload_plan(off, EXACT)
     assert plan.offload
     graph = result.analysis.graph
@@ -475,7 +475,7 @@ def test_reloads_start_where_the_plan_starts_them():
     if offload_mod.offload_support() is not None:
         pytest.skip(offload_mod.offload_support())
     _, _, result, problem, _ = _graph()
-    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 1)
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 2**18)
     plan = solve_offload_plan(off, EXACT)
     early = {name: 1 for name in plan.offload}  # every reload at the backward's first step
     anchors = offload_mod.reload_anchors(result.analysis, early)

@@ -220,16 +220,25 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
         prefix = [0.0]
         for t in range(len(problem.step_ms)):
             prefix.append(prefix[-1] + problem.step_ms[t])
-        starts = sorted({s for (_, s) in o})
-        for a in starts:
+        # Only windows that start at some reload's start and end at some reload's first read can
+        # bind (a wider one holds no more reloads and has more room), and only those whose reloads,
+        # one start per value, could take more than the window's compute.
+        jobs_by_start: dict[int, list[tuple[str, int]]] = {}
+        for (n, s) in o:
+            jobs_by_start.setdefault(s, []).append((n, s))
+        for a in sorted(jobs_by_start):
+            inside = [(n, s) for (n, s) in o if s >= a]
+            ends = sorted({by_name[n].first_use for n, s in jobs_by_start[a]})
             for b in deadlines:
-                if b < a:
+                if b < ends[0] or not any(by_name[n].first_use == b for n, _ in inside):
                     continue
-                jobs = [(n, s) for (n, s) in o if s >= a and by_name[n].first_use <= b]
-                if not jobs:
+                jobs = [(n, s) for (n, s) in inside if by_name[n].first_use <= b]
+                most = sum(problem.copy_ms(by_name[n].nbytes) for n in {n for n, _ in jobs})
+                room = prefix[b] - prefix[a]
+                if most <= room:
                     continue
                 m += xsum(problem.copy_ms(by_name[n].nbytes) * o[n, s] for n, s in jobs) <= \
-                    (prefix[b] - prefix[a]) + xsum(stall[t] for t in deadlines if a <= t <= b)
+                    room + xsum(stall[t] for t in deadlines if a <= t <= b)
         # reload starts do not decrease along first use (the FIFO order of the copy stream)
         previous = None
         for d in deadlines:
