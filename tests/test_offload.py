@@ -7,7 +7,11 @@ import itertools
 import random
 
 import pytest
+import torch
+import torch.nn as nn
 
+from sac_compiler import offload as offload_mod
+from sac_compiler.config import SACConfig
 from sac_compiler.solvers import InfeasibleError, SolverOptions
 from sac_compiler.solvers.offload_plan import OffloadProblem, offloadable, reload_starts, solve_offload_plan, with_budget
 from sac_compiler.solvers.offload_replay import replay
@@ -239,13 +243,6 @@ def test_reload_starts_far_from_the_first_use_are_a_few_leads():
 
 
 # --- a real joint graph: the problem, the plan, the emission -----------------------------------------
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from sac_compiler import offload as offload_mod  # noqa: E402
-from sac_compiler.config import SACConfig  # noqa: E402
-
 
 def _graph():
     """An annotated joint graph of a small MLP, planned for an H100 (the cost model's timeline)."""

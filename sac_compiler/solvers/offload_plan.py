@@ -197,7 +197,6 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
                 o[name, s] = m.add_var(name=f"o_{i}_{s}", var_type=BINARY)
         chosen = {name: xsum(var for (n, _), var in o.items() if n == name) for name in names}
         for name in names:
-            c = by_name[name]
             if name in r:
                 m += chosen[name] + r[name] <= 1
             else:
