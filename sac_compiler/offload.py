@@ -183,7 +183,8 @@ def place_reloads(bw: fx.GraphModule, reload_before: Mapping[str, str]) -> dict[
     """Move each offloaded value's reload (``ao.reload``) in the partitioned backward graph to just
     before the op named in ``reload_before`` (its wait stays before the first read). A reload is left
     where it is when that op is not in the graph or not before the reload's wait. Returns the moves
-    made (value -> op)."""
+    made (value -> op). Only the ``ao`` ops' layout (torch 2.13) is moved; the older one
+    (``prims.device_put`` between stream ops) keeps PyTorch's placement."""
     graph = bw.graph
     position = {n: i for i, n in enumerate(graph.nodes)}
     by_name = {n.name: n for n in graph.nodes}
