@@ -293,8 +293,7 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     Returns an outcome without a plan, and the reason, when offload is off, the installed torch
     cannot offload, or the device spec has no link bandwidth; raises the solver's InfeasibleError
     when no plan fits."""
-    from sac_compiler.plan_graph import build_plan_problem
-    from sac_compiler.solvers import SolverOptions
+    from sac_compiler.plan_graph import _solver_options, _torch_threads_kept, build_plan_problem
     from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
 
     reason = offload_note(config, analysis, bandwidth)
@@ -302,9 +301,10 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
         return OffloadOutcome(reason=reason)
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
     offload_problem = with_budget(build_offload_problem(analysis, problem, bandwidth, config.host_memory_budget), budget)
-    options = options if options is not None else SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s,
-                                                                mip_gap=config.mip_gap)
-    return OffloadOutcome(plan=solve_offload_plan(offload_problem, options), problem=offload_problem)
+    options = options if options is not None else _solver_options(config, analysis)  # the planner's own
+    with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
+        plan = solve_offload_plan(offload_problem, options)
+    return OffloadOutcome(plan=plan, problem=offload_problem)
 
 
 _NOT_WIRED = "offload is planned by sac_compiler.offload.plan_offload"
