@@ -84,6 +84,8 @@ class GraphPlanResult:
     # of that step: bytes of the graph's outputs the caller still held when backward began (the
     # simulation holds them through backward unless hold_outputs=False)
     caller_held_bytes: int | None = None
+    # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
+    offload_note: str | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -533,6 +535,10 @@ def plan_joint(
                              hold_outputs=config.hold_outputs)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
+    if config.offload:
+        from sac_compiler.offload import offload_note
+
+        result.offload_note = offload_note(config, analysis)
     return result
 
 

@@ -50,6 +50,8 @@ _OTHER_VALUES = {
     "report": lambda: True,
     "enforce_budget": lambda: False,
     "hold_outputs": lambda: False,
+    "offload": lambda: True,
+    "host_memory_budget": lambda: 32 * 2**30,
 }
 
 
