@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", nargs="+", default=["loss_outside_criterion"], choices=LOOPS,
                         help="loops (default: loss_outside_criterion)")
     parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), help=f"anchor strategies (default: {ANCHORS})")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.75, 0.5],
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.9, 0.75, 0.5],
                         help="sac budgets as fractions of compile's extra peak (default: 0.9 0.75 0.5)")
     parser.add_argument("--size", default="full", choices=("small", "full"), help="zoo size (default: full)")
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the model's fp32)")

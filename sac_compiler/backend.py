@@ -373,7 +373,8 @@ def optimizers_of(params: Sequence[torch.Tensor]) -> list[torch.optim.Optimizer]
         return []
     found = []
     for obj in gc.get_objects():
-        if isinstance(obj, torch.optim.Optimizer) and any(
+        # type(), not isinstance(): isinstance reads __class__, which a dead weak proxy raises on
+        if issubclass(type(obj), torch.optim.Optimizer) and any(
             id(p) in ids for group in obj.param_groups for p in group["params"]
         ):
             found.append(obj)
