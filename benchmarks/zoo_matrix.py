@@ -76,13 +76,31 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         for blocks, i in entry.block_slots(model):
             blocks[i] = Checkpointed(blocks[i])
     if strategy.startswith("sac"):
-        from sac_compiler.backend import compile_graph
+        from sac_compiler.backend import SACPartitioner, compile_graph
         from sac_compiler.config import SACConfig
+        from sac_compiler.partition_record import record_partition
 
-        config = SACConfig.from_options({"memory_budget": cell["budget_bytes"]})
+        # "sac none": no budget (a report makes the backend simulate the partition it compiles)
+        options = {"report": os.devnull} if strategy == "sac none" else {"memory_budget": cell["budget_bytes"]}
+        config = SACConfig.from_options(options)
+        dump = Path(cell["dump"]) if cell.get("dump") else None
+
+        class Recording(SACPartitioner):
+            """Writes each partition it makes as data (``benchmarks/replay_partition.py`` replays it)."""
+
+            def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
+                out = super().__call__(gm, joint_inputs, **kwargs)
+                if dump is not None and self.last_result is not None:
+                    dump.mkdir(parents=True, exist_ok=True)
+                    stem = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+                    count = len(list(dump.glob(f"{stem}-graph*.json")))
+                    (dump / f"{stem}-graph{count}.json").write_text(
+                        json.dumps(record_partition(self.last_result, *out)) + "\n")
+                return out
 
         def backend(gm: Any, example_inputs: Any) -> Any:
-            compiled = compile_graph(gm, example_inputs, config)
+            compiled = compile_graph(gm, example_inputs, config,
+                                     partitioner_cls=Recording if dump is not None else SACPartitioner)
             records.append(compiled)
             return compiled
 
@@ -193,9 +211,12 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             record(result)
             if "error" in result:
                 continue
-            cells = [dict(base, model=m, loop=loop, strategy=a) for a in args.anchors]
+            cells = [dict(base, model=m, loop=loop, strategy=a,
+                          **({"dump": str(out / "partitions")} if a == "sac none" and args.dump_partitions else {}))
+                     for a in args.anchors]
             cells += [dict(base, model=m, loop=loop, strategy=f"sac {f:g}", fraction=f,
-                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
+                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]),
+                           **({"dump": str(out / "partitions")} if args.dump_partitions else {}))
                       for f in args.fractions]
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
@@ -260,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the model's fp32)")
     parser.add_argument("--warmup", type=int, default=7, help="untimed steps; the first compiles (default: 7)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    parser.add_argument("--dump-partitions", action="store_true",
+                        help="write each sac graph's partition to OUT/partitions (replay with benchmarks/replay_partition.py)")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     args = parser.parse_args(argv)
     if args.cell:
