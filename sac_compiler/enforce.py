@@ -11,8 +11,8 @@ user's statistics are left alone unless the mark is already over the budget befo
 step (an earlier plan went over it), which would hide the step's own peak: then the peak
 statistic is reset, and the log says so.
 
-If the step went over the budget, the graph is planned again with the measured excess counted as
-memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
+If the step went over the budget, the graph is planned again with what the plan did not see (the
+measured peak over the predicted one) counted as memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
 replan that gave back less than it was asked for makes the next one ask for proportionally more.
 If the budget is still exceeded after that, the next call raises :class:`BudgetExceededError`
 naming the measured peak.
@@ -40,6 +40,11 @@ MAX_REPLANS = 2
 MEASURED_STEP = 2
 # the most a later replan scales the measured excess by, after an earlier one gave back less
 MAX_SCALE = 4.0
+
+
+# the enforced graphs whose step is under way (forward run, backward not finished): a graph that
+# ran alone in its step is the only one whose prediction the step's measured peak can be set against
+_IN_STEP: weakref.WeakSet[BudgetEnforcer] = weakref.WeakSet()
 
 
 class BudgetExceededError(BudgetError):
@@ -80,6 +85,7 @@ class BudgetEnforcer:
         self._before = 0  # the high-water mark as the step under way began
         self._held: list[int] = []  # bytes of outputs the caller held as each backward began
         self._step_queued = False
+        self._alone = False  # no other enforced graph ran in the step under way
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
 
     def _fresh(self) -> fx.GraphModule:
@@ -100,6 +106,7 @@ class BudgetEnforcer:
             if self._steps == MEASURED_STEP - 1:
                 self._before = self._mark_before_step()
         self._calls += 1
+        _IN_STEP.add(self)
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tensors or self._steps >= MEASURED_STEP:
@@ -113,6 +120,8 @@ class BudgetEnforcer:
                 self._held.append(sum(t.untyped_storage().nbytes() for t in held.values()))
                 if not self._step_queued:  # once per backward pass, however many runs it goes through
                     self._step_queued = True
+                    # backward starts once every graph of the step has run forward
+                    self._alone = all(e is self for e in _IN_STEP)
                     torch.autograd.Variable._execution_engine.queue_callback(self._step_done)
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
@@ -147,6 +156,7 @@ class BudgetEnforcer:
     def _step_done(self) -> None:
         """The backward pass has finished: one step of this compiled version is done."""
         self._step_queued = False
+        _IN_STEP.discard(self)
         calls, self._calls = self._calls, 0
         held, self._held = self._held, []
         self._steps += 1
@@ -180,8 +190,15 @@ class BudgetEnforcer:
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
             return
-        # each run of the graph in the step holds its own saved values: share the excess among them
-        excess = -(-(peak - self.budget_bytes) // max(calls, 1))
+        # what the plan did not see is the measured peak over the predicted one (over the budget
+        # only, when the plan had no room left): a plan with room to spare that was counted as
+        # lowering by peak - budget would keep that room and measure the same peak again.
+        # Each run of the graph in the step holds its own saved values: share it among them
+        # Measured against the prediction only for a graph that ran once, alone in its step: with
+        # other graphs (or other runs of this one) in the step, the peak holds their memory too.
+        alone = calls == 1 and self._alone and predicted_bytes is not None
+        unseen = max(peak - self.budget_bytes, peak - predicted_bytes if alone else 0)
+        excess = -(-unseen // max(calls, 1))
         previous = self.measured[-2] if len(self.measured) >= 2 else None
         if self._last_request and previous is not None:
             # the last replan gave back less than it was asked for (the plan's peak moved to a step
