@@ -461,7 +461,12 @@ def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
     torch.cuda.synchronize()
     (plan, fw, bw), = records
     assert plan.offload
-    assert "torch.ops.ao.offload.default" in fw.code and "torch.ops.ao.reload.default" in bw.code
+    # torch 2.13 inserts ao.offload / ao.reload ops; torch 2.11 copies to and from the host under
+    # names of the same kind (its forward returns cpu_offload_<value>)
+    fw_names = [n.name for n in fw.graph.nodes]
+    bw_names = [n.name for n in bw.graph.nodes]
+    assert "torch.ops.ao.offload.default" in fw.code or any(n.startswith("cpu_offload_") for n in fw_names), fw.code
+    assert "torch.ops.ao.reload.default" in bw.code or any("reload" in n for n in bw_names), bw.code
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
