@@ -321,7 +321,7 @@ def _package_roots() -> tuple[Path, ...]:
     """The source folders of the packages the partition runs: ``sac_compiler`` and
     ``sac_compiler.passes`` (the repository's ``passes/`` folder, mapped into the package)."""
     import sac_compiler
-    import sac_compiler.passes as passes
+    from sac_compiler import passes
 
     return tuple(Path(package.__file__).parent for package in (sac_compiler, passes))
 

@@ -238,6 +238,6 @@ def test_a_plan_with_room_to_spare_is_asked_for_what_it_did_not_see():
     (enforcer,) = enforcers
     predicted = enforcer.predicted[0]
     assert enforcer.extra_bytes == budget + room // 8 - min(predicted, budget)
-    first, second = partitioners
+    _, second = partitioners
     # measured - predicted counted outside: the new plan's own part is at most what the first measured lacked
     assert second.last_result.predicted_peak - second.outside_bytes <= budget - enforcer.extra_bytes
