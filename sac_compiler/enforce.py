@@ -86,6 +86,7 @@ class BudgetEnforcer:
         self._held: list[int] = []  # bytes of outputs the caller held as each backward began
         self._step_queued = False
         self._alone = False  # no other enforced graph ran in the step under way
+        self._pending: list[weakref.ref[Any]] = []  # autograd nodes of forward runs awaiting backward
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
 
     def _fresh(self) -> fx.GraphModule:
@@ -106,13 +107,14 @@ class BudgetEnforcer:
             if self._steps == MEASURED_STEP - 1:
                 self._before = self._mark_before_step()
         self._calls += 1
-        _IN_STEP.add(self)
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tensors or self._steps >= MEASURED_STEP:
             self._calls = 0  # no backward to wait for, or nothing left to measure
         else:
             outputs = [weakref.ref(t) for t in tensors]
+            self._pending.extend(weakref.ref(t.grad_fn) for t in tensors if t.grad_fn is not None)
+            _IN_STEP.add(self)
 
             def backward_started(_grads: Any) -> None:
                 # the outputs the caller still holds as its backward starts stay alive through it
@@ -121,11 +123,19 @@ class BudgetEnforcer:
                 if not self._step_queued:  # once per backward pass, however many runs it goes through
                     self._step_queued = True
                     # backward starts once every graph of the step has run forward
-                    self._alone = all(e is self for e in _IN_STEP)
+                    self._alone = not any(e is not self and e._awaits_backward() for e in list(_IN_STEP))
                     torch.autograd.Variable._execution_engine.queue_callback(self._step_done)
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
+
+    def _awaits_backward(self) -> bool:
+        """Whether the autograd graph of this graph's forward runs is still alive, waiting for a
+        backward. A forward whose outputs were dropped without a backward (an evaluation with grad
+        enabled, an error in the caller's loss) frees its autograd nodes and is no part of a later
+        step."""
+        self._pending = [ref for ref in self._pending if ref() is not None]
+        return bool(self._pending)
 
     def _mark_before_step(self) -> int:
         """The high-water mark as the measured step begins. A mark already over the budget (an
@@ -156,6 +166,7 @@ class BudgetEnforcer:
     def _step_done(self) -> None:
         """The backward pass has finished: one step of this compiled version is done."""
         self._step_queued = False
+        self._pending = []
         _IN_STEP.discard(self)
         calls, self._calls = self._calls, 0
         held, self._held = self._held, []

@@ -241,3 +241,16 @@ def test_a_plan_with_room_to_spare_is_asked_for_what_it_did_not_see():
     _, second = partitioners
     # measured - predicted counted outside: the new plan's own part is at most what the first measured lacked
     assert second.last_result.predicted_peak - second.outside_bytes <= budget - enforcer.extra_bytes
+
+
+def test_a_forward_without_backward_elsewhere_leaves_the_graph_alone_in_its_step():
+    """Another enforced graph ran forward and its outputs were dropped without a backward (an
+    evaluation with grad enabled, an error in the caller's loss): it is no part of the later steps,
+    which are still measured against this graph's prediction."""
+    model, x, budget, room, backend, _, enforcers = _setup([lambda b, r: b + r // 8, lambda b, r: b - 1])
+    other_model, other_x, *_, other_backend, _, others = _setup([])
+    torch.compile(other_model, backend=other_backend)(other_x).sum()  # forward only, output dropped
+    assert len(others) == 1
+    _steps(model, x, backend, 4)
+    enforcer = enforcers[-1]
+    assert enforcer.extra_bytes == budget + room // 8 - min(enforcer.predicted[0], budget)
