@@ -76,13 +76,31 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         for blocks, i in entry.block_slots(model):
             blocks[i] = Checkpointed(blocks[i])
     if strategy.startswith("sac"):
-        from sac_compiler.backend import compile_graph
+        from sac_compiler.backend import SACPartitioner, compile_graph
         from sac_compiler.config import SACConfig
+        from sac_compiler.partition_record import record_partition
 
-        config = SACConfig.from_options({"memory_budget": cell["budget_bytes"]})
+        # "sac none": no budget (a report makes the backend simulate the partition it compiles)
+        options = {"report": os.devnull} if strategy == "sac none" else {"memory_budget": cell["budget_bytes"]}
+        config = SACConfig.from_options(options)
+        dump = Path(cell["dump"]) if cell.get("dump") else None
+
+        class Recording(SACPartitioner):
+            """Writes each partition it makes as data (``benchmarks/replay_partition.py`` replays it)."""
+
+            def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
+                out = super().__call__(gm, joint_inputs, **kwargs)
+                if dump is not None and self.last_result is not None:
+                    dump.mkdir(parents=True, exist_ok=True)
+                    stem = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+                    count = len(list(dump.glob(f"{stem}-graph*.json")))
+                    (dump / f"{stem}-graph{count}.json").write_text(
+                        json.dumps(record_partition(self.last_result, *out)) + "\n")
+                return out
 
         def backend(gm: Any, example_inputs: Any) -> Any:
-            compiled = compile_graph(gm, example_inputs, config)
+            compiled = compile_graph(gm, example_inputs, config,
+                                     partitioner_cls=Recording if dump is not None else SACPartitioner)
             records.append(compiled)
             return compiled
 
@@ -142,6 +160,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         graphs.append({
             "predicted_peak": getattr(getattr(result, "partitioned", None), "peak_bytes", None),
             "first_measured": (getattr(compiled, "measured", None) or [None])[0],
+            "first_predicted": (getattr(compiled, "predicted", None) or [None])[0],
             "replans": getattr(compiled, "replans", None),
             "caller_held_bytes": getattr(result, "caller_held_bytes", None),
             "recomputed": len(result.plan.recompute) if getattr(result, "plan", None) is not None else None,
@@ -154,8 +173,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spawn(cell: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT)
+def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
+    """Run one cell in its own process; its stderr (the backend's log at INFO) goes to ``logs``."""
+    env = dict(os.environ, SAC_LOG=os.environ.get("SAC_LOG", "info"))
+    proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT, env=env)
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        name = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+        (logs / f"{name}.log").write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return dict(cell, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
@@ -178,7 +203,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     pairs = [(m, loop) for m in args.models for loop in args.loops]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         # plain compile first: it sets every budget of its (model, loop)
-        plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile")): (m, loop) for m, loop in pairs}
+        plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile"), out / "logs"): (m, loop) for m, loop in pairs}
         followers = []
         for future in concurrent.futures.as_completed(plain):
             m, loop = plain[future]
@@ -186,11 +211,14 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             record(result)
             if "error" in result:
                 continue
-            cells = [dict(base, model=m, loop=loop, strategy=a) for a in args.anchors]
+            cells = [dict(base, model=m, loop=loop, strategy=a,
+                          **({"dump": str(out / "partitions")} if a == "sac none" and args.dump_partitions else {}))
+                     for a in args.anchors]
             cells += [dict(base, model=m, loop=loop, strategy=f"sac {f:g}", fraction=f,
-                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
+                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]),
+                           **({"dump": str(out / "partitions")} if args.dump_partitions else {}))
                       for f in args.fractions]
-            followers += [pool.submit(_spawn, c) for c in cells]
+            followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())
     return done
@@ -247,12 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", nargs="+", default=["loss_outside_criterion"], choices=LOOPS,
                         help="loops (default: loss_outside_criterion)")
     parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), help=f"anchor strategies (default: {ANCHORS})")
-    parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.75, 0.5],
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.9, 0.75, 0.5],
                         help="sac budgets as fractions of compile's extra peak (default: 0.9 0.75 0.5)")
     parser.add_argument("--size", default="full", choices=("small", "full"), help="zoo size (default: full)")
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the model's fp32)")
     parser.add_argument("--warmup", type=int, default=7, help="untimed steps; the first compiles (default: 7)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    parser.add_argument("--dump-partitions", action="store_true",
+                        help="write each sac graph's partition to OUT/partitions (replay with benchmarks/replay_partition.py)")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     args = parser.parse_args(argv)
     if args.cell:

@@ -599,7 +599,7 @@ def _optimizer_state_bytes(
             for v in state.values()
             if isinstance(v, torch.Tensor) and v.dim() > 0
         )
-    per_param = _STATE_PER_PARAM.get(type(optimizer).__name__)
+    per_param = STATE_PER_PARAM.get(type(optimizer).__name__)
     if per_param is None:
         raise ValueError(
             f"cannot estimate the state of {type(optimizer).__name__} before its first step: "
@@ -614,7 +614,8 @@ def _momentum(optimizer: torch.optim.Optimizer) -> float:
     return 1.0 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0.0
 
 
-_STATE_PER_PARAM: dict[str, Any] = {
+# state bytes per parameter byte of the optimizers whose state is known before their first step
+STATE_PER_PARAM: dict[str, Any] = {
     "Adam": 2.0,
     "AdamW": 2.0,
     "Adamax": 2.0,

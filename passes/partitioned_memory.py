@@ -393,6 +393,7 @@ def simulate_partitioned(
     timelines: dict[str, list[tuple[str, int]]] | None = None,
     input_categories: Mapping[str, MemoryCategory] | None = None,
     disabled_rules: Iterable[str] = (),
+    hold_outputs: bool = False,
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
@@ -401,7 +402,8 @@ def simulate_partitioned(
     category); ``forward_names``: the joint graph's forward nodes (the backward's nodes so named are
     recomputed); ``timelines`` receives each graph's live bytes per node, under ``"forward"`` and
     ``"backward"``; ``input_categories``: the category of each forward placeholder (default: input);
-    ``disabled_rules``: rules the simulation leaves out (:data:`RULES`).
+    ``disabled_rules``: rules the simulation leaves out (:data:`RULES`); ``hold_outputs``: the
+    caller keeps forward's outputs through backward (as without the ``outputs_dropped`` rule).
     """
     rules = enabled_rules(PARTITIONED, fused_pointwise, disabled_rules)
     device = rounding_device(target_device, rules)
@@ -430,7 +432,7 @@ def simulate_partitioned(
     # what forward leaves, by category: between the graphs the caller drops the outputs
     # (model(x).sum().backward(): outputs_dropped)
     carried = live_by(forward.lifetimes, 3 * len(forward.steps) - 1, lambda life: life.category)
-    if "outputs_dropped" in rules:
+    if "outputs_dropped" in rules and not hold_outputs:
         carried[MemoryCategory.TEMPORARY] = carried.get(MemoryCategory.TEMPORARY, 0) - user_outputs
     bw_placeholders = [n for n in bw.graph.nodes if n.op == "placeholder"]
     tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), device)

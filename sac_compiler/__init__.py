@@ -8,7 +8,13 @@ seed-compatible statistics and solvers on their own.
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
-from sac_compiler.capture import CaptureError, GraphInput, InputKind, JointGraph, capture_joint
+from sac_compiler.capture import (
+    CaptureError,
+    GraphInput,
+    InputKind,
+    JointGraph,
+    capture_joint,
+)
 from sac_compiler.config import MemoryBudget, SACConfig, parse_bytes
 from sac_compiler.estimator import SACEstimate, estimate
 from sac_compiler.planner import BudgetRange, budget_range, plan
@@ -37,6 +43,6 @@ __all__ = [
 
 # SAC_LOG=info|debug (or warning, error) logs this package's messages to stderr at that level
 # (README, "Command line"); unset, logging is left to the application.
-from sac_compiler.cli import logging_from_env as _logging_from_env  # noqa: E402
+from sac_compiler.cli import logging_from_env as _logging_from_env
 
 _logging_from_env()

@@ -48,11 +48,13 @@ def analyze(
     fused_pointwise: bool = False,
     recomputed: set[str] | None = None,
     saved_for_backward: bool = True,
+    hold_outputs: bool = False,
 ) -> Analysis:
     """Annotate ``graph.gm`` with every pass; return their graph-level results.
 
     ``saved_for_backward=False``: leave out what PyTorch's default partition saves (the
-    statistics need it; the backend's planning does not)."""
+    statistics need it; the backend's planning does not). ``hold_outputs``: the caller keeps the
+    forward outputs until backward (see ``annotate_memory``)."""
     spec = resolve_device_spec(device)
     orders = annotate_modules(graph.gm, graph.root_name)
     parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None,
@@ -65,6 +67,7 @@ def analyze(
         optimizer_state_bytes=optimizer_state_bytes,
         fused_pointwise=fused_pointwise,
         recomputed=recomputed,
+        hold_outputs=hold_outputs,
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec)

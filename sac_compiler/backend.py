@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import logging
 import time
@@ -27,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from sac_compiler.config import SACConfig
+from sac_compiler.config import SACConfig, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def _package_roots() -> tuple[Path, ...]:
     """The source folders of the packages the partition runs: ``sac_compiler`` and
     ``sac_compiler.passes`` (the repository's ``passes/`` folder, mapped into the package)."""
     import sac_compiler
-    import sac_compiler.passes as passes
+    from sac_compiler import passes
 
     return tuple(Path(package.__file__).parent for package in (sac_compiler, passes))
 
@@ -364,6 +365,75 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
     return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
 
 
+def optimizers_of(params: Sequence[torch.Tensor]) -> list[torch.optim.Optimizer]:
+    """The live optimizers that step any of ``params`` (found among the process's objects: an
+    optimizer is usually made before the first call compiles the model)."""
+    ids = {id(p) for p in params}
+    if not ids:
+        return []
+    found = []
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads __class__, which a dead weak proxy raises on
+        if issubclass(type(obj), torch.optim.Optimizer) and any(
+            id(p) in ids for group in obj.param_groups for p in group["params"]
+        ):
+            found.append(obj)
+    return found
+
+
+def _allocated_state_bytes(optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Bytes of ``optimizer``'s state tensors on ``device`` (rounded as the allocator rounds)."""
+    from sac_compiler.passes.annotate_memory import round_allocation, tensor_nbytes
+
+    return sum(round_allocation(tensor_nbytes(v), device)
+               for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0 and v.device == device)
+
+
+def future_optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> int:
+    """State the optimizers will allocate on ``device`` at their next step and have not yet (an
+    unstepped Adam: two moments per parameter; a stepped one: nothing more). Optimizers whose
+    state cannot be estimated before their first step count 0 (run-time enforcement measures it)."""
+    from sac_compiler.passes.annotate_memory import STATE_PER_PARAM, round_allocation, tensor_nbytes
+
+    total = 0
+    for optimizer in optimizers:
+        per_param = STATE_PER_PARAM.get(type(optimizer).__name__)
+        if per_param is None:
+            log.info("sac: cannot estimate the state %s allocates at its first step; the budget's run-time "
+                     "check measures it", type(optimizer).__name__)
+            continue
+        if callable(per_param):
+            per_param = per_param(optimizer)
+        params = {id(p): p for group in optimizer.param_groups for p in group["params"]
+                  if isinstance(p, torch.Tensor) and p.device == device}
+        expected = sum(int(per_param * round_allocation(tensor_nbytes(p), device)) for p in params.values())
+        total += max(0, expected - _allocated_state_bytes(optimizer, device))
+    return total
+
+
+def held_outside(example_inputs: Sequence[Any], config: SACConfig) -> int:
+    """Device memory an absolute budget must leave room for besides the graph: what the process
+    holds now beyond the graph's inputs (:func:`outside_bytes`) and the state its optimizers will
+    allocate at their first step (found among live objects unless ``optimizer`` or
+    ``optimizer_state_bytes`` is given; a given optimizer's allocated state is counted by the
+    analysis, so it is taken out here)."""
+    device = _cuda_device(example_inputs)
+    if device is None or config.memory_budget is None:
+        return 0
+    held = outside_bytes(example_inputs)
+    if config.optimizer is not None:
+        return max(0, held - _allocated_state_bytes(config.optimizer, device))
+    if config.optimizer_state_bytes is not None:
+        return held
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    future = future_optimizer_state_bytes(optimizers_of(params), device)
+    if future:
+        log.info("sac: counting %s of optimizer state not yet allocated (its first step makes it)",
+                 format_bytes(future))
+    return held + future
+
+
 def _needs_backward(example_inputs: Sequence[Any]) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
@@ -397,7 +467,7 @@ def compile_graph(
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
-    outside = outside_bytes(example_inputs) if config.memory_budget is not None else 0
+    outside = held_outside(example_inputs, config)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int) -> tuple[Callable[..., Any], Any]:
         partitioner = partitioner_cls(config, graph, outside + extra_bytes)

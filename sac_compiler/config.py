@@ -177,6 +177,16 @@ class SACConfig:
     # on CUDA, an absolute budget is measured at run time and planned again if a step goes over it
     # (sac_compiler.enforce); False runs the first plan whatever it measures
     enforce_budget: bool = True
+    # the caller keeps the compiled function's outputs until backward (out = model(x);
+    # loss = criterion(out, y); loss.backward()): the plan counts them through backward. False
+    # when they are dropped before it (model(x).sum().backward(), or the loss computed inside)
+    hold_outputs: bool = True
+    # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
+    # memory (sac_compiler.offload; the planning path does not take it yet)
+    offload: bool = False
+    # pinned host bytes the offloaded values may take (an int of bytes or a string like '32GiB');
+    # None: unlimited
+    host_memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None:
@@ -219,6 +229,12 @@ class SACConfig:
         self._set("report", _checked_report(self.report))
         if not isinstance(self.enforce_budget, bool):
             raise ValueError(f"enforce_budget must be True or False, got {_describe(self.enforce_budget)}")
+        if not isinstance(self.hold_outputs, bool):
+            raise ValueError(f"hold_outputs must be True or False, got {_describe(self.hold_outputs)}")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload must be True or False, got {_describe(self.offload)}")
+        if self.host_memory_budget is not None:
+            self._set("host_memory_budget", parse_bytes(self.host_memory_budget, option="host_memory_budget"))
 
     def _set(self, name: str, value: Any) -> None:
         """Store the parsed form of an option (the dataclass is frozen)."""

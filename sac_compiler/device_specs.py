@@ -13,6 +13,15 @@ Conventions used by every entry:
   (CUDA core) rates.  For A100/H100/H200 the FP64 Tensor Core (DGEMM) peak is
   twice the ``"fp64"`` figure; the table keeps the conservative vector rate.
 * ``hbm_bandwidth`` is in bytes/s, decimal (1 TB/s = 1e12 B/s), as on the datasheet.
+* ``host_link_bandwidth`` is the bytes/s a copy between pinned host memory and the GPU
+  is assumed to move in each direction: a cost-model value for planning activation
+  offload, not a datasheet figure. The datasheets give the host interface's theoretical
+  rate in both directions together (PCIe Gen5 x16: "128 GB/s", i.e. 64 GB/s each way;
+  Gen4 x16: "64 GB/s", 32 GB/s each way). Encoding and packet overheads alone take about a
+  tenth of that, and a DMA copy from pinned memory reaches less again, so the table uses
+  three quarters of the one-way rate (48 GB/s on Gen5, 24 GB/s on Gen4), a conservative
+  figure until measured on the GPU (PyTorch's own default for its prefetch estimate,
+  ``torch._functorch.config.activation_offload_cpu_gpu_bw``, is 50 GiB/s). None: unknown.
 * ``memory_bytes`` is the datasheet capacity in *decimal* GB (80 GB = 80e9 bytes).
   It is a lower bound on what the device reports: torch reports 85,520,809,984
   bytes total for "NVIDIA H100 80GB HBM3" and 150,121,070,592 bytes for
@@ -47,6 +56,10 @@ FLOPS_KEYS: tuple[str, ...] = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8")
 
 _T = 1e12  # TFLOP/s or TB/s
 _GB = 10**9  # decimal gigabyte
+# host links, per direction (see host_link_bandwidth in the module docstring): three quarters of
+# PCIe x16's theoretical one-way rate
+_PCIE_GEN5_X16 = 0.75 * 64 * _GB
+_PCIE_GEN4_X16 = 0.75 * 32 * _GB
 
 
 def _tf32_enabled() -> bool:
@@ -93,6 +106,7 @@ class DeviceSpec:
     memory_bytes: int
     sources: tuple[str, ...]
     name_patterns: tuple[str, ...]
+    host_link_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.marketing_name:
@@ -108,6 +122,12 @@ class DeviceSpec:
                 raise ValueError(f"{self.name}: peak_flops[{key!r}] must be positive, got {value!r}")
         if not (math.isfinite(self.hbm_bandwidth) and self.hbm_bandwidth > 0):
             raise ValueError(f"{self.name}: hbm_bandwidth must be positive")
+        if self.host_link_bandwidth is not None and not (
+            isinstance(self.host_link_bandwidth, (int, float)) and not isinstance(self.host_link_bandwidth, bool)
+            and math.isfinite(self.host_link_bandwidth) and self.host_link_bandwidth > 0
+        ):
+            raise ValueError(f"{self.name}: host_link_bandwidth must be None or positive bytes/s, "
+                             f"got {self.host_link_bandwidth!r}")
         if int(self.memory_bytes) != self.memory_bytes or self.memory_bytes <= 0:
             raise ValueError(f"{self.name}: memory_bytes must be a positive integer")
         sources = tuple(self.sources)
@@ -132,7 +152,7 @@ class DeviceSpec:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # The read-only view of peak_flops does not pickle; rebuild from a plain dict.
         return (type(self), (self.name, self.marketing_name, dict(self.peak_flops), self.hbm_bandwidth,
-                             self.memory_bytes, self.sources, self.name_patterns))
+                             self.memory_bytes, self.sources, self.name_patterns, self.host_link_bandwidth))
 
     def peak_flops_for(self, dtype: torch.dtype) -> float:
         """Dense peak FLOP/s for matmul-class work in ``dtype``.
@@ -208,6 +228,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         sources=_H100_SOURCES,
         # Reported as "NVIDIA H100 80GB HBM3"; PCIe and NVL boards say so in the name.
         name_patterns=(r"^(?!.*\b(?:PCIe|NVL)\b).*\bH100\b.*\b(?:HBM3|SXM\d?)\b",),
+        host_link_bandwidth=_PCIE_GEN5_X16,
     ),
     DeviceSpec(
         name="H100-PCIe",
@@ -226,6 +247,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         memory_bytes=80 * _GB,
         sources=_H100_SOURCES,
         name_patterns=(r"\bH100\b.*\bPCIe\b",),
+        host_link_bandwidth=_PCIE_GEN5_X16,
     ),
     DeviceSpec(
         name="H200",
@@ -236,6 +258,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         sources=_H200_SOURCES,
         # "NVIDIA H200"; \b keeps "NVIDIA GH200 ..." (Grace Hopper) out.
         name_patterns=(r"^(?!.*\bNVL\b).*\bH200\b",),
+        host_link_bandwidth=_PCIE_GEN5_X16,
     ),
     DeviceSpec(
         name="H200-NVL",
@@ -254,6 +277,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         memory_bytes=141 * _GB,
         sources=("NVIDIA H200 Tensor Core GPU Datasheet",),
         name_patterns=(r"\bH200\b.*\bNVL\b",),
+        host_link_bandwidth=_PCIE_GEN5_X16,
     ),
     DeviceSpec(
         name="A100-40GB",
@@ -265,6 +289,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         # "NVIDIA A100-SXM4-40GB"; the 40GB PCIe card ("NVIDIA A100-PCIE-40GB")
         # has the same peak rates and 1,555 GB/s, so it maps here too.
         name_patterns=(r"\bA100\b.*\b40GB\b",),
+        host_link_bandwidth=_PCIE_GEN4_X16,
     ),
     DeviceSpec(
         name="A100-80GB",
@@ -274,6 +299,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         memory_bytes=80 * _GB,
         sources=_A100_SOURCES,
         name_patterns=(r"^(?!.*\bPCIe\b).*\bA100\b.*\b80GB\b",),
+        host_link_bandwidth=_PCIE_GEN4_X16,
     ),
     DeviceSpec(
         name="A100-80GB-PCIe",
@@ -283,6 +309,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         memory_bytes=80 * _GB,
         sources=_A100_SOURCES,
         name_patterns=(r"^(?=.*\bPCIe\b).*\bA100\b.*\b80GB\b",),
+        host_link_bandwidth=_PCIE_GEN4_X16,
     ),
     DeviceSpec(
         name="B200",
@@ -307,6 +334,7 @@ _SPECS: tuple[DeviceSpec, ...] = (
         ),
         # "NVIDIA B200"; \b keeps "NVIDIA GB200" out.
         name_patterns=(r"\bB200\b",),
+        host_link_bandwidth=_PCIE_GEN5_X16,  # the HGX/DGX B200 hosts' PCIe Gen5 (x16 per GPU)
     ),
 )
 

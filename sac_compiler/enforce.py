@@ -11,8 +11,8 @@ user's statistics are left alone unless the mark is already over the budget befo
 step (an earlier plan went over it), which would hide the step's own peak: then the peak
 statistic is reset, and the log says so.
 
-If the step went over the budget, the graph is planned again with the measured excess counted as
-memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
+If the step went over the budget, the graph is planned again with what the plan did not see (the
+measured peak over the predicted one) counted as memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
 replan that gave back less than it was asked for makes the next one ask for proportionally more.
 If the budget is still exceeded after that, the next call raises :class:`BudgetExceededError`
 naming the measured peak.
@@ -40,6 +40,11 @@ MAX_REPLANS = 2
 MEASURED_STEP = 2
 # the most a later replan scales the measured excess by, after an earlier one gave back less
 MAX_SCALE = 4.0
+
+
+# the enforced graphs whose step is under way (forward run, backward not finished): a graph that
+# ran alone in its step is the only one whose prediction the step's measured peak can be set against
+_IN_STEP: weakref.WeakSet[BudgetEnforcer] = weakref.WeakSet()
 
 
 class BudgetExceededError(BudgetError):
@@ -71,6 +76,7 @@ class BudgetEnforcer:
         self.extra_bytes = 0
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
+        self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
         self._pending_excess: int | None = None
         self._last_request = 0  # the excess the last replan was asked to give up
         self._error: BudgetExceededError | None = None
@@ -79,6 +85,8 @@ class BudgetEnforcer:
         self._before = 0  # the high-water mark as the step under way began
         self._held: list[int] = []  # bytes of outputs the caller held as each backward began
         self._step_queued = False
+        self._alone = False  # no other enforced graph ran in the step under way
+        self._pending: list[weakref.ref[Any]] = []  # autograd nodes of forward runs awaiting backward
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
 
     def _fresh(self) -> fx.GraphModule:
@@ -105,6 +113,8 @@ class BudgetEnforcer:
             self._calls = 0  # no backward to wait for, or nothing left to measure
         else:
             outputs = [weakref.ref(t) for t in tensors]
+            self._pending.extend(weakref.ref(t.grad_fn) for t in tensors if t.grad_fn is not None)
+            _IN_STEP.add(self)
 
             def backward_started(_grads: Any) -> None:
                 # the outputs the caller still holds as its backward starts stay alive through it
@@ -112,10 +122,20 @@ class BudgetEnforcer:
                 self._held.append(sum(t.untyped_storage().nbytes() for t in held.values()))
                 if not self._step_queued:  # once per backward pass, however many runs it goes through
                     self._step_queued = True
+                    # backward starts once every graph of the step has run forward
+                    self._alone = not any(e is not self and e._awaits_backward() for e in list(_IN_STEP))
                     torch.autograd.Variable._execution_engine.queue_callback(self._step_done)
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
+
+    def _awaits_backward(self) -> bool:
+        """Whether the autograd graph of this graph's forward runs is still alive, waiting for a
+        backward. A forward whose outputs were dropped without a backward (an evaluation with grad
+        enabled, an error in the caller's loss) frees its autograd nodes and is no part of a later
+        step."""
+        self._pending = [ref for ref in self._pending if ref() is not None]
+        return bool(self._pending)
 
     def _mark_before_step(self) -> int:
         """The high-water mark as the measured step begins. A mark already over the budget (an
@@ -146,6 +166,8 @@ class BudgetEnforcer:
     def _step_done(self) -> None:
         """The backward pass has finished: one step of this compiled version is done."""
         self._step_queued = False
+        self._pending = []
+        _IN_STEP.discard(self)
         calls, self._calls = self._calls, 0
         held, self._held = self._held, []
         self._steps += 1
@@ -163,6 +185,7 @@ class BudgetEnforcer:
         self.measured.append(peak)
         predicted = getattr(result, "partitioned", None)
         predicted_bytes = getattr(predicted, "peak_bytes", None)
+        self.predicted.append(predicted_bytes)
         if result is not None:
             result.measured_peak = peak
         if peak is None:
@@ -178,8 +201,15 @@ class BudgetEnforcer:
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
             return
-        # each run of the graph in the step holds its own saved values: share the excess among them
-        excess = -(-(peak - self.budget_bytes) // max(calls, 1))
+        # what the plan did not see is the measured peak over the predicted one (over the budget
+        # only, when the plan had no room left): a plan with room to spare that was counted as
+        # lowering by peak - budget would keep that room and measure the same peak again.
+        # Each run of the graph in the step holds its own saved values: share it among them
+        # Measured against the prediction only for a graph that ran once, alone in its step: with
+        # other graphs (or other runs of this one) in the step, the peak holds their memory too.
+        alone = calls == 1 and self._alone and predicted_bytes is not None
+        unseen = max(peak - self.budget_bytes, peak - predicted_bytes if alone else 0)
+        excess = -(-unseen // max(calls, 1))
         previous = self.measured[-2] if len(self.measured) >= 2 else None
         if self._last_request and previous is not None:
             # the last replan gave back less than it was asked for (the plan's peak moved to a step

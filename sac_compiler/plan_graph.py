@@ -65,6 +65,8 @@ class GraphPlanResult:
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
     fused_pointwise: bool = False
+    # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
+    hold_outputs: bool = False
     # device memory the process held outside this graph when it was compiled (other tensors,
     # library workspaces): it is there during the step too, so it counts against the budget and
     # is included in predicted_peak and partitioned.peak_bytes
@@ -80,8 +82,10 @@ class GraphPlanResult:
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
     # of that step: bytes of the graph's outputs the caller still held when backward began (the
-    # simulation assumes the caller drops them, as in model(x).sum().backward())
+    # simulation holds them through backward unless hold_outputs=False)
     caller_held_bytes: int | None = None
+    # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
+    offload_note: str | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -102,6 +106,7 @@ class GraphPlanResult:
             "target_device": graph.target_device,
             "fused_pointwise": self.fused_pointwise,
             "extra_static_bytes": self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
+            "hold_outputs": self.hold_outputs,
             "forward_names": frozenset(n.name for n in graph.gm.graph.nodes
                                        if n.op == "call_function" and get_record(n).side == Side.FORWARD),
             "input_categories": {i.name: categories.get(i.kind, MemoryCategory.INPUT) for i in graph.inputs
@@ -478,7 +483,7 @@ def plan_and_tag(
         # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
-                                 fastest=previous.fastest)
+                                 fastest=previous.fastest, hold_outputs=previous.hold_outputs)
         _plan(result, config, target, budget)
         return result
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
@@ -527,11 +532,17 @@ def plan_joint(
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(),  # the plan replaces any checkpoint the user wrote
         saved_for_backward=False,
+        hold_outputs=config.hold_outputs,
     )
     result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes + outside_bytes,
-                             fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes)
+                             fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
+                             hold_outputs=config.hold_outputs)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
+    if config.offload:
+        from sac_compiler.offload import offload_note
+
+        result.offload_note = offload_note(config, analysis)
     return result
 
 
@@ -1133,4 +1144,5 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         fused_pointwise=config.compiler == "inductor",
         recomputed=set(recompute),
         annotate=False,
+        hold_outputs=config.hold_outputs,
     )

@@ -34,6 +34,8 @@ def format_plan(result: Any) -> str:
     from tabulate import tabulate
 
     text = format_analysis(result.analysis)
+    if getattr(result, "offload_note", None):
+        text += f"\noffload: {result.offload_note}\n"
     if result.plan is None:
         return text
     from sac_compiler.passes.record import get_record

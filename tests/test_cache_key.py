@@ -49,6 +49,9 @@ _OTHER_VALUES = {
     "optimizer": _adamw,
     "report": lambda: True,
     "enforce_budget": lambda: False,
+    "hold_outputs": lambda: False,
+    "offload": lambda: True,
+    "host_memory_budget": lambda: 32 * 2**30,
 }
 
 

@@ -37,6 +37,9 @@ _VALID_KINDS: dict[str, set[str]] = {
     "optimizer": {"None"},
     "report": {"bool", "str"},  # True prints it; a str is a relative file path in a writable directory
     "enforce_budget": {"bool"},
+    "hold_outputs": {"bool"},
+    "offload": {"bool"},
+    "host_memory_budget": {"None"},  # None: unlimited pinned host memory
 }
 
 _BUDGET_FORM = "a float in [0, 1]"
@@ -110,6 +113,16 @@ _BAD: list[Any] = [
     # enforce_budget
     pytest.param({"enforce_budget": "yes"}, ["True or False"], id="enforce-str"),
     pytest.param({"enforce_budget": 1}, ["True or False"], id="enforce-int"),
+    pytest.param({"hold_outputs": "no"}, ["hold_outputs", "True or False"], id="hold-outputs-str"),
+    # offload, host_memory_budget
+    pytest.param({"offload": "yes"}, ["True or False"], id="offload-str"),
+    pytest.param({"offload": 1}, ["True or False"], id="offload-int"),
+    pytest.param({"host_memory_budget": "lots"}, ["cannot read", "GiB"], id="host-unreadable"),
+    pytest.param({"host_memory_budget": 0}, ["positive", _BYTES], id="host-zero"),
+    pytest.param({"host_memory_budget": -2**30}, ["positive", _BYTES], id="host-negative"),
+    pytest.param({"host_memory_budget": "0.5"}, ["whole number of bytes"], id="host-fractional-str"),
+    pytest.param({"host_memory_budget": 2.5}, [_BYTES], id="host-fractional"),
+    pytest.param({"host_memory_budget": False}, [_BYTES], id="host-bool"),
     # report
     pytest.param({"report": None}, [_REPORT], id="report-none"),
     pytest.param({"report": 1}, [_REPORT], id="report-int"),
@@ -253,6 +266,10 @@ _GOOD: list[Any] = [
     pytest.param({"optimizer_state_bytes": 0}, {"optimizer_state_bytes": 0}, id="optstate-zero"),
     pytest.param({"optimizer_state_bytes": "1GiB"}, {"optimizer_state_bytes": 2**30}, id="optstate-gib"),
     pytest.param({"optimizer_state_bytes": 1024}, {"optimizer_state_bytes": 1024}, id="optstate-int"),
+    pytest.param({"offload": True}, {"offload": True, "host_memory_budget": None}, id="offload"),
+    pytest.param({"offload": True, "host_memory_budget": "32GiB"}, {"host_memory_budget": 32 * 2**30},
+                 id="host-gib"),
+    pytest.param({"host_memory_budget": 10**9}, {"host_memory_budget": 10**9}, id="host-int"),
     pytest.param({"report": True}, {"report": True}, id="report-true"),
     pytest.param({"report": False}, {"report": False}, id="report-false"),
     pytest.param({"report": "plan.txt"}, {"report": "plan.txt"}, id="report-relative"),

@@ -8,7 +8,7 @@ import torch
 
 from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.config import SACConfig
-from sac_compiler.enforce import MAX_REPLANS, BudgetEnforcer, BudgetExceededError
+from sac_compiler.enforce import MAX_REPLANS, MAX_SCALE, BudgetEnforcer, BudgetExceededError
 from sac_compiler.planner import budget_range
 from tests.models import Nested
 
@@ -70,13 +70,17 @@ def test_a_step_over_the_budget_is_planned_again_lower_by_the_excess():
     (enforcer,) = enforcers
     excess = room // 3
     assert isinstance(enforcer, BudgetEnforcer)
-    assert enforcer.replans == 1 and enforcer.extra_bytes == excess
     assert enforcer.measured == [budget + excess, budget - 1]
+    # the plan did not see the measured peak over its prediction (at most the budget)
+    predicted = enforcer.predicted[0]
+    assert predicted is not None and predicted <= budget
+    unseen = budget + excess - predicted
+    assert enforcer.replans == 1 and enforcer.extra_bytes == unseen >= excess
     first, second = partitioners
-    assert second.outside_bytes == first.outside_bytes + excess
+    assert second.outside_bytes == first.outside_bytes + unseen
     assert second.last_result.predicted_peak <= budget
-    # the graph's own share of the budget shrank by the excess
-    assert second.last_result.predicted_peak - second.last_result.outside_bytes <= budget - excess
+    # the graph's own share of the budget shrank by what it did not see
+    assert second.last_result.predicted_peak - second.last_result.outside_bytes <= budget - unseen
     assert second.last_result.measured_peak == budget - 1
 
 
@@ -158,6 +162,8 @@ def test_one_graph_serving_every_block_shares_the_excess_among_its_runs():
     assert len(enforcers) == 2
     for enforcer in enforcers:
         assert enforcer.measured == [budget + excess, budget]
+    # with other graphs in the step the peak holds their memory: only the excess over the budget is
+    # counted, shared among the runs
     assert sorted(e.extra_bytes for e in enforcers) == [-(-excess // 3), excess]
 
 
@@ -213,7 +219,38 @@ def test_a_replan_that_gave_back_too_little_makes_the_next_ask_for_more():
     _steps(model, x, backend, 6)
     (enforcer,) = enforcers
     assert enforcer.measured == [budget + room // 3, budget + room // 6, budget - 1]
-    first = room // 3
+    # each replan asks for what its plan did not see; the second, scaled by how little the first
+    # gave back for what it asked (at most MAX_SCALE times)
+    first = budget + room // 3 - enforcer.predicted[0]
+    unseen = budget + room // 6 - enforcer.predicted[1]
     achieved = room // 3 - room // 6
-    assert enforcer.extra_bytes == first + int(room // 6 * (first / achieved))
+    scale = min(MAX_SCALE, max(1.0, first / achieved))
+    assert enforcer.extra_bytes == first + int(unseen * scale)
     assert enforcer.replans == 2
+
+
+def test_a_plan_with_room_to_spare_is_asked_for_what_it_did_not_see():
+    """A first plan predicted well under the budget measures over it: the replan counts the whole
+    gap between prediction and measurement outside the graph, not only the part over the budget
+    (which the room the plan left would absorb, measuring the same peak again)."""
+    model, x, budget, room, backend, partitioners, enforcers = _setup([lambda b, r: b + r // 8, lambda b, r: b - 1])
+    _steps(model, x, backend, 4)
+    (enforcer,) = enforcers
+    predicted = enforcer.predicted[0]
+    assert enforcer.extra_bytes == budget + room // 8 - min(predicted, budget)
+    _, second = partitioners
+    # measured - predicted counted outside: the new plan's own part is at most what the first measured lacked
+    assert second.last_result.predicted_peak - second.outside_bytes <= budget - enforcer.extra_bytes
+
+
+def test_a_forward_without_backward_elsewhere_leaves_the_graph_alone_in_its_step():
+    """Another enforced graph ran forward and its outputs were dropped without a backward (an
+    evaluation with grad enabled, an error in the caller's loss): it is no part of the later steps,
+    which are still measured against this graph's prediction."""
+    model, x, budget, room, backend, _, enforcers = _setup([lambda b, r: b + r // 8, lambda b, r: b - 1])
+    other_model, other_x, *_, other_backend, _, others = _setup([])
+    torch.compile(other_model, backend=other_backend)(other_x).sum()  # forward only, output dropped
+    assert len(others) == 1
+    _steps(model, x, backend, 4)
+    enforcer = enforcers[-1]
+    assert enforcer.extra_bytes == budget + room // 8 - min(enforcer.predicted[0], budget)

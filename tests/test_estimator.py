@@ -85,6 +85,17 @@ def test_module_info_fields(transformer_estimate):
     assert layer["input_per_module"] == 8 * 1024 * 768 * 4
 
 
+# The seed's baseline peak of its Transformer, measured by PyTorch's eager tools on an A100
+SEED_A100_BASELINE = 2583888896
+
+
+def test_seed_001_baseline_planned_on_cpu_for_an_a100_is_within_10_percent(transformer_estimate):
+    """Planning without a GPU matches the GPU: the seed's sac_milp baseline, traced on CPU fake tensors
+    for an A100 (attention traced as CUDA runs it), within 10% of the seed's A100 figure."""
+    peak, _ = get_peak_memory_runtime_baseline(parse_module_info(transformer_estimate.module_info()))
+    assert peak == pytest.approx(SEED_A100_BASELINE, rel=0.10)
+
+
 def test_seed_001_sac_milp_cases(transformer_estimate):
     graph = parse_module_info(transformer_estimate.module_info())
     peak, compute_ms = get_peak_memory_runtime_baseline(graph)

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import sac_compiler
 import sac_compiler.passes
+
+import sac_compiler
 
 
 def test_passes_are_a_subpackage_mapped_from_the_repository_folder() -> None:

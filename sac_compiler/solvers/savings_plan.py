@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,11 +340,17 @@ def min_peak_plan(problem: SavingsProblem, options: SolverOptions | None = None)
     return int(round(outcome.objective_value * _MIB)), _plan(problem, r, kept, outcome, start)
 
 
-def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[Any, dict, dict, list, int]:
+def _build(problem: SavingsProblem, options: SolverOptions, name: str,
+           extend: Callable[[Any, dict, Callable[[int, Any], None]], None] | None = None,
+           ) -> tuple[Any, dict, dict, list, int]:
     """The variables and savings expressions.
 
     Returns (model, r, kept, rows, reach): each row ``(saving, lo, hi)`` is the bytes saved on every
     step of ``[lo, hi)``; no recomputation saves anything at steps ``>= reach``.
+
+    ``extend(model, r, add)``, if given, adds its own variables and constraints to the model before
+    the rows are formed, and its own savings through ``add(end, expr)`` (an expression in MiB saved
+    on the steps ``[0, end)``); without it the program is the recompute-only one.
     """
     cands = problem.candidates
     by_name = {c.name: c for c in cands}
@@ -423,6 +429,8 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str) -> tuple[
         for j in range(1, len(stops)):
             add(stops[j], _mib(c.nbytes) * (ys[j - 1] - ys[j]))
         add(c.first_use, _mib(c.nbytes) * ys[-1])
+    if extend is not None:
+        extend(m, r, add)
     reach = _reach(cands, consumers, when)
     for u, k in kept.items():
         until = _input_reach(u, consumers, reach)

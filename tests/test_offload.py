@@ -1,0 +1,491 @@
+"""Keep, recompute or offload: the program (solvers.offload_plan), its independent check
+(solvers.offload_replay), the options, and the emission through PyTorch's partitioner (offload)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sac_compiler import offload as offload_mod
+from sac_compiler.config import SACConfig
+from sac_compiler.solvers import InfeasibleError, SolverOptions
+from sac_compiler.solvers.offload_plan import OffloadProblem, offloadable, reload_starts, solve_offload_plan, with_budget
+from sac_compiler.solvers.offload_replay import replay
+from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem, solve_savings_plan
+
+MiB = 2**20
+EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
+
+
+def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None,
+             forward_peak=None):
+    savings = SavingsProblem(candidates=tuple(candidates), baseline=tuple(b * MiB for b in baseline), budget=budget * MiB)
+    return OffloadProblem(savings=savings, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready_ms,
+                          bandwidth=bandwidth, host_budget=host_budget,
+                          forward_peak=None if forward_peak is None else forward_peak * MiB)
+
+
+def _checked(problem):
+    """Solve, replay the plan, and check the replay against the program: peak, host, stalls, time."""
+    plan = solve_offload_plan(problem, EXACT)
+    run = replay(problem, plan.recompute, plan.kept_for_recompute, plan.offload)
+    assert run.peak_bytes <= problem.savings.budget
+    assert run.forward_stall_ms == 0.0
+    assert run.host_peak_bytes == plan.host_bytes
+    if problem.host_budget is not None:
+        assert run.host_peak_bytes <= problem.host_budget
+    assert run.backward_stall_ms == pytest.approx(plan.stall_ms, abs=1e-6)
+    return plan, run
+
+
+def _brute_force(problem):
+    """The least replayed time over every plan (keep, recompute, or offload with every reload start)
+    whose replay fits the budgets without stalling the forward, and whose reloads are issued in the
+    order of their first reads; None if no plan fits."""
+    cands = problem.savings.candidates
+    by_name = {c.name: c for c in cands}
+    options = []
+    for c in cands:
+        mine = [("keep",)]
+        if not c.must_save:
+            mine.append(("recompute",))
+        if c.name in problem.ready_ms and c.first_use:
+            mine += [("offload", s) for s in range(1, c.first_use + 1)]
+        options.append(mine)
+    best = None
+    for combo in itertools.product(*options):
+        recompute = {c.name for c, ch in zip(cands, combo) if ch[0] == "recompute"}
+        offload = {c.name: ch[1] for c, ch in zip(cands, combo) if ch[0] == "offload"}
+        if any(u in offload for n in recompute for u in by_name[n].inputs):
+            continue
+        if any(by_name[v].first_use < by_name[w].first_use and offload[v] > offload[w]
+               for v in offload for w in offload):
+            continue
+        kept = {u for n in recompute for u in by_name[n].inputs
+                if by_name[u].first_use is None and u not in recompute}
+        run = replay(problem, recompute, kept, offload)
+        if run.peak_bytes > problem.savings.budget or run.forward_stall_ms > 0:
+            continue
+        if problem.host_budget is not None and run.host_peak_bytes > problem.host_budget:
+            continue
+        if best is None or run.time_ms < best:
+            best = run.time_ms
+    return best
+
+
+# --- one value, three answers ---------------------------------------------------------------------
+# x: 100 MiB, made early in forward, read late in backward (step 4), 2 ms to recompute. The baseline
+# is over 400 MiB on steps 0-2 only, so a reload that starts at step 3 covers it, with step 3's
+# 1 ms of compute to hide the copy in.
+
+def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None):
+    x = Candidate("x", 100 * MiB, cost_ms, first_use=4, last_use=4)
+    return _problem([x], [500, 500, 500, 380, 380, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
+                    ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget,
+                    forward_peak=forward_peak)
+
+
+def test_keep_when_the_budget_allows():
+    plan, run = _checked(_one_value(budget=500, bandwidth=64e9))
+    assert (plan.recompute, dict(plan.offload)) == (frozenset(), {})
+    assert run.time_ms == 0.0
+
+
+def test_offload_when_the_link_hides_the_copies():
+    # 100 MiB at 200 GB/s: 0.52 ms, under step 3's 1 ms
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9))
+    assert plan.recompute == frozenset() and dict(plan.offload) == {"x": 3}
+    assert run.exposed_ms == 0.0 and run.time_ms == 0.0 and run.host_peak_bytes == 100 * MiB
+    assert run.profile[:3] == (400 * MiB,) * 3 and run.profile[3] == 380 * MiB
+
+
+def test_recompute_when_the_link_is_slow():
+    # 100 MiB at 50 GB/s: 2.1 ms, of which step 3 hides 1 ms: 1.1 ms exposed, against 0.5 ms to recompute
+    plan, run = _checked(_one_value(budget=400, bandwidth=50e9, cost_ms=0.5))
+    assert plan.recompute == {"x"} and not plan.offload
+    # and when recomputing costs more than the exposed copy, the copy is worth it
+    plan, run = _checked(_one_value(budget=400, bandwidth=50e9, cost_ms=2.0))
+    assert dict(plan.offload) == {"x": 3} and not plan.recompute
+    assert run.backward_stall_ms == pytest.approx(1e3 * 100 * MiB / 50e9 - 1.0)
+
+
+def test_recompute_when_the_forward_cannot_hide_the_copy():
+    # 100 MiB at 10 GB/s: 10.5 ms, more than the 8 ms of forward after x's last read
+    problem = _one_value(budget=400, bandwidth=10e9, cost_ms=50.0)
+    assert offloadable(problem) == []
+    plan, _ = _checked(problem)
+    assert plan.recompute == {"x"}
+
+
+def test_recompute_when_host_memory_is_short():
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=64 * MiB))
+    assert plan.recompute == {"x"} and not plan.offload
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, host_budget=100 * MiB))
+    assert dict(plan.offload) == {"x": 3}
+
+
+def test_offload_does_not_lower_the_forwards_own_peak():
+    """The forward waits for its copies at its end: at a forward peak above the budget the value is
+    still on the device, and only recomputing it helps."""
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480))
+    assert plan.recompute == {"x"} and not plan.offload
+    assert run.forward_peak_bytes == 380 * MiB
+    assert replay(_one_value(budget=400, bandwidth=200e9, forward_peak=480), offload={"x": 3}).peak_bytes == 480 * MiB
+    # a forward peak under the budget changes nothing
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=390))
+    assert dict(plan.offload) == {"x": 3}
+
+
+def test_no_plan_under_what_neither_choice_reaches():
+    with pytest.raises(InfeasibleError):
+        solve_offload_plan(_one_value(budget=300, bandwidth=200e9), EXACT)
+
+
+# --- the link is shared ---------------------------------------------------------------------------
+
+def _two_values(bandwidth, budget=400, host_budget=None):
+    """a and b, 100 MiB each, both read at step 4 and over the budget together on steps 0-2. Their
+    reloads share step 3's 1 ms: at 200 GB/s each copy takes 0.52 ms, both 1.05 ms."""
+    a = Candidate("a", 100 * MiB, 0.2, first_use=4, last_use=4)
+    b = Candidate("b", 100 * MiB, 3.0, first_use=4, last_use=5)
+    return _problem([a, b], [600, 600, 600, 390, 390, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
+                    ready_ms={"a": 2.0, "b": 3.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget)
+
+
+def test_the_link_bounds_the_bytes_in_flight():
+    # both offloaded: 1.05 ms of copies in step 3's 1 ms leaves 0.05 ms exposed, cheaper than
+    # recomputing a (0.2 ms); the replay's stall is the program's
+    plan, run = _checked(_two_values(bandwidth=200e9))
+    assert set(plan.offload) == {"a", "b"} and not plan.recompute
+    assert run.backward_stall_ms == pytest.approx(2e3 * 100 * MiB / 200e9 - 1.0)
+    # a slower link: the two copies would expose 3.2 ms; recompute the cheap one, offload the other
+    plan, run = _checked(_two_values(bandwidth=100e9))
+    assert plan.recompute == {"a"} and set(plan.offload) == {"b"}
+
+
+def test_a_program_blind_to_the_link_would_be_caught_by_the_replay():
+    """Without the window rows both copies would look free; the replay shows what they expose."""
+    problem = _two_values(bandwidth=200e9)
+    run = replay(problem, offload={"a": 3, "b": 3})
+    assert run.backward_stall_ms > 0
+    assert run.time_ms > 0.0
+
+
+@pytest.mark.parametrize("budget, bandwidth, host_budget", [
+    (600, 64e9, None), (400, 200e9, None), (400, 100e9, None), (400, 40e9, None), (400, 200e9, 150 * MiB),
+    (300, 200e9, None), (300, 20e9, None),
+])
+def test_two_values_match_brute_force(budget, bandwidth, host_budget):
+    problem = _two_values(bandwidth, budget, host_budget)
+    best = _brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve_offload_plan(problem, EXACT)
+        return
+    plan, run = _checked(problem)
+    assert run.time_ms == pytest.approx(best, abs=1e-6)
+
+
+def _random_problem(rng):
+    steps = rng.randint(5, 8)
+    n = 3
+    cands = []
+    for i in range(n):
+        first = rng.randint(1, steps - 1)
+        inputs = (f"v{i - 1}",) if i and rng.random() < 0.4 else ()
+        cands.append(Candidate(f"v{i}", rng.choice([32, 64, 96, 128]) * MiB, round(rng.uniform(0.05, 3.0), 3),
+                               inputs=inputs, first_use=first, last_use=rng.randint(first, steps - 1)))
+    baseline = sorted((rng.randint(300, 700) for _ in range(steps)), reverse=True)
+    step_ms = [0.0] + [round(rng.uniform(0.1, 1.5), 3) for _ in range(steps - 1)]
+    forward_ms = 6.0
+    ready = {c.name: round(rng.uniform(0.0, 5.0), 3) for c in cands if rng.random() < 0.85}
+    bandwidth = rng.choice([25e9, 50e9, 100e9, 200e9])
+    budget = rng.randint(min(baseline) - 50, max(baseline))
+    host = rng.choice([None, None, 100 * MiB])
+    forward_peak = rng.choice([None, baseline[0] + rng.randint(0, 100)])
+    return _problem(cands, baseline, step_ms, forward_ms, ready, bandwidth, budget, host, forward_peak)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_small_problems_match_brute_force_and_the_replay(seed):
+    problem = _random_problem(random.Random(seed))
+    best = _brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve_offload_plan(problem, EXACT)
+        return
+    plan, run = _checked(problem)
+    assert run.time_ms == pytest.approx(best, abs=1e-6)
+
+
+def test_without_offloadable_values_the_program_is_the_recompute_program():
+    problem = _two_values(bandwidth=200e9)
+    problem = OffloadProblem(savings=problem.savings, step_ms=problem.step_ms, forward_ms=problem.forward_ms,
+                             ready_ms={}, bandwidth=problem.bandwidth)
+    plan = solve_offload_plan(problem, EXACT)
+    alone = solve_savings_plan(problem.savings, EXACT)
+    assert plan.recompute == alone.recompute and not plan.offload
+
+
+def test_reload_starts_far_from_the_first_use_are_a_few_leads():
+    x = Candidate("x", 100 * MiB, 1.0, first_use=100, last_use=100)
+    steps = 101
+    problem = _problem([x], [500] * steps, [0.0] + [0.5] * (steps - 1), 10.0, {"x": 1.0}, 200e9, 400)
+    starts = reload_starts(problem, "x")
+    assert starts[-1] == 100 and len(starts) <= 5
+    # 0.52 ms of copy needs two 0.5 ms steps before the first use; 2, 4 and 8 times it 3, 5 and 9
+    assert starts == [91, 95, 97, 98, 100]
+    assert with_budget(problem, 7).savings.budget == 7
+
+
+# --- a real joint graph: the problem, the plan, the emission -----------------------------------------
+
+def _graph():
+    """An annotated joint graph of a small MLP, planned for an H100 (the cost model's timeline)."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.plan_graph import build_plan_problem, plan_joint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 8))
+    x = torch.randn(1024, 32)
+    graph = capture_joint(model, x, target_device="cpu")
+    config = SACConfig(device="H100-SXM", compiler="eager")
+    result = plan_joint(graph, config)
+    problem, _, _ = build_plan_problem(result.analysis)
+    return model, x, result, problem, config
+
+
+def _offload_problem(result, problem, **kwargs):
+    return offload_mod.build_offload_problem(result.analysis, problem, **kwargs)
+
+
+def test_the_problem_of_a_joint_graph():
+    _, _, result, problem, _ = _graph()
+    off = _offload_problem(result, problem)
+    assert off.bandwidth == 48e9  # the H100's host link
+    assert len(off.step_ms) == len(problem.baseline) and off.step_ms[0] == 0.0
+    assert sum(off.step_ms) > 0 and off.forward_ms > 0
+    by_name = {c.name: c for c in problem.candidates}
+    assert off.ready_ms and all(0 < t <= off.forward_ms for t in off.ready_ms.values())
+    assert all(by_name[n].first_use is not None for n in off.ready_ms)
+    gm = result.analysis.graph.gm
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    model_output = out.args[0][0]
+    assert model_output.name not in off.ready_ms  # the caller holds it: never offloaded
+    # the last linear's input (read by its addmm, the forward's last op but one) is ready later
+    # than the first linear's output
+    ready = sorted(off.ready_ms.items(), key=lambda kv: kv[1])
+    assert ready[0][1] < ready[-1][1]
+
+
+def test_the_plan_of_a_joint_graph_checks_out_on_the_replay():
+    _, _, result, problem, _ = _graph()
+    # a link fast enough for the cost model's microsecond ops, and a budget below the everything-kept peak
+    off = _offload_problem(result, problem, bandwidth=5e12)
+    budget = max(problem.baseline) - max(c.nbytes for c in problem.candidates)
+    off = with_budget(off, budget)
+    plan, run = _checked(off)
+    assert plan.offload and run.peak_bytes <= budget
+
+
+def test_tagging_and_the_partitioner_insert_the_copies():
+    """On CPU, PyTorch's partitioner inserts the offload ops for the tagged values (its prefetch, which
+    times ops on the GPU, stays off without CUDA)."""
+    reason = offload_mod.offload_support()
+    if reason is not None:
+        pytest.skip(reason)
+    _, _, result, problem, _ = _graph()
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 2**18)
+    plan = solve_offload_plan(off, EXACT)
+    assert plan.offload
+    graph = result.analysis.graph
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    fw, bw = offload_mod.partition_with_offload(graph.gm, inputs, graph.num_fwd_outputs, plan.recompute,
+                                                plan.offload, off.bandwidth)
+    for name in plan.offload:
+        assert f"torch.ops.ao.offload.default({name})" in fw.code
+        assert f"torch.ops.ao.reload.default(cpu_offload_{name}," in bw.code
+    assert "cpu_offload_" in fw.code.split("return")[-1]  # the host copies are what backward gets
+    # the forward waits for its copies at its end (sink_wait), after its last compute op
+    fw_ops = [n for n in fw.graph.nodes if n.op == "call_function"]
+    waits = [i for i, n in enumerate(fw_ops) if n.target is torch.ops.ao.wait_tensor.default]
+    assert waits and min(waits) > max(i for i, n in enumerate(fw_ops) if n.target is torch.ops.aten.addmm.default)
+    assert not [n for n in graph.gm.graph.nodes if n.meta.get("should_offload") and n.name not in plan.offload]
+
+
+def test_must_cpu_offload_alone_is_not_what_this_torch_reads():
+    """torch 2.13's partitioner acts on ``should_offload`` of a saved value, not on the MUST_CPU_OFFLOAD
+    policy: a value tagged with the policy alone is saved on the device. If this fails, the installed
+    torch reads the policy, and tag_offload can write it instead."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from sac_compiler.plan_graph import tag_graph
+
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    _, _, result, problem, _ = _graph()
+    graph = result.analysis.graph
+    tag_graph(graph.gm, ())
+    name = next(iter(_offload_problem(result, problem).ready_ms))
+    node = next(n for n in graph.gm.graph.nodes if n.name == name)
+    node.meta["recompute"] = CheckpointPolicy.MUST_CPU_OFFLOAD
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    with offload_mod.offload_partitioning(5e12):
+        fw, _ = min_cut_rematerialization_partition(graph.gm, inputs, num_fwd_outputs=graph.num_fwd_outputs)
+    assert "ao.offload" not in fw.code and name in fw.code.split("return")[-1]
+
+
+def test_tag_offload_refuses_what_the_partitioner_cannot_offload():
+    _, _, result, problem, _ = _graph()
+    graph = result.analysis.graph
+    out = next(iter(graph.gm.graph.find_nodes(op="output")))
+    with pytest.raises(ValueError, match="an output of the forward"):
+        offload_mod.tag_offload(graph.gm, [out.args[0][0].name], graph.num_fwd_outputs)
+    with pytest.raises(ValueError, match="not in the graph"):
+        offload_mod.tag_offload(graph.gm, ["no_such_value"], graph.num_fwd_outputs)
+    placeholder = next(iter(graph.gm.graph.find_nodes(op="placeholder")))
+    with pytest.raises(ValueError, match="not a forward op"):
+        offload_mod.tag_offload(graph.gm, [placeholder.name], graph.num_fwd_outputs)
+
+
+def test_partitioner_config_names_what_this_torch_has():
+    from torch._functorch import config as functorch_config
+
+    entries = offload_mod.partitioner_config(64 * 2**30, prefetch=False)
+    assert all(hasattr(functorch_config, name) for name in entries)
+    if offload_mod.offload_support() is None:
+        assert entries["enable_activation_offloading"] and entries["activation_offload_separate_stream"]
+    if "activation_offload_cpu_gpu_bw" in entries:
+        assert entries["activation_offload_cpu_gpu_bw"] == 64.0  # PyTorch takes GiB/s
+    if "activation_reload_prefetch" in entries:
+        assert offload_mod.partitioner_config(1e9)["activation_reload_prefetch"] == torch.cuda.is_available()
+
+
+def test_without_the_torch_support_offload_is_not_offered_and_the_report_says_why(monkeypatch):
+    monkeypatch.setattr(offload_mod, "_REQUIRED_CONFIG", (*offload_mod._REQUIRED_CONFIG, "no_such_switch"))
+    reason = offload_mod.offload_support()
+    assert reason is not None and "no_such_switch" in reason and torch.__version__ in reason
+    with pytest.raises(RuntimeError, match="no_such_switch"):
+        with offload_mod.offload_partitioning(48e9):
+            pass
+    _, _, result, _, _ = _graph()
+    config = SACConfig(device="H100-SXM", compiler="eager", offload=True)
+    outcome = offload_mod.plan_offload(result.analysis, config, budget=10**9)
+    assert outcome.plan is None and outcome.reason == reason
+
+    class Policy:  # a CheckpointPolicy of a torch before offloading
+        MUST_SAVE = 0
+
+    monkeypatch.setattr(offload_mod, "CheckpointPolicy", Policy)
+    assert "MUST_CPU_OFFLOAD" in offload_mod.offload_support()
+
+
+def test_the_report_says_offload_is_not_planned_yet():
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.plan_graph import plan_joint
+    from sac_compiler.report import format_plan
+
+    graph = capture_joint(nn.Linear(8, 8), torch.randn(4, 8), target_device="cpu")
+    result = plan_joint(graph, SACConfig(device="H100-SXM", compiler="eager", offload=True))
+    assert result.offload_note is not None
+    assert f"offload: {result.offload_note}" in format_plan(result)
+    assert plan_joint(capture_joint(nn.Linear(8, 8), torch.randn(4, 8), target_device="cpu"),
+                      SACConfig(device="H100-SXM", compiler="eager")).offload_note is None
+
+
+def test_plan_offload_plans_with_the_options_host_budget():
+    _, _, result, problem, _ = _graph()
+    config = SACConfig(device="H100-SXM", compiler="eager", offload=True, host_memory_budget=1)
+    outcome = offload_mod.plan_offload(result.analysis, config, budget=max(problem.baseline), bandwidth=5e12)
+    assert outcome.plan is not None and not outcome.plan.offload and outcome.problem.host_budget == 1
+
+
+def _offload_backend(records, bandwidth=5e12):
+    """A ``backend=`` for torch.compile that plans keep / recompute / offload on each joint graph just
+    under its everything-kept peak, emits it through PyTorch's partitioner and runs the partitioned
+    graphs eagerly; ``records`` gets (plan, forward graph, backward graph) of each."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
+    from sac_compiler.plan_graph import _torch_threads_kept, build_plan_problem, plan_joint
+
+    def backend(source_gm, example_inputs):
+        def partition(gm, joint_inputs, *, num_fwd_outputs, **_):
+            devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
+                       if isinstance(n.meta.get("val"), torch.Tensor)]
+            graph = JointGraph(gm=gm, num_fwd_outputs=num_fwd_outputs,
+                               inputs=describe_inputs(source_gm, gm, "Sequential"), root_name="Sequential",
+                               target_device=devices[0], has_backward=True, source_gm=source_gm)
+            attach_capture_info(graph)
+            result = plan_joint(graph, SACConfig(device="H100-SXM", compiler="eager"))
+            gm.meta.pop("sac_capture", None)
+            problem, _, _ = build_plan_problem(result.analysis)
+            off = offload_mod.build_offload_problem(result.analysis, problem, bandwidth=bandwidth)
+            off = with_budget(off, max(problem.baseline) - max(c.nbytes for c in problem.candidates))
+            with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
+                plan = solve_offload_plan(off, EXACT)
+            fw, bw = offload_mod.partition_with_offload(
+                gm, joint_inputs, num_fwd_outputs, plan.recompute, plan.offload, bandwidth,
+                reload_before=offload_mod.reload_anchors(result.analysis, plan.offload))
+            records.append((plan, fw, bw))
+            return fw, bw
+
+        def compiler(gm, _inputs):
+            return make_boxed_func(gm.forward)
+
+        return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, partition_fn=partition)(source_gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
+    """On CUDA the partitioned graphs run: the copies go out on the transfer stream in forward, come
+    back from the plan's reload starts in backward, and the gradients are eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 8)).cuda()
+    x = torch.randn(4096, 256, device="cuda")
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    records = []
+    compiled = torch.compile(model, backend=_offload_backend(records))
+    compiled(x).sum().backward()
+    torch.cuda.synchronize()
+    (plan, fw, bw), = records
+    assert plan.offload
+    # torch 2.13 inserts ao.offload / ao.reload ops; torch 2.11 copies to and from the host under
+    # names of the same kind (its forward returns cpu_offload_<value>)
+    fw_names = [n.name for n in fw.graph.nodes]
+    bw_names = [n.name for n in bw.graph.nodes]
+    assert "torch.ops.ao.offload.default" in fw.code or any(n.startswith("cpu_offload_") for n in fw_names), fw.code
+    assert "torch.ops.ao.reload.default" in bw.code or any("reload" in n for n in bw_names), bw.code
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_reloads_start_where_the_plan_starts_them():
+    """With the plan's reload starts the partitioned backward issues each reload before the op of its
+    start step (PyTorch's prefetch off), and waits for it before the first read, as before."""
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    _, _, result, problem, _ = _graph()
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 2**18)
+    plan = solve_offload_plan(off, EXACT)
+    early = {name: 1 for name in plan.offload}  # every reload at the backward's first step
+    anchors = offload_mod.reload_anchors(result.analysis, early)
+    graph = result.analysis.graph
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    fw, bw = offload_mod.partition_with_offload(graph.gm, inputs, graph.num_fwd_outputs, plan.recompute,
+                                                plan.offload, off.bandwidth, reload_before=anchors)
+    order = [n.name for n in bw.graph.nodes]
+    for name, anchor in anchors.items():
+        assert anchor in order, anchor
+        assert order.index(f"async_gpu_reload_{name}") < order.index(anchor) <= order.index(f"gpu_reload_{name}")
