@@ -4,7 +4,11 @@ Each pass is a function over an ``fx.GraphModule`` that writes its fields of the
 ``node.meta["sac"]`` (see :mod:`sac_compiler.passes.record`) and returns its graph-level result.
 """
 
-from sac_compiler.passes.annotate_memory import MemorySimulation, ModuleMemory, annotate_memory
+from sac_compiler.passes.annotate_memory import (
+    MemorySimulation,
+    ModuleMemory,
+    annotate_memory,
+)
 from sac_compiler.passes.annotate_modules import ModuleOrders, annotate_modules
 from sac_compiler.passes.annotate_ops import annotate_ops
 from sac_compiler.passes.annotate_runtime import annotate_runtime

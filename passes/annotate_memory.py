@@ -34,7 +34,6 @@ import torch
 from sac_compiler.passes import partitioned_memory
 from sac_compiler.passes.annotate_ops import (
     fuses_pointwise_inputs,
-    is_alias_op,
     is_pointwise_op,
 )
 from sac_compiler.passes.memory_model import (
@@ -65,6 +64,7 @@ from sac_compiler.passes.memory_rules import (
     inductor_addmm,
     inductor_inlined,
     reuse_freed_buffers,
+    storage_owners,
     transient_buffers,
 )
 from sac_compiler.passes.partitioned_memory import PartitionedPeak, simulate_partitioned
@@ -198,15 +198,7 @@ def annotate_memory(
     grad_outputs = {n for n in outputs[n_fwd:] if isinstance(n, fx.Node)}
 
     # 1. Storage owners: a view (or getitem of a view) lives in its base's allocation.
-    owner: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        if node.op == "call_function" and node.target is operator.getitem:
-            owner[node] = node  # one output of a multi-output op: its own allocation
-        elif node.op == "call_function" and is_alias_op(node) and node.all_input_nodes:
-            base = next((a for a in node.args if isinstance(a, fx.Node)), node.all_input_nodes[0])
-            owner[node] = owner.get(base, base)
-        else:
-            owner[node] = node
+    owner = storage_owners(nodes)
 
     # 2. Bytes per allocation.
     nbytes: dict[fx.Node, int] = {}

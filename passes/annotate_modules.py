@@ -26,8 +26,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-
-from sac_compiler.passes.record import call_functions, Side, get_record, graph_results, update_record
+from sac_compiler.passes.record import (
+    Side,
+    call_functions,
+    get_record,
+    graph_results,
+    update_record,
+)
 
 GLOBAL = "Global"
 _ROOT = re.compile(r"^(?:[LG]\['[^']*'\]|self)")

@@ -19,11 +19,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from sac_compiler.passes.annotate_ops import is_alias_op
+from sac_compiler.passes.record import (
+    call_functions,
+    graph_results,
+    size_hint,
+    tensor_values,
+    update_record,
+)
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_map
-
-from sac_compiler.passes.annotate_ops import is_alias_op
-from sac_compiler.passes.record import call_functions, graph_results, size_hint, tensor_values, update_record
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def node_flops(node: fx.Node) -> int:
     """FLOPs of one ATen node from PyTorch's flop formulas (0 for ops without one)."""
-    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import (
+        flop_registry,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
 
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from sac_compiler.passes.annotate_ops import (
+    is_alias_op,
     is_pointwise_op,
     op_name,
 )
@@ -24,6 +25,24 @@ from torch import fx
 # with more than one reader, the accumulated-reads default always; their GPU values).
 _REALIZE_READS = 4
 _REALIZE_ACC_READS = 8
+
+
+def storage_owners(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """The allocation each node lives in (liveness, not a rule): a view lives in its base's; an
+    output of a multi-output view op (``split``, ``split_with_sizes``, ``unbind``, ``chunk``: a
+    ``getitem`` of it) in that op's base's; an output of any other multi-output op in its own."""
+    owner: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_function" and node.target is operator.getitem:
+            source = node.args[0]
+            viewed = isinstance(source, fx.Node) and owner.get(source, source) is not source
+            owner[node] = owner[source] if viewed else node
+        elif node.op == "call_function" and is_alias_op(node) and node.all_input_nodes:
+            base = next((a for a in node.args if isinstance(a, fx.Node)), node.all_input_nodes[0])
+            owner[node] = owner.get(base, base)
+        else:
+            owner[node] = node
+    return owner
 
 
 def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node],

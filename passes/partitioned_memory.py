@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from sac_compiler.passes.annotate_ops import (
     fuses_pointwise_inputs,
-    is_alias_op,
     is_pointwise_op,
 )
 from sac_compiler.passes.memory_model import (
@@ -46,6 +45,7 @@ from sac_compiler.passes.memory_rules import (
     inductor_addmm,
     inductor_inlined,
     reuse_freed_buffers,
+    storage_owners,
     transient_buffers,
 )
 from sac_compiler.passes.record import MemoryCategory, tensor_values
@@ -142,13 +142,7 @@ def _run_graph(
     """
     target, device = device, rounding_device(device, rules)
     nodes = list(gm.graph.nodes)
-    owner: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        if node.op == "call_function" and node.target is not operator.getitem and is_alias_op(node) and node.all_input_nodes:
-            base = next((a for a in node.args if isinstance(a, fx.Node)), node.all_input_nodes[0])
-            owner[node] = owner.get(base, base)
-        else:
-            owner[node] = node
+    owner = storage_owners(nodes)
     out = nodes[-1]
     outputs = {owner[a] for a in out.all_input_nodes}
     sizes: dict[fx.Node, int] = {}
