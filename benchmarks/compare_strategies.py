@@ -87,7 +87,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch._dynamo.utils import counters
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 AMB_BUDGETS = (0.8, 0.5, 0.3, 0.1, 0.0)
 SAC_FRACTIONS = (0.75, 0.5, 0.25)
@@ -213,7 +217,10 @@ def llama_workload(args: LlamaArgs) -> Workload:
 
 
 def seed_workload(batch: int) -> Workload:
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=0.1)
 

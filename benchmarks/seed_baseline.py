@@ -17,10 +17,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 def seed_module_info():
     from torch.distributed._tools.ilp_utils import aggregate_stats
-    from torch.distributed._tools.mem_tracker import _ModState, MemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
     from torch.distributed._tools.runtime_estimator import RuntimeEstimator
     from torch.distributed._tools.sac_estimator import SACEstimator
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     dev = torch.cuda.current_device()
     with FakeTensorMode():
@@ -59,7 +62,10 @@ def seed_module_info():
 
 
 def project_module_info():
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     from sac_compiler.estimator import estimate
 
@@ -79,7 +85,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.stdout.write("needs CUDA\n")
         return 1
-    from sac_compiler.module_info import get_peak_memory_runtime_baseline, parse_module_info
+    from sac_compiler.module_info import (
+        get_peak_memory_runtime_baseline,
+        parse_module_info,
+    )
 
     infos = {"eager tools": seed_module_info(), "sac_compiler": project_module_info()}
     sys.stdout.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")

@@ -55,9 +55,10 @@ def trace_peak(name: str, size: str, dtype: str, graph: str, trace: str, spec: s
                         module._buffers[key] = buffer.to(torch_dtype)
         batch = entry.batch(size, device=trace, dtype=torch_dtype)
         if graph == "loss_inside":
-            captured = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda")
+            captured = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
+                                     decompose=True)
         else:
-            captured = capture_joint(model, *batch.inputs, target_device="cuda")
+            captured = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
     result = plan_joint(captured, SACConfig(device=spec))
     return dict(model=name, size=size, dtype=dtype, graph=graph, trace=trace, spec=spec,
                 no_recompute_peak=int(result.baseline_peak), lowered=sorted(captured.lowered),

@@ -63,6 +63,7 @@ from sac_compiler.passes.memory_rules import (
     fused_runs_until,
     inductor_addmm,
     inductor_inlined,
+    inplace_pointwise,
     reuse_freed_buffers,
     storage_owners,
     transient_buffers,
@@ -396,6 +397,19 @@ def annotate_memory(
         for arg in node.all_input_nodes:
             uses_of.setdefault(owner[arg], set()).add(until)
 
+    if "inplace_pointwise" in rules:
+        # a kernel's output written into a dying buffer it reads (as in the partitioned simulation);
+        # values with a second life in backward neither give nor take one here
+        inplace_rule: dict[fx.Node, str] = {}
+        last_at = {base: max(uses | ({held_for_recompute[base]} if base in held_for_recompute else set()))
+                   for base, uses in uses_of.items() if uses}
+        not_given = (held | set(rematerialized) | set(handed_over) | returned
+                     | {n for n in nodes if n.op == "placeholder"})
+        sizes = {n: alloc.get(n, 0) for n in nodes if owner[n] is n and n.op == "call_function"
+                 and (n not in rematerialized or alloc.get(n, 0) == 0)}
+        inplace_pointwise(nodes, sizes, inplace_rule, owner, {n: runs_at.get(n, index[n]) for n in nodes},
+                          last_at, not_given, handed_over, adopting, {}, exclusive=False)
+
     # MemTracker's split of the live bytes: made in forward / made in backward / gradients.
     phase_of = {n: ("grad" if categories[n] == MemoryCategory.GRADIENT
                     else "act" if _side(n) == Side.FORWARD and n.op != "placeholder" else "temp")
@@ -458,12 +472,16 @@ def annotate_memory(
                                    remat_rule.get(node, LIVENESS), phase=phase),
                     takes=node not in adopting, gives=True)
             continue
-        if node in handed_over:  # its buffer is written over by the rebuilt value taking it
+        if node in adopting:  # it writes over an input dying in its kernel (inplace_pointwise)
+            rule = "inplace_pointwise"
+        if node in handed_over:  # its buffer is written over by the value taking it
             step, taker = handed_over[node]
-            add(node, Lifetime(node.name, size, start_at, step - 1, cat, "dying_input_reuse",
-                               Freed.HANDED_OVER, phase, taker.name))
+            add(node, Lifetime(node.name, size, start_at, step - 1, cat,
+                               "dying_input_reuse" if taker in rematerialized else "inplace_pointwise",
+                               Freed.HANDED_OVER, phase, taker.name), takes=node not in adopting)
         else:
-            add(node, Lifetime(node.name, size, start_at, uses[-1] if uses else start_at, cat, rule, phase=phase))
+            add(node, Lifetime(node.name, size, start_at, uses[-1] if uses else start_at, cat, rule, phase=phase),
+                takes=node not in adopting)
     for node, step, nbytes_, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes_, step, step, MemoryCategory.TEMPORARY, rule, phase="temp"))
     if "buffer_reuse" in rules:

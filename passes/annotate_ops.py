@@ -112,18 +112,44 @@ _INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed"})
 
 def is_pointwise_op(node: fx.Node) -> bool:
     """An elementwise op (``torch.Tag.pointwise``, or Inductor's seed lookup): what Inductor fuses
-    into its neighbours."""
+    into its neighbours. So are a constant fill (``full``: Inductor lowers it to a constant that
+    its readers compute) and a scatter of one value per row into one (Inductor's joint-graph
+    pass rewrites it to ``where(iota == index, value, fill)``: cross-entropy's backward)."""
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and (
-        torch.Tag.pointwise in target.tags or op_name(target) in _INDUCTOR_SEEDED)
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return (torch.Tag.pointwise in target.tags or op_name(target) in _INDUCTOR_SEEDED
+            or target is torch.ops.aten.full.default or _scatter_upon_constant(node))
+
+
+def _scatter_upon_constant(node: fx.Node) -> bool:
+    """``scatter(full(shape, c), dim, index, value)`` with one index per row along ``dim``."""
+    if node.target is not torch.ops.aten.scatter.value or len(node.args) < 4:
+        return False
+    base, dim, index = node.args[0], node.args[1], node.args[2]
+    if not (isinstance(base, fx.Node) and base.target is torch.ops.aten.full.default and isinstance(index, fx.Node)
+            and isinstance(dim, int)):
+        return False
+    shape, selector = node.meta.get("val"), index.meta.get("val")
+    if not isinstance(shape, torch.Tensor) or not isinstance(selector, torch.Tensor) or selector.dim() != shape.dim():
+        return False
+    dim %= shape.dim()
+    return selector.shape[dim] == 1 and all(s == t for i, (s, t) in enumerate(zip(selector.shape, shape.shape))
+                                            if i != dim)
+
+
+# ops Inductor lowers to a pointwise kernel with an indirect load from their input (its
+# ``make_loader``): a foldable input is computed at the gathered positions, never stored
+_INDIRECT_LOADS = frozenset({"aten.gather", "aten.index", "aten.index_select"})
 
 
 def fuses_pointwise_inputs(node: fx.Node) -> bool:
-    """A pointwise or reduction op: Inductor folds a pointwise value that only such ops read into
+    """A pointwise or reduction op, or one Inductor lowers to an indirect load (``gather``,
+    ``index``, ``index_select``): Inductor folds a pointwise value that only such ops read into
     their kernels, and never writes it out."""
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and (
-        torch.Tag.pointwise in target.tags or torch.Tag.reduction in target.tags)
+        is_pointwise_op(node) or torch.Tag.reduction in target.tags or op_name(target) in _INDIRECT_LOADS)
 
 
 def is_random_op(node: fx.Node) -> bool:

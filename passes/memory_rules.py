@@ -45,6 +45,83 @@ def storage_owners(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
     return owner
 
 
+def inplace_pointwise(
+    nodes: list[fx.Node], sizes: dict[fx.Node, int], rule_of: dict[fx.Node, str], owner: dict[fx.Node, fx.Node],
+    made_at: dict[fx.Node, int], last: dict[fx.Node, int], kept: set[fx.Node],
+    handed_over: dict[fx.Node, tuple[int, fx.Node]], adopting: set[fx.Node],
+    takeable: dict[fx.Node, tuple[list[fx.Node], int]], exclusive: bool = True,
+) -> None:
+    """``inplace_pointwise``: a pointwise kernel writes its output into the buffer of an input it
+    is the last reader of, read at the index it writes (same shape and strides, no broadcast) and of
+    the same dtype and size (Inductor's ``decide_inplace_update``: ``in_out_ptr``). The input is a
+    buffer of the graph or, in the backward, a donated saved value (``takeable``: each donated
+    placeholder with the placeholders sharing its allocation, and its bytes); never a parameter,
+    a user input or a tangent. Marks the inputs taken over (``handed_over``: the step and the
+    output) and the outputs taking one (``adopting``: no allocation of their own). ``exclusive``:
+    besides dying there (``last``), the input is read by nothing outside the kernel (the joint
+    simulation, whose forward read the value earlier, checks only that it dies).
+    ``sizes``: bytes per allocation, 0 for a value folded into its readers' kernels."""
+    taken: set[fx.Node] = set()
+    aliases: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        aliases.setdefault(owner.get(node, node), []).append(node)
+    for out in nodes:
+        size = sizes.get(out, 0)
+        if (out.op != "call_function" or size <= 0 or out in adopting or not is_pointwise_op(out)
+                or not isinstance(out.meta.get("val"), torch.Tensor)):
+            continue
+        value = out.meta["val"]
+        step = made_at[out]
+        # the kernel: out and the values folded into it (through pointwise ops only)
+        chain, stack = {out}, [out]
+        while stack:
+            node = stack.pop()
+            for arg in node.all_input_nodes:
+                if arg not in chain and sizes.get(arg, -1) == 0 and is_pointwise_op(arg):
+                    chain.add(arg)
+                    stack.append(arg)
+        inside: dict[fx.Node, bool] = {}
+
+        def only_here(node: fx.Node) -> bool:  # every use of node is inside this kernel
+            if node is out:
+                return True
+            if node not in inside:
+                inside[node] = node in chain and all(only_here(u) for u in node.users)
+            return inside[node]
+
+        for reader in sorted(chain, key=nodes.index) if len(chain) > 1 else [out]:
+            match = None
+            for arg in reader.all_input_nodes:
+                read = arg.meta.get("val")
+                if (not isinstance(read, torch.Tensor) or read.dtype != value.dtype or read.shape != value.shape
+                        or read.stride() != value.stride()):
+                    continue
+                base = owner.get(arg, arg)
+                if base in kept or base in handed_over or base in taken or base in chain:
+                    continue
+                if base.op == "placeholder":
+                    if base not in takeable:
+                        continue
+                    members, nbytes = takeable[base]
+                else:
+                    members, nbytes = [base], sizes.get(base, 0)
+                if not (0.95 * nbytes <= size <= nbytes) or any(last.get(m, -1) != step for m in members):
+                    continue
+                readers = [u for m in members for v in aliases.get(m, [m]) for u in v.users] if exclusive else []
+                if exclusive and (not readers or not all(only_here(u) for u in readers)):
+                    continue
+                match = (base, members)
+                break
+            if match is not None:
+                base, members = match
+                for m in members:
+                    handed_over[m] = (step, out)
+                taken.add(base)
+                adopting.add(out)
+                rule_of[out] = "inplace_pointwise"
+                break
+
+
 def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node],
                      realize: bool = True) -> set[fx.Node]:
     """The fusable ``candidates`` (in graph order) Inductor keeps folded into their readers.

@@ -44,6 +44,7 @@ from sac_compiler.passes.memory_rules import (
     fused_runs_until,
     inductor_addmm,
     inductor_inlined,
+    inplace_pointwise,
     reuse_freed_buffers,
     storage_owners,
     transient_buffers,
@@ -99,15 +100,16 @@ def _graph_liveness(
     recomputed: frozenset[str] = frozenset(),
     timeline: list[tuple[str, int]] | None = None,
     disabled_rules: Iterable[str] = (),
+    donated_storage: frozenset[str] = frozenset(),
 ) -> tuple[int, str, int, dict[str, int], dict[str, str]]:
     """Peak, its node, and the live bytes at the end of one graph run op by op (see
     :func:`_run_graph`); ``live_at_start``: the bytes alive as it starts, placeholders included.
     Returns the bytes of every allocation by name, and the allocation each node lives in, as well.
     ``timeline`` receives (node, live bytes while it runs) for every node; ``disabled_rules``: the
-    rules left out (:data:`RULES`)."""
+    rules left out (:data:`RULES`); ``donated_storage``: see :func:`_run_graph`."""
     rules = enabled_rules(PARTITIONED, fused_pointwise, disabled_rules)
     run = _run_graph(gm, {MemoryCategory.INPUT: live_at_start}, keep, device, rules,
-                     placeholder_storage, static_storage, recomputed)
+                     placeholder_storage, static_storage, recomputed, donated_storage=donated_storage)
     if timeline is not None:
         timeline += [(name, during) for name, (_, during, _) in zip(run.steps, run.timeline)]
     return run.peak_bytes, run.peak_node, run.end_bytes, run.sizes, run.owner
@@ -125,6 +127,7 @@ def _run_graph(
     saved: frozenset[str] = frozenset(),
     kept_category: MemoryCategory = MemoryCategory.GRADIENT,
     input_category: Callable[[str], MemoryCategory] = lambda key: MemoryCategory.INPUT,
+    donated_storage: frozenset[str] = frozenset(),
 ) -> _GraphRun:
     """One graph run op by op: its lifetimes and their sweep.
 
@@ -138,7 +141,9 @@ def _run_graph(
 
     Categories: a placeholder's allocation ``input_category(its name)``, taken out of ``start``;
     the allocation of an output in ``saved`` (saved for the next graph) activation, of another kept
-    one ``kept_category``, of anything else temporary.
+    one ``kept_category``, of anything else temporary. ``donated_storage``: the allocations of
+    placeholders the graph may write over (the backward's saved values that alias no input or
+    output of the forward: AOTAutograd donates them to Inductor).
     """
     target, device = device, rounding_device(device, rules)
     nodes = list(gm.graph.nodes)
@@ -228,6 +233,9 @@ def _run_graph(
                 _hand_over_dying_inputs(nodes, part, earliest, owner, readers_of, kept, static_storage,
                                         placeholder_storage or {}, sizes, made_at, last, handed_over, adopting,
                                         same_step, hand_over="dying_input_reuse" in rules)
+    if "inplace_pointwise" in rules:
+        inplace_pointwise(nodes, sizes, rule_of, owner, made_at, last, kept, handed_over, adopting,
+                          _takeable_storage(nodes, placeholder_storage or {}, static_storage, donated_storage))
     accumulators: dict[fx.Node, tuple[int, int]] = {}  # (step allocated, bytes)
     for node in sizes:
         early, accumulator = embedding_accumulator(node, device, rules)
@@ -308,6 +316,18 @@ def _run_graph(
     return _GraphRun(sweep.peak_bytes, peak_node, end_bytes, {n.name: s for n, s in sizes.items()},
                      {n.name: owner[n].name for n in nodes}, tuple(lifetimes), tuple(n.name for n in nodes),
                      sweep.timeline)
+
+
+def _takeable_storage(nodes: list[fx.Node], storage: dict[str, tuple[str, int]], static_storage: frozenset[str],
+                      donated: frozenset[str]) -> dict[fx.Node, tuple[list[fx.Node], int]]:
+    """The placeholders whose allocation a kernel may write over, each with every placeholder
+    living in that allocation and its bytes: only donated ones, never static ones."""
+    groups: dict[str, list[fx.Node]] = {}
+    for node in nodes:
+        if node.op == "placeholder" and node.name in storage:
+            groups.setdefault(storage[node.name][0], []).append(node)
+    return {m: (members, storage[m.name][1]) for key, members in groups.items()
+            if key in donated and key not in static_storage and storage[members[0].name][1] > 0 for m in members}
 
 
 def _hand_over_dying_inputs(
@@ -439,10 +459,14 @@ def simulate_partitioned(
     # a saved value lives in its forward allocation: a view of a parameter is never freed, and
     # views of one activation free it once
     storage = {n.name: (fw_owner[n.name], fw_sizes.get(fw_owner[n.name], -1)) for n in saved}
+    # AOTAutograd donates to the backward the saved values that alias no input or output of forward
+    donated = frozenset(saved_owners - {fw_owner[n.name] for n in outs[:num_fwd_outputs]}
+                        - {n.name for n in fw_placeholders})
     backward = _run_graph(bw, carried, keep_bw, target_device, rules, storage,
                           frozenset(n.name for n in fw_placeholders), forward_names,
                           input_category=lambda key: (MemoryCategory.TEMPORARY if key.startswith("tangents")
-                                                      else MemoryCategory.ACTIVATION))
+                                                      else MemoryCategory.ACTIVATION),
+                          donated_storage=donated)
     if timelines is not None:
         timelines.setdefault("backward", []).extend(
             (name, during) for name, (_, during, _) in zip(backward.steps, backward.timeline))

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from sac_compiler.capture import JointGraph
+from sac_compiler.device_specs import DeviceSpec, get_device_spec
 from sac_compiler.passes.annotate_memory import MemorySimulation, annotate_memory
 from sac_compiler.passes.annotate_modules import ModuleOrders, annotate_modules
 from sac_compiler.passes.annotate_ops import annotate_ops
 from sac_compiler.passes.annotate_runtime import annotate_runtime
-from sac_compiler.capture import JointGraph
-from sac_compiler.device_specs import DeviceSpec, get_device_spec
 
 log = logging.getLogger(__name__)
 

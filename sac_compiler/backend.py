@@ -394,7 +394,11 @@ def future_optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer], de
     """State the optimizers will allocate on ``device`` at their next step and have not yet (an
     unstepped Adam: two moments per parameter; a stepped one: nothing more). Optimizers whose
     state cannot be estimated before their first step count 0 (run-time enforcement measures it)."""
-    from sac_compiler.passes.annotate_memory import STATE_PER_PARAM, round_allocation, tensor_nbytes
+    from sac_compiler.passes.annotate_memory import (
+        STATE_PER_PARAM,
+        round_allocation,
+        tensor_nbytes,
+    )
 
     total = 0
     for optimizer in optimizers:

@@ -155,6 +155,7 @@ def capture_joint(
     target_device: str | torch.device | None = None,
     backward: bool = True,
     lower_for_target: bool = True,
+    decompose: bool = False,
 ) -> JointGraph:
     """Trace ``model(*example_inputs)`` to the joint forward+backward ATen graph on fake tensors.
 
@@ -164,7 +165,10 @@ def capture_joint(
 
     With a CUDA ``target_device`` and a CPU or meta trace, attention and RMSNorm are traced as the
     GPU runs them (``lower_for_target=False`` keeps the trace device's own lowering);
-    ``JointGraph.lowered`` lists what was lowered. On meta, whatever the target, composites whose
+    ``JointGraph.lowered`` lists what was lowered. ``decompose``: trace through Inductor's
+    decompositions, as the backend's graph is traced when it compiles with Inductor (a plan for
+    Inductor sees the ops Inductor lowers: ``log_softmax``'s backward as the pointwise ops it fuses,
+    not three vocabulary-sized buffers). On meta, whatever the target, composites whose
     gradient would stop at a meta kernel (``cross_entropy``'s ``nll_loss``) are traced through, as
     on CPU.
 
@@ -213,9 +217,15 @@ def capture_joint(
         def unused(gm: fx.GraphModule, _inputs: Any) -> Any:  # pragma: no cover - capture stops earlier
             return make_boxed_func(gm.forward)
 
+        decompositions = None
+        if decompose:
+            from torch._inductor.decomposition import select_decomp_table
+
+            decompositions = select_decomp_table()
         with lowered_as_on(trace_device, lowering_target) as lowering:
             return aot_autograd(
-                fw_compiler=unused, bw_compiler=unused, partition_fn=partition, inference_compiler=inference
+                fw_compiler=unused, bw_compiler=unused, partition_fn=partition, inference_compiler=inference,
+                decompositions=decompositions,
             )(source_gm, dynamo_inputs)
 
     compiled = torch.compile(model, backend=capture_backend, fullgraph=True, dynamic=False)

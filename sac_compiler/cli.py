@@ -394,11 +394,11 @@ def _inputs_json(loaded: LoadedModel) -> list[dict[str, Any]]:
             for t in loaded.inputs]
 
 
-def _capture(loaded: LoadedModel, target: str) -> Any:
+def _capture(loaded: LoadedModel, target: str, decompose: bool = False) -> Any:
     from sac_compiler.capture import capture_joint
 
     try:
-        return capture_joint(loaded.model, *loaded.inputs, target_device="cuda")
+        return capture_joint(loaded.model, *loaded.inputs, target_device="cuda", decompose=decompose)
     except Exception as error:  # tracing the user's model may fail in any way
         raise CLIError(f"capturing {target} on its inputs ({_describe_inputs(loaded)}) failed: "
                        f"{_one_line(error)}") from error
@@ -523,7 +523,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     loaded = build_model(args.target, specs)
     start = time.perf_counter()
-    graph = _capture(loaded, args.target)
+    graph = _capture(loaded, args.target, decompose=config.compiler == "inductor")
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
     try:
@@ -658,7 +658,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _transformer(layers: int, dim: int, heads: int, seq: int, vocab: int, dropout: float) -> Any:
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     return Transformer(ModelArgs(n_layers=layers, n_heads=heads, vocab_size=vocab, max_seq_len=seq, dim=dim,
                                  dropout_p=dropout))

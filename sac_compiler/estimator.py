@@ -26,6 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from sac_compiler.analysis import Analysis, analyze
+from sac_compiler.capture import InputKind, capture_joint
+from sac_compiler.module_info import ModStats, ModuleInfo
 from sac_compiler.passes.annotate_modules import nodes_of_module
 from sac_compiler.passes.annotate_ops import (
     IGNORED_OPS,
@@ -35,9 +38,6 @@ from sac_compiler.passes.annotate_ops import (
     op_name,
 )
 from sac_compiler.passes.record import MemoryCategory, Side, get_record
-from sac_compiler.analysis import Analysis, analyze
-from sac_compiler.capture import InputKind, capture_joint
-from sac_compiler.module_info import ModStats, ModuleInfo
 from sac_compiler.sac_stats import (
     SACGreedyOrderMeta,
     SACStats,

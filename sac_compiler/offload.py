@@ -293,7 +293,11 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     Returns an outcome without a plan, and the reason, when offload is off, the installed torch
     cannot offload, or the device spec has no link bandwidth; raises the solver's InfeasibleError
     when no plan fits."""
-    from sac_compiler.plan_graph import _solver_options, _torch_threads_kept, build_plan_problem
+    from sac_compiler.plan_graph import (
+        _solver_options,
+        _torch_threads_kept,
+        build_plan_problem,
+    )
     from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
 
     reason = offload_note(config, analysis, bandwidth)

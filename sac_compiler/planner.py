@@ -21,7 +21,12 @@ import torch
 
 from sac_compiler.capture import capture_joint
 from sac_compiler.config import SACConfig
-from sac_compiler.plan_graph import GraphPlanResult, least_budget, plan_joint, smallest_feasible_peak
+from sac_compiler.plan_graph import (
+    GraphPlanResult,
+    least_budget,
+    plan_joint,
+    smallest_feasible_peak,
+)
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,16 @@ def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cud
     config = _config(options)
     if config.memory_budget is None:
         raise ValueError("plan() needs memory_budget=...; budget_range() tells which budgets are feasible")
-    graph = capture_joint(model, *example_inputs, target_device=target_device)
+    graph = capture_joint(model, *example_inputs, target_device=target_device,
+                          decompose=config.compiler == "inductor")
     return plan_joint(graph, config)
 
 
 def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> BudgetRange:
     """The smallest feasible peak, the least budget that plans, and the peak without recomputation, in bytes."""
     config = _config(options)
-    graph = capture_joint(model, *example_inputs, target_device=target_device)
+    graph = capture_joint(model, *example_inputs, target_device=target_device,
+                          decompose=config.compiler == "inductor")
     result = plan_joint(graph, config)
     low = smallest_feasible_peak(result.analysis, config)
     return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak,

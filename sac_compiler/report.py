@@ -38,9 +38,8 @@ def format_plan(result: Any) -> str:
         text += f"\noffload: {result.offload_note}\n"
     if result.plan is None:
         return text
-    from sac_compiler.passes.record import get_record
-
     from sac_compiler.config import format_bytes
+    from sac_compiler.passes.record import get_record
 
     plan = result.plan
     rows = [

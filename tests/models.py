@@ -125,7 +125,10 @@ class Nested(nn.Module):
 
 
 def tiny_transformer(n_layers: int = 2, dropout_p: float = 0.1) -> nn.Module:
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     return Transformer(ModelArgs(n_layers=n_layers, n_heads=4, vocab_size=64, max_seq_len=16, dim=32,
                                  dropout_p=dropout_p))

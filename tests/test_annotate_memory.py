@@ -1,10 +1,17 @@
 import operator
+
 import pytest
 import torch
 import torch.nn as nn
-
-from sac_compiler.passes import MemoryCategory, annotate_memory, annotate_modules, annotate_ops, get_record
+from sac_compiler.passes import (
+    MemoryCategory,
+    annotate_memory,
+    annotate_modules,
+    annotate_ops,
+    get_record,
+)
 from sac_compiler.passes.annotate_memory import round_allocation
+
 from sac_compiler import capture_joint
 from tests.models import Nested, TiedLinear
 
@@ -124,7 +131,6 @@ def test_user_checkpoint_frees_activations_until_backward():
 def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     """A saved view keeps its allocation alive; a saved view of a parameter frees nothing in backward."""
     import torch.fx as fx
-
     from sac_compiler.passes.annotate_memory import simulate_partitioned
 
     def val(*shape):
@@ -205,7 +211,10 @@ def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
 
 def test_a_dropout_mask_drawn_again_inside_a_fused_chain_is_not_stored():
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_random)
-    from sac_compiler.passes.annotate_memory import _drawn_in_kernel, _fused_recompute_groups
+    from sac_compiler.passes.annotate_memory import (
+        _drawn_in_kernel,
+        _fused_recompute_groups,
+    )
 
     # rebuilt in backward: r = inductor_random(seed); keep = r > p; h = x + keep * y; g = h * 2
     graph = torch.fx.Graph()
@@ -435,7 +444,10 @@ def _attention_backward_graph(dtype, batch=2, heads=4, seq=256, dim=64, scaled_g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_efficient_attention_backward_holds_a_workspace_while_it_runs(dtype):
-    from sac_compiler.passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+    from sac_compiler.passes.annotate_memory import (
+        _attention_backward_workspace,
+        _graph_liveness,
+    )
 
     gm, bw, shape = _attention_backward_graph(dtype)
     numel = torch.Size(shape).numel()
@@ -455,7 +467,10 @@ def test_the_efficient_attention_backward_holds_a_workspace_while_it_runs(dtype)
 def test_a_multi_output_op_writes_its_outputs_while_its_inputs_live():
     """Its outputs exist as it runs, before what dies in it is freed: both simulations allocate
     them at the op's step, not at their getitems' (which come after the inputs are freed)."""
-    from sac_compiler.passes.annotate_memory import _attention_backward_workspace, _graph_liveness
+    from sac_compiler.passes.annotate_memory import (
+        _attention_backward_workspace,
+        _graph_liveness,
+    )
 
     gm, bw, shape = _attention_backward_graph(torch.float32, scaled_grad=True)
     tensor = torch.Size(shape).numel() * 4

@@ -1,8 +1,8 @@
 import torch
-from torch.testing import FileCheck
-
 from sac_compiler.passes import Side, annotate_modules, get_record
 from sac_compiler.passes.annotate_modules import normalize_fqn
+from torch.testing import FileCheck
+
 from sac_compiler import capture_joint
 from tests.models import CheckpointedLinears, Mod, Nested
 

@@ -1,12 +1,12 @@
 import torch
 import torch.nn as nn
-from torch.testing import FileCheck
-
 from sac_compiler.passes import annotate_modules, annotate_ops, get_record
 from sac_compiler.passes.annotate_modules import nodes_of_module
 from sac_compiler.passes.annotate_ops import forward_ops
+from torch.testing import FileCheck
+
 from sac_compiler import capture_joint
-from tests.models import DropoutMLP, InplaceMLP, Foo
+from tests.models import DropoutMLP, Foo, InplaceMLP
 
 
 def _annotated(model, *inputs, backward=True):
@@ -61,7 +61,6 @@ def test_dropout_is_random_and_saved_mask():
 
 def test_sdpa_is_random_only_with_dropout():
     import torch.fx as fx
-
     from sac_compiler.passes.annotate_ops import is_random_op
 
     for target in (torch.ops.aten._scaled_dot_product_flash_attention.default,

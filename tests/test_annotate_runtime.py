@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from sac_compiler.passes import annotate_ops, annotate_runtime, get_record
 from sac_compiler.passes.annotate_runtime import BANDWIDTH_EFFICIENCY, MATMUL_EFFICIENCY
+
 from sac_compiler import capture_joint
 from sac_compiler.device_specs import get_device_spec
 
@@ -48,9 +48,8 @@ def test_bad_mode_and_benchmark_without_cuda():
 def test_benchmark_inputs_keep_the_layout_of_expanded_and_offset_values():
     """Benchmark mode runs each op on real inputs of the fake values' layout: an expanded value
     (stride 0, as the tangent of a ``sum``) cannot be filled in place, so its storage is filled first."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from sac_compiler.passes.annotate_runtime import _materialize
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         expanded = torch.ones(()).expand(64, 32)
@@ -82,7 +81,6 @@ def test_grouped_query_attention_counts_the_query_heads():
     """Each key/value head serves several query heads: the flops are those of the query's heads (some
     torch versions' formulas assert equal head counts and failed on grouped-query attention)."""
     import torch.nn.functional as F
-
     from sac_compiler.passes.annotate_runtime import node_flops
 
     def attend(q, k, v):

@@ -8,7 +8,11 @@ import torch
 
 from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.config import SACConfig
-from sac_compiler.enforce import MAX_REPLANS, MAX_SCALE, BudgetEnforcer, BudgetExceededError
+from sac_compiler.enforce import (
+    MAX_REPLANS,
+    MAX_SCALE,
+    BudgetEnforcer,
+)
 from sac_compiler.planner import budget_range
 from tests.models import Nested
 

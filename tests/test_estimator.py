@@ -12,7 +12,10 @@ from tests.models import DropoutMLP, Foo, InplaceMLP
 
 
 def _seed_transformer(dropout_p):
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     with FakeTensorMode():
         args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=dropout_p)

@@ -23,7 +23,10 @@ def _seed002_ac():
 
 
 def _seed000_transformer():
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=0.1)
     model = Transformer(args).cuda()
@@ -58,6 +61,7 @@ def test_cuda_fake_capture_seed_style():
 
 def test_benchmark_mode_times_ops():
     from sac_compiler.passes import annotate_ops, annotate_runtime, get_record
+
     from sac_compiler import capture_joint
     from sac_compiler.analysis import resolve_device_spec
 
@@ -79,7 +83,10 @@ def test_benchmark_mode_times_ops():
 
 
 def _seed_estimate(mode):
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     from sac_compiler.estimator import estimate
 
@@ -103,7 +110,10 @@ def test_seed_000_transformer_estimation_on_cuda(mode):
 
 
 def test_seed_001_sac_milp_cases_on_cuda():
-    from sac_compiler.module_info import get_peak_memory_runtime_baseline, parse_module_info
+    from sac_compiler.module_info import (
+        get_peak_memory_runtime_baseline,
+        parse_module_info,
+    )
     from sac_compiler.solvers import sac_milp
 
     graph = parse_module_info(_seed_estimate("operator-level-cost-model").module_info())
@@ -122,7 +132,10 @@ def test_seed_001_sac_milp_cases_on_cuda():
 
 
 def _seed_transformer_loss():
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     torch.manual_seed(0)
     args = ModelArgs(n_layers=4, n_heads=12, vocab_size=8192, max_seq_len=1024, dim=768, dropout_p=0.1)
@@ -184,6 +197,7 @@ def test_backend_with_benchmark_mode_times_ops_inside_the_compile():
     AOTAutograd's fake mode is active (the timing runs on real tensors), and the planned step's
     gradients equal plain torch.compile's."""
     from sac_compiler.passes import get_record
+
     from tests.test_plan import recording_backend
 
     model, loss, tokens = _seed_transformer_loss()
@@ -223,6 +237,7 @@ def test_efficient_attention_backward_workspace_as_measured(dtype):
     """The rule's bytes against the op's own peak: what the memory-efficient attention backward
     allocates above its three gradients while it runs."""
     from sac_compiler.passes.annotate_memory import _attention_backward_workspace
+
     from tests.test_annotate_memory import _attention_backward_graph
 
     batch, heads, seq, dim = 8, 12, 1024, 64

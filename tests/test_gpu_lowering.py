@@ -8,14 +8,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sac_compiler.passes import annotate_memory, get_record
+from sac_compiler.passes.record import MemoryCategory
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from sac_compiler.passes import annotate_memory, get_record
-from sac_compiler.passes.record import MemoryCategory
 from sac_compiler import capture_joint
-from sac_compiler.gpu_lowering import CUDNN, EFFICIENT, FLASH, MATH, meta_autograd_gaps, sdpa_backend
+from sac_compiler.gpu_lowering import (
+    CUDNN,
+    EFFICIENT,
+    FLASH,
+    MATH,
+    meta_autograd_gaps,
+    sdpa_backend,
+)
 from sac_compiler.planner import budget_range, plan
 from tests.conftest import requires_cuda
 from tests.models import tiny_transformer
@@ -249,7 +256,10 @@ def test_planner_end_to_end_on_meta_for_a_cuda_target():
 
 
 def _gpu_transformer(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
-    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+    from torch.testing._internal.distributed._tensor.common_dtensor import (
+        ModelArgs,
+        Transformer,
+    )
 
     args = ModelArgs(n_layers=2, n_heads=8, vocab_size=4096, max_seq_len=1024, dim=512, dropout_p=0.1)
     default = torch.get_default_dtype()

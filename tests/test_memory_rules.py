@@ -265,12 +265,16 @@ def test_rule_pointwise_fusion():
     graph.output((c,))
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     tile, static = 256 * KIB, frozenset({"x"})
+    # (without in-place writes, which would put each unfused value in the buffer of the one before)
+    kw = {"off": {"inplace_pointwise"}}
     # folded into exp's kernel, the two intermediates have no buffer: x and exp's output
-    assert _peak(gm, tile, {c.name}, static_storage=static) == (2 * tile, c.name)
-    assert _peak(gm, tile, {c.name}, static_storage=static, off={"pointwise_fusion"}) == (3 * tile, b.name)
+    assert _peak(gm, tile, {c.name}, static_storage=static, **kw) == (2 * tile, c.name)
+    assert _peak(gm, tile, {c.name}, static_storage=static, off={"pointwise_fusion", "inplace_pointwise"}) == (
+        3 * tile, b.name)
     # in the joint graph (forward only: the caller keeps nothing; x is an input, c the output)
     joint = {off: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=True, annotate=False,
-                                  disabled_rules=off).peak_bytes for off in ((), ("pointwise_fusion",))}
+                                  disabled_rules=("inplace_pointwise", *off)).peak_bytes
+             for off in ((), ("pointwise_fusion",))}
     assert joint == {(): 2 * tile, ("pointwise_fusion",): 3 * tile}
 
 
@@ -286,10 +290,14 @@ def test_rule_realize_thresholds():
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     tile = 64 * 64 * 4
     static = frozenset(p.name for p in inputs)
-    assert _peak(gm, 10 * tile, {out.name}, static_storage=static)[0] == 12 * tile  # s_8 and the output
-    assert _peak(gm, 10 * tile, {out.name}, static_storage=static, off={"realize_thresholds"})[0] == 11 * tile
+    # (without in-place writes, which would put the output in s_8's buffer)
+    assert _peak(gm, 10 * tile, {out.name}, static_storage=static,
+                 off={"inplace_pointwise"})[0] == 12 * tile  # s_8 and the output
+    assert _peak(gm, 10 * tile, {out.name}, static_storage=static,
+                 off={"realize_thresholds", "inplace_pointwise"})[0] == 11 * tile
     joint = {off: annotate_memory(gm, num_fwd_outputs=1, fused_pointwise=True, annotate=False,
-                                  disabled_rules=off).peak_bytes for off in ((), ("realize_thresholds",))}
+                                  disabled_rules=("inplace_pointwise", *off)).peak_bytes
+             for off in ((), ("realize_thresholds",))}
     assert joint == {(): 12 * tile, ("realize_thresholds",): 11 * tile}
 
 
@@ -539,3 +547,106 @@ def test_rule_inputs_deleted_in_the_joint_simulation():
     # at the wide matmul's sum: the inputs, the two scalar gradients and the wide product
     assert sims[()].peak_bytes == weights + 4 + 4 + wide
     assert sims[("inputs_deleted",)].peak_bytes == weights + 4 + 4 + wide + tile
+
+
+def test_rule_inplace_pointwise():
+    # a backward: h, a saved value donated to it, is read last by a pointwise kernel (exp folded
+    # into the mul) that writes its output where it reads h
+    graph, op, placeholder = _graph_builder()
+    h, w = placeholder("h", torch.empty(64, 64)), placeholder("w", torch.empty(64, 64))
+    g = placeholder("tangents_1", torch.empty(64, 64))
+    e = op(aten.exp.default, h, val=torch.empty(64, 64))
+    grad = op(aten.mul.Tensor, e, g, val=torch.empty(64, 64))
+    grad_x = op(aten.mm.default, grad, w, val=torch.empty(64, 64))
+    graph.output((grad_x,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    value = 64 * 64 * 4
+    kwargs = {"placeholder_storage": {"h": ("h", value)}, "static_storage": frozenset({"w"})}
+    start = 2 * value  # h and the tangent
+    # grad takes h's buffer, and the tangent is gone when grad_x is made: nothing goes above the start
+    assert _peak(gm, start, _outputs(gm), donated_storage=frozenset({"h"}), **kwargs) == (start, "start")
+    # without the rule, or with h not donated (a user input, a value aliasing a forward output), grad
+    # is a buffer of its own next to h
+    assert _peak(gm, start, _outputs(gm), off={"inplace_pointwise"}, donated_storage=frozenset({"h"}),
+                 **kwargs) == (start + value, grad.name)
+    assert _peak(gm, start, _outputs(gm), **kwargs) == (start + value, grad.name)
+    # the joint simulation: the sigmoid's backward writes the gradient where it reads the saved
+    # sigmoid, which dies there
+    model = _SigmoidBetween()
+    graph = _joint(model, torch.randn(128, 64))
+    sims = {off: annotate_memory(graph.gm, fused_pointwise=True, annotate=False, disabled_rules=off)
+            for off in ((), ("inplace_pointwise",))}
+    at = next(i for i, n in enumerate(graph.gm.graph.nodes) if n.target is aten.sigmoid_backward.default)
+    assert sims[("inplace_pointwise",)].step_peaks[at] - sims[()].step_peaks[at] == 128 * 64 * 4
+
+
+class _SigmoidBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64))
+        self.w2 = nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x):
+        return (x @ self.w).sigmoid() @ self.w2
+
+
+def test_the_outputs_of_a_split_live_in_its_base():
+    """q, k and v split from one projection are views of it: one allocation, in both simulations."""
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(64, 3 * 64, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).split(64, dim=-1)
+            return (q * k * v).sum()
+
+    graph = _joint(Split(), torch.randn(256, 64))
+    sim = annotate_memory(graph.gm, fused_pointwise=False, annotate=False)
+    projection = 256 * 3 * 64 * 4
+    saved = [life for life in sim.lifetimes if life.category == MemoryCategory.ACTIVATION]
+    split_outputs = [life for life in saved if life.name.startswith("getitem")]
+    assert not split_outputs, split_outputs  # no allocation of their own
+    assert any(life.nbytes == projection for life in saved)
+    peak = _partitioned(graph)
+    assert peak.saved_bytes <= projection + 2 * 256 * 64 * 4  # the projection once, q*k and the like
+
+
+def test_cross_entropy_backward_and_gather_are_folded_as_inductor_lowers_them():
+    """Traced through Inductor's decompositions, cross-entropy's log-softmax is read by a gather
+    (an indirect load that computes it at the targets) and its backward scatters one value per row
+    into a constant (a where over an iota): neither is a buffer of the vocabulary's size."""
+    from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(32, 1000, bias=False)
+
+        def forward(self, x, target):
+            return nn.functional.cross_entropy(self.out(x), target)
+
+    x, target = torch.randn(64, 32), torch.randint(0, 1000, (64,))
+    graph = capture_joint(Head(), x, target, decompose=True)
+    nodes = list(graph.gm.graph.nodes)
+    scatters = [n for n in nodes if n.target is aten.scatter.value]
+    gathers = [n for n in nodes if n.target is aten.gather.default]
+    assert scatters and gathers
+    assert all(is_pointwise_op(n) and is_pointwise_op(n.args[0]) for n in scatters)
+    assert all(fuses_pointwise_inputs(n) for n in gathers)
+    annotate_modules(graph.gm, graph.root_name)
+    annotate_ops(graph.gm)
+    sim = annotate_memory(graph.gm, fused_pointwise=True, annotate=False)
+    logits = 64 * 1000 * 4
+    # the logits (saved) and the gradient written over them: no second vocabulary-sized buffer
+    assert sim.peak_bytes - sim.static_bytes < 2 * logits
+    # unfused, or traced without the decompositions: the log-softmax, the scattered one-hot and the
+    # gradient are three
+    without = annotate_memory(graph.gm, fused_pointwise=False, annotate=False)
+    assert without.peak_bytes - without.static_bytes >= 3 * logits
+    plain = capture_joint(Head(), x, target)
+    annotate_modules(plain.gm, plain.root_name)
+    annotate_ops(plain.gm)
+    plain_sim = annotate_memory(plain.gm, fused_pointwise=True, annotate=False)
+    assert plain_sim.peak_bytes - plain_sim.static_bytes >= 3 * logits

@@ -13,9 +13,19 @@ import torch.nn as nn
 from sac_compiler import offload as offload_mod
 from sac_compiler.config import SACConfig
 from sac_compiler.solvers import InfeasibleError, SolverOptions
-from sac_compiler.solvers.offload_plan import OffloadProblem, offloadable, reload_starts, solve_offload_plan, with_budget
+from sac_compiler.solvers.offload_plan import (
+    OffloadProblem,
+    offloadable,
+    reload_starts,
+    solve_offload_plan,
+    with_budget,
+)
 from sac_compiler.solvers.offload_replay import replay
-from sac_compiler.solvers.savings_plan import Candidate, SavingsProblem, solve_savings_plan
+from sac_compiler.solvers.savings_plan import (
+    Candidate,
+    SavingsProblem,
+    solve_savings_plan,
+)
 
 MiB = 2**20
 EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
@@ -413,7 +423,11 @@ def _offload_backend(records, bandwidth=5e12):
     from torch._dynamo.backends.common import aot_autograd
 
     from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
-    from sac_compiler.plan_graph import _torch_threads_kept, build_plan_problem, plan_joint
+    from sac_compiler.plan_graph import (
+        _torch_threads_kept,
+        build_plan_problem,
+        plan_joint,
+    )
 
     def backend(source_gm, example_inputs):
         def partition(gm, joint_inputs, *, num_fwd_outputs, **_):

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from torch.testing import FileCheck
 
+from sac_compiler import plan_graph
 from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.config import SACConfig
-from sac_compiler import plan_graph
 from sac_compiler.plan_graph import _mutated_inputs, _producer
 from sac_compiler.planner import budget_range
 from sac_compiler.solvers import NoSolutionError
@@ -419,7 +419,13 @@ def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition()
 
     from benchmarks.compare_strategies import Llama, LlamaArgs
     from sac_compiler import capture_joint
-    from sac_compiler.plan_graph import _owner_map, _simulate, build_plan_problem, plan_joint, tag_graph
+    from sac_compiler.plan_graph import (
+        _owner_map,
+        _simulate,
+        build_plan_problem,
+        plan_joint,
+        tag_graph,
+    )
 
     torch.manual_seed(0)
     args = LlamaArgs(layers=4, dim=64, heads=4, ffn=176, vocab=128, batch=2, seq=64)
@@ -700,8 +706,7 @@ def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplo
     user their compile: the plan is the greedy one, checked by the same model, and the log says so."""
     import logging
 
-    from sac_compiler.solvers import SolverError
-    from sac_compiler.solvers import savings_plan
+    from sac_compiler.solvers import SolverError, savings_plan
 
     def broken(problem, options=None):
         raise SolverError("savings_plan: highs returned status ERROR")

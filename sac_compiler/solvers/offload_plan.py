@@ -51,7 +51,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sac_compiler.solvers._mip import BINARY, CONTINUOUS, InfeasibleError, SolverOptions, solve, xsum
+from sac_compiler.solvers._mip import (
+    BINARY,
+    CONTINUOUS,
+    InfeasibleError,
+    SolverOptions,
+    solve,
+    xsum,
+)
 from sac_compiler.solvers.savings_plan import (
     SavingsProblem,
     _build,
