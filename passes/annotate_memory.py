@@ -40,6 +40,7 @@ from sac_compiler.passes.memory_model import (
     CUDA_ROUNDING,
     JOINT,
     LIVENESS,
+    LOSS_MEMORY,
     RULES,
     Freed,
     Lifetime,
@@ -173,13 +174,15 @@ def annotate_memory(
     hold_outputs: bool = False,
     annotate: bool = True,
     disabled_rules: Iterable[str] = (),
+    loss_memory: int = 0,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate the joint graph in its order; return the result.
 
     ``annotate=False`` only simulates (a planner trying recompute sets): no node records, no
     per-module memory, nothing stored on the graph. ``hold_outputs``: the caller keeps the forward
     outputs to the end (as without the ``outputs_dropped`` rule). ``disabled_rules``: rules the
-    simulation leaves out (:data:`RULES`).
+    simulation leaves out (:data:`RULES`). ``loss_memory``: bytes the caller's own code holds
+    between forward and backward (a loss computed outside), counted at the end of forward only.
     """
     from sac_compiler.capture import InputKind, capture_info
 
@@ -484,6 +487,10 @@ def annotate_memory(
                 takes=node not in adopting)
     for node, step, nbytes_, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes_, step, step, MemoryCategory.TEMPORARY, rule, phase="temp"))
+    if loss_memory and 0 < first_backward <= end:
+        # the caller's loss, between the graphs: from the end of forward until backward begins
+        lifetimes.append(Lifetime(LOSS_MEMORY, loss_memory, first_backward - 1, first_backward - 1,
+                                  MemoryCategory.TEMPORARY, freed=Freed.RELEASED, phase="temp"))
     if "buffer_reuse" in rules:
         reuse_freed_buffers(lifetimes, takers, givers, len(nodes), (first_backward,))
 

@@ -171,6 +171,9 @@ def category_timeline(lifetimes: Sequence[Lifetime], step_names: Sequence[str],
 
 # --- the rules ------------------------------------------------------------------------------------
 
+# the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
+LOSS_MEMORY = "loss memory held by the caller between forward and backward"
+
 JOINT, PARTITIONED = "joint", "partitioned"
 _BOTH = frozenset({JOINT, PARTITIONED})
 

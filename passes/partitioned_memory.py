@@ -22,6 +22,7 @@ from sac_compiler.passes.annotate_ops import (
 )
 from sac_compiler.passes.memory_model import (
     LIVENESS,
+    LOSS_MEMORY,
     PARTITIONED,
     Freed,
     Lifetime,
@@ -128,6 +129,7 @@ def _run_graph(
     kept_category: MemoryCategory = MemoryCategory.GRADIENT,
     input_category: Callable[[str], MemoryCategory] = lambda key: MemoryCategory.INPUT,
     donated_storage: frozenset[str] = frozenset(),
+    loss_memory: int = 0,
 ) -> _GraphRun:
     """One graph run op by op: its lifetimes and their sweep.
 
@@ -308,6 +310,8 @@ def _run_graph(
     givers += [i for i in takers if lifetimes[i].rule == "fp32_accumulator"]
     for node, step, nbytes, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes, step, step, MemoryCategory.TEMPORARY, rule))
+    if loss_memory:  # the caller's loss as the graph starts (loss_memory), gone once it runs
+        lifetimes.append(Lifetime(LOSS_MEMORY, loss_memory, -1, -1, MemoryCategory.TEMPORARY, freed=Freed.RELEASED))
     if "buffer_reuse" in rules:
         reuse_freed_buffers(lifetimes, takers, givers, len(nodes))
     sweep = peak_sweep(lifetimes, len(nodes))
@@ -408,6 +412,7 @@ def simulate_partitioned(
     input_categories: Mapping[str, MemoryCategory] | None = None,
     disabled_rules: Iterable[str] = (),
     hold_outputs: bool = False,
+    loss_memory: int = 0,
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
@@ -417,7 +422,9 @@ def simulate_partitioned(
     recomputed); ``timelines`` receives each graph's live bytes per node, under ``"forward"`` and
     ``"backward"``; ``input_categories``: the category of each forward placeholder (default: input);
     ``disabled_rules``: rules the simulation leaves out (:data:`RULES`); ``hold_outputs``: the
-    caller keeps forward's outputs through backward (as without the ``outputs_dropped`` rule).
+    caller keeps forward's outputs through backward (as without the ``outputs_dropped`` rule);
+    ``loss_memory``: bytes the caller's own code holds between the graphs (a loss computed
+    outside), counted as backward starts.
     """
     rules = enabled_rules(PARTITIONED, fused_pointwise, disabled_rules)
     device = rounding_device(target_device, rules)
@@ -466,7 +473,7 @@ def simulate_partitioned(
                           frozenset(n.name for n in fw_placeholders), forward_names,
                           input_category=lambda key: (MemoryCategory.TEMPORARY if key.startswith("tangents")
                                                       else MemoryCategory.ACTIVATION),
-                          donated_storage=donated)
+                          donated_storage=donated, loss_memory=loss_memory)
     if timelines is not None:
         timelines.setdefault("backward", []).extend(
             (name, during) for name, (_, during, _) in zip(backward.steps, backward.timeline))

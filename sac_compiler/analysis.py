@@ -49,12 +49,14 @@ def analyze(
     recomputed: set[str] | None = None,
     saved_for_backward: bool = True,
     hold_outputs: bool = False,
+    loss_memory: int = 0,
 ) -> Analysis:
     """Annotate ``graph.gm`` with every pass; return their graph-level results.
 
     ``saved_for_backward=False``: leave out what PyTorch's default partition saves (the
     statistics need it; the backend's planning does not). ``hold_outputs``: the caller keeps the
-    forward outputs until backward (see ``annotate_memory``)."""
+    forward outputs until backward, ``loss_memory``: what its loss holds between forward and
+    backward (see ``annotate_memory``)."""
     spec = resolve_device_spec(device)
     orders = annotate_modules(graph.gm, graph.root_name)
     parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None,
@@ -68,6 +70,7 @@ def analyze(
         fused_pointwise=fused_pointwise,
         recomputed=recomputed,
         hold_outputs=hold_outputs,
+        loss_memory=loss_memory,
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec)

@@ -79,10 +79,16 @@ class SACPartitioner(CustomPartitionerFn):
     (:class:`PartitionerKey`, built from :meth:`uuid`).
     """
 
-    def __init__(self, config: SACConfig, source_gm: fx.GraphModule, outside_bytes: int = 0) -> None:
+    def __init__(self, config: SACConfig, source_gm: fx.GraphModule, outside_bytes: int = 0,
+                 runs_per_step: int = 1) -> None:
+        if runs_per_step < 1:
+            raise ValueError(f"runs_per_step must be at least 1, got {runs_per_step}")
         self.config = config
         self.source_gm = source_gm
         self.outside_bytes = outside_bytes  # device memory held outside the graph (see outside_bytes())
+        # how many times the graph runs forward before its backwards in one step (one graph serving
+        # every block of a model compiled block by block): the other runs hold what each saves
+        self.runs_per_step = runs_per_step
         self.last_result: Any = None
         self.ran = False  # called at least once (False after a compile that a cache served)
 
@@ -130,19 +136,21 @@ class SACPartitioner(CustomPartitionerFn):
             fw, bw = partition()
         if result is not None:
             result.check_partition(fw, bw)
+            self._count_runs(result, fw)
             target = plannable = result.budget_bytes
             # the partitioned graphs must leave the planner's margin free too: the plan aims there
             limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
-            best = (result.partitioned.peak_bytes, result, fw, bw)
+            best = (result.step_peak_bytes, result, fw, bw)
             for _ in range(_PARTITION_ROUNDS):
-                if result.plan is None or result.partitioned.peak_bytes <= limit:
+                if result.plan is None or result.step_peak_bytes <= limit:
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
-                target -= result.partitioned.peak_bytes - limit
+                target -= result.step_peak_bytes - limit
                 candidate = None
                 for _ in range(_BISECTIONS):
-                    log.info("sac: partitioned graphs peak at %d bytes, over the budget %d less the planner's "
-                             "margin; planning for %d", result.partitioned.peak_bytes, result.budget_bytes, target)
+                    log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "
+                             "less the planner's margin; planning for %d", result.step_peak_bytes,
+                             self.runs_per_step, result.budget_bytes, target)
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
@@ -155,18 +163,19 @@ class SACPartitioner(CustomPartitionerFn):
                 plannable, result = target, candidate
                 fw, bw = partition()
                 result.check_partition(fw, bw)
-                if result.partitioned.peak_bytes < best[0]:
-                    best = (result.partitioned.peak_bytes, result, fw, bw)
+                self._count_runs(result, fw)
+                if result.step_peak_bytes < best[0]:
+                    best = (result.step_peak_bytes, result, fw, bw)
             _, result, fw, bw = best
-            if result.plan is not None and result.plan.recompute and result.partitioned.peak_bytes <= limit:
+            if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
             self.last_result = result
-            if result.plan is not None and result.partitioned.peak_bytes > result.budget_bytes:
-                log.warning("sac: the partitioned graphs still peak at %d bytes, over the budget %d",
-                            result.partitioned.peak_bytes, result.budget_bytes)
+            if result.plan is not None and result.step_peak_bytes > result.budget_bytes:
+                log.warning("sac: the partitioned graphs still peak at %d bytes (%d runs in a step), over the "
+                            "budget %d", result.step_peak_bytes, self.runs_per_step, result.budget_bytes)
             if self.config.report and result.plan is not None:
                 from sac_compiler.report import write_report
 
@@ -182,7 +191,7 @@ class SACPartitioner(CustomPartitionerFn):
         graphs leave, and take that plan if its partitioned graphs fit and it recomputes less."""
         from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
-        slack = limit - result.partitioned.peak_bytes
+        slack = limit - result.step_peak_bytes
         if result.predicted_peak is None or slack <= _SLACK_FRACTION * (result.budget_bytes - result.outside_bytes):
             return result, fw, bw
         for share in (1.0, 0.5):
@@ -196,13 +205,22 @@ class SACPartitioner(CustomPartitionerFn):
                 continue
             fw2, bw2 = partition()
             candidate.check_partition(fw2, bw2)
+            self._count_runs(candidate, fw2)
             log.info("sac: partitioned graphs peak %d bytes under the budget; a plan for %d peaks at %d (%s)",
-                     slack, target, candidate.partitioned.peak_bytes,
-                     "taken" if candidate.partitioned.peak_bytes <= limit else "over: kept the first")
-            if candidate.partitioned.peak_bytes <= limit:
+                     slack, target, candidate.step_peak_bytes,
+                     "taken" if candidate.step_peak_bytes <= limit else "over: kept the first")
+            if candidate.step_peak_bytes <= limit:
                 candidate.slack_taken = True
                 return candidate, fw2, bw2
         return result, fw, bw
+
+    def _count_runs(self, result: Any, fw: fx.GraphModule) -> None:
+        """Set the step's predicted peak on ``result``: the partitioned graphs' peak, plus, for a
+        graph that runs ``runs_per_step`` times before its backwards, what each other run holds
+        through it (its saved activations and the inputs its backward reads besides parameters)."""
+        result.runs_per_step = self.runs_per_step
+        result.held_per_run_bytes = held_per_run(result, fw)
+        result.step_peak_bytes = result.partitioned.peak_bytes + (self.runs_per_step - 1) * result.held_per_run_bytes
 
     def uuid(self) -> str:
         """The partition's cache key, which Inductor puts in its FX graph and AOTAutograd cache keys.
@@ -212,7 +230,7 @@ class SACPartitioner(CustomPartitionerFn):
         ``SACConfig`` option (:func:`config_key`) and the memory held outside the graph, in MiB.
         """
         key = (f"{type(self).__module__}.{type(self).__qualname__}", source_hash(_package_roots()),
-               config_key(self.config), self.outside_bytes >> 20)
+               config_key(self.config), self.outside_bytes >> 20, self.runs_per_step)
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
@@ -350,6 +368,23 @@ def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
     return hasher.hexdigest()
 
 
+def held_per_run(result: Any, fw: fx.GraphModule) -> int:
+    """Bytes one forward run of the partitioned graph leaves for its backward: the activations it
+    saves and the inputs besides parameters and buffers its backward reads (a block's input, which
+    the caller keeps for it)."""
+    from sac_compiler.capture import InputKind
+    from sac_compiler.passes.memory_model import round_allocation, tensor_nbytes
+
+    kinds = {i.name: i.kind for i in result.analysis.graph.inputs}
+    out = next(iter(fw.graph.find_nodes(op="output")))
+    saved = [a for a in out.args[0][result.analysis.graph.num_fwd_outputs:] if isinstance(a, fx.Node)]
+    device = result.analysis.graph.target_device
+    inputs = sum(round_allocation(tensor_nbytes(n.meta["val"]), device) for n in saved
+                 if n.op == "placeholder" and kinds.get(n.name) == InputKind.USER_INPUT
+                 and isinstance(n.meta.get("val"), torch.Tensor))
+    return result.partitioned.saved_bytes + inputs
+
+
 def outside_bytes(example_inputs: Sequence[Any]) -> int:
     """CUDA memory the process holds beyond the graph's own inputs (other tensors, cuBLAS
     workspaces): it stays allocated through the step, so an absolute budget must leave room for it.
@@ -457,6 +492,7 @@ def compile_graph(
     config: SACConfig,
     partitioner_cls: type[SACPartitioner] = SACPartitioner,
     read_peak: Callable[[], int] | None = None,
+    read_allocated: Callable[[], int] | None = None,
 ) -> Callable[..., Any]:
     """Compile one Dynamo graph with ``config`` (``partitioner_cls`` lets tests record partitions).
 
@@ -467,15 +503,18 @@ def compile_graph(
     On CUDA an absolute budget is enforced at run time (``enforce_budget``, see
     ``sac_compiler.enforce``): the step's measured peak is read, and a step over the budget is
     planned again lower. ``read_peak`` supplies the measurement (the allocator's high-water mark
-    by default) and enforces the budget on any device."""
+    by default) and enforces the budget on any device; ``read_allocated`` (the allocator's bytes
+    in use, by default on CUDA) lets it tell the caller's loss between the graphs apart."""
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
     outside = held_outside(example_inputs, config)
 
-    def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int) -> tuple[Callable[..., Any], Any]:
-        partitioner = partitioner_cls(config, graph, outside + extra_bytes)
-        return _compile(graph, inputs, config, partitioner), partitioner
+    def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
+                     runs_per_step: int = 1, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
+        planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
+        partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
+        return _compile(graph, inputs, planned, partitioner), partitioner
 
     device = _cuda_device(example_inputs)
     budget = config.memory_budget
@@ -484,10 +523,12 @@ def compile_graph(
         from sac_compiler.enforce import BudgetEnforcer
 
         if read_peak is not None:
-            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak)
+            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak,
+                                  read_allocated=read_allocated)
         return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
                               functools.partial(torch.cuda.max_memory_allocated, device),
-                              functools.partial(torch.cuda.reset_peak_memory_stats, device))
+                              functools.partial(torch.cuda.reset_peak_memory_stats, device),
+                              functools.partial(torch.cuda.memory_allocated, device))
     return compile_once(gm, example_inputs, 0)[0]
 
 

@@ -181,6 +181,11 @@ class SACConfig:
     # loss = criterion(out, y); loss.backward()): the plan counts them through backward. False
     # when they are dropped before it (model(x).sum().backward(), or the loss computed inside)
     hold_outputs: bool = True
+    # device memory the caller's own code holds between the compiled forward and its backward, on
+    # top of what the graph leaves (a loss computed outside: its log-softmax, its gradient); counted
+    # at that moment only (an int of bytes or a string like '1.5GiB'). Run-time enforcement measures
+    # it and plans again with it
+    loss_memory: int = 0
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
     # memory (sac_compiler.offload; the planning path does not take it yet)
     offload: bool = False
@@ -231,6 +236,7 @@ class SACConfig:
             raise ValueError(f"enforce_budget must be True or False, got {_describe(self.enforce_budget)}")
         if not isinstance(self.hold_outputs, bool):
             raise ValueError(f"hold_outputs must be True or False, got {_describe(self.hold_outputs)}")
+        self._set("loss_memory", parse_bytes(self.loss_memory, option="loss_memory", allow_zero=True))
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {_describe(self.offload)}")
         if self.host_memory_budget is not None:

@@ -51,23 +51,33 @@ class BudgetExceededError(BudgetError):
     """The measured peak of a step stayed over an absolute budget after planning again."""
 
 
-Compile = Callable[[fx.GraphModule, Sequence[Any], int], tuple[Callable[..., Any], Any]]
+# compile(gm, example_inputs, extra_bytes, runs_per_step=...) -> (callable, partitioner)
+Compile = Callable[..., tuple[Callable[..., Any], Any]]
 
 
 class BudgetEnforcer:
     """A compiled Dynamo graph that measures its step's peak and recompiles lower when over budget.
 
-    ``compile(gm, example_inputs, extra_bytes)`` compiles a fresh copy of the graph with
-    ``extra_bytes`` more counted as held outside it and returns the callable and its partitioner
-    (whose ``last_result`` is the plan). ``read_peak`` returns the allocator's high-water mark.
+    ``compile(gm, example_inputs, extra_bytes, runs_per_step=k, loss_memory=b)`` compiles a fresh
+    copy of the graph with ``extra_bytes`` more counted as held outside it, planned for ``k``
+    forward runs before its backwards and ``b`` bytes of the caller's loss between forward and
+    backward (None: as configured), and returns the callable and its partitioner (whose
+    ``last_result`` is the plan). ``read_peak`` returns the allocator's high-water mark,
+    ``read_allocated`` (optional) the bytes in use: with it, the measured step also reads both as
+    forward ends and the mark as backward reaches the graph, which tells the caller's loss between
+    them (a criterion outside the compiled model) from the graph's own peaks: a step whose peak is
+    there is planned again with that loss counted there only (``SACConfig.loss_memory``).
 
     A step is one backward pass through the graph's outputs. The graph may run several times in
-    it (one compiled block serving every block of a model compiled block by block): the excess is
-    then shared among its runs, each of which holds its own saved values.
+    it (one compiled block serving every block of a model compiled block by block), each run
+    holding its own saved values through the others: the first step that shows ``k`` runs is
+    planned again for ``k`` (:class:`sac_compiler.backend.SACPartitioner`'s ``runs_per_step``);
+    an excess with an unknown number of runs is shared among them.
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
-                 read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None) -> None:
+                 read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None,
+                 read_allocated: Callable[[], int] | None = None) -> None:
         self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         self._compile = compile
         self.budget_bytes = budget_bytes
@@ -87,7 +97,17 @@ class BudgetEnforcer:
         self._step_queued = False
         self._alone = False  # no other enforced graph ran in the step under way
         self._pending: list[weakref.ref[Any]] = []  # autograd nodes of forward runs awaiting backward
-        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0)
+        self.runs_per_step = 1  # forward runs per step the plan now running counts
+        self._pending_runs: int | None = None
+        self.read_allocated = read_allocated
+        # the caller's loss between forward and backward, as measured (None: not measured) and as
+        # the plan now running counts it (None: the configured loss_memory)
+        self.measured_loss_memory: int | None = None
+        self.loss_memory: int | None = None
+        self._pending_loss_memory: int | None = None
+        self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
+        self._backward_mark: int | None = None  # the high-water mark as backward reached the graph
+        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0, runs_per_step=1)
 
     def _fresh(self) -> fx.GraphModule:
         return fx.GraphModule(self._pristine, copy.deepcopy(self._pristine.graph))
@@ -115,11 +135,16 @@ class BudgetEnforcer:
             outputs = [weakref.ref(t) for t in tensors]
             self._pending.extend(weakref.ref(t.grad_fn) for t in tensors if t.grad_fn is not None)
             _IN_STEP.add(self)
+            measuring = self._steps == MEASURED_STEP - 1 and self.read_allocated is not None
+            if measuring:  # what forward leaves, and the mark so far (the forward's own peak)
+                self._forward_end = (self.read_allocated(), self.read_peak())
 
             def backward_started(_grads: Any) -> None:
                 # the outputs the caller still holds as its backward starts stay alive through it
                 held = {id(t): t for t in (ref() for ref in outputs) if t is not None}
                 self._held.append(sum(t.untyped_storage().nbytes() for t in held.values()))
+                if measuring and self._backward_mark is None:  # the mark after the caller's loss
+                    self._backward_mark = self.read_peak()
                 if not self._step_queued:  # once per backward pass, however many runs it goes through
                     self._step_queued = True
                     # backward starts once every graph of the step has run forward
@@ -153,8 +178,14 @@ class BudgetEnforcer:
     def _recompile(self, args: Sequence[Any]) -> None:
         self.extra_bytes += self._pending_excess or 0
         self._pending_excess = None
+        if self._pending_runs is not None:
+            self.runs_per_step, self._pending_runs = self._pending_runs, None
+        if self._pending_loss_memory is not None:
+            self.loss_memory, self._pending_loss_memory = self._pending_loss_memory, None
         try:
-            self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes)
+            self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
+                                                            runs_per_step=self.runs_per_step,
+                                                            loss_memory=self.loss_memory)
         except BudgetError as error:
             peak = self.measured[-1]
             raise BudgetExceededError(
@@ -170,6 +201,8 @@ class BudgetEnforcer:
         _IN_STEP.discard(self)
         calls, self._calls = self._calls, 0
         held, self._held = self._held, []
+        forward_end, self._forward_end = self._forward_end, None
+        backward_mark, self._backward_mark = self._backward_mark, None
         self._steps += 1
         if self._steps != MEASURED_STEP:
             return
@@ -183,8 +216,19 @@ class BudgetEnforcer:
         after = self.read_peak()
         peak = after if after > before else None
         self.measured.append(peak)
-        predicted = getattr(result, "partitioned", None)
-        predicted_bytes = getattr(predicted, "peak_bytes", None)
+        # the caller's loss between the graphs: the mark rose after forward returned, before the
+        # backward reached the graph (measured for a graph run once in its step)
+        loss_peak = None
+        if calls == 1 and forward_end is not None and backward_mark is not None and backward_mark > forward_end[1]:
+            loss_peak = backward_mark
+            self.measured_loss_memory = backward_mark - forward_end[0]
+            if result is not None:
+                result.measured_loss_memory = self.measured_loss_memory
+            log.info("sac: the caller's loss held %s between forward and backward",
+                     format_bytes(self.measured_loss_memory))
+        predicted_bytes = getattr(result, "step_peak_bytes", None)
+        if predicted_bytes is None:
+            predicted_bytes = getattr(getattr(result, "partitioned", None), "peak_bytes", None)
         self.predicted.append(predicted_bytes)
         if result is not None:
             result.measured_peak = peak
@@ -207,15 +251,35 @@ class BudgetEnforcer:
         # Each run of the graph in the step holds its own saved values: share it among them
         # Measured against the prediction only for a graph that ran once, alone in its step: with
         # other graphs (or other runs of this one) in the step, the peak holds their memory too.
-        alone = calls == 1 and self._alone and predicted_bytes is not None
+        planned_loss = self.loss_memory if self.loss_memory is not None else getattr(result, "loss_memory", 0)
+        if (loss_peak is not None and loss_peak == peak and self.measured_loss_memory is not None
+                and self.measured_loss_memory > planned_loss and self.replans < MAX_REPLANS):
+            # the step peaked at the caller's loss, between the graphs, where the plan counted less:
+            # plan again with it counted there (not through the whole step, which would leave room
+            # neither for the forward's peak nor for the backward's)
+            self.replans += 1
+            self._pending_excess, self._last_request = 0, 0
+            self._pending_loss_memory = self.measured_loss_memory
+            log.warning("sac: the step measured %s, over the budget %s, while the caller's loss held %s between "
+                        "forward and backward (planned: %s); planning again with it counted there (%d of %d)",
+                        format_bytes(peak), format_bytes(self.budget_bytes),
+                        format_bytes(self.measured_loss_memory), format_bytes(planned_loss), self.replans,
+                        MAX_REPLANS)
+            return
+        # A graph whose plan counted every run of the step (runs_per_step) predicted the step's peak.
+        counted = calls == self.runs_per_step
+        alone = counted and self._alone and predicted_bytes is not None
         unseen = max(peak - self.budget_bytes, peak - predicted_bytes if alone else 0)
-        excess = -(-unseen // max(calls, 1))
+        new_runs = calls > 1 and not counted
+        # runs the plan did not count: plan for them (their saved values are most of the excess);
+        # else an excess with runs counted comes off the step, with runs uncounted off each run
+        excess = 0 if new_runs else unseen if counted else -(-unseen // max(calls, 1))
         previous = self.measured[-2] if len(self.measured) >= 2 else None
-        if self._last_request and previous is not None:
+        if self._last_request and previous is not None and not new_runs:
             # the last replan gave back less than it was asked for (the plan's peak moved to a step
             # it does not model, or the caller's memory overlaps it): ask for the excess scaled by
             # what that replan achieved per byte asked, at most MAX_SCALE times
-            achieved = (previous - peak) / max(calls, 1)
+            achieved = (previous - peak) / (1 if counted else max(calls, 1))
             scale = MAX_SCALE if achieved <= 0 else min(MAX_SCALE, max(1.0, self._last_request / achieved))
             excess = int(excess * scale)
         if self.replans >= MAX_REPLANS:
@@ -226,6 +290,11 @@ class BudgetEnforcer:
             return
         self.replans += 1
         self._pending_excess = self._last_request = excess
+        if new_runs:
+            self._pending_runs = calls
+            log.warning("sac: the graph ran %d times in the step and its plan counted %d: planning again for "
+                        "%d runs (%d of %d)", calls, self.runs_per_step, calls, self.replans, MAX_REPLANS)
+            return
         log.warning("sac: the step measured %s, %s over the budget %s (predicted %s); planning again lower by the "
                     "excess at the next call (%d of %d)", format_bytes(peak), format_bytes(excess),
                     format_bytes(self.budget_bytes),

@@ -39,6 +39,7 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
         "extra_static_bytes": args["extra_static_bytes"],
         "forward_names": sorted(args["forward_names"]),
         "hold_outputs": args["hold_outputs"],
+        "loss_memory": args["loss_memory"],
         "static_bytes": result.analysis.memory.static_bytes,
         "outside_bytes": result.outside_bytes,
         "budget_bytes": result.budget_bytes,
@@ -64,7 +65,8 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
     return simulate_partitioned(
         fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
         record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines,
-        hold_outputs=record.get("hold_outputs", False))  # records before the option: dropped outputs
+        hold_outputs=record.get("hold_outputs", False),  # records before the option: dropped outputs
+        loss_memory=record.get("loss_memory", 0))
 
 
 # --- graphs as data ------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ class GraphPlanResult:
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
     hold_outputs: bool = False
+    # what the caller's loss holds between forward and backward (SACConfig.loss_memory)
+    loss_memory: int = 0
     # device memory the process held outside this graph when it was compiled (other tensors,
     # library workspaces): it is there during the step too, so it counts against the budget and
     # is included in predicted_peak and partitioned.peak_bytes
@@ -84,8 +86,17 @@ class GraphPlanResult:
     # of that step: bytes of the graph's outputs the caller still held when backward began (the
     # simulation holds them through backward unless hold_outputs=False)
     caller_held_bytes: int | None = None
+    # of that step: bytes the caller's own code (its loss) held between forward and backward, as
+    # the allocator measured them (None: not measured; see SACConfig.loss_memory)
+    measured_loss_memory: int | None = None
     # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
     offload_note: str | None = None
+    # a graph that runs several times forward before its backwards in a step (one graph serving
+    # every block): how many, what each other run holds through it, and the step's predicted peak
+    # (partitioned.peak_bytes + (runs_per_step - 1) * held_per_run_bytes); set by the partitioner
+    runs_per_step: int = 1
+    held_per_run_bytes: int = 0
+    step_peak_bytes: int | None = None
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -107,6 +118,7 @@ class GraphPlanResult:
             "fused_pointwise": self.fused_pointwise,
             "extra_static_bytes": self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
             "hold_outputs": self.hold_outputs,
+            "loss_memory": self.loss_memory,
             "forward_names": frozenset(n.name for n in graph.gm.graph.nodes
                                        if n.op == "call_function" and get_record(n).side == Side.FORWARD),
             "input_categories": {i.name: categories.get(i.kind, MemoryCategory.INPUT) for i in graph.inputs
@@ -483,7 +495,8 @@ def plan_and_tag(
         # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
-                                 fastest=previous.fastest, hold_outputs=previous.hold_outputs)
+                                 fastest=previous.fastest, hold_outputs=previous.hold_outputs,
+                                 loss_memory=previous.loss_memory)
         _plan(result, config, target, budget)
         return result
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
@@ -533,10 +546,11 @@ def plan_joint(
         recomputed=set(),  # the plan replaces any checkpoint the user wrote
         saved_for_backward=False,
         hold_outputs=config.hold_outputs,
+        loss_memory=config.loss_memory,
     )
     result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
-                             hold_outputs=config.hold_outputs)
+                             hold_outputs=config.hold_outputs, loss_memory=config.loss_memory)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
     if config.offload:
@@ -1145,4 +1159,5 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         recomputed=set(recompute),
         annotate=False,
         hold_outputs=config.hold_outputs,
+        loss_memory=config.loss_memory,
     )

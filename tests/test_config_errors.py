@@ -38,6 +38,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "report": {"bool", "str"},  # True prints it; a str is a relative file path in a writable directory
     "enforce_budget": {"bool"},
     "hold_outputs": {"bool"},
+    "loss_memory": set(),
     "offload": {"bool"},
     "host_memory_budget": {"None"},  # None: unlimited pinned host memory
 }
@@ -114,6 +115,9 @@ _BAD: list[Any] = [
     pytest.param({"enforce_budget": "yes"}, ["True or False"], id="enforce-str"),
     pytest.param({"enforce_budget": 1}, ["True or False"], id="enforce-int"),
     pytest.param({"hold_outputs": "no"}, ["hold_outputs", "True or False"], id="hold-outputs-str"),
+    pytest.param({"loss_memory": "a lot"}, ["cannot read", "GiB"], id="loss-unreadable"),
+    pytest.param({"loss_memory": -1}, [_BYTES], id="loss-negative"),
+    pytest.param({"loss_memory": 0.5}, [_BYTES], id="loss-fractional"),
     # offload, host_memory_budget
     pytest.param({"offload": "yes"}, ["True or False"], id="offload-str"),
     pytest.param({"offload": 1}, ["True or False"], id="offload-int"),

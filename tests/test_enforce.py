@@ -137,19 +137,26 @@ class _Blocks(torch.nn.Module):
         return x
 
 
-def test_one_graph_serving_every_block_shares_the_excess_among_its_runs():
+def test_one_graph_serving_every_block_is_planned_again_for_its_runs():
     """Compiled block by block (as torchtitan does), one graph runs once per block in a step and each
-    run keeps its own saved values: the measured excess is shared among the runs."""
+    run keeps its own saved values through the others: the first measured step shows the runs, and
+    the graph is planned again counting them; a graph that ran once beside it counts the excess."""
     torch.manual_seed(0)
     model, x = _Blocks(), torch.randn(2048, 32)
     span = budget_range(model.blocks[0], x, compiler="eager", target_device="cpu")
     budget = span.no_recompute_peak * 3
     excess = 4 * 2**16
     enforcers = []
+    partitioners = []
+
+    class Recording(SACPartitioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            partitioners.append(self)
 
     def backend(gm, inputs):
         enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=_Peaks([budget + excess, budget])))
+                                       partitioner_cls=Recording, read_peak=_Peaks([budget + excess, budget])))
         return enforcers[-1]
 
     reference = copy.deepcopy(model)
@@ -166,9 +173,18 @@ def test_one_graph_serving_every_block_shares_the_excess_among_its_runs():
     assert len(enforcers) == 2
     for enforcer in enforcers:
         assert enforcer.measured == [budget + excess, budget]
-    # with other graphs in the step the peak holds their memory: only the excess over the budget is
-    # counted, shared among the runs
-    assert sorted(e.extra_bytes for e in enforcers) == [-(-excess // 3), excess]
+        assert enforcer.replans == 1
+    first, blocks = sorted(enforcers, key=lambda e: e.runs_per_step)
+    # the graph of three runs: planned again for them, nothing more counted outside
+    assert blocks.runs_per_step == 3 and blocks.extra_bytes == 0
+    replanned = [p for p in partitioners if p.runs_per_step == 3]
+    assert len(replanned) == 1
+    result = replanned[0].last_result
+    assert result.runs_per_step == 3 and result.held_per_run_bytes > 0
+    assert result.step_peak_bytes == result.partitioned.peak_bytes + 2 * result.held_per_run_bytes
+    assert result.step_peak_bytes <= budget
+    # the graph that ran once, with another graph in its step: the excess over the budget
+    assert first.runs_per_step == 1 and first.extra_bytes == excess
 
 
 def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
@@ -191,10 +207,10 @@ def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
     def backend(gm, inputs):
         config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager"})
 
-        def compile_once(graph, example_inputs, extra):
+        def compile_once(graph, example_inputs, extra, runs_per_step=1, loss_memory=None):
             from sac_compiler.backend import _compile
 
-            partitioner = SACPartitioner(config, graph, extra)
+            partitioner = SACPartitioner(config, graph, extra, runs_per_step=runs_per_step)
             return _compile(graph, example_inputs, config, partitioner), partitioner
 
         enforcer = BudgetEnforcer(gm, inputs, budget, compile_once, read_peak, reset_peak)
@@ -258,3 +274,94 @@ def test_a_forward_without_backward_elsewhere_leaves_the_graph_alone_in_its_step
     _steps(model, x, backend, 4)
     enforcer = enforcers[-1]
     assert enforcer.extra_bytes == budget + room // 8 - min(enforcer.predicted[0], budget)
+
+
+def test_a_plan_for_several_runs_in_a_step_keeps_the_step_under_the_budget():
+    """Planned for one run, a block's graph keeps everything under a budget that three runs of it
+    overflow; planned for three, it recomputes until the three runs' step fits."""
+    from sac_compiler.backend import _compile
+
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = int(span.no_recompute_peak * 1.5)
+    config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager"})
+    results = {}
+    for runs in (1, 3):
+        def backend(gm, inputs, runs=runs):
+            partitioner = SACPartitioner(config, gm, 0, runs_per_step=runs)
+            compiled = _compile(gm, inputs, config, partitioner)
+            results[runs] = partitioner
+            return compiled
+
+        torch.compile(copy.deepcopy(model), backend=backend)(x).sum().backward()
+    one, three = results[1].last_result, results[3].last_result
+    assert not one.plan.recompute  # one run fits without recomputing
+    assert one.partitioned.peak_bytes + 2 * one.held_per_run_bytes > budget  # three such runs do not
+    assert three.plan.recompute and three.step_peak_bytes <= budget
+    assert three.held_per_run_bytes < one.held_per_run_bytes
+    with pytest.raises(ValueError, match="runs_per_step must be at least 1"):
+        SACPartitioner(config, None, 0, runs_per_step=0)
+
+
+class _StepReadings:
+    """The allocator as a measured step sees it: the mark before the step, then bytes in use and the
+    mark as forward ends, the mark as backward reaches the graph, the mark after backward."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)  # per measured step: (in use at forward end, forward mark, backward mark, final mark)
+        self.now = None
+        self.phase = 0
+
+    def peak(self):
+        if self.now is None:  # the mark before the measured step
+            self.now = self.steps.pop(0)
+            self.phase = 0
+            return 0
+        self.phase += 1
+        value = self.now[self.phase]  # forward mark, then backward mark, then final mark
+        if self.phase == 3:
+            self.now = None
+        return value
+
+    def allocated(self):
+        return self.now[0]
+
+
+def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_counted_there():
+    """A criterion outside the compiled model: the mark rises after forward returns and before
+    backward reaches the graph. The replan counts that memory between the graphs only (loss_memory),
+    not through the whole step, and adds nothing outside the graph."""
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    loss = (budget - span.smallest_budget) // 4
+    end = budget - loss // 2  # in use as forward ends: with the loss on top, over the budget
+    readings = _StepReadings([(end, end, end + loss, end + loss), (end - loss, end, end, end)])
+    partitioners, enforcers = [], []
+
+    class Recording(SACPartitioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            partitioners.append(self)
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       partitioner_cls=Recording, read_peak=readings.peak,
+                                       read_allocated=readings.allocated))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 4)
+    (enforcer,) = enforcers
+    assert enforcer.measured == [end + loss, end]
+    assert enforcer.measured_loss_memory == loss and enforcer.loss_memory == loss
+    assert enforcer.replans == 1 and enforcer.extra_bytes == 0
+    first, second = partitioners
+    assert first.config.loss_memory == 0 and second.config.loss_memory == loss
+    assert second.outside_bytes == first.outside_bytes
+    planned = second.last_result
+    assert planned.loss_memory == loss and planned.measured_peak == end
+    # the new plan leaves room for the loss at the end of forward
+    assert planned.partitioned.end_of_forward_bytes + loss <= budget
+    assert first.last_result.measured_loss_memory == loss

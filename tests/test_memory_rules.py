@@ -650,3 +650,25 @@ def test_cross_entropy_backward_and_gather_are_folded_as_inductor_lowers_them():
     annotate_ops(plain.gm)
     plain_sim = annotate_memory(plain.gm, fused_pointwise=True, annotate=False)
     assert plain_sim.peak_bytes - plain_sim.static_bytes >= 3 * logits
+
+
+def test_the_callers_loss_is_counted_between_forward_and_backward_only():
+    """loss_memory: what the caller's own loss holds as forward ends and before backward begins,
+    in both simulations; a loss smaller than the gap to the peak changes nothing."""
+    graph = _joint(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, 8)), torch.randn(512, 64))
+    plain = annotate_memory(graph.gm, fused_pointwise=True, annotate=False)
+    end = plain.end_of_forward_bytes
+    big, small = 4 * plain.peak_bytes, 512
+    with_big = annotate_memory(graph.gm, fused_pointwise=True, annotate=False, loss_memory=big)
+    at_boundary = plain.timeline[plain.first_backward - 1][1]  # live after the last forward step
+    assert with_big.peak_bytes == at_boundary + big > plain.peak_bytes
+    assert with_big.end_of_forward_bytes == end + big  # live as forward ends ...
+    first_backward = plain.first_backward
+    assert with_big.step_peaks[first_backward:] == plain.step_peaks[first_backward:]  # ... gone in backward
+    assert annotate_memory(graph.gm, fused_pointwise=True, annotate=False,
+                           loss_memory=small).peak_bytes == plain.peak_bytes
+    base = _partitioned(graph)
+    loaded = _partitioned(graph, loss_memory=big)
+    assert loaded.peak_graph == "backward" and loaded.peak_bytes >= base.end_of_forward_bytes + big
+    assert loaded.peak_bytes <= max(base.peak_bytes, base.end_of_forward_bytes + big + 3 * 512 * 256 * 4)

@@ -1,0 +1,69 @@
+"""Partitions recorded on a GPU, simulated again here, against the peaks the GPU measured.
+
+``benchmarks/recorded/partitions_h200/`` holds the forward and backward graphs the backend
+partitioned on an H200 (``benchmarks/zoo_matrix.py --dump-partitions``) and, in ``measured.json``,
+the peak each step measured there and the memory allocated before it. This script replays each
+partition through the memory model of the code at hand (``sac_compiler.partition_record``) on CPU
+and prints the simulated extra peak (over parameters and optimizer state) against the measured
+one::
+
+    python benchmarks/replay_measured.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = ROOT / "benchmarks" / "recorded" / "partitions_h200"
+
+
+def load(name: str, folder: Path = RECORDED) -> dict[str, Any]:
+    """One recorded partition by its file name without ``.json.gz``."""
+    with gzip.open(folder / f"{name}.json.gz", "rt") as f:
+        return json.load(f)
+
+
+def measured(folder: Path = RECORDED) -> dict[str, Any]:
+    """``measured.json``: the device, torch version and commit, and each cell's measured peak."""
+    return json.loads((folder / "measured.json").read_text())
+
+
+def replay(name: str, folder: Path = RECORDED) -> dict[str, Any]:
+    """The simulated and measured extra peak of one recorded partition, in bytes."""
+    from sac_compiler.partition_record import replay_partition
+
+    record = load(name, folder)
+    cell = measured(folder)["cells"][name]
+    peak = replay_partition(record)
+    simulated = peak.peak_bytes - record["static_bytes"] - record["extra_static_bytes"]
+    actual = cell["peak_bytes"] - cell["static_bytes"]
+    return {"name": name, "simulated_extra": simulated, "measured_extra": actual,
+            "ratio": simulated / actual, "peak_graph": peak.peak_graph, "peak_node": peak.peak_node,
+            "recompute": len(record["recompute"] or [])}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON here (default: none)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    info = measured()
+    rows = [replay(name) for name in sorted(info["cells"])]
+    gib = 2**30
+    print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
+    print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")
+    for r in rows:
+        print(f"{r['name']:40s} {r['recompute']:10d} {r['simulated_extra'] / gib:14.3f} "
+              f"{r['measured_extra'] / gib:13.3f} {r['ratio']:7.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
