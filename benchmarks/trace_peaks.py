@@ -60,8 +60,11 @@ def trace_peak(name: str, size: str, dtype: str, graph: str, trace: str, spec: s
         else:
             captured = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
     result = plan_joint(captured, SACConfig(device=spec))
+    from sac_compiler.passes.memory_model import MODEL_VERSION
+
     return dict(model=name, size=size, dtype=dtype, graph=graph, trace=trace, spec=spec,
                 no_recompute_peak=int(result.baseline_peak), lowered=sorted(captured.lowered),
+                decompose=True, memory_model=MODEL_VERSION,
                 seconds=round(time.perf_counter() - start, 2), torch=torch.__version__)
 
 

@@ -171,6 +171,11 @@ def category_timeline(lifetimes: Sequence[Lifetime], step_names: Sequence[str],
 
 # --- the rules ------------------------------------------------------------------------------------
 
+# The memory model's version: raised whenever a change moves the figures it gives (a rule added or
+# changed, a liveness fix), so that figures recorded under another version are not compared with
+# this one's. 1: the model until the in-place writes and the shared split outputs; 2: since.
+MODEL_VERSION = 2
+
 # the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
 LOSS_MEMORY = "loss memory held by the caller between forward and backward"
 

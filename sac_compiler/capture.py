@@ -219,8 +219,11 @@ def capture_joint(
 
         decompositions = None
         if decompose:
+            import importlib
+
             from torch._inductor.decomposition import select_decomp_table
 
+            importlib.import_module("torch._inductor.lowering")  # some decompositions call into it
             decompositions = select_decomp_table()
         with lowered_as_on(trace_device, lowering_target) as lowering:
             return aot_autograd(

@@ -440,6 +440,7 @@ def run_sweep(graph: Any, config: Any, fractions: Sequence[float], chosen: Any) 
     chosen_fraction = config.memory_budget.fraction
     known = chosen.fraction_range if chosen_fraction is not None and chosen_fraction < 1.0 else None
     points: list[SweepPoint] = []
+    objectives: dict[float, float] = {}
     for fraction in fractions:
         frac_config = dataclasses.replace(config, memory_budget=float(fraction))
         start = time.perf_counter()
@@ -458,8 +459,37 @@ def run_sweep(graph: Any, config: Any, fractions: Sequence[float], chosen: Any) 
             points.append(SweepPoint(fraction, None, None, None, None, None, pareto=False, error=_one_line(error)))
             continue
         points.append(_point(fraction, result))
+        objectives[fraction] = _objective_ms(result)
         log.info("sweep: memory_budget=%g planned in %.2f s", fraction, time.perf_counter() - start)
-    return _mark_pareto(points), known
+    return _mark_pareto(_lower_budget_plans_kept(points, objectives)), known
+
+
+def _objective_ms(result: Any) -> float:
+    """The planner's objective for a plan (recompute time and the keep costs it pays), read while
+    the plan's graph still carries its annotations."""
+    from sac_compiler.plan_graph import _plan_ms, build_plan_problem
+
+    problem, _, _ = build_plan_problem(result.analysis, fused_pointwise=result.fused_pointwise)
+    return _plan_ms(problem, result.plan)
+
+
+def _lower_budget_plans_kept(points: list[SweepPoint], objectives: dict[float, float]) -> list[SweepPoint]:
+    """A plan that fits a lower budget fits every higher one: where the planner found a plan for a
+    higher budget that its objective ranks slower (its program is a model; its search has a gap),
+    the point takes the lower budget's plan, and its status says so."""
+    out = list(points)
+    best: tuple[float, SweepPoint] | None = None
+    for i in sorted((i for i, p in enumerate(out) if p.budget_bytes is not None and p.fraction in objectives),
+                    key=lambda i: out[i].budget_bytes or 0):
+        point, objective = out[i], objectives[out[i].fraction]
+        if best is not None and best[0] < objective:
+            lower = best[1]
+            out[i] = dataclasses.replace(point, predicted_peak=lower.predicted_peak, recompute_ms=lower.recompute_ms,
+                                         recomputed_values=lower.recomputed_values,
+                                         status=f"{lower.status} (the plan of {lower.fraction:g})")
+        else:
+            best = (objective, point)
+    return out
 
 
 def _mark_pareto(points: list[SweepPoint]) -> list[SweepPoint]:
