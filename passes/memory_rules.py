@@ -65,6 +65,7 @@ def inplace_pointwise(
     aliases: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
         aliases.setdefault(owner.get(node, node), []).append(node)
+    position = {node: i for i, node in enumerate(nodes)}
     for out in nodes:
         size = sizes.get(out, 0)
         if (out.op != "call_function" or size <= 0 or out in adopting or not is_pointwise_op(out)
@@ -89,7 +90,7 @@ def inplace_pointwise(
                 inside[node] = node in chain and all(only_here(u) for u in node.users)
             return inside[node]
 
-        for reader in sorted(chain, key=nodes.index) if len(chain) > 1 else [out]:
+        for reader in sorted(chain, key=position.__getitem__) if len(chain) > 1 else [out]:
             match = None
             for arg in reader.all_input_nodes:
                 read = arg.meta.get("val")

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
+from sac_compiler.passes.memory_model import MODEL_VERSION
 
 from benchmarks.trace_peaks import trace_peak
-from sac_compiler.passes.memory_model import MODEL_VERSION
 
 RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "recorded" / "trace_peaks_h200.json"
 TOLERANCE = 0.05  # the target: within 5% of the CUDA trace
