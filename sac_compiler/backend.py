@@ -103,7 +103,8 @@ class SACPartitioner(CustomPartitionerFn):
                 return self._partition(gm, joint_inputs, solve_times, **kwargs)
             except BudgetError as error:
                 # with graph breaks one model is several graphs, each planned on its own: say which
-                raise BudgetError(f"{_graph_name(self.source_gm)}: {error}") from error
+                raise BudgetError(f"{_graph_name(self.source_gm)}: {error}",
+                                  least_budget=getattr(error, "least_budget", None)) from error
 
     def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], solve_times: list[float],
                    **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -520,15 +521,27 @@ def compile_graph(
     budget = config.memory_budget
     if (budget is not None and budget.bytes is not None and config.enforce_budget
             and (device is not None or read_peak is not None) and _needs_backward(example_inputs)):
-        from sac_compiler.enforce import BudgetEnforcer
+        from sac_compiler.enforce import BudgetEnforcer, make_room_in_step
+        from sac_compiler.plan_graph import BudgetError
 
-        if read_peak is not None:
-            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak,
-                                  read_allocated=read_allocated)
-        return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
-                              functools.partial(torch.cuda.max_memory_allocated, device),
-                              functools.partial(torch.cuda.reset_peak_memory_stats, device),
-                              functools.partial(torch.cuda.memory_allocated, device))
+        def enforced(extra_bytes: int) -> BudgetEnforcer:
+            if read_peak is not None:
+                return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak,
+                                      read_allocated=read_allocated, extra_bytes=extra_bytes)
+            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
+                                  functools.partial(torch.cuda.max_memory_allocated, device),
+                                  functools.partial(torch.cuda.reset_peak_memory_stats, device),
+                                  functools.partial(torch.cuda.memory_allocated, device), extra_bytes=extra_bytes)
+
+        try:
+            return enforced(0)
+        except BudgetError as error:
+            # with a graph break, the graphs that ran before this one in the step hold their saved
+            # values while it runs: ask them for the room it lacks, and plan it with that room
+            room = make_room_in_step(error, budget.bytes, _graph_name(gm))
+            if room is None:
+                raise
+            return enforced(-room)
     return compile_once(gm, example_inputs, 0)[0]
 
 

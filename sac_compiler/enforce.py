@@ -47,6 +47,26 @@ MAX_SCALE = 4.0
 _IN_STEP: weakref.WeakSet[BudgetEnforcer] = weakref.WeakSet()
 
 
+def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int | None:
+    """A graph compiled in the middle of a step (after a graph break) has no plan under the budget
+    with what the step's earlier graphs hold while it runs. If those graphs wait for their
+    backward, ask each for its share of the room it lacks (``error.least_budget`` over the budget;
+    they plan again at their next call) and return that room, which the caller plans this graph
+    with; None when there is no such graph or no known least budget."""
+    need = getattr(error, "least_budget", None)
+    earlier = [e for e in list(_IN_STEP) if e._awaits_backward() and e.replans < MAX_REPLANS]
+    if need is None or need <= budget_bytes or not earlier:
+        return None
+    room = need - budget_bytes
+    share = -(-room // len(earlier))
+    for enforcer in earlier:
+        enforcer.make_room(share)
+    log.warning("sac: %s has no plan under the budget %s beside the %d graph(s) that ran before it in the step; "
+                "they plan again at their next call to leave it %s", graph, format_bytes(budget_bytes),
+                len(earlier), format_bytes(room))
+    return room
+
+
 class BudgetExceededError(BudgetError):
     """The measured peak of a step stayed over an absolute budget after planning again."""
 
@@ -77,13 +97,13 @@ class BudgetEnforcer:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
                  read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None,
-                 read_allocated: Callable[[], int] | None = None) -> None:
+                 read_allocated: Callable[[], int] | None = None, extra_bytes: int = 0) -> None:
         self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         self._compile = compile
         self.budget_bytes = budget_bytes
         self.read_peak = read_peak
         self.reset_peak = reset_peak
-        self.extra_bytes = 0
+        self.extra_bytes = extra_bytes  # counted outside the graph besides what it held at its compile
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
@@ -107,7 +127,7 @@ class BudgetEnforcer:
         self._pending_loss_memory: int | None = None
         self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
         self._backward_mark: int | None = None  # the high-water mark as backward reached the graph
-        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, 0, runs_per_step=1)
+        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes, runs_per_step=1)
 
     def _fresh(self) -> fx.GraphModule:
         return fx.GraphModule(self._pristine, copy.deepcopy(self._pristine.graph))
@@ -153,6 +173,12 @@ class BudgetEnforcer:
 
             torch.autograd.graph.register_multi_grad_hook(tensors, backward_started, mode="any")
         return out
+
+    def make_room(self, nbytes: int) -> None:
+        """A later graph of the step needs ``nbytes`` more room: plan again lower by that at the
+        next call (one of the replans allowed)."""
+        self.replans += 1
+        self._pending_excess = (self._pending_excess or 0) + nbytes
 
     def _awaits_backward(self) -> bool:
         """Whether the autograd graph of this graph's forward runs is still alive, waiting for a

@@ -46,7 +46,12 @@ log = logging.getLogger(__name__)
 
 
 class BudgetError(ValueError):
-    """The memory budget cannot be met by any plan."""
+    """The memory budget cannot be met by any plan. ``least_budget``: the least absolute budget
+    that plans, where the planner found one (None: not known)."""
+
+    def __init__(self, message: str, least_budget: int | None = None) -> None:
+        super().__init__(message)
+        self.least_budget = least_budget
 
 
 @dataclass
@@ -831,7 +836,7 @@ def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, e
     return BudgetError(
         f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
         f"({how}; random ops kept{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} "
-        "bytes, or give a fraction (0.0 plans the lowest peak found)")
+        "bytes, or give a fraction (0.0 plans the lowest peak found)", least_budget=need)
 
 
 def least_budget(analysis: Any, config: SACConfig, peak: int, outside: int = 0) -> int:

@@ -365,3 +365,57 @@ def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_co
     # the new plan leaves room for the loss at the end of forward
     assert planned.partitioned.end_of_forward_bytes + loss <= budget
     assert first.last_result.measured_loss_memory == loss
+
+
+class _TwoHalves(torch.nn.Module):
+    """Two MLP halves with a graph break between them: Dynamo compiles two graphs."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.first = Nested(dim=dim, n_layers=2).layers
+        self.second = Nested(dim=dim, n_layers=2).layers
+
+    def forward(self, x):
+        for layer in self.first:
+            x = layer(x)
+        torch._dynamo.graph_break()
+        for layer in self.second:
+            x = layer(x)
+        return x
+
+
+def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatch):
+    """The second graph of a step has no plan beside what the first holds while it runs: the first
+    plans again at its next call to leave it the room it lacks, and the second is planned with that
+    room; the gradients stay exact."""
+    import sac_compiler.backend as backend_module
+
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak
+    slack = span.no_recompute_peak - span.smallest_budget
+    held = slack + slack // 2  # what the first graph holds as the second compiles
+    outside = iter([0, held])
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=_Peaks([budget - 1, budget - 1, budget - 1])))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 4)
+    first, second = enforcers
+    assert isinstance(second, BudgetEnforcer)
+    room = second.partitioner.outside_bytes - held
+    assert room < 0  # planned with the room the first graph gives
+    assert first.replans == 1 and first.extra_bytes == -room
+    # the first graph's new plan counts that room outside it, and keeps the budget with it
+    assert first.partitioner.outside_bytes == -room
+    assert first.partitioner.last_result.predicted_peak <= budget
+    with pytest.raises(Exception, match="smallest feasible peak"):
+        # without a graph before it in the step, the same shortfall is an error
+        monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: held)
+        torch._dynamo.reset()
+        torch.compile(torch.nn.Sequential(*Nested(dim=32, n_layers=2).layers), backend=backend)(x).sum().backward()
