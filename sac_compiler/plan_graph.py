@@ -86,6 +86,10 @@ class GraphPlanResult:
     caller_held_bytes: int | None = None
     # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
     offload_note: str | None = None
+    # each value the plan recomputes: (its module, or "Global", and the bytes it allocates), read off
+    # the joint graph when the plan is made; PyTorch's partitioner then replaces that graph in place
+    # (its CSE pass merges duplicate nodes), so the report must not look the plan's values up in it
+    recomputed_values: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -765,6 +769,9 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 plan, sim = hybrid
     result.plan = plan
     result.predicted_peak = sim.peak_bytes + outside
+    by_name = {n.name: n for n in analysis.graph.gm.graph.nodes}
+    result.recomputed_values = {name: (get_record(by_name[name]).module_fqn or "Global",
+                                       get_record(by_name[name]).alloc_bytes or 0) for name in sorted(plan.recompute)}
     tag_graph(analysis.graph.gm, plan.recompute)
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
