@@ -498,7 +498,7 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from sac_compiler.config import SACConfig, format_bytes
+    from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
     from sac_compiler.plan_graph import BudgetError, least_budget, plan_joint
     from sac_compiler.plots import MissingMatplotlib, require_matplotlib
     from sac_compiler.report import format_module_plan, format_plan, module_plan_rows
@@ -518,8 +518,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.time_limit is not None and not args.time_limit > 0:
         raise CLIError(f"--time-limit {args.time_limit:g}: give a number of seconds > 0")
     specs = parse_inputs(args.inputs) if args.inputs is not None else None
-    config = SACConfig(memory_budget=budget, device=device, solver=args.solver, compiler=args.compiler,
-                       time_limit_s=args.time_limit)
+    config = SACConfig(memory_budget=MemoryBudget.parse(budget), device=device, solver=args.solver,
+                       compiler=args.compiler, time_limit_s=args.time_limit)
 
     loaded = build_model(args.target, specs)
     start = time.perf_counter()
@@ -531,6 +531,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except BudgetError as error:
         raise CLIError(f"--budget {args.budget}: {error}") from error
     plan_s = time.perf_counter() - start
+    # set by plan_joint with a budget
+    assert result.budget_bytes is not None and result.predicted_peak is not None and result.baseline_peak is not None
     # read the plan's tables now: planning the sweep re-annotates the same graph
     plan_text = format_plan(result)
     modules_text = format_module_plan(result)
