@@ -1138,6 +1138,17 @@ def _step_profile(sim: Any) -> tuple[int, ...]:
     return (max(sim.end_of_forward_bytes, *sim.step_peaks[:fb]), *sim.step_peaks[fb:])
 
 
+def simulate_plan(result: GraphPlanResult, config: SACConfig) -> Any:
+    """The joint graph's memory simulation with ``result``'s plan recomputed: the one its
+    ``predicted_peak`` comes from (less the memory held outside the graph, ``outside_bytes``), with
+    its ``category_timeline()``. ``result.analysis.memory`` is the same graph without recomputation.
+    ``config`` is the one the plan was made with. Run it before the graph is planned again: a later
+    plan re-annotates the same nodes."""
+    if result.plan is None:
+        raise ValueError("simulate_plan needs a planned result: plan with a memory_budget")
+    return _simulate(result.analysis, config, result.plan.recompute)
+
+
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
     """The exact memory simulation of the joint graph with ``recompute`` recomputed."""
     from sac_compiler.passes.annotate_memory import annotate_memory
