@@ -560,7 +560,10 @@ def prepare_strategy(workload: Workload, strategy: Strategy, device: torch.devic
             raise RuntimeError(f"{strategy.name} compiled no graph of its own (it would time another strategy's)")
         # Measured after the warm-up: memory that the compile released must not count against it.
         after = _allocated(device)
-        own = (lambda b: None if b is None or start is None else b - start)
+
+        def own(b: int | None) -> int | None:
+            return None if b is None or start is None else b - start
+
         prepared = _Prepared(strategy, base, model, fn, tokens, own(built), own(after), first_step_s, plans)
         prepared.time_round(steps, device)
         if records is not None:

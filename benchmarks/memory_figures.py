@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="only these models")
     parser.add_argument("--joint-only", action="store_true", help="the joint simulations only (no plans: quick)")
     args = parser.parse_args(argv)
-    logging_fn = lambda s: print(s, file=sys.stderr, flush=True)
+
+    def logging_fn(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
     new = json.loads(json.dumps(figures(args.only, logging_fn, plans=not args.joint_only)))
     if args.write:
         with open(args.write, "w") as f:

@@ -81,7 +81,7 @@ def summary_rows(analysis: Analysis) -> list[tuple[str, str]]:
     gib = 2**30
     return [
         ("device spec", analysis.device_spec.name),
-        ("graph nodes", str(len(analysis.graph.gm.graph.nodes))),
+        ("graph nodes", str(len(mem.timeline))),  # as analysed: the partitioner may rewrite the graph since
         ("modules", str(len(analysis.orders.fw_pre_order))),
         ("predicted peak", f"{mem.peak_bytes / gib:.3f} GiB (at {mem.peak_node})"),
         ("live at end of forward", f"{mem.end_of_forward_bytes / gib:.3f} GiB"),

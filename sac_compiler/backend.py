@@ -340,9 +340,14 @@ def _package_roots() -> tuple[Path, ...]:
     """The source folders of the packages the partition runs: ``sac_compiler`` and
     ``sac_compiler.passes`` (the repository's ``passes/`` folder, mapped into the package)."""
     import sac_compiler
-    from sac_compiler import passes
+    import sac_compiler.passes
 
-    return tuple(Path(package.__file__).parent for package in (sac_compiler, passes))
+    roots = []
+    for package in (sac_compiler, sac_compiler.passes):
+        if package.__file__ is None:  # a namespace package: nothing to hash, and so no cache key
+            raise RuntimeError(f"{package.__name__} has no source folder to hash for the AOTAutograd cache key")
+        roots.append(Path(package.__file__).parent)
+    return tuple(roots)
 
 
 def source_hash(roots: Sequence[Path]) -> str:

@@ -255,6 +255,33 @@ def check_output(flag: str, path: str | None) -> None:
         raise CLIError(f"{flag} {path!r} is not writable; give a path in a writable directory")
 
 
+def check_plots(plots: Sequence[tuple[str, str | None]]) -> None:
+    """The picture flags given (``(flag, path)``, path None when not given): each path writable and
+    not another's, and matplotlib installed; checked before any work."""
+    given = [(flag, path) for flag, path in plots if path is not None]
+    for flag, path in given:
+        check_output(flag, path)
+    seen: dict[Path, str] = {}
+    for flag, path in given:
+        target = Path(path).resolve()
+        if target in seen:
+            raise CLIError(f"{flag} {path!r} is the file {seen[target]} writes too; give each picture a path of its own")
+        seen[target] = flag
+    if given:
+        from sac_compiler.plots import MissingMatplotlib, require_matplotlib, supported_formats
+
+        try:
+            require_matplotlib()
+        except MissingMatplotlib as error:
+            raise CLIError(f"{given[0][0]}: {error}") from error
+        formats = supported_formats()
+        for flag, path in given:
+            suffix = Path(path).suffix.lower().removeprefix(".")
+            if suffix not in formats:
+                raise CLIError(f"{flag} {path!r}: the file's suffix picks the picture's format, and matplotlib "
+                               f"writes {', '.join('.' + f for f in sorted(formats))}; give e.g. timeline.png")
+
+
 # ------------------------------------------------------------------------------------------ model
 
 
@@ -528,28 +555,22 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from sac_compiler.config import SACConfig, format_bytes
-    from sac_compiler.plan_graph import BudgetError, least_budget, plan_joint
-    from sac_compiler.plots import MissingMatplotlib, require_matplotlib
+    from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
+    from sac_compiler.plan_graph import BudgetError, least_budget, plan_joint, simulate_plan
     from sac_compiler.report import format_module_plan, format_plan, module_plan_rows
 
     budget = parse_budget(args.budget)
     device = check_device(args.device)
     fractions = parse_sweep(args.sweep)
     check_output("--json", args.json)
-    check_output("--plot", args.plot)
-    if args.plot is not None:
-        try:
-            require_matplotlib()
-        except MissingMatplotlib as error:
-            raise CLIError(f"--plot: {error}") from error
-        if not fractions:
-            raise CLIError("--plot draws the budget sweep; leave --sweep on (it is on by default) or drop --plot")
+    check_plots([("--plot", args.plot), ("--timeline-plot", args.timeline_plot)])
+    if args.plot is not None and not fractions:
+        raise CLIError("--plot draws the budget sweep; leave --sweep on (it is on by default) or drop --plot")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CLIError(f"--time-limit {args.time_limit:g}: give a number of seconds > 0")
     specs = parse_inputs(args.inputs) if args.inputs is not None else None
-    config = SACConfig(memory_budget=budget, device=device, solver=args.solver, compiler=args.compiler,
-                       time_limit_s=args.time_limit)
+    config = SACConfig(memory_budget=MemoryBudget.parse(budget), device=device, solver=args.solver,
+                       compiler=args.compiler, time_limit_s=args.time_limit)
 
     loaded = build_model(args.target, specs)
     start = time.perf_counter()
@@ -561,10 +582,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except BudgetError as error:
         raise CLIError(f"--budget {args.budget}: {error}") from error
     plan_s = time.perf_counter() - start
+    # set by plan_joint with a budget
+    assert result.budget_bytes is not None and result.predicted_peak is not None and result.baseline_peak is not None
     # read the plan's tables now: planning the sweep re-annotates the same graph
     plan_text = format_plan(result)
     modules_text = format_module_plan(result)
     modules = module_plan_rows(result)
+    timelines = []
+    if args.timeline_plot is not None:
+        from sac_compiler.plots import timeline_panel
+
+        timelines = [timeline_panel(result.analysis.memory, "no recomputation", result.budget_bytes),
+                     timeline_panel(simulate_plan(result, config),
+                                    f"the plan: {len(result.plan.recompute)} values recomputed", result.budget_bytes)]
     spec_name = result.analysis.device_spec.name
     fraction = config.memory_budget.fraction if config.memory_budget is not None else None
     fraction_text = "" if fraction is None else f" (fraction {fraction:g})"
@@ -634,6 +664,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         pareto_plot(plot_points, chosen, args.plot,
                     title=f"{args.target} on {spec_name} ({args.compiler}): recompute time vs peak")
         out.write(f"wrote {args.plot}\n")
+    if args.timeline_plot is not None:
+        from sac_compiler.plots import timeline_plot
+
+        timeline_plot(timelines, args.timeline_plot,
+                      title=f"{args.target} on {spec_name} ({args.compiler}): live bytes by category, simulated, "
+                            f"budget {format_bytes(result.budget_bytes)}{fraction_text}")
+        out.write(f"wrote {args.timeline_plot}\n")
     return 0
 
 
@@ -646,6 +683,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     device = check_device(args.device)
     check_output("--json", args.json)
+    check_plots([("--tradeoff-plot", args.tradeoff_plot)])
     if args.depth < 1:
         raise CLIError(f"--depth {args.depth}: give 1 (the root module only) or more")
     specs = parse_inputs(args.inputs) if args.inputs is not None else None
@@ -663,6 +701,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     out.write(format_analysis(est.analysis))
     out.write(f"\nSAC statistics of every non-leaf module up to depth {args.depth} (SACEstimator's tables)\n\n")
     out.write(est.display_modulewise_sac_stats(depth=args.depth) + "\n")
+    if args.tradeoff_plot is not None or (args.module_info and args.json is not None):
+        start = time.perf_counter()
+        est.pwlf_sac_tradeoff_curve()
+        log.info("fitted the trade-off curves of %d modules in %.1f s", len(est.sac_mod_tradeoff_stats),
+                 time.perf_counter() - start)
     if args.json is not None:
         payload = {
             **_model_json(args, loaded),
@@ -675,6 +718,17 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
             payload["module_info"] = est.module_info()
         Path(args.json).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
         out.write(f"wrote {args.json}\n")
+    if args.tradeoff_plot is not None:
+        from sac_compiler.plots import tradeoff_plot
+
+        shown = {fqn: stats for fqn, stats in est.sac_mod_tradeoff_stats.items() if fqn.count(".") + 1 <= args.depth}
+        if not shown:
+            raise CLIError(f"--tradeoff-plot: {args.target} has no module with ops of its own up to --depth "
+                           f"{args.depth} to draw")
+        tradeoff_plot(shown, args.tradeoff_plot,
+                      title=f"{args.target} on {est.analysis.device_spec.name}\nSAC trade-off per module "
+                            "(greedy order) and its pwlf fit")
+        out.write(f"wrote {args.tradeoff_plot}\n")
     return 0
 
 
@@ -828,6 +882,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the sweep's recompute time against predicted peak, the chosen plan marked, "
                         "to PATH (.png, .pdf or .svg; needs matplotlib: pip install 'sac-compiler[plot]') "
                         "(default: none)")
+    p.add_argument("--timeline-plot", metavar="PATH", default=None,
+                   help="also draw the step's simulated live bytes by category (parameters, gradients, "
+                        "activations, temporaries, ...) at every node, forward then backward, without "
+                        "recomputation and with the plan side by side, the budget marked, to PATH (.png, .pdf "
+                        "or .svg; needs matplotlib: pip install 'sac-compiler[plot]') (default: none)")
     _common(p)
     p.set_defaults(handler=_cmd_plan)
 
@@ -847,6 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--module-info", action="store_true",
                    help="with --json, also fit the trade-off curves (pwlf) and write the ModuleInfo that "
                         "sac_milp takes (default: off)")
+    e.add_argument("--tradeoff-plot", metavar="PATH", default=None,
+                   help="also fit each module's trade-off curve (pwlf, 2 segments, as --module-info) and draw "
+                        "the curves and their fits, one panel per module up to --depth, to PATH (.png, .pdf or "
+                        ".svg; needs matplotlib: pip install 'sac-compiler[plot]') (default: none)")
     _common(e)
     e.set_defaults(handler=_cmd_estimate)
 

@@ -132,7 +132,7 @@ class MemoryBudget:
                     f"for the fraction of the activation memory ({plan}), or give a size in bytes as a larger "
                     "int or a string like '6GiB'"
                 )
-            return MemoryBudget(bytes=parse_bytes(value, option="memory_budget"))
+            return MemoryBudget(bytes=parse_bytes(int(value), option="memory_budget"))
         if isinstance(value, numbers.Real):
             fraction = float(value)
             if not 0.0 <= fraction <= 1.0:  # nan fails this too
@@ -142,9 +142,9 @@ class MemoryBudget:
         if match is not None and not match.group(2):
             number = float(match.group(1))
             if number <= 1 or not number.is_integer():
-                fraction = f"a float ({number!r})" if 0 <= number <= 1 else "a float in [0, 1]"
+                expected = f"a float ({number!r})" if 0 <= number <= 1 else "a float in [0, 1]"
                 raise ValueError(
-                    f"memory_budget={value!r} is a string without a unit: a fraction must be {fraction}, not a "
+                    f"memory_budget={value!r} is a string without a unit: a fraction must be {expected}, not a "
                     "string, and a size needs a unit ('6GiB') or must be an int of bytes"
                 )
         return MemoryBudget(bytes=parse_bytes(value, option="memory_budget"))
@@ -152,6 +152,8 @@ class MemoryBudget:
     def __str__(self) -> str:
         if self.fraction is not None:
             return f"{self.fraction:g} of the saved activations"
+        if self.bytes is None:
+            return "no budget"
         return format_bytes(self.bytes)
 
 
@@ -265,7 +267,7 @@ class SACConfig:
         return SACConfig(**options)
 
 
-def _plain_number(value: numbers.Real) -> int | float:
+def _plain_number(value: float) -> int | float:
     """An int or float as given; other reals (numpy scalars, Fraction) as a float, which the solvers take."""
     return value if isinstance(value, (int, float)) else float(value)
 

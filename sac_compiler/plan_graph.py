@@ -102,6 +102,10 @@ class GraphPlanResult:
     runs_per_step: int = 1
     held_per_run_bytes: int = 0
     step_peak_bytes: int | None = None
+    # each value the plan recomputes: (its module, or "Global", and the bytes it allocates), read off
+    # the joint graph when the plan is made; PyTorch's partitioner then replaces that graph in place
+    # (its CSE pass merges duplicate nodes), so the report must not look the plan's values up in it
+    recomputed_values: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
@@ -784,6 +788,9 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 plan, sim = hybrid
     result.plan = plan
     result.predicted_peak = sim.peak_bytes + outside
+    by_name = {n.name: n for n in analysis.graph.gm.graph.nodes}
+    result.recomputed_values = {name: (get_record(by_name[name]).module_fqn or "Global",
+                                       get_record(by_name[name]).alloc_bytes or 0) for name in sorted(plan.recompute)}
     tag_graph(analysis.graph.gm, plan.recompute)
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
@@ -1148,6 +1155,17 @@ def _step_profile(sim: Any) -> tuple[int, ...]:
     forward use, which lowers it), then every backward step."""
     fb = sim.first_backward
     return (max(sim.end_of_forward_bytes, *sim.step_peaks[:fb]), *sim.step_peaks[fb:])
+
+
+def simulate_plan(result: GraphPlanResult, config: SACConfig) -> Any:
+    """The joint graph's memory simulation with ``result``'s plan recomputed: the one its
+    ``predicted_peak`` comes from (less the memory held outside the graph, ``outside_bytes``), with
+    its ``category_timeline()``. ``result.analysis.memory`` is the same graph without recomputation.
+    ``config`` is the one the plan was made with. Run it before the graph is planned again: a later
+    plan re-annotates the same nodes."""
+    if result.plan is None:
+        raise ValueError("simulate_plan needs a planned result: plan with a memory_budget")
+    return _simulate(result.analysis, config, result.plan.recompute)
 
 
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:

@@ -60,6 +60,7 @@ def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: st
     graph = capture_joint(model, *example_inputs, target_device=target_device,
                           decompose=config.compiler == "inductor")
     result = plan_joint(graph, config)
+    assert result.baseline_peak is not None  # plan_joint sets it on every graph it annotates
     low = smallest_feasible_peak(result.analysis, config)
     return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak,
                        smallest_budget=least_budget(result.analysis, config, low))

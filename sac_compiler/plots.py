@@ -1,16 +1,27 @@
-"""The planner's memory/time trade-off as a picture (matplotlib, an optional dependency).
+"""The planner's figures as pictures (matplotlib, an optional dependency).
 
-``pareto_plot`` draws a budget sweep: each point is one plan, at its predicted peak (x) and its
-predicted recompute time (y); the plans no other plan beats on both are joined into the Pareto
-front, and the plan chosen for the requested budget is marked. The figure is drawn on an Agg
-canvas of its own, so no pyplot state or interactive backend is touched.
+- ``pareto_plot`` draws a budget sweep: each point is one plan, at its predicted peak (x) and its
+  predicted recompute time (y); the plans no other plan beats on both are joined into the Pareto
+  front, and the plan chosen for the requested budget is marked.
+- ``timeline_plot`` draws a training step's live bytes by category (parameters, gradients,
+  activations, ...) node by node, forward then backward, as the memory simulation counts them: one
+  panel per simulation (without recomputation and with a plan, say), on one scale, so that where a
+  plan lowers the peak and what it frees can be seen.
+- ``tradeoff_plot`` draws each module's SAC trade-off curve (the fraction of its memory discarded
+  against the fraction of its runtime recomputed, in the greedy order) and the piecewise-linear
+  (pwlf) fit of it that ``sac_milp`` plans with.
+
+Each figure is drawn on an Agg canvas of its own, so no pyplot state or interactive backend is
+touched; the path's suffix picks the format (.png, .pdf, .svg).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PLOT_INSTALL_HINT = "pip install 'sac-compiler[plot]'"
 
@@ -35,6 +46,14 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as error:
         raise MissingMatplotlib(f"plotting needs matplotlib, which is not installed: {PLOT_INSTALL_HINT}") from error
+
+
+def supported_formats() -> set[str]:
+    """The file suffixes (without the dot) matplotlib's savefig writes here: png, pdf, svg, ..."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def _unit(values: Sequence[int]) -> tuple[str, int]:
@@ -78,6 +97,144 @@ def pareto_plot(points: Sequence[PlotPoint], chosen: PlotPoint | None, path: str
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+# the order the categories are stacked in, bottom up: what lives all step first, then what the
+# step makes (gradients, the activations forward keeps, backward's temporaries)
+TIMELINE_CATEGORIES = ("parameter", "buffer", "input", "optimizer_state", "gradient", "activation", "temporary")
+_CATEGORY_COLORS = {
+    "parameter": "tab:gray", "buffer": "silver", "input": "tab:brown", "optimizer_state": "tab:purple",
+    "gradient": "tab:green", "activation": "tab:blue", "temporary": "tab:orange",
+}
+
+
+@dataclass(frozen=True)
+class TimelinePanel:
+    """One simulated step for ``timeline_plot``: per step (a graph node, forward then backward), its
+    node and the live bytes by category while it runs; ``first_backward`` is the index of the first
+    backward step; ``budget_bytes`` is drawn as a line when given."""
+
+    title: str
+    steps: Sequence[tuple[str, Mapping[str, int]]]
+    first_backward: int
+    budget_bytes: int | None = None
+
+    @property
+    def totals(self) -> list[int]:
+        """Live bytes while each step runs, every category together."""
+        return [sum(by_category.values()) for _, by_category in self.steps]
+
+
+def timeline_panel(simulation: Any, title: str, budget_bytes: int | None = None) -> TimelinePanel:
+    """A ``TimelinePanel`` from a memory simulation's ``category_timeline()``: the joint graph's
+    (``MemorySimulation``, whose ``first_backward`` splits it) or the partitioned graphs'
+    (``PartitionedPeak``, forward graph then backward graph)."""
+    steps = [(node, {getattr(c, "value", str(c)): b for c, b in by_category.items()})
+             for _, node, by_category in simulation.category_timeline()]
+    if hasattr(simulation, "first_backward"):
+        first_backward = simulation.first_backward
+    else:  # the partitioned simulation: the forward graph's steps come first
+        first_backward = len(simulation.steps[0]) if simulation.steps else len(steps)
+    return TimelinePanel(title, steps, first_backward, budget_bytes)
+
+
+def timeline_plot(panels: Sequence[TimelinePanel], path: str | Path, title: str = "") -> Path:
+    """Write the panels side by side, on one byte scale, to ``path``: each a stack of the live bytes
+    by category at every step, the start of the backward and the budget marked, the peak labelled.
+    Returns the path written."""
+    if not panels:
+        raise ValueError("timeline_plot needs at least one panel")
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    top = max([max(p.totals, default=0) for p in panels] + [p.budget_bytes or 0 for p in panels])
+    unit, size = _unit([top])
+    seen = {c for p in panels for _, by_category in p.steps for c in by_category}
+    categories = [c for c in TIMELINE_CATEGORIES if c in seen] + sorted(seen - set(TIMELINE_CATEGORIES))
+    fig = Figure(figsize=(5.6 * len(panels), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        x = list(range(len(panel.steps)))
+        layers = [[by_category.get(c, 0) / size for _, by_category in panel.steps] for c in categories]
+        ax.stackplot(x, layers, labels=[c.replace("_", " ") for c in categories],
+                     colors=[_CATEGORY_COLORS.get(c, "tab:olive") for c in categories], step="post", alpha=0.85)
+        if 0 < panel.first_backward < len(panel.steps):
+            ax.axvline(panel.first_backward, color="black", linestyle=":", linewidth=1)
+            ax.annotate("backward", (panel.first_backward, 0), textcoords="offset points", xytext=(3, 3), fontsize=8)
+        if panel.budget_bytes is not None:
+            ax.axhline(panel.budget_bytes / size, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"budget {panel.budget_bytes / size:.3g} {unit}")
+        totals = panel.totals
+        if totals:
+            peak = max(totals)
+            at = totals.index(peak)
+            ax.plot([at], [peak / size], "v", color="black", markersize=6)
+            ax.annotate(f"peak {peak / size:.3g} {unit}\n({panel.steps[at][0]})", (at, peak / size),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("step (graph node: forward, then backward)")
+        ax.set_xlim(0, max(len(panel.steps) - 1, 1))
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"live bytes ({unit})")
+    axes[0].set_ylim(0, top / size * 1.15 if top else 1)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # the budget line's label may differ between panels
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, fontsize=8, loc="outside right upper")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def tradeoff_plot(tradeoffs: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Write each module's SAC trade-off curve and its piecewise-linear fit to ``path``, one panel
+    per module. ``tradeoffs`` maps a module's name to its ``SACTradeOffStats``
+    (``SACEstimate.pwlf_sac_tradeoff_curve()``): the curve's points (memory discarded -> runtime
+    recomputed, as fractions of the module's totals, x shifted by PyTorch's 0.01) and the fit's
+    segments (``fit_breaks``, ``slopes``, ``intercepts``). Returns the path written."""
+    if not tradeoffs:
+        raise ValueError("tradeoff_plot needs at least one module's trade-off statistics")
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(3, len(tradeoffs))
+    rows = math.ceil(len(tradeoffs) / columns)
+    fig = Figure(figsize=(4.4 * columns, 3.6 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (module, stats) in zip(axes, tradeoffs.items()):
+        curve = list(stats.tradeoff_curve.items())
+        ax.plot([x for x, _ in curve], [y for _, y in curve], "o", markersize=3, color="tab:blue",
+                label="greedy order")
+        # what the fit is of: each y one step to the left, so that the fit bounds the time from above
+        ax.plot([x for x, _ in curve[:-1]], [y for _, y in curve[1:]], "o", markersize=4, mfc="none",
+                color="tab:gray", label="shifted (fitted)")
+        breaks = list(stats.fit_breaks)
+        for i, (slope, intercept) in enumerate(zip(stats.slopes, stats.intercepts, strict=True)):
+            low, high = breaks[i], breaks[i + 1]
+            ax.plot([low, high], [slope * low + intercept, slope * high + intercept], "-", color="tab:red",
+                    label=f"pwlf fit ({stats.n_segments} segment{'s' if stats.n_segments != 1 else ''})"
+                    if i == 0 else None)
+        ax.set_title(f"{module}\n{stats.sac_memory / 2**20:.3g} MiB, {stats.sac_runtime:.3g} ms", fontsize=9)
+        ax.set_xlabel("memory discarded / total", fontsize=8)
+        ax.set_ylabel("recompute time / total", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(tradeoffs):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     out = Path(path)
     fig.savefig(out, dpi=120)
     return out

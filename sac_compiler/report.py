@@ -30,7 +30,10 @@ def format_analysis(analysis: Any) -> str:
 
 
 def format_plan(result: Any) -> str:
-    """The analysis, and with a budget the plan: what is recomputed and kept, per module."""
+    """The analysis, and with a budget the plan: what is recomputed and kept, per module.
+
+    It reads what the plan recorded when it was made (``recomputed_values``), not the joint graph,
+    which PyTorch's partitioner rewrites in place before the backend writes its report."""
     from tabulate import tabulate
 
     text = format_analysis(result.analysis)
@@ -39,7 +42,6 @@ def format_plan(result: Any) -> str:
     if result.plan is None:
         return text
     from sac_compiler.config import format_bytes
-    from sac_compiler.passes.record import get_record
 
     plan = result.plan
     rows = [
@@ -66,12 +68,10 @@ def format_plan(result: Any) -> str:
         rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
         rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))
     per_module: dict[str, list[int]] = {}
-    by_name = {n.name: n for n in result.analysis.graph.gm.graph.nodes}
-    for name in plan.recompute:
-        rec = get_record(by_name[name])
-        entry = per_module.setdefault(rec.module_fqn or "Global", [0, 0])
+    for module, nbytes in result.recomputed_values.values():
+        entry = per_module.setdefault(module, [0, 0])
         entry[0] += 1
-        entry[1] += rec.alloc_bytes or 0
+        entry[1] += nbytes
     mods = sorted(per_module.items())
     table = tabulate([(m, n, f"{b / 2**20:.2f}") for m, (n, b) in mods],
                      headers=["module", "values recomputed", "MiB freed between forward and use"], tablefmt="simple")

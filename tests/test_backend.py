@@ -83,6 +83,58 @@ def test_report_prints_the_analysis(capsys):
     assert "predicted peak" in out and "Nested.layers.1.mlp" in out
 
 
+def _report_modules(text: str) -> dict[str, int]:
+    """The report's last table (module, values recomputed, MiB) as {module: values recomputed}."""
+    lines = text.strip().splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("module") and "values recomputed" in line)
+    return {line.split()[0]: int(line.split()[1]) for line in lines[header + 2:]}
+
+
+def test_report_after_the_partitioner_rewrote_the_joint_graph(tmp_path):
+    """Regression: PyTorch's partitioner replaces the joint graph in place (its CSE pass merges
+    duplicate nodes) before the backend writes the report, which looked the plan's values up in that
+    graph: a KeyError for a plan that recomputes a merged node (a Transformer with dropout at the
+    lowest budget; which of the equally fast plans the solver returns, and so whether it recomputes a
+    merged node, follows the process's string hashing). The report now reads what the plan recorded
+    when it was made; the test below checks that independently of the plan chosen."""
+    from sac_compiler.backend import SACPartitioner, compile_graph
+
+    results = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            results.append(self.last_result)
+            return out
+
+    path = tmp_path / "plan.txt"
+    config = SACConfig.from_options({"memory_budget": 0.0, "compiler": "eager", "report": str(path),
+                                     "device": "H100-SXM"})
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=2, dropout_p=0.1)
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config=config,
+                                                                             partitioner_cls=Recording))
+    compiled(torch.randint(0, 64, (2, 16))).float().sum().backward()
+    (result,) = results
+    per_module = _report_modules(path.read_text())
+    assert sum(per_module.values()) == len(result.plan.recompute)
+    assert set(per_module) == {module for module, _ in result.recomputed_values.values()}
+
+
+def test_format_plan_reads_the_plan_not_the_graph():
+    """The plan's report is the same once the joint graph is gone (as after the partitioner)."""
+    from sac_compiler.planner import plan
+    from sac_compiler.report import format_plan
+
+    result = plan(Nested(dim=32, n_layers=2), torch.randn(256, 32), memory_budget=0.0, compiler="eager",
+                  device="H100-SXM")
+    assert result.plan.recompute
+    text = format_plan(result)
+    assert sum(_report_modules(text).values()) == len(result.plan.recompute)
+    result.analysis.graph.gm.graph = torch.fx.Graph()
+    assert format_plan(result) == text
+
+
 def test_inference_graph_says_so_once(caplog):
     model = nn.Linear(4, 4)
     compiled = torch.compile(model, backend="sac", options={"compiler": "eager"})

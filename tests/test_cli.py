@@ -1,6 +1,8 @@
 """The ``sac-compiler`` command line, end to end: plan and estimate in a subprocess on the small
-models of ``tests/cli_models.py``, the JSON and the plot they write, the one-line errors, complete
-``--help`` pages, and the logging switches (``-v``, ``SAC_LOG``).
+models of ``tests/cli_models.py``, the JSON and the pictures they write (the Pareto curve, the
+memory timeline, the per-module trade-off curves: decoded back as PNG images; skipped, with the
+reason, where matplotlib is not installed), the one-line errors, complete ``--help`` pages, and the
+logging switches (``-v``, ``SAC_LOG``).
 
 The subprocesses run from the repository root, where ``tests.cli_models`` imports; most error
 cases run in this process through ``cli.main``, which fails before any model is captured.
@@ -8,6 +10,7 @@ cases run in this process through ``cli.main``, which fails before any model is 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import logging
@@ -20,11 +23,15 @@ import pytest
 
 from sac_compiler import cli
 from sac_compiler.plan_graph import fraction_budget
+from tests import cli_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GPT_INPUTS = "long[4,64]:0-512"
 MLP_INPUTS = "float[8,16]"
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+needs_matplotlib = pytest.mark.skipif(
+    not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install 'sac-compiler[plot]'; the test extra has it)")
 
 
 def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -55,13 +62,27 @@ def _restore_package_logging():
         lg.propagate = propagate
 
 
+def _assert_png(path: Path) -> tuple[int, int]:
+    """``path`` is a PNG image that decodes: its (height, width) in pixels."""
+    from matplotlib.image import imread
+
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, image.shape
+    return image.shape[0], image.shape[1]
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+    """``plan`` on the small GPT with --json, and with matplotlib --plot and --timeline-plot; the
+    process, the JSON and the folder written to."""
     out = tmp_path_factory.mktemp("plan")
+    plots = ["--plot", str(out / "pareto.png"), "--timeline-plot", str(out / "timeline.png")] if HAS_MATPLOTLIB else []
     proc = _run("plan", "tests.cli_models:small_gpt", "--inputs", GPT_INPUTS, "--budget", "0.5",
-                "--device", "H100-SXM", "--json", str(out / "plan.json"), "--plot", str(out / "pareto.png"))
+                "--device", "H100-SXM", "--json", str(out / "plan.json"), *plots)
     assert proc.returncode == 0, proc.stderr
-    return proc, json.loads((out / "plan.json").read_text()), out / "pareto.png"
+    return proc, json.loads((out / "plan.json").read_text()), out
 
 
 def test_plan_prints_the_plan_and_the_sweep(planned) -> None:
@@ -95,10 +116,15 @@ def test_plan_json(planned) -> None:
         assert p["predicted_peak"] <= p["budget_bytes"]
     chosen = next(p for p in sweep if p["fraction"] == 0.5)
     assert (chosen["predicted_peak"], chosen["recompute_ms"]) == (data["predicted_peak"], data["recompute_ms"])
-    by_budget = sorted(sweep, key=lambda p: p["budget_bytes"])
-    for lower, higher in itertools.pairwise(by_budget):
-        assert lower["recompute_ms"] >= higher["recompute_ms"] - 1e-12, "a lower budget planned faster"
-    assert sweep[-1]["recompute_ms"] == 0.0  # 1.0 is the fastest plan
+    # a point is on the Pareto front unless another has as low a peak and less recompute time
+    for p in sweep:
+        beaten = any(q["predicted_peak"] <= p["predicted_peak"] and q["recompute_ms"] < p["recompute_ms"] - 1e-12
+                     for q in sweep)
+        assert p["pareto"] is not beaten, p
+    front = sorted((p for p in sweep if p["pareto"]), key=lambda p: p["budget_bytes"])
+    for lower, higher in itertools.pairwise(front):
+        assert lower["recompute_ms"] >= higher["recompute_ms"] - 1e-12
+    assert sweep[-1]["recompute_ms"] == 0.0 and sweep[-1]["pareto"]  # 1.0 is the fastest plan
 
     budget_range = data["budget_range"]
     assert budget_range["smallest_feasible_peak"] == low == sweep[0]["budget_bytes"]
@@ -106,10 +132,40 @@ def test_plan_json(planned) -> None:
     assert budget_range["smallest_budget"] >= budget_range["smallest_feasible_peak"]
 
 
-def test_plan_plot_is_a_png(planned) -> None:
-    _, _, png = planned
-    assert png.stat().st_size > 1000
-    assert png.read_bytes()[:8] == PNG_SIGNATURE
+def test_plan_sweep_is_monotone(planned) -> None:
+    """A higher budget never plans slower: the whole sweep is its own Pareto front (a point whose
+    plan the planner ranks slower than a lower budget's takes that plan, which fits it too)."""
+    _, data, _ = planned
+    by_budget = sorted(data["sweep"], key=lambda p: p["budget_bytes"])
+    for lower, higher in itertools.pairwise(by_budget):
+        assert lower["recompute_ms"] >= higher["recompute_ms"] - 1e-12, f"a lower budget planned faster: {lower}"
+
+
+@needs_matplotlib
+def test_plan_pictures_are_pngs(planned) -> None:
+    """The Pareto plot, and the timeline with its two panels (no recomputation, the plan) side by side."""
+    proc, _, out = planned
+    _assert_png(out / "pareto.png")
+    height, width = _assert_png(out / "timeline.png")
+    assert width > 1.5 * height
+    for name in ("pareto.png", "timeline.png"):
+        assert f"wrote {out / name}" in proc.stdout
+
+
+@needs_matplotlib
+def test_estimate_draws_the_tradeoff_curves(tmp_path: Path) -> None:
+    """The per-module pwlf fits: drawn with --tradeoff-plot, the same fits --module-info writes."""
+    proc = _run("estimate", "tests.cli_models:small_gpt", "--inputs", GPT_INPUTS, "--device", "H100-SXM",
+                "--depth", "3", "--json", str(tmp_path / "stats.json"), "--module-info",
+                "--tradeoff-plot", str(tmp_path / "tradeoff.png"))
+    assert proc.returncode == 0, proc.stderr
+    height, width = _assert_png(tmp_path / "tradeoff.png")
+    data = json.loads((tmp_path / "stats.json").read_text())
+    fitted = [s["fqn"] for s in data["module_info"]["mod_stats"] if s["n_segments"] > 0]
+    # the model and each of its layers have ops of their own, all within --depth 3: one panel each
+    assert sorted(fitted) == sorted(data["sac_mod_stats"]) == sorted(
+        ["SmallGPT", *(f"SmallGPT.layers.{i}" for i in range(cli_models.LAYERS))])
+    assert width > 2 * height  # a row of three panels
 
 
 def test_estimate_prints_the_sac_tables(tmp_path: Path) -> None:
@@ -158,6 +214,12 @@ def test_errors_in_a_subprocess(args: list[str], needles: list[str]) -> None:
     (["plan", "tests.cli_models:TinyMLP", "--inputs", "float[8,5]", "--device", "H100-SXM"],
      ["capturing tests.cli_models:TinyMLP", "float[8,5]"]),
     (["plan", "tests.cli_models:TinyMLP", "--solver", "glpk"], ["invalid choice: 'glpk'"]),
+    (["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--plot", "p.png", "--timeline-plot", "./p.png"],
+     ["--timeline-plot './p.png'", "--plot writes too"]),
+    (["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--timeline-plot", "no_such_dir/t.png"],
+     ["--timeline-plot", "does not exist"]),
+    (["estimate", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--tradeoff-plot", "tests"],
+     ["--tradeoff-plot 'tests' is not a file path"]),
     (["plan"], ["MODULE:FACTORY"]),
 ])
 def test_errors_are_one_line(args: list[str], needles: list[str], capsys: pytest.CaptureFixture[str],
@@ -171,6 +233,22 @@ def test_errors_are_one_line(args: list[str], needles: list[str], capsys: pytest
     _assert_one_line_error(capsys.readouterr().err, *needles)
 
 
+@needs_matplotlib
+@pytest.mark.parametrize(("args", "needles"), [
+    (["estimate", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--tradeoff-plot", "curves.txt"],
+     ["--tradeoff-plot 'curves.txt'", ".png", ".svg"]),
+    (["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--timeline-plot", "timeline"],
+     ["--timeline-plot 'timeline'", "suffix"]),
+], ids=["unknown-format", "no-suffix"])
+def test_picture_formats_are_checked_first(args: list[str], needles: list[str], capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A picture path whose suffix matplotlib cannot write stops the command before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == cli.EXIT_ERROR
+    _assert_one_line_error(capsys.readouterr().err, *needles)
+    assert not list(tmp_path.iterdir())
+
+
 def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(cli.CLIError, match="always fails") as info:
@@ -178,12 +256,20 @@ def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-def test_plot_without_matplotlib(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("args", [
+    ["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--plot", "p.png"],
+    ["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--timeline-plot", "t.png"],
+    ["estimate", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--tradeoff-plot", "t.png"],
+], ids=["plot", "timeline-plot", "tradeoff-plot"])
+def test_plot_without_matplotlib(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each picture flag stops before any work, naming itself and the install command."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    code = cli.main(["plan", "tests.cli_models:TinyMLP", "--inputs", MLP_INPUTS, "--plot", str(tmp_path / "p.png")])
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(args)
     assert code != 0
-    _assert_one_line_error(capsys.readouterr().err, "pip install 'sac-compiler[plot]'")
+    _assert_one_line_error(capsys.readouterr().err, f"{args[-2]}: ", "pip install 'sac-compiler[plot]'")
+    assert not list(tmp_path.iterdir())
 
 
 def test_verbosity_sets_the_package_level(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,9 +308,10 @@ def test_every_flag_has_help_and_a_default() -> None:
 def test_help_pages(capsys: pytest.CaptureFixture[str]) -> None:
     expected = {
         "plan": ("MODULE:FACTORY", "--inputs", "--budget", "--device", "--solver", "--compiler", "--time-limit",
-                 "--sweep", "--json", "--plot", "--verbose", "--debug", "pip install 'sac-compiler[plot]'"),
+                 "--sweep", "--json", "--plot", "--timeline-plot", "--verbose", "--debug",
+                 "pip install 'sac-compiler[plot]'"),
         "estimate": ("MODULE:FACTORY", "--inputs", "--device", "--mode", "--depth", "--json", "--module-info",
-                     "--verbose", "--debug"),
+                     "--tradeoff-plot", "--verbose", "--debug"),
         "demo": ("--layers", "--dim", "--heads", "--seq", "--batch", "--vocab", "--dropout", "--device", "--budget",
                  "--train-step", "--verbose", "--debug"),
     }

@@ -1,0 +1,117 @@
+"""The pictures of ``sac_compiler.plots`` from the figures they draw: the memory timeline's panels
+from the joint and partitioned simulations (with and without a plan), the per-module trade-off
+curves, and the files written (decoded back as images). Eager route only: nothing compiles."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from sac_compiler import plots
+from sac_compiler.capture import capture_joint
+from sac_compiler.config import SACConfig
+from sac_compiler.estimator import estimate
+from sac_compiler.plan_graph import plan_joint, simulate_plan
+from tests.models import Nested
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+needs_matplotlib = pytest.mark.skipif(
+    not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install 'sac-compiler[plot]'; the test extra has it)")
+
+
+@pytest.fixture(scope="module")
+def planned():
+    """Nested MLP blocks planned at half their saved activations on the eager route, and its config."""
+    torch.manual_seed(0)
+    config = SACConfig(memory_budget=0.5, compiler="eager", device="H100-SXM")
+    graph = capture_joint(Nested(dim=32, n_layers=3), torch.randn(512, 32))
+    result = plan_joint(graph, config)
+    assert result.plan.recompute, "the plan recomputes nothing: the timeline would show no difference"
+    return result, config
+
+
+def _read_png(path: Path):
+    """The image, decoded (matplotlib's PNG reader): rows x columns x channels."""
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return imread(path)
+
+
+def test_timeline_panels_are_the_simulations_steps(planned) -> None:
+    result, config = planned
+    without = plots.timeline_panel(result.analysis.memory, "no recomputation", result.budget_bytes)
+    sim = simulate_plan(result, config)
+    with_plan = plots.timeline_panel(sim, "plan", result.budget_bytes)
+    memory = result.analysis.memory
+    assert [node for node, _ in without.steps] == [node for node, _ in memory.timeline]
+    assert without.totals == memory.step_peaks
+    assert without.first_backward == memory.first_backward
+    assert set().union(*(c for _, c in without.steps)) <= set(plots.TIMELINE_CATEGORIES)
+    # the peaks are the plan's figures: without recomputation the baseline, with it the prediction
+    assert max(without.totals) == result.baseline_peak
+    assert max(with_plan.totals) == result.predicted_peak <= result.budget_bytes < max(without.totals)
+    # the plan frees activations between forward and backward
+    def activations(panel):
+        return dict(panel.steps[panel.first_backward][1]).get("activation", 0)
+
+    assert activations(with_plan) < activations(without)
+
+
+def test_timeline_panel_of_the_partitioned_graphs(planned) -> None:
+    result, _ = planned
+    gm = result.analysis.graph.gm
+    fw, bw = min_cut_rematerialization_partition(gm, None, compiler="eager",
+                                                 num_fwd_outputs=result.analysis.graph.num_fwd_outputs)
+    partitioned = result.simulate(fw, bw)
+    panel = plots.timeline_panel(partitioned, "partitioned")
+    forward_nodes = [n.name for n in fw.graph.nodes]
+    assert panel.first_backward == len(partitioned.steps[0]) == len(forward_nodes)
+    assert [node for node, _ in panel.steps[:panel.first_backward]] == forward_nodes
+    assert max(panel.totals) == partitioned.peak_bytes
+
+
+@needs_matplotlib
+def test_timeline_plot_writes_the_panels_side_by_side(planned, tmp_path: Path) -> None:
+    result, config = planned
+    panels = [plots.timeline_panel(result.analysis.memory, "no recomputation", result.budget_bytes),
+              plots.timeline_panel(simulate_plan(result, config), "plan", result.budget_bytes)]
+    one = _read_png(plots.timeline_plot(panels[:1], tmp_path / "one.png"))
+    two = _read_png(plots.timeline_plot(panels, tmp_path / "two.png", title="Nested"))
+    assert two.shape[0] == one.shape[0] and two.shape[1] > 1.5 * one.shape[1]
+    svg = plots.timeline_plot(panels, tmp_path / "two.svg")
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+
+
+@needs_matplotlib
+def test_tradeoff_plot_draws_every_module(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    est = estimate(Nested(dim=16, n_layers=2), torch.randn(8, 16), device="H100-SXM")
+    tradeoffs = est.pwlf_sac_tradeoff_curve(n_segments=2)
+    assert len(tradeoffs) >= 3
+    image = _read_png(plots.tradeoff_plot(tradeoffs, tmp_path / "tradeoff.png"))
+    one = _read_png(plots.tradeoff_plot(dict(list(tradeoffs.items())[:1]), tmp_path / "one.png"))
+    assert image.shape[0] >= one.shape[0] and image.shape[1] > 2 * one.shape[1]  # three columns, not one
+
+
+def test_plots_refuse_nothing_to_draw(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one panel"):
+        plots.timeline_plot([], tmp_path / "t.png")
+    with pytest.raises(ValueError, match="at least one module"):
+        plots.tradeoff_plot({}, tmp_path / "t.png")
+
+
+def test_plots_without_matplotlib_say_how_to_install(planned, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    result, _ = planned
+    panel = plots.timeline_panel(result.analysis.memory, "no recomputation")
+    for draw in (lambda: plots.timeline_plot([panel], tmp_path / "t.png"),
+                 lambda: plots.pareto_plot([plots.PlotPoint(1, 0.0, "1")], None, tmp_path / "p.png")):
+        with pytest.raises(plots.MissingMatplotlib, match=r"pip install 'sac-compiler\[plot\]'"):
+            draw()
+    assert not list(tmp_path.iterdir())
