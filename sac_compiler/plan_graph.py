@@ -38,7 +38,11 @@ from torch.utils.checkpoint import CheckpointPolicy
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
 from sac_compiler.passes.annotate_memory import inductor_addmm
-from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
+from sac_compiler.passes.annotate_ops import (
+    fuses_pointwise_inputs,
+    is_collective_op,
+    is_pointwise_op,
+)
 from sac_compiler.passes.annotate_runtime import achieved_seconds
 from sac_compiler.passes.record import Side, get_record, size_hint
 
@@ -252,7 +256,10 @@ def never_recomputed(gm: fx.GraphModule, mutated: set[fx.Node]) -> dict[str, str
     * higher-order ops, custom ops (outside ATen and prims) and ops with side effects: recomputing
       them would repeat their effects, and their cost is unknown;
     * ATen ops without a FLOP formula whose cost is compute (``_UNCOSTED``): the cost model would
-      price their recompute at the bytes they move.
+      price their recompute at the bytes they move;
+    * collectives and their waits (``is_collective_op``): every rank must run the same collectives
+      in the same order, and a recompute is a collective the plan adds to backward; a rank whose
+      plan differs (or a partitioner that recomputes one) leaves the others waiting.
 
     Random ops are kept by their own rule (``kept_random``)."""
     from torch.utils.flop_counter import flop_registry
@@ -263,7 +270,9 @@ def never_recomputed(gm: fx.GraphModule, mutated: set[fx.Node]) -> dict[str, str
         if node.op != "call_function" or get_record(node).side != Side.FORWARD:
             continue
         target = node.target
-        if any(owner.get(a, a) in mutated for a in node.all_input_nodes):
+        if is_collective_op(node):
+            reasons[node.name] = f"collective {target._schema.name}: all ranks must run it alike"
+        elif any(owner.get(a, a) in mutated for a in node.all_input_nodes):
             reasons[node.name] = "reads an input the forward mutates in place"
         elif isinstance(target, torch._ops.HigherOrderOperator):
             reasons[node.name] = f"higher-order op {target.name()}"
@@ -436,7 +445,10 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
 
     Every forward node but the random ones is tagged: MUST_RECOMPUTE as planned, MUST_SAVE
     otherwise, so PyTorch's partitioner saves exactly what the plan keeps (a MUST_SAVE value that
-    neither backward nor a recomputed value reads is not saved). Under Inductor the plan itself
+    neither backward nor a recomputed value reads is not saved). A collective and its wait are
+    MUST_SAVE whatever ``recompute`` says (a wait is an alias of the collective's output, which
+    would otherwise count as free to recompute): the partitioner must not add a collective to
+    backward that the plan did not (see ``never_recomputed``). Under Inductor the plan itself
     recomputes the pointwise values Inductor would fuse (see ``build_plan_problem``).
     """
     recompute = set(recompute)
@@ -457,7 +469,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
             decided = any(u.name in recompute for u in node.users)
         else:
             decided = node.name in recompute
-        if get_record(_producer(node)).is_random:
+        if get_record(_producer(node)).is_random or is_collective_op(node):
             decided = False
         node.meta.pop("ac_graph_id", None)
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
