@@ -68,6 +68,7 @@ def analyze(
         fused_pointwise=fused_pointwise,
         recomputed=recomputed,
         hold_outputs=hold_outputs,
+        sharding=graph.sharding(),
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec)

@@ -85,6 +85,8 @@ class SACPartitioner(CustomPartitionerFn):
         self.outside_bytes = outside_bytes  # device memory held outside the graph (see outside_bytes())
         self.last_result: Any = None
         self.ran = False  # called at least once (False after a compile that a cache served)
+        # the FSDP2 parameters among the graph's inputs (sac_compiler.distributed.FSDPInputs), if any
+        self.fsdp: Any = None
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -117,7 +119,7 @@ class SACPartitioner(CustomPartitionerFn):
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                              outside_bytes=self.outside_bytes)
+                              outside_bytes=self.outside_bytes, fsdp=self.fsdp)
         self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
@@ -146,7 +148,7 @@ class SACPartitioner(CustomPartitionerFn):
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, previous=result)
+                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
                         break
                     except BudgetError:
                         target = (target + plannable) // 2  # too low for any plan: halfway back
@@ -189,7 +191,7 @@ class SACPartitioner(CustomPartitionerFn):
             target = result.predicted_peak + int(share * slack)
             try:
                 candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config, target=target,
-                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, previous=result)
+                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
             except BudgetError:
                 continue
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:
@@ -472,9 +474,15 @@ def compile_graph(
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
     outside = held_outside(example_inputs, config)
+    fsdp = None
+    if config.world_size > 1 and config.memory_budget is not None:
+        from sac_compiler.distributed import fsdp_inputs
+
+        fsdp = fsdp_inputs(example_inputs, config.world_size)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int) -> tuple[Callable[..., Any], Any]:
         partitioner = partitioner_cls(config, graph, outside + extra_bytes)
+        partitioner.fsdp = fsdp
         return _compile(graph, inputs, config, partitioner), partitioner
 
     device = _cuda_device(example_inputs)
