@@ -140,6 +140,11 @@ class MemorySimulation:
     optimizer_state_bytes: int = 0
     optimizer_step_peak_bytes: int = 0
     lifetimes: tuple[Lifetime, ...] = field(default=(), repr=False, compare=False)
+    # fsdp_sharding: live bytes while FSDP2 copies this graph's gradients into the reduce-scatter's
+    # input after it (0 without sharding), and this rank's shards of the parameters and gradients
+    reduce_scatter_peak_bytes: int = 0
+    sharded_param_bytes: int = 0
+    sharded_grad_bytes: int = 0
 
     def snapshot(self, kind: str = "peak") -> dict[str, int]:
         """``{"Total": bytes, <category>: bytes}`` at the peak (``"peak"``) or the end (``"current"``)."""
@@ -175,6 +180,7 @@ def annotate_memory(
     annotate: bool = True,
     disabled_rules: Iterable[str] = (),
     loss_memory: int = 0,
+    sharding: Any = None,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate the joint graph in its order; return the result.
 
@@ -183,10 +189,14 @@ def annotate_memory(
     outputs to the end (as without the ``outputs_dropped`` rule). ``disabled_rules``: rules the
     simulation leaves out (:data:`RULES`). ``loss_memory``: bytes the caller's own code holds
     between forward and backward (a loss computed outside), counted at the end of forward only.
+    ``sharding``: the graph's FSDP2 parameters and their shards (a
+    :class:`sac_compiler.distributed.FSDPSharding`; the ``fsdp_sharding`` rule).
     """
     from sac_compiler.capture import InputKind, capture_info
 
     rules = enabled_rules(JOINT, fused_pointwise, disabled_rules)
+    if "fsdp_sharding" not in rules or (sharding is not None and not sharding.shard_bytes):
+        sharding = None
     info = capture_info(gm)
     if target_device is None:
         target_device = info.target_device if info is not None else None
@@ -277,8 +287,11 @@ def annotate_memory(
     static = [n for n in nodes if n.op == "placeholder" and "tangents" not in n.name]
     tangents = [n for n in nodes if n.op == "placeholder" and "tangents" in n.name]
     opt_state = _optimizer_state_bytes(optimizer, optimizer_state_bytes, info, gm, alloc,
-                                       rounded="cuda_rounding" in rules)
-    static_bytes = sum(alloc.get(n, 0) for n in static) + opt_state
+                                       rounded="cuda_rounding" in rules, sharding=sharding)
+    # fsdp_sharding: the parameters' shards, alive throughout (the placeholders of FSDP parameters
+    # are their all-gathered copies, which the graph reads while it runs)
+    shards = round_allocation(sharding.sharded_param_bytes, device) if sharding is not None else 0
+    static_bytes = sum(alloc.get(n, 0) for n in static) + opt_state + shards
 
     if recomputed is None:
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
@@ -420,6 +433,14 @@ def annotate_memory(
     lifetimes = [Lifetime(n.name, alloc.get(n, 0), -1, None, categories[n]) for n in static]
     if opt_state:
         lifetimes.append(Lifetime("optimizer_state", opt_state, -1, None, MemoryCategory.OPTIMIZER_STATE))
+    if sharding is not None:
+        lifetimes.append(Lifetime("fsdp_parameter_shards", shards, -1, None, MemoryCategory.PARAMETER,
+                                  "fsdp_sharding"))
+        if sharding.prefetch_bytes and first_backward < end:
+            # the block whose backward runs next is all-gathered while this one's runs
+            lifetimes.append(Lifetime("fsdp_prefetch", round_allocation(sharding.prefetch_bytes, device),
+                                      first_backward, None, MemoryCategory.PARAMETER, "fsdp_sharding",
+                                      phase="temp"))
     # for buffer_reuse: the allocations that may take a freed buffer, and the frees that may hand
     # theirs over, each in the order the steps make them (positions in ``lifetimes``)
     takers: list[int] = []
@@ -507,10 +528,22 @@ def annotate_memory(
                         "grad": live.get("grad", 0)}
                 _track_modules(node, moment, view, module_live)
 
-    step_peak = _optimizer_step_peak(optimizer, static_bytes, opt_state, alloc, grad_owners, info)
+    gathered = 0  # fsdp_sharding: the all-gathered parameters FSDP frees after backward
+    sharded_grads = 0
+    reduce_scatter_peak = 0
+    if sharding is not None:
+        gathered = sum(alloc.get(n, 0) for n in static if n.name in sharding.shard_bytes)
+        sharded_grads = shards
+        # after the graph, FSDP copies the unsharded gradients into the reduce-scatter's input
+        # (every gradient padded to world_size shards) beside all the graph leaves
+        reduce_scatter_peak = sweep.timeline[-1][2] + round_allocation(sharding.reduce_scatter_bytes, device)
+    step_peak = _optimizer_step_peak(optimizer, static_bytes - gathered, opt_state, alloc, grad_owners,
+                                     _sharded_gradients(nodes, owner, n_fwd, sharding), sharded_grads)
+    last = max(step_peak, reduce_scatter_peak)
     result = MemorySimulation(
-        peak_bytes=max(peak, step_peak),
-        peak_node=(nodes[peak_step].name if peak_step >= 0 else "start") if peak >= step_peak else "optimizer.step",
+        peak_bytes=max(peak, last),
+        peak_node=((nodes[peak_step].name if peak_step >= 0 else "start") if peak >= last
+                   else "optimizer.step" if step_peak >= reduce_scatter_peak else "reduce_scatter"),
         peak_by_category={c: b for c, b in peak_cats.items() if b},
         end_of_forward_bytes=end_of_forward,
         static_bytes=static_bytes,
@@ -521,6 +554,9 @@ def annotate_memory(
         optimizer_state_bytes=opt_state,
         optimizer_step_peak_bytes=step_peak,
         lifetimes=tuple(lifetimes),
+        reduce_scatter_peak_bytes=reduce_scatter_peak,
+        sharded_param_bytes=shards,
+        sharded_grad_bytes=sharded_grads,
     )
     if annotate:
         graph_results(gm)["annotate_memory"] = result
@@ -583,13 +619,16 @@ def _module_memory(entry: dict[str, dict[str, int]]) -> ModuleMemory:
     return ModuleMemory(**totals, views=entry)
 
 
-def _parameter_bytes(info: Any, alloc: dict[fx.Node, int], gm: fx.GraphModule) -> int:
+def _parameter_bytes(info: Any, alloc: dict[fx.Node, int], gm: fx.GraphModule, sharding: Any = None) -> int:
+    """Bytes of the parameters a rank's optimizer steps: the graph's parameters, FSDP's as shards."""
     from sac_compiler.capture import InputKind
 
     if info is None:
         return 0
     params = {i.name for i in info.inputs if i.kind == InputKind.PARAMETER}
-    return sum(alloc.get(n, 0) for n in gm.graph.find_nodes(op="placeholder") if n.name in params)
+    shards = sharding.shard_bytes if sharding is not None else {}
+    return sum(shards[n.name] if n.name in shards else alloc.get(n, 0)
+               for n in gm.graph.find_nodes(op="placeholder") if n.name in params)
 
 
 def _optimizer_state_bytes(
@@ -599,9 +638,10 @@ def _optimizer_state_bytes(
     gm: fx.GraphModule,
     alloc: dict[fx.Node, int],
     rounded: bool = True,
+    sharding: Any = None,
 ) -> int:
     """Optimizer state: measured from a stepped optimizer, else estimated from its type (rounded
-    for the target device with ``rounded``)."""
+    for the target device with ``rounded``); under FSDP (``sharding``) of the parameters' shards."""
     if explicit is not None:
         if explicit < 0:
             raise ValueError(f"optimizer_state_bytes must be >= 0, got {explicit}")
@@ -624,11 +664,23 @@ def _optimizer_state_bytes(
         )
     if callable(per_param):
         per_param = per_param(optimizer)
-    return int(per_param * _parameter_bytes(info, alloc, gm))
+    return int(per_param * _parameter_bytes(info, alloc, gm, sharding))
 
 
 def _momentum(optimizer: torch.optim.Optimizer) -> float:
     return 1.0 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0.0
+
+
+def _sharded_gradients(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node], num_fwd_outputs: int,
+                       sharding: Any) -> set[fx.Node]:
+    """The allocations of the graph's gradients of FSDP's parameters (FSDP reduce-scatters them to
+    shards). The joint graph's outputs after the forward's are its inputs' gradients, in order."""
+    if sharding is None:
+        return set()
+    out = nodes[-1]
+    grads = list(out.args[0])[num_fwd_outputs:]
+    primals = [n for n in nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    return {owner[g] for p, g in zip(primals, grads) if isinstance(g, fx.Node) and p.name in sharding.shard_bytes}
 
 
 # state bytes per parameter byte of the optimizers whose state is known before their first step
@@ -650,16 +702,19 @@ def _optimizer_step_peak(
     opt_state: int,
     alloc: dict[fx.Node, int],
     grad_owners: set[fx.Node],
-    info: Any,
+    fsdp_grads: set[fx.Node] = frozenset(),
+    sharded_grads: int = 0,
 ) -> int:
     """Peak during optimizer.step(): parameters, state, gradients, and the step's temporaries.
 
     Foreach Adam-style steps materialise one parameter-sized temporary (``_foreach_sqrt`` of the
-    second moment); other optimizers are counted without temporaries.
+    second moment); other optimizers are counted without temporaries. Under FSDP ``static_bytes``
+    holds no all-gathered parameters, and the gradients of FSDP's parameters (``fsdp_grads``, the
+    graph's unsharded ones) are their shards (``sharded_grads``).
     """
     if optimizer is None:
         return 0
-    grads = sum(alloc.get(n, 0) for n in grad_owners)
+    grads = sum(alloc.get(n, 0) for n in grad_owners - fsdp_grads) + sharded_grads
     temporaries = 0
     if type(optimizer).__name__ in ("Adam", "AdamW", "NAdam", "RAdam"):
         temporaries = opt_state // 2

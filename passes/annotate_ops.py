@@ -11,6 +11,9 @@ Writes into ``node.meta["sac"]`` for every ``call_function`` node:
   ``nn.ReLU(inplace=True)``). The joint graph is functional, so this is recovered from provenance
   (``node.meta["from_node"]`` back to Dynamo's graph); the parent is the op whose output storage
   the in-place op mutates (through views and earlier in-place ops), as in PyTorch's SACEstimator;
+* ``is_collective``: a collective of ``torch.distributed`` (all-gather, reduce-scatter, all-reduce
+  and the rest, their ``wait_tensor``; the functional ops and their legacy forms): never
+  recomputed, as a recompute that not every rank runs leaves the others waiting for it;
 * ``source_op``: the name of the Dynamo graph node this ATen node was traced from;
 * ``saved_for_backward``: PyTorch's ``default_partition`` (no recomputation) saves this value.
 
@@ -80,11 +83,25 @@ def is_view_op(node: fx.Node) -> bool:
     return isinstance(target, torch._ops.OpOverload) and bool(target.is_view)
 
 
-_ALIAS_OPS = frozenset({"aten._unsafe_view", "aten.alias"})
+# The namespaces of torch.distributed's collectives as graphs hold them: the functional collectives
+# (``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_reduce``, ``all_to_all_single``,
+# ``broadcast``, their ``_coalesced`` forms and ``wait_tensor``), their autograd forms, the legacy
+# ``c10d_functional`` ops and the in-place ``c10d`` ops a process group runs.
+COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "_c10d_functional_autograd", "c10d_functional", "c10d"})
+# ``wait_tensor`` hands back the tensor its collective wrote: no allocation of its own
+_WAIT_OPS = frozenset({"_c10d_functional.wait_tensor", "c10d_functional.wait_tensor"})
+_ALIAS_OPS = frozenset({"aten._unsafe_view", "aten.alias", *_WAIT_OPS})
+
+
+def is_collective_op(node: fx.Node) -> bool:
+    """A collective of ``torch.distributed`` or the wait on one (:data:`COLLECTIVE_NAMESPACES`)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in COLLECTIVE_NAMESPACES
 
 
 def is_alias_op(node: fx.Node) -> bool:
-    """The op's output shares its input's storage: views, and ``_unsafe_view``/``alias``."""
+    """The op's output shares its input's storage: views, ``_unsafe_view``/``alias``, and a
+    collective's ``wait_tensor`` (its output is the tensor the collective wrote)."""
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and (bool(target.is_view) or op_name(target) in _ALIAS_OPS)
 
@@ -318,6 +335,7 @@ def annotate_ops(
             inplace_parent=parents.get(node.name),
             source_op=node_source.get(node),
             saved_for_backward=known and node.name in saved,
+            is_collective=is_collective_op(node),
         )
     for node in gm.graph.find_nodes(op="placeholder"):
         update_record(node, "annotate_ops", saved_for_backward=known and node.name in saved)

@@ -241,6 +241,10 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "it at the end.", _BOTH, True),
     Rule("buffer_reuse", "Inductor's generated code hands a freed buffer to a later one of the same size "
          "(# reuse: last in, first out, within one graph); it stays allocated until then.", _BOTH, True),
+    Rule("fsdp_sharding", "Under FSDP2 (a graph given an FSDPSharding) a rank holds 1/world_size of each "
+         "parameter throughout and the graph's all-gathered parameters while it runs, the next block's in "
+         "backward (prefetched), the reduce-scatter's input after the graph and the gradients' shards after "
+         "it; the optimizer step sees shards only.", frozenset({JOINT}), False),
     Rule("inputs_deleted", "A graph input (a tangent, a value saved for backward) is deleted at its last "
          "use, never reused: Inductor's wrapper keeps input buffers out of its reuse pool.", _BOTH, True),
 )}

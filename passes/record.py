@@ -54,6 +54,7 @@ class SACNodeRecord:
     inplace_parent: str | None = None
     source_op: str | None = None
     saved_for_backward: bool | None = None
+    is_collective: bool | None = None
     # annotate_memory
     nbytes: int | None = None
     alloc_bytes: int | None = None
@@ -69,7 +70,8 @@ class SACNodeRecord:
 FIELD_OWNERS: dict[str, str] = {
     **dict.fromkeys(("module_fqn", "module_stack", "side", "user_recompute"), "annotate_modules"),
     **dict.fromkeys(
-        ("op_name", "is_view", "is_random", "is_inplace", "inplace_parent", "source_op", "saved_for_backward"),
+        ("op_name", "is_view", "is_random", "is_inplace", "inplace_parent", "source_op", "saved_for_backward",
+         "is_collective"),
         "annotate_ops",
     ),
     **dict.fromkeys(("nbytes", "alloc_bytes", "storage_owner", "category"), "annotate_memory"),

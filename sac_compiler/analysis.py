@@ -71,6 +71,7 @@ def analyze(
         recomputed=recomputed,
         hold_outputs=hold_outputs,
         loss_memory=loss_memory,
+        sharding=graph.sharding(),
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec)

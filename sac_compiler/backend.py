@@ -91,6 +91,8 @@ class SACPartitioner(CustomPartitionerFn):
         self.runs_per_step = runs_per_step
         self.last_result: Any = None
         self.ran = False  # called at least once (False after a compile that a cache served)
+        # the FSDP2 parameters among the graph's inputs (sac_compiler.distributed.FSDPInputs), if any
+        self.fsdp: Any = None
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -124,7 +126,7 @@ class SACPartitioner(CustomPartitionerFn):
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                              outside_bytes=self.outside_bytes)
+                              outside_bytes=self.outside_bytes, fsdp=self.fsdp)
         self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
@@ -138,24 +140,25 @@ class SACPartitioner(CustomPartitionerFn):
         if result is not None:
             result.check_partition(fw, bw)
             self._count_runs(result, fw)
-            target = plannable = result.budget_bytes
+            # (no budget: no plan, and the loop below stops at once)
+            target = plannable = result.budget_bytes or 0
             # the partitioned graphs must leave the planner's margin free too: the plan aims there
             limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
-            best = (result.step_peak_bytes, result, fw, bw)
+            best = (_step_peak(result), result, fw, bw)
             for _ in range(_PARTITION_ROUNDS):
-                if result.plan is None or result.step_peak_bytes <= limit:
+                if result.plan is None or _step_peak(result) <= limit:
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
-                target -= result.step_peak_bytes - limit
+                target -= _step_peak(result) - limit
                 candidate = None
                 for _ in range(_BISECTIONS):
                     log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "
-                             "less the planner's margin; planning for %d", result.step_peak_bytes,
+                             "less the planner's margin; planning for %d", _step_peak(result),
                              self.runs_per_step, result.budget_bytes, target)
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, previous=result)
+                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
                         break
                     except BudgetError:
                         target = (target + plannable) // 2  # too low for any plan: halfway back
@@ -165,18 +168,18 @@ class SACPartitioner(CustomPartitionerFn):
                 fw, bw = partition()
                 result.check_partition(fw, bw)
                 self._count_runs(result, fw)
-                if result.step_peak_bytes < best[0]:
-                    best = (result.step_peak_bytes, result, fw, bw)
+                if _step_peak(result) < best[0]:
+                    best = (_step_peak(result), result, fw, bw)
             _, result, fw, bw = best
-            if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
+            if result.plan is not None and result.plan.recompute and _step_peak(result) <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
             self.last_result = result
-            if result.plan is not None and result.step_peak_bytes > result.budget_bytes:
+            if result.plan is not None and result.budget_bytes is not None and _step_peak(result) > result.budget_bytes:
                 log.warning("sac: the partitioned graphs still peak at %d bytes (%d runs in a step), over the "
-                            "budget %d", result.step_peak_bytes, self.runs_per_step, result.budget_bytes)
+                            "budget %d", _step_peak(result), self.runs_per_step, result.budget_bytes)
             if self.config.report and result.plan is not None:
                 from sac_compiler.report import write_report
 
@@ -192,14 +195,14 @@ class SACPartitioner(CustomPartitionerFn):
         graphs leave, and take that plan if its partitioned graphs fit and it recomputes less."""
         from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
-        slack = limit - result.step_peak_bytes
+        slack = limit - _step_peak(result)
         if result.predicted_peak is None or slack <= _SLACK_FRACTION * (result.budget_bytes - result.outside_bytes):
             return result, fw, bw
         for share in (1.0, 0.5):
             target = result.predicted_peak + int(share * slack)
             try:
                 candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config, target=target,
-                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, previous=result)
+                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
             except BudgetError:
                 continue
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:
@@ -208,9 +211,9 @@ class SACPartitioner(CustomPartitionerFn):
             candidate.check_partition(fw2, bw2)
             self._count_runs(candidate, fw2)
             log.info("sac: partitioned graphs peak %d bytes under the budget; a plan for %d peaks at %d (%s)",
-                     slack, target, candidate.step_peak_bytes,
-                     "taken" if candidate.step_peak_bytes <= limit else "over: kept the first")
-            if candidate.step_peak_bytes <= limit:
+                     slack, target, _step_peak(candidate),
+                     "taken" if _step_peak(candidate) <= limit else "over: kept the first")
+            if _step_peak(candidate) <= limit:
                 candidate.slack_taken = True
                 return candidate, fw2, bw2
         return result, fw, bw
@@ -374,6 +377,12 @@ def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
     return hasher.hexdigest()
 
 
+def _step_peak(result: Any) -> int:
+    """The step's predicted peak the partitioner set on ``result`` (see ``SACPartitioner._count_runs``)."""
+    peak = result.step_peak_bytes if result.step_peak_bytes is not None else result.partitioned.peak_bytes
+    return int(peak)
+
+
 def held_per_run(result: Any, fw: fx.GraphModule) -> int:
     """Bytes one forward run of the partitioned graph leaves for its backward: the activations it
     saves and the inputs besides parameters and buffers its backward reads (a block's input, which
@@ -515,11 +524,17 @@ def compile_graph(
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
     outside = held_outside(example_inputs, config)
+    fsdp = None
+    if (config.world_size or 1) > 1 and config.memory_budget is not None:
+        from sac_compiler.distributed import fsdp_inputs
+
+        fsdp = fsdp_inputs(example_inputs, config.world_size or 1)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
                      runs_per_step: int = 1, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
+        partitioner.fsdp = fsdp
         return _compile(graph, inputs, planned, partitioner), partitioner
 
     device = _cuda_device(example_inputs)
@@ -529,11 +544,13 @@ def compile_graph(
         from sac_compiler.enforce import BudgetEnforcer, make_room_in_step
         from sac_compiler.plan_graph import BudgetError
 
+        budget_bytes = budget.bytes
+
         def enforced(extra_bytes: int) -> BudgetEnforcer:
             if read_peak is not None:
-                return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once, read_peak,
+                return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once, read_peak,
                                       read_allocated=read_allocated, extra_bytes=extra_bytes)
-            return BudgetEnforcer(gm, example_inputs, budget.bytes, compile_once,
+            return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once,
                                   functools.partial(torch.cuda.max_memory_allocated, device),
                                   functools.partial(torch.cuda.reset_peak_memory_stats, device),
                                   functools.partial(torch.cuda.memory_allocated, device), extra_bytes=extra_bytes)
@@ -543,7 +560,7 @@ def compile_graph(
         except BudgetError as error:
             # with a graph break, the graphs that ran before this one in the step hold their saved
             # values while it runs: ask them for the room it lacks, and plan it with that room
-            room = make_room_in_step(error, budget.bytes, _graph_name(gm))
+            room = make_room_in_step(error, budget_bytes, _graph_name(gm))
             if room is None:
                 raise
             return enforced(-room)

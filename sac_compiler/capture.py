@@ -62,6 +62,14 @@ class JointGraph:
     source_gm: fx.GraphModule | None = field(default=None, repr=False)
     # the composites traced as the target device runs them ("aten.op -> kernel"; see gpu_lowering)
     lowered: tuple[str, ...] = ()
+    # the FSDP2 parameters among the inputs (sac_compiler.distributed.FSDPInputs), None if none
+    fsdp: Any = None
+
+    def sharding(self) -> Any:
+        """The graph's FSDP2 parameters by placeholder name (an ``FSDPSharding``), or None."""
+        if self.fsdp is None:
+            return None
+        return self.fsdp.sharding([i.name for i in self.inputs if i.kind != InputKind.TANGENT])
 
     @property
     def trace_device(self) -> torch.device | None:
@@ -156,6 +164,8 @@ def capture_joint(
     backward: bool = True,
     lower_for_target: bool = True,
     decompose: bool = False,
+    world_size: int = 1,
+    shard_all: bool = False,
 ) -> JointGraph:
     """Trace ``model(*example_inputs)`` to the joint forward+backward ATen graph on fake tensors.
 
@@ -168,7 +178,9 @@ def capture_joint(
     ``JointGraph.lowered`` lists what was lowered. ``decompose``: trace through Inductor's
     decompositions, as the backend's graph is traced when it compiles with Inductor (a plan for
     Inductor sees the ops Inductor lowers: ``log_softmax``'s backward as the pointwise ops it fuses,
-    not three vocabulary-sized buffers). On meta, whatever the target, composites whose
+    not three vocabulary-sized buffers). ``world_size`` > 1: the graph's FSDP2 parameters
+    (``JointGraph.fsdp``) are found among the model's (``shard_all``: every parameter counts as
+    FSDP2 would shard it when the model holds no FSDP2 state). On meta, whatever the target, composites whose
     gradient would stop at a meta kernel (``cross_entropy``'s ``nll_loss``) are traced through, as
     on CPU.
 
@@ -178,6 +190,7 @@ def capture_joint(
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    from sac_compiler.distributed import fsdp_inputs
     from sac_compiler.gpu_lowering import lowered_as_on, restore_aten_ops
 
     _validate(model, example_inputs)
@@ -203,6 +216,7 @@ def capture_joint(
                 has_backward=has_backward,
                 source_gm=source_gm,
                 lowered=tuple(sorted(lowering.counts)),
+                fsdp=fsdp_inputs(dynamo_inputs, world_size, shard_all=shard_all),
             )
             attach_capture_info(graph)
             raise _CaptureDone(graph)

@@ -172,7 +172,10 @@ class SACConfig:
     time_limit_s: float | None = 30.0
     mip_gap: float | None = 0.01
     compiler: str = "inductor"
-    world_size: int = 1
+    # ranks the parameters and gradients are sharded over (FSDP2's fully_shard); None: the initialised
+    # process group's world size, else 1. Given, it must match an initialised process group's; it is
+    # for planning offline, without one (sac_compiler.planner.plan(..., world_size=N))
+    world_size: int | None = None
     optimizer_state_bytes: int | None = None
     optimizer: Any = None
     report: bool | str = False
@@ -215,14 +218,13 @@ class SACConfig:
                 )
             self._set("mip_gap", _plain_number(self.mip_gap))
         _choice("compiler", self.compiler, COMPILERS)
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, numbers.Integral) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {_describe(self.world_size)}")
-        if self.world_size != 1:
-            raise ValueError(
-                f"world_size={self.world_size}: backend='sac' does not yet plan sharded parameters and "
-                "gradients; leave world_size at 1 (sac_milp plans FSDP sharding at module level)"
-            )
-        self._set("world_size", int(self.world_size))
+        if self.world_size is not None and (isinstance(self.world_size, bool)
+                                            or not isinstance(self.world_size, numbers.Integral) or self.world_size < 1):
+            raise ValueError(f"world_size must be an int >= 1 or None (the process group's), "
+                             f"got {_describe(self.world_size)}")
+        from sac_compiler.distributed import resolve_world_size
+
+        self._set("world_size", resolve_world_size(None if self.world_size is None else int(self.world_size)))
         if self.optimizer_state_bytes is not None:
             self._set("optimizer_state_bytes",
                       parse_bytes(self.optimizer_state_bytes, option="optimizer_state_bytes", allow_zero=True))

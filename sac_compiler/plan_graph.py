@@ -38,7 +38,11 @@ from torch.utils.checkpoint import CheckpointPolicy
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
 from sac_compiler.passes.annotate_memory import inductor_addmm
-from sac_compiler.passes.annotate_ops import fuses_pointwise_inputs, is_pointwise_op
+from sac_compiler.passes.annotate_ops import (
+    fuses_pointwise_inputs,
+    is_collective_op,
+    is_pointwise_op,
+)
 from sac_compiler.passes.annotate_runtime import achieved_seconds
 from sac_compiler.passes.record import Side, get_record, size_hint
 
@@ -125,7 +129,10 @@ class GraphPlanResult:
             "static_names": {i.name for i in graph.inputs if i.kind != InputKind.TANGENT},
             "target_device": graph.target_device,
             "fused_pointwise": self.fused_pointwise,
-            "extra_static_bytes": self.analysis.memory.optimizer_state_bytes + self.outside_bytes,
+            # FSDP's parameter shards and the prefetched block (through backward; counted from the
+            # start here) are outside the partitioned graphs too
+            "extra_static_bytes": (self.analysis.memory.optimizer_state_bytes + self.outside_bytes
+                                   + self.analysis.memory.sharded_param_bytes + _prefetch_bytes(graph)),
             "hold_outputs": self.hold_outputs,
             "loss_memory": self.loss_memory,
             "forward_names": frozenset(n.name for n in graph.gm.graph.nodes
@@ -149,6 +156,11 @@ class GraphPlanResult:
         if self.unplanned_saves:
             log.warning("the partitioner saved %d value(s) the plan recomputes: %s",
                         len(self.unplanned_saves), self.unplanned_saves[:8])
+
+
+def _prefetch_bytes(graph: JointGraph) -> int:
+    sharding = graph.sharding()
+    return sharding.prefetch_bytes if sharding is not None and sharding.shard_bytes else 0
 
 
 def _owner_map(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -273,7 +285,10 @@ def never_recomputed(gm: fx.GraphModule, mutated: set[fx.Node]) -> dict[str, str
     * higher-order ops, custom ops (outside ATen and prims) and ops with side effects: recomputing
       them would repeat their effects, and their cost is unknown;
     * ATen ops without a FLOP formula whose cost is compute (``_UNCOSTED``): the cost model would
-      price their recompute at the bytes they move.
+      price their recompute at the bytes they move;
+    * collectives and their waits (``is_collective_op``): every rank must run the same collectives
+      in the same order, and a recompute is a collective the plan adds to backward; a rank whose
+      plan differs (or a partitioner that recomputes one) leaves the others waiting.
 
     Random ops are kept by their own rule (``kept_random``)."""
     from torch.utils.flop_counter import flop_registry
@@ -284,7 +299,9 @@ def never_recomputed(gm: fx.GraphModule, mutated: set[fx.Node]) -> dict[str, str
         if node.op != "call_function" or get_record(node).side != Side.FORWARD:
             continue
         target = node.target
-        if any(owner.get(a, a) in mutated for a in node.all_input_nodes):
+        if is_collective_op(node):
+            reasons[node.name] = f"collective {target._schema.name}: all ranks must run it alike"
+        elif any(owner.get(a, a) in mutated for a in node.all_input_nodes):
             reasons[node.name] = "reads an input the forward mutates in place"
         elif isinstance(target, torch._ops.HigherOrderOperator):
             reasons[node.name] = f"higher-order op {target.name()}"
@@ -457,7 +474,10 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
 
     Every forward node but the random ones is tagged: MUST_RECOMPUTE as planned, MUST_SAVE
     otherwise, so PyTorch's partitioner saves exactly what the plan keeps (a MUST_SAVE value that
-    neither backward nor a recomputed value reads is not saved). Under Inductor the plan itself
+    neither backward nor a recomputed value reads is not saved). A collective and its wait are
+    MUST_SAVE whatever ``recompute`` says (a wait is an alias of the collective's output, which
+    would otherwise count as free to recompute): the partitioner must not add a collective to
+    backward that the plan did not (see ``never_recomputed``). Under Inductor the plan itself
     recomputes the pointwise values Inductor would fuse (see ``build_plan_problem``).
     """
     recompute = set(recompute)
@@ -478,7 +498,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
             decided = any(u.name in recompute for u in node.users)
         else:
             decided = node.name in recompute
-        if get_record(_producer(node)).is_random:
+        if get_record(_producer(node)).is_random or is_collective_op(node):
             decided = False
         node.meta.pop("ac_graph_id", None)
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
@@ -496,8 +516,11 @@ def plan_and_tag(
     budget: int | None = None,
     outside_bytes: int = 0,
     previous: GraphPlanResult | None = None,
+    fsdp: Any = None,
 ) -> GraphPlanResult | None:
-    """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag."""
+    """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag.
+
+    ``fsdp``: the FSDP2 parameters among the graph's inputs (``sac_compiler.distributed.FSDPInputs``)."""
     if config.memory_budget is None and not config.report:
         return None
     if previous is not None and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]:
@@ -518,6 +541,7 @@ def plan_and_tag(
         target_device=devices[0] if devices else torch.device("cpu"),
         has_backward=True,
         source_gm=source_gm,
+        fsdp=fsdp,
     )
     attach_capture_info(graph)
     try:
@@ -569,12 +593,18 @@ def plan_joint(
     return result
 
 
+def _after_graph_peak(analysis: Any) -> int:
+    """What no recomputation changes: the optimizer step's peak, and under FSDP the
+    reduce-scatter's after the graph (what the graph leaves and the reduce-scatter's input)."""
+    return max(analysis.memory.optimizer_step_peak_bytes, analysis.memory.reduce_scatter_peak_bytes)
+
+
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     """The lowest peak found on this annotated graph (random ops kept), by a plan the exact memory
     simulation confirms; never below the optimizer step's own peak."""
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
     peak, _, _, _ = _lowest_plan(problem, analysis, config, _solver_options(config, analysis))
-    return max(peak, analysis.memory.optimizer_step_peak_bytes)
+    return max(peak, _after_graph_peak(analysis))
 
 
 def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
@@ -636,8 +666,11 @@ _STEP_GAP = 2.5e-3
 def _solver_options(config: SACConfig, analysis: Any) -> Any:
     from sac_compiler.solvers import SolverOptions
 
+    # over several ranks, one solver thread: a multi-threaded search may end at another of several
+    # equal plans on each rank (a time limit can still differ: rank 0's plan is broadcast, _agreed)
     return SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap,
-                         mip_gap_abs=_STEP_GAP * analysis.runtime_ms)
+                         mip_gap_abs=_STEP_GAP * analysis.runtime_ms,
+                         threads=1 if config.world_size > 1 else None)
 
 
 _SOLVE_TIMES: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("sac_solve_times", default=None)
@@ -709,7 +742,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         # to recompute than to write out: a fraction is of its activations.
         fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline)), options)
         result.fastest = fastest
-    step_peak = analysis.memory.optimizer_step_peak_bytes + outside
+    step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
     lowest = None  # (peak, how, plan, simulation) of the lowest-peak plan, once known
     fraction = config.memory_budget.fraction
@@ -733,9 +766,9 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     result.kept_ops = kept_ops
     if step_peak > budget:
         raise BudgetError(
-            f"memory budget {format_bytes(budget)} is below the optimizer step's own peak "
-            f"{format_bytes(step_peak)} (parameters, gradients and optimizer state), which no "
-            "recomputation changes"
+            f"memory budget {format_bytes(budget)} is below the optimizer step's own peak or FSDP's "
+            f"reduce-scatter's after the graph, {format_bytes(step_peak)} (parameters, gradients, optimizer "
+            "state; the reduce-scatter's input buffer), which no recomputation changes"
         )
     try:
         if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
@@ -786,6 +819,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
             if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
                 plan, sim = hybrid
+    if config.world_size > 1:
+        plan, sim = _agreed(problem, analysis, config, plan, sim)
     result.plan = plan
     result.predicted_peak = sim.peak_bytes + outside
     by_name = {n.name: n for n in analysis.graph.gm.graph.nodes}
@@ -795,6 +830,18 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
              format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
              len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+
+
+def _agreed(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any) -> tuple[Any, Any]:
+    """Rank 0's plan on every rank of a real process group (``distributed.agree_on_recompute``):
+    ranks that plan differently run different graphs, whose collectives then never match."""
+    from sac_compiler.distributed import agree_on_recompute
+
+    agreed = agree_on_recompute(plan.recompute)
+    if agreed == plan.recompute:
+        return plan, sim
+    plan = _fixed_plan(problem, set(agreed), f"RANK0({plan.status})")
+    return plan, _simulate(analysis, config, plan.recompute)
 
 
 def planning_margin(result: GraphPlanResult, config: SACConfig) -> int:
@@ -836,7 +883,7 @@ def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, e
         smallest, how = fastest_sim.peak_bytes + outside, "the fastest plan"
     if error.best_simulated is not None and error.best_simulated < smallest:
         smallest, how = error.best_simulated, "the program's plan nearest the budget"
-    smallest = max(smallest, analysis.memory.optimizer_step_peak_bytes + outside)
+    smallest = max(smallest, _after_graph_peak(analysis) + outside)
     need, margin_note = least_budget(analysis, config, smallest, outside), ""
     if need > smallest:
         margin_note = f", and the {_MODEL_MARGIN:.0%} margin the planner keeps for its simulation's error under Inductor"
@@ -1183,4 +1230,5 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         annotate=False,
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
+        sharding=analysis.graph.sharding(),
     )

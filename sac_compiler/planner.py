@@ -10,10 +10,20 @@
 
 The model is captured on fake tensors (see ``capture_joint``), so a model of any size can be planned
 on a laptop: build it on the ``meta`` device.
+
+For N GPUs under FSDP2 (``fully_shard``), pass ``world_size=N``: without a process group the model is
+traced under a fake one of N ranks (torch.distributed's ``fake`` backend) and planned as rank 0
+plans it, each parameter and gradient counted as this rank's shard (see
+:mod:`sac_compiler.distributed`). Give the block that each ``torch.compile`` call compiles (a
+transformer block, as torchtitan compiles them): a model already wrapped with ``fully_shard``
+under such a group is planned with FSDP2's own shards; an unwrapped one as ``fully_shard`` would
+shard it, its neighbouring block taken to be like it (the all-gather FSDP2 prefetches in backward).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +31,7 @@ import torch
 
 from sac_compiler.capture import capture_joint
 from sac_compiler.config import SACConfig
+from sac_compiler.distributed import fake_process_group
 from sac_compiler.plan_graph import (
     GraphPlanResult,
     least_budget,
@@ -44,23 +55,40 @@ def _config(options: dict[str, Any]) -> SACConfig:
     return SACConfig.from_options(options)
 
 
+@contextlib.contextmanager
+def _ranks(config: SACConfig) -> Iterator[None]:
+    """Over several ranks, a fake process group of ``config.world_size`` while the model is traced
+    and planned (an initialised group of that size is used as it is)."""
+    if (config.world_size or 1) <= 1:
+        yield
+        return
+    with fake_process_group(config.world_size or 1):
+        yield
+
+
+def _capture(model: Any, example_inputs: tuple[Any, ...], target_device: str, config: SACConfig) -> Any:
+    return capture_joint(model, *example_inputs, target_device=target_device,
+                         decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
+
+
 def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> GraphPlanResult:
-    """Plan ``model(*example_inputs)`` with the backend's ``options`` (``memory_budget`` required)."""
+    """Plan ``model(*example_inputs)`` with the backend's ``options`` (``memory_budget`` required;
+    ``world_size=N``: as rank 0 of N under FSDP2, see the module's docstring)."""
     config = _config(options)
     if config.memory_budget is None:
         raise ValueError("plan() needs memory_budget=...; budget_range() tells which budgets are feasible")
-    graph = capture_joint(model, *example_inputs, target_device=target_device,
-                          decompose=config.compiler == "inductor")
-    return plan_joint(graph, config)
+    with _ranks(config):
+        graph = _capture(model, example_inputs, target_device, config)
+        return plan_joint(graph, config)
 
 
 def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> BudgetRange:
     """The smallest feasible peak, the least budget that plans, and the peak without recomputation, in bytes."""
     config = _config(options)
-    graph = capture_joint(model, *example_inputs, target_device=target_device,
-                          decompose=config.compiler == "inductor")
-    result = plan_joint(graph, config)
-    assert result.baseline_peak is not None  # plan_joint sets it on every graph it annotates
-    low = smallest_feasible_peak(result.analysis, config)
+    with _ranks(config):
+        graph = _capture(model, example_inputs, target_device, config)
+        result = plan_joint(graph, config)
+        assert result.baseline_peak is not None  # plan_joint sets it on every graph it annotates
+        low = smallest_feasible_peak(result.analysis, config)
     return BudgetRange(smallest_feasible_peak=low, no_recompute_peak=result.baseline_peak,
                        smallest_budget=least_budget(result.analysis, config, low))

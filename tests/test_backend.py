@@ -160,7 +160,6 @@ def test_unknown_option_is_a_clear_error():
         ({"memory_budget": 1.5}, r"memory_budget must be a fraction of the activation memory as a float in \[0, 1\]"),
         ({"memory_budget": "6 parsecs"}, "cannot read '6 parsecs' as a byte size"),
         ({"world_size": 0}, "world_size must be an int >= 1"),
-        ({"world_size": 8}, "does not yet plan sharded parameters"),
         ({"mip_gap": 2}, r"mip_gap must be in \[0, 1\)"),
     ],
 )

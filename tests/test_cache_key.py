@@ -50,6 +50,7 @@ _OTHER_VALUES = {
     "report": lambda: True,
     "enforce_budget": lambda: False,
     "hold_outputs": lambda: False,
+    "loss_memory": lambda: 2**30,
     "offload": lambda: True,
     "host_memory_budget": lambda: 32 * 2**30,
 }
@@ -57,7 +58,7 @@ _OTHER_VALUES = {
 
 def _with(name: str, value: object) -> SACConfig:
     """The default config with one field changed. Set past SACConfig's checks: the key only reads
-    the fields, and some values (world_size=2) are not accepted yet."""
+    the fields."""
     config = SACConfig()
     object.__setattr__(config, name, value)
     return config

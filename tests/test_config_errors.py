@@ -32,7 +32,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "time_limit_s": {"None", "float"},  # None: no limit; 2.5 seconds
     "mip_gap": {"None"},
     "compiler": set(),
-    "world_size": set(),
+    "world_size": {"None"},  # None: the process group's world size, else 1
     "optimizer_state_bytes": {"None"},
     "optimizer": {"None"},
     "report": {"bool", "str"},  # True prints it; a str is a relative file path in a writable directory
@@ -100,7 +100,6 @@ _BAD: list[Any] = [
     pytest.param({"world_size": 0}, ["an int >= 1"], id="world-zero"),
     pytest.param({"world_size": 1.0}, ["an int >= 1"], id="world-float"),
     pytest.param({"world_size": "1"}, ["an int >= 1"], id="world-str"),
-    pytest.param({"world_size": 8}, ["does not yet plan sharded"], id="world-eight"),
     # optimizer_state_bytes
     pytest.param({"optimizer_state_bytes": -1}, [">= 0"], id="optstate-negative"),
     pytest.param({"optimizer_state_bytes": "lots"}, ["cannot read"], id="optstate-unreadable"),
@@ -267,6 +266,8 @@ _GOOD: list[Any] = [
     pytest.param({"mip_gap": 0.5}, {"mip_gap": 0.5}, id="gap-half"),
     pytest.param({"compiler": "eager"}, {"compiler": "eager"}, id="compiler"),
     pytest.param({"world_size": 1}, {"world_size": 1}, id="world"),
+    pytest.param({"world_size": 8}, {"world_size": 8}, id="world-eight"),  # offline, no process group
+    pytest.param({"world_size": None}, {"world_size": 1}, id="world-none"),
     pytest.param({"optimizer_state_bytes": 0}, {"optimizer_state_bytes": 0}, id="optstate-zero"),
     pytest.param({"optimizer_state_bytes": "1GiB"}, {"optimizer_state_bytes": 2**30}, id="optstate-gib"),
     pytest.param({"optimizer_state_bytes": 1024}, {"optimizer_state_bytes": 1024}, id="optstate-int"),

@@ -672,3 +672,24 @@ def test_the_callers_loss_is_counted_between_forward_and_backward_only():
     loaded = _partitioned(graph, loss_memory=big)
     assert loaded.peak_graph == "backward" and loaded.peak_bytes >= base.end_of_forward_bytes + big
     assert loaded.peak_bytes <= max(base.peak_bytes, base.end_of_forward_bytes + big + 3 * 512 * 256 * 4)
+
+
+def test_rule_fsdp_sharding():
+    """A block planned for 4 ranks: its parameters' shards count throughout, the reduce-scatter's
+    input after the graph (all of it hand-counted in tests/test_fsdp.py); without the rule, the
+    graph alone."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.distributed import fake_process_group
+    from tests.fsdp_models import Block
+
+    with fake_process_group(4):
+        graph = capture_joint(Block(16, 64), torch.randn(8, 16), target_device="cpu", world_size=4, shard_all=True)
+    sharding = graph.sharding()
+    shards = (16 * 16 + 16 + 4 * 64 + 4) * 4  # 64 and 16 rows in 4 shards, fp32
+    assert sharding.sharded_param_bytes == shards
+    on = annotate_memory(graph.gm, sharding=sharding, annotate=False)
+    off = annotate_memory(graph.gm, sharding=sharding, annotate=False, disabled_rules=("fsdp_sharding",))
+    assert on.static_bytes - off.static_bytes == shards
+    assert on.sharded_param_bytes == on.sharded_grad_bytes == shards
+    assert off.sharded_param_bytes == off.reduce_scatter_peak_bytes == 0
+    assert on.peak_bytes == on.reduce_scatter_peak_bytes and on.peak_node == "reduce_scatter"
