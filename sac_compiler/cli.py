@@ -241,6 +241,30 @@ def parse_sweep(text: str) -> list[float]:
     return sorted(set(out))
 
 
+def read_anchors(path: str) -> list[dict[str, Any]]:
+    """``--anchors``: other strategies' measured points, each ``{"label", "peak_bytes", "recompute_ms"}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise CLIError(f"--anchors {path}: cannot read it ({error.strerror or error})") from error
+    except json.JSONDecodeError as error:
+        raise CLIError(f"--anchors {path}: not JSON ({error.msg} at line {error.lineno})") from error
+    form = ("a list of objects with 'label' (a string), 'peak_bytes' (an int of bytes > 0) and 'recompute_ms' "
+            "(a number of ms >= 0)")
+    if not isinstance(data, list):
+        raise CLIError(f"--anchors {path}: expected {form}, got {type(data).__name__}")
+    out = []
+    for i, item in enumerate(data):
+        ok = (isinstance(item, dict) and isinstance(item.get("label"), str)
+              and isinstance(item.get("peak_bytes"), int) and not isinstance(item.get("peak_bytes"), bool)
+              and item["peak_bytes"] > 0 and isinstance(item.get("recompute_ms"), (int, float))
+              and not isinstance(item.get("recompute_ms"), bool) and item["recompute_ms"] >= 0)
+        if not ok:
+            raise CLIError(f"--anchors {path}: item {i} ({json.dumps(item)[:80]}) is not {form}")
+        out.append({"label": item["label"], "peak_bytes": item["peak_bytes"], "recompute_ms": float(item["recompute_ms"])})
+    return out
+
+
 def check_output(flag: str, path: str | None) -> None:
     """An output path must be a file in an existing, writable directory (checked before any work)."""
     if path is None:
@@ -566,6 +590,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     check_plots([("--plot", args.plot), ("--timeline-plot", args.timeline_plot)])
     if args.plot is not None and not fractions:
         raise CLIError("--plot draws the budget sweep; leave --sweep on (it is on by default) or drop --plot")
+    anchors = read_anchors(args.anchors) if args.anchors is not None else []
+    if anchors and args.plot is None:
+        raise CLIError("--anchors are drawn on the --plot picture: give --plot PATH too, or drop --anchors")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CLIError(f"--time-limit {args.time_limit:g}: give a number of seconds > 0")
     specs = parse_inputs(args.inputs) if args.inputs is not None else None
@@ -651,6 +678,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             "modules": [dataclasses.asdict(m) for m in modules],
             "budget_range": budget_range,
             "sweep": [dataclasses.asdict(p) for p in points],
+            "anchors": anchors,
             "timings_s": {"capture": capture_s, "plan": plan_s, "sweep": sweep_s},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
@@ -662,7 +690,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                        for p in points if p.predicted_peak is not None and p.recompute_ms is not None]
         chosen = PlotPoint(result.predicted_peak or 0, result.plan.recompute_ms, f"--budget {args.budget}")
         pareto_plot(plot_points, chosen, args.plot,
-                    title=f"{args.target} on {spec_name} ({args.compiler}): recompute time vs peak")
+                    title=f"{args.target} on {spec_name} ({args.compiler}): recompute time vs peak",
+                    anchors=[PlotPoint(a["peak_bytes"], a["recompute_ms"], a["label"]) for a in anchors])
         out.write(f"wrote {args.plot}\n")
     if args.timeline_plot is not None:
         from sac_compiler.plots import timeline_plot
@@ -882,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the sweep's recompute time against predicted peak, the chosen plan marked, "
                         "to PATH (.png, .pdf or .svg; needs matplotlib: pip install 'sac-compiler[plot]') "
                         "(default: none)")
+    p.add_argument("--anchors", metavar="PATH", default=None,
+                   help="with --plot, also draw other strategies' measured points: a JSON file holding a list of "
+                        "objects with 'label' (a name), 'peak_bytes' (the step's measured peak) and "
+                        "'recompute_ms' (its measured step time over plain torch.compile's, in ms) (default: "
+                        "none)")
     p.add_argument("--timeline-plot", metavar="PATH", default=None,
                    help="also draw the step's simulated live bytes by category (parameters, gradients, "
                         "activations, temporaries, ...) at every node, forward then backward, without "

@@ -65,14 +65,17 @@ def _unit(values: Sequence[int]) -> tuple[str, int]:
     return "B", 1
 
 
-def pareto_plot(points: Sequence[PlotPoint], chosen: PlotPoint | None, path: str | Path, title: str = "") -> Path:
+def pareto_plot(points: Sequence[PlotPoint], chosen: PlotPoint | None, path: str | Path, title: str = "",
+                anchors: Sequence[PlotPoint] = ()) -> Path:
     """Write the sweep's recompute time against predicted peak to ``path`` (the suffix picks the
-    format: .png, .pdf, .svg); ``chosen`` is marked apart. Returns the path written."""
+    format: .png, .pdf, .svg); ``chosen`` is marked apart, and ``anchors`` (other strategies' points,
+    as measured: their peak and their step time over plain ``torch.compile``'s) beside them.
+    Returns the path written."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    every = [*points, *([chosen] if chosen is not None else [])]
+    every = [*points, *([chosen] if chosen is not None else []), *anchors]
     unit, size = _unit([p.peak_bytes for p in every])
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -91,6 +94,12 @@ def pareto_plot(points: Sequence[PlotPoint], chosen: PlotPoint | None, path: str
     if chosen is not None:
         ax.plot([chosen.peak_bytes / size], [chosen.recompute_ms], "*", color="tab:red", markersize=14,
                 label=f"chosen: {chosen.label}")
+    if anchors:
+        ax.plot([a.peak_bytes / size for a in anchors], [a.recompute_ms for a in anchors], "x", color="tab:green",
+                markersize=9, label="other strategies (measured)")
+        for a in anchors:
+            ax.annotate(a.label, (a.peak_bytes / size, a.recompute_ms), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color="tab:green")
     ax.set_xlabel(f"predicted peak ({unit})")
     ax.set_ylabel("predicted recompute time (ms)")
     ax.grid(True, alpha=0.3)

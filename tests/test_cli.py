@@ -73,12 +73,19 @@ def _assert_png(path: Path) -> tuple[int, int]:
     return image.shape[0], image.shape[1]
 
 
+# other strategies' measured points for the Pareto plot (--anchors): a label, a peak, a step time over plain compile's
+ANCHORS = [{"label": "full AC", "peak_bytes": 3_000_000, "recompute_ms": 0.01},
+           {"label": "activation_memory_budget 0.5", "peak_bytes": 3_500_000, "recompute_ms": 0.004}]
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
     """``plan`` on the small GPT with --json, and with matplotlib --plot and --timeline-plot; the
     process, the JSON and the folder written to."""
     out = tmp_path_factory.mktemp("plan")
-    plots = ["--plot", str(out / "pareto.png"), "--timeline-plot", str(out / "timeline.png")] if HAS_MATPLOTLIB else []
+    (out / "anchors.json").write_text(json.dumps(ANCHORS))
+    plots = ["--plot", str(out / "pareto.png"), "--timeline-plot", str(out / "timeline.png"),
+             "--anchors", str(out / "anchors.json")] if HAS_MATPLOTLIB else []
     proc = _run("plan", "tests.cli_models:small_gpt", "--inputs", GPT_INPUTS, "--budget", "0.5",
                 "--device", "H100-SXM", "--json", str(out / "plan.json"), *plots)
     assert proc.returncode == 0, proc.stderr
@@ -365,3 +372,29 @@ def test_factory_from_a_file_path(monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = cli.build_model("tests/cli_models.py:small_gpt_with_inputs", None)
     assert loaded.name == "SmallGPT" and loaded.inputs[0].device.type == "meta"
     assert all(p.device.type == "meta" for p in loaded.model.parameters())
+
+
+@needs_matplotlib
+def test_plan_draws_the_anchors_it_is_given(planned) -> None:
+    """--anchors: the measured points go into the JSON as read, and onto the Pareto plot."""
+    proc, data, out = planned
+    assert data["anchors"] == [{**a, "recompute_ms": float(a["recompute_ms"])} for a in ANCHORS]
+    _assert_png(out / "pareto.png")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "cannot read it"),
+    ("{not json", "not JSON"),
+    ('{"label": "x"}', "expected a list of objects"),
+    ('[{"label": "x", "peak_bytes": -1, "recompute_ms": 1.0}]', "item 0"),
+    ('[{"label": "x", "peak_bytes": 10, "recompute_ms": "fast"}]', "item 0"),
+])
+def test_bad_anchors_are_one_line_errors(tmp_path: Path, content: str | None, fragment: str) -> None:
+    path = tmp_path / "anchors.json"
+    if content is not None:
+        path.write_text(content)
+    proc = _run("plan", "tests.cli_models:small_gpt", "--inputs", GPT_INPUTS, "--budget", "0.5",
+                "--device", "H100-SXM", "--plot", str(tmp_path / "p.png"), "--anchors", str(path))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--anchors" in lines[0] and fragment in lines[0], proc.stderr

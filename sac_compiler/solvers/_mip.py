@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# A solve that runs longer than this says so at INFO, and again at each such interval, until it
+# returns (the solver runs in native code without the GIL, so a timer thread can speak meanwhile)
+PROGRESS_EVERY_S = 5.0
 
 SOLVERS = ("cbc", "highs")
 SENSES = ("MIN", "MAX")
@@ -213,6 +218,31 @@ def new_model(name: str, sense: str, options: SolverOptions) -> mip.Model:
     return model
 
 
+class _progress:
+    """While a solve runs: after ``PROGRESS_EVERY_S`` seconds and at each such interval, log at INFO
+    how long it has run, against its time limit, and the program's size."""
+
+    def __init__(self, model: mip.Model, options: SolverOptions, start: float) -> None:
+        self.model, self.options, self.start = model, options, start
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sac-solve-progress", daemon=True)
+
+    def _run(self) -> None:
+        limit = self.options.time_limit_s
+        while not self.done.wait(PROGRESS_EVERY_S):
+            logger.info("%s: still solving after %.0f s%s (%d variables, %d constraints)", self.model.name,
+                        time.perf_counter() - self.start, f" of at most {limit:g} s" if limit is not None else "",
+                        self.model.num_cols, self.model.num_rows)
+
+    def __enter__(self) -> _progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def solve(model: mip.Model, options: SolverOptions) -> SolveOutcome:
     """Optimizes ``model`` and checks the solver status explicitly.
 
@@ -225,7 +255,8 @@ def solve(model: mip.Model, options: SolverOptions) -> SolveOutcome:
     status_enum = mip_module.OptimizationStatus
     max_seconds = options.time_limit_s if options.time_limit_s is not None else mip_module.INF
     start = time.perf_counter()
-    status = model.optimize(max_seconds=max_seconds)
+    with _progress(model, options, start):
+        status = model.optimize(max_seconds=max_seconds)
     solve_time_s = time.perf_counter() - start
     logger.debug(
         "%s: %d variables (%d integer), %d constraints; %s returned %s in %.3f s",
