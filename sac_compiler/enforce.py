@@ -230,6 +230,14 @@ class BudgetEnforcer:
         forward_end, self._forward_end = self._forward_end, None
         backward_mark, self._backward_mark = self._backward_mark, None
         self._steps += 1
+        if self._steps == 1 and calls > 1 and calls != self.runs_per_step and self._pending_excess is None:
+            # the first step showed the graph running several times (one graph serving every block):
+            # plan for all its runs at once, before the step that is measured, rather than after
+            # measuring it over the budget (not counted among the replans: the runs are found once)
+            self._pending_runs, self._pending_excess = calls, 0
+            log.info("sac: the graph ran %d times in its first step and its plan counted %d: planning again for "
+                     "%d runs", calls, self.runs_per_step, calls)
+            return
         if self._steps != MEASURED_STEP:
             return
         before = self._before

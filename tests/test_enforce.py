@@ -139,13 +139,16 @@ class _Blocks(torch.nn.Module):
 
 def test_one_graph_serving_every_block_is_planned_again_for_its_runs():
     """Compiled block by block (as torchtitan does), one graph runs once per block in a step and each
-    run keeps its own saved values through the others: the first measured step shows the runs, and
-    the graph is planned again counting them; a graph that ran once beside it counts the excess."""
+    run keeps its own saved values through the others: its first step shows the runs, and it is
+    planned again for them before the step that is measured; a graph that ran once beside it counts
+    the excess over the budget it measured."""
     torch.manual_seed(0)
     model, x = _Blocks(), torch.randn(2048, 32)
     span = budget_range(model.blocks[0], x, compiler="eager", target_device="cpu")
     budget = span.no_recompute_peak * 3
     excess = 4 * 2**16
+    # per graph, in the order Dynamo compiles them: what its measured steps reach
+    readings = iter([[budget + excess, budget], [budget - 1]])
     enforcers = []
     partitioners = []
 
@@ -156,13 +159,13 @@ def test_one_graph_serving_every_block_is_planned_again_for_its_runs():
 
     def backend(gm, inputs):
         enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       partitioner_cls=Recording, read_peak=_Peaks([budget + excess, budget])))
+                                       partitioner_cls=Recording, read_peak=_Peaks(next(readings))))
         return enforcers[-1]
 
     reference = copy.deepcopy(model)
     for i in range(len(model.blocks)):
         model.blocks[i] = torch.compile(model.blocks[i], backend=backend)
-    for _ in range(4):
+    for _ in range(5):
         for m in (reference, model):
             m.zero_grad(set_to_none=True)
             m(x).sum().backward()
@@ -171,20 +174,21 @@ def test_one_graph_serving_every_block_is_planned_again_for_its_runs():
     # Dynamo compiles the first block apart (its input does not require grad) and one graph for the
     # other three
     assert len(enforcers) == 2
-    for enforcer in enforcers:
-        assert enforcer.measured == [budget + excess, budget]
-        assert enforcer.replans == 1
-    first, blocks = sorted(enforcers, key=lambda e: e.runs_per_step)
-    # the graph of three runs: planned again for them, nothing more counted outside
-    assert blocks.runs_per_step == 3 and blocks.extra_bytes == 0
+    first, blocks = enforcers
+    # the graph of three runs: planned again for them after its first step, nothing counted
+    # outside, no replan spent; its measured step then keeps the budget
+    assert blocks.runs_per_step == 3 and blocks.extra_bytes == 0 and blocks.replans == 0
+    assert blocks.measured == [budget - 1]
     replanned = [p for p in partitioners if p.runs_per_step == 3]
     assert len(replanned) == 1
     result = replanned[0].last_result
     assert result.runs_per_step == 3 and result.held_per_run_bytes > 0
     assert result.step_peak_bytes == result.partitioned.peak_bytes + 2 * result.held_per_run_bytes
     assert result.step_peak_bytes <= budget
+    assert result.measured_peak == budget - 1
     # the graph that ran once, with another graph in its step: the excess over the budget
-    assert first.runs_per_step == 1 and first.extra_bytes == excess
+    assert first.runs_per_step == 1 and first.measured == [budget + excess, budget]
+    assert first.replans == 1 and first.extra_bytes == excess
 
 
 def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
