@@ -11,11 +11,18 @@ user's statistics are left alone unless the mark is already over the budget befo
 step (an earlier plan went over it), which would hide the step's own peak: then the peak
 statistic is reset, and the log says so.
 
-If the step went over the budget, the graph is planned again with what the plan did not see (the
-measured peak over the predicted one) counted as memory held outside the graph, and recompiled at the next call; at most ``MAX_REPLANS`` times. A
-replan that gave back less than it was asked for makes the next one ask for proportionally more.
-If the budget is still exceeded after that, the next call raises :class:`BudgetExceededError`
-naming the measured peak.
+If the step went over the budget, the graph is planned again and recompiled at the next call; at
+most ``MAX_REPLANS`` times. What the new plan counts depends on where the step peaked: at the
+caller's loss between forward and backward, that loss there only (``SACConfig.loss_memory``);
+else what the plan did not see (the measured peak over the predicted one) as memory held outside
+the graph. A replan that gave back less than it was asked for makes the next one ask for
+proportionally more. If the budget is still exceeded after that, the next call raises
+:class:`BudgetExceededError` naming the measured peak.
+
+Two corrections need no measurement: a graph whose first step shows it running several times
+(one graph serving every block) is planned for all its runs, and a graph compiled after a graph
+break with no plan beside what the step's earlier graphs hold asks them for the room it lacks
+(:func:`make_room_in_step`).
 """
 
 from __future__ import annotations
