@@ -155,7 +155,7 @@ def _skipped() -> list:
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: p.name)
-def test_python_blocks_run(path: Path) -> None:
+def test_python_blocks_run(path: Path, tmp_path: Path) -> None:
     """Every ```python block of the file runs, in order, in one namespace."""
     blocks, problems = _parse(path)
     assert not problems, "\n".join(problems)
@@ -163,8 +163,11 @@ def test_python_blocks_run(path: Path) -> None:
     for block in blocks:
         if block.lang not in PYTHON_LANGS or block.skip_reason is not None:
             continue
-        # pad so that line numbers in a traceback are the markdown file's own
-        code = compile("\n" * block.line + block.source, str(path), "exec")
+        # pad so that line numbers in a traceback are the markdown file's own; the source is a
+        # Python file of its own (Dynamo reads the file a traced function comes from as Python)
+        source = tmp_path / f"{path.stem}_line{block.line}.py"
+        source.write_text("\n" * block.line + block.source)
+        code = compile(source.read_text(), str(source), "exec")
         failure = None
         try:
             exec(code, namespace)
