@@ -30,9 +30,10 @@ class _Stop(Exception):
     """Raised by the post-fusion hook once the estimate is read: nothing is generated."""
 
 
-def inductor_peak(gm: Any, backward: bool) -> int:
+def inductor_peak(gm: Any, backward: bool, steps: list[tuple[list[str], int]] | None = None) -> int:
     """``torch._inductor.memory``'s peak estimate of one graph, in bytes, as Inductor schedules it
-    (its placeholders carry fake tensors)."""
+    (its placeholders carry fake tensors). ``steps`` receives, per scheduled node, the FX nodes it
+    comes from and the estimated live bytes while it runs."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.memory import prepare_planning_info
@@ -45,8 +46,16 @@ def inductor_peak(gm: Any, backward: bool) -> int:
         scheduler = V.graph.scheduler
         outputs = OrderedSet(V.graph.get_output_names())
         peak, _ = prepare_planning_info(nodes, scheduler.name_to_buf, scheduler.name_to_fused_node,
-                                        OrderedSet(V.graph.graph_inputs.keys()), outputs)
+                                        OrderedSet(V.graph.graph_inputs.keys()), outputs)  # _: the freeable inputs
         found["peak"] = peak
+        if steps is not None:
+            from torch._inductor.memory import estimate_peak_memory
+
+            _, live = estimate_peak_memory(nodes, _, outputs)
+            for node, nbytes in zip(nodes, live):
+                origins = [o.name for part in node.get_nodes() if part.node is not None
+                           for o in getattr(part.node, "origins", ())]
+                steps.append((origins, nbytes))
         raise _Stop
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -81,12 +90,54 @@ def estimate(name: str) -> dict[str, Any]:
             "inductor_ratio": max(fw, bw) / actual}
 
 
+def backward_timelines(name: str) -> list[tuple[str, float, float]]:
+    """For one recorded partition's backward: per node of the simulation's order that ends one of
+    Inductor's scheduled nodes, (the node, Inductor's estimated live GiB, the simulation's), both
+    over the parameters and the optimizer state, in Inductor's order."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.replay_measured import load
+    from sac_compiler.partition_record import _module, replay_partition
+
+    record = load(name)
+    timelines: dict[str, list[tuple[str, int]]] = {}
+    replay_partition({**record, "extra_static_bytes": 0}, timelines)
+    simulated = dict(timelines["backward"])
+    position = {node: i for i, (node, _) in enumerate(timelines["backward"])}
+    steps: list[tuple[list[str], int]] = []
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inductor_peak(_module(record["bw"], mode), backward=True, steps=steps)
+    gib, static = 2**30, record["static_bytes"]
+    rows = []
+    for origins, nbytes in steps:
+        known = [o for o in origins if o in position]
+        if known:
+            last = max(known, key=position.__getitem__)
+            rows.append((last, nbytes / gib, (simulated[last] - static) / gib))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON here (default: none)")
+    parser.add_argument("--timeline", metavar="PARTITION", default=None,
+                        help="instead, print one recorded partition's backward step by step (a name in "
+                             "measured.json): Inductor's estimated live GiB against the simulation's, at every "
+                             "step where their difference moves by more than 0.1 GiB (default: none)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from benchmarks.replay_measured import measured
+
+    if args.timeline is not None:
+        if args.timeline not in measured()["cells"]:
+            parser.error(f"--timeline {args.timeline}: not a recorded partition; one of {sorted(measured()['cells'])}")
+        shown = None
+        for node, inductor, simulated in backward_timelines(args.timeline):
+            if shown is None or abs((inductor - simulated) - shown) > 0.1:
+                print(f"{node:50s} inductor {inductor:7.3f} simulated {simulated:7.3f} ({inductor - simulated:+.3f})")
+                shown = inductor - simulated
+        return
 
     info = measured()
     rows = [estimate(name) for name in sorted(info["cells"])]
