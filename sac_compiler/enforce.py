@@ -286,12 +286,6 @@ class BudgetEnforcer:
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
             return
-        # what the plan did not see is the measured peak over the predicted one (over the budget
-        # only, when the plan had no room left): a plan with room to spare that was counted as
-        # lowering by peak - budget would keep that room and measure the same peak again.
-        # Each run of the graph in the step holds its own saved values: share it among them
-        # Measured against the prediction only for a graph that ran once, alone in its step: with
-        # other graphs (or other runs of this one) in the step, the peak holds their memory too.
         planned_loss = self.loss_memory if self.loss_memory is not None else getattr(result, "loss_memory", 0)
         if (loss_peak is not None and loss_peak == peak and self.measured_loss_memory is not None
                 and self.measured_loss_memory > planned_loss and self.replans < MAX_REPLANS):
@@ -307,7 +301,12 @@ class BudgetEnforcer:
                         format_bytes(self.measured_loss_memory), format_bytes(planned_loss), self.replans,
                         MAX_REPLANS)
             return
-        # A graph whose plan counted every run of the step (runs_per_step) predicted the step's peak.
+        # What the plan did not see is the measured peak over the predicted one (over the budget
+        # only, when the plan had no room left): a plan with room to spare that was counted as
+        # lowering by peak - budget would keep that room and measure the same peak again. It is
+        # measured against the prediction only for a graph alone in its step whose plan counted
+        # every run of it (runs_per_step): with other graphs in the step, the peak holds their
+        # memory too, and only the part over the budget is counted.
         counted = calls == self.runs_per_step
         alone = counted and self._alone and predicted_bytes is not None
         unseen = max(peak - self.budget_bytes, peak - predicted_bytes if alone else 0)
