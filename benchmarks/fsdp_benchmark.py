@@ -24,10 +24,7 @@ Run on 2 GPUs from the repository root::
 which starts N local processes itself): ``compiler="eager"`` for the sac strategies, plain
 ``torch.compile`` with Dynamo's ``aot_eager`` backend for the others, times from
 ``time.perf_counter`` and no peak (the CPU allocator keeps none); it is meant to show that every
-strategy starts, not to measure. Not yet working: on a 2-core CPU with ``--spawn 2`` it was seen to
-stop in the first strategy's first step, rank 0 inside Dynamo's compile of the first block and
-rank 1 waiting in FSDP2's all-gather of the next one (eager FSDP2 over gloo alone runs); the cause
-is not found yet.
+strategy starts, not to measure.
 """
 
 from __future__ import annotations

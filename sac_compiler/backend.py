@@ -610,7 +610,11 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfi
         from torch._inductor.compile_fx import compile_fx
 
         hits = counters["aot_autograd"]["autograd_cache_hit"]
-        always_run = bool(config.report) or type(partitioner) is not SACPartitioner
+        from sac_compiler.distributed import plans_are_broadcast
+
+        # a cache hit skips the partitioner: with a report, a recording subclass, or plans
+        # broadcast from rank 0 (every rank must join every broadcast), it must run
+        always_run = bool(config.report) or type(partitioner) is not SACPartitioner or plans_are_broadcast()
         with inductor_config.patch(custom_partitioner_fn=partitioner), _partitioner_always_runs(always_run):
             compiled = compile_fx(gm, example_inputs)
         if config.report and not partitioner.ran and counters["aot_autograd"]["autograd_cache_hit"] > hits:

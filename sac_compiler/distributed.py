@@ -227,6 +227,14 @@ def _backward_prefetch_bytes(example_inputs: Sequence[Any], states: list[Any]) -
     return 0
 
 
+def plans_are_broadcast() -> bool:
+    """Rank 0's plans are broadcast to the other ranks (a real process group of several ranks):
+    then every rank must run the partitioner for every graph, in the same order, or the ranks wait
+    on each other's broadcasts for ever."""
+    world = process_group_world_size()
+    return world is not None and world > 1 and not is_fake_process_group()
+
+
 def agree_on_recompute(recompute: frozenset[str]) -> frozenset[str]:
     """The recompute set every rank uses: rank 0's, broadcast over a real process group of more
     than one rank (on one rank or a fake group, ``recompute`` itself).
@@ -238,8 +246,13 @@ def agree_on_recompute(recompute: frozenset[str]) -> frozenset[str]:
     world = process_group_world_size()
     if world is None or world <= 1 or is_fake_process_group():
         return recompute
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     payload: list[Any] = [sorted(recompute) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(payload, src=0)
+    # the plan is made while the compile's fake tensor mode is active: the broadcast's own tensors
+    # (the pickled payload, its size, read with .item()) must be real ones
+    with unset_fake_temporarily():
+        dist.broadcast_object_list(payload, src=0)
     agreed = frozenset(payload[0])
     if agreed != recompute:
         log.info("sac: rank %d planned another recompute set (%d values against rank 0's %d); rank 0's is used",
