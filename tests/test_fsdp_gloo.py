@@ -6,8 +6,13 @@ import os
 import socket
 import time
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with the gloo backend")
 
 STEPS = 2
 
@@ -19,7 +24,6 @@ def _free_port() -> int:
 
 
 def _run(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -78,8 +82,6 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_over_gloo_agree_on_the_plan_and_match_plain_fsdp(tmp_path):
-    import pytest
-
     out = str(tmp_path / "runs")
     context = mp.start_processes(_run, args=(2, _free_port(), out), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 300  # a rank waiting on a broadcast the other never joins hangs
