@@ -416,14 +416,13 @@ def annotate_memory(
     if "inplace_pointwise" in rules:
         # a kernel's output written into a dying buffer it reads (as in the partitioned simulation);
         # values with a second life in backward neither give nor take one here
-        inplace_rule: dict[fx.Node, str] = {}
         last_at = {base: max(uses | ({held_for_recompute[base]} if base in held_for_recompute else set()))
                    for base, uses in uses_of.items() if uses}
         not_given = (held | set(rematerialized) | set(handed_over) | returned
                      | {n for n in nodes if n.op == "placeholder"})
         sizes = {n: alloc.get(n, 0) for n in nodes if owner[n] is n and n.op == "call_function"
                  and (n not in rematerialized or alloc.get(n, 0) == 0)}
-        inplace_pointwise(nodes, sizes, inplace_rule, owner, {n: runs_at.get(n, index[n]) for n in nodes},
+        inplace_pointwise(nodes, sizes, {}, owner, {n: runs_at.get(n, index[n]) for n in nodes},
                           last_at, not_given, handed_over, adopting, {}, exclusive=False)
 
     # MemTracker's split of the live bytes: made in forward / made in backward / gradients.

@@ -144,16 +144,16 @@ class SACPartitioner(CustomPartitionerFn):
             target = plannable = result.budget_bytes or 0
             # the partitioned graphs must leave the planner's margin free too: the plan aims there
             limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
-            best = (_step_peak(result), result, fw, bw)
+            best = (result.step_peak_bytes, result, fw, bw)
             for _ in range(_PARTITION_ROUNDS):
-                if result.plan is None or _step_peak(result) <= limit:
+                if result.plan is None or result.step_peak_bytes <= limit:
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
-                target -= _step_peak(result) - limit
+                target -= result.step_peak_bytes - limit
                 candidate = None
                 for _ in range(_BISECTIONS):
                     log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "
-                             "less the planner's margin; planning for %d", _step_peak(result),
+                             "less the planner's margin; planning for %d", result.step_peak_bytes,
                              self.runs_per_step, result.budget_bytes, target)
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
@@ -168,18 +168,18 @@ class SACPartitioner(CustomPartitionerFn):
                 fw, bw = partition()
                 result.check_partition(fw, bw)
                 self._count_runs(result, fw)
-                if _step_peak(result) < best[0]:
-                    best = (_step_peak(result), result, fw, bw)
+                if result.step_peak_bytes < best[0]:
+                    best = (result.step_peak_bytes, result, fw, bw)
             _, result, fw, bw = best
-            if result.plan is not None and result.plan.recompute and _step_peak(result) <= limit:
+            if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
             self.last_result = result
-            if result.plan is not None and result.budget_bytes is not None and _step_peak(result) > result.budget_bytes:
+            if result.plan is not None and result.budget_bytes is not None and result.step_peak_bytes > result.budget_bytes:
                 log.warning("sac: the partitioned graphs still peak at %d bytes (%d runs in a step), over the "
-                            "budget %d", _step_peak(result), self.runs_per_step, result.budget_bytes)
+                            "budget %d", result.step_peak_bytes, self.runs_per_step, result.budget_bytes)
             if self.config.report and result.plan is not None:
                 from sac_compiler.report import write_report
 
@@ -195,7 +195,7 @@ class SACPartitioner(CustomPartitionerFn):
         graphs leave, and take that plan if its partitioned graphs fit and it recomputes less."""
         from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
-        slack = limit - _step_peak(result)
+        slack = limit - result.step_peak_bytes
         if result.predicted_peak is None or slack <= _SLACK_FRACTION * (result.budget_bytes - result.outside_bytes):
             return result, fw, bw
         for share in (1.0, 0.5):
@@ -211,20 +211,19 @@ class SACPartitioner(CustomPartitionerFn):
             candidate.check_partition(fw2, bw2)
             self._count_runs(candidate, fw2)
             log.info("sac: partitioned graphs peak %d bytes under the budget; a plan for %d peaks at %d (%s)",
-                     slack, target, _step_peak(candidate),
-                     "taken" if _step_peak(candidate) <= limit else "over: kept the first")
-            if _step_peak(candidate) <= limit:
+                     slack, target, candidate.step_peak_bytes,
+                     "taken" if candidate.step_peak_bytes <= limit else "over: kept the first")
+            if candidate.step_peak_bytes <= limit:
                 candidate.slack_taken = True
                 return candidate, fw2, bw2
         return result, fw, bw
 
     def _count_runs(self, result: Any, fw: fx.GraphModule) -> None:
-        """Set the step's predicted peak on ``result``: the partitioned graphs' peak, plus, for a
-        graph that runs ``runs_per_step`` times before its backwards, what each other run holds
-        through it (its saved activations and the inputs its backward reads besides parameters)."""
+        """Record on ``result`` how many times the graph runs before its backwards and what each
+        other run holds through it (its saved activations and the inputs its backward reads besides
+        parameters), from which ``result.step_peak_bytes`` follows."""
         result.runs_per_step = self.runs_per_step
         result.held_per_run_bytes = held_per_run(result, fw)
-        result.step_peak_bytes = result.partitioned.peak_bytes + (self.runs_per_step - 1) * result.held_per_run_bytes
 
     def uuid(self) -> str:
         """The partition's cache key, which Inductor puts in its FX graph and AOTAutograd cache keys.
@@ -375,12 +374,6 @@ def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
         hasher.update(f"{name}\0{len(data)}\0".encode())
         hasher.update(data)
     return hasher.hexdigest()
-
-
-def _step_peak(result: Any) -> int:
-    """The step's predicted peak the partitioner set on ``result`` (see ``SACPartitioner._count_runs``)."""
-    peak = result.step_peak_bytes if result.step_peak_bytes is not None else result.partitioned.peak_bytes
-    return int(peak)
 
 
 def held_per_run(result: Any, fw: fx.GraphModule) -> int:

@@ -267,9 +267,7 @@ class BudgetEnforcer:
                 result.measured_loss_memory = self.measured_loss_memory
             log.info("sac: the caller's loss held %s between forward and backward",
                      format_bytes(self.measured_loss_memory))
-        predicted_bytes = getattr(result, "step_peak_bytes", None)
-        if predicted_bytes is None:
-            predicted_bytes = getattr(getattr(result, "partitioned", None), "peak_bytes", None)
+        predicted_bytes = getattr(result, "step_peak_bytes", None)  # None: no plan, or none simulated
         self.predicted.append(predicted_bytes)
         if result is not None:
             result.measured_peak = peak

@@ -101,15 +101,21 @@ class GraphPlanResult:
     # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
     offload_note: str | None = None
     # a graph that runs several times forward before its backwards in a step (one graph serving
-    # every block): how many, what each other run holds through it, and the step's predicted peak
-    # (partitioned.peak_bytes + (runs_per_step - 1) * held_per_run_bytes); set by the partitioner
+    # every block): how many, and what each other run holds through it; set by the partitioner
     runs_per_step: int = 1
     held_per_run_bytes: int = 0
-    step_peak_bytes: int | None = None
     # each value the plan recomputes: (its module, or "Global", and the bytes it allocates), read off
     # the joint graph when the plan is made; PyTorch's partitioner then replaces that graph in place
     # (its CSE pass merges duplicate nodes), so the report must not look the plan's values up in it
     recomputed_values: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def step_peak_bytes(self) -> int:
+        """The step's predicted peak: the partitioned graphs' peak, and every other run of the graph
+        in the step holding what it saves. AttributeError before the partition is simulated."""
+        if self.partitioned is None:
+            raise AttributeError("step_peak_bytes: the partitioned graphs are not simulated yet")
+        return int(self.partitioned.peak_bytes) + (self.runs_per_step - 1) * self.held_per_run_bytes
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward)."""
