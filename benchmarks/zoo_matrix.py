@@ -149,6 +149,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize()
         out["backward_peak_bytes"] = torch.cuda.max_memory_allocated() - out["static_bytes"]
         optimizer.step()
+        if cell.get("timeline"):
+            out["timeline"] = _record_timeline(step, batch, records, cell)
     except Exception as error:  # noqa: BLE001 - recorded with the cell; the matrix goes on
         out["error"] = f"{type(error).__name__}: {str(error)[-600:]}"
     finally:
@@ -156,7 +158,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             patch.__exit__(None, None, None)
     graphs = []
     for compiled in records:
-        result = getattr(compiled, "result", None) or getattr(getattr(compiled, "partitioner", None), "last_result", None)
+        result = _result_of(compiled)
         graphs.append({
             "predicted_peak": getattr(getattr(result, "partitioned", None), "peak_bytes", None),
             "first_measured": (getattr(compiled, "measured", None) or [None])[0],
@@ -171,6 +173,56 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     if "budget_bytes" in cell and "peak_bytes" in out:
         out["violation"] = out["peak_bytes"] > cell["budget_bytes"]
     return out
+
+
+def _result_of(compiled: Any) -> Any:
+    """The plan of one graph the sac backend compiled (``None`` before it partitioned)."""
+    return getattr(compiled, "result", None) or getattr(getattr(compiled, "partitioner", None), "last_result", None)
+
+
+def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, Any]) -> dict[str, Any]:
+    """One more step (forward, loss, backward) with the CUDA allocator recording every allocation
+    and free; writes its live bytes beside the simulation of each graph the sac backend planned to
+    ``cell["timeline"]`` (a PNG) and returns the trace's peak, the allocator's own high-water mark
+    over the same step, and the event count (the two peaks agree when the trace lost nothing)."""
+    import torch
+
+    from sac_compiler import plots
+
+    device = torch.cuda.current_device()
+    step.model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=4_000_000)
+    try:
+        output, loss = step.forward_loss(batch)
+        torch.cuda.synchronize()
+        forward_events = len(plots.allocator_events(torch.cuda.memory._snapshot(), device))
+        del output
+        loss.backward()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    high_water = torch.cuda.max_memory_allocated()
+    events = plots.allocator_events(snapshot, device)
+    budget = cell.get("budget_bytes")
+    panels = []
+    for i, compiled in enumerate(records):
+        result = _result_of(compiled)
+        if result is not None and getattr(result, "partitioned", None) is not None:
+            panels.append(plots.timeline_panel(result.partitioned, f"simulated, graph {i}", budget))
+    measured = plots.measured_timeline_panel(events, base, "measured (CUDA allocator)", forward_events, budget)
+    panels.append(measured)
+    try:
+        plots.timeline_plot(panels, cell["timeline"],
+                            title=" ".join(str(cell[k]) for k in ("model", "loop", "strategy")))
+    except plots.MissingMatplotlib as error:
+        print(f"no timeline plot: {error}", file=sys.stderr)
+    return {"trace_peak_bytes": max(measured.totals, default=base), "max_memory_allocated": high_water,
+            "events": len(events), "forward_events": forward_events,
+            "simulated_peaks": [max(p.totals, default=0) for p in panels[:-1]]}
 
 
 def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
@@ -193,14 +245,18 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     log = out / "cells.jsonl"
     done: list[dict[str, Any]] = []
 
+    pairs = [(m, loop) for m in args.models for loop in args.loops]
+    total = len(pairs) * (1 + len(args.anchors) + len(args.fractions))  # fewer when a plain compile fails
+    start = time.perf_counter()
+
     def record(result: dict[str, Any]) -> None:
         done.append(result)
         with log.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(_row(result), flush=True)
+        # progress: cells done of the matrix, and the minutes it has run
+        print(f"[{len(done)}/{total} {(time.perf_counter() - start) / 60:.1f} min] {_row(result)}", flush=True)
 
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
-    pairs = [(m, loop) for m in args.models for loop in args.loops]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         # plain compile first: it sets every budget of its (model, loop)
         plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile"), out / "logs"): (m, loop) for m, loop in pairs}
@@ -218,6 +274,11 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
                            budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]),
                            **({"dump": str(out / "partitions")} if args.dump_partitions else {}))
                       for f in args.fractions]
+            if args.timeline:
+                for c in cells:
+                    name = "-".join(str(c[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+                    c["timeline"] = str(out / "timelines" / f"{name}.png")
+                    (out / "timelines").mkdir(parents=True, exist_ok=True)
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())
@@ -283,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
     parser.add_argument("--dump-partitions", action="store_true",
                         help="write each sac graph's partition to OUT/partitions (replay with benchmarks/replay_partition.py)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="record one more step of each sac and anchor cell with the CUDA allocator's history and "
+                             "write it beside the simulation to OUT/timelines/CELL.png")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     args = parser.parse_args(argv)
     if args.cell:

@@ -6,7 +6,9 @@
 - ``timeline_plot`` draws a training step's live bytes by category (parameters, gradients,
   activations, ...) node by node, forward then backward, as the memory simulation counts them: one
   panel per simulation (without recomputation and with a plan, say), on one scale, so that where a
-  plan lowers the peak and what it frees can be seen.
+  plan lowers the peak and what it frees can be seen. On a GPU, ``measured_timeline_panel`` makes
+  a panel of the same step from the CUDA caching allocator's own record
+  (``torch.cuda.memory._record_memory_history``), to set beside the simulation's.
 - ``tradeoff_plot`` draws each module's SAC trade-off curve (the fraction of its memory discarded
   against the fraction of its runtime recomputed, in the greedy order) and the piecewise-linear
   (pwlf) fit of it that ``sac_milp`` plans with.
@@ -115,6 +117,7 @@ def pareto_plot(points: Sequence[PlotPoint], chosen: PlotPoint | None, path: str
 # step makes (gradients, the activations forward keeps, backward's temporaries)
 TIMELINE_CATEGORIES = ("parameter", "buffer", "input", "optimizer_state", "gradient", "activation", "temporary")
 _CATEGORY_COLORS = {
+    "held before the step": "tab:gray", "allocated in the step": "tab:red",
     "parameter": "tab:gray", "buffer": "silver", "input": "tab:brown", "optimizer_state": "tab:purple",
     "gradient": "tab:green", "activation": "tab:blue", "temporary": "tab:orange",
 }
@@ -130,6 +133,7 @@ class TimelinePanel:
     steps: Sequence[tuple[str, Mapping[str, int]]]
     first_backward: int
     budget_bytes: int | None = None
+    x_label: str = "step (graph node: forward, then backward)"
 
     @property
     def totals(self) -> list[int]:
@@ -150,6 +154,47 @@ def timeline_panel(simulation: Any, title: str, budget_bytes: int | None = None)
     return TimelinePanel(title, steps, first_backward, budget_bytes)
 
 
+# the measured panel's two layers: what was allocated when the recording began, and what the step
+# allocated since
+MEASURED_CATEGORIES = ("held before the step", "allocated in the step")
+
+
+def allocator_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple[str, int]]:
+    """The (action, bytes) of every allocation and completed free that ``snapshot`` (the dict
+    ``torch.cuda.memory._snapshot()`` returns while ``_record_memory_history`` records) traced on
+    ``device``, in order. Other actions (segment maps, ``free_requested``, ``snapshot``, ``oom``)
+    change no allocated bytes and are left out."""
+    traces = snapshot.get("device_traces")
+    if traces is None:
+        raise ValueError("the snapshot has no 'device_traces': record it with "
+                         "torch.cuda.memory._record_memory_history(enabled='all') before the step")
+    if device >= len(traces):
+        raise ValueError(f"the snapshot traced {len(traces)} device(s); device {device} is not among them")
+    return [(e["action"], int(e["size"])) for e in traces[device] if e["action"] in ("alloc", "free_completed")]
+
+
+def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,
+                            first_backward: int | None = None, budget_bytes: int | None = None) -> TimelinePanel:
+    """A ``TimelinePanel`` of a step as the allocator recorded it: ``events`` from
+    ``allocator_events`` (alloc adds its bytes, free_completed takes them away), on top of
+    ``base_bytes`` allocated when the recording began (``torch.cuda.memory_allocated()`` then);
+    ``first_backward``: the number of events the forward (and the loss) made, where the backward
+    starts. A free of memory allocated before the recording lowers what the step allocated below
+    zero: the two layers still sum to the bytes allocated."""
+    live = 0
+    steps: list[tuple[str, Mapping[str, int]]] = []
+    for action, size in events:
+        if action == "alloc":
+            live += size
+        elif action == "free_completed":
+            live -= size
+        else:
+            raise ValueError(f"unknown allocator action {action!r}: expected 'alloc' or 'free_completed'")
+        steps.append((action, {MEASURED_CATEGORIES[0]: base_bytes, MEASURED_CATEGORIES[1]: live}))
+    return TimelinePanel(title, steps, len(steps) if first_backward is None else first_backward, budget_bytes,
+                         x_label="allocator event (allocations and frees, forward then backward)")
+
+
 def timeline_plot(panels: Sequence[TimelinePanel], path: str | Path, title: str = "") -> Path:
     """Write the panels side by side, on one byte scale, to ``path``: each a stack of the live bytes
     by category at every step, the start of the backward and the budget marked, the peak labelled.
@@ -163,7 +208,8 @@ def timeline_plot(panels: Sequence[TimelinePanel], path: str | Path, title: str 
     top = max([max(p.totals, default=0) for p in panels] + [p.budget_bytes or 0 for p in panels])
     unit, size = _unit([top])
     seen = {c for p in panels for _, by_category in p.steps for c in by_category}
-    categories = [c for c in TIMELINE_CATEGORIES if c in seen] + sorted(seen - set(TIMELINE_CATEGORIES))
+    order = TIMELINE_CATEGORIES + MEASURED_CATEGORIES
+    categories = [c for c in order if c in seen] + sorted(seen - set(order))
     fig = Figure(figsize=(5.6 * len(panels), 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
@@ -186,7 +232,7 @@ def timeline_plot(panels: Sequence[TimelinePanel], path: str | Path, title: str 
             ax.annotate(f"peak {peak / size:.3g} {unit}\n({panel.steps[at][0]})", (at, peak / size),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel("step (graph node: forward, then backward)")
+        ax.set_xlabel(panel.x_label, fontsize=9)
         ax.set_xlim(0, max(len(panel.steps) - 1, 1))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"live bytes ({unit})")

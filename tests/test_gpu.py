@@ -316,3 +316,45 @@ def test_an_enforced_budget_holds_with_a_criterion_outside():
           f"held by the caller {(enforcer.result.caller_held_bytes or 0) / 2**30:.3f}, "
           f"after enforcement {measured / 2**30:.3f} GiB")
     assert measured <= budget
+
+
+def test_the_allocators_record_of_a_step_sums_to_what_it_allocated():
+    """The measured memory timeline (``sac_compiler.plots.measured_timeline_panel``) of a compiled
+    step: its last point is the bytes allocated after backward and its peak is the allocator's own
+    high-water mark over the step; the simulation of the same graph is drawn beside it."""
+    from sac_compiler import plots
+    from sac_compiler.backend import compile_graph
+    from sac_compiler.config import SACConfig
+
+    torch.manual_seed(0)
+    model = LinearReLUStack(4, 1024, torch.float32).cuda()
+    x = torch.randn(4096, 1024, device="cuda")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": 0.5, "compiler": "eager"})))
+        return graphs[-1]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        compiled(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
+    try:
+        loss = compiled(x).sum()
+        torch.cuda.synchronize()
+        forward_events = len(plots.allocator_events(torch.cuda.memory._snapshot(), torch.cuda.current_device()))
+        loss.backward()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    panel = plots.measured_timeline_panel(plots.allocator_events(snapshot, torch.cuda.current_device()), base,
+                                          "measured", forward_events)
+    assert 0 < forward_events < len(panel.steps)
+    assert panel.totals[-1] == torch.cuda.memory_allocated()
+    assert max(panel.totals) == torch.cuda.max_memory_allocated()

@@ -115,3 +115,46 @@ def test_plots_without_matplotlib_say_how_to_install(planned, tmp_path: Path, mo
         with pytest.raises(plots.MissingMatplotlib, match=r"pip install 'sac-compiler\[plot\]'"):
             draw()
     assert not list(tmp_path.iterdir())
+
+
+# the CUDA caching allocator's record, in the layout of torch.cuda.memory._snapshot(): one trace per
+# device, each entry an action with the bytes it concerns (tests/test_gpu.py records a real one)
+_SNAPSHOT = {"segments": [], "device_traces": [[
+    {"action": "segment_alloc", "addr": 0, "size": 2 << 20, "stream": 0},
+    {"action": "alloc", "addr": 0, "size": 512, "stream": 0},
+    {"action": "alloc", "addr": 512, "size": 1024, "stream": 0},
+    {"action": "free_requested", "addr": 0, "size": 512, "stream": 0},
+    {"action": "free_completed", "addr": 0, "size": 512, "stream": 0},
+    {"action": "alloc", "addr": 0, "size": 256, "stream": 0},
+    {"action": "free_completed", "addr": 4096, "size": 2048, "stream": 0},  # allocated before the recording
+]]}
+
+
+def test_allocator_events_keep_allocations_and_completed_frees() -> None:
+    events = plots.allocator_events(_SNAPSHOT)
+    assert events == [("alloc", 512), ("alloc", 1024), ("free_completed", 512), ("alloc", 256),
+                      ("free_completed", 2048)]
+    with pytest.raises(ValueError, match="_record_memory_history"):
+        plots.allocator_events({"segments": []})
+    with pytest.raises(ValueError, match="device 1 is not among them"):
+        plots.allocator_events(_SNAPSHOT, device=1)
+
+
+def test_measured_timeline_panel_sums_to_the_bytes_allocated() -> None:
+    base = 10_000
+    panel = plots.measured_timeline_panel(plots.allocator_events(_SNAPSHOT), base, "measured",
+                                          first_backward=2, budget_bytes=12_000)
+    assert panel.totals == [base + 512, base + 1536, base + 1024, base + 1280, base - 768]
+    assert panel.first_backward == 2 and panel.budget_bytes == 12_000
+    assert all(by[plots.MEASURED_CATEGORIES[0]] == base for _, by in panel.steps)
+    with pytest.raises(ValueError, match="unknown allocator action 'segment_alloc'"):
+        plots.measured_timeline_panel([("segment_alloc", 1)], 0, "bad")
+
+
+@needs_matplotlib
+def test_measured_panel_beside_the_simulation(planned, tmp_path: Path) -> None:
+    result, config = planned
+    measured = plots.measured_timeline_panel(plots.allocator_events(_SNAPSHOT), 10_000, "measured", first_backward=2)
+    path = plots.timeline_plot([plots.timeline_panel(simulate_plan(result, config), "simulated"), measured],
+                               tmp_path / "beside.png")
+    assert _read_png(path).shape[1] > 0
