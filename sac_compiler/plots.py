@@ -159,18 +159,25 @@ def timeline_panel(simulation: Any, title: str, budget_bytes: int | None = None)
 MEASURED_CATEGORIES = ("held before the step", "allocated in the step")
 
 
+# the CUDA caching allocator rounds every block up to a multiple of 512 bytes (its kMinBlockSize) and
+# counts the rounded bytes as allocated; its history records the requested size
+ALLOCATOR_ROUNDING = 512
+
+
 def allocator_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple[str, int]]:
     """The (action, bytes) of every allocation and completed free that ``snapshot`` (the dict
     ``torch.cuda.memory._snapshot()`` returns while ``_record_memory_history`` records) traced on
-    ``device``, in order. Other actions (segment maps, ``free_requested``, ``snapshot``, ``oom``)
-    change no allocated bytes and are left out."""
+    ``device``, in order, each size rounded up as the allocator counts it (``ALLOCATOR_ROUNDING``),
+    so that they sum to ``torch.cuda.memory_allocated()``. Other actions (segment maps,
+    ``free_requested``, ``snapshot``, ``oom``) change no allocated bytes and are left out."""
     traces = snapshot.get("device_traces")
     if traces is None:
         raise ValueError("the snapshot has no 'device_traces': record it with "
                          "torch.cuda.memory._record_memory_history(enabled='all') before the step")
     if device >= len(traces):
         raise ValueError(f"the snapshot traced {len(traces)} device(s); device {device} is not among them")
-    return [(e["action"], int(e["size"])) for e in traces[device] if e["action"] in ("alloc", "free_completed")]
+    return [(e["action"], -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING)
+            for e in traces[device] if e["action"] in ("alloc", "free_completed")]
 
 
 def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,

@@ -125,14 +125,14 @@ _SNAPSHOT = {"segments": [], "device_traces": [[
     {"action": "alloc", "addr": 512, "size": 1024, "stream": 0},
     {"action": "free_requested", "addr": 0, "size": 512, "stream": 0},
     {"action": "free_completed", "addr": 0, "size": 512, "stream": 0},
-    {"action": "alloc", "addr": 0, "size": 256, "stream": 0},
+    {"action": "alloc", "addr": 0, "size": 4, "stream": 0},  # a scalar: the allocator counts 512
     {"action": "free_completed", "addr": 4096, "size": 2048, "stream": 0},  # allocated before the recording
 ]]}
 
 
 def test_allocator_events_keep_allocations_and_completed_frees() -> None:
     events = plots.allocator_events(_SNAPSHOT)
-    assert events == [("alloc", 512), ("alloc", 1024), ("free_completed", 512), ("alloc", 256),
+    assert events == [("alloc", 512), ("alloc", 1024), ("free_completed", 512), ("alloc", 512),
                       ("free_completed", 2048)]
     with pytest.raises(ValueError, match="_record_memory_history"):
         plots.allocator_events({"segments": []})
@@ -144,7 +144,7 @@ def test_measured_timeline_panel_sums_to_the_bytes_allocated() -> None:
     base = 10_000
     panel = plots.measured_timeline_panel(plots.allocator_events(_SNAPSHOT), base, "measured",
                                           first_backward=2, budget_bytes=12_000)
-    assert panel.totals == [base + 512, base + 1536, base + 1024, base + 1280, base - 768]
+    assert panel.totals == [base + 512, base + 1536, base + 1024, base + 1536, base - 512]
     assert panel.first_backward == 2 and panel.budget_bytes == 12_000
     assert all(by[plots.MEASURED_CATEGORIES[0]] == base for _, by in panel.steps)
     with pytest.raises(ValueError, match="unknown allocator action 'segment_alloc'"):
