@@ -71,35 +71,36 @@ def inductor_peak(gm: Any, backward: bool, steps: list[tuple[list[str], int]] | 
     return found["peak"]
 
 
-def estimate(name: str) -> dict[str, Any]:
+def estimate(name: str, folder: Path | None = None) -> dict[str, Any]:
     """Inductor's estimate for one recorded partition, with the simulation's and the measurement."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.replay_measured import load, measured, replay
+    from benchmarks.replay_measured import RECORDED, load, measured, replay
     from sac_compiler.partition_record import _module
 
-    record = load(name)
+    folder = folder or RECORDED
+    record = load(name, folder)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fw = inductor_peak(_module(record["fw"], mode), backward=False)
         bw = inductor_peak(_module(record["bw"], mode), backward=True)
-    row = replay(name)
-    cell = measured()["cells"][name]
+    row = replay(name, folder)
+    cell = measured(folder)["cells"][name]
     actual = cell["peak_bytes"] - cell["static_bytes"]
     return {**row, "inductor_forward": fw, "inductor_backward": bw, "inductor_extra": max(fw, bw),
             "inductor_ratio": max(fw, bw) / actual}
 
 
-def backward_timelines(name: str) -> list[tuple[str, float, float]]:
+def backward_timelines(name: str, folder: Path | None = None) -> list[tuple[str, float, float]]:
     """For one recorded partition's backward: per node of the simulation's order that ends one of
     Inductor's scheduled nodes, (the node, Inductor's estimated live GiB, the simulation's), both
     over the parameters and the optimizer state, in Inductor's order."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmarks.replay_measured import load
+    from benchmarks.replay_measured import RECORDED, load
     from sac_compiler.partition_record import _module, replay_partition
 
-    record = load(name)
+    record = load(name, folder or RECORDED)
     timelines: dict[str, list[tuple[str, int]]] = {}
     replay_partition({**record, "extra_static_bytes": 0}, timelines)
     simulated = dict(timelines["backward"])
@@ -125,22 +126,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead, print one recorded partition's backward step by step (a name in "
                              "measured.json): Inductor's estimated live GiB against the simulation's, at every "
                              "step where their difference moves by more than 0.1 GiB (default: none)")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="recorded partitions and their measured.json (default: benchmarks/recorded/partitions_h200)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from benchmarks.replay_measured import measured
+    from benchmarks.replay_measured import RECORDED, measured
 
+    folder = args.folder or RECORDED
     if args.timeline is not None:
-        if args.timeline not in measured()["cells"]:
-            parser.error(f"--timeline {args.timeline}: not a recorded partition; one of {sorted(measured()['cells'])}")
+        if args.timeline not in measured(folder)["cells"]:
+            parser.error(f"--timeline {args.timeline}: not a recorded partition; one of {sorted(measured(folder)['cells'])}")
         shown = None
-        for node, inductor, simulated in backward_timelines(args.timeline):
+        for node, inductor, simulated in backward_timelines(args.timeline, folder):
             if shown is None or abs((inductor - simulated) - shown) > 0.1:
                 print(f"{node:50s} inductor {inductor:7.3f} simulated {simulated:7.3f} ({inductor - simulated:+.3f})")
                 shown = inductor - simulated
         return
 
-    info = measured()
-    rows = [estimate(name) for name in sorted(info["cells"])]
+    info = measured(folder)
+    rows = []
+    for name in sorted(info["cells"]):
+        rows.append(estimate(name, folder))
+        print(f"{name}: {rows[-1]['inductor_ratio']:.3f}", file=sys.stderr, flush=True)  # progress
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':36s} {'measured':>9s} {'simulated':>10s} {'ratio':>6s} {'inductor':>9s} {'ratio':>6s}")

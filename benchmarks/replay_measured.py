@@ -8,6 +8,7 @@ and prints the simulated extra peak (over parameters and optimizer state) agains
 one::
 
     python benchmarks/replay_measured.py
+    python benchmarks/replay_measured.py --folder benchmarks/recorded/partitions_h200_d390828
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def replay(name: str, folder: Path = RECORDED) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON here (default: none)")
+    parser.add_argument("--folder", type=Path, default=RECORDED,
+                        help=f"recorded partitions and their measured.json (default: {RECORDED.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    info = measured()
-    rows = [replay(name) for name in sorted(info["cells"])]
+    info = measured(args.folder)
+    rows = [replay(name, args.folder) for name in sorted(info["cells"])]
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")
