@@ -221,10 +221,18 @@ class BudgetEnforcer:
                                                             loss_memory=self.loss_memory)
         except BudgetError as error:
             peak = self.measured[-1]
+            counted = []  # what the plan that failed counted besides the graph
+            if self.extra_bytes:
+                counted.append(f"the {format_bytes(self.extra_bytes)} the caller and the allocator add around the graph")
+            if self.loss_memory:
+                counted.append(f"the {format_bytes(self.loss_memory)} the caller's loss holds between forward and "
+                               "backward")
+            if self.runs_per_step > 1:
+                counted.append(f"the graph's {self.runs_per_step} runs in a step")
+            room = " and ".join(counted) or "what the step measured beyond the graph"
             raise BudgetExceededError(
                 f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak or 0)} "
-                f"({peak} bytes), and no plan leaves room for the {format_bytes(self.extra_bytes)} the caller and "
-                f"the allocator add around the graph: {error}") from error
+                f"({peak} bytes), and no plan leaves room for {room}: {error}") from error
         self._steps = 0
 
     def _step_done(self) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -367,6 +368,29 @@ def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_co
     # the new plan leaves room for the loss at the end of forward
     assert planned.partitioned.end_of_forward_bytes + loss <= budget
     assert first.last_result.measured_loss_memory == loss
+
+
+def test_a_loss_no_plan_leaves_room_for_is_an_error_naming_it():
+    """The caller's loss measured larger than anything the graph can give up: the error names the
+    step's measured peak and the loss it could not make room for (not a size of zero)."""
+    from sac_compiler.config import format_bytes
+
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    loss = span.no_recompute_peak  # no plan holds this between forward and backward
+    end = budget - loss // 8
+    readings = _StepReadings([(end, end, end + loss, end + loss)])
+
+    def backend(gm, inputs):
+        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                             read_peak=readings.peak, read_allocated=readings.allocated)
+
+    with pytest.raises(Exception, match=rf"\({end + loss} bytes\), and no plan leaves room for the "
+                                        rf"{re.escape(format_bytes(loss))} the caller's loss holds between "
+                                        r"forward and backward: .*smallest feasible peak"):
+        _steps(model, x, backend, 3)
 
 
 class _TwoHalves(torch.nn.Module):
