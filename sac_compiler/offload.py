@@ -63,20 +63,25 @@ def offload_support() -> str | None:
     return None
 
 
-def partitioner_config(bandwidth: float, prefetch: bool | None = None) -> dict[str, Any]:
+def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: bool | None = None) -> dict[str, Any]:
     """The ``torch._functorch.config`` entries a compile with offloaded values needs, as the
     installed torch names them (an entry it lacks is left out).
 
     ``bandwidth``: the link's bytes/s, for the prefetch's copy-time estimate (PyTorch takes GiB/s).
-    ``prefetch``: move reloads earlier with PyTorch's prefetch, which measures each backward op on
-    the GPU while partitioning; None: where CUDA is available."""
+    ``cuda``: the graph runs on a CUDA device (None: where CUDA is available). The copies get a
+    stream of their own, except for a CPU graph on a machine with CUDA: PyTorch's stream pass asks
+    the accelerator for the graph device's stream, which the CPU is not. ``prefetch``: move reloads
+    earlier with PyTorch's prefetch, which measures each backward op on the GPU while partitioning;
+    None: as ``cuda``."""
     from torch._functorch import config as functorch_config
 
+    if cuda is None:
+        cuda = torch.cuda.is_available()
     if prefetch is None:
-        prefetch = torch.cuda.is_available()
+        prefetch = cuda
     wanted = {
         "enable_activation_offloading": True,
-        "activation_offload_separate_stream": True,
+        "activation_offload_separate_stream": bool(cuda) or not torch.cuda.is_available(),
         # the forward waits for its copies at its end, where the offload program expects it to
         "activation_offload_sink_wait": True,
         "activation_reload_prefetch": bool(prefetch),
@@ -86,15 +91,17 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None) -> dict[s
 
 
 @contextlib.contextmanager
-def offload_partitioning(bandwidth: float, prefetch: bool | None = None) -> Iterator[dict[str, Any]]:
-    """Within the block, PyTorch's partitioner offloads the values ``tag_offload`` tagged. Raises
-    RuntimeError (with ``offload_support``'s reason) where the installed torch cannot."""
+def offload_partitioning(bandwidth: float, prefetch: bool | None = None,
+                         cuda: bool | None = None) -> Iterator[dict[str, Any]]:
+    """Within the block, PyTorch's partitioner offloads the values ``tag_offload`` tagged
+    (``partitioner_config``'s arguments). Raises RuntimeError (with ``offload_support``'s reason)
+    where the installed torch cannot."""
     reason = offload_support()
     if reason is not None:
         raise RuntimeError(reason)
     from torch._functorch import config as functorch_config
 
-    entries = partitioner_config(bandwidth, prefetch)
+    entries = partitioner_config(bandwidth, prefetch, cuda)
     with functorch_config.patch(**entries):
         yield entries
 
@@ -164,7 +171,8 @@ def partition_with_offload(gm: fx.GraphModule, joint_inputs: Any, num_fwd_output
     tag_offload(gm, offload, num_fwd_outputs)
     if reload_before:
         prefetch = False
-    with offload_partitioning(bandwidth, prefetch):
+    cuda = any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in joint_inputs)
+    with offload_partitioning(bandwidth, prefetch, cuda):
         fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
     if reload_before:
         place_reloads(bw, reload_before)

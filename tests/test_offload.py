@@ -302,6 +302,14 @@ def test_the_plan_of_a_joint_graph_checks_out_on_the_replay():
     assert plan.offload and run.peak_bytes <= budget
 
 
+_cpu_graph_copy_stream = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a CPU graph on a machine with CUDA gets no copy stream of its own (partitioner_config), so the "
+           "stream ops these tests read are not inserted; the CUDA graph's copies are checked by "
+           "test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients")
+
+
+@_cpu_graph_copy_stream
 def test_tagging_and_the_partitioner_insert_the_copies():
     """On CPU, PyTorch's partitioner inserts the offload ops for the tagged values (its prefetch, which
     times ops on the GPU, stays off without CUDA)."""
@@ -369,11 +377,18 @@ def test_partitioner_config_names_what_this_torch_has():
     entries = offload_mod.partitioner_config(64 * 2**30, prefetch=False)
     assert all(hasattr(functorch_config, name) for name in entries)
     if offload_mod.offload_support() is None:
-        assert entries["enable_activation_offloading"] and entries["activation_offload_separate_stream"]
+        assert entries["enable_activation_offloading"]
+        # the copies' own stream only for a CUDA graph: PyTorch's stream pass fails on a CPU graph
+        # where CUDA is present (the accelerator has no stream for the CPU device)
+        assert offload_mod.partitioner_config(1e9, cuda=True)["activation_offload_separate_stream"]
+        assert offload_mod.partitioner_config(1e9)["activation_offload_separate_stream"]
+        cpu_graph = offload_mod.partitioner_config(1e9, cuda=False)["activation_offload_separate_stream"]
+        assert cpu_graph == (not torch.cuda.is_available())
     if "activation_offload_cpu_gpu_bw" in entries:
         assert entries["activation_offload_cpu_gpu_bw"] == 64.0  # PyTorch takes GiB/s
     if "activation_reload_prefetch" in entries:
         assert offload_mod.partitioner_config(1e9)["activation_reload_prefetch"] == torch.cuda.is_available()
+        assert not offload_mod.partitioner_config(1e9, cuda=False)["activation_reload_prefetch"]
 
 
 def test_without_the_torch_support_offload_is_not_offered_and_the_report_says_why(monkeypatch):
@@ -485,6 +500,7 @@ def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@_cpu_graph_copy_stream
 def test_reloads_start_where_the_plan_starts_them():
     """With the plan's reload starts the partitioned backward issues each reload before the op of its
     start step (PyTorch's prefetch off), and waits for it before the first read, as before."""
