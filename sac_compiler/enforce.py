@@ -111,6 +111,7 @@ class BudgetEnforcer:
         self.read_peak = read_peak
         self.reset_peak = reset_peak
         self.extra_bytes = extra_bytes  # counted outside the graph besides what it held at its compile
+        self._asked_room = 0  # of extra_bytes: the room later graphs of the step asked for (make_room)
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
@@ -186,6 +187,7 @@ class BudgetEnforcer:
         next call (one of the replans allowed)."""
         self.replans += 1
         self._pending_excess = (self._pending_excess or 0) + nbytes
+        self._asked_room += nbytes
 
     def _awaits_backward(self) -> bool:
         """Whether the autograd graph of this graph's forward runs is still alive, waiting for a
@@ -220,19 +222,28 @@ class BudgetEnforcer:
                                                             runs_per_step=self.runs_per_step,
                                                             loss_memory=self.loss_memory)
         except BudgetError as error:
-            peak = self.measured[-1]
+            peak = self.measured[-1] if self.measured else None
             counted = []  # what the plan that failed counted besides the graph
-            if self.extra_bytes:
-                counted.append(f"the {format_bytes(self.extra_bytes)} the caller and the allocator add around the graph")
+            if self._asked_room:
+                counted.append(f"the {format_bytes(self._asked_room)} a graph later in the step asked it to give up")
+            measured_excess = self.extra_bytes - self._asked_room
+            if measured_excess > 0:
+                counted.append(f"the {format_bytes(measured_excess)} the caller and the allocator add around the graph")
+            elif self.extra_bytes < 0:  # planned with room the graphs before it in the step give up
+                counted.append(f"{format_bytes(-self.extra_bytes)} less held outside the graph (the room the graphs "
+                               "before it in the step were asked for)")
             if self.loss_memory:
                 counted.append(f"the {format_bytes(self.loss_memory)} the caller's loss holds between forward and "
                                "backward")
             if self.runs_per_step > 1:
                 counted.append(f"the graph's {self.runs_per_step} runs in a step")
             room = " and ".join(counted) or "what the step measured beyond the graph"
+            # asked for room by a graph after a break before a step of its own was measured
+            measured = (f"the step measured {format_bytes(peak)} ({peak} bytes)" if peak is not None else
+                        f"a graph later in the step asked it for {format_bytes(self._asked_room)} of room")
             raise BudgetExceededError(
-                f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak or 0)} "
-                f"({peak} bytes), and no plan leaves room for {room}: {error}") from error
+                f"memory budget {format_bytes(self.budget_bytes)}: {measured}, and no plan leaves room for {room}: "
+                f"{error}") from error
         self._steps = 0
 
     def _step_done(self) -> None:

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import gc
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from sac_compiler.enforce import (
     MAX_REPLANS,
     MAX_SCALE,
     BudgetEnforcer,
+    BudgetExceededError,
 )
 from sac_compiler.planner import budget_range
 from tests.models import Nested
@@ -408,6 +410,42 @@ class _TwoHalves(torch.nn.Module):
         for layer in self.second:
             x = layer(x)
         return x
+
+
+def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatch):
+    """The first graph is asked, before any step of its own was measured, for more room than any of
+    its plans gives: the error names the room asked for (it used to fail on the missing
+    measurement with an IndexError)."""
+    import sac_compiler.backend as backend_module
+    from sac_compiler.config import format_bytes
+
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak
+    slack = span.no_recompute_peak - span.smallest_budget
+    held = 2 * slack  # the second graph lacks more room than the first can give
+    outside = iter([0, held])
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=_Peaks([budget - 1] * 4)))
+        return enforcers[-1]
+
+    with pytest.raises(BudgetExceededError, match=r"a graph later in the step asked it for .* of room, and no plan "
+                                                   r"leaves room for the .* a graph later in the step asked it to "
+                                                   r"give up: .*smallest feasible peak") as raised:
+        _steps(model, x, backend, 4)
+    first = enforcers[0]
+    assert first.measured == [] and first._asked_room > slack
+    assert format_bytes(first._asked_room) in str(raised.value)
+    # the failed step's tensors (held by the traceback) must not leave the first graph waiting for
+    # a backward in later tests' steps
+    del raised
+    gc.collect()
+    assert not first._awaits_backward()
 
 
 def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatch):
