@@ -80,9 +80,13 @@ class SACPartitioner(CustomPartitionerFn):
     """
 
     def __init__(self, config: SACConfig, source_gm: fx.GraphModule, outside_bytes: int = 0,
-                 runs_per_step: int = 1) -> None:
+                 runs_per_step: int | None = None) -> None:
+        if runs_per_step is None:
+            runs_per_step = config.runs_per_step
         if runs_per_step < 1:
             raise ValueError(f"runs_per_step must be at least 1, got {runs_per_step}")
+        if config.runs_per_step != runs_per_step:  # the plan counts the runs (SACConfig.runs_per_step)
+            config = dataclasses.replace(config, runs_per_step=runs_per_step)
         self.config = config
         self.source_gm = source_gm
         self.outside_bytes = outside_bytes  # device memory held outside the graph (see outside_bytes())
@@ -524,7 +528,7 @@ def compile_graph(
         fsdp = fsdp_inputs(example_inputs, config.world_size or 1)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
-                     runs_per_step: int = 1, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
+                     runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
@@ -542,11 +546,13 @@ def compile_graph(
         def enforced(extra_bytes: int) -> BudgetEnforcer:
             if read_peak is not None:
                 return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once, read_peak,
-                                      read_allocated=read_allocated, extra_bytes=extra_bytes)
+                                      read_allocated=read_allocated, extra_bytes=extra_bytes,
+                                      runs_per_step=config.runs_per_step)
             return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once,
                                   functools.partial(torch.cuda.max_memory_allocated, device),
                                   functools.partial(torch.cuda.reset_peak_memory_stats, device),
-                                  functools.partial(torch.cuda.memory_allocated, device), extra_bytes=extra_bytes)
+                                  functools.partial(torch.cuda.memory_allocated, device), extra_bytes=extra_bytes,
+                                  runs_per_step=config.runs_per_step)
 
         try:
             return enforced(0)

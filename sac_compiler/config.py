@@ -191,6 +191,10 @@ class SACConfig:
     # at that moment only (an int of bytes or a string like '1.5GiB'). Run-time enforcement measures
     # it and plans again with it
     loss_memory: int = 0
+    # how many times the compiled graph runs forward before the backwards of one step (a block
+    # compiled once and called for every block of the model, as torchtitan compiles): each run holds
+    # what it saves for its backward through the others. Run-time enforcement finds it on CUDA
+    runs_per_step: int = 1
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
     # memory (sac_compiler.offload; the planning path does not take it yet)
     offload: bool = False
@@ -241,6 +245,11 @@ class SACConfig:
         if not isinstance(self.hold_outputs, bool):
             raise ValueError(f"hold_outputs must be True or False, got {_describe(self.hold_outputs)}")
         self._set("loss_memory", parse_bytes(self.loss_memory, option="loss_memory", allow_zero=True))
+        if (isinstance(self.runs_per_step, bool) or not isinstance(self.runs_per_step, numbers.Integral)
+                or self.runs_per_step < 1):
+            raise ValueError(f"runs_per_step must be an int >= 1 (how many times the compiled graph runs forward "
+                             f"before the backwards of a step), got {_describe(self.runs_per_step)}")
+        self._set("runs_per_step", int(self.runs_per_step))
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {_describe(self.offload)}")
         if self.host_memory_budget is not None:

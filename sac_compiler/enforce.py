@@ -104,7 +104,8 @@ class BudgetEnforcer:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
                  read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None,
-                 read_allocated: Callable[[], int] | None = None, extra_bytes: int = 0) -> None:
+                 read_allocated: Callable[[], int] | None = None, extra_bytes: int = 0,
+                 runs_per_step: int = 1) -> None:
         self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         self._compile = compile
         self.budget_bytes = budget_bytes
@@ -125,7 +126,7 @@ class BudgetEnforcer:
         self._step_queued = False
         self._alone = False  # no other enforced graph ran in the step under way
         self._pending: list[weakref.ref[Any]] = []  # autograd nodes of forward runs awaiting backward
-        self.runs_per_step = 1  # forward runs per step the plan now running counts
+        self.runs_per_step = runs_per_step  # forward runs per step the plan now running counts
         self._pending_runs: int | None = None
         self.read_allocated = read_allocated
         # the caller's loss between forward and backward, as measured (None: not measured) and as
@@ -135,7 +136,8 @@ class BudgetEnforcer:
         self._pending_loss_memory: int | None = None
         self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
         self._backward_mark: int | None = None  # the high-water mark as backward reached the graph
-        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes, runs_per_step=1)
+        self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes,
+                                                  runs_per_step=runs_per_step)
 
     def _fresh(self) -> fx.GraphModule:
         return fx.GraphModule(self._pristine, copy.deepcopy(self._pristine.graph))

@@ -587,7 +587,8 @@ def plan_joint(
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
     )
-    result = GraphPlanResult(analysis, baseline_peak=analysis.memory.peak_bytes + outside_bytes,
+    result = GraphPlanResult(analysis, baseline_peak=with_other_runs(analysis.memory, config.runs_per_step - 1).peak_bytes
+                             + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
                              hold_outputs=config.hold_outputs, loss_memory=config.loss_memory)
     if config.memory_budget is not None:
@@ -609,6 +610,7 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     """The lowest peak found on this annotated graph (random ops kept), by a plan the exact memory
     simulation confirms; never below the optimizer step's own peak."""
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
+    problem = _with_runs(problem, analysis, config)
     peak, _, _, _ = _lowest_plan(problem, analysis, config, _solver_options(config, analysis))
     return max(peak, _after_graph_peak(analysis))
 
@@ -741,12 +743,13 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     outside = result.outside_bytes
     fused = config.compiler == "inductor"
     problem, kept_random, kept_ops = build_plan_problem(analysis, fused_pointwise=fused)
+    problem = _with_runs(problem, analysis, config)
     options = _solver_options(config, analysis)
     fastest = result.fastest
     if fused and fastest is None:
         # Under Inductor the fastest plan already recomputes the pointwise values that are cheaper
         # to recompute than to write out: a fraction is of its activations.
-        fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline)), options)
+        fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline) + problem.held_by_other_runs), options)
         result.fastest = fastest
     step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
@@ -1222,10 +1225,11 @@ def simulate_plan(result: GraphPlanResult, config: SACConfig) -> Any:
 
 
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
-    """The exact memory simulation of the joint graph with ``recompute`` recomputed."""
+    """The exact memory simulation of the joint graph with ``recompute`` recomputed (with the
+    other runs of ``config.runs_per_step``, see ``with_other_runs``)."""
     from sac_compiler.passes.annotate_memory import annotate_memory
 
-    return annotate_memory(
+    return with_other_runs(annotate_memory(
         analysis.graph.gm,
         target_device=analysis.graph.target_device,
         num_fwd_outputs=analysis.graph.num_fwd_outputs,
@@ -1237,4 +1241,28 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
         sharding=analysis.graph.sharding(),
-    )
+    ), config.runs_per_step - 1)
+
+
+def _with_runs(problem: Any, analysis: Any, config: SACConfig) -> Any:
+    """The program for ``config.runs_per_step`` runs of the graph in a step: each other run holds
+    what the simulation holds at the end of forward (as ``with_other_runs`` counts it)."""
+    if config.runs_per_step <= 1:
+        return problem
+    memory = analysis.memory
+    return dataclasses.replace(problem, other_runs=config.runs_per_step - 1,
+                               held_per_run=max(0, memory.end_of_forward_bytes - memory.static_bytes))
+
+
+def with_other_runs(sim: Any, other_runs: int) -> Any:
+    """A joint-graph simulation of one run, with ``other_runs`` more runs of the graph in the step
+    (``SACConfig.runs_per_step`` less one): each holds what this run holds at its end of forward
+    (its saved values, its outputs) through every step of this one. Its peak, end of forward,
+    step peaks and timeline include them; its lifetimes and category timeline stay those of one run."""
+    if other_runs <= 0:
+        return sim
+    extra = other_runs * max(0, sim.end_of_forward_bytes - sim.static_bytes)
+    return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + extra,
+                               end_of_forward_bytes=sim.end_of_forward_bytes + extra,
+                               step_peaks=[p + extra for p in sim.step_peaks],
+                               timeline=[(node, live + extra) for node, live in sim.timeline])

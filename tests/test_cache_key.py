@@ -51,6 +51,7 @@ _OTHER_VALUES = {
     "enforce_budget": lambda: False,
     "hold_outputs": lambda: False,
     "loss_memory": lambda: 2**30,
+    "runs_per_step": lambda: 8,
     "offload": lambda: True,
     "host_memory_budget": lambda: 32 * 2**30,
 }

@@ -39,6 +39,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "enforce_budget": {"bool"},
     "hold_outputs": {"bool"},
     "loss_memory": set(),
+    "runs_per_step": set(),
     "offload": {"bool"},
     "host_memory_budget": {"None"},  # None: unlimited pinned host memory
 }
@@ -117,6 +118,9 @@ _BAD: list[Any] = [
     pytest.param({"loss_memory": "a lot"}, ["cannot read", "GiB"], id="loss-unreadable"),
     pytest.param({"loss_memory": -1}, [_BYTES], id="loss-negative"),
     pytest.param({"loss_memory": 0.5}, [_BYTES], id="loss-fractional"),
+    pytest.param({"runs_per_step": 0}, ["runs_per_step must be an int >= 1"], id="runs-zero"),
+    pytest.param({"runs_per_step": 2.0}, ["runs_per_step must be an int >= 1"], id="runs-float"),
+    pytest.param({"runs_per_step": True}, ["runs_per_step must be an int >= 1"], id="runs-bool"),
     # offload, host_memory_budget
     pytest.param({"offload": "yes"}, ["True or False"], id="offload-str"),
     pytest.param({"offload": 1}, ["True or False"], id="offload-int"),

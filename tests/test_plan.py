@@ -740,3 +740,33 @@ def test_freezing_parameters_mid_training_replans_at_the_same_fraction():
     for g, r in zip(grads(compiled), grads(model), strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
     assert len(records) == 2 and all(r.predicted_peak <= r.budget_bytes for r, _fw, _bw in records)
+
+
+def test_a_plan_for_several_runs_counts_what_each_other_run_holds():
+    """A graph run 8 times before its backwards (one block compiled for eight blocks): the program
+    and the simulation count 7 other runs holding what one run keeps at its end of forward. The plan
+    for 8 runs fits the budget with them counted; the plan one run would make at the same budget
+    keeps more and, with the other runs' share, does not."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64)
+    graph = capture_joint(Nested(dim=64, n_layers=1), x)
+    one = plan_graph.plan_joint(graph, SACConfig(compiler="eager", memory_budget=1.0))
+    single = one.analysis.memory
+    held = single.end_of_forward_bytes - single.static_bytes
+    assert held > 0
+    budget = single.peak_bytes + 3 * held  # room for three runs' worth kept, not eight
+    config = SACConfig(compiler="eager", memory_budget=budget, runs_per_step=8)
+    eight = plan_graph.plan_joint(capture_joint(Nested(dim=64, n_layers=1), x), config)
+    assert eight.plan.recompute and eight.predicted_peak <= budget
+    # the same plan simulated as one run: the prediction is its peak plus seven times what it
+    # holds at its end of forward
+    alone = plan_graph.simulate_plan(eight, SACConfig(compiler="eager", memory_budget=budget))
+    kept = alone.end_of_forward_bytes - alone.static_bytes
+    assert eight.predicted_peak == alone.peak_bytes + 7 * kept
+    one_run = plan_graph.plan_joint(capture_joint(Nested(dim=64, n_layers=1), x),
+                                    SACConfig(compiler="eager", memory_budget=budget))
+    one_sim = plan_graph.simulate_plan(one_run, SACConfig(compiler="eager", memory_budget=budget))
+    assert one_sim.peak_bytes + 7 * (one_sim.end_of_forward_bytes - one_sim.static_bytes) > budget
+    assert kept > 0

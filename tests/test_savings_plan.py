@@ -211,3 +211,86 @@ def test_greedy_plans_are_valid_and_never_beat_the_optimum():
     assert planned >= feasible // 2, (planned, feasible)
     roomy = SavingsProblem(problem.candidates, problem.baseline, max(problem.baseline))
     assert greedy_savings_plan(roomy).recompute == frozenset()
+
+
+# A graph that runs several times before its backwards (one compiled block for every block): the
+# other runs hold what this one keeps at the end of forward through every step. The evaluator
+# below counts that on its own, from the one-run savings and the plan's kept values.
+
+
+def _step_peaks_with_runs(problem: SavingsProblem, runs: int, recompute: set[str], kept: set[str]) -> list[int]:
+    one_run = SavingsProblem(problem.candidates, problem.baseline, 0)
+    saved = savings_profile(one_run, recompute, kept)
+    held = sum(c.nbytes for c in problem.candidates
+               if (c.first_use is not None and c.name not in recompute) or c.name in kept)
+    return [b - s + (runs - 1) * held for b, s in zip(problem.baseline, saved)]
+
+
+def _brute_force_runs(problem: SavingsProblem, runs: int, budget: int) -> float | None:
+    names = [c.name for c in problem.candidates]
+    bare = [c.name for c in problem.candidates if c.first_use is None]
+    best = None
+    for bits in itertools.product((0, 1), repeat=len(names)):
+        recompute = {n for n, b in zip(names, bits) if b}
+        for kbits in itertools.product((0, 1), repeat=len(bare)):
+            kept = {n for n, b in zip(bare, kbits) if b}
+            try:
+                check_plan(problem, recompute, kept)
+            except ValueError:
+                continue
+            if max(_step_peaks_with_runs(problem, runs, recompute, kept)) <= budget:
+                cost = sum(c.cost_ms for c in problem.candidates if c.name in recompute)
+                best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_other_runs_hold_what_one_run_keeps_at_every_step():
+    problem = _chain()
+    # one run fits 2600 by recomputing a alone (test_hand_checked_chain). With two runs the other
+    # holds what this one keeps: {a} leaves b held (2000 B) and peaks at 3500 - 1000 + 2000 = 4500;
+    # {b} leaves a held and peaks at 3500 + 1000 at step 1; only {a, b} fits 4000 (3500 at step 1)
+    two = SavingsProblem(problem.candidates, problem.baseline, 4000, other_runs=1)
+    assert max(_step_peaks_with_runs(problem, 2, {"a"}, set())) == 4500
+    assert max(_step_peaks_with_runs(problem, 2, {"b"}, set())) == 4500
+    plan = solve_savings_plan(two, EXACT)
+    assert plan.recompute == {"a", "b"} and plan.recompute_ms == pytest.approx(6.0)
+    assert _brute_force_runs(problem, 2, 4000) == pytest.approx(6.0)
+    peaks = _step_peaks_with_runs(problem, 2, set(plan.recompute), set(plan.kept_for_recompute))
+    assert peaks == [500, 3500, 1500, 1500]
+    # the module's own evaluator agrees with the independent one
+    assert [b + two.held_by_other_runs - s for b, s in zip(two.baseline, savings_profile(
+        two, plan.recompute, plan.kept_for_recompute))] == peaks
+    assert min_feasible_peak(two, EXACT) == 3500
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_milp_with_other_runs_matches_brute_force(seed):
+    rng = random.Random(500 + seed)
+    problem = _random_problem(rng)
+    runs = rng.randint(2, 4)
+    top = max(_step_peaks_with_runs(problem, runs, set(), set()))
+    budget = rng.randint(min(problem.baseline) // 2, top)
+    expected = _brute_force_runs(problem, runs, budget)
+    bounded = SavingsProblem(problem.candidates, problem.baseline, budget, other_runs=runs - 1)
+    if expected is None:
+        with pytest.raises(InfeasibleError):
+            solve_savings_plan(bounded, EXACT)
+        return
+    plan = solve_savings_plan(bounded, EXACT)
+    check_plan(bounded, set(plan.recompute), set(plan.kept_for_recompute))
+    assert max(_step_peaks_with_runs(problem, runs, set(plan.recompute), set(plan.kept_for_recompute))) <= budget
+    assert plan.recompute_ms == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_min_feasible_peak_with_other_runs_matches_brute_force(seed):
+    rng = random.Random(700 + seed)
+    problem = SavingsProblem(*dataclass_fields(_random_problem(rng)), other_runs=2)
+    peak = min_feasible_peak(problem, EXACT)
+    # the program counts MiB in floats: its peak may round a byte either way
+    assert _brute_force_runs(problem, 3, peak + 1) is not None
+    assert _brute_force_runs(problem, 3, peak - 2) is None
+
+
+def dataclass_fields(problem: SavingsProblem) -> tuple:
+    return problem.candidates, problem.baseline, problem.budget

@@ -21,6 +21,11 @@ Two corrections keep it honest:
 The objective is time: each recomputed value's ``cost_ms``, and each kept value's ``keep_cost_ms``
 (what a fusing compiler pays to write a value out in forward and read it back in backward).
 
+A graph that runs several times before its backwards (one compiled block serving every block of
+a model) holds, through each run, what ``other_runs`` earlier runs keep for their backwards: every
+step needs ``other_runs`` times the bytes kept at the end of forward more, and a value recomputed
+(or one kept for a recomputation) lowers (raises) that at every step.
+
 The lifetimes are a model: the caller re-checks a plan on its exact memory simulation and
 tightens the budget if the check finds a higher peak.
 """
@@ -98,10 +103,26 @@ class SavingsProblem:
     candidates: tuple[Candidate, ...]
     baseline: tuple[int, ...]
     budget: int
+    # runs of the same graph whose kept values are held through this run (runs in a step less one)
+    other_runs: int = 0
+    # what one run holds at its end of forward with everything kept (None: the values backward
+    # reads; a caller with an exact simulation gives its figure, outputs included)
+    held_per_run: int | None = None
+
+    @property
+    def held_by_other_runs(self) -> int:
+        """What the other runs hold with everything kept."""
+        if not self.other_runs:
+            return 0
+        held = self.held_per_run
+        if held is None:
+            held = sum(c.nbytes for c in self.candidates if c.first_use is not None)
+        return self.other_runs * held
 
     @property
     def need(self) -> tuple[int, ...]:
-        return tuple(b - self.budget for b in self.baseline)
+        held = self.held_by_other_runs
+        return tuple(b + held - self.budget for b in self.baseline)
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,10 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
                                     if w in recompute and when[w] is not None and when[w] < when[c.name])
     for u, step in materialised:  # once per step, however many rebuilds read it there
         saved[step] -= by_name[u].nbytes
+    if problem.other_runs:  # what the other runs no longer (or also) hold, at every step
+        held = sum(c.nbytes for c in problem.candidates if c.name in recompute and c.first_use is not None)
+        held -= sum(c.nbytes for c in problem.candidates if c.name in kept and c.first_use is None)
+        saved = [v + problem.other_runs * held for v in saved]
     return saved
 
 
@@ -331,10 +356,11 @@ def min_peak_plan(problem: SavingsProblem, options: SolverOptions | None = None)
     start = time.perf_counter()
     model, r, kept, suffixes, reach = _build(problem, options, "savings_min_peak")
     peak = model.add_var(name="peak", var_type=CONTINUOUS, lb=0)
+    held = problem.held_by_other_runs
     for var, lo, hi in suffixes:
-        model += peak >= _mib(max(problem.baseline[lo:hi])) - var  # the peak on steps [lo, hi)
+        model += peak >= _mib(max(problem.baseline[lo:hi]) + held) - var  # the peak on steps [lo, hi)
     if reach < len(problem.baseline):
-        model += peak >= _mib(max(problem.baseline[reach:]))
+        model += peak >= _mib(max(problem.baseline[reach:]) + held)
     model.objective = peak
     outcome = solve(model, options)
     return int(round(outcome.objective_value * _MIB)), _plan(problem, r, kept, outcome, start)
@@ -361,7 +387,10 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str,
     # python-mip passes -inf on to some solvers as 0
     floor = _mib(sum(c.nbytes for c in cands)) + 1.0
     # values whose recomputation can matter, and group members (their group may be recomputed)
-    recomputable = [c for c in cands if not c.must_save and (c.group is not None or _useful(c, by_name, consumers))]
+    # (with other runs every input kept for a recomputation costs at every step: any value may
+    # then be worth recomputing instead)
+    recomputable = [c for c in cands if not c.must_save and (
+        c.group is not None or problem.other_runs > 0 or _useful(c, by_name, consumers))]
     r = {c.name: m.add_var(name=f"r_{i}", var_type=BINARY) for i, c in enumerate(recomputable)}
 
     # groups share one decision
@@ -435,6 +464,14 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str,
     for u, k in kept.items():
         until = _input_reach(u, consumers, reach)
         add(until + 1 if _feeds_inline(by_name[u], by_name, consumers) else until, -_mib(by_name[u].nbytes) * k)
+    if problem.other_runs:
+        # the other runs hold what this one keeps at the end of forward, through every step
+        runs = problem.other_runs
+        for c in recomputable:
+            if c.first_use is not None:
+                add(steps, _mib(runs * c.nbytes) * r[c.name])
+        for u, k in kept.items():
+            add(steps, -_mib(runs * by_name[u].nbytes) * k)
 
     # transients: rebuilding v at when[v] materialises the recomputed inputs that backward never
     # reads (those it reads are covered by their shortened prefix above); an inline v is rebuilt
