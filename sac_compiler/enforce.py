@@ -52,6 +52,9 @@ MAX_SCALE = 4.0
 # the enforced graphs whose step is under way (forward run, backward not finished): a graph that
 # ran alone in its step is the only one whose prediction the step's measured peak can be set against
 _IN_STEP: weakref.WeakSet[BudgetEnforcer] = weakref.WeakSet()
+# forward calls of every enforced graph so far: a graph whose backward starts after another graph
+# ran forward (a graph break) cannot read the caller's loss from the mark between its own
+_FORWARD_CALLS = [0]
 
 
 def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int | None:
@@ -135,7 +138,8 @@ class BudgetEnforcer:
         self.loss_memory: int | None = None
         self._pending_loss_memory: int | None = None
         self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
-        self._backward_mark: int | None = None  # the high-water mark as backward reached the graph
+        # the high-water mark as backward reached the graph (-1: other graphs ran forward in between)
+        self._backward_mark: int | None = None
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes,
                                                   runs_per_step=runs_per_step)
 
@@ -157,6 +161,7 @@ class BudgetEnforcer:
             if self._steps == MEASURED_STEP - 1:
                 self._before = self._mark_before_step()
         self._calls += 1
+        _FORWARD_CALLS[0] += 1
         out = self.compiled(*args)
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tensors or self._steps >= MEASURED_STEP:
@@ -168,13 +173,15 @@ class BudgetEnforcer:
             measuring = self._steps == MEASURED_STEP - 1 and self.read_allocated is not None
             if measuring:  # what forward leaves, and the mark so far (the forward's own peak)
                 self._forward_end = (self.read_allocated(), self.read_peak())
+                forward_calls = _FORWARD_CALLS[0]
 
             def backward_started(_grads: Any) -> None:
                 # the outputs the caller still holds as its backward starts stay alive through it
                 held = {id(t): t for t in (ref() for ref in outputs) if t is not None}
                 self._held.append(sum(t.untyped_storage().nbytes() for t in held.values()))
                 if measuring and self._backward_mark is None:  # the mark after the caller's loss
-                    self._backward_mark = self.read_peak()
+                    # (none when other graphs ran forward in between: their peaks are in the mark)
+                    self._backward_mark = self.read_peak() if _FORWARD_CALLS[0] == forward_calls else -1
                 if not self._step_queued:  # once per backward pass, however many runs it goes through
                     self._step_queued = True
                     # backward starts once every graph of the step has run forward

@@ -412,6 +412,29 @@ class _TwoHalves(torch.nn.Module):
         return x
 
 
+def test_the_graph_before_a_break_does_not_take_the_next_graphs_peak_for_the_callers_loss():
+    """With a graph break the step runs the second graph's forward and backward between the first
+    graph's forward and its backward: the mark rising there is the second graph's, not the
+    caller's loss, and the first graph does not plan for it as one."""
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = 4 * span.no_recompute_peak
+    marks = iter(range(budget // 2, budget))  # every read a byte higher, all under the budget
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=lambda: next(marks), read_allocated=lambda: budget // 4))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 3)
+    first, second = enforcers
+    assert first.measured and first.measured_loss_memory is None and first.replans == 0
+    # the second graph's own gap (its forward's end to its backward) is the caller's: read as before
+    assert second.measured_loss_memory is not None and second.measured_loss_memory > 0
+
+
 def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatch):
     """The first graph is asked, before any step of its own was measured, for more room than any of
     its plans gives: the error names the room asked for (it used to fail on the missing
