@@ -131,6 +131,10 @@ def _run(name: str, args: LlamaArgs, device: torch.device, mesh: Any, checkpoint
     gathered = [torch.zeros_like(figures) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, figures)  # each rank's figures (gloo needs CPU tensors: these are)
     ranks = torch.stack(gathered)
+    if dist.get_rank() == 0:  # progress: each strategy as it finishes
+        peak_text = f"peak {int(ranks[:, 0].max()) / 2**30:.3f} GiB, " if peak is not None else ""
+        print(f"[fsdp] {name}: {peak_text}step {float(ranks[:, 2].max()):.2f} ms, first step {first_s:.1f} s",
+              flush=True)
     return {
         "strategy": name,
         "peak_bytes": int(ranks[:, 0].max()) if peak is not None else None,
