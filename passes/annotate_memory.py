@@ -181,6 +181,7 @@ def annotate_memory(
     disabled_rules: Iterable[str] = (),
     loss_memory: int = 0,
     sharding: Any = None,
+    freed_before_optimizer: int = 0,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate the joint graph in its order; return the result.
 
@@ -191,6 +192,9 @@ def annotate_memory(
     between forward and backward (a loss computed outside), counted at the end of forward only.
     ``sharding``: the graph's FSDP2 parameters and their shards (a
     :class:`sac_compiler.distributed.FSDPSharding`; the ``fsdp_sharding`` rule).
+    ``freed_before_optimizer``: bytes counted as held outside the graph while it runs that are
+    freed before the optimizer step (what the step's earlier graphs hold for their backwards, for a
+    graph after a graph break): the optimizer step's peak is that much lower against them.
     """
     from sac_compiler.capture import InputKind, capture_info
 
@@ -538,6 +542,7 @@ def annotate_memory(
         reduce_scatter_peak = sweep.timeline[-1][2] + round_allocation(sharding.reduce_scatter_bytes, device)
     step_peak = _optimizer_step_peak(optimizer, static_bytes - gathered, opt_state, alloc, grad_owners,
                                      _sharded_gradients(nodes, owner, n_fwd, sharding), sharded_grads)
+    step_peak = max(0, step_peak - freed_before_optimizer)
     last = max(step_peak, reduce_scatter_peak)
     result = MemorySimulation(
         peak_bytes=max(peak, last),

@@ -37,6 +37,9 @@ class Analysis:
     memory: MemorySimulation
     runtime_ms: float
     device_spec: DeviceSpec
+    # memory counted outside the graph while it runs but freed before the optimizer step (see
+    # annotate_memory): every simulation of the graph's plans counts it so
+    freed_before_optimizer: int = 0
 
 
 def analyze(
@@ -50,13 +53,15 @@ def analyze(
     saved_for_backward: bool = True,
     hold_outputs: bool = False,
     loss_memory: int = 0,
+    freed_before_optimizer: int = 0,
 ) -> Analysis:
     """Annotate ``graph.gm`` with every pass; return their graph-level results.
 
     ``saved_for_backward=False``: leave out what PyTorch's default partition saves (the
     statistics need it; the backend's planning does not). ``hold_outputs``: the caller keeps the
     forward outputs until backward, ``loss_memory``: what its loss holds between forward and
-    backward (see ``annotate_memory``)."""
+    backward, ``freed_before_optimizer``: memory held outside the graph that the optimizer step
+    no longer sees (see ``annotate_memory``)."""
     spec = resolve_device_spec(device)
     orders = annotate_modules(graph.gm, graph.root_name)
     parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None,
@@ -72,9 +77,10 @@ def analyze(
         hold_outputs=hold_outputs,
         loss_memory=loss_memory,
         sharding=graph.sharding(),
+        freed_before_optimizer=freed_before_optimizer,
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
-    return Analysis(graph, orders, parents, memory, runtime, spec)
+    return Analysis(graph, orders, parents, memory, runtime, spec, freed_before_optimizer)
 
 
 def summary_rows(analysis: Analysis) -> list[tuple[str, str]]:

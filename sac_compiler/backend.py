@@ -93,6 +93,9 @@ class SACPartitioner(CustomPartitionerFn):
         # how many times the graph runs forward before its backwards in one step (one graph serving
         # every block of a model compiled block by block): the other runs hold what each saves
         self.runs_per_step = runs_per_step
+        # of outside_bytes: what the step's earlier graphs hold for their backwards as this one is
+        # compiled (a graph after a graph break), freed before the optimizer step
+        self.freed_before_optimizer = 0
         self.last_result: Any = None
         self.ran = False  # called at least once (False after a compile that a cache served)
         # the FSDP2 parameters among the graph's inputs (sac_compiler.distributed.FSDPInputs), if any
@@ -130,7 +133,8 @@ class SACPartitioner(CustomPartitionerFn):
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                              outside_bytes=self.outside_bytes, fsdp=self.fsdp)
+                              outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                              freed_before_optimizer=self.freed_before_optimizer)
         self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
@@ -162,7 +166,8 @@ class SACPartitioner(CustomPartitionerFn):
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
+                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result,
+                                                 freed_before_optimizer=self.freed_before_optimizer)
                         break
                     except BudgetError:
                         target = (target + plannable) // 2  # too low for any plan: halfway back
@@ -206,7 +211,8 @@ class SACPartitioner(CustomPartitionerFn):
             target = result.predicted_peak + int(share * slack)
             try:
                 candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config, target=target,
-                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result)
+                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                                         previous=result, freed_before_optimizer=self.freed_before_optimizer)
             except BudgetError:
                 continue
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:
@@ -532,6 +538,11 @@ def compile_graph(
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
+        from sac_compiler.enforce import held_for_backwards
+
+        # the step's graphs before this one (a graph break) hold their saved values now, counted in
+        # what is held outside it, and free them before the optimizer step
+        partitioner.freed_before_optimizer = held_for_backwards()
         return _compile(graph, inputs, planned, partitioner), partitioner
 
     device = _cuda_device(example_inputs)

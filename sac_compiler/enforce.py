@@ -57,6 +57,18 @@ _IN_STEP: weakref.WeakSet[BudgetEnforcer] = weakref.WeakSet()
 _FORWARD_CALLS = [0]
 
 
+def held_for_backwards() -> int:
+    """What the enforced graphs that ran forward in the step under way, and wait for their
+    backward, hold for it: each run's saved values and the inputs its backward reads, as their
+    plans count them."""
+    held = 0
+    for enforcer in list(_IN_STEP):
+        result = enforcer.result
+        if enforcer._awaits_backward() and result is not None:
+            held += max(1, enforcer._calls) * (result.held_per_run_bytes or 0)
+    return held
+
+
 def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int | None:
     """A graph compiled in the middle of a step (after a graph break) has no plan under the budget
     with what the step's earlier graphs hold while it runs. If those graphs wait for their

@@ -523,13 +523,18 @@ def plan_and_tag(
     outside_bytes: int = 0,
     previous: GraphPlanResult | None = None,
     fsdp: Any = None,
+    freed_before_optimizer: int = 0,
 ) -> GraphPlanResult | None:
     """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag.
 
-    ``fsdp``: the FSDP2 parameters among the graph's inputs (``sac_compiler.distributed.FSDPInputs``)."""
+    ``fsdp``: the FSDP2 parameters among the graph's inputs (``sac_compiler.distributed.FSDPInputs``).
+    ``freed_before_optimizer``: of ``outside_bytes``, what is freed before the optimizer step (what
+    the step's earlier graphs hold for their backwards, for a graph after a graph break)."""
     if config.memory_budget is None and not config.report:
         return None
-    if previous is not None and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]:
+    freed_before_optimizer = min(freed_before_optimizer, outside_bytes)
+    if (previous is not None and previous.analysis.freed_before_optimizer == freed_before_optimizer
+            and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]):
         # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
@@ -551,7 +556,7 @@ def plan_and_tag(
     )
     attach_capture_info(graph)
     try:
-        result = plan_joint(graph, config, target, budget, outside_bytes)
+        result = plan_joint(graph, config, target, budget, outside_bytes, freed_before_optimizer)
     finally:
         # Inductor pickles the graph for its cache: keep only the per-node records (plain data) on
         # it, whether or not a plan was made (the capture record refers back to the graph)
@@ -566,12 +571,14 @@ def plan_and_tag(
 
 def plan_joint(
     graph: JointGraph, config: SACConfig, target: int | None = None, budget: int | None = None,
-    outside_bytes: int = 0,
+    outside_bytes: int = 0, freed_before_optimizer: int = 0,
 ) -> GraphPlanResult:
     """Annotate a captured joint graph and, with ``config.memory_budget``, plan and tag it.
 
     ``budget`` fixes the budget in bytes (else it comes from ``config``); ``target`` plans for a
     lower peak than the budget (the backend's correction when the partitioned graphs peak higher).
+    ``outside_bytes``: memory held outside the graph through the step, of which
+    ``freed_before_optimizer`` is freed before the optimizer step.
     """
     from sac_compiler.analysis import analyze
 
@@ -586,6 +593,7 @@ def plan_joint(
         saved_for_backward=False,
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
+        freed_before_optimizer=min(freed_before_optimizer, outside_bytes),
     )
     result = GraphPlanResult(analysis, baseline_peak=with_other_runs(analysis.memory, config.runs_per_step - 1).peak_bytes
                              + outside_bytes,
@@ -1241,6 +1249,7 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
         sharding=analysis.graph.sharding(),
+        freed_before_optimizer=analysis.freed_before_optimizer,
     ), config.runs_per_step - 1)
 
 

@@ -495,6 +495,11 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     _steps(model, x, backend, 4)
     first, second = enforcers
     assert isinstance(second, BudgetEnforcer)
+    # what the first graph held for its backward as the second compiled is freed before the
+    # optimizer step: the second graph's plan does not count it there
+    freed = second.partitioner.freed_before_optimizer
+    assert freed > 0
+    assert second.result.analysis.freed_before_optimizer == min(freed, second.partitioner.outside_bytes)
     room = second.partitioner.outside_bytes - held
     assert room < 0  # planned with the room the first graph gives
     assert first.replans == 1 and first.extra_bytes == -room

@@ -770,3 +770,28 @@ def test_a_plan_for_several_runs_counts_what_each_other_run_holds():
     one_sim = plan_graph.simulate_plan(one_run, SACConfig(compiler="eager", memory_budget=budget))
     assert one_sim.peak_bytes + 7 * (one_sim.end_of_forward_bytes - one_sim.static_bytes) > budget
     assert kept > 0
+
+
+def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
+    """What the step's earlier graphs hold for their backwards while this graph runs (a graph
+    after a graph break) is freed before the optimizer step: it counts against the graph's own
+    peak, not against the optimizer step's. A graph smaller than its optimizer step (a head of
+    large parameters on a few rows) was refused for it."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    head, x = nn.Linear(1024, 1024), torch.randn(8, 1024)
+    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
+    memory = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
+    graph_peak = max(memory.end_of_forward_bytes, *memory.step_peaks)
+    step = memory.optimizer_step_peak_bytes
+    assert step > graph_peak  # Adam's step holds a parameter-sized temporary; the graph's activations are few
+    held = step - graph_peak + 2**20  # what a graph before it holds for its backward
+    budget = graph_peak + held
+    config = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=budget)
+    with pytest.raises(plan_graph.BudgetError, match="optimizer step's own peak"):
+        plan_graph.plan_joint(capture_joint(head, x), config, outside_bytes=held)
+    result = plan_graph.plan_joint(capture_joint(head, x), config, outside_bytes=held, freed_before_optimizer=held)
+    assert result.analysis.freed_before_optimizer == held
+    assert result.analysis.memory.optimizer_step_peak_bytes == step - held
+    assert result.predicted_peak == budget and not result.plan.recompute
