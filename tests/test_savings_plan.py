@@ -127,7 +127,22 @@ def _random_problem(rng: random.Random) -> SavingsProblem:
     return SavingsProblem(tuple(candidates), baseline, budget=0)
 
 
-def _brute_force(problem: SavingsProblem, budget: int) -> float | None:
+# A graph that runs several times before its backwards (one compiled block for every block): the
+# other runs hold what this one keeps at the end of forward through every step. The evaluator
+# below counts that on its own, from the one-run savings and the plan's kept values.
+
+
+def _step_peaks_with_runs(problem: SavingsProblem, runs: int, recompute: set[str], kept: set[str]) -> list[int]:
+    one_run = SavingsProblem(problem.candidates, problem.baseline, 0)
+    saved = savings_profile(one_run, recompute, kept)
+    held = sum(c.nbytes for c in problem.candidates
+               if (c.first_use is not None and c.name not in recompute) or c.name in kept)
+    return [b - s + (runs - 1) * held for b, s in zip(problem.baseline, saved)]
+
+
+def _brute_force(problem: SavingsProblem, budget: int, runs: int = 1) -> float | None:
+    """The least recompute time of any valid plan whose every step (``_step_peaks_with_runs``, with
+    ``runs`` runs of the graph in the step) is within ``budget``; None when no plan is."""
     names = [c.name for c in problem.candidates]
     bare = [c.name for c in problem.candidates if c.first_use is None]
     best = None
@@ -139,8 +154,7 @@ def _brute_force(problem: SavingsProblem, budget: int) -> float | None:
                 check_plan(problem, recompute, kept)
             except ValueError:
                 continue
-            saved = savings_profile(problem, recompute, kept)
-            if all(b - s <= budget for b, s in zip(problem.baseline, saved)):
+            if max(_step_peaks_with_runs(problem, runs, recompute, kept)) <= budget:
                 cost = sum(c.cost_ms for c in problem.candidates if c.name in recompute)
                 best = cost if best is None else min(best, cost)
     return best
@@ -152,16 +166,21 @@ def test_milp_matches_brute_force(seed):
     problem = _random_problem(rng)
     low, high = min(problem.baseline) // 2, max(problem.baseline)
     budget = rng.randint(low, high)
-    expected = _brute_force(problem, budget)
-    bounded = SavingsProblem(problem.candidates, problem.baseline, budget)
+    _check_milp_against_brute_force(problem, budget, runs=1)
+
+
+def _check_milp_against_brute_force(problem: SavingsProblem, budget: int, runs: int) -> None:
+    """The program's plan for ``runs`` runs is valid, keeps every step within ``budget`` by the
+    independent evaluator, and is as fast as the brute-force optimum (or both find none)."""
+    expected = _brute_force(problem, budget, runs=runs)
+    bounded = SavingsProblem(problem.candidates, problem.baseline, budget, other_runs=runs - 1)
     if expected is None:
         with pytest.raises(InfeasibleError):
             solve_savings_plan(bounded, EXACT)
         return
     plan = solve_savings_plan(bounded, EXACT)
     check_plan(bounded, set(plan.recompute), set(plan.kept_for_recompute))
-    saved = savings_profile(bounded, plan.recompute, plan.kept_for_recompute)
-    assert all(b - s <= budget for b, s in zip(bounded.baseline, saved))
+    assert max(_step_peaks_with_runs(problem, runs, set(plan.recompute), set(plan.kept_for_recompute))) <= budget
     assert plan.recompute_ms == pytest.approx(expected, abs=1e-6)
 
 
@@ -213,37 +232,6 @@ def test_greedy_plans_are_valid_and_never_beat_the_optimum():
     assert greedy_savings_plan(roomy).recompute == frozenset()
 
 
-# A graph that runs several times before its backwards (one compiled block for every block): the
-# other runs hold what this one keeps at the end of forward through every step. The evaluator
-# below counts that on its own, from the one-run savings and the plan's kept values.
-
-
-def _step_peaks_with_runs(problem: SavingsProblem, runs: int, recompute: set[str], kept: set[str]) -> list[int]:
-    one_run = SavingsProblem(problem.candidates, problem.baseline, 0)
-    saved = savings_profile(one_run, recompute, kept)
-    held = sum(c.nbytes for c in problem.candidates
-               if (c.first_use is not None and c.name not in recompute) or c.name in kept)
-    return [b - s + (runs - 1) * held for b, s in zip(problem.baseline, saved)]
-
-
-def _brute_force_runs(problem: SavingsProblem, runs: int, budget: int) -> float | None:
-    names = [c.name for c in problem.candidates]
-    bare = [c.name for c in problem.candidates if c.first_use is None]
-    best = None
-    for bits in itertools.product((0, 1), repeat=len(names)):
-        recompute = {n for n, b in zip(names, bits) if b}
-        for kbits in itertools.product((0, 1), repeat=len(bare)):
-            kept = {n for n, b in zip(bare, kbits) if b}
-            try:
-                check_plan(problem, recompute, kept)
-            except ValueError:
-                continue
-            if max(_step_peaks_with_runs(problem, runs, recompute, kept)) <= budget:
-                cost = sum(c.cost_ms for c in problem.candidates if c.name in recompute)
-                best = cost if best is None else min(best, cost)
-    return best
-
-
 def test_other_runs_hold_what_one_run_keeps_at_every_step():
     problem = _chain()
     # one run fits 2600 by recomputing a alone (test_hand_checked_chain). With two runs the other
@@ -254,7 +242,7 @@ def test_other_runs_hold_what_one_run_keeps_at_every_step():
     assert max(_step_peaks_with_runs(problem, 2, {"b"}, set())) == 4500
     plan = solve_savings_plan(two, EXACT)
     assert plan.recompute == {"a", "b"} and plan.recompute_ms == pytest.approx(6.0)
-    assert _brute_force_runs(problem, 2, 4000) == pytest.approx(6.0)
+    assert _brute_force(problem, 4000, runs=2) == pytest.approx(6.0)
     peaks = _step_peaks_with_runs(problem, 2, set(plan.recompute), set(plan.kept_for_recompute))
     assert peaks == [500, 3500, 1500, 1500]
     # the module's own evaluator agrees with the independent one
@@ -270,27 +258,19 @@ def test_milp_with_other_runs_matches_brute_force(seed):
     runs = rng.randint(2, 4)
     top = max(_step_peaks_with_runs(problem, runs, set(), set()))
     budget = rng.randint(min(problem.baseline) // 2, top)
-    expected = _brute_force_runs(problem, runs, budget)
-    bounded = SavingsProblem(problem.candidates, problem.baseline, budget, other_runs=runs - 1)
-    if expected is None:
-        with pytest.raises(InfeasibleError):
-            solve_savings_plan(bounded, EXACT)
-        return
-    plan = solve_savings_plan(bounded, EXACT)
-    check_plan(bounded, set(plan.recompute), set(plan.kept_for_recompute))
-    assert max(_step_peaks_with_runs(problem, runs, set(plan.recompute), set(plan.kept_for_recompute))) <= budget
-    assert plan.recompute_ms == pytest.approx(expected, abs=1e-6)
+    _check_milp_against_brute_force(problem, budget, runs=runs)
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_min_feasible_peak_with_other_runs_matches_brute_force(seed):
     rng = random.Random(700 + seed)
-    problem = SavingsProblem(*dataclass_fields(_random_problem(rng)), other_runs=2)
+    problem = SavingsProblem(*_problem_parts(_random_problem(rng)), other_runs=2)
     peak = min_feasible_peak(problem, EXACT)
     # the program counts MiB in floats: its peak may round a byte either way
-    assert _brute_force_runs(problem, 3, peak + 1) is not None
-    assert _brute_force_runs(problem, 3, peak - 2) is None
+    assert _brute_force(problem, peak + 1, runs=3) is not None
+    assert _brute_force(problem, peak - 2, runs=3) is None
 
 
-def dataclass_fields(problem: SavingsProblem) -> tuple:
+def _problem_parts(problem: SavingsProblem) -> tuple:
+    """The positional fields of a one-run problem, to make it again with other runs."""
     return problem.candidates, problem.baseline, problem.budget
