@@ -1267,11 +1267,15 @@ def with_other_runs(sim: Any, other_runs: int) -> Any:
     """A joint-graph simulation of one run, with ``other_runs`` more runs of the graph in the step
     (``SACConfig.runs_per_step`` less one): each holds what this run holds at its end of forward
     (its saved values, its outputs) through every step of this one. Its peak, end of forward,
-    step peaks and timeline include them; its lifetimes and category timeline stay those of one run."""
+    step peaks and timeline include them; its lifetimes and category timeline stay those of one run.
+    The optimizer step (and FSDP's reduce-scatter after the graph) comes after every backward: the
+    other runs hold nothing there."""
     if other_runs <= 0:
         return sim
     extra = other_runs * max(0, sim.end_of_forward_bytes - sim.static_bytes)
-    return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + extra,
+    after = max(sim.optimizer_step_peak_bytes, sim.reduce_scatter_peak_bytes)
+    graph_peak = sim.peak_bytes if sim.peak_bytes > after else max([sim.end_of_forward_bytes, *sim.step_peaks])
+    return dataclasses.replace(sim, peak_bytes=max(graph_peak + extra, after),
                                end_of_forward_bytes=sim.end_of_forward_bytes + extra,
                                step_peaks=[p + extra for p in sim.step_peaks],
                                timeline=[(node, live + extra) for node, live in sim.timeline])

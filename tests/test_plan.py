@@ -772,6 +772,24 @@ def test_a_plan_for_several_runs_counts_what_each_other_run_holds():
     assert kept > 0
 
 
+def test_other_runs_hold_nothing_at_the_optimizer_step():
+    """A graph whose optimizer step peaks above its own run (Adam's parameter-sized temporary, few
+    activations): the other runs' saved values are gone by the optimizer step, so they raise the
+    graph's peak, not the step's."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    head, x = nn.Linear(1024, 1024), torch.randn(8, 1024)
+    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
+    sim = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
+    graph_peak = max(sim.end_of_forward_bytes, *sim.step_peaks)
+    held = sim.end_of_forward_bytes - sim.static_bytes
+    assert sim.peak_bytes == sim.optimizer_step_peak_bytes > graph_peak + held > graph_peak
+    assert plan_graph.with_other_runs(sim, 1).peak_bytes == sim.optimizer_step_peak_bytes
+    many = (sim.optimizer_step_peak_bytes - graph_peak) // held + 1  # enough runs to pass the step's peak
+    assert plan_graph.with_other_runs(sim, many).peak_bytes == graph_peak + many * held
+
+
 def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
     """What the step's earlier graphs hold for their backwards while this graph runs (a graph
     after a graph break) is freed before the optimizer step: it counts against the graph's own
