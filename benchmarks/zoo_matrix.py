@@ -7,7 +7,9 @@ plain ``torch.compile``; ``amb0.5``: ``activation_memory_budget=0.5``) and ``sac
 fraction F: ``backend="sac"`` with the absolute ``memory_budget`` = static + F x compile's extra
 peak, enforced at run time (the default). Every cell is its own process (``--cell``), so memory
 left by one cannot skew another; ``--jobs`` runs that many at once: the peaks are per process and
-exact, step times taken side by side are not comparable with a sequential run's (``--jobs 1``).
+exact. The compiles run side by side; everything after a cell's first step (the warm-up, where the
+enforced budget may plan again, and the timed steps) holds a lock that one cell at a time takes, so
+step times are taken with the GPU to one process (``--no-lock``: side by side, not comparable).
 
 A cell builds the model at ``--size`` on the GPU (bf16 parameters for the LMs' ``--dtype``),
 AdamW, takes ``--warmup`` steps (the first compiles; the enforced budget may plan again in the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import json
 import os
 import statistics
@@ -119,6 +122,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         step(batch, optimizer)
         torch.cuda.synchronize()
         out["first_step_s"] = time.perf_counter() - start
+        if cell.get("lock"):
+            lock = open(cell["lock"], "a")  # noqa: SIM115 - released when the process ends
+            waited = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out["lock_wait_s"] = time.perf_counter() - waited
         for _ in range(cell["warmup"] - 1):
             step(batch, optimizer)
         torch.cuda.synchronize()
@@ -257,6 +265,8 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"[{len(done)}/{total} {(time.perf_counter() - start) / 60:.1f} min] {_row(result)}", flush=True)
 
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
+    if args.lock:
+        base["lock"] = str(out.resolve() / "gpu.lock")
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         # plain compile first: it sets every budget of its (model, loop)
         plain = {pool.submit(_spawn, dict(base, model=m, loop=loop, strategy="compile"), out / "logs"): (m, loop) for m, loop in pairs}
@@ -348,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="record one more step of each sac and anchor cell with the CUDA allocator's history and "
                              "write it beside the simulation to OUT/timelines/CELL.png")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
+    parser.add_argument("--no-lock", dest="lock", action="store_false",
+                        help="let cells run their steps side by side (default: one cell's steps at a time)")
     args = parser.parse_args(argv)
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))), flush=True)
