@@ -236,6 +236,10 @@ def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, 
 def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
     """Run one cell in its own process; its stderr (the backend's log at INFO) goes to ``logs``."""
     env = dict(os.environ, SAC_LOG=os.environ.get("SAC_LOG", "info"))
+    if cell.get("lock"):
+        # compiles side by side must leave a core to the cell whose steps are timed
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "2")
+        env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT, env=env)
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
@@ -245,6 +249,41 @@ def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         return dict(cell, error=f"exit {proc.returncode}: {proc.stderr[-600:]}")
     return json.loads(lines[-1])
+
+
+def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The anchors again, and beside each ``sac`` with the anchor's own measured peak (from an earlier
+    run's ``cells.jsonl``, ``--at-peaks-of``) as its absolute budget: the same peak, one run, so the
+    step times compare (the anchors' peaks repeat exactly from run to run)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = [json.loads(line) for line in (Path(args.at_peaks_of) / "cells.jsonl").read_text().splitlines() if line]
+    base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
+    if args.lock:
+        base["lock"] = str(out.resolve() / "gpu.lock")
+    cells = []
+    for r in earlier:
+        if (r["model"] in args.models and r["loop"] in args.loops and r["strategy"] in args.anchors
+                and "error" not in r and r.get("dtype") == args.dtype and r.get("size") == args.size):
+            cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=r["strategy"]))
+            cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=f"sac@{r['strategy']}",
+                              budget_bytes=int(r["peak_bytes"]),
+                              **({"dump": str(out / "partitions")} if args.dump_partitions else {})))
+    return _run_cells(cells, out, args.jobs)
+
+
+def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:
+    done: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(_spawn, c, out / "logs") for c in cells]):
+            result = future.result()
+            done.append(result)
+            with (out / "cells.jsonl").open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"[{len(done)}/{len(cells)} {(time.perf_counter() - start) / 60:.1f} min] {_row(result)}", flush=True)
+    return done
+
 
 
 def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -358,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="record one more step of each sac and anchor cell with the CUDA allocator's history and "
                              "write it beside the simulation to OUT/timelines/CELL.png")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
+    parser.add_argument("--at-peaks-of", metavar="OUT",
+                        help="run the anchors again and sac with each anchor's peak measured in OUT as its budget")
     parser.add_argument("--no-lock", dest="lock", action="store_false",
                         help="let cells run their steps side by side (default: one cell's steps at a time)")
     args = parser.parse_args(argv)
@@ -370,7 +411,10 @@ def main(argv: list[str] | None = None) -> None:
             print(_row(r))
         _plot(rows, Path(args.from_json))
         return
-    run_matrix(args)
+    if args.at_peaks_of:
+        run_at_peaks(args)
+    else:
+        run_matrix(args)
 
 
 if __name__ == "__main__":
