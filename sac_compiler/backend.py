@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
+from sac_compiler.config import SACConfig, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -534,11 +534,8 @@ def compile_graph(
         fsdp = fsdp_inputs(example_inputs, config.world_size or 1)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
-                     runs_per_step: int | None = None, loss_memory: int | None = None,
-                     lowest: bool = False) -> tuple[Callable[..., Any], Any]:
+                     runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
-        if lowest:  # the lowest plan found (a budget refused on its simulation, tried by measuring)
-            planned = dataclasses.replace(planned, memory_budget=MemoryBudget(fraction=0.0))
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
         from sac_compiler.enforce import held_for_backwards
@@ -557,17 +554,16 @@ def compile_graph(
 
         budget_bytes = budget.bytes
 
-        def enforced(extra_bytes: int, trial: BudgetError | None = None) -> BudgetEnforcer:
-            compile_fn = compile_once if trial is None else functools.partial(compile_once, lowest=True)
+        def enforced(extra_bytes: int) -> BudgetEnforcer:
             if read_peak is not None:
-                return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_fn, read_peak,
+                return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once, read_peak,
                                       read_allocated=read_allocated, extra_bytes=extra_bytes,
-                                      runs_per_step=config.runs_per_step, trial=trial)
-            return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_fn,
+                                      runs_per_step=config.runs_per_step)
+            return BudgetEnforcer(gm, example_inputs, budget_bytes, compile_once,
                                   functools.partial(torch.cuda.max_memory_allocated, device),
                                   functools.partial(torch.cuda.reset_peak_memory_stats, device),
                                   functools.partial(torch.cuda.memory_allocated, device), extra_bytes=extra_bytes,
-                                  runs_per_step=config.runs_per_step, trial=trial)
+                                  runs_per_step=config.runs_per_step)
 
         try:
             return enforced(0)
@@ -575,25 +571,10 @@ def compile_graph(
             # with a graph break, the graphs that ran before this one in the step hold their saved
             # values while it runs: ask them for the room it lacks, and plan it with that room
             room = make_room_in_step(error, budget_bytes, _graph_name(gm))
-            if room is not None:
-                return enforced(-room)
-            if not _worth_a_trial(error, budget_bytes, device):
+            if room is None:
                 raise
-            log.warning("sac: %s; trying the lowest plan and measuring its step instead of refusing the budget on "
-                        "the simulation alone", error)
-            return enforced(0, trial=error)
+            return enforced(-room)
     return compile_once(gm, example_inputs, 0)[0]
-
-
-def _worth_a_trial(error: Exception, budget_bytes: int, device: torch.device | None) -> bool:
-    """Whether a budget refused at compile time is tried by measuring the lowest plan: the least
-    budget the planner names is within ``TRIAL_RATIO`` of it and, on CUDA, fits the device."""
-    from sac_compiler.enforce import TRIAL_RATIO
-
-    least = getattr(error, "least_budget", None)
-    if least is None or least > TRIAL_RATIO * budget_bytes:
-        return False
-    return device is None or least <= torch.cuda.get_device_properties(device).total_memory
 
 
 def _cuda_device(example_inputs: Sequence[Any]) -> torch.device | None:

@@ -19,13 +19,6 @@ the graph. A replan that gave back less than it was asked for makes the next one
 proportionally more. If the budget is still exceeded after that, the next call raises
 :class:`BudgetExceededError` naming the measured peak.
 
-A budget the planner refuses at compile time, though its lowest plan's simulated peak is within
-``TRIAL_RATIO`` of it, is not refused on the simulation alone (whose error on the lowest plans is
-larger than the margin it keeps): the lowest plan is compiled and measured as a trial
-(``trial=``), and it runs on if the step measured within the budget; over it, the next call
-raises :class:`BudgetExceededError` naming the measured peak and the compile-time refusal. No
-plan is made lower than the lowest, so a trial is never planned again.
-
 Two corrections need no measurement: a graph whose first step shows it running several times
 (one graph serving every block) is planned for all its runs, and a graph compiled after a graph
 break with no plan beside what the step's earlier graphs hold asks them for the room it lacks
@@ -54,10 +47,6 @@ MAX_REPLANS = 2
 MEASURED_STEP = 2
 # the most a later replan scales the measured excess by, after an earlier one gave back less
 MAX_SCALE = 4.0
-# a budget refused at compile time is tried by measurement when the least budget the planner
-# names is at most this many times it: the simulation put the lowest plans 1.06 to 1.30 times
-# above what every layer checkpointed measured on the H200 zoo (docs/results.md)
-TRIAL_RATIO = 1.5
 
 
 # the enforced graphs whose step is under way (forward run, backward not finished): a graph that
@@ -131,7 +120,7 @@ class BudgetEnforcer:
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], budget_bytes: int, compile: Compile,
                  read_peak: Callable[[], int], reset_peak: Callable[[], None] | None = None,
                  read_allocated: Callable[[], int] | None = None, extra_bytes: int = 0,
-                 runs_per_step: int = 1, trial: BudgetError | None = None) -> None:
+                 runs_per_step: int = 1) -> None:
         self._pristine = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         self._compile = compile
         self.budget_bytes = budget_bytes
@@ -163,8 +152,6 @@ class BudgetEnforcer:
         self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
         # the high-water mark as backward reached the graph (-1: other graphs ran forward in between)
         self._backward_mark: int | None = None
-        # the compile-time refusal of the budget, when ``compile`` makes the lowest plan as a trial
-        self.trial = trial
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes,
                                                   runs_per_step=runs_per_step)
 
@@ -335,17 +322,6 @@ class BudgetEnforcer:
             return
         log.info("sac: measured step peak %s, predicted %s, budget %s", format_bytes(peak),
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
-        if self.trial is not None:
-            if peak <= self.budget_bytes:
-                log.warning("sac: the lowest plan, refused at compile time on its simulation, measured %s within "
-                            "the budget %s: it runs on", format_bytes(peak), format_bytes(self.budget_bytes))
-            else:
-                self._error = BudgetExceededError(
-                    f"memory budget {format_bytes(self.budget_bytes)}: the lowest plan, tried because the planner "
-                    f"refused the budget on its simulation alone, measured {format_bytes(peak)} ({peak} bytes); "
-                    f"raise memory_budget to at least {peak} bytes, or set enforce_budget=False to run anyway. "
-                    f"The planner said: {self.trial}", least_budget=peak)
-            return
         if peak <= self.budget_bytes:
             return
         planned_loss = self.loss_memory if self.loss_memory is not None else getattr(result, "loss_memory", 0)
