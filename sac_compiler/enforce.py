@@ -178,6 +178,10 @@ class BudgetEnforcer:
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tensors or self._steps >= MEASURED_STEP:
             self._calls = 0  # no backward to wait for, or nothing left to measure
+            if tensors:  # still one of the step's graphs: a later graph may ask it for room
+                self._pending = [ref for ref in self._pending if ref() is not None]
+                self._pending.extend(weakref.ref(t.grad_fn) for t in tensors if t.grad_fn is not None)
+                _IN_STEP.add(self)
         else:
             outputs = [weakref.ref(t) for t in tensors]
             self._pending.extend(weakref.ref(t.grad_fn) for t in tensors if t.grad_fn is not None)
@@ -239,9 +243,21 @@ class BudgetEnforcer:
         if self._pending_loss_memory is not None:
             self.loss_memory, self._pending_loss_memory = self._pending_loss_memory, None
         try:
-            self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
-                                                            runs_per_step=self.runs_per_step,
-                                                            loss_memory=self.loss_memory)
+            try:
+                self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
+                                                                runs_per_step=self.runs_per_step,
+                                                                loss_memory=self.loss_memory)
+            except BudgetError as error:
+                # with a graph break, the graphs that ran forward before this one in the step hold
+                # their saved values through its step (and through the caller's loss after it):
+                # ask them for the room this graph's plan lacks, as at its first compile
+                room = make_room_in_step(error, self.budget_bytes, self._name())
+                if room is None:
+                    raise
+                self.extra_bytes -= room
+                self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
+                                                                runs_per_step=self.runs_per_step,
+                                                                loss_memory=self.loss_memory)
         except BudgetError as error:
             peak = self.measured[-1] if self.measured else None
             counted = []  # what the plan that failed counted besides the graph
@@ -266,6 +282,11 @@ class BudgetEnforcer:
                 f"memory budget {format_bytes(self.budget_bytes)}: {measured}, and no plan leaves room for {room}: "
                 f"{error}") from error
         self._steps = 0
+
+    def _name(self) -> str:
+        from sac_compiler.backend import _graph_name
+
+        return _graph_name(self._pristine)
 
     def _step_done(self) -> None:
         """The backward pass has finished: one step of this compiled version is done."""

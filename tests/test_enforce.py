@@ -511,3 +511,37 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
         monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: held)
         torch._dynamo.reset()
         torch.compile(torch.nn.Sequential(*Nested(dim=32, n_layers=2).layers), backend=backend)(x).sum().backward()
+
+
+def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before_it(monkeypatch):
+    """The second graph of a step planned at its compile, then measured over the budget by more
+    than it can give up beside what the first graph holds through its step: its replan asks the
+    first graph for the room it lacks (as a compile does) instead of failing; the first plans again
+    at its next call, and the gradients stay exact."""
+    import sac_compiler.backend as backend_module
+
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak
+    slack = span.no_recompute_peak - span.smallest_budget
+    held = slack // 2  # what the first graph holds as the second compiles: the second still plans
+    outside = iter([0, held])
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
+    readings = iter([_Peaks([budget - 1] * 8), _Peaks([budget + slack] + [budget - 1] * 8)])
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=next(readings)))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 5)
+    first, second = enforcers
+    assert second.measured[0] == budget + slack
+    # the replan counted the measured excess and the room the first graph was asked for
+    assert second.replans == 1 and first.replans == 1
+    assert first.extra_bytes > 0 and second.extra_bytes == slack - first.extra_bytes
+    assert second.partitioner.outside_bytes == held + second.extra_bytes
+    assert second.partitioner.last_result.predicted_peak <= budget
+    assert first.partitioner.outside_bytes == first.extra_bytes
