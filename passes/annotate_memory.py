@@ -542,7 +542,9 @@ def annotate_memory(
         reduce_scatter_peak = sweep.timeline[-1][2] + round_allocation(sharding.reduce_scatter_bytes, device)
     step_peak = _optimizer_step_peak(optimizer, static_bytes - gathered, opt_state, alloc, grad_owners,
                                      _sharded_gradients(nodes, owner, n_fwd, sharding), sharded_grads)
-    step_peak = max(0, step_peak - freed_before_optimizer)
+    # not clamped at 0: what is freed is counted outside the graph, which can hold more than the
+    # graph's own optimizer step (a small graph after a graph break); the planner adds it back
+    step_peak -= freed_before_optimizer
     last = max(step_peak, reduce_scatter_peak)
     result = MemorySimulation(
         peak_bytes=max(peak, last),

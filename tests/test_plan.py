@@ -813,3 +813,24 @@ def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
     assert result.analysis.freed_before_optimizer == held
     assert result.analysis.memory.optimizer_step_peak_bytes == step - held
     assert result.predicted_peak == budget and not result.plan.recompute
+
+
+def test_memory_freed_before_the_optimizer_step_beyond_the_graphs_own_step():
+    """The step's earlier graphs hold far more for their backwards than this graph's own optimizer
+    step comes to (a small head after a graph break): all of it is taken off the step's total, not
+    only as much as the graph's own step (on the H200 a ViT's head graph was refused so)."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    head, x = nn.Linear(256, 256), torch.randn(8, 256)
+    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
+    memory = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
+    graph_peak = max(memory.end_of_forward_bytes, *memory.step_peaks)
+    step = memory.optimizer_step_peak_bytes
+    held = 10 * step  # freed before the optimizer step, and ten times the graph's own step
+    budget = graph_peak + held
+    config = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=budget)
+    result = plan_graph.plan_joint(capture_joint(head, x), config, outside_bytes=held, freed_before_optimizer=held)
+    # the step's total with everything outside: the graph's own step, the rest being freed
+    assert result.analysis.memory.optimizer_step_peak_bytes + held == step
+    assert result.predicted_peak <= budget
