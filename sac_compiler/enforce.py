@@ -61,12 +61,7 @@ def held_for_backwards() -> int:
     """What the enforced graphs that ran forward in the step under way, and wait for their
     backward, hold for it: each run's saved values and the inputs its backward reads, as their
     plans count them."""
-    held = 0
-    for enforcer in list(_IN_STEP):
-        result = enforcer.result
-        if enforcer._awaits_backward() and result is not None:
-            held += max(1, enforcer._calls) * (result.held_per_run_bytes or 0)
-    return held
+    return sum(enforcer._held_now() for enforcer in list(_IN_STEP) if enforcer._awaits_backward())
 
 
 def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int | None:
@@ -80,13 +75,22 @@ def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int 
     if need is None or need <= budget_bytes or not earlier:
         return None
     room = need - budget_bytes
-    share = -(-room // len(earlier))
-    for enforcer in earlier:
+    for enforcer, share in zip(earlier, room_shares(room, [enforcer._held_now() for enforcer in earlier])):
         enforcer.make_room(share)
     log.warning("sac: %s has no plan under the budget %s beside the %d graph(s) that ran before it in the step; "
                 "they plan again at their next call to leave it %s", graph, format_bytes(budget_bytes),
                 len(earlier), format_bytes(room))
     return room
+
+
+def room_shares(room: int, held: Sequence[int]) -> list[int]:
+    """``room`` split among the graphs asked for it in proportion to what each holds for its
+    backward (a graph holding little, such as an embedding's, has little to give); equal shares
+    when none holds anything. The shares add up to at least ``room``."""
+    total = sum(held)
+    if total <= 0:
+        return [-(-room // len(held))] * len(held)
+    return [-(-room * h // total) for h in held]
 
 
 class BudgetExceededError(BudgetError):
@@ -213,6 +217,12 @@ class BudgetEnforcer:
         self.replans += 1
         self._pending_excess = (self._pending_excess or 0) + nbytes
         self._asked_room += nbytes
+
+    def _held_now(self) -> int:
+        """What this graph's forward runs of the step under way hold for their backward, as its
+        plan counts them."""
+        result = self.result
+        return 0 if result is None else max(1, self._calls) * (result.held_per_run_bytes or 0)
 
     def _awaits_backward(self) -> bool:
         """Whether the autograd graph of this graph's forward runs is still alive, waiting for a

@@ -545,3 +545,14 @@ def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before
     assert second.partitioner.outside_bytes == held + second.extra_bytes
     assert second.partitioner.last_result.predicted_peak <= budget
     assert first.partitioner.outside_bytes == first.extra_bytes
+
+
+def test_room_is_asked_of_the_graphs_before_in_proportion_to_what_they_hold():
+    """A graph holding nothing for its backward (an embedding's) is asked for nothing; the others
+    in proportion to what they hold; the shares cover the room. Equal shares when none holds any."""
+    from sac_compiler.enforce import room_shares
+
+    assert room_shares(100, [0, 30, 70]) == [0, 30, 70]
+    shares = room_shares(1000, [1, 2, 4])
+    assert sum(shares) >= 1000 and shares[0] < shares[1] < shares[2]
+    assert room_shares(10, [0, 0, 0]) == [4, 4, 4]
