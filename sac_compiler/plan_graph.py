@@ -611,7 +611,17 @@ def plan_joint(
 def _after_graph_peak(analysis: Any) -> int:
     """What no recomputation changes: the optimizer step's peak, and under FSDP the
     reduce-scatter's after the graph (what the graph leaves and the reduce-scatter's input)."""
-    return max(analysis.memory.optimizer_step_peak_bytes, analysis.memory.reduce_scatter_peak_bytes)
+    return _after_graph(analysis.memory)
+
+
+def _after_graph(sim: Any) -> int:
+    """A simulation's peak after its graph: the optimizer step's, and under FSDP the
+    reduce-scatter's. The optimizer step's is below 0 when memory counted outside the graph is
+    freed before it (``freed_before_optimizer``): it is not raised to the 0 of a reduce-scatter
+    that does not happen."""
+    if sim.reduce_scatter_peak_bytes:
+        return max(sim.optimizer_step_peak_bytes, sim.reduce_scatter_peak_bytes)
+    return sim.optimizer_step_peak_bytes
 
 
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
@@ -1273,7 +1283,7 @@ def with_other_runs(sim: Any, other_runs: int) -> Any:
     if other_runs <= 0:
         return sim
     extra = other_runs * max(0, sim.end_of_forward_bytes - sim.static_bytes)
-    after = max(sim.optimizer_step_peak_bytes, sim.reduce_scatter_peak_bytes)
+    after = _after_graph(sim)
     graph_peak = sim.peak_bytes if sim.peak_bytes > after else max([sim.end_of_forward_bytes, *sim.step_peaks])
     return dataclasses.replace(sim, peak_bytes=max(graph_peak + extra, after),
                                end_of_forward_bytes=sim.end_of_forward_bytes + extra,

@@ -818,7 +818,9 @@ def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
 def test_memory_freed_before_the_optimizer_step_beyond_the_graphs_own_step():
     """The step's earlier graphs hold far more for their backwards than this graph's own optimizer
     step comes to (a small head after a graph break): all of it is taken off the step's total, not
-    only as much as the graph's own step (on the H200 a ViT's head graph was refused so)."""
+    only as much as the graph's own step. Under a budget below what they hold, the graph's own
+    peak is what has no plan (an error naming the least budget, so that an enforced budget asks
+    them for room), not the optimizer step (on the H200 a ViT's head graph was refused so)."""
     from sac_compiler.capture import capture_joint
 
     torch.manual_seed(0)
@@ -828,9 +830,12 @@ def test_memory_freed_before_the_optimizer_step_beyond_the_graphs_own_step():
     graph_peak = max(memory.end_of_forward_bytes, *memory.step_peaks)
     step = memory.optimizer_step_peak_bytes
     held = 10 * step  # freed before the optimizer step, and ten times the graph's own step
-    budget = graph_peak + held
-    config = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=budget)
+    config = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=graph_peak + held)
     result = plan_graph.plan_joint(capture_joint(head, x), config, outside_bytes=held, freed_before_optimizer=held)
     # the step's total with everything outside: the graph's own step, the rest being freed
     assert result.analysis.memory.optimizer_step_peak_bytes + held == step
-    assert result.predicted_peak <= budget
+    assert result.predicted_peak <= graph_peak + held
+    low = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=held - 1)
+    with pytest.raises(plan_graph.BudgetError, match="smallest feasible peak") as raised:
+        plan_graph.plan_joint(capture_joint(head, x), low, outside_bytes=held, freed_before_optimizer=held)
+    assert raised.value.least_budget is not None and raised.value.least_budget > held
