@@ -131,7 +131,7 @@ class BudgetEnforcer:
         self.read_peak = read_peak
         self.reset_peak = reset_peak
         self.extra_bytes = extra_bytes  # counted outside the graph besides what it held at its compile
-        self._asked_room = 0  # of extra_bytes: the room later graphs of the step asked for (make_room)
+        self._asked_room = 0  # the room later graphs of the step asked for (make_room), planned as loss_memory
         self.replans = 0
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
@@ -158,6 +158,8 @@ class BudgetEnforcer:
         self._backward_mark: int | None = None
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes,
                                                   runs_per_step=runs_per_step)
+        # the caller's loss the configuration counts between forward and backward
+        self._configured_loss_memory = getattr(self.result, "loss_memory", 0) or 0
 
     def _fresh(self) -> fx.GraphModule:
         return fx.GraphModule(self._pristine, copy.deepcopy(self._pristine.graph))
@@ -212,10 +214,12 @@ class BudgetEnforcer:
         return out
 
     def make_room(self, nbytes: int) -> None:
-        """A later graph of the step needs ``nbytes`` more room: plan again lower by that at the
-        next call (one of the replans allowed)."""
+        """A later graph of the step needs ``nbytes`` more room: plan again at the next call (one of
+        the replans allowed) with that much more held between this graph's forward and its
+        backward, where the later graph runs (as a caller's loss is: ``loss_memory``), not through
+        the whole step: what this graph must give up is what it keeps for its backward."""
         self.replans += 1
-        self._pending_excess = (self._pending_excess or 0) + nbytes
+        self._pending_excess = self._pending_excess or 0
         self._asked_room += nbytes
 
     def _held_now(self) -> int:
@@ -256,7 +260,7 @@ class BudgetEnforcer:
             try:
                 self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
                                                                 runs_per_step=self.runs_per_step,
-                                                                loss_memory=self.loss_memory)
+                                                                loss_memory=self._between())
             except BudgetError as error:
                 # with a graph break, the graphs that ran forward before this one in the step hold
                 # their saved values through its step (and through the caller's loss after it):
@@ -267,15 +271,14 @@ class BudgetEnforcer:
                 self.extra_bytes -= room
                 self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
                                                                 runs_per_step=self.runs_per_step,
-                                                                loss_memory=self.loss_memory)
+                                                                loss_memory=self._between())
         except BudgetError as error:
             peak = self.measured[-1] if self.measured else None
             counted = []  # what the plan that failed counted besides the graph
             if self._asked_room:
                 counted.append(f"the {format_bytes(self._asked_room)} a graph later in the step asked it to give up")
-            measured_excess = self.extra_bytes - self._asked_room
-            if measured_excess > 0:
-                counted.append(f"the {format_bytes(measured_excess)} the caller and the allocator add around the graph")
+            if self.extra_bytes > 0:
+                counted.append(f"the {format_bytes(self.extra_bytes)} the caller and the allocator add around the graph")
             elif self.extra_bytes < 0:  # planned with room the graphs before it in the step give up
                 counted.append(f"{format_bytes(-self.extra_bytes)} less held outside the graph (the room the graphs "
                                "before it in the step were asked for)")
@@ -292,6 +295,15 @@ class BudgetEnforcer:
                 f"memory budget {format_bytes(self.budget_bytes)}: {measured}, and no plan leaves room for {room}: "
                 f"{error}") from error
         self._steps = 0
+
+    def _between(self) -> int | None:
+        """What the next plan counts between forward and backward (``loss_memory``): the caller's
+        loss as measured (else as configured) and the room later graphs of the step asked for;
+        None: as configured."""
+        if self.loss_memory is None and not self._asked_room:
+            return None
+        caller = self.loss_memory if self.loss_memory is not None else self._configured_loss_memory
+        return caller + self._asked_room
 
     def _name(self) -> str:
         from sac_compiler.backend import _graph_name
@@ -355,7 +367,7 @@ class BudgetEnforcer:
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
             return
-        planned_loss = self.loss_memory if self.loss_memory is not None else getattr(result, "loss_memory", 0)
+        planned_loss = self.loss_memory if self.loss_memory is not None else self._configured_loss_memory
         if (loss_peak is not None and loss_peak == peak and self.measured_loss_memory is not None
                 and self.measured_loss_memory > planned_loss and self.replans < MAX_REPLANS):
             # the step peaked at the caller's loss, between the graphs, where the plan counted less:

@@ -440,6 +440,7 @@ def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatc
     its plans gives: the error names the room asked for (it used to fail on the missing
     measurement with an IndexError)."""
     import sac_compiler.backend as backend_module
+    import sac_compiler.enforce as enforce_module
     from sac_compiler.config import format_bytes
 
     torch.manual_seed(0)
@@ -447,9 +448,11 @@ def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatc
     span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
     budget = span.no_recompute_peak
     slack = span.no_recompute_peak - span.smallest_budget
-    held = 2 * slack  # the second graph lacks more room than the first can give
+    held = 4 * slack  # the second graph lacks more room than the first holds for its backward
     outside = iter([0, held])
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
+    # what the first graph is taken to hold is freed before the optimizer step, as it would be
+    monkeypatch.setattr(enforce_module, "held_for_backwards", lambda: held)
     enforcers = []
 
     def backend(gm, inputs):
@@ -502,10 +505,13 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     assert second.result.analysis.freed_before_optimizer == min(freed, second.partitioner.outside_bytes)
     room = second.partitioner.outside_bytes - held
     assert room < 0  # planned with the room the first graph gives
-    assert first.replans == 1 and first.extra_bytes == -room
-    # the first graph's new plan counts that room outside it, and keeps the budget with it
-    assert first.partitioner.outside_bytes == -room
-    assert first.partitioner.last_result.predicted_peak <= budget
+    assert first.replans == 1 and first.extra_bytes == 0 and first._asked_room == -room
+    # the first graph's new plan counts that room between its forward and its backward, where the
+    # second graph runs, and keeps what it holds for its backward under the budget with it
+    assert first.partitioner.outside_bytes == 0 and first.partitioner.config.loss_memory == -room
+    planned = first.partitioner.last_result
+    assert planned.predicted_peak <= budget
+    assert planned.partitioned.end_of_forward_bytes - room <= budget
     with pytest.raises(Exception, match="smallest feasible peak"):
         # without a graph before it in the step, the same shortfall is an error
         monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: held)
@@ -541,10 +547,11 @@ def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before
     assert second.measured[0] == budget + slack
     # the replan counted the measured excess and the room the first graph was asked for
     assert second.replans == 1 and first.replans == 1
-    assert first.extra_bytes > 0 and second.extra_bytes == slack - first.extra_bytes
+    asked = first._asked_room
+    assert asked > 0 and first.extra_bytes == 0 and second.extra_bytes == slack - asked
     assert second.partitioner.outside_bytes == held + second.extra_bytes
     assert second.partitioner.last_result.predicted_peak <= budget
-    assert first.partitioner.outside_bytes == first.extra_bytes
+    assert first.partitioner.config.loss_memory == asked
 
 
 def test_room_is_asked_of_the_graphs_before_in_proportion_to_what_they_hold():
