@@ -9,6 +9,7 @@ one::
 
     python benchmarks/replay_measured.py
     python benchmarks/replay_measured.py --folder benchmarks/recorded/partitions_h200_d390828
+    python benchmarks/replay_measured.py --folder benchmarks/recorded/partitions_h200_7047736 --inductor-order
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ def measured(folder: Path = RECORDED) -> dict[str, Any]:
     return json.loads((folder / "measured.json").read_text())
 
 
-def replay(name: str, folder: Path = RECORDED) -> dict[str, Any]:
-    """The simulated and measured extra peak of one recorded partition, in bytes."""
+def replay(name: str, folder: Path = RECORDED, inductor_order: bool = False) -> dict[str, Any]:
+    """The simulated and measured extra peak of one recorded partition, in bytes
+    (``inductor_order``: the graphs simulated in the order Inductor schedules them)."""
     from sac_compiler.partition_record import replay_partition
 
     record = load(name, folder)
     cell = measured(folder)["cells"][name]
-    peak = replay_partition(record)
+    peak = replay_partition(record, inductor_order=inductor_order)
     simulated = peak.peak_bytes - record["static_bytes"] - record["extra_static_bytes"]
     actual = cell["peak_bytes"] - cell["static_bytes"]
     return {"name": name, "simulated_extra": simulated, "measured_extra": actual,
@@ -54,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON here (default: none)")
     parser.add_argument("--folder", type=Path, default=RECORDED,
                         help=f"recorded partitions and their measured.json (default: {RECORDED.relative_to(ROOT)})")
+    parser.add_argument("--inductor-order", action="store_true",
+                        help="simulate the graphs in the order Inductor's scheduler runs them (lowers each on CPU)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     info = measured(args.folder)
-    rows = [replay(name, args.folder) for name in sorted(info["cells"])]
+    rows = [replay(name, args.folder, args.inductor_order) for name in sorted(info["cells"])]
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")

@@ -21,6 +21,9 @@ from sac_compiler.device_specs import DEVICE_ALIASES, known_device_names
 
 COMPILERS = ("inductor", "eager")
 ESTIMATE_MODES = ("cost-model", "benchmark")
+# the order the partitioned graphs are simulated in: their own (with the ordering rules), or the
+# one Inductor's scheduler runs their kernels in (sac_compiler.inductor_order)
+PARTITION_ORDERS = ("graph", "inductor")
 SOLVERS = ("cbc", "highs")
 
 _UNITS = {
@@ -195,6 +198,9 @@ class SACConfig:
     # compiled once and called for every block of the model, as torchtitan compiles): each run holds
     # what it saves for its backward through the others. Run-time enforcement finds it on CUDA
     runs_per_step: int = 1
+    # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
+    # ordering rules) or "inductor" (the order Inductor's scheduler runs them in; lowers each graph)
+    partition_order: str = "graph"
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
     # memory (sac_compiler.offload; the planning path does not take it yet)
     offload: bool = False
@@ -250,6 +256,7 @@ class SACConfig:
             raise ValueError(f"runs_per_step must be an int >= 1 (how many times the compiled graph runs forward "
                              f"before the backwards of a step), got {_describe(self.runs_per_step)}")
         self._set("runs_per_step", int(self.runs_per_step))
+        _choice("partition_order", self.partition_order, PARTITION_ORDERS)
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {_describe(self.offload)}")
         if self.host_memory_budget is not None:

@@ -49,10 +49,12 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
     }
 
 
-def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str, int]]] | None = None) -> Any:
+def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str, int]]] | None = None,
+                     inductor_order: bool = False) -> Any:
     """The partitioned simulation (``sac_compiler.passes.annotate_memory.PartitionedPeak``) of a recorded
     partition, by the memory model of this code; ``timelines`` receives each graph's live bytes
-    per node."""
+    per node. ``inductor_order``: the graphs run in the order Inductor schedules them
+    (``sac_compiler.inductor_order``)."""
     from sac_compiler.passes.annotate_memory import simulate_partitioned
 
     if record.get("format") != FORMAT:
@@ -62,11 +64,27 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fw, bw = _module(record["fw"], mode), _module(record["bw"], mode)
-    return simulate_partitioned(
-        fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
-        record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines,
-        hold_outputs=record.get("hold_outputs", False),  # records before the option: dropped outputs
-        loss_memory=record.get("loss_memory", 0))
+    if inductor_order:
+        from sac_compiler.inductor_order import in_inductor_order
+
+        with mode:
+            fw, bw = in_inductor_order(fw, backward=False), in_inductor_order(bw, backward=True)
+    with _rules_off(inductor_order):
+        return simulate_partitioned(
+            fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
+            record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines,
+            hold_outputs=record.get("hold_outputs", False),  # records before the option: dropped outputs
+            loss_memory=record.get("loss_memory", 0))
+
+
+def _rules_off(inductor_order: bool) -> Any:
+    """The ordering rules Inductor's schedule replaces switched off (``inductor_order``), else nothing."""
+    import contextlib
+
+    from sac_compiler.inductor_order import REPLACED_RULES
+    from sac_compiler.passes.memory_model import rules_disabled
+
+    return rules_disabled(*REPLACED_RULES) if inductor_order else contextlib.nullcontext()
 
 
 # --- graphs as data ------------------------------------------------------------------------------

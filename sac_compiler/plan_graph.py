@@ -73,6 +73,7 @@ class GraphPlanResult:
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
+    partition_order: str = "graph"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
     hold_outputs: bool = False
@@ -118,7 +119,12 @@ class GraphPlanResult:
         return int(self.partitioned.peak_bytes) + (self.runs_per_step - 1) * self.held_per_run_bytes
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
-        """Peak of the partitioned graphs as they will run (forward, then backward)."""
+        """Peak of the partitioned graphs as they will run (forward, then backward), in their own
+        order or, with ``partition_order="inductor"``, in the order Inductor schedules them."""
+        if self.partition_order == "inductor":
+            from sac_compiler.inductor_order import simulate_in_inductor_order
+
+            return simulate_in_inductor_order(fw, bw, **self.simulation_args())
         from sac_compiler.passes.annotate_memory import simulate_partitioned
 
         return simulate_partitioned(fw, bw, **self.simulation_args())
@@ -598,7 +604,8 @@ def plan_joint(
     result = GraphPlanResult(analysis, baseline_peak=with_other_runs(analysis.memory, config.runs_per_step - 1).peak_bytes
                              + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
-                             hold_outputs=config.hold_outputs, loss_memory=config.loss_memory)
+                             hold_outputs=config.hold_outputs, loss_memory=config.loss_memory,
+                             partition_order=config.partition_order)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
     if config.offload:

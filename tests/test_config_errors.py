@@ -40,6 +40,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "hold_outputs": {"bool"},
     "loss_memory": set(),
     "runs_per_step": set(),
+    "partition_order": set(),
     "offload": {"bool"},
     "host_memory_budget": {"None"},  # None: unlimited pinned host memory
 }
@@ -121,6 +122,7 @@ _BAD: list[Any] = [
     pytest.param({"runs_per_step": 0}, ["runs_per_step must be an int >= 1"], id="runs-zero"),
     pytest.param({"runs_per_step": 2.0}, ["runs_per_step must be an int >= 1"], id="runs-float"),
     pytest.param({"runs_per_step": True}, ["runs_per_step must be an int >= 1"], id="runs-bool"),
+    pytest.param({"partition_order": "schedule"}, ["graph", "inductor"], id="partition-order-unknown"),
     # offload, host_memory_budget
     pytest.param({"offload": "yes"}, ["True or False"], id="offload-str"),
     pytest.param({"offload": 1}, ["True or False"], id="offload-int"),

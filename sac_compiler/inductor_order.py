@@ -1,0 +1,129 @@
+"""The partitioned graphs in the order Inductor's scheduler runs their kernels.
+
+The partitioned simulation runs a graph's nodes in graph order, with rules for where Inductor
+moves work (``recompute_chain_kernel``: a chain of recomputed values rebuilt in one kernel before
+its first reader). Inductor's scheduler decides the order itself (its fusion, and in recent
+versions its reordering for peak memory), and no fixed rule follows it on every plan. This module
+asks Inductor: it lowers a graph on fake tensors up to its scheduler (a post-fusion hook reads the
+scheduled nodes and stops the compile: no kernel is generated), takes each scheduled node's FX
+origins, and reorders a copy of the graph so that every node runs with its first scheduled
+kernel. :func:`simulate_in_inductor_order` simulates the partitioned graphs so, without the
+ordering rule the schedule replaces.
+
+Lowering costs about as much as Inductor's own scheduling of the graph; the backend does it only
+with ``SACConfig.partition_order="inductor"``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+class _Stop(Exception):
+    """Raised by the post-fusion hook once the schedule is read: nothing is generated."""
+
+
+# the simulation's ordering rule that Inductor's schedule replaces
+REPLACED_RULES = ("recompute_chain_kernel",)
+
+
+def scheduled_origins(gm: fx.GraphModule, backward: bool) -> list[list[str]]:
+    """The FX node names behind each node Inductor's scheduler runs, in its order (the graph's
+    placeholders carry fake tensors). Raises RuntimeError where the installed torch has no
+    post-fusion hook to read the schedule from."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    if not hasattr(config, "_post_fusion_custom_pass"):
+        raise RuntimeError(f"torch {torch.__version__}'s Inductor has no _post_fusion_custom_pass: its schedule "
+                           "cannot be read; use partition_order='graph'")
+    found: list[list[str]] = []
+
+    def hook(nodes: list[Any]) -> list[Any]:
+        for node in nodes:
+            found.append([o.name for part in node.get_nodes() if part.node is not None
+                          for o in getattr(part.node, "origins", ())])
+        raise _Stop
+
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    with config.patch(_post_fusion_custom_pass=hook):
+        try:
+            compile_fx_inner(gm, inputs, is_backward=backward)
+        except Exception as error:  # noqa: BLE001 - only the hook's own stop is expected
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, _Stop):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+    return found
+
+
+def schedule_priority(gm: fx.GraphModule, scheduled: list[list[str]]) -> dict[str, int]:
+    """Each node's place in the schedule: the first scheduled node it is an origin of; a node no
+    kernel comes from (a view, a getitem) takes its earliest user's place."""
+    first: dict[str, int] = {}
+    for i, origins in enumerate(scheduled):
+        for name in origins:
+            first.setdefault(name, i)
+    late = len(scheduled) + 1
+    for node in reversed(list(gm.graph.nodes)):
+        if node.name not in first:
+            first[node.name] = min((first[u.name] for u in node.users if u.name in first), default=late)
+    return first
+
+
+def in_inductor_order(gm: fx.GraphModule, backward: bool,
+                      scheduled: list[list[str]] | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` whose nodes run in the order Inductor schedules their kernels
+    (placeholders first, the output last, every node after its inputs)."""
+    if scheduled is None:
+        scheduled = scheduled_origins(gm, backward)
+    priority = schedule_priority(gm, scheduled)
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
+    last = len(scheduled) + 2
+
+    def key(node: fx.Node) -> tuple[int, int]:
+        rank = -1 if node.op == "placeholder" else last if node.op == "output" else priority[node.name]
+        return rank, index[node]
+
+    ready = [(key(n), index[n], n) for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (key(user), index[user], user))
+    if len(env) != len(nodes):
+        raise RuntimeError("the graph has a cycle: it cannot be reordered")
+    return fx.GraphModule(gm, graph)
+
+
+def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, **kwargs: Any) -> Any:
+    """``simulate_partitioned`` of the forward and backward graphs in the order Inductor schedules
+    them, without the ordering rule that order replaces (``REPLACED_RULES``)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+    from sac_compiler.passes.memory_model import rules_disabled
+
+    vals = [n.meta.get("val") for gm in (fw, bw) for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        ordered_fw, ordered_bw = in_inductor_order(fw, backward=False), in_inductor_order(bw, backward=True)
+    with rules_disabled(*REPLACED_RULES):
+        return simulate_partitioned(ordered_fw, ordered_bw, **kwargs)
+
+
+__all__ = ["REPLACED_RULES", "in_inductor_order", "schedule_priority", "scheduled_origins",
+           "simulate_in_inductor_order"]

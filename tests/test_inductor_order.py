@@ -1,0 +1,65 @@
+"""The partitioned graphs simulated in the order Inductor's scheduler runs them
+(sac_compiler.inductor_order, SACConfig.partition_order="inductor")."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from benchmarks.replay_measured import RECORDED, replay
+from sac_compiler import inductor_order
+from sac_compiler.capture import capture_joint
+from sac_compiler.config import SACConfig
+from sac_compiler.plan_graph import plan_joint, tag_graph
+from tests.models import Nested
+
+FOLDER = Path(RECORDED).parent / "partitions_h200_7047736"
+
+
+def _partitioned(partition_order):
+    torch.manual_seed(0)
+    captured = capture_joint(Nested(dim=64, n_layers=3), torch.randn(256, 64), decompose=True)
+    result = plan_joint(captured, SACConfig(memory_budget=0.5, partition_order=partition_order))
+    gm = captured.gm
+    tag_graph(gm, result.plan.recompute)
+    inputs = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
+    fw, bw = min_cut_rematerialization_partition(gm, inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    return result, fw, bw
+
+
+def test_a_graph_in_inductor_order_keeps_its_nodes_and_runs_each_after_its_inputs():
+    _, fw, bw = _partitioned("graph")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        scheduled = inductor_order.scheduled_origins(bw, backward=True)
+        ordered = inductor_order.in_inductor_order(bw, backward=True, scheduled=scheduled)
+    assert scheduled and all(isinstance(o, list) for o in scheduled)
+    ordered.graph.lint()  # every node after its inputs
+    assert sorted(n.name for n in ordered.graph.nodes) == sorted(n.name for n in bw.graph.nodes)
+    # the ops run in the order of the kernels they are scheduled in
+    priority = inductor_order.schedule_priority(bw, scheduled)
+    ranks = [priority[n.name] for n in ordered.graph.nodes if n.op == "call_function"]
+    assert ranks == sorted(ranks)
+
+
+def test_the_partition_order_option_simulates_in_inductors_order():
+    graph_order, fw, bw = _partitioned("graph")
+    inductor, _, _ = _partitioned("inductor")
+    assert inductor.partition_order == "inductor"
+    plain = graph_order.simulate(fw, bw)
+    ordered = inductor.simulate(fw, bw)
+    # the same graphs: what the forward leaves for the backward does not depend on the order
+    assert ordered.saved_bytes == plain.saved_bytes
+    assert ordered.peak_bytes > 0 and ordered.steps and ordered.steps[1]
+
+
+@pytest.mark.parametrize("name", ["llama-loss_inside-sac0.75-graph0", "bert-loss_inside-sac0.75-graph1"])
+def test_a_recorded_plan_in_inductors_order_simulates_to_its_measured_peak(name):
+    """Plans the backend made and measured on the H200 (torch 2.11), replayed here: in graph
+    order the simulation is 17% high (Llama) and 13% low (BERT); in the order Inductor schedules
+    the graphs, within 2%."""
+    in_graph_order = replay(name, FOLDER)["ratio"]
+    in_inductor_order = replay(name, FOLDER, inductor_order=True)["ratio"]
+    assert abs(in_graph_order - 1) > 0.1
+    assert in_inductor_order == pytest.approx(1.0, abs=0.02)
