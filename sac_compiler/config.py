@@ -257,6 +257,9 @@ class SACConfig:
                              f"before the backwards of a step), got {_describe(self.runs_per_step)}")
         self._set("runs_per_step", int(self.runs_per_step))
         _choice("partition_order", self.partition_order, PARTITION_ORDERS)
+        if self.partition_order == "inductor" and self.compiler != "inductor":
+            raise ValueError(f"partition_order='inductor' orders the graphs as Inductor schedules them, but compiler="
+                             f"{self.compiler!r} runs them in graph order: use partition_order='graph', or compiler='inductor'")
         if not isinstance(self.offload, bool):
             raise ValueError(f"offload must be True or False, got {_describe(self.offload)}")
         if self.host_memory_budget is not None:

@@ -123,6 +123,8 @@ _BAD: list[Any] = [
     pytest.param({"runs_per_step": 2.0}, ["runs_per_step must be an int >= 1"], id="runs-float"),
     pytest.param({"runs_per_step": True}, ["runs_per_step must be an int >= 1"], id="runs-bool"),
     pytest.param({"partition_order": "schedule"}, ["graph", "inductor"], id="partition-order-unknown"),
+    pytest.param({"partition_order": "inductor", "compiler": "eager"}, ["compiler='eager'", "partition_order='graph'"],
+                 id="partition-order-eager"),
     # offload, host_memory_budget
     pytest.param({"offload": "yes"}, ["True or False"], id="offload-str"),
     pytest.param({"offload": 1}, ["True or False"], id="offload-int"),
