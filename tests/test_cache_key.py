@@ -52,6 +52,7 @@ _OTHER_VALUES = {
     "hold_outputs": lambda: False,
     "loss_memory": lambda: 2**30,
     "runs_per_step": lambda: 8,
+    "partition_order": lambda: "inductor",
     "offload": lambda: True,
     "host_memory_budget": lambda: 32 * 2**30,
 }
