@@ -285,7 +285,6 @@ def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[s
     return done
 
 
-
 def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,8 @@ class MemorySimulation:
     first_backward: int = field(repr=False)  # index of the first backward node in the graph order
     module_memory: dict[str, ModuleMemory] = field(repr=False)
     optimizer_state_bytes: int = 0
+    # the optimizer step's peak, less what is held outside the graph but freed before it
+    # (freed_before_optimizer): below 0 when that is more than the graph's own step
     optimizer_step_peak_bytes: int = 0
     lifetimes: tuple[Lifetime, ...] = field(default=(), repr=False, compare=False)
     # fsdp_sharding: live bytes while FSDP2 copies this graph's gradients into the reduce-scatter's
