@@ -26,23 +26,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Stop(Exception):
-    """Raised by the post-fusion hook once the estimate is read: nothing is generated."""
-
-
 def inductor_peak(gm: Any, backward: bool, steps: list[tuple[list[str], int]] | None = None) -> int:
     """``torch._inductor.memory``'s peak estimate of one graph, in bytes, as Inductor schedules it
     (its placeholders carry fake tensors). ``steps`` receives, per scheduled node, the FX nodes it
     comes from and the estimated live bytes while it runs."""
-    from torch._inductor import config
-    from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.memory import prepare_planning_info
     from torch._inductor.virtualized import V
     from torch.utils._ordered_set import OrderedSet
 
+    from sac_compiler.inductor_order import lower_to_schedule, node_origins
+
     found: dict[str, int] = {}
 
-    def hook(nodes: list[Any]) -> list[Any]:
+    def read(nodes: list[Any]) -> None:
         scheduler = V.graph.scheduler
         outputs = OrderedSet(V.graph.get_output_names())
         peak, _ = prepare_planning_info(nodes, scheduler.name_to_buf, scheduler.name_to_fused_node,
@@ -52,22 +48,9 @@ def inductor_peak(gm: Any, backward: bool, steps: list[tuple[list[str], int]] | 
             from torch._inductor.memory import estimate_peak_memory
 
             _, live = estimate_peak_memory(nodes, _, outputs)
-            for node, nbytes in zip(nodes, live):
-                origins = [o.name for part in node.get_nodes() if part.node is not None
-                           for o in getattr(part.node, "origins", ())]
-                steps.append((origins, nbytes))
-        raise _Stop
+            steps.extend((node_origins(node), nbytes) for node, nbytes in zip(nodes, live))
 
-    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    with config.patch(_post_fusion_custom_pass=hook):
-        try:
-            compile_fx_inner(gm, inputs, is_backward=backward)
-        except Exception as error:  # noqa: BLE001 - only the hook's own stop is expected
-            cause: BaseException | None = error
-            while cause is not None and not isinstance(cause, _Stop):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
+    lower_to_schedule(gm, backward, read)
     return found["peak"]
 
 

@@ -273,34 +273,36 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:
-    done: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    record = _Recorder(out, len(cells))
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for future in concurrent.futures.as_completed([pool.submit(_spawn, c, out / "logs") for c in cells]):
-            result = future.result()
-            done.append(result)
-            with (out / "cells.jsonl").open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            print(f"[{len(done)}/{len(cells)} {(time.perf_counter() - start) / 60:.1f} min] {_row(result)}", flush=True)
-    return done
+            record(future.result())
+    return record.done
+
+
+class _Recorder:
+    """Appends each cell's result to ``OUT/cells.jsonl`` as it finishes and prints its row with the
+    progress: cells done of ``total`` and the minutes the run has taken."""
+
+    def __init__(self, out: Path, total: int) -> None:
+        self.log, self.total = out / "cells.jsonl", total
+        self.done: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+
+    def __call__(self, result: dict[str, Any]) -> None:
+        self.done.append(result)
+        with self.log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"[{len(self.done)}/{self.total} {(time.perf_counter() - self.start) / 60:.1f} min] {_row(result)}",
+              flush=True)
 
 
 def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "cells.jsonl"
-    done: list[dict[str, Any]] = []
-
     pairs = [(m, loop) for m in args.models for loop in args.loops]
-    total = len(pairs) * (1 + len(args.anchors) + len(args.fractions))  # fewer when a plain compile fails
-    start = time.perf_counter()
-
-    def record(result: dict[str, Any]) -> None:
-        done.append(result)
-        with log.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        # progress: cells done of the matrix, and the minutes it has run
-        print(f"[{len(done)}/{total} {(time.perf_counter() - start) / 60:.1f} min] {_row(result)}", flush=True)
+    # fewer when a plain compile fails
+    record = _Recorder(out, len(pairs) * (1 + len(args.anchors) + len(args.fractions)))
 
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
     if args.lock:
@@ -330,7 +332,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())
-    return done
+    return record.done
 
 
 def _gib(n: Any) -> str:

@@ -17,6 +17,7 @@ with ``SACConfig.partition_order="inductor"``.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,22 +32,19 @@ class _Stop(Exception):
 REPLACED_RULES = ("recompute_chain_kernel",)
 
 
-def scheduled_origins(gm: fx.GraphModule, backward: bool) -> list[list[str]]:
-    """The FX node names behind each node Inductor's scheduler runs, in its order (the graph's
-    placeholders carry fake tensors). Raises RuntimeError where the installed torch has no
-    post-fusion hook to read the schedule from."""
+def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[Any]], None]) -> None:
+    """Lower ``gm`` with Inductor up to its scheduler (its placeholders carry fake tensors) and
+    call ``read`` with the scheduled nodes, in order, inside Inductor's graph context; nothing is
+    generated. Raises RuntimeError where the installed torch has no post-fusion hook."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
 
     if not hasattr(config, "_post_fusion_custom_pass"):
         raise RuntimeError(f"torch {torch.__version__}'s Inductor has no _post_fusion_custom_pass: its schedule "
                            "cannot be read; use partition_order='graph'")
-    found: list[list[str]] = []
 
     def hook(nodes: list[Any]) -> list[Any]:
-        for node in nodes:
-            found.append([o.name for part in node.get_nodes() if part.node is not None
-                          for o in getattr(part.node, "origins", ())])
+        read(nodes)
         raise _Stop
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -59,6 +57,18 @@ def scheduled_origins(gm: fx.GraphModule, backward: bool) -> list[list[str]]:
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
+
+
+def node_origins(node: Any) -> list[str]:
+    """The FX node names one scheduled node of Inductor's comes from."""
+    return [o.name for part in node.get_nodes() if part.node is not None for o in getattr(part.node, "origins", ())]
+
+
+def scheduled_origins(gm: fx.GraphModule, backward: bool) -> list[list[str]]:
+    """The FX node names behind each node Inductor's scheduler runs, in its order (the graph's
+    placeholders carry fake tensors)."""
+    found: list[list[str]] = []
+    lower_to_schedule(gm, backward, lambda nodes: found.extend(node_origins(node) for node in nodes))
     return found
 
 
@@ -125,5 +135,5 @@ def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, **kwargs:
         return simulate_partitioned(ordered_fw, ordered_bw, **kwargs)
 
 
-__all__ = ["REPLACED_RULES", "in_inductor_order", "schedule_priority", "scheduled_origins",
-           "simulate_in_inductor_order"]
+__all__ = ["REPLACED_RULES", "in_inductor_order", "lower_to_schedule", "node_origins", "schedule_priority",
+           "scheduled_origins", "simulate_in_inductor_order"]

@@ -790,6 +790,18 @@ def test_other_runs_hold_nothing_at_the_optimizer_step():
     assert plan_graph.with_other_runs(sim, many).peak_bytes == graph_peak + many * held
 
 
+def _adam_head(dim):
+    """A linear head on 8 rows with Adam: the module, its input, the optimizer, the graph's own
+    peak and its optimizer step's peak, as the joint simulation has them without a budget."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    head, x = nn.Linear(dim, dim), torch.randn(8, dim)
+    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
+    memory = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
+    return head, x, optimizer, max(memory.end_of_forward_bytes, *memory.step_peaks), memory.optimizer_step_peak_bytes
+
+
 def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
     """What the step's earlier graphs hold for their backwards while this graph runs (a graph
     after a graph break) is freed before the optimizer step: it counts against the graph's own
@@ -797,12 +809,7 @@ def test_memory_freed_before_the_optimizer_step_does_not_count_against_it():
     large parameters on a few rows) was refused for it."""
     from sac_compiler.capture import capture_joint
 
-    torch.manual_seed(0)
-    head, x = nn.Linear(1024, 1024), torch.randn(8, 1024)
-    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
-    memory = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
-    graph_peak = max(memory.end_of_forward_bytes, *memory.step_peaks)
-    step = memory.optimizer_step_peak_bytes
+    head, x, optimizer, graph_peak, step = _adam_head(1024)
     assert step > graph_peak  # Adam's step holds a parameter-sized temporary; the graph's activations are few
     held = step - graph_peak + 2**20  # what a graph before it holds for its backward
     budget = graph_peak + held
@@ -823,12 +830,7 @@ def test_memory_freed_before_the_optimizer_step_beyond_the_graphs_own_step():
     them for room), not the optimizer step (on the H200 a ViT's head graph was refused so)."""
     from sac_compiler.capture import capture_joint
 
-    torch.manual_seed(0)
-    head, x = nn.Linear(256, 256), torch.randn(8, 256)
-    optimizer = torch.optim.Adam(head.parameters(), foreach=True)
-    memory = plan_graph.plan_joint(capture_joint(head, x), SACConfig(compiler="eager", optimizer=optimizer)).analysis.memory
-    graph_peak = max(memory.end_of_forward_bytes, *memory.step_peaks)
-    step = memory.optimizer_step_peak_bytes
+    head, x, optimizer, graph_peak, step = _adam_head(256)
     held = 10 * step  # freed before the optimizer step, and ten times the graph's own step
     config = SACConfig(compiler="eager", optimizer=optimizer, memory_budget=graph_peak + held)
     result = plan_graph.plan_joint(capture_joint(head, x), config, outside_bytes=held, freed_before_optimizer=held)
