@@ -11,9 +11,10 @@ A recomputed dropout must reproduce its forward mask. Under Inductor the joint-g
 every random op into one ``inductor_seeds`` draw per graph and, per op, seeded RNG
 (``inductor_lookup_seed`` + ``inductor_random``) that is a pure function of its seed: the seeds
 stay saved (``inductor_seeds`` cannot carry a tag), the seeded RNG is planned like any other op
-(Inductor stores its random values) and recomputes the same values. On the eager route the
-random ops themselves (and the values only they produce) stay saved. The report lists what stayed
-saved.
+(Inductor stores its random values) and recomputes the same values. A random op that stays an
+ATen op (attention with dropout under Inductor, any random op on the eager route) is planned like
+any other too: tagged MUST_RECOMPUTE, PyTorch's partitioner saves the generator's state before it
+and replays it in backward (``replays_rng_state``). The report lists what stayed saved.
 """
 
 from __future__ import annotations
@@ -187,6 +188,19 @@ def _producer(node: fx.Node) -> fx.Node:
     return node
 
 
+def replays_rng_state(node: fx.Node) -> bool:
+    """A random op the partitioner recomputes with the forward's RNG state: an ATen op tagged
+    ``nondeterministic_seeded`` that the plan marks MUST_RECOMPUTE is wrapped by PyTorch's
+    partitioner (``functionalize_rng_ops``) so that its forward saves the generator's state
+    (``graphsafe_run_with_rng_state`` on CUDA, ``run_and_save_rng_state`` elsewhere) and its
+    recompute in backward runs from that state: the same dropout mask, the same attention
+    dropout, as full checkpointing restores it. Not ``inductor_seeds``: the one draw of seeds
+    every seeded op of an Inductor graph reads stays saved (a few bytes)."""
+    target = node.target
+    return (isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+            and target is not torch.ops.prims.inductor_seeds.default)
+
+
 def build_plan_problem(
     analysis: Any, tie_blocks: int | None = None, fused_pointwise: bool = False
 ) -> tuple[Any, list[str], dict[str, str]]:
@@ -255,7 +269,8 @@ def build_plan_problem(
             if _fused_in_forward(node, fwd_outputs):
                 keep_cost = 1e3 * achieved_seconds(analysis.device_spec, 0, nbytes, torch.float32)
         group = f"op:{producer.name}" if producer is not node else None
-        if prec.is_random:
+        keep_random = bool(prec.is_random) and not replays_rng_state(producer)
+        if keep_random:
             kept_random.append(producer.name)
         elif prec.is_inplace and prec.inplace_parent:
             group = f"inplace:{prec.inplace_parent}"
@@ -265,7 +280,7 @@ def build_plan_problem(
             cost_ms=cost,
             inputs=tuple(dict.fromkeys(inputs)),
             first_use=min(bw) if bw else None,
-            must_save=bool(prec.is_random) or producer.name in kept_ops,
+            must_save=keep_random or producer.name in kept_ops,
             group=group,
             keep_cost_ms=keep_cost,
             last_use=max(bw) if bw else None,
@@ -499,7 +514,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
         if node.op != "call_function" or get_record(node).side != Side.FORWARD:
             continue
         rec = get_record(node)
-        if rec.is_random:
+        if rec.is_random and not replays_rng_state(node):
             node.meta.pop("recompute", None)  # untagged random ops are always saved
             node.meta.pop("ac_graph_id", None)
             continue
@@ -510,7 +525,8 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
             decided = any(u.name in recompute for u in node.users)
         else:
             decided = node.name in recompute
-        if get_record(_producer(node)).is_random or is_collective_op(node):
+        producer = _producer(node)
+        if (get_record(producer).is_random and not replays_rng_state(producer)) or is_collective_op(node):
             decided = False
         node.meta.pop("ac_graph_id", None)
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
@@ -632,7 +648,7 @@ def _after_graph(sim: Any) -> int:
 
 
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
-    """The lowest peak found on this annotated graph (random ops kept), by a plan the exact memory
+    """The lowest peak found on this annotated graph, by a plan the exact memory
     simulation confirms; never below the optimizer step's own peak."""
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
     problem = _with_runs(problem, analysis, config)
@@ -923,7 +939,7 @@ def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, e
         margin_note = f", and the {_MODEL_MARGIN:.0%} margin the planner keeps for its simulation's error under Inductor"
     return BudgetError(
         f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
-        f"({how}; random ops kept{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} "
+        f"({how}{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} "
         "bytes, or give a fraction (0.0 plans the lowest peak found)", least_budget=need)
 
 

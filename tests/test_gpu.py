@@ -358,3 +358,58 @@ def test_the_allocators_record_of_a_step_sums_to_what_it_allocated():
     assert 0 < forward_events < len(panel.steps)
     assert panel.totals[-1] == torch.cuda.memory_allocated()
     assert max(panel.totals) == torch.cuda.max_memory_allocated()
+
+
+def test_recomputed_attention_dropout_replays_its_forward_rng_state_on_cuda(monkeypatch):
+    """A plan that recomputes SDPA with dropout (every GPT-2 block checkpointed whole) runs as
+    PyTorch's own full checkpointing does under compile: the partitioner gives each recomputed
+    attention its own generator state, replayed in backward. Same seed, same outputs and gradients
+    as ``torch.utils.checkpoint`` around every block under plain ``torch.compile``; a backward that
+    drew new masks would differ by whole dropped entries."""
+    from torch.testing import FileCheck
+    from torch.utils.checkpoint import checkpoint
+
+    from benchmarks.zoo import ZOO
+    from sac_compiler import plan_graph
+    from tests.test_plan import recording_backend
+
+    entry = ZOO["gpt2"]
+    batch = entry.batch("small", device="cuda")
+
+    def run(model, compiled):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = compiled(*batch.inputs, batch.target)
+        loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    reference = entry.model("small", device="cuda")
+
+    class Checkpointed(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args):
+            return checkpoint(self.block, *args, use_reentrant=False)
+
+    for blocks, i in entry.block_slots(reference):
+        blocks[i] = Checkpointed(blocks[i])
+    ref_loss, ref_grads = run(reference, torch.compile(reference))
+    torch._dynamo.reset()
+
+    def every_layer_checkpointed(problem, analysis, config, *args, **kwargs):
+        plan = plan_graph.layer_checkpoint_plan(problem, analysis)
+        return plan, plan_graph._simulate(analysis, config, plan.recompute)
+
+    monkeypatch.setattr(plan_graph, "_solve_rounds", every_layer_checkpointed)
+    monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
+    model = entry.model("small", device="cuda")
+    backend, records = recording_backend(memory_budget=0.5)
+    loss, grads = run(model, torch.compile(model, backend=backend))
+    (result, _fw, bw), = records
+    assert result.kept_random == ["inductor_seeds_default"]
+    FileCheck().check("graphsafe_run_with_rng_state").check("scaled_dot_product").run(bw.code)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

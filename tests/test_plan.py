@@ -1,6 +1,7 @@
 """backend="sac" with a memory budget: the plan, its tags, the partition, and exact gradients."""
 
 import functools
+import operator
 
 import pytest
 import torch
@@ -207,18 +208,34 @@ def test_infeasible_budget_is_named_when_no_faster_lowest_plan_is_found(monkeypa
     assert refined
 
 
-def test_random_ops_are_kept_and_reported():
+def test_random_ops_are_recomputed_from_their_saved_rng_state():
+    """At the lowest peak the plan recomputes dropout on the eager route: PyTorch's partitioner
+    saves the generator's state in forward and replays it in backward, so the recomputed masks are
+    the forward's and the gradients eager's. Without ``replays_rng_state`` the plan keeps every
+    dropout (untagged) and its peak is higher."""
     torch.manual_seed(0)
     model = nn.Sequential(*[DropoutMLP(dim=32, p=0.3) for _ in range(2)])
     x = torch.randn(2048, 32)
+    ref_out, ref_grads = _step(model, (x,), model, seed=5)
     span = budget_range(model, x, compiler="eager", target_device="cpu")
     backend, records = recording_backend(memory_budget=span.smallest_feasible_peak, compiler="eager")
-    _step(model, (x,), torch.compile(model, backend=backend))
-    (result, _fw, _bw), = records
-    assert result.kept_random == ["native_dropout", "native_dropout_1"]
-    gm = result.analysis.graph.gm
-    dropout = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.native_dropout.default)
-    assert "recompute" not in dropout.meta  # untagged: the partitioner always saves random ops
+    out, grads = _step(model, (x,), torch.compile(model, backend=backend), seed=5)
+    (result, fw, bw), = records
+    assert result.kept_random == []
+    masks = {n.name for n in result.analysis.graph.gm.graph.nodes
+             if n.target is operator.getitem and n.args[0].target == torch.ops.aten.native_dropout.default}
+    assert masks & set(result.plan.recompute)
+    FileCheck().check("run_and_save_rng_state").run(fw.code)
+    FileCheck().check("run_with_rng_state").check("native_dropout.default").run(bw.code)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_graph, "replays_rng_state", lambda node: False)
+        kept = budget_range(model, x, compiler="eager", target_device="cpu")
+    assert kept.smallest_feasible_peak > span.smallest_feasible_peak
 
 
 @pytest.mark.inductor
