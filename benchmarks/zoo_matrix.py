@@ -85,6 +85,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
         # "sac none": no budget (a report makes the backend simulate the partition it compiles)
         options = {"report": os.devnull} if strategy == "sac none" else {"memory_budget": cell["budget_bytes"]}
+        if strategy.startswith("sac+offload"):  # keep, recompute or offload (SACConfig.offload)
+            options["offload"] = True
         config = SACConfig.from_options(options)
         dump = Path(cell["dump"]) if cell.get("dump") else None
 
@@ -176,6 +178,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "recomputed": len(result.plan.recompute) if getattr(result, "plan", None) is not None else None,
             "planning_s": getattr(result, "planning_s", None),
             "predicted_saved_bytes": getattr(getattr(result, "partitioned", None), "saved_bytes", None),
+            "offloaded_bytes": getattr(getattr(result, "offload", None), "bytes", None),
+            "offload_stall_ms": getattr(getattr(result, "offload", None), "stall_ms", None),
+            "offload_note": getattr(result, "offload_note", None),
         })
     out["graphs"] = graphs
     if "budget_bytes" in cell and "peak_bytes" in out:
@@ -302,7 +307,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     pairs = [(m, loop) for m in args.models for loop in args.loops]
     # fewer when a plain compile fails
-    record = _Recorder(out, len(pairs) * (1 + len(args.anchors) + len(args.fractions)))
+    record = _Recorder(out, len(pairs) * (1 + len(args.anchors) + len(args.fractions) * (2 if args.offload else 1)))
 
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
     if args.lock:
@@ -324,6 +329,9 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
                            budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]),
                            **({"dump": str(out / "partitions")} if args.dump_partitions else {}))
                       for f in args.fractions]
+            cells += [dict(base, model=m, loop=loop, strategy=f"sac+offload {f:g}", fraction=f,
+                           budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
+                      for f in (args.fractions if args.offload else ())]
             if args.timeline:
                 for c in cells:
                     name = "-".join(str(c[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
@@ -347,9 +355,11 @@ def _row(r: dict[str, Any]) -> str:
     replans = sum(g.get("replans") or 0 for g in r.get("graphs", []))
     budget = r.get("budget_bytes")
     flag = " OVER" if r.get("violation") else ""
+    offloaded = sum(g.get("offloaded_bytes") or 0 for g in r.get("graphs", []))
     return (f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} {r['step_ms']:8.2f} ms  extra {_gib(r['extra_bytes'])} "
             f"peak {_gib(r['peak_bytes'])} budget {_gib(budget)} predicted {_gib(max(predicted) if predicted else None)} "
-            f"first {_gib(max(first) if first else None)} replans {replans}{flag}")
+            f"first {_gib(max(first) if first else None)} replans {replans}"
+            f"{f' offloaded {_gib(offloaded)}' if offloaded else ''}{flag}")
 
 
 def _plot(rows: list[dict[str, Any]], out: Path) -> None:
@@ -388,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), help=f"anchor strategies (default: {ANCHORS})")
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.9, 0.75, 0.5],
                         help="sac budgets as fractions of compile's extra peak (default: 0.9 0.75 0.5)")
+    parser.add_argument("--offload", action="store_true",
+                        help="also run 'sac+offload F' at each fraction: keep, recompute or offload (offload=True)")
     parser.add_argument("--size", default="full", choices=("small", "full"), help="zoo size (default: full)")
     parser.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the model's fp32)")
     parser.add_argument("--warmup", type=int, default=7, help="untimed steps; the first compiles (default: 7)")

@@ -245,6 +245,10 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "parameter throughout and the graph's all-gathered parameters while it runs, the next block's in "
          "backward (prefetched), the reduce-scatter's input after the graph and the gradients' shards after "
          "it; the optimizer step sees shards only.", frozenset({JOINT}), False),
+    Rule("host_copies", "A value on the host (an offloaded activation's pinned copy: PyTorch's ao.offload "
+         "returns it, ao.reload reads it) takes no memory of a CUDA target: the device value it copies is freed "
+         "at its last use (the forward's wait for the copy), the reload allocates on the device again.",
+         frozenset({PARTITIONED}), False),
     Rule("inputs_deleted", "A graph input (a tangent, a value saved for backward) is deleted at its last "
          "use, never reused: Inductor's wrapper keeps input buffers out of its reuse pool.", _BOTH, True),
 )}

@@ -154,10 +154,15 @@ def _run_graph(
     outputs = {owner[a] for a in out.all_input_nodes}
     sizes: dict[fx.Node, int] = {}
     rule_of: dict[fx.Node, str] = {}  # the rule that last set a node's bytes or its step
+    on_host = _on_host(target) if "host_copies" in rules else (lambda node: False)
     for node in nodes:
         if node.op != "call_function" or owner[node] is not node:
             continue
         if any(u.target is operator.getitem for u in node.users):
+            continue
+        if on_host(node):
+            sizes[node] = 0
+            rule_of[node] = "host_copies"
             continue
         sizes[node] = round_allocation(sum(tensor_nbytes(v) for v in tensor_values(node)), device)
     if "pointwise_fusion" in rules:
@@ -202,7 +207,8 @@ def _run_graph(
                     moved[node] = earliest
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
     runs_until = fused_runs_until(nodes, {**index, **moved},
-                                  {n: list(n.users) for n, size in sizes.items() if size == 0})
+                                  {n: list(n.users) for n, size in sizes.items()
+                                   if size == 0 and rule_of.get(n) != "host_copies"})
     last: dict[fx.Node, int] = {}
     for node in nodes:
         if node.op == "output":
@@ -397,6 +403,20 @@ def _hand_over_dying_inputs(
         dying.remove(match)
         handed_over[match[0]] = (step, out)
         adopting.add(out)
+
+
+def _on_host(target: torch.device | str | None) -> Callable[[fx.Node], bool]:
+    """Whether a node copies device tensors to the host while the graph's device is CUDA
+    (``host_copies``): its tensors are all on the CPU, some of its inputs' on the device."""
+    if target is None or torch.device(target).type != "cuda":
+        return lambda node: False
+
+    def on_host(node: fx.Node) -> bool:
+        values = tensor_values(node)
+        return (bool(values) and all(v.device.type == "cpu" for v in values)
+                and any(v.device.type != "cpu" for arg in node.all_input_nodes for v in tensor_values(arg)))
+
+    return on_host
 
 
 def simulate_partitioned(

@@ -124,9 +124,21 @@ class SACPartitioner(CustomPartitionerFn):
         start = time.perf_counter()
         partitioning: list[float] = []  # PyTorch's partitioner; plain torch.compile runs it once
 
-        def partition() -> tuple[fx.GraphModule, fx.GraphModule]:
+        def partition(planned: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+            """PyTorch's partition of the graph as ``planned`` tagged it (its offloaded values
+            copied out by PyTorch's offload pass, their reloads issued where the plan starts them)."""
             t0 = time.perf_counter()
-            out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            offload = getattr(planned, "offload", None)
+            if offload is None:
+                out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            else:
+                from sac_compiler.offload import offload_partitioning, place_reloads, reloads_placeable
+
+                placeable = reloads_placeable()
+                with offload_partitioning(offload.bandwidth, prefetch=not placeable, cuda=True):
+                    out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+                if placeable:
+                    place_reloads(out[1], offload.reload_before)
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -144,7 +156,7 @@ class SACPartitioner(CustomPartitionerFn):
             kwargs.pop("static_lifetime_input_indices", None)
             fw, bw = default_partition(gm, joint_inputs, **kwargs)
         else:
-            fw, bw = partition()
+            fw, bw = partition(result)
         if result is not None:
             result.check_partition(fw, bw)
             self._count_runs(result, fw)
@@ -174,7 +186,7 @@ class SACPartitioner(CustomPartitionerFn):
                 if candidate is None:
                     break
                 plannable, result = target, candidate
-                fw, bw = partition()
+                fw, bw = partition(result)
                 result.check_partition(fw, bw)
                 self._count_runs(result, fw)
                 if result.step_peak_bytes < best[0]:
@@ -196,7 +208,7 @@ class SACPartitioner(CustomPartitionerFn):
         return fw, bw
 
     def _take_slack(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any,
-                    fw: fx.GraphModule, bw: fx.GraphModule, partition: Callable[[], Any],
+                    fw: fx.GraphModule, bw: fx.GraphModule, partition: Callable[[Any], Any],
                     limit: int) -> tuple[Any, Any, Any]:
         """Where the partitioned graphs peak well under ``limit`` (the budget less the planner's
         margin), the joint-graph simulation was pessimistic about this plan (it does not follow
@@ -217,7 +229,7 @@ class SACPartitioner(CustomPartitionerFn):
                 continue
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:
                 continue
-            fw2, bw2 = partition()
+            fw2, bw2 = partition(candidate)
             candidate.check_partition(fw2, bw2)
             self._count_runs(candidate, fw2)
             log.info("sac: partitioned graphs peak %d bytes under the budget; a plan for %d peaks at %d (%s)",

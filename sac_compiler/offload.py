@@ -17,8 +17,10 @@ is ``should_offload`` on a value it saves, which ``tag_offload`` writes next to 
 This module builds the offload program's problem from an annotated joint graph
 (``build_offload_problem``: the compute timeline from the runtime annotations, the link from the
 device spec's ``host_link_bandwidth``, the values PyTorch's partitioner can offload), solves it
-(``plan_offload``), and emits a plan (``tag_offload`` and ``offload_partitioning``). The backend's
-planning path does not take it yet (``offload_note`` says so in the report).
+(``plan_offload``, and in the backend ``plan_with_offload``, checked on the exact simulation),
+and emits a plan (``tag_offload`` and ``offload_partitioning``). With ``offload=True`` the
+backend takes such a plan where it is faster than recomputation alone or where recomputation
+alone cannot meet the budget; ``offload_note`` says why offload is not offered where it is not.
 """
 
 from __future__ import annotations
@@ -179,6 +181,14 @@ def partition_with_offload(gm: fx.GraphModule, joint_inputs: Any, num_fwd_output
     return fw, bw
 
 
+def reloads_placeable() -> bool:
+    """Whether the installed torch's offload pass emits ``ao.reload`` ops, which ``place_reloads``
+    moves to where the plan starts them (torch 2.13); else PyTorch's own prefetch places them."""
+    with contextlib.suppress(ImportError):
+        from torch._functorch._activation_offloading import activation_offloading  # noqa: F401 (registers ao)
+    return getattr(getattr(torch.ops, "ao", None), "reload", None) is not None
+
+
 def reload_anchors(analysis: Any, offload: Mapping[str, int]) -> dict[str, str]:
     """For a plan's reload starts (value -> step), the backward op each reload is issued before: the
     op of that step in the joint graph (step ``t >= 1`` is the backward's ``t``-th op)."""
@@ -271,13 +281,14 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
             continue
         ready[c.name] = last_read.get(node, done_at.get(node, forward_ms))
     # step 0 of the savings problem is the forward's peak or its end, whichever is higher; offloaded
-    # values are gone only at the end (after the forward's waits for their copies): split the two
+    # values are gone only at the end, after the forward's waits for their copies: until then, the
+    # forward's last op included, they are all there. Split the two.
     sim = analysis.memory
     end = sim.end_of_forward_bytes
     inside = max(sim.step_peaks[:fb], default=0)
-    if problem.baseline and inside > end and problem.baseline[0] == max(end, inside):
+    if problem.baseline and problem.baseline[0] == max(end, inside):
         problem = dataclasses.replace(problem, baseline=(end, *problem.baseline[1:]))
-        forward_peak = inside
+        forward_peak = max(end, inside)
     else:
         forward_peak = None
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
@@ -298,9 +309,9 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     """Plan keep / recompute / offload for an annotated joint graph under ``budget`` device bytes
     (and ``config.host_memory_budget`` host bytes). Nothing is tagged: see ``tag_offload``.
 
-    Returns an outcome without a plan, and the reason, when offload is off, the installed torch
-    cannot offload, or the device spec has no link bandwidth; raises the solver's InfeasibleError
-    when no plan fits."""
+    Returns an outcome without a plan, and the reason, when the installed torch cannot offload or
+    the device spec has no link bandwidth; raises the solver's InfeasibleError when no plan fits.
+    (The backend plans through ``plan_with_offload``, on the exact simulation.)"""
     from sac_compiler.plan_graph import (
         _solver_options,
         _torch_threads_kept,
@@ -308,8 +319,8 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     )
     from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
 
-    reason = offload_note(config, analysis, bandwidth)
-    if reason is not None and not reason.startswith(_NOT_WIRED):
+    reason = offload_support() or _link_note(analysis, bandwidth)
+    if reason is not None:
         return OffloadOutcome(reason=reason)
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
     offload_problem = with_budget(build_offload_problem(analysis, problem, bandwidth, config.host_memory_budget), budget)
@@ -319,26 +330,149 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     return OffloadOutcome(plan=plan, problem=offload_problem)
 
 
-_NOT_WIRED = "offload is planned by sac_compiler.offload.plan_offload"
-
-
 def offload_note(config: Any, analysis: Any = None, bandwidth: float | None = None) -> str | None:
-    """What the report says about offload for this graph: None when ``config.offload`` is off; else
-    why it is not offered (the installed torch, the device spec's link), or that the backend's
-    planning path does not take it yet."""
+    """Why offload is not offered for this graph (a sentence for the report), or None: offered, or
+    ``config.offload`` off. Offered on a CUDA graph run once per step, where the installed torch
+    offloads through its partitioner and the link's bandwidth is known."""
     if not getattr(config, "offload", False):
         return None
-    reason = offload_support()
+    reason = offload_support() or _link_note(analysis, bandwidth)
     if reason is not None:
         return reason
+    if analysis is not None:
+        graph = analysis.graph
+        if torch.device(graph.target_device).type != "cuda":
+            return (f"the graph runs on {graph.target_device}: offload copies CUDA activations to host memory, "
+                    "a CPU graph's host memory is its device memory")
+        if getattr(config, "runs_per_step", 1) > 1:
+            return "the graph runs several times in a step (runs_per_step > 1): offload is planned for one run"
+        if graph.sharding() is not None or getattr(config, "world_size", 1) > 1:
+            return "the graph runs on several ranks: offload is planned for one GPU"
+    return None
+
+
+def _link_note(analysis: Any, bandwidth: float | None) -> str | None:
     spec = getattr(analysis, "device_spec", None)
     if bandwidth is None and spec is not None and spec.host_link_bandwidth is None:
         return f"device spec {spec.name} has no host_link_bandwidth: offload is not offered"
-    return f"{_NOT_WIRED}; the backend's planning path does not take it yet"
+    return None
+
+
+_MEASURED_BANDWIDTH: dict[str, float] = {}
+
+
+def link_bandwidth(analysis: Any) -> float:
+    """The host link's bytes/s per direction for this graph's plan: measured once per CUDA device
+    (a 256 MiB copy from the device to pinned host memory, the median of 5 after a warm-up) when
+    the graph's device is the GPU this process runs on and the plan is for it, else the device
+    spec's ``host_link_bandwidth``."""
+    device = torch.device(analysis.graph.target_device)
+    spec = analysis.device_spec
+    if device.type == "cuda" and torch.cuda.is_available() and _spec_is_this_gpu(spec, device):
+        key = torch.cuda.get_device_name(device)
+        if key not in _MEASURED_BANDWIDTH:
+            _MEASURED_BANDWIDTH[key] = _measure_link(device)
+        return _MEASURED_BANDWIDTH[key]
+    if spec.host_link_bandwidth is None:
+        raise ValueError(f"device spec {spec.name} has no host_link_bandwidth")
+    return float(spec.host_link_bandwidth)
+
+
+def _spec_is_this_gpu(spec: Any, device: torch.device) -> bool:
+    name = torch.cuda.get_device_name(device).lower()
+    return any(pattern.lower() in name for pattern in getattr(spec, "name_patterns", ()) or ())
+
+
+def _measure_link(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    times = []
+    for i in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source, non_blocking=True)
+        end.record()
+        end.synchronize()
+        if i:  # the first copy warms the path up
+            times.append(start.elapsed_time(end) / 1e3)
+    del source, target
+    return nbytes / sorted(times)[len(times) // 2]
+
+
+def offloaded_simulation(sim: Any, problem: Any, offload: Mapping[str, int]) -> Any:
+    """The joint-graph simulation ``sim`` (of a plan's recomputation) with ``offload`` (value ->
+    reload start on the savings program's step axis) applied as the partitioned graphs run it: an
+    offloaded value is on the device through the forward (its copy finishes by the forward's end,
+    where the forward waits for it), gone from the end of forward, and allocated again from the
+    backward step its reload starts at (step ``s`` is the backward's ``s``-th op)."""
+    if not offload:
+        return sim
+    nbytes = {c.name: c.nbytes for c in problem.candidates}
+    fb = sim.first_backward
+    steps = list(sim.step_peaks)
+    for name, start in offload.items():
+        for j in range(fb, min(fb + start - 1, len(steps))):
+            steps[j] -= nbytes[name]
+    end = sim.end_of_forward_bytes - sum(nbytes[name] for name in offload)
+    from sac_compiler.plan_graph import _after_graph
+
+    graph_peak = max([*steps, end])
+    # the simulation's own peak where no step holds it (the optimizer step after the graph)
+    peak = max(graph_peak, _after_graph(sim))
+    return dataclasses.replace(sim, peak_bytes=peak, end_of_forward_bytes=end, step_peaks=steps)
+
+
+@dataclass(frozen=True)
+class OffloadChoice:
+    """A keep / recompute / offload plan and its simulation (``offloaded_simulation``)."""
+
+    plan: Any  # solvers.offload_plan.OffloadPlan
+    simulation: Any
+    problem: Any  # solvers.offload_plan.OffloadProblem
+    time_ms: float  # recompute time, keep costs and the transfer time compute does not hide
+    recompute_only_ms: float | None = None  # the recompute-only plan's, where the caller compared
+
+
+_OFFLOAD_ROUNDS = 4
+
+
+def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, options: Any,
+                      simulate: Any) -> OffloadChoice | None:
+    """The fastest keep / recompute / offload plan whose simulation fits ``goal`` (bytes of the
+    graph's step, outside memory excluded), or None when none does.
+
+    The program (``solve_offload_plan``) counts memory on the savings program's model; its plan is
+    then checked on the exact simulation of its recomputation (``simulate(recompute)``) with the
+    offloaded values taken out (``offloaded_simulation``), and planned again lower by the excess
+    where it is over, at most ``_OFFLOAD_ROUNDS`` times."""
+    from sac_compiler.plan_graph import _torch_threads_kept
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError
+    from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
+    from sac_compiler.solvers.savings_plan import plan_time_ms
+
+    offload_problem = build_offload_problem(analysis, problem, link_bandwidth(analysis),
+                                            getattr(config, "host_memory_budget", None))
+    target = goal
+    for _ in range(_OFFLOAD_ROUNDS):
+        try:
+            with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
+                plan = solve_offload_plan(with_budget(offload_problem, target), options)
+        except (InfeasibleError, NoSolutionError):
+            return None
+        sim = offloaded_simulation(simulate(plan.recompute), problem, plan.offload)
+        if sim.peak_bytes <= goal:
+            time_ms = plan_time_ms(problem, plan.recompute, plan.kept_for_recompute) + plan.stall_ms
+            return OffloadChoice(plan, sim, offload_problem, time_ms)
+        target -= sim.peak_bytes - goal
+    return None
 
 
 __all__ = [
+    "OffloadChoice",
     "OffloadOutcome",
+    "link_bandwidth",
+    "offloaded_simulation",
+    "plan_with_offload",
     "build_offload_problem",
     "offload_note",
     "offload_partitioning",
@@ -347,6 +481,7 @@ __all__ = [
     "partition_with_offload",
     "place_reloads",
     "reload_anchors",
+    "reloads_placeable",
     "partitioner_config",
     "plan_offload",
     "tag_offload",

@@ -59,6 +59,27 @@ class BudgetError(ValueError):
         self.least_budget = least_budget
 
 
+@dataclass(frozen=True)
+class OffloadedValues:
+    """What a plan offloads to pinned host memory, and the link it expects."""
+
+    starts: dict[str, int]  # value -> the backward step its reload starts at
+    values: dict[str, tuple[str, int]]  # value -> (module, bytes)
+    reload_before: dict[str, str]  # value -> the backward op its reload is issued before
+    bandwidth: float  # bytes/s per direction the plan assumed
+    stall_ms: float  # transfer time the plan expects compute not to hide
+    recompute_only_ms: float | None = None  # the recompute-only plan's time (None: it had none)
+
+    @property
+    def bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.values.values())
+
+    @property
+    def link_ms(self) -> float:
+        """Time the copies take on the link, each way."""
+        return 1e3 * self.bytes / self.bandwidth
+
+
 @dataclass
 class GraphPlanResult:
     """What the backend decided for one graph, and what the partitioner then did."""
@@ -100,8 +121,10 @@ class GraphPlanResult:
     # of that step: bytes the caller's own code (its loss) held between forward and backward, as
     # the allocator measured them (None: not measured; see SACConfig.loss_memory)
     measured_loss_memory: int | None = None
-    # with the offload option: why offload is not part of this plan (sac_compiler.offload.offload_note)
+    # with the offload option: why offload is not offered for this graph (sac_compiler.offload.offload_note)
     offload_note: str | None = None
+    # the values the plan offloads to host memory (None: none)
+    offload: OffloadedValues | None = None
     # a graph that runs several times forward before its backwards in a step (one graph serving
     # every block): how many, and what each other run holds through it; set by the partitioner
     runs_per_step: int = 1
@@ -529,6 +552,7 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
         if (get_record(producer).is_random and not replays_rng_state(producer)) or is_collective_op(node):
             decided = False
         node.meta.pop("ac_graph_id", None)
+        node.meta.pop("should_offload", None)  # an earlier plan's offload (tag_offload writes it again)
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE if decided else CheckpointPolicy.MUST_SAVE
         counts["must_recompute" if decided else "must_save"] += 1
     return counts
@@ -820,55 +844,81 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             f"reduce-scatter's after the graph, {format_bytes(step_peak)} (parameters, gradients, optimizer "
             "state; the reduce-scatter's input buffer), which no recomputation changes"
         )
-    try:
-        if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
-            plan, sim = fastest, fastest_sim  # nothing to trade: the fastest plan fits
-        else:
-            plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
-    except BudgetError as error:
-        # The program's chain terms are conservative for plans that rebuild whole layers: try
-        # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
-        # as the plan of the rounds that came nearest the budget has them (the faster of the two).
-        structure = _layer_structure(problem, analysis)
-        hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
-        near = getattr(error, "nearest", None)
-        if near is not None:
-            for other in (_repaired(problem, analysis, config, goal, *near),
-                          _layer_hybrid(problem, analysis, config, goal, near[0], structure)):
-                if other is not None and (hybrid is None or _plan_ms(problem, other[0]) < _plan_ms(problem, hybrid[0])):
-                    hybrid = other
-        if hybrid is None:
-            if not isinstance(error, _NoPlan) and fraction is None:
-                raise
-            if lowest is None:
-                lowest = _lowest_plan(problem, analysis, config, options, structure)
-            if lowest[0] > goal:
-                if fraction is not None and target is None:
-                    # a fraction resolved at or above this very plan's peak: the margin-free goal
-                    # can only miss it by the outside memory's rounding; plan it regardless
-                    log.info("sac plan: memory_budget %g: the lowest-peak plan simulates at %s, the budget is %s",
-                             fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
-                else:
-                    raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
-            hybrid = lowest[2], lowest[3]
-        plan, sim = hybrid
-        log.info("sac plan: the program has no plan under %s; %s simulates at %s",
-                 format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
-        # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
-        # then of the best plan so far, may find a faster plan near either
-        if fastest is not None:
-            plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
-        plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
-    else:
-        # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
-        time_of = functools.partial(_plan_ms, problem)
-        structure = _layer_structure(problem, analysis)
-        one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
-                                    fastest.recompute if fastest is not None else (), structure)
-        if one is not None and time_of(one) < time_of(plan):
+
+    def recompute_only() -> tuple[Any, Any]:
+        nonlocal lowest
+        try:
+            if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
+                plan, sim = fastest, fastest_sim  # nothing to trade: the fastest plan fits
+            else:
+                plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
+        except BudgetError as error:
+            # The program's chain terms are conservative for plans that rebuild whole layers: try
+            # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
+            # as the plan of the rounds that came nearest the budget has them (the faster of the two).
+            structure = _layer_structure(problem, analysis)
             hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
-            if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
-                plan, sim = hybrid
+            near = getattr(error, "nearest", None)
+            if near is not None:
+                for other in (_repaired(problem, analysis, config, goal, *near),
+                              _layer_hybrid(problem, analysis, config, goal, near[0], structure)):
+                    if other is not None and (hybrid is None or _plan_ms(problem, other[0]) < _plan_ms(problem, hybrid[0])):
+                        hybrid = other
+            if hybrid is None:
+                if not isinstance(error, _NoPlan) and fraction is None:
+                    raise
+                if lowest is None:
+                    lowest = _lowest_plan(problem, analysis, config, options, structure)
+                if lowest[0] > goal:
+                    if fraction is not None and target is None:
+                        # a fraction resolved at or above this very plan's peak: the margin-free goal
+                        # can only miss it by the outside memory's rounding; plan it regardless
+                        log.info("sac plan: memory_budget %g: the lowest-peak plan simulates at %s, the budget is %s",
+                                 fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
+                    else:
+                        raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
+                hybrid = lowest[2], lowest[3]
+            plan, sim = hybrid
+            log.info("sac plan: the program has no plan under %s; %s simulates at %s",
+                     format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
+            # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
+            # then of the best plan so far, may find a faster plan near either
+            if fastest is not None:
+                plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
+            plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
+        else:
+            # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
+            time_of = functools.partial(_plan_ms, problem)
+            structure = _layer_structure(problem, analysis)
+            one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
+                                        fastest.recompute if fastest is not None else (), structure)
+            if one is not None and time_of(one) < time_of(plan):
+                hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
+                if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
+                    plan, sim = hybrid
+        return plan, sim
+
+    offload = None
+    offload_reason = None
+    if config.offload:
+        from sac_compiler.offload import offload_note
+
+        offload_reason = offload_note(config, analysis)
+    try:
+        plan, sim = recompute_only()
+    except BudgetError:
+        if not config.offload or offload_reason is not None:
+            raise
+        offload = _offload_choice(problem, analysis, config, goal, options, None)
+        if offload is None:
+            raise
+        log.info("sac plan: recomputation alone has no plan under %s; with offload one simulates at %s",
+                 format_bytes(goal + outside), format_bytes(offload.simulation.peak_bytes + outside))
+    else:
+        if config.offload and offload_reason is None and plan is not fastest:
+            offload = _offload_choice(problem, analysis, config, goal, options, _plan_ms(problem, plan))
+    if offload is not None:
+        plan, sim = offload.plan, offload.simulation
     if config.world_size > 1:
         plan, sim = _agreed(problem, analysis, config, plan, sim)
     result.plan = plan
@@ -877,9 +927,40 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     result.recomputed_values = {name: (get_record(by_name[name]).module_fqn or "Global",
                                        get_record(by_name[name]).alloc_bytes or 0) for name in sorted(plan.recompute)}
     tag_graph(analysis.graph.gm, plan.recompute)
-    log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %s in %.2f s",
-             format_bytes(budget), format_bytes(result.baseline_peak or 0), format_bytes(result.predicted_peak),
-             len(plan.recompute), plan.recompute_ms, plan.status, plan.solve_s)
+    result.offload = None
+    if offload is not None:
+        from sac_compiler.offload import reload_anchors, tag_offload
+
+        tag_offload(analysis.graph.gm, offload.plan.offload, analysis.graph.num_fwd_outputs)
+        result.offload = OffloadedValues(
+            starts=dict(offload.plan.offload),
+            values={name: (get_record(by_name[name]).module_fqn or "Global", get_record(by_name[name]).alloc_bytes or 0)
+                    for name in sorted(offload.plan.offload)},
+            reload_before=reload_anchors(analysis, offload.plan.offload),
+            bandwidth=offload.problem.bandwidth, stall_ms=offload.plan.stall_ms,
+            recompute_only_ms=offload.recompute_only_ms)
+    log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %d offloaded "
+             "(%s), %s in %.2f s", format_bytes(budget), format_bytes(result.baseline_peak or 0),
+             format_bytes(result.predicted_peak), len(plan.recompute), plan.recompute_ms,
+             len(result.offload.starts) if result.offload else 0,
+             format_bytes(result.offload.bytes if result.offload else 0), plan.status, plan.solve_s)
+
+
+def _offload_choice(problem: Any, analysis: Any, config: SACConfig, goal: int, options: Any,
+                    recompute_only_ms: float | None) -> Any:
+    """A keep / recompute / offload plan (``offload.plan_with_offload``) where it is faster than the
+    recompute-only plan's ``recompute_only_ms`` (None: recomputation alone has no plan), else None."""
+    from sac_compiler.offload import plan_with_offload
+
+    choice = plan_with_offload(analysis, config, problem, goal, options,
+                               functools.partial(_simulate, analysis, config))
+    if choice is None or not choice.plan.offload:
+        return None
+    if recompute_only_ms is not None and choice.time_ms >= recompute_only_ms:
+        log.info("sac plan: with offload %.3f ms, recomputation alone %.3f ms: not offloading",
+                 choice.time_ms, recompute_only_ms)
+        return None
+    return dataclasses.replace(choice, recompute_only_ms=recompute_only_ms)
 
 
 def _agreed(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any) -> tuple[Any, Any]:

@@ -56,6 +56,16 @@ def format_plan(result: Any) -> str:
     for name, reason in getattr(result, "kept_ops", {}).items():
         by_reason.setdefault(reason, []).append(name)
     rows += [(f"kept: {reason}", ", ".join(names)) for reason, names in sorted(by_reason.items())]
+    offload = getattr(result, "offload", None)
+    if offload is not None:
+        alone = ("none under the budget" if offload.recompute_only_ms is None
+                 else f"{offload.recompute_only_ms:.3f} ms")
+        rows += [
+            ("offloaded to host memory", f"{len(offload.starts)} values, {format_bytes(offload.bytes)}"),
+            ("link time expected (each way)", f"{offload.link_ms:.3f} ms at {offload.bandwidth / 1e9:.1f} GB/s"),
+            ("transfer time compute does not hide", f"{offload.stall_ms:.3f} ms"),
+            ("recompute-only plan's time", alone),
+        ]
     if result.partitioned is not None:
         over = " (over the budget)" if result.partitioned.peak_bytes > result.budget_bytes else ""
         rows.append(("simulated peak of the partitioned graphs",
@@ -68,13 +78,20 @@ def format_plan(result: Any) -> str:
         rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
         rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))
     per_module: dict[str, list[int]] = {}
-    for module, nbytes in result.recomputed_values.values():
-        entry = per_module.setdefault(module, [0, 0])
-        entry[0] += 1
-        entry[1] += nbytes
+    for column, values in ((0, result.recomputed_values), (2, offload.values if offload is not None else {})):
+        for module, nbytes in values.values():
+            entry = per_module.setdefault(module, [0, 0, 0, 0])
+            entry[column] += 1
+            entry[column + 1] += nbytes
     mods = sorted(per_module.items())
-    table = tabulate([(m, n, f"{b / 2**20:.2f}") for m, (n, b) in mods],
-                     headers=["module", "values recomputed", "MiB freed between forward and use"], tablefmt="simple")
+    if offload is None:
+        table = tabulate([(m, n, f"{b / 2**20:.2f}") for m, (n, b, _, _) in mods],
+                         headers=["module", "values recomputed", "MiB freed between forward and use"],
+                         tablefmt="simple")
+    else:
+        table = tabulate([(m, n, f"{b / 2**20:.2f}", k, f"{o / 2**20:.2f}") for m, (n, b, k, o) in mods],
+                         headers=["module", "values recomputed", "MiB recomputed", "values offloaded",
+                                  "MiB offloaded"], tablefmt="simple")
     return f"{text}\n{tabulate(rows, tablefmt='simple')}\n\n{table}\n"
 
 

@@ -693,3 +693,24 @@ def test_rule_fsdp_sharding():
     assert on.sharded_param_bytes == on.sharded_grad_bytes == shards
     assert off.sharded_param_bytes == off.reduce_scatter_peak_bytes == 0
     assert on.peak_bytes == on.reduce_scatter_peak_bytes and on.peak_node == "reduce_scatter"
+
+
+def test_rule_host_copies():
+    """An offloaded value's host copy (a CPU tensor in a CUDA graph) takes no device memory; the
+    device value it copied is freed at its last use."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, a, b = (torch.empty(64, 64, device="cuda") for _ in range(3))
+        host = torch.empty(64, 64, device="cpu")
+    graph, op, placeholder = _graph_builder()
+    xs = placeholder("x", x)
+    act = op(aten.mm.default, xs, xs, val=a)
+    copy = op(aten._to_copy.default, act, val=host)  # the copy to the host, as ao.offload makes it
+    later = op(aten.mm.default, xs, xs, val=b)
+    graph.output((later, copy))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    tile = 64 * 64 * 4
+    kwargs = {"static_storage": frozenset({"x"})}
+    assert _peak(gm, tile, _outputs(gm), "cuda", fused=False, **kwargs)[0] == 2 * tile
+    assert _peak(gm, tile, _outputs(gm), "cuda", fused=False, off={"host_copies"}, **kwargs)[0] == 3 * tile
