@@ -339,6 +339,12 @@ def offload_note(config: Any, analysis: Any = None, bandwidth: float | None = No
     reason = offload_support() or _link_note(analysis, bandwidth)
     if reason is not None:
         return reason
+    if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable():
+        # measured with torch 2.11 on an H200: Inductor fails on the partitioned graphs with
+        # "TypeError: _() missing 1 required positional argument: 'to_dealloc'" at streams.record_stream
+        return (f"torch {torch.__version__}'s offload pass puts its copies on a stream through stream ops "
+                "(streams.record_stream) that Inductor failed to compile on torch 2.11: with this torch offload "
+                "is offered on the eager route (compiler='eager')")
     if analysis is not None:
         graph = analysis.graph
         if torch.device(graph.target_device).type != "cuda":
