@@ -202,7 +202,7 @@ class SACConfig:
     # ordering rules) or "inductor" (the order Inductor's scheduler runs them in; lowers each graph)
     partition_order: str = "graph"
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
-    # memory (sac_compiler.offload; the planning path does not take it yet)
+    # memory, on a CUDA graph (sac_compiler.offload.plan_with_offload; the report says where not)
     offload: bool = False
     # pinned host bytes the offloaded values may take (an int of bytes or a string like '32GiB');
     # None: unlimited
