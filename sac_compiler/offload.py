@@ -385,8 +385,7 @@ def link_bandwidth(analysis: Any) -> float:
 
 
 def _spec_is_this_gpu(spec: Any, device: torch.device) -> bool:
-    name = torch.cuda.get_device_name(device).lower()
-    return any(pattern.lower() in name for pattern in getattr(spec, "name_patterns", ()) or ())
+    return bool(spec.matches(torch.cuda.get_device_name(device)))
 
 
 def _measure_link(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
