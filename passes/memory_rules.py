@@ -50,6 +50,7 @@ def inplace_pointwise(
     made_at: dict[fx.Node, int], last: dict[fx.Node, int], kept: set[fx.Node],
     handed_over: dict[fx.Node, tuple[int, fx.Node]], adopting: set[fx.Node],
     takeable: dict[fx.Node, tuple[list[fx.Node], int]], exclusive: bool = True,
+    side_of: Callable[[fx.Node], Any] | None = None,
 ) -> None:
     """``inplace_pointwise``: a pointwise kernel writes its output into the buffer of an input it
     is the last reader of, read at the index it writes (same shape and strides, no broadcast) and of
@@ -58,9 +59,11 @@ def inplace_pointwise(
     placeholder with the placeholders sharing its allocation, and its bytes); never a parameter,
     a user input or a tangent. Marks the inputs taken over (``handed_over``: the step and the
     output) and the outputs taking one (``adopting``: no allocation of their own). ``exclusive``:
-    besides dying there (``last``), the input is read by nothing outside the kernel (the joint
-    simulation, whose forward read the value earlier, checks only that it dies).
-    ``sizes``: bytes per allocation, 0 for a value folded into its readers' kernels."""
+    besides dying there (``last``), the input is read by nothing outside the kernel; a view of it
+    is no reader of its own, its readers are. ``side_of`` (the joint simulation, where a backward
+    kernel's input was read in forward as well): the input is read by nothing outside the kernel
+    on the kernel's own side (forward or backward). ``sizes``: bytes per allocation, 0 for a value
+    folded into its readers' kernels."""
     taken: set[fx.Node] = set()
     aliases: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
@@ -87,7 +90,8 @@ def inplace_pointwise(
             if node is out:
                 return True
             if node not in inside:
-                inside[node] = node in chain and all(only_here(u) for u in node.users)
+                view = node.op == "call_function" and owner.get(node, node) is not node  # its readers read
+                inside[node] = (node in chain or view) and all(only_here(u) for u in node.users)
             return inside[node]
 
         for reader in sorted(chain, key=position.__getitem__) if len(chain) > 1 else [out]:
@@ -108,8 +112,13 @@ def inplace_pointwise(
                     members, nbytes = [base], sizes.get(base, 0)
                 if not (0.95 * nbytes <= size <= nbytes) or any(last.get(m, -1) != step for m in members):
                     continue
-                readers = [u for m in members for v in aliases.get(m, [m]) for u in v.users] if exclusive else []
-                if exclusive and (not readers or not all(only_here(u) for u in readers)):
+                check = exclusive or side_of is not None
+                # the allocation's readers through any alias of it (its views are not readers: their
+                # readers are, through the same list), on the kernel's side where side_of says
+                readers = [u for m in members for v in aliases.get(m, [m]) for u in v.users
+                           if (u.op != "call_function" or owner.get(u, u) is not m)
+                           and (side_of is None or u.op == "output" or side_of(u) == side_of(out))] if check else []
+                if check and (not readers or not all(only_here(u) for u in readers)):
                     continue
                 match = (base, members)
                 break

@@ -674,26 +674,35 @@ def _after_graph(sim: Any) -> int:
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     """The lowest peak found on this annotated graph, by a plan the exact memory
     simulation confirms; never below the optimizer step's own peak."""
-    problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
+    fused = config.compiler == "inductor"
+    problem, _, _ = build_plan_problem(analysis, fused_pointwise=fused)
     problem = _with_runs(problem, analysis, config)
-    peak, _, _, _ = _lowest_plan(problem, analysis, config, _solver_options(config, analysis))
+    options = _solver_options(config, analysis)
+    fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline) + problem.held_by_other_runs),
+                     options) if fused else None
+    peak, _, _, _ = _lowest_plan(problem, analysis, config, options, fastest=fastest)
     return max(peak, _after_graph_peak(analysis))
 
 
 def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
-                 structure: Any = None) -> tuple[int, str, Any, Any]:
+                 structure: Any = None, fastest: Any = None) -> tuple[int, str, Any, Any]:
     """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
-    checkpointed, each run through the exact simulation (the program's peak is a model: long
-    recompute chains hold more than it counts)."""
+    checkpointed (the rest kept, or as the ``fastest`` plan has it: a head that recomputes its
+    log-softmax from the kept logits, as full checkpointing leaves it), each run through the exact
+    simulation (the program's peak is a model: long recompute chains hold more than it counts)."""
     from sac_compiler.solvers import InfeasibleError, NoSolutionError
     from sac_compiler.solvers.savings_plan import min_peak_plan
 
     plans = [("everything recomputable recomputed", _fixed_plan(
         problem, {c.name for c in problem.candidates if not c.must_save}, "RECOMPUTE_ALL"))]
+    structure = structure if structure is not None else _layer_structure(problem, analysis)
     layers = layer_checkpoint_plan(problem, analysis, structure=structure)
     if layers is not None:
         plans.append(("every layer checkpointed", layers))
+        if fastest is not None and fastest.recompute:
+            plans.append(("every layer checkpointed, the rest as the fastest plan",
+                          layer_checkpoint_plan(problem, analysis, base=fastest.recompute, structure=structure)))
     with _torch_threads_kept():
         low, lowest = min_peak_plan(problem, options)
     plans.append(("the program's lowest-peak plan", lowest))
@@ -826,7 +835,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
         low = high
         if fraction < 1.0:
-            lowest = _lowest_plan(problem, analysis, config, options)
+            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)
@@ -868,7 +877,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 if not isinstance(error, _NoPlan) and fraction is None:
                     raise
                 if lowest is None:
-                    lowest = _lowest_plan(problem, analysis, config, options, structure)
+                    lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
                 if lowest[0] > goal:
                     if fraction is not None and target is None:
                         # a fraction resolved at or above this very plan's peak: the margin-free goal
