@@ -723,6 +723,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
     best = None
     for how, plan in plans:
         sim = _simulate(analysis, config, plan.recompute)
+        log.info("sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)", how, format_bytes(sim.peak_bytes),
+                 _plan_ms(problem, plan))
         key = (sim.peak_bytes, _plan_ms(problem, plan))
         if best is None or key < best[0]:
             best = (key, (sim.peak_bytes, how, plan, sim))
