@@ -99,8 +99,12 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                     dump.mkdir(parents=True, exist_ok=True)
                     stem = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
                     count = len(list(dump.glob(f"{stem}-graph*.json")))
-                    (dump / f"{stem}-graph{count}.json").write_text(
-                        json.dumps(record_partition(self.last_result, *out)) + "\n")
+                    try:
+                        data = record_partition(self.last_result, *out)
+                    except ValueError as error:  # a graph the record cannot hold: the cell goes on
+                        print(f"{stem}-graph{count}: not recorded: {error}", file=sys.stderr, flush=True)
+                    else:
+                        (dump / f"{stem}-graph{count}.json").write_text(json.dumps(data) + "\n")
                 return out
 
         def backend(gm: Any, example_inputs: Any) -> Any:

@@ -235,9 +235,11 @@ def annotate_memory(
     fusable: set[fx.Node] = set()
     if "pointwise_fusion" in rules:
         for node in call_functions(gm):
-            if owner[node] is node and is_pointwise_op(node) and node not in outputs:
+            if owner[node] is node and is_pointwise_op(node) and node not in outputs and node.users:
+                # (a forward value only backward reads, such as the one-hot of a cross-entropy's
+                # targets that Inductor's joint passes compute apart: fusable in backward's kernels)
                 same_side = [u for u in node.users if _side(u) == _side(node)]
-                if same_side and all(fuses_pointwise_inputs(u) for u in same_side):
+                if all(fuses_pointwise_inputs(u) for u in same_side):
                     fusable.add(node)
 
     # 3. Last use of every allocation (through its aliases).
@@ -316,6 +318,10 @@ def annotate_memory(
             uses_of.setdefault(owner[arg], set()).add(runs_at.get(node, index[node]))
     rematerialized = _backward_needs(nodes, owner, index, uses_of, recomputed, first_backward,
                                      rerun="multi_output_rerun" in rules)
+    # the allocations a forward op reads or the forward returns: a recomputed value that only
+    # backward reads is not computed in forward at all
+    read_in_forward = {owner[a] for n in nodes if n.op == "call_function" and _side(n) == Side.FORWARD
+                       for a in n.all_input_nodes} | {owner[n] for n in fwd_outputs}
     realize = "realize_thresholds" in rules
 
     # pointwise_fusion: rebuilt in backward, a fusable value is a buffer only if a non-fusing op
@@ -493,8 +499,9 @@ def annotate_memory(
             uses = sorted(set(uses) | {held_for_recompute[node]})
         if node in rematerialized:
             fw_uses = [i for i in uses if i < first_backward]
-            add(node, Lifetime(node.name, size, start_at, fw_uses[-1] if fw_uses else start_at, cat, rule,
-                               phase=phase))
+            if node in read_in_forward:  # else the partitioner leaves it out of the forward graph
+                add(node, Lifetime(node.name, size, start_at, fw_uses[-1] if fw_uses else start_at, cat, rule,
+                                   phase=phase))
             needed = rematerialized[node]
             if needed:  # rematerialised for its first backward need, kept to its last
                 add(node, Lifetime(node.name, remat_alloc.get(node, 0), min(needed), max(needed), cat,

@@ -96,8 +96,9 @@ def _graph(gm: fx.GraphModule) -> dict[str, Any]:
         if node.op == "placeholder":
             nodes.append({"op": "placeholder", "name": node.name, "val": _tensor_spec(node)})
         elif node.op == "call_function":
-            nodes.append({"op": "call_function", "name": node.name, "target": _target(node.target),
-                          "args": _value(node.args), "kwargs": _value(dict(node.kwargs))})
+            target, args, kwargs = _unwrapped(node)
+            nodes.append({"op": "call_function", "name": node.name, "target": _target(target),
+                          "args": _value(args), "kwargs": _value(kwargs)})
         elif node.op == "output":
             nodes.append({"op": "output", "args": _value(node.args)})
         else:
@@ -106,10 +107,26 @@ def _graph(gm: fx.GraphModule) -> dict[str, Any]:
     return {"nodes": nodes}
 
 
+def _unwrapped(node: fx.Node) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call's target, args and kwargs, with a random op the partitioner runs from a saved RNG
+    state (``graphsafe_run_with_rng_state(op, *args, rng_state=...)``, ``run_with_rng_state(state,
+    op, *args)``) recorded as the op itself: it allocates what the op allocates."""
+    target, args, kwargs = node.target, tuple(node.args), dict(node.kwargs)
+    name = getattr(target, "__name__", None) if isinstance(target, torch._ops.HigherOrderOperator) else None
+    if name == "graphsafe_run_with_rng_state":
+        kwargs.pop("rng_state", None)
+        return args[0], args[1:], kwargs
+    if name == "run_with_rng_state":
+        return args[1], args[2:], kwargs
+    return target, args, kwargs
+
+
 def _tensor_spec(node: fx.Node) -> Any:
     from sac_compiler.passes.record import size_hint
 
     val = node.meta.get("val")
+    if isinstance(val, torch.Generator):  # a graph-safe RNG state: only the wrappers above read it
+        return {"scalar": None}
     if isinstance(val, torch.Tensor):
         return {"size": [size_hint(s) for s in val.shape], "stride": [size_hint(s) for s in val.stride()],
                 "dtype": str(val.dtype).removeprefix("torch.")}

@@ -758,3 +758,32 @@ def test_inductor_runs_column_reductions_reading_a_common_buffer_as_one_kernel()
             # graph order: t dies in the weight-gradient matmul (the first sum is made), before
             # the second matmul runs
             assert (peak, peak_node) == (placeholders + 4 * (n * k + k * d + d), wgrad.name)
+
+
+def test_a_recomputed_value_only_backward_reads_is_not_made_in_forward():
+    """A forward value that only backward reads (Inductor's joint passes compute the one-hot of a
+    cross-entropy's targets apart, beside the backward) is, once recomputed, left out of the
+    forward graph by the partitioner and folded into the backward kernel that reads it: no
+    allocation at all, where it was counted twice (at its own step and rebuilt in backward)."""
+    from sac_compiler.passes.record import Side
+
+    aten = torch.ops.aten
+    graph, op, placeholder = _graph_builder()
+    x, w = placeholder("x", torch.empty(64, 1000)), placeholder("w", torch.empty(1000, 1000))
+    g = placeholder("tangents_1", torch.empty(64, 1000))
+    out = op(aten.mm.default, x, w, val=torch.empty(64, 1000))
+    grad0 = op(aten.mul.Tensor, g, 3.0, val=torch.empty(64, 1000))
+    onehot = op(aten.mul.Tensor, x, 2.0, val=torch.empty(64, 1000))  # forward side: reads no tangent
+    grad = op(aten.mul.Tensor, grad0, onehot, val=torch.empty(64, 1000))
+    gsum = op(aten.sum.dim_IntList, grad, [0], val=torch.empty(1000))
+    graph.output((out, gsum))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    annotate_modules(gm, "")
+    annotate_ops(gm)
+    assert get_record(onehot).side == Side.FORWARD
+    kept = annotate_memory(gm, fused_pointwise=True, annotate=False, num_fwd_outputs=1, recomputed=set())
+    rebuilt = annotate_memory(gm, fused_pointwise=True, annotate=False, num_fwd_outputs=1, recomputed={onehot.name})
+    value = 64 * 1000 * 4
+    assert [life.nbytes for life in kept.lifetimes if life.name == onehot.name] == [value]
+    assert sum(life.nbytes for life in rebuilt.lifetimes if life.name == onehot.name) == 0
+    assert kept.peak_bytes - rebuilt.peak_bytes == value

@@ -1,6 +1,7 @@
 """A partition recorded as plain data replays to the same simulated peak."""
 
 import json
+import operator
 
 import pytest
 import torch
@@ -35,3 +36,27 @@ def test_a_recorded_partition_replays_to_its_simulated_peak(compiler):
 def test_a_record_of_another_format_is_refused():
     with pytest.raises(ValueError, match="record it again"):
         replay_partition({"format": 0})
+
+
+def test_a_random_op_run_from_a_saved_rng_state_is_recorded_as_the_op():
+    """The partitioner runs a recomputed random op from a graph-safe RNG state (a generator
+    placeholder, ``graphsafe_run_with_rng_state``) on CUDA: the record holds the op itself, and
+    the generator as a value nothing reads; the replayed graph allocates what the op allocates."""
+    from torch._prims.rng_prims import graphsafe_run_with_rng_state
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sac_compiler.partition_record import _graph, _module
+
+    graph = torch.fx.Graph()
+    x, state = graph.placeholder("x"), graph.placeholder("fwd_rng_state_0")
+    x.meta["val"] = torch.empty(8, 16)
+    state.meta["val"] = torch.Generator()
+    dropped = graph.call_function(graphsafe_run_with_rng_state, (torch.ops.aten.native_dropout.default, x, 0.5, True),
+                                  {"rng_state": state})
+    graph.output((graph.call_function(operator.getitem, (dropped, 0)),))
+    data = json.loads(json.dumps(_graph(torch.fx.GraphModule(torch.nn.Module(), graph))))
+    call = next(e for e in data["nodes"] if e["op"] == "call_function" and e["name"] == dropped.name)
+    assert call["target"] == "aten.native_dropout.default" and call["kwargs"] == {"dict": {}}
+    replayed = _module(data, FakeTensorMode(allow_non_fake_inputs=True))
+    out = next(n for n in replayed.graph.nodes if n.name == dropped.name)
+    assert [tuple(v.shape) for v in out.meta["val"]] == [(8, 16), (8, 16)]
