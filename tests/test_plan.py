@@ -858,3 +858,25 @@ def test_memory_freed_before_the_optimizer_step_beyond_the_graphs_own_step():
     with pytest.raises(plan_graph.BudgetError, match="smallest feasible peak") as raised:
         plan_graph.plan_joint(capture_joint(head, x), low, outside_bytes=held, freed_before_optimizer=held)
     assert raised.value.least_budget is not None and raised.value.least_budget > held
+
+
+def test_the_lowest_plan_search_tries_layers_with_the_rest_as_the_fastest_plan(caplog):
+    """Under Inductor the lowest-peak search also checkpoints every layer with everything outside
+    the layers as the fastest plan has it (a head that keeps its logits and recomputes its
+    log-softmax, as full checkpointing leaves it); the plan it takes fits the lowest peak found."""
+    import logging
+    import re
+
+    from benchmarks.zoo import ZOO
+    from sac_compiler import capture_joint
+    from sac_compiler.plan_graph import plan_joint
+
+    entry = ZOO["llama"]  # small: its fastest plan recomputes some values (the GPT-2 and BERT ones none)
+    batch = entry.batch("small", device="meta")
+    graph = capture_joint(entry.model("small", device="meta"), *batch.inputs, batch.target, target_device="cuda")
+    with caplog.at_level(logging.INFO, logger="sac_compiler.plan_graph"):
+        result = plan_joint(graph, SACConfig(memory_budget=0.0))
+    peaks = {m.group(1): m.group(2) for m in re.finditer(r"lowest-peak candidate (.+?) simulates at (\S+ \S+)",
+                                                          caplog.text)}
+    assert "every layer checkpointed, the rest as the fastest plan" in peaks and "every layer checkpointed" in peaks
+    assert result.predicted_peak <= result.budget_bytes == result.fraction_range[0]
