@@ -680,17 +680,19 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     options = _solver_options(config, analysis)
     fastest = _solve(dataclasses.replace(problem, budget=max(problem.baseline) + problem.held_by_other_runs),
                      options) if fused else None
-    peak, _, _, _ = _lowest_plan(problem, analysis, config, options, fastest=fastest)
+    peak, _, _, _ = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False)
     return max(peak, _after_graph_peak(analysis))
 
 
 def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
-                 structure: Any = None, fastest: Any = None) -> tuple[int, str, Any, Any]:
+                 structure: Any = None, fastest: Any = None, refine: bool = True) -> tuple[int, str, Any, Any]:
     """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
     checkpointed (the rest kept, or as the ``fastest`` plan has it: a head that recomputes its
     log-softmax from the kept logits, as full checkpointing leaves it), each run through the exact
-    simulation (the program's peak is a model: long recompute chains hold more than it counts)."""
+    simulation (the program's peak is a model: long recompute chains hold more than it counts).
+    ``refine``: also search the fastest plan at the program's lowest peak (up to ``_REFINE_S``);
+    off where only the peak is wanted (a fraction's range, the smallest feasible peak)."""
     from sac_compiler.solvers import InfeasibleError, NoSolutionError
     from sac_compiler.solvers.savings_plan import min_peak_plan
 
@@ -711,7 +713,7 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
     # on an H200: 30 s, none found).
     limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
     quick = dataclasses.replace(options, time_limit_s=limit)
-    for slack in (0, 4096):  # the solver's peak is a float of MiB: a rounding may cut it a few bytes short
+    for slack in (0, 4096) if refine else ():  # the solver's peak is a float of MiB: a rounding may cut it short
         try:
             plans.append(("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), quick)))
             break
@@ -836,8 +838,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     elif budget is None:
         high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
         low = high
-        if fraction < 1.0:
-            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest)
+        if fraction < 1.0:  # its peak only: the plan itself is searched below where it is needed
+            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)
@@ -879,7 +881,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 if not isinstance(error, _NoPlan) and fraction is None:
                     raise
                 if lowest is None:
-                    lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+                    lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, refine=False)
                 if lowest[0] > goal:
                     if fraction is not None and target is None:
                         # a fraction resolved at or above this very plan's peak: the margin-free goal
@@ -888,6 +890,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                                  fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
                     else:
                         raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
+                # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
+                lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
                 hybrid = lowest[2], lowest[3]
             plan, sim = hybrid
             log.info("sac plan: the program has no plan under %s; %s simulates at %s",
