@@ -340,8 +340,7 @@ def offload_note(config: Any, analysis: Any = None, bandwidth: float | None = No
     if reason is not None:
         return reason
     if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable():
-        # measured with torch 2.11 on an H200: Inductor fails on the partitioned graphs with
-        # "TypeError: _() missing 1 required positional argument: 'to_dealloc'" at streams.record_stream
+        # the stream-op layout (no ao.reload) did not compile under Inductor (docs/results.md)
         return (f"torch {torch.__version__}'s offload pass puts its copies on a stream through stream ops "
                 "(streams.record_stream) that Inductor failed to compile on torch 2.11: with this torch offload "
                 "is offered on the eager route (compiler='eager')")

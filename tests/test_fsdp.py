@@ -1,7 +1,6 @@
 """Planning for several ranks on one CPU process: a fake process group (torch.distributed's ``fake``
 backend), FSDP2's ``fully_shard``, functional collectives in the graph, and one plan for all ranks."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -17,12 +16,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.checkpoint import CheckpointPolicy
 
-from sac_compiler.backend import SACPartitioner, compile_graph
 from sac_compiler.capture import capture_joint
 from sac_compiler.config import SACConfig
 from sac_compiler.distributed import fake_process_group
 from sac_compiler.planner import plan
 from tests.fsdp_models import Block, GatheredMLP, Stack
+from tests.test_plan import recording_backend
 
 WORLD = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,19 +61,6 @@ def test_collectives_are_kept_and_tagged_must_save(fake_group):
     assert forward and all(n.meta["recompute"] == CheckpointPolicy.MUST_SAVE for n in forward)
     assert all(n.name in result.kept_ops and "collective" in result.kept_ops[n.name] for n in forward)
     assert not {n.name for n in collectives} & set(result.plan.recompute)
-
-
-def recording_backend(**options):
-    records = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            fw, bw = super().__call__(gm, joint_inputs, **kwargs)
-            records.append((self.last_result, fw, bw))
-            return fw, bw
-
-    config = SACConfig.from_options(options)
-    return functools.partial(compile_graph, config=config, partitioner_cls=Recording), records
 
 
 def test_partitioner_recomputes_no_collective(fake_group):

@@ -425,7 +425,7 @@ def test_the_report_says_why_offload_is_not_offered_on_a_cpu_graph():
 
 def _wide_mlp_for_cuda():
     """Six 4096-wide Linear + GELU layers at 16384 rows, captured on meta for a CUDA target: 256 MiB
-    per activation, and a backward that peaks 512 MiB above the end of forward."""
+    per activation, and a backward that peaks above the end of forward."""
     with torch.device("meta"):
         layers = [m for _ in range(6) for m in (nn.Linear(4096, 4096), nn.GELU())]
         model = nn.Sequential(*layers)
@@ -577,9 +577,9 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
     """backend="sac" with offload=True on CUDA, under a budget between the forward's peak and the
     backward's: the plan offloads, PyTorch's partitioner copies the values out and back, the step's
     measured peak is within the budget and the gradients are eager's."""
-    from sac_compiler.backend import SACPartitioner, compile_graph
     from sac_compiler.capture import capture_joint
     from sac_compiler.plan_graph import plan_joint
+    from tests.test_plan import recording_backend
 
     meta_model, meta_x = _wide_mlp_for_cuda()
     sim = plan_joint(capture_joint(meta_model, meta_x, target_device="cuda"),
@@ -591,18 +591,8 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
     model(x).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    records = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            fw, bw = super().__call__(gm, joint_inputs, **kwargs)
-            records.append((self.last_result, fw, bw))
-            return fw, bw
-
-    import functools
-
-    config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager", "offload": True})
-    compiled = torch.compile(model, backend=functools.partial(compile_graph, config=config, partitioner_cls=Recording))
+    backend, records = recording_backend(memory_budget=budget, compiler="eager", offload=True)
+    compiled = torch.compile(model, backend=backend)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     compiled(x).sum().backward()
