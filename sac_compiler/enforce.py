@@ -15,14 +15,16 @@ If the step went over the budget, the graph is planned again and recompiled at t
 most ``MAX_REPLANS`` times. What the new plan counts depends on where the step peaked: at the
 caller's loss between forward and backward, that loss there only (``SACConfig.loss_memory``);
 else what the plan did not see (the measured peak over the predicted one) as memory held outside
-the graph. A replan that gave back less than it was asked for makes the next one ask for
+the graph, or, where no plan gives up that much, the least that brings the step under the budget
+(its measured peak over the budget). A replan that gave back less than it was asked for makes the next one ask for
 proportionally more. If the budget is still exceeded after that, the next call raises
 :class:`BudgetExceededError` naming the measured peak.
 
 Two corrections need no measurement: a graph whose first step shows it running several times
 (one graph serving every block) is planned for all its runs, and a graph compiled after a graph
 break with no plan beside what the step's earlier graphs hold asks them for the room it lacks
-(:func:`make_room_in_step`).
+(:func:`make_room_in_step`; at most ``MAX_ROOM_REQUESTS`` times per graph, apart from its replans,
+so a graph that gave room still plans again for the excess its own measured step shows).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ from sac_compiler.plan_graph import BudgetError
 log = logging.getLogger(__name__)
 
 MAX_REPLANS = 2
+# how many times a graph may be asked for room by graphs later in its step (make_room); apart from
+# MAX_REPLANS, so that room given to a later graph's compile leaves the graph its own replans for
+# the excess its measured step then shows
+MAX_ROOM_REQUESTS = 2
 # which step of each compiled version is measured (1 is the first)
 MEASURED_STEP = 2
 # the most a later replan scales the measured excess by, after an earlier one gave back less
@@ -71,7 +77,7 @@ def make_room_in_step(error: BudgetError, budget_bytes: int, graph: str) -> int 
     they plan again at their next call) and return that room, which the caller plans this graph
     with; None when there is no such graph or no known least budget."""
     need = getattr(error, "least_budget", None)
-    earlier = [e for e in list(_IN_STEP) if e._awaits_backward() and e.replans < MAX_REPLANS]
+    earlier = [e for e in list(_IN_STEP) if e._awaits_backward() and e.room_requests < MAX_ROOM_REQUESTS]
     if need is None or need <= budget_bytes or not earlier:
         return None
     room = need - budget_bytes
@@ -132,10 +138,14 @@ class BudgetEnforcer:
         self.reset_peak = reset_peak
         self.extra_bytes = extra_bytes  # counted outside the graph besides what it held at its compile
         self._asked_room = 0  # the room later graphs of the step asked for (make_room), planned as loss_memory
-        self.replans = 0
+        self.replans = 0  # plans made again for an excess this graph measured (at most MAX_REPLANS)
+        self.room_requests = 0  # plans made again for room a later graph asked for (at most MAX_ROOM_REQUESTS)
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
         self._pending_excess: int | None = None
+        # the least of the pending excess that brings the measured step under the budget (its peak
+        # over the budget): what a replan asks for where no plan gives the whole excess
+        self._pending_least: int | None = None
         self._last_request = 0  # the excess the last replan was asked to give up
         self._error: BudgetExceededError | None = None
         self._steps = 0  # steps of the compiled version now running
@@ -214,11 +224,13 @@ class BudgetEnforcer:
         return out
 
     def make_room(self, nbytes: int) -> None:
-        """A later graph of the step needs ``nbytes`` more room: plan again at the next call (one of
-        the replans allowed) with that much more held between this graph's forward and its
-        backward, where the later graph runs (as a caller's loss is: ``loss_memory``), not through
-        the whole step: what this graph must give up is what it keeps for its backward."""
-        self.replans += 1
+        """A later graph of the step needs ``nbytes`` more room: plan again at the next call with
+        that much more held between this graph's forward and its backward, where the later graph
+        runs (as a caller's loss is: ``loss_memory``), not through the whole step: what this graph
+        must give up is what it keeps for its backward. Counted apart from the replans for the
+        excess this graph's own measured steps show (``room_requests``, at most
+        ``MAX_ROOM_REQUESTS``)."""
+        self.room_requests += 1
         self._pending_excess = self._pending_excess or 0
         self._asked_room += nbytes
 
@@ -250,8 +262,11 @@ class BudgetEnforcer:
         return mark
 
     def _recompile(self, args: Sequence[Any]) -> None:
-        self.extra_bytes += self._pending_excess or 0
-        self._pending_excess = None
+        asked = self._pending_excess or 0
+        least = asked if self._pending_least is None else min(asked, self._pending_least)
+        self._pending_excess = self._pending_least = None
+        running_extra = self.extra_bytes  # what the plan now running counts
+        self.extra_bytes += asked
         if self._pending_runs is not None:
             self.runs_per_step, self._pending_runs = self._pending_runs, None
         if self._pending_loss_memory is not None:
@@ -261,13 +276,39 @@ class BudgetEnforcer:
                 self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
                                                                 runs_per_step=self.runs_per_step,
                                                                 loss_memory=self._between())
-            except BudgetError as error:
+            except BudgetError as whole_error:
+                failure = whole_error
+                if least < asked:
+                    # no plan gives up the whole excess the step measured over the prediction:
+                    # ask for the least that brings the measured step under the budget
+                    log.warning("sac: %s has no plan that gives up %s more; planning for the %s the step "
+                                "measured over the budget", self._name(), format_bytes(asked), format_bytes(least))
+                    self.extra_bytes += least - asked
+                    self._last_request = least
+                    try:
+                        self.compiled, self.partitioner = self._compile(
+                            self._fresh(), list(args), self.extra_bytes, runs_per_step=self.runs_per_step,
+                            loss_memory=self._between())
+                        self._steps = 0
+                        return
+                    except BudgetError as least_error:
+                        failure = least_error
                 # with a graph break, the graphs that ran forward before this one in the step hold
                 # their saved values through its step (and through the caller's loss after it):
                 # ask them for the room this graph's plan lacks, as at its first compile
-                room = make_room_in_step(error, self.budget_bytes, self._name())
+                room = make_room_in_step(failure, self.budget_bytes, self._name())
                 if room is None:
-                    raise
+                    share = self._most_it_gives(failure, running_extra)
+                    if share is None:
+                        raise failure from None
+                    # other graphs held memory through the step's peak: they plan again for it too,
+                    # so this graph gives up what it can rather than fail the step
+                    log.warning("sac: %s has no plan that gives up %s of the step's excess beside the other graphs of "
+                                "its step; planning its lowest peak, %s less than its last plan", self._name(),
+                                format_bytes(self.extra_bytes - running_extra), format_bytes(share - running_extra))
+                    self.extra_bytes = share
+                    self._last_request = share - running_extra
+                    room = 0
                 self.extra_bytes -= room
                 self.compiled, self.partitioner = self._compile(self._fresh(), list(args), self.extra_bytes,
                                                                 runs_per_step=self.runs_per_step,
@@ -295,6 +336,17 @@ class BudgetEnforcer:
                 f"memory budget {format_bytes(self.budget_bytes)}: {measured}, and no plan leaves room for {room}: "
                 f"{error}") from error
         self._steps = 0
+
+    def _most_it_gives(self, failure: BudgetError, running_extra: int) -> int | None:
+        """For a graph that was not alone in its measured step (other graphs held memory through its
+        peak, and plan again for it too): the most it can count outside itself and still have a plan
+        (``failure.least_budget`` over the budget, off what it was asked), when that is more than
+        the plan now running counts; else None."""
+        need = getattr(failure, "least_budget", None)
+        if self._alone or need is None or need <= self.budget_bytes:
+            return None
+        most = self.extra_bytes - (need - self.budget_bytes)
+        return most if most > running_extra else None
 
     def _between(self) -> int | None:
         """What the next plan counts between forward and backward (``loss_memory``): the caller's
@@ -411,6 +463,7 @@ class BudgetEnforcer:
             return
         self.replans += 1
         self._pending_excess = self._last_request = excess
+        self._pending_least = peak - self.budget_bytes
         if new_runs:
             self._pending_runs = calls
             log.warning("sac: the graph ran %d times in the step and its plan counted %d: planning again for "

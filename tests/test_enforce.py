@@ -112,6 +112,50 @@ def test_no_plan_for_the_measured_excess_is_an_error_naming_the_peak():
         _steps(model, x, backend, 3)
 
 
+def test_a_replan_with_no_plan_for_the_whole_excess_asks_for_what_the_budget_needs():
+    """The step measured over its prediction by more than any plan gives up, but over the budget by
+    less (the plan had room left under the budget): the replan asks for the measured peak over the
+    budget instead, and that plan holds."""
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    room = budget - span.smallest_budget  # the most any plan gives up
+    enforcers = []
+
+    class Reading:
+        """0 before each measured forward; the first measured step over the prediction by more than
+        ``room`` and over the budget by less; then under the budget."""
+
+        def __init__(self):
+            self.reads, self.steps = 0, 0
+
+        def __call__(self):
+            self.reads += 1
+            if self.reads % 2:
+                return 0
+            self.steps += 1
+            predicted = enforcers[0].result.step_peak_bytes
+            assert predicted < budget  # the plan left room (else the two asks are one)
+            return predicted + room + (budget - predicted) // 2 if self.steps == 1 else budget - 1
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget,
+                                                                           "compiler": "eager"}),
+                                       read_peak=Reading()))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 4)
+    (enforcer,) = enforcers
+    first_measured, second_measured = enforcer.measured
+    assert second_measured == budget - 1
+    least = first_measured - budget
+    assert 0 < least < room < first_measured - enforcer.predicted[0]
+    # planned again once, for the excess over the budget, and the new plan leaves it free
+    assert enforcer.replans == 1 and enforcer.extra_bytes == least
+    assert enforcer.result.predicted_peak <= budget
+
+
 def test_enforcement_off_and_fractions_are_not_wrapped():
     for options in ({"memory_budget": 10 * MIB, "enforce_budget": False}, {"memory_budget": 0.5}):
         config = SACConfig.from_options({**options, "compiler": "eager"})
@@ -505,7 +549,7 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     assert second.result.analysis.freed_before_optimizer == min(freed, second.partitioner.outside_bytes)
     room = second.partitioner.outside_bytes - held
     assert room < 0  # planned with the room the first graph gives
-    assert first.replans == 1 and first.extra_bytes == 0 and first._asked_room == -room
+    assert first.room_requests == 1 and first.replans == 0 and first.extra_bytes == 0 and first._asked_room == -room
     # the first graph's new plan counts that room between its forward and its backward, where the
     # second graph runs, and keeps what it holds for its backward under the budget with it
     assert first.partitioner.outside_bytes == 0 and first.partitioner.config.loss_memory == -room
@@ -546,7 +590,7 @@ def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before
     first, second = enforcers
     assert second.measured[0] == budget + slack
     # the replan counted the measured excess and the room the first graph was asked for
-    assert second.replans == 1 and first.replans == 1
+    assert second.replans == 1 and first.room_requests == 1 and first.replans == 0
     asked = first._asked_room
     assert asked > 0 and first.extra_bytes == 0 and second.extra_bytes == slack - asked
     assert second.partitioner.outside_bytes == held + second.extra_bytes
@@ -563,3 +607,35 @@ def test_room_is_asked_of_the_graphs_before_in_proportion_to_what_they_hold():
     shares = room_shares(1000, [1, 2, 4])
     assert sum(shares) >= 1000 and shares[0] < shares[1] < shares[2]
     assert room_shares(10, [0, 0, 0]) == [4, 4, 4]
+
+
+def test_a_graph_that_cannot_give_its_steps_whole_excess_gives_what_it_can_beside_the_others(monkeypatch):
+    """With a graph break each graph of the step measures the step's excess over the budget, and
+    each plans again for it. The first graph has no plan that gives up the whole excess: it plans
+    its lowest peak instead of failing the step (the other graph plans again too), and the
+    gradients stay exact."""
+    import sac_compiler.backend as backend_module
+
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak
+    slack = span.no_recompute_peak - span.smallest_budget  # the most the first graph gives up
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: 0)
+    excess = slack + slack // 2
+    readings = iter([_Peaks([budget + excess] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=next(readings)))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 5)
+    first, second = enforcers
+    assert first.measured == [budget + excess, budget - 1]
+    assert not first._alone  # the second graph held memory through the first graph's step
+    # planned once, counting less than the excess but more than nothing: the most it had a plan for
+    assert first.replans == 1 and 0 < first.extra_bytes < excess
+    assert first.partitioner.last_result.predicted_peak <= budget
+    assert first.partitioner.last_result.predicted_peak - first.extra_bytes < span.no_recompute_peak
