@@ -299,8 +299,16 @@ class BudgetEnforcer:
                 room = make_room_in_step(failure, self.budget_bytes, self._name())
                 if room is None:
                     share = self._most_it_gives(failure, running_extra)
-                    if share is None:
+                    if share is None and (self._alone or not self.measured):
                         raise failure from None
+                    if share is None:
+                        # nothing more to give beside the other graphs that held memory through
+                        # the step's peak: keep the plan now running while they plan again; the
+                        # step measured next decides (an error once the replans are spent)
+                        log.warning("sac: %s has no plan that gives up more than its plan now running; it keeps "
+                                    "that plan while the other graphs of its step plan again", self._name())
+                        self.extra_bytes, self._last_request, self._steps = running_extra, 0, 0
+                        return
                     # other graphs held memory through the step's peak: they plan again for it too,
                     # so this graph gives up what it can rather than fail the step
                     log.warning("sac: %s has no plan that gives up %s of the step's excess beside the other graphs of "

@@ -639,3 +639,30 @@ def test_a_graph_that_cannot_give_its_steps_whole_excess_gives_what_it_can_besid
     assert first.replans == 1 and 0 < first.extra_bytes < excess
     assert first.partitioner.last_result.predicted_peak <= budget
     assert first.partitioner.last_result.predicted_peak - first.extra_bytes < span.no_recompute_peak
+
+
+def test_a_graph_with_nothing_more_to_give_beside_others_keeps_its_plan(monkeypatch):
+    """A graph already at its lowest peak measures a step over the budget beside another graph: it
+    has nothing more to give, so it keeps the plan it runs (the other graphs plan again) and the
+    next measured step decides, instead of failing at once."""
+    import sac_compiler.backend as backend_module
+
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = span.smallest_budget
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: 0)
+    readings = iter([_Peaks([budget + MIB] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=next(readings)))
+        return enforcers[-1]
+
+    _steps(model, x, backend, 2)  # the second step is measured over the budget
+    first = enforcers[0]
+    kept = first.partitioner
+    _steps(model, x, backend, 4)
+    assert first.measured == [budget + MIB, budget - 1] and not first._alone
+    assert first.replans == 1 and first.extra_bytes == 0 and first.partitioner is kept
