@@ -15,8 +15,9 @@ If the step went over the budget, the graph is planned again and recompiled at t
 most ``MAX_REPLANS`` times. What the new plan counts depends on where the step peaked: at the
 caller's loss between forward and backward, that loss there only (``SACConfig.loss_memory``);
 else what the plan did not see (the measured peak over the predicted one) as memory held outside
-the graph, or, where no plan gives up that much, the least that brings the step under the budget
-(its measured peak over the budget). A replan that gave back less than it was asked for makes the next one ask for
+the graph, or, where no plan gives up that much, the graph's lowest-peak plan (a graph beside
+others in its step with nothing more to give keeps its plan while they plan again). A replan that
+gave back less than it was asked for makes the next one ask for
 proportionally more. If the budget is still exceeded after that, the next call raises
 :class:`BudgetExceededError` naming the measured peak.
 
@@ -143,9 +144,6 @@ class BudgetEnforcer:
         self.measured: list[int | None] = []  # per measured step: its peak, or None (at most the mark before it)
         self.predicted: list[int | None] = []  # per measured step: the peak its plan predicted
         self._pending_excess: int | None = None
-        # the least of the pending excess that brings the measured step under the budget (its peak
-        # over the budget): what a replan asks for where no plan gives the whole excess
-        self._pending_least: int | None = None
         self._last_request = 0  # the excess the last replan was asked to give up
         self._error: BudgetExceededError | None = None
         self._steps = 0  # steps of the compiled version now running
@@ -263,8 +261,7 @@ class BudgetEnforcer:
 
     def _recompile(self, args: Sequence[Any]) -> None:
         asked = self._pending_excess or 0
-        least = asked if self._pending_least is None else min(asked, self._pending_least)
-        self._pending_excess = self._pending_least = None
+        self._pending_excess = None
         running_extra = self.extra_bytes  # what the plan now running counts
         self.extra_bytes += asked
         if self._pending_runs is not None:
@@ -278,21 +275,6 @@ class BudgetEnforcer:
                                                                 loss_memory=self._between())
             except BudgetError as whole_error:
                 failure = whole_error
-                if least < asked:
-                    # no plan gives up the whole excess the step measured over the prediction:
-                    # ask for the least that brings the measured step under the budget
-                    log.warning("sac: %s has no plan that gives up %s more; planning for the %s the step "
-                                "measured over the budget", self._name(), format_bytes(asked), format_bytes(least))
-                    self.extra_bytes += least - asked
-                    self._last_request = least
-                    try:
-                        self.compiled, self.partitioner = self._compile(
-                            self._fresh(), list(args), self.extra_bytes, runs_per_step=self.runs_per_step,
-                            loss_memory=self._between())
-                        self._steps = 0
-                        return
-                    except BudgetError as least_error:
-                        failure = least_error
                 # with a graph break, the graphs that ran forward before this one in the step hold
                 # their saved values through its step (and through the caller's loss after it):
                 # ask them for the room this graph's plan lacks, as at its first compile
@@ -309,11 +291,11 @@ class BudgetEnforcer:
                                     "that plan while the other graphs of its step plan again", self._name())
                         self.extra_bytes, self._last_request, self._steps = running_extra, 0, 0
                         return
-                    # other graphs held memory through the step's peak: they plan again for it too,
-                    # so this graph gives up what it can rather than fail the step
-                    log.warning("sac: %s has no plan that gives up %s of the step's excess beside the other graphs of "
-                                "its step; planning its lowest peak, %s less than its last plan", self._name(),
-                                format_bytes(self.extra_bytes - running_extra), format_bytes(share - running_extra))
+                    # no plan gives up the whole excess: plan the lowest peak it has (with other graphs
+                    # in the step, they plan again too); the step measured next decides
+                    log.warning("sac: %s has no plan that gives up %s more; planning its lowest peak, %s less "
+                                "than its last plan", self._name(), format_bytes(self.extra_bytes - running_extra),
+                                format_bytes(share - running_extra))
                     self.extra_bytes = share
                     self._last_request = share - running_extra
                     room = 0
@@ -346,12 +328,11 @@ class BudgetEnforcer:
         self._steps = 0
 
     def _most_it_gives(self, failure: BudgetError, running_extra: int) -> int | None:
-        """For a graph that was not alone in its measured step (other graphs held memory through its
-        peak, and plan again for it too): the most it can count outside itself and still have a plan
-        (``failure.least_budget`` over the budget, off what it was asked), when that is more than
-        the plan now running counts; else None."""
+        """The most the graph can count outside itself and still have a plan (``failure.least_budget``
+        over the budget, off what it was asked): its lowest-peak plan, when that counts more than
+        the plan now running; else None."""
         need = getattr(failure, "least_budget", None)
-        if self._alone or need is None or need <= self.budget_bytes:
+        if need is None or need <= self.budget_bytes:
             return None
         most = self.extra_bytes - (need - self.budget_bytes)
         return most if most > running_extra else None
@@ -471,7 +452,6 @@ class BudgetEnforcer:
             return
         self.replans += 1
         self._pending_excess = self._last_request = excess
-        self._pending_least = peak - self.budget_bytes
         if new_runs:
             self._pending_runs = calls
             log.warning("sac: the graph ran %d times in the step and its plan counted %d: planning again for "
