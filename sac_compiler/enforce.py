@@ -263,6 +263,7 @@ class BudgetEnforcer:
         asked = self._pending_excess or 0
         self._pending_excess = None
         running_extra = self.extra_bytes  # what the plan now running counts
+        running = (self.runs_per_step, self.loss_memory)
         self.extra_bytes += asked
         if self._pending_runs is not None:
             self.runs_per_step, self._pending_runs = self._pending_runs, None
@@ -290,6 +291,7 @@ class BudgetEnforcer:
                         log.warning("sac: %s has no plan that gives up more than its plan now running; it keeps "
                                     "that plan while the other graphs of its step plan again", self._name())
                         self.extra_bytes, self._last_request, self._steps = running_extra, 0, 0
+                        self.runs_per_step, self.loss_memory = running
                         return
                     # no plan gives up the whole excess: plan the lowest peak it has (with other graphs
                     # in the step, they plan again too); the step measured next decides

@@ -22,6 +22,18 @@ from tests.models import Nested
 MIB = 2**20
 
 
+@pytest.fixture(autouse=True)
+def _no_step_of_an_earlier_test():
+    """Each test starts with no enforced graph waiting for a backward: a step an earlier test left
+    unfinished (its tensors alive until a garbage collection) would otherwise be asked for room by
+    this test's graphs."""
+    import sac_compiler.enforce as enforce_module
+
+    gc.collect()
+    enforce_module._IN_STEP.clear()
+    yield
+
+
 class _Peaks:
     """A high-water mark reading: 0 before each measured forward, then what the test says the step reached."""
 
