@@ -28,7 +28,7 @@ import math
 import operator
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -860,58 +860,61 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
 
     def recompute_only() -> tuple[Any, Any]:
         nonlocal lowest
-        try:
-            if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
-                plan, sim = fastest, fastest_sim  # nothing to trade: the fastest plan fits
-            else:
-                plan, sim = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
-        except BudgetError as error:
-            # The program's chain terms are conservative for plans that rebuild whole layers: try
-            # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
-            # as the plan of the rounds that came nearest the budget has them (the faster of the two).
-            structure = _layer_structure(problem, analysis)
-            hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
-            near = getattr(error, "nearest", None)
-            if near is not None:
-                for other in (_repaired(problem, analysis, config, goal, *near),
-                              _layer_hybrid(problem, analysis, config, goal, near[0], structure)):
-                    if other is not None and (hybrid is None or _plan_ms(problem, other[0]) < _plan_ms(problem, hybrid[0])):
-                        hybrid = other
-            if hybrid is None:
-                if not isinstance(error, _NoPlan) and fraction is None:
-                    raise
-                if lowest is None:
-                    lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, refine=False)
-                if lowest[0] > goal:
-                    if fraction is not None and target is None:
-                        # a fraction resolved at or above this very plan's peak: the margin-free goal
-                        # can only miss it by the outside memory's rounding; plan it regardless
-                        log.info("sac plan: memory_budget %g: the lowest-peak plan simulates at %s, the budget is %s",
-                                 fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
-                    else:
-                        raise _budget_error(analysis, config, budget, outside, error, fastest_sim, lowest) from error
-                # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
-                lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
-                hybrid = lowest[2], lowest[3]
-            plan, sim = hybrid
-            log.info("sac plan: the program has no plan under %s; %s simulates at %s",
-                     format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
-            # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
-            # then of the best plan so far, may find a faster plan near either
-            if fastest is not None:
-                plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
-            plan, sim = _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
-        else:
+        if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
+            return fastest, fastest_sim  # nothing to trade: the fastest plan fits
+        rounds = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
+        structure = _layer_structure(problem, analysis)
+        if rounds.plan is not None:
             # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
-            time_of = functools.partial(_plan_ms, problem)
-            structure = _layer_structure(problem, analysis)
             one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
                                         fastest.recompute if fastest is not None else (), structure)
-            if one is not None and time_of(one) < time_of(plan):
-                hybrid = _layer_hybrid(problem, analysis, config, goal, fastest, structure)
-                if hybrid is not None and time_of(hybrid[0]) < time_of(plan):
-                    plan, sim = hybrid
-        return plan, sim
+            promising = one is not None and _plan_ms(problem, one) < _plan_ms(problem, rounds.plan)
+            found = _fastest_fitting([
+                _Strategy("leading layers checkpointed, the rest as the fastest plan",
+                          lambda: _layer_hybrid(problem, analysis, config, goal, fastest, structure) if promising else None),
+            ], problem, goal, incumbent=(rounds.plan, rounds.sim))
+            assert found is not None
+            return found
+        # The program's chain terms are conservative for plans that rebuild whole layers: try
+        # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
+        # as the plan of the rounds that came nearest the budget has them, or that plan repaired.
+        strategies = [_Strategy("leading layers checkpointed, the rest as the fastest plan",
+                                lambda: _layer_hybrid(problem, analysis, config, goal, fastest, structure))]
+        near = rounds.nearest
+        if near is not None:
+            strategies += [
+                _Strategy("the nearest round's plan, repaired",
+                          lambda: _repaired(problem, analysis, config, goal, *near)),
+                _Strategy("leading layers checkpointed, the rest as the nearest round's plan",
+                          lambda: _layer_hybrid(problem, analysis, config, goal, near[0], structure)),
+            ]
+        hybrid = _fastest_fitting(strategies, problem, goal)
+        if hybrid is None:
+            assert rounds.error is not None
+            if not rounds.infeasible and fraction is None:
+                raise rounds.error
+            if lowest is None:
+                lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, refine=False)
+            if lowest[0] > goal:
+                if fraction is not None and target is None:
+                    # a fraction resolved at or above this very plan's peak: the margin-free goal
+                    # can only miss it by the outside memory's rounding; plan it regardless
+                    log.info("sac plan: memory_budget %g: the lowest-peak plan simulates at %s, the budget is %s",
+                             fraction, format_bytes(lowest[0] + outside), format_bytes(budget))
+                else:
+                    raise _budget_error(analysis, config, budget, outside, rounds.best_simulated, fastest_sim,
+                                        lowest) from rounds.error
+            # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
+            lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+            hybrid = lowest[2], lowest[3]
+        plan, sim = hybrid
+        log.info("sac plan: the program has no plan under %s; %s simulates at %s",
+                 format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
+        # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
+        # then of the best plan so far, may find a faster plan near either
+        if fastest is not None:
+            plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
+        return _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
 
     offload = None
     offload_reason = None
@@ -1007,28 +1010,60 @@ def _exact_bytes(analysis: Any, outside: int) -> int:
     return outside + analysis.memory.static_bytes
 
 
-class _NoPlan(BudgetError):
-    """The program has no plan under the budget (the caller words the error once it has tried
-    the other plans it knows)."""
+@dataclass(frozen=True)
+class _Rounds:
+    """What the program's rounds (:func:`_solve_rounds`) came to: the plan and its exact simulation
+    where one fits the goal; else why not (``error``; ``infeasible``: the program itself has no
+    plan there, so the caller words the error once it has tried the other plans it knows), the
+    round that came nearest the goal (``nearest``: plan, simulation) and the lowest peak a round
+    simulated (``best_simulated``, with the memory held outside)."""
 
-    def __init__(self, best_simulated: int | None) -> None:
-        super().__init__("no plan")
-        self.best_simulated = best_simulated
+    plan: Any = None
+    sim: Any = None
+    error: BudgetError | None = None
+    infeasible: bool = False
+    nearest: tuple[Any, Any] | None = None
+    best_simulated: int | None = None
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    """One way to a plan under the goal: ``run`` gives (plan, exact simulation), or None."""
+
+    name: str
+    run: Callable[[], tuple[Any, Any] | None]
+
+
+def _fastest_fitting(strategies: Iterable[_Strategy], problem: Any, goal: int,
+                     incumbent: tuple[Any, Any] | None = None) -> tuple[Any, Any] | None:
+    """The one evaluator of plan strategies: runs each in turn and returns the fastest plan (the
+    program's estimate of its recompute time; the earlier on a tie, ``incumbent`` first) among
+    ``incumbent`` and the strategies' plans whose exact simulation fits ``goal``."""
+    best = incumbent
+    for strategy in strategies:
+        found = strategy.run()
+        if found is None or found[1].peak_bytes > goal:
+            continue
+        log.debug("sac plan: %s simulates at %s (%.3f ms)", strategy.name, format_bytes(found[1].peak_bytes),
+                  _plan_ms(problem, found[0]))
+        if best is None or _plan_ms(problem, found[0]) < _plan_ms(problem, best[0]):
+            best = found
+    return best
 
 
 def _outside_note(outside: int) -> str:
     return f"; with {format_bytes(outside)} held outside the graph" if outside else ""
 
 
-def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, error: _NoPlan,
+def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, best_simulated: int | None,
                   fastest_sim: Any, lowest: tuple[int, str, Any, Any]) -> BudgetError:
     """The error for an absolute budget no plan meets, naming the smallest peak a plan was found to
     reach (every candidate's peak is from the exact simulation) and the least budget that plans."""
     smallest, how = lowest[0] + outside, lowest[1]
     if fastest_sim is not None and fastest_sim.peak_bytes + outside < smallest:
         smallest, how = fastest_sim.peak_bytes + outside, "the fastest plan"
-    if error.best_simulated is not None and error.best_simulated < smallest:
-        smallest, how = error.best_simulated, "the program's plan nearest the budget"
+    if best_simulated is not None and best_simulated < smallest:
+        smallest, how = best_simulated, "the program's plan nearest the budget"
     smallest = max(smallest, _after_graph_peak(analysis) + outside)
     need, margin_note = least_budget(analysis, config, smallest, outside), ""
     if need > smallest:
@@ -1049,8 +1084,9 @@ def least_budget(analysis: Any, config: SACConfig, peak: int, outside: int = 0) 
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
-                  fastest: Any, outside: int = 0, fastest_sim: Any = None) -> tuple[Any, Any]:
-    """Solve and re-check on the exact simulation (see ``_plan``); the plan and its simulation."""
+                  fastest: Any, outside: int = 0, fastest_sim: Any = None) -> _Rounds:
+    """Solve and re-check on the exact simulation (see ``_plan``): the plan and its simulation, or
+    why there is none and the round that came nearest (:class:`_Rounds`)."""
     from sac_compiler.solvers import InfeasibleError
     from sac_compiler.solvers.savings_plan import savings_profile
 
@@ -1062,7 +1098,10 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
         try:
             plan = _solve(dataclasses.replace(problem, budget=solve_goal), options)
         except InfeasibleError as e:
-            raise _nearest(_NoPlan(best_simulated=None if sim is None else sim.peak_bytes + outside), nearest) from e
+            error = BudgetError(f"the program has no plan under {format_bytes(solve_goal + outside)}")
+            error.__cause__ = e
+            return _Rounds(error=error, infeasible=True, nearest=nearest,
+                           best_simulated=None if sim is None else sim.peak_bytes + outside)
         sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
             break
@@ -1078,11 +1117,11 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
         log.info("sac plan round %d: simulated peak %s over the budget %s; the model was low at %d step(s)",
                  attempt + 1, format_bytes(sim.peak_bytes + outside), format_bytes(budget), len(under))
         if not under:  # over in forward, where no recomputation helps
-            raise _nearest(BudgetError(
+            return _Rounds(error=BudgetError(
                 f"memory budget {format_bytes(budget)} is below the forward pass's own peak "
                 f"{format_bytes(sim.peak_bytes + outside)}{_outside_note(outside)}, which recomputation does not lower; "
                 "raise memory_budget"
-            ), nearest)
+            ), nearest=nearest)
         problem = dataclasses.replace(
             problem, baseline=tuple(b + under.get(t, 0) for t, b in enumerate(problem.baseline)))
         if attempt + 1 >= _PLAIN_ROUNDS:
@@ -1090,19 +1129,13 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
             # plan that moves its peak to another step each round by a few MiB: plan lower by the excess.
             solve_goal -= sim.peak_bytes - goal
     else:
-        raise _nearest(BudgetError(
+        return _Rounds(error=BudgetError(
             f"memory budget {format_bytes(budget)}: after {_MAX_ROUNDS} rounds the best plan still peaks at "
             f"{format_bytes(sim.peak_bytes + outside)} in simulation; raise memory_budget"
-        ), nearest)
+        ), nearest=nearest)
     if fastest is not None:
         plan, sim = _calibrated(original, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
-    return plan, sim
-
-
-def _nearest(error: BudgetError, nearest: Any) -> BudgetError:
-    """``error``, carrying (plan, simulation) of the round that came nearest the goal (None if none ran)."""
-    error.nearest = nearest  # type: ignore[attr-defined]
-    return error
+    return _Rounds(plan=plan, sim=sim)
 
 
 _MAX_ROUNDS = 5

@@ -400,7 +400,7 @@ def test_recomputed_attention_dropout_replays_its_forward_rng_state_on_cuda(monk
 
     def every_layer_checkpointed(problem, analysis, config, *args, **kwargs):
         plan = plan_graph.layer_checkpoint_plan(problem, analysis)
-        return plan, plan_graph._simulate(analysis, config, plan.recompute)
+        return plan_graph._Rounds(plan, plan_graph._simulate(analysis, config, plan.recompute))
 
     monkeypatch.setattr(plan_graph, "_solve_rounds", every_layer_checkpointed)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)

@@ -246,7 +246,7 @@ def test_inductor_route_matches_plain_torch_compile_with_dropout(monkeypatch):
 
     def every_layer_checkpointed(problem, analysis, config, *args, **kwargs):
         plan = plan_graph.layer_checkpoint_plan(problem, analysis)
-        return plan, plan_graph._simulate(analysis, config, plan.recompute)
+        return plan_graph._Rounds(plan, plan_graph._simulate(analysis, config, plan.recompute))
 
     torch.manual_seed(0)
     model = tiny_transformer(n_layers=2, dropout_p=0.1)
@@ -339,7 +339,7 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     from sac_compiler import plan_graph
 
     def no_plan(*args, **kwargs):
-        raise plan_graph._NoPlan(best_simulated=None)
+        return plan_graph._Rounds(error=plan_graph.BudgetError("no plan"), infeasible=True)
 
     model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
     monkeypatch.setattr(plan_graph, "_solve_rounds", no_plan)
@@ -377,7 +377,7 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
         assert sim.peak_bytes > goal
         assert plan_graph._repaired(problem, analysis, config, 0, plan, sim) is None
         tried.append(goal)
-        raise plan_graph._nearest(plan_graph.BudgetError("over after the rounds"), (plan, sim))
+        return plan_graph._Rounds(error=plan_graph.BudgetError("over after the rounds"), nearest=(plan, sim))
 
     monkeypatch.setattr(plan_graph, "_solve_rounds", rounds_end_over)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
