@@ -96,6 +96,9 @@ class SACPartitioner(CustomPartitionerFn):
         # of outside_bytes: what the step's earlier graphs hold for their backwards as this one is
         # compiled (a graph after a graph break), freed before the optimizer step
         self.freed_before_optimizer = 0
+        # the graph's name in messages (_graph_name), given where it is compiled again outside
+        # Dynamo's compile (a replan), which no longer knows which graph it is
+        self.name: str | None = None
         self.last_result: Any = None
         self.ran = False  # called at least once (False after a compile that a cache served)
         # the FSDP2 parameters among the graph's inputs (sac_compiler.distributed.FSDPInputs), if any
@@ -112,7 +115,7 @@ class SACPartitioner(CustomPartitionerFn):
                 return self._partition(gm, joint_inputs, solve_times, **kwargs)
             except BudgetError as error:
                 # with graph breaks one model is several graphs, each planned on its own: say which
-                raise BudgetError(f"{_graph_name(self.source_gm)}: {error}",
+                raise BudgetError(f"{self.name or _graph_name(self.source_gm)}: {error}",
                                   least_budget=getattr(error, "least_budget", None)) from error
 
     def _partition(self, gm: fx.GraphModule, joint_inputs: Sequence[object], solve_times: list[float],
@@ -539,6 +542,7 @@ def compile_graph(
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
     outside = held_outside(example_inputs, config)
+    name = _graph_name(gm)  # here, within Dynamo's compile, which knows the graph
     fsdp = None
     if (config.world_size or 1) > 1 and config.memory_budget is not None:
         from sac_compiler.distributed import fsdp_inputs
@@ -550,6 +554,7 @@ def compile_graph(
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
+        partitioner.name = name
         from sac_compiler.enforce import held_for_backwards
 
         # the step's graphs before this one (a graph break) hold their saved values now, counted in
@@ -582,7 +587,7 @@ def compile_graph(
         except BudgetError as error:
             # with a graph break, the graphs that ran before this one in the step hold their saved
             # values while it runs: ask them for the room it lacks, and plan it with that room
-            room = make_room_in_step(error, budget_bytes, _graph_name(gm))
+            room = make_room_in_step(error, budget_bytes, name)
             if room is None:
                 raise
             return enforced(-room)

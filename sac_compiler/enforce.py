@@ -351,7 +351,7 @@ class BudgetEnforcer:
     def _name(self) -> str:
         from sac_compiler.backend import _graph_name
 
-        return _graph_name(self._pristine)
+        return getattr(self.partitioner, "name", None) or _graph_name(self._pristine)
 
     def _step_done(self) -> None:
         """The backward pass has finished: one step of this compiled version is done."""
