@@ -283,7 +283,7 @@ class BudgetEnforcer:
                 if room is None:
                     share = self._most_it_gives(failure, running_extra)
                     if share is None and (self._alone or not self.measured):
-                        raise failure from None
+                        raise failure
                     if share is None:
                         # nothing more to give beside the other graphs that held memory through
                         # the step's peak: keep the plan now running while they plan again; the
