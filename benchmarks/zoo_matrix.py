@@ -19,6 +19,8 @@ measured peak and how many times it was planned again. A budget is violated when
 is over it.
 
 Writes ``OUT/cells.jsonl`` (one line per cell, as each finishes) and prints a table;
+``--at-anchor-peaks`` runs the anchors first and then ``sac@ANCHOR`` with each anchor's measured
+peak as its budget (``--at-peaks-of OUT`` takes the peaks of an earlier run instead).
 ``--from-json OUT`` prints the table (and, with matplotlib, writes one Pareto plot per model to
 ``OUT/pareto-MODEL.png``) of an earlier run. Run from the repository root::
 
@@ -32,6 +34,7 @@ import concurrent.futures
 import fcntl
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = ("full_ac", "amb0.5")
+
+
+def cell_stem(cell: dict[str, Any]) -> str:
+    """A cell's name in file names (its logs, partitions, timelines): model-loop-strategy, with
+    spaces dropped and any character but letters, digits, ``.``, ``_`` and ``-`` made ``_`` (an
+    ``@`` or a space does not travel everywhere a file is copied)."""
+    name = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def at_peak_cells(anchors: list[dict[str, Any]], base: dict[str, Any], dump: Path | None = None) -> list[dict[str, Any]]:
+    """For each anchor result that measured a peak (no error): ``sac@ANCHOR`` with that peak as its
+    absolute budget, the same model, loop, size and dtype (``base``: the other cell fields)."""
+    cells = []
+    for r in anchors:
+        if "error" in r or "peak_bytes" not in r:
+            continue
+        cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=f"sac@{r['strategy']}",
+                          budget_bytes=int(r["peak_bytes"]), **({"dump": str(dump)} if dump is not None else {})))
+    return cells
 
 
 def _cell_command(cell: dict[str, Any]) -> list[str]:
@@ -97,7 +120,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                 out = super().__call__(gm, joint_inputs, **kwargs)
                 if dump is not None and self.last_result is not None:
                     dump.mkdir(parents=True, exist_ok=True)
-                    stem = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+                    stem = cell_stem(cell)
                     count = len(list(dump.glob(f"{stem}-graph*.json")))
                     try:
                         data = record_partition(self.last_result, *out)
@@ -252,7 +275,7 @@ def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
     proc = subprocess.run(_cell_command(cell), capture_output=True, text=True, cwd=ROOT, env=env)
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
-        name = "-".join(str(cell[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+        name = cell_stem(cell)
         (logs / f"{name}.log").write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -261,24 +284,32 @@ def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:
 
 
 def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The anchors again, and beside each ``sac`` with the anchor's own measured peak (from an earlier
-    run's ``cells.jsonl``, ``--at-peaks-of``) as its absolute budget: the same peak, one run, so the
-    step times compare (the anchors' peaks repeat exactly from run to run)."""
+    """The anchors, and beside each ``sac`` with the anchor's own measured peak as its absolute
+    budget: the same peak, one run, so the step times compare (the anchors' peaks repeat exactly
+    from run to run). The peaks are an earlier run's (``--at-peaks-of OUT``: its ``cells.jsonl``;
+    the anchors run again beside sac), or, with ``--at-anchor-peaks``, this run's: the anchors run
+    first, then sac at the peaks they measured."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = [json.loads(line) for line in (Path(args.at_peaks_of) / "cells.jsonl").read_text().splitlines() if line]
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
     if args.lock:
         base["lock"] = str(out.resolve() / "gpu.lock")
-    cells = []
-    for r in earlier:
-        if (r["model"] in args.models and r["loop"] in args.loops and r["strategy"] in args.anchors
-                and "error" not in r and r.get("dtype") == args.dtype and r.get("size") == args.size):
-            cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=r["strategy"]))
-            cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=f"sac@{r['strategy']}",
-                              budget_bytes=int(r["peak_bytes"]),
-                              **({"dump": str(out / "partitions")} if args.dump_partitions else {})))
-    return _run_cells(cells, out, args.jobs)
+    dump = out / "partitions" if args.dump_partitions else None
+    if args.at_peaks_of:
+        earlier = [json.loads(line) for line in (Path(args.at_peaks_of) / "cells.jsonl").read_text().splitlines()
+                   if line]
+        anchors = [r for r in earlier
+                   if r["model"] in args.models and r["loop"] in args.loops and r["strategy"] in args.anchors
+                   and r.get("dtype") == args.dtype and r.get("size") == args.size]
+        cells = []
+        for r in anchors:
+            if "error" not in r:
+                cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=r["strategy"]))
+                cells += at_peak_cells([r], base, dump)
+        return _run_cells(cells, out, args.jobs)
+    measured = _run_cells([dict(base, model=m, loop=loop, strategy=a)
+                           for m in args.models for loop in args.loops for a in args.anchors], out, args.jobs)
+    return measured + _run_cells(at_peak_cells(measured, base, dump), out, args.jobs)
 
 
 def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:
@@ -338,7 +369,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
                       for f in (args.fractions if args.offload else ())]
             if args.timeline:
                 for c in cells:
-                    name = "-".join(str(c[k]) for k in ("model", "loop", "strategy")).replace(" ", "")
+                    name = cell_stem(c)
                     c["timeline"] = str(out / "timelines" / f"{name}.png")
                     (out / "timelines").mkdir(parents=True, exist_ok=True)
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
@@ -416,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     parser.add_argument("--at-peaks-of", metavar="OUT",
                         help="run the anchors again and sac with each anchor's peak measured in OUT as its budget")
+    parser.add_argument("--at-anchor-peaks", action="store_true",
+                        help="run the anchors, then sac with each anchor's peak measured in this run as its budget")
     parser.add_argument("--no-lock", dest="lock", action="store_false",
                         help="let cells run their steps side by side (default: one cell's steps at a time)")
     args = parser.parse_args(argv)
@@ -428,7 +461,9 @@ def main(argv: list[str] | None = None) -> None:
             print(_row(r))
         _plot(rows, Path(args.from_json))
         return
-    if args.at_peaks_of:
+    if args.at_peaks_of and args.at_anchor_peaks:
+        parser.error("--at-peaks-of and --at-anchor-peaks: give one (an earlier run's peaks, or this run's)")
+    if args.at_peaks_of or args.at_anchor_peaks:
         run_at_peaks(args)
     else:
         run_matrix(args)

@@ -1,0 +1,37 @@
+"""The GPU matrix's cell bookkeeping (benchmarks/zoo_matrix.py), on CPU: what it runs at the anchors'
+peaks and the names its files get."""
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.zoo_matrix import at_peak_cells, cell_stem, main
+
+
+def test_sac_runs_at_each_anchor_peak_that_was_measured():
+    base = {"size": "full", "warmup": 7, "steps": 3, "dtype": None}
+    anchors = [
+        {"model": "gpt2", "loop": "loss_inside", "strategy": "full_ac", "peak_bytes": 4190924288},
+        {"model": "bert", "loop": "loss_inside", "strategy": "amb0.5", "error": "OutOfMemoryError"},
+        {"model": "moe", "loop": "graph_break", "strategy": "amb0.5", "peak_bytes": 5492153856.0},
+    ]
+    cells = at_peak_cells(anchors, base, Path("out/partitions"))
+    assert cells == [
+        dict(base, model="gpt2", loop="loss_inside", strategy="sac@full_ac", budget_bytes=4190924288,
+             dump="out/partitions"),
+        dict(base, model="moe", loop="graph_break", strategy="sac@amb0.5", budget_bytes=5492153856,
+             dump="out/partitions"),
+    ]
+    assert all(isinstance(c["budget_bytes"], int) for c in cells)
+    assert "dump" not in at_peak_cells(anchors, base)[0]
+
+
+def test_file_names_keep_only_portable_characters():
+    assert cell_stem({"model": "gpt2", "loop": "loss_inside", "strategy": "sac@full_ac"}) == "gpt2-loss_inside-sac_full_ac"
+    assert cell_stem({"model": "llama", "loop": "graph_break", "strategy": "sac 0.75"}) == "llama-graph_break-sac0.75"
+
+
+def test_the_two_ways_to_take_anchor_peaks_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--at-peaks-of", str(tmp_path), "--at-anchor-peaks", "--out", str(tmp_path / "out")])
+    assert "give one" in capsys.readouterr().err
