@@ -457,6 +457,21 @@ def test_a_loss_no_plan_leaves_room_for_is_an_error_naming_it():
         _steps(model, x, backend, 3)
 
 
+def _eager_backend(budget, read_peaks):
+    """A backend compiling each Dynamo graph on the eager route with the absolute ``budget``, the
+    n-th graph reading its steps' peaks from the n-th of ``read_peaks``; and the list its
+    enforcers go to, in the order Dynamo compiles the graphs."""
+    readers = iter(read_peaks)
+    enforcers = []
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       read_peak=next(readers)))
+        return enforcers[-1]
+
+    return backend, enforcers
+
+
 class _TwoHalves(torch.nn.Module):
     """Two MLP halves with a graph break between them: Dynamo compiles two graphs."""
 
@@ -515,12 +530,7 @@ def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatc
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
     # what the first graph is taken to hold is freed before the optimizer step, as it would be
     monkeypatch.setattr(enforce_module, "held_for_backwards", lambda: held)
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=_Peaks([budget - 1] * 4)))
-        return enforcers[-1]
+    backend, enforcers = _eager_backend(budget, (_Peaks([budget - 1] * 4) for _ in range(2)))
 
     with pytest.raises(BudgetExceededError, match=r"a graph later in the step asked it for .* of room, and no plan "
                                                    r"leaves room for the .* a graph later in the step asked it to "
@@ -552,12 +562,7 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     held = slack + slack // 2  # what the first graph holds as the second compiles
     outside = iter([0, held])
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=_Peaks([budget - 1, budget - 1, budget - 1])))
-        return enforcers[-1]
+    backend, enforcers = _eager_backend(budget, (_Peaks([budget - 1] * 3) for _ in range(3)))
 
     _steps(model, x, backend, 4)
     first, second = enforcers
@@ -598,13 +603,7 @@ def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before
     held = slack // 2  # what the first graph holds as the second compiles: the second still plans
     outside = iter([0, held])
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: next(outside))
-    readings = iter([_Peaks([budget - 1] * 8), _Peaks([budget + slack] + [budget - 1] * 8)])
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=next(readings)))
-        return enforcers[-1]
+    backend, enforcers = _eager_backend(budget, [_Peaks([budget - 1] * 8), _Peaks([budget + slack] + [budget - 1] * 8)])
 
     _steps(model, x, backend, 5)
     first, second = enforcers
@@ -643,13 +642,7 @@ def test_a_graph_that_cannot_give_its_steps_whole_excess_gives_what_it_can_besid
     slack = span.no_recompute_peak - span.smallest_budget  # the most the first graph gives up
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: 0)
     excess = slack + slack // 2
-    readings = iter([_Peaks([budget + excess] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=next(readings)))
-        return enforcers[-1]
+    backend, enforcers = _eager_backend(budget, [_Peaks([budget + excess] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
 
     _steps(model, x, backend, 5)
     first, second = enforcers
@@ -672,13 +665,7 @@ def test_a_graph_with_nothing_more_to_give_beside_others_keeps_its_plan(monkeypa
     span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
     budget = span.smallest_budget
     monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config: 0)
-    readings = iter([_Peaks([budget + MIB] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       read_peak=next(readings)))
-        return enforcers[-1]
+    backend, enforcers = _eager_backend(budget, [_Peaks([budget + MIB] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
 
     _steps(model, x, backend, 3)
     first = enforcers[0]
