@@ -108,6 +108,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
         # "sac none": no budget (a report makes the backend simulate the partition it compiles)
         options = {"report": os.devnull} if strategy == "sac none" else {"memory_budget": cell["budget_bytes"]}
+        if cell.get("enforce") is False:  # the first plan as it measures, not planned again at run time
+            options["enforce_budget"] = False
         if strategy.startswith("sac+offload"):  # keep, recompute or offload (SACConfig.offload)
             options["offload"] = True
         config = SACConfig.from_options(options)
@@ -234,7 +236,7 @@ def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, 
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=4_000_000)
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=4_000_000)
     try:
         output, loss = step.forward_loss(batch)
         torch.cuda.synchronize()
@@ -260,9 +262,39 @@ def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, 
                             title=" ".join(str(cell[k]) for k in ("model", "loop", "strategy")))
     except plots.MissingMatplotlib as error:
         print(f"no timeline plot: {error}", file=sys.stderr)
+    peak, peak_event, blocks = plots.allocator_live_at_peak(snapshot, device, where=_allocation_site)
+    sites: dict[str, list[int]] = {}
+    for size, site in blocks:
+        sites.setdefault(site, []).append(size)
+    simulated = []
+    for i, compiled in enumerate(records):
+        partitioned = getattr(_result_of(compiled), "partitioned", None)
+        if partitioned is not None and partitioned.lifetimes:
+            simulated.append({"graph": i, "peak_graph": partitioned.peak_graph, "peak_node": partitioned.peak_node,
+                              "peak_bytes": partitioned.peak_bytes, "live": partitioned.live_at_peak()})
+    # what each side holds at its peak, to compare allocation by allocation
+    Path(cell["timeline"]).with_suffix(".json").write_text(json.dumps({
+        "measured": {"peak_over_base": peak, "base": base, "event": peak_event, "forward_events": forward_events,
+                     "sites": sorted(([sum(v), len(v), k] for k, v in sites.items()), reverse=True)},
+        "simulated": simulated}, indent=1) + "\n")
     return {"trace_peak_bytes": max(measured.totals, default=base), "max_memory_allocated": high_water,
             "events": len(events), "forward_events": forward_events,
             "simulated_peaks": [max(p.totals, default=0) for p in panels[:-1]]}
+
+
+def _allocation_site(frames: list[dict[str, Any]]) -> str:
+    """Where a block was allocated: the innermost frame outside torch's own files (Inductor's
+    generated code, the zoo's model or loop), with its source line."""
+    import linecache
+
+    import torch
+
+    package = str(Path(torch.__file__).parent)
+    frame = next((f for f in frames if not f["filename"].startswith(package)), frames[0] if frames else None)
+    if frame is None:
+        return "?"
+    text = linecache.getline(frame["filename"], frame["line"]).strip()
+    return f"{Path(frame['filename']).name}:{frame['line']} {text[:160]}"
 
 
 def _spawn(cell: dict[str, Any], logs: Path | None = None) -> dict[str, Any]:

@@ -208,6 +208,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          _BOTH, False),
     Rule("attention_workspace", "The memory-efficient attention backward holds an fp32 workspace for the "
          "query's gradient and its row deltas above its outputs while it runs.", _BOTH, False),
+    Rule("attention_bias_copy", "Inductor gives the memory-efficient attention backward a broadcast mask it "
+         "computes in the graph (a padding mask made additive) as a dense (B, H, L, S) copy, written before the "
+         "op and freed after it; the forward keeps it broadcast.", _BOTH, True),
     Rule("outputs_dropped", "The caller drops the forward outputs before backward "
          "(model(x).sum().backward()): those backward does not read are freed as it starts.", _BOTH, False),
     Rule("multi_output_rerun", "Recomputing one output of a multi-output op reruns the op, as PyTorch's "

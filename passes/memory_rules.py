@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from sac_compiler.passes.annotate_ops import (
     is_alias_op,
+    is_view_op,
     is_pointwise_op,
     op_name,
 )
@@ -412,6 +413,36 @@ def attention_backward_workspace(node: fx.Node, device: torch.device | str | Non
 
 _EFFICIENT_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
 
+# the SDPA kernels' alignment of the mask's strides, in elements (Inductor's sdpa_constraint)
+_MASK_ALIGNMENT = 8
+
+
+def attention_bias_copy(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes of the dense copy Inductor makes of the memory-efficient attention backward's additive
+    mask, for the duration of the op.
+
+    Inductor's ``sdpa_constraint`` keeps a broadcast mask broadcast for the attention forward only:
+    for the backward, a mask that is no stored, aligned buffer (an ``expand`` of a pointwise value
+    the graph computes, such as a padding mask turned additive, which Inductor folds and never
+    stores) is required in a contiguous layout, so the whole ``(B, H, L, S)`` is written out before
+    the kernel and freed after it (BERT's padding mask on an H200: 384 MiB per attention backward,
+    in fp32 at batch 32, 12 heads, 512 tokens). The ``attention_bias_copy`` rule."""
+    if node.op != "call_function" or node.target is not _EFFICIENT_ATTENTION_BACKWARD or len(node.args) < 5:
+        return 0
+    bias = node.args[4]
+    val = bias.meta.get("val") if isinstance(bias, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() not in (3, 4):
+        return 0
+    base = bias
+    while base.op == "call_function" and is_view_op(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    strides = [size_hint(s) for s in val.stride()]
+    aligned = size_hint(val.stride(-1)) == 1 and all(s % _MASK_ALIGNMENT == 0 for s in strides[:-1])
+    folded = base is not bias and base.op == "call_function" and is_pointwise_op(base)
+    if aligned and not folded:
+        return 0
+    return round_allocation(size_hint(val.numel()) * val.element_size(), device)
+
 
 def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
     """Matmuls Inductor folds into a later add: ``add(mm(a, b), c)`` becomes ``addmm(c, a, b)``
@@ -447,12 +478,14 @@ def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> d
 def transient_buffers(nodes: list[fx.Node], index: dict[fx.Node, int], runs_at: dict[fx.Node, int],
                 device: torch.device | str | None, rules: frozenset[str]) -> list[tuple[fx.Node, int, int, str]]:
     """(op, step, bytes, rule) of what ops hold only while they run: the copies of broadcast matmul
-    operands (``broadcast_copy``) and the attention backward's workspace (``attention_workspace``).
+    operands (``broadcast_copy``), the attention backward's workspace (``attention_workspace``) and
+    the dense copy of its mask (``attention_bias_copy``).
     ``runs_at``: the step of each matmul folded into a later add (``addmm_fold``)."""
     out = []
     for node in nodes:
         for rule, nbytes in (("broadcast_copy", broadcast_copies),
-                             ("attention_workspace", attention_backward_workspace)):
+                             ("attention_workspace", attention_backward_workspace),
+                             ("attention_bias_copy", attention_bias_copy)):
             size = nbytes(node, device) if rule in rules else 0
             if size:
                 out.append((node, runs_at.get(node, index[node]), size, rule))

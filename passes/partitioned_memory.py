@@ -75,6 +75,18 @@ class PartitionedPeak:
             out += category_timeline(lifetimes, names, first_step=len(out))
         return out
 
+    def live_at_peak(self) -> list[tuple[str, str, str, int]]:
+        """(allocation, category, rule, bytes) of everything live while the peak's step runs,
+        largest first: the simulation's side of a comparison with the allocator's
+        (``plots.allocator_live_at_peak``)."""
+        if not self.lifetimes:
+            raise ValueError("this PartitionedPeak carries no lifetimes: simulate_partitioned records them")
+        index = 0 if self.peak_graph == "forward" else 1
+        lifetimes, names = self.lifetimes[index], self.steps[index]
+        step = peak_sweep(lifetimes, len(names)).peak_step
+        live = live_by(lifetimes, 3 * step + 1, key=lambda life: (life.name, life.category.value, life.rule))
+        return sorted(((*k, size) for k, size in live.items() if size), key=lambda row: -row[3])
+
 
 @dataclass(frozen=True)
 class _GraphRun:

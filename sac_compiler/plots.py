@@ -180,6 +180,39 @@ def allocator_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple
             for e in traces[device] if e["action"] in ("alloc", "free_completed")]
 
 
+def allocator_live_at_peak(snapshot: Mapping[str, Any], device: int = 0,
+                           where: Any = None) -> tuple[int, int, list[tuple[int, str]]]:
+    """What the allocator held at the highest point of a recorded step: (the bytes over what was
+    allocated when the recording began, the index of the event that reached it, and every block
+    allocated during the recording and still live then as (bytes, where), largest first).
+    ``where(frames)`` names a block from its allocation's stack (``_record_memory_history`` with
+    ``stacks="python"``); by default the innermost frame as ``file:line``. Blocks allocated before
+    the recording are not listed (their frees lower the total, as in ``measured_timeline_panel``)."""
+    traces = snapshot.get("device_traces")
+    if traces is None or device >= len(traces):
+        allocator_events(snapshot, device)  # raises the error that says what is missing
+    name = where or (lambda frames: f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    peak_index = -1
+    peak_blocks: list[tuple[int, str]] = []
+    events = [e for e in traces[device] if e["action"] in ("alloc", "free_completed")]
+    # a first pass finds the peak; the second lists what lives there (one copy of the live set)
+    for i, e in enumerate(events):
+        size = -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+        total += size if e["action"] == "alloc" else -size
+        if total > peak:
+            peak, peak_index = total, i
+    for e in events[:peak_index + 1]:
+        size = -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+        if e["action"] == "alloc":
+            live[int(e["addr"])] = (size, name(e.get("frames") or []))
+        else:
+            live.pop(int(e["addr"]), None)
+    peak_blocks = sorted(live.values(), key=lambda b: -b[0])
+    return peak, peak_index, peak_blocks
+
+
 def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,
                             first_backward: int | None = None, budget_bytes: int | None = None) -> TimelinePanel:
     """A ``TimelinePanel`` of a step as the allocator recorded it: ``events`` from

@@ -180,6 +180,11 @@ def test_partitioned_peak_keeps_saved_views_and_never_frees_a_parameter():
     # backward's mm is named like the forward's: allocations are matched by graph, not by name.)
     assert peak.peak_graph == "backward" and peak.peak_node == "repeat_default"
     assert peak.peak_bytes == (2 + 1 + 1 + 4) * 256 * kib
+    # the live set at the peak names those allocations and sums to the peak
+    live = peak.live_at_peak()
+    assert sum(row[3] for row in live) == peak.peak_bytes
+    assert (live[0][0], live[0][3]) == ("repeat_default", 4 * 256 * kib)
+    assert "view" not in {row[0] for row in live}  # the saved view is freed by then (after gw)
 
 
 def test_inductor_stores_a_fused_value_that_would_read_too_many_buffers():
@@ -425,17 +430,29 @@ def test_a_matmul_reading_a_broadcast_operand_holds_a_dense_copy_while_it_runs()
     assert sim.peak_bytes - sim.static_bytes >= copy
 
 
-def _attention_backward_graph(dtype, batch=2, heads=4, seq=256, dim=64, scaled_grad=False):
+def _attention_backward_graph(dtype, batch=2, heads=4, seq=256, dim=64, scaled_grad=False, mask=None):
+    """One memory-efficient attention backward; ``mask``: its additive mask, "folded" (a padding
+    mask made additive in the graph, then expanded) or "stored" (a graph input, expanded)."""
     graph, op, placeholder = _graph_builder()
     shape = (batch, heads, seq, dim)
     grad, q, k, v, out = (placeholder(n, torch.empty(shape, dtype=dtype)) for n in ("g", "q", "k", "v", "o"))
     if scaled_grad:  # a gradient made in the graph, dying in the attention backward
         grad = op(torch.ops.aten.mul.Tensor, grad, 2.0, val=torch.empty(shape, dtype=dtype))
+    bias = None
+    if mask is not None:
+        padding = placeholder("padding", torch.empty(batch, 1, 1, seq, dtype=torch.bool))
+        small = torch.empty(batch, 1, 1, seq, dtype=dtype)
+        if mask == "folded":
+            small_node = op(torch.ops.aten.where.self, padding, 0.0, float("-inf"), val=small)
+        else:
+            small_node = placeholder("additive", small)
+        bias = op(torch.ops.aten.expand.default, small_node, [batch, heads, seq, seq],
+                  val=small.expand(batch, heads, seq, seq))
     lse = placeholder("lse", torch.empty(batch, heads, seq))
     seed, offset = placeholder("seed", torch.empty((), dtype=torch.int64)), placeholder("off", torch.empty((), dtype=torch.int64))
     target = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
     grads = tuple(torch.empty(shape, dtype=dtype) for _ in range(3)) + (torch.empty(0),)
-    bw = graph.call_function(target, (grad, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False]))
+    bw = graph.call_function(target, (grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False]))
     bw.meta["val"] = grads
     items = [op(operator.getitem, bw, i, val=grads[i]) for i in range(3)]
     graph.output(tuple(items))

@@ -210,6 +210,29 @@ def test_rule_attention_workspace(dtype):
     assert joint[()] - joint[("attention_workspace",)] == workspace
 
 
+def test_rule_attention_bias_copy():
+    """A padding mask made additive in the graph and expanded reaches the attention backward as a
+    dense (B, H, L, S) copy under Inductor, for the op's duration; a stored, aligned mask does not."""
+    from sac_compiler.passes.memory_rules import attention_bias_copy
+
+    gm, bw, shape = _attention_backward_graph(torch.float32, mask="folded")
+    batch, heads, seq, _ = shape
+    copy = batch * heads * seq * seq * 4
+    assert attention_bias_copy(bw, "cpu") == copy
+    stored_gm, stored_bw, _ = _attention_backward_graph(torch.float32, mask="stored")
+    assert attention_bias_copy(stored_bw, "cpu") == 0
+    inputs = _placeholder_bytes(gm)
+    keep = {n.name for n in bw.users}
+    with_rule = _peak(gm, inputs, keep)
+    without = _peak(gm, inputs, keep, off={"attention_bias_copy"})
+    assert with_rule[0] - without[0] == copy and with_rule[1] == bw.name
+    assert _peak(gm, inputs, keep, fused=False) == without  # an Inductor behaviour: not on the eager route
+    joint = {off: annotate_memory(gm, num_fwd_outputs=0, annotate=False, fused_pointwise=True,
+                                  disabled_rules=off).peak_bytes
+             for off in ((), ("attention_bias_copy",))}
+    assert joint[()] - joint[("attention_bias_copy",)] == copy
+
+
 def test_rule_outputs_dropped():
     # Linear(256 -> 256, no bias) on a [64, 256] input: the caller drops the 64 KiB output before
     # backward, which then holds the weight, the input, the output's gradient and the weight's

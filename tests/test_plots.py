@@ -151,6 +151,19 @@ def test_measured_timeline_panel_sums_to_the_bytes_allocated() -> None:
         plots.measured_timeline_panel([("segment_alloc", 1)], 0, "bad")
 
 
+def test_allocator_live_at_peak_lists_the_blocks_held_at_the_highest_point() -> None:
+    frames = {0: [{"filename": "gen.py", "line": 3}], 512: [{"filename": "gen.py", "line": 4}]}
+    snapshot = {"device_traces": [[dict(e, frames=frames.get(e["addr"], [])) for e in _SNAPSHOT["device_traces"][0]]]}
+    # live: +512 (a), +1024 (b), -512 (a freed), +512 (c at a's address), -2048 (from before)
+    peak, index, blocks = plots.allocator_live_at_peak(snapshot)
+    assert (peak, index) == (1536, 1)  # reached first after b; the later 1536 is not higher
+    assert blocks == [(1024, "gen.py:4"), (512, "gen.py:3")]
+    named = plots.allocator_live_at_peak(snapshot, where=lambda f: f[0]["line"] if f else None)[2]
+    assert named == [(1024, 4), (512, 3)]
+    with pytest.raises(ValueError, match="_record_memory_history"):
+        plots.allocator_live_at_peak({"segments": []})
+
+
 @needs_matplotlib
 def test_measured_panel_beside_the_simulation(planned, tmp_path: Path) -> None:
     result, config = planned
