@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from sac_compiler.passes.annotate_ops import (
     is_alias_op,
-    is_view_op,
     is_pointwise_op,
+    is_view_op,
     op_name,
 )
 from sac_compiler.passes.memory_model import Freed, Lifetime, round_allocation
