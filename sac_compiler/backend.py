@@ -433,6 +433,25 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
     return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
 
 
+def make_matmul_workspaces(device: torch.device) -> int:
+    """Have cuBLAS make now the workspaces a training step's matmuls make on first use, and return
+    their bytes, so that :func:`outside_bytes` counts them: the caching allocator holds one per
+    thread and stream (32 MiB each on an H100 or H200), and a step has two threads, the caller's
+    for forward and autograd's device thread for backward. A first step would otherwise add them
+    to its own peak unplanned. Nothing is made while a CUDA graph is captured."""
+    if torch.cuda.is_current_stream_capturing():
+        return 0
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    before = torch.cuda.memory_allocated(device)
+    with unset_fake_temporarily(), torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast("cuda", enabled=False):
+        a = torch.ones(8, 8, device=device, requires_grad=True)
+        (a @ a).sum().backward()
+        del a
+    return max(0, torch.cuda.memory_allocated(device) - before)
+
+
 def optimizers_of(params: Sequence[torch.Tensor]) -> list[torch.optim.Optimizer]:
     """The live optimizers that step any of ``params`` (found among the process's objects: an
     optimizer is usually made before the first call compiles the model)."""
@@ -493,6 +512,10 @@ def held_outside(example_inputs: Sequence[Any], config: SACConfig) -> int:
     device = _cuda_device(example_inputs)
     if device is None or config.memory_budget is None:
         return 0
+    made = make_matmul_workspaces(device)
+    if made:
+        log.info("sac: counting %s of cuBLAS workspaces the step's forward and backward threads use",
+                 format_bytes(made))
     held = outside_bytes(example_inputs)
     if config.optimizer is not None:
         return max(0, held - _allocated_state_bytes(config.optimizer, device))

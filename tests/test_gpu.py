@@ -413,3 +413,26 @@ def test_recomputed_attention_dropout_replays_its_forward_rng_state_on_cuda(monk
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_matmul_workspaces_a_step_makes_are_made_and_counted_before_it():
+    """cuBLAS makes a workspace per thread and stream at its first matmul there, a training step
+    two (the caller's thread for forward, autograd's device thread for backward): the backend makes
+    them before it measures what the process holds, so the step adds nothing it did not count."""
+    from sac_compiler.backend import make_matmul_workspaces
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()
+    base = torch.cuda.memory_allocated(device)
+    made = make_matmul_workspaces(device)
+    assert made > 0 and torch.cuda.memory_allocated(device) - base == made
+    assert make_matmul_workspaces(device) == 0  # made once
+    lin = nn.Linear(256, 256, device=device)
+    x = torch.randn(64, 256, device=device, requires_grad=True)
+    before = torch.cuda.memory_allocated(device)
+    lin(x).sum().backward()
+    torch.cuda.synchronize()
+    grads = sum(t.grad.untyped_storage().nbytes() for t in (x, lin.weight, lin.bias))
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: cuBLAS workspaces {made} bytes")
+    assert torch.cuda.memory_allocated(device) - before == grads
