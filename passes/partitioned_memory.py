@@ -456,7 +456,9 @@ def simulate_partitioned(
     ``disabled_rules``: rules the simulation leaves out (:data:`RULES`); ``hold_outputs``: the
     caller keeps forward's outputs through backward (as without the ``outputs_dropped`` rule);
     ``loss_memory``: bytes the caller's own code holds between the graphs (a loss computed
-    outside), counted as backward starts.
+    outside), counted as backward starts. It is measured up to the high-water mark as backward
+    reaches the graph, so it includes the gradient the loss hands to the backward: at that moment
+    the tangents are part of it, not beside it.
     """
     rules = enabled_rules(PARTITIONED, fused_pointwise, disabled_rules)
     device = rounding_device(target_device, rules)
@@ -505,7 +507,7 @@ def simulate_partitioned(
                           frozenset(n.name for n in fw_placeholders), forward_names,
                           input_category=lambda key: (MemoryCategory.TEMPORARY if key.startswith("tangents")
                                                       else MemoryCategory.ACTIVATION),
-                          donated_storage=donated, loss_memory=loss_memory)
+                          donated_storage=donated, loss_memory=max(0, loss_memory - tangents))
     if timelines is not None:
         timelines.setdefault("backward", []).extend(
             (name, during) for name, (_, during, _) in zip(backward.steps, backward.timeline))

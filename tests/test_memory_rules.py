@@ -247,6 +247,22 @@ def test_rule_outputs_dropped():
     assert _partitioned(graph, disabled_rules={"outputs_dropped"}).peak_bytes == dropped + out
 
 
+def test_the_callers_loss_memory_includes_the_tangent_it_hands_to_backward():
+    """``loss_memory`` is measured from what forward left to the high-water mark as backward
+    reaches the graph, so the gradient the caller's loss hands over (the tangent) is part of it:
+    as backward starts, both simulations count what forward left plus the loss, not the tangent
+    beside it (which put a criterion-outside plan 0.5 GiB over its measured peak)."""
+    graph = _joint(nn.Linear(256, 256, bias=False), torch.randn(64, 256))
+    loss = 1 << 20  # the caller's loss at its peak, far above the 64 KiB tangent
+    weight, x, out = 256 * KIB, 64 * KIB, 64 * KIB
+    left = weight + x + out  # the output held by the caller; x saved (an input)
+    partitioned = _partitioned(graph, hold_outputs=True, loss_memory=loss)
+    assert partitioned.end_of_forward_bytes == left
+    assert partitioned.peak_bytes == left + loss
+    joint = annotate_memory(graph.gm, annotate=False, hold_outputs=True, loss_memory=loss)
+    assert joint.peak_bytes == partitioned.peak_bytes
+
+
 def test_rule_multi_output_rerun():
     """Rebuilding the layer norm's output for ``early`` reruns the layer norm, which reads the
     recomputed ``q``: with the rule ``q`` lives from there, through ``big``, to ``late``."""
