@@ -579,7 +579,7 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     # second graph runs, and keeps what it holds for its backward under the budget with it
     assert first.partitioner.outside_bytes == 0 and first.partitioner.config.loss_memory == -room
     planned = first.partitioner.last_result
-    assert planned.predicted_peak <= budget
+    assert planned.step_peak_bytes <= budget  # the partitioned graphs' peak, the plan's prediction
     assert planned.partitioned.end_of_forward_bytes - room <= budget
     with pytest.raises(Exception, match="smallest feasible peak"):
         # without a graph before it in the step, the same shortfall is an error
