@@ -436,8 +436,9 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
 def make_matmul_workspaces(device: torch.device) -> int:
     """Have cuBLAS make now the workspaces a training step's matmuls make on first use, and return
     their bytes, so that :func:`outside_bytes` counts them: the caching allocator holds one per
-    thread and stream (32 MiB each on an H100 or H200), and a step has two threads, the caller's
-    for forward and autograd's device thread for backward. A first step would otherwise add them
+    thread and stream (32 MiB each on an H100 or H200; a linear with a bias uses cuBLASLt's own
+    as well), and a step has two threads, the caller's for forward and autograd's device thread
+    for backward. A first step would otherwise add them
     to its own peak unplanned. Nothing is made while a CUDA graph is captured."""
     if torch.cuda.is_current_stream_capturing():
         return 0
@@ -446,9 +447,11 @@ def make_matmul_workspaces(device: torch.device) -> int:
     before = torch.cuda.memory_allocated(device)
     with unset_fake_temporarily(), torch.inference_mode(False), torch.enable_grad(), \
             torch.autocast("cuda", enabled=False):
-        a = torch.ones(8, 8, device=device, requires_grad=True)
-        (a @ a).sum().backward()
-        del a
+        a = torch.ones(16, 16, device=device, requires_grad=True)
+        bias = torch.ones(16, device=device, requires_grad=True)
+        # a matmul (cuBLAS) and a linear with a bias (addmm, cuBLASLt's bias epilogue: its own workspace)
+        ((a @ a).sum() + torch.nn.functional.linear(a, a, bias).sum()).backward()
+        del a, bias
     return max(0, torch.cuda.memory_allocated(device) - before)
 
 
