@@ -66,6 +66,23 @@ def at_peak_cells(anchors: list[dict[str, Any]], base: dict[str, Any], dump: Pat
     return cells
 
 
+_LEAST_BUDGET = re.compile(r"raise memory_budget to at least (\d+) bytes")
+
+
+def least_budget_cells(results: list[dict[str, Any]], base: dict[str, Any],
+                       dump: Path | None = None) -> list[dict[str, Any]]:
+    """For each sac result refused with a least budget named (``BudgetError``: "raise
+    memory_budget to at least N bytes"): ``sac@least`` at that budget, the same model and loop. The
+    planner's promise is that the least budget it names compiles and holds."""
+    cells = []
+    for r in results:
+        found = _LEAST_BUDGET.search(r.get("error", "")) if str(r.get("strategy", "")).startswith("sac") else None
+        if found:
+            cells.append(dict(base, model=r["model"], loop=r["loop"], strategy="sac@least",
+                              budget_bytes=int(found.group(1)), **({"dump": str(dump)} if dump is not None else {})))
+    return cells
+
+
 def _cell_command(cell: dict[str, Any]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
 
@@ -320,7 +337,8 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
     budget: the same peak, one run, so the step times compare (the anchors' peaks repeat exactly
     from run to run). The peaks are an earlier run's (``--at-peaks-of OUT``: its ``cells.jsonl``;
     the anchors run again beside sac), or, with ``--at-anchor-peaks``, this run's: the anchors run
-    first, then sac at the peaks they measured."""
+    first, then sac at the peaks they measured. A sac cell refused there runs again at the least
+    budget its error names."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
@@ -338,10 +356,13 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
             if "error" not in r:
                 cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=r["strategy"]))
                 cells += at_peak_cells([r], base, dump)
-        return _run_cells(cells, out, args.jobs)
-    measured = _run_cells([dict(base, model=m, loop=loop, strategy=a)
-                           for m in args.models for loop in args.loops for a in args.anchors], out, args.jobs)
-    return measured + _run_cells(at_peak_cells(measured, base, dump), out, args.jobs)
+        done = _run_cells(cells, out, args.jobs)
+    else:
+        measured = _run_cells([dict(base, model=m, loop=loop, strategy=a)
+                               for m in args.models for loop in args.loops for a in args.anchors], out, args.jobs)
+        done = measured + _run_cells(at_peak_cells(measured, base, dump), out, args.jobs)
+    # sac refused at an anchor's peak: run it at the least budget the refusal names
+    return done + _run_cells(least_budget_cells(done, base, dump), out, args.jobs)
 
 
 def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.zoo_matrix import at_peak_cells, cell_stem, main
+from benchmarks.zoo_matrix import at_peak_cells, cell_stem, least_budget_cells, main
 
 
 def test_sac_runs_at_each_anchor_peak_that_was_measured():
@@ -35,3 +35,18 @@ def test_the_two_ways_to_take_anchor_peaks_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--at-peaks-of", str(tmp_path), "--at-anchor-peaks", "--out", str(tmp_path / "out")])
     assert "give one" in capsys.readouterr().err
+
+
+def test_a_refused_sac_cell_runs_again_at_the_least_budget_it_names():
+    base = {"size": "full", "warmup": 7, "steps": 3, "dtype": None}
+    results = [
+        {"model": "gpt2", "loop": "loss_inside", "strategy": "sac@full_ac", "error": "BackendCompilerFailed: graph 0/0: "
+         "memory budget 3.90 GiB is below the smallest feasible peak found, 3.93 GiB; raise memory_budget to at "
+         "least 4278288593 bytes, or give a fraction"},
+        {"model": "bert", "loop": "loss_inside", "strategy": "sac@full_ac", "peak_bytes": 5824883200},
+        {"model": "moe", "loop": "loss_inside", "strategy": "sac@full_ac", "error": "OutOfMemoryError"},
+        {"model": "t5", "loop": "loss_inside", "strategy": "full_ac", "error": "raise memory_budget to at least 5 bytes"},
+    ]
+    assert least_budget_cells(results, base, Path("out/partitions")) == [
+        dict(base, model="gpt2", loop="loss_inside", strategy="sac@least", budget_bytes=4278288593,
+             dump="out/partitions")]
