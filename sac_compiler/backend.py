@@ -19,6 +19,7 @@ import functools
 import gc
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -441,6 +442,10 @@ def make_matmul_workspaces(device: torch.device) -> int:
     for backward. A first step would otherwise add them
     to its own peak unplanned. Nothing is made while a CUDA graph is captured."""
     if torch.cuda.is_current_stream_capturing():
+        return 0
+    if torch.are_deterministic_algorithms_enabled() and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        # cuBLAS refuses to run then (PyTorch raises at the step's own first matmul, naming the setting)
+        log.info("sac: deterministic algorithms without CUBLAS_WORKSPACE_CONFIG: no cuBLAS workspace is counted")
         return 0
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
