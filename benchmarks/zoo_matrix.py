@@ -223,8 +223,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "caller_held_bytes": getattr(result, "caller_held_bytes", None),
             # what the plan counted of the memory a step starts from (parameters, buffers, inputs,
             # optimizer state, what the process held): against the cell's measured static_bytes
-            "counted_static_bytes": (result.analysis.memory.static_bytes + result.outside_bytes
-                                     if getattr(result, "analysis", None) is not None else None),
+            "counted_static_bytes": (result.analysis.memory.static_bytes + result.analysis.memory.optimizer_state_bytes
+                                     + result.outside_bytes if getattr(result, "analysis", None) is not None else None),
             "recomputed": len(result.plan.recompute) if getattr(result, "plan", None) is not None else None,
             "planning_s": getattr(result, "planning_s", None),
             "predicted_saved_bytes": getattr(getattr(result, "partitioned", None), "saved_bytes", None),
