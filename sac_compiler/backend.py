@@ -136,13 +136,19 @@ class SACPartitioner(CustomPartitionerFn):
             if offload is None:
                 out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             else:
-                from sac_compiler.offload import offload_partitioning, place_reloads, reloads_placeable
+                from sac_compiler.offload import (
+                    offload_partitioning,
+                    place_offload_waits,
+                    place_reloads,
+                    reloads_placeable,
+                )
 
                 placeable = reloads_placeable()
                 with offload_partitioning(offload.bandwidth, prefetch=not placeable, cuda=True):
                     out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
                 if placeable:
                     place_reloads(out[1], offload.reload_before)
+                    place_offload_waits(out[0], offload.wait_after)
             partitioning.append(time.perf_counter() - t0)
             return out
 

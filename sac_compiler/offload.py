@@ -84,7 +84,8 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
     wanted = {
         "enable_activation_offloading": True,
         "activation_offload_separate_stream": bool(cuda) or not torch.cuda.is_available(),
-        # the forward waits for its copies at its end, where the offload program expects it to
+        # the forward waits for its copies at its end (the program counts them there), then
+        # place_offload_waits moves each wait to where its copy is expected to be done
         "activation_offload_sink_wait": True,
         "activation_reload_prefetch": bool(prefetch),
         "activation_offload_cpu_gpu_bw": bandwidth / 2**30,
@@ -158,13 +159,15 @@ def tag_offload(gm: fx.GraphModule, offload: Iterable[str], num_fwd_outputs: int
 def partition_with_offload(gm: fx.GraphModule, joint_inputs: Any, num_fwd_outputs: int, recompute: Iterable[str],
                            offload: Iterable[str], bandwidth: float, prefetch: bool | None = None,
                            reload_before: Mapping[str, str] | None = None,
+                           wait_after: Mapping[str, str] | None = None,
                            ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Tag a plan on an annotated joint graph (``plan_graph.tag_graph``, then ``tag_offload``) and
     split it with PyTorch's min-cut partitioner under ``offload_partitioning``: the forward graph
     copies the offloaded values to the host, the backward graph reloads them.
 
     ``reload_before`` (``reload_anchors``): start each reload where the plan starts it, before the
-    named backward op, instead of by PyTorch's prefetch (which is then off)."""
+    named backward op, instead of by PyTorch's prefetch (which is then off). ``wait_after``
+    (``wait_anchors``): wait for each copy after the named forward op rather than at the end."""
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from sac_compiler.plan_graph import tag_graph
@@ -178,6 +181,8 @@ def partition_with_offload(gm: fx.GraphModule, joint_inputs: Any, num_fwd_output
         fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs)
     if reload_before:
         place_reloads(bw, reload_before)
+    if wait_after:
+        place_offload_waits(fw, wait_after)
     return fw, bw
 
 
@@ -248,13 +253,8 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     nodes = list(gm.graph.nodes)
     fb = analysis.memory.first_backward
     owner = _owner_map(gm)
-    elapsed = 0.0
-    done_at: dict[fx.Node, float] = {}  # forward time at which each forward op has run
-    for node in nodes[:fb]:
-        if node.op == "call_function":
-            elapsed += get_record(node).runtime_ms or 0.0
-        done_at[node] = elapsed
-    forward_ms = elapsed
+    done_at = _forward_done_at(analysis)
+    forward_ms = max(done_at.values(), default=0.0)
     last_read: dict[fx.Node, float] = {}
     for node in nodes[:fb]:
         if node.op != "call_function":
@@ -293,6 +293,70 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
         forward_peak = None
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
                           bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak)
+
+
+def _forward_done_at(analysis: Any) -> dict[fx.Node, float]:
+    """The forward's compute timeline: for each node of the joint graph's forward, the time (ms,
+    from the runtime annotations) at which it has run."""
+    elapsed = 0.0
+    done_at: dict[fx.Node, float] = {}
+    for node in list(analysis.graph.gm.graph.nodes)[:analysis.memory.first_backward]:
+        if node.op == "call_function":
+            elapsed += get_record(node).runtime_ms or 0.0
+        done_at[node] = elapsed
+    return done_at
+
+
+def wait_anchors(analysis: Any, problem: Any, offloaded: Iterable[str]) -> dict[str, str]:
+    """For each offloaded value, the forward op after which its copy to the host has finished: the
+    copies run on one stream, first in, first out, each from the time its value's last forward
+    reader has run (``problem.ready_ms``) and for ``bytes / problem.bandwidth``; the op is the first
+    whose compute ends at or after that. The forward waits for the copy there
+    (``place_offload_waits``) and frees the value, instead of at its end. A value whose copy the
+    forward's compute cannot hide has no op: its wait stays at the end."""
+    sizes = {c.name: c.nbytes for c in problem.savings.candidates}
+    order = sorted((problem.ready_ms[name], name) for name in offloaded if name in problem.ready_ms)
+    done_at = [(t, node.name) for node, t in _forward_done_at(analysis).items() if node.op == "call_function"]
+    anchors: dict[str, str] = {}
+    free_at = 0.0  # when the copy stream is next free
+    for ready, name in order:
+        finish = max(ready, free_at) + 1e3 * sizes.get(name, 0) / problem.bandwidth
+        free_at = finish
+        after = next((op for t, op in done_at if t >= finish and t > ready), None)
+        if after is not None:
+            anchors[name] = after
+    return anchors
+
+
+def place_offload_waits(fw: fx.GraphModule, wait_after: Mapping[str, str]) -> dict[str, str]:
+    """Move each offloaded value's wait for its copy (``ao.wait_tensor``, which PyTorch's
+    ``activation_offload_sink_wait`` puts at the end of forward) to just after the forward op named
+    in ``wait_after`` (``wait_anchors``): the value is freed on the device there, mid-forward. A wait
+    is left where it is when that op is not in the graph or not after the value's copy started.
+    Returns the moves made (value -> op). Only the ``ao`` ops' layout (torch 2.13) is moved."""
+    graph = fw.graph
+    wait_op = getattr(getattr(torch.ops, "ao", None), "wait_tensor", None)
+    offload_op = getattr(getattr(torch.ops, "ao", None), "offload", None)
+    if wait_op is None or offload_op is None:
+        return {}
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    by_name = {n.name: n for n in graph.nodes}
+    moved: dict[str, str] = {}
+    waits = [n for n in graph.nodes if n.target is wait_op.default and isinstance(n.args[0], fx.Node)
+             and n.args[0].target is offload_op.default]
+    for wait in waits:
+        copy = wait.args[0]
+        value = copy.args[0]
+        name = value.name if isinstance(value, fx.Node) else ""
+        anchor = by_name.get(wait_after.get(name, ""))
+        if anchor is None or anchor.op != "call_function" or position[anchor] <= position[copy] \
+                or position[anchor] >= position[wait]:
+            continue
+        anchor.append(wait)
+        moved[name] = anchor.name
+    graph.lint()
+    fw.recompile()
+    return moved
 
 
 @dataclass(frozen=True)
@@ -484,9 +548,11 @@ __all__ = [
     "offload_refusal",
     "offload_support",
     "partition_with_offload",
+    "place_offload_waits",
     "place_reloads",
     "reload_anchors",
     "reloads_placeable",
+    "wait_anchors",
     "partitioner_config",
     "plan_offload",
     "tag_offload",

@@ -69,6 +69,8 @@ class OffloadedValues:
     bandwidth: float  # bytes/s per direction the plan assumed
     stall_ms: float  # transfer time the plan expects compute not to hide
     recompute_only_ms: float | None = None  # the recompute-only plan's time (None: it had none)
+    # value -> the forward op after which its copy has finished and the forward waits for it
+    wait_after: dict[str, str] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -947,7 +949,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     tag_graph(analysis.graph.gm, plan.recompute)
     result.offload = None
     if offload is not None:
-        from sac_compiler.offload import reload_anchors, tag_offload
+        from sac_compiler.offload import reload_anchors, tag_offload, wait_anchors
 
         tag_offload(analysis.graph.gm, offload.plan.offload, analysis.graph.num_fwd_outputs)
         result.offload = OffloadedValues(
@@ -956,7 +958,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                     for name in sorted(offload.plan.offload)},
             reload_before=reload_anchors(analysis, offload.plan.offload),
             bandwidth=offload.problem.bandwidth, stall_ms=offload.plan.stall_ms,
-            recompute_only_ms=offload.recompute_only_ms)
+            recompute_only_ms=offload.recompute_only_ms,
+            wait_after=wait_anchors(analysis, offload.problem, offload.plan.offload))
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %d offloaded "
              "(%s), %s in %.2f s", format_bytes(budget), format_bytes(result.baseline_peak or 0),
              format_bytes(result.predicted_peak), len(plan.recompute), plan.recompute_ms,

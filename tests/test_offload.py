@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -607,3 +608,80 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
     assert peak <= budget
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_each_copy_is_waited_for_where_the_link_has_finished_it():
+    """``wait_anchors``: the copies run one after another from the time their values' last forward
+    readers have run; each value's wait goes after the first forward op that ends once its copy has
+    finished (checked here by a plain replay of the copy stream), and a copy the forward's compute
+    cannot hide keeps its wait at the end (no op)."""
+    _, _, result, problem, _ = _graph()
+    off = _offload_problem(result, problem, bandwidth=5e12)
+    values = sorted(off.ready_ms)
+    assert len(values) >= 2
+    sizes = {c.name: c.nbytes for c in problem.candidates}
+    ends = {n.name: t for n, t in offload_mod._forward_done_at(result.analysis).items() if n.op == "call_function"}
+
+    def replay(bandwidth):
+        free, finish = 0.0, {}
+        for name in sorted(values, key=lambda v: (off.ready_ms[v], v)):
+            free = finish[name] = max(off.ready_ms[name], free) + 1e3 * sizes[name] / bandwidth
+        return finish
+
+    for bandwidth in (5e12, 5e9, 5e6):
+        anchors = offload_mod.wait_anchors(result.analysis, dataclasses.replace(off, bandwidth=bandwidth), values)
+        finish = replay(bandwidth)
+        for name in values:
+            hiding = [op for op, t in ends.items() if t >= finish[name] and t > off.ready_ms[name]]
+            if not hiding:
+                assert name not in anchors
+                continue
+            anchor = anchors[name]
+            assert ends[anchor] >= finish[name] and ends[anchor] > off.ready_ms[name]
+            # the first such op: every op before it ends before the copy does
+            assert all(t < finish[name] or t <= off.ready_ms[name] for op, t in ends.items()
+                       if list(ends).index(op) < list(ends).index(anchor))
+    slow = offload_mod.wait_anchors(result.analysis, dataclasses.replace(off, bandwidth=5e6), values)
+    fast = offload_mod.wait_anchors(result.analysis, off, values)
+    # at 5 MB/s no copy finishes within the forward; at 5 TB/s all but the value the forward's last
+    # op reads (no op after it) do
+    assert not slow and len(fast) == len(values) - 1
+
+
+@_cpu_graph_copy_stream
+def test_the_forward_waits_for_each_copy_mid_forward_and_frees_the_value_there():
+    """With ``wait_after`` the partitioned forward waits for each copy after its anchor op instead of
+    at its end, and the partitioned simulation frees the offloaded value there."""
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    if not offload_mod.reloads_placeable():
+        pytest.skip("this torch's offload pass emits no ao ops")
+    _, _, result, problem, _ = _graph()
+    off = with_budget(_offload_problem(result, problem, bandwidth=5e12), max(problem.baseline) - 2**18)
+    plan = solve_offload_plan(off, EXACT)
+    assert plan.offload
+    anchors = offload_mod.wait_anchors(result.analysis, off, plan.offload)
+    assert anchors
+    graph = result.analysis.graph
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+
+    def partitioned(wait_after):
+        fw, bw = offload_mod.partition_with_offload(graph.gm, inputs, graph.num_fwd_outputs, plan.recompute,
+                                                    plan.offload, off.bandwidth, wait_after=wait_after)
+        return fw, bw, result.simulate(fw, bw)
+
+    fw_end, _, at_end = partitioned(None)
+    fw_mid, _, mid = partitioned(anchors)
+    order = [n.name for n in fw_mid.graph.nodes]
+    last_compute = max(i for i, n in enumerate(fw_mid.graph.nodes) if n.target is torch.ops.aten.addmm.default)
+    for name, anchor in anchors.items():
+        wait = order.index(f"cpu_offload_{name}")
+        assert order.index(f"async_cpu_offload_{name}") < order.index(anchor) < wait == order.index(anchor) + 1
+        if order.index(anchor) < last_compute:
+            assert wait < last_compute  # moved into the forward's compute
+    freed = {life.name: life.free_step for life in mid.lifetimes[0]}
+    freed_at_end = {life.name: life.free_step for life in at_end.lifetimes[0]}
+    moved = [name for name, anchor in anchors.items() if order.index(anchor) < last_compute]
+    assert moved and all(freed[name] < freed_at_end[name] for name in moved)
+    # what the forward hands to the backward is the same: the host copies
+    assert mid.saved_bytes == at_end.saved_bytes and fw_end.code.count("ao.offload") == fw_mid.code.count("ao.offload")
