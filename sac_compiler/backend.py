@@ -445,8 +445,8 @@ def make_matmul_workspaces(device: torch.device) -> int:
     their bytes, so that :func:`outside_bytes` counts them: the caching allocator holds one per
     thread and stream (32 MiB each on an H100 or H200; a linear with a bias uses cuBLASLt's own
     as well), and a step has two threads, the caller's for forward and autograd's device thread
-    for backward. A first step would otherwise add them
-    to its own peak unplanned. Nothing is made while a CUDA graph is captured."""
+    for backward. A first step would otherwise add them to its own peak unplanned. Nothing is
+    made while a CUDA graph is captured."""
     if torch.cuda.is_current_stream_capturing():
         return 0
     if torch.are_deterministic_algorithms_enabled() and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):

@@ -195,7 +195,6 @@ def allocator_live_at_peak(snapshot: Mapping[str, Any], device: int = 0,
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
     peak_index = -1
-    peak_blocks: list[tuple[int, str]] = []
     events = [e for e in traces[device] if e["action"] in ("alloc", "free_completed")]
     # a first pass finds the peak; the second lists what lives there (one copy of the live set)
     for i, e in enumerate(events):
@@ -209,8 +208,7 @@ def allocator_live_at_peak(snapshot: Mapping[str, Any], device: int = 0,
             live[int(e["addr"])] = (size, name(e.get("frames") or []))
         else:
             live.pop(int(e["addr"]), None)
-    peak_blocks = sorted(live.values(), key=lambda b: -b[0])
-    return peak, peak_index, peak_blocks
+    return peak, peak_index, sorted(live.values(), key=lambda b: -b[0])
 
 
 def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,
