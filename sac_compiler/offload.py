@@ -194,6 +194,12 @@ def reloads_placeable() -> bool:
     return getattr(getattr(torch.ops, "ao", None), "reload", None) is not None
 
 
+def waits_mid_forward() -> bool:
+    """Whether the forward waits for each copy where it is expected to be done
+    (``place_offload_waits`` moves the ``ao.wait_tensor`` ops of torch 2.13), rather than at its end."""
+    return reloads_placeable() and getattr(getattr(torch.ops, "ao", None), "wait_tensor", None) is not None
+
+
 def reload_anchors(analysis: Any, offload: Mapping[str, int]) -> dict[str, str]:
     """For a plan's reload starts (value -> step), the backward op each reload is issued before: the
     op of that step in the joint graph (step ``t >= 1`` is the backward's ``t``-th op)."""
@@ -291,8 +297,16 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
         forward_peak = max(end, inside)
     else:
         forward_peak = None
+    # where the forward waits for each copy once it is done (place_offload_waits), the values whose
+    # copies finish before the peak's op starts are gone there
+    forward_peak_ms = None
+    if forward_peak is not None and fb > 0 and waits_mid_forward():
+        peak_node = nodes[max(range(fb), key=lambda j: sim.step_peaks[j])]
+        own = (get_record(peak_node).runtime_ms or 0.0) if peak_node.op == "call_function" else 0.0
+        forward_peak_ms = min(forward_ms, max(0.0, done_at[peak_node] - own))
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
-                          bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak)
+                          bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak,
+                          forward_peak_ms=forward_peak_ms)
 
 
 def _forward_done_at(analysis: Any) -> dict[fx.Node, float]:
@@ -310,12 +324,15 @@ def _forward_done_at(analysis: Any) -> dict[fx.Node, float]:
 def wait_anchors(analysis: Any, problem: Any, offloaded: Iterable[str]) -> dict[str, str]:
     """For each offloaded value, the forward op after which its copy to the host has finished: the
     copies run on one stream, first in, first out, each from the time its value's last forward
-    reader has run (``problem.ready_ms``) and for ``bytes / problem.bandwidth``; the op is the first
+    reader has run (``problem.ready_ms``; candidate order at a tie, as the offload program and its
+    replay order them) and for ``bytes / problem.bandwidth``; the op is the first
     whose compute ends at or after that. The forward waits for the copy there
     (``place_offload_waits``) and frees the value, instead of at its end. A value whose copy the
     forward's compute cannot hide has no op: its wait stays at the end."""
     sizes = {c.name: c.nbytes for c in problem.savings.candidates}
-    order = sorted((problem.ready_ms[name], name) for name in offloaded if name in problem.ready_ms)
+    index = {c.name: i for i, c in enumerate(problem.savings.candidates)}
+    order = [(problem.ready_ms[name], name) for name in sorted(
+        (n for n in offloaded if n in problem.ready_ms), key=lambda n: (problem.ready_ms[n], index[n]))]
     done_at = [(t, node.name) for node, t in _forward_done_at(analysis).items() if node.op == "call_function"]
     anchors: dict[str, str] = {}
     free_at = 0.0  # when the copy stream is next free
@@ -468,12 +485,15 @@ def _measure_link(device: torch.device, nbytes: int = 64 * 2**20, repeats: int =
     return nbytes / sorted(times)[len(times) // 2]
 
 
-def offloaded_simulation(sim: Any, problem: Any, offload: Mapping[str, int]) -> Any:
+def offloaded_simulation(sim: Any, problem: Any, offload: Mapping[str, int],
+                         freed_after: Mapping[str, int] | None = None) -> Any:
     """The joint-graph simulation ``sim`` (of a plan's recomputation) with ``offload`` (value ->
     reload start on the savings program's step axis) applied as the partitioned graphs run it: an
     offloaded value is on the device through the forward (its copy finishes by the forward's end,
     where the forward waits for it), gone from the end of forward, and allocated again from the
-    backward step its reload starts at (step ``s`` is the backward's ``s``-th op)."""
+    backward step its reload starts at (step ``s`` is the backward's ``s``-th op). ``freed_after``:
+    value -> the forward step (node index) after which the forward waits for its copy
+    (``wait_anchors``): gone from the next step."""
     if not offload:
         return sim
     nbytes = {c.name: c.nbytes for c in problem.candidates}
@@ -482,6 +502,10 @@ def offloaded_simulation(sim: Any, problem: Any, offload: Mapping[str, int]) -> 
     for name, start in offload.items():
         for j in range(fb, min(fb + start - 1, len(steps))):
             steps[j] -= nbytes[name]
+    for name, after in (freed_after or {}).items():
+        if name in offload:
+            for j in range(after + 1, min(fb, len(steps))):
+                steps[j] -= nbytes[name]
     end = sim.end_of_forward_bytes - sum(nbytes[name] for name in offload)
     from sac_compiler.plan_graph import _after_graph
 
@@ -528,7 +552,12 @@ def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, optio
                 plan = solve_offload_plan(with_budget(offload_problem, target), options)
         except (InfeasibleError, NoSolutionError):
             return None
-        sim = offloaded_simulation(simulate(plan.recompute), problem, plan.offload)
+        freed_after: dict[str, int] = {}
+        if waits_mid_forward():
+            position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
+            freed_after = {name: position[op] for name, op in
+                           wait_anchors(analysis, offload_problem, plan.offload).items()}
+        sim = offloaded_simulation(simulate(plan.recompute), problem, plan.offload, freed_after)
         if sim.peak_bytes <= goal:
             time_ms = plan_time_ms(problem, plan.recompute, plan.kept_for_recompute) + plan.stall_ms
             return OffloadChoice(plan, sim, offload_problem, time_ms)
@@ -553,6 +582,7 @@ __all__ = [
     "reload_anchors",
     "reloads_placeable",
     "wait_anchors",
+    "waits_mid_forward",
     "partitioner_config",
     "plan_offload",
     "tag_offload",

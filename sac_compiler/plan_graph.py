@@ -949,7 +949,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     tag_graph(analysis.graph.gm, plan.recompute)
     result.offload = None
     if offload is not None:
-        from sac_compiler.offload import reload_anchors, tag_offload, wait_anchors
+        from sac_compiler.offload import reload_anchors, tag_offload, wait_anchors, waits_mid_forward
 
         tag_offload(analysis.graph.gm, offload.plan.offload, analysis.graph.num_fwd_outputs)
         result.offload = OffloadedValues(
@@ -959,7 +959,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             reload_before=reload_anchors(analysis, offload.plan.offload),
             bandwidth=offload.problem.bandwidth, stall_ms=offload.plan.stall_ms,
             recompute_only_ms=offload.recompute_only_ms,
-            wait_after=wait_anchors(analysis, offload.problem, offload.plan.offload))
+            wait_after=(wait_anchors(analysis, offload.problem, offload.plan.offload)
+                        if waits_mid_forward() else {}))
     log.info("sac plan: budget %s, baseline peak %s, simulated %s, %d values recomputed (%.3f ms), %d offloaded "
              "(%s), %s in %.2f s", format_bytes(budget), format_bytes(result.baseline_peak or 0),
              format_bytes(result.predicted_peak), len(plan.recompute), plan.recompute_ms,

@@ -33,11 +33,12 @@ EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
 
 
 def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None,
-             forward_peak=None):
+             forward_peak=None, forward_peak_ms=None):
     savings = SavingsProblem(candidates=tuple(candidates), baseline=tuple(b * MiB for b in baseline), budget=budget * MiB)
     return OffloadProblem(savings=savings, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready_ms,
                           bandwidth=bandwidth, host_budget=host_budget,
-                          forward_peak=None if forward_peak is None else forward_peak * MiB)
+                          forward_peak=None if forward_peak is None else forward_peak * MiB,
+                          forward_peak_ms=forward_peak_ms)
 
 
 def _checked(problem):
@@ -93,11 +94,11 @@ def _brute_force(problem):
 # is over 400 MiB on steps 0-2 only, so a reload that starts at step 3 covers it, with step 3's
 # 1 ms of compute to hide the copy in.
 
-def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None):
+def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None, forward_peak_ms=None):
     x = Candidate("x", 100 * MiB, cost_ms, first_use=4, last_use=4)
     return _problem([x], [500, 500, 500, 380, 380, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
                     ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget,
-                    forward_peak=forward_peak)
+                    forward_peak=forward_peak, forward_peak_ms=forward_peak_ms)
 
 
 def test_keep_when_the_budget_allows():
@@ -149,6 +150,20 @@ def test_offload_does_not_lower_the_forwards_own_peak():
     # a forward peak under the budget changes nothing
     plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=390))
     assert dict(plan.offload) == {"x": 3}
+
+
+def test_waits_mid_forward_let_offload_lower_the_forwards_own_peak():
+    """Where the forward waits for each copy once the stream has finished it, a value whose copy
+    (ready at 2 ms, 0.52 ms at 200 GB/s) is done before the forward's peak op starts is gone there:
+    offloading it lowers that peak, and beats recomputing it (2 ms)."""
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=5.0))
+    assert dict(plan.offload) == {"x": 3} and not plan.recompute
+    assert run.forward_peak_bytes == 380 * MiB and run.exposed_ms == 0.0
+    # the peak's op starts before the copy is done (2.3 ms < 2.52 ms): only recomputation helps
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=2.3))
+    assert plan.recompute == {"x"} and not plan.offload
+    with pytest.raises(ValueError, match="forward_peak_ms"):
+        _one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=11.0)
 
 
 def test_no_plan_under_what_neither_choice_reaches():
@@ -219,6 +234,37 @@ def _random_problem(rng):
     host = rng.choice([None, None, 100 * MiB])
     forward_peak = rng.choice([None, baseline[0] + rng.randint(0, 100)])
     return _problem(cands, baseline, step_ms, forward_ms, ready, bandwidth, budget, host, forward_peak)
+
+
+def _random_mid_forward_problem(rng):
+    """A random problem with a forward peak over the end of forward, and waits mid-forward."""
+    problem = _random_problem(rng)
+    peak = problem.savings.baseline[0] + rng.randint(10, 200) * MiB
+    return dataclasses.replace(problem, forward_peak=peak, forward_peak_ms=round(rng.uniform(0.5, 6.0), 3))
+
+
+_MID_FORWARD_SEEDS = range(1000, 1024)
+
+
+def test_the_random_mid_forward_problems_exercise_the_values_freed_mid_forward():
+    """Among the problems below, waiting mid-forward changes the best plan (by brute force) in some."""
+    changed = 0
+    for seed in _MID_FORWARD_SEEDS:
+        problem = _random_mid_forward_problem(random.Random(seed))
+        changed += _brute_force(problem) != _brute_force(dataclasses.replace(problem, forward_peak_ms=None))
+    assert changed >= 2
+
+
+@pytest.mark.parametrize("seed", _MID_FORWARD_SEEDS)
+def test_random_problems_with_waits_mid_forward_match_brute_force_and_the_replay(seed):
+    problem = _random_mid_forward_problem(random.Random(seed))
+    best = _brute_force(problem)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve_offload_plan(problem, EXACT)
+        return
+    plan, run = _checked(problem)
+    assert run.time_ms == pytest.approx(best, abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -685,3 +731,30 @@ def test_the_forward_waits_for_each_copy_mid_forward_and_frees_the_value_there()
     assert moved and all(freed[name] < freed_at_end[name] for name in moved)
     # what the forward hands to the backward is the same: the host copies
     assert mid.saved_bytes == at_end.saved_bytes and fw_end.code.count("ao.offload") == fw_mid.code.count("ao.offload")
+
+
+def test_the_problem_knows_when_the_forwards_peak_op_starts_where_waits_move(monkeypatch):
+    """Where the forward waits mid-forward, the problem carries the time the forward's peak op starts
+    (the copies finished by then count as freed there); where it waits at its end, none."""
+    _, _, result, problem, _ = _graph()
+    monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: True)
+    off = _offload_problem(result, problem)
+    assert off.forward_peak is not None
+    assert 0.0 <= off.forward_peak_ms <= off.forward_ms
+    monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: False)
+    assert _offload_problem(result, problem).forward_peak_ms is None
+
+
+def test_the_exact_check_frees_an_offloaded_value_after_its_wait():
+    """``offloaded_simulation``: a value whose wait follows forward step j is gone from step j + 1 to
+    its reload; before that, and without a wait mid-forward, it is there through the forward."""
+    _, _, result, problem, _ = _graph()
+    sim = result.analysis.memory
+    fb = sim.first_backward
+    value = next(c for c in problem.candidates if c.first_use and c.first_use > 1)
+    at_end = offload_mod.offloaded_simulation(sim, problem, {value.name: 1})
+    after = fb - 3
+    mid = offload_mod.offloaded_simulation(sim, problem, {value.name: 1}, {value.name: after})
+    assert mid.step_peaks[:after + 1] == at_end.step_peaks[:after + 1] == sim.step_peaks[:after + 1]
+    assert all(m == e - value.nbytes for m, e in zip(mid.step_peaks[after + 1:fb], at_end.step_peaks[after + 1:fb]))
+    assert mid.step_peaks[fb:] == at_end.step_peaks[fb:] and mid.end_of_forward_bytes == at_end.end_of_forward_bytes

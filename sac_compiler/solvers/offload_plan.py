@@ -92,6 +92,10 @@ class OffloadProblem:
         forward_peak: live bytes at the forward's own peak with everything kept, when it is above
             the end of forward (``savings.baseline[0]``, after the forward's waits for its copies):
             offloaded values are still on the device there. None: no such peak.
+        forward_peak_ms: the forward time at which the op of that peak starts, where the forward
+            waits for each copy once the copy stream has finished it (torch's ``ao`` ops, waits
+            placed by ``offload.place_offload_waits``): a value whose copy finishes by then is
+            freed before the peak. None: the forward waits for its copies at its end only.
     """
 
     savings: SavingsProblem
@@ -101,6 +105,7 @@ class OffloadProblem:
     bandwidth: float = 48e9
     host_budget: int | None = None
     forward_peak: int | None = None
+    forward_peak_ms: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.step_ms) != len(self.savings.baseline):
@@ -115,6 +120,9 @@ class OffloadProblem:
             raise ValueError(f"ready_ms names values that are not candidates: {unknown[:8]}")
         if self.host_budget is not None and self.host_budget < 0:
             raise ValueError(f"host_budget must be >= 0 bytes or None, got {self.host_budget!r}")
+        if self.forward_peak_ms is not None and not 0 <= self.forward_peak_ms <= self.forward_ms:
+            raise ValueError(f"forward_peak_ms must be within the forward's [0, {self.forward_ms}] ms, "
+                             f"got {self.forward_peak_ms!r}")
 
     def copy_ms(self, nbytes: int) -> float:
         """Time the link takes to move ``nbytes`` one way."""
@@ -261,7 +269,7 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
                 for n in group:
                     m += run >= xsum(s * o[n, s] for s in reload_starts(problem, n))
                 previous = (run, d)
-        state.update(o=o, stall=stall, offloaded_mib=offloaded_mib)
+        state.update(o=o, stall=stall, offloaded_mib=offloaded_mib, chosen=chosen)
 
     model, r, kept, rows, reach = _build(savings, options, "offload_plan", extend=extend)
     need = savings.need
@@ -281,7 +289,11 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
             raise InfeasibleError(
                 f"offload_plan: the forward's peak is {problem.forward_peak - savings.budget} bytes over budget "
                 "and no recomputation lowers it; raise the budget")
-        model += recomputed_mib >= _mib(problem.forward_peak - savings.budget)
+        # with waits mid-forward, a value whose copy the stream has finished by the peak's op is
+        # gone there: f_v (offloaded and finished by then) counts its bytes
+        freed = _freed_by_forward_peak(model, problem, names, by_name, state["chosen"])
+        model += recomputed_mib + xsum(_mib(by_name[n].nbytes) * f for n, f in freed.items()) >= \
+            _mib(problem.forward_peak - savings.budget)
     model.objective = _time_objective(savings, r, kept) + xsum(stall.values()) + \
         xsum(_OFFLOAD_TIE_BREAK_MS * by_name[n].nbytes * var for (n, _), var in o.items())
     outcome = solve(model, options)
@@ -297,6 +309,37 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
         recompute_ms=sum(by_name[n].cost_ms for n in recompute), stall_ms=stall_ms,
         host_bytes=sum(by_name[n].nbytes for n in offload), status=outcome.status, gap=outcome.gap,
         solve_s=elapsed, n_vars=outcome.num_vars, n_constraints=outcome.num_constraints)
+
+
+def _freed_by_forward_peak(model: Any, problem: OffloadProblem, names: list[str], by_name: Mapping[str, Any],
+                           chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """Binaries ``f_v``: value ``v`` is offloaded and its copy has finished by ``forward_peak_ms``.
+
+    The copies run first in, first out, in the order of their ready times (candidate order at a
+    tie); the copy of ``v`` finishes at the largest, over ready times ``a``, of ``a`` plus the copy
+    times of the offloaded values from ``a`` up to ``v`` in that order (a single machine with
+    release times). Each such sum is bounded by ``forward_peak_ms`` where ``f_v`` is 1."""
+    deadline = problem.forward_peak_ms
+    if deadline is None:
+        return {}
+    index = {c.name: i for i, c in enumerate(problem.savings.candidates)}
+    key = {n: (problem.ready_ms[n], index[n]) for n in names}
+    copy = {n: problem.copy_ms(by_name[n].nbytes) for n in names}
+    big = sum(copy.values()) + max(problem.ready_ms[n] for n in names) if names else 0.0
+    freed: dict[str, Any] = {}
+    for v in names:
+        if problem.ready_ms[v] + copy[v] > deadline:
+            continue
+        f = model.add_var(name=f"f_{index[v]}", var_type=BINARY)
+        model += f <= chosen[v]
+        for a in sorted({problem.ready_ms[u] for u in names if key[u] <= key[v]}):
+            ahead = [u for u in names if problem.ready_ms[u] >= a and key[u] <= key[v]]
+            most = a + sum(copy[u] for u in ahead)
+            if most <= deadline:
+                continue
+            model += a + xsum(copy[u] * chosen[u] for u in ahead) <= deadline + big * (1 - f)
+        freed[v] = f
+    return freed
 
 
 def with_budget(problem: OffloadProblem, budget: int) -> OffloadProblem:

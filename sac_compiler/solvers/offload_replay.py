@@ -7,7 +7,9 @@ emitted graphs would:
 * forward: each offloaded value's copy to the host is issued once its last forward read has run,
   onto one copy stream (first in, first out). The compute stream waits at the end of forward for
   every copy still running (exposed forward time), and then frees the device copies: at the
-  forward's own peak (``forward_peak``) they are all still there;
+  forward's own peak (``forward_peak``) they are all still there, unless the forward waits for
+  each copy once it has finished (``forward_peak_ms``): then those finished by the peak's op are
+  gone there;
 * backward, at each step ``t``: the reloads that start at ``t`` are issued onto the copy stream (in
   the order of their first reads), the reload buffer is allocated; then the compute stream waits
   for every reload read at ``t`` (exposed backward time), then the step's compute runs;
@@ -89,9 +91,10 @@ def replay(problem: OffloadProblem, recompute: Iterable[str] = (), kept: Iterabl
     events: list[tuple[float, int]] = []  # (time, host bytes +/-) for the host peak
     # forward: one FIFO copy stream, copies in the order their last forward reads run
     stream = 0.0
+    finished: dict[str, float] = {}
     for name in sorted(offload, key=lambda n: (problem.ready_ms.get(n, problem.forward_ms), order[n])):
         begin = max(stream, problem.ready_ms.get(name, problem.forward_ms))
-        stream = begin + copy_ms(name)
+        stream = finished[name] = begin + copy_ms(name)
         events.append((begin, cands[name].nbytes))
     forward_stall = max(0.0, stream - problem.forward_ms)
 
@@ -119,6 +122,9 @@ def replay(problem: OffloadProblem, recompute: Iterable[str] = (), kept: Iterabl
     # the forward's peak, before its waits: the offloaded values are there, the recomputed ones are
     # gone as far as the savings model has them gone at step 0
     forward_peak = None if problem.forward_peak is None else problem.forward_peak - saved[0]
+    if forward_peak is not None and problem.forward_peak_ms is not None:
+        # waits mid-forward: a copy finished by the peak's op has been waited for, its value freed
+        forward_peak -= sum(cands[n].nbytes for n, t in finished.items() if t <= problem.forward_peak_ms)
     host = peak_host = 0
     for _, delta in sorted(events, key=lambda e: (e[0], -e[1])):  # at a tie, count the allocation first
         host += delta
