@@ -9,7 +9,9 @@ An offloaded value is copied to pinned host memory after its last forward read a
   forward must finish by the end of forward's compute (an offload whose copy the forward's
   remaining compute cannot hide is not offered), so the value is gone at step 0 (the end of
   forward, after those waits) but still there at the forward's own peak (``forward_peak``), where
-  only recomputation helps;
+  only recomputation helps, unless the forward waits for each copy once the stream has finished
+  it (``forward_peak_ms``, torch's ``ao`` ops): then a value whose copy is done before the peak's
+  op starts is gone there too;
 * its reload starts at a step ``s`` the program chooses, ``1 <= s <= first_use``; the value is
   allocated again from ``s`` (the reload's buffer) until its last backward read, as if kept. It saves
   its bytes on the prefix ``[0, s)``, as a recomputed value saves them up to its first read.
