@@ -339,6 +339,16 @@ class BudgetEnforcer:
         most = self.extra_bytes - (need - self.budget_bytes)
         return most if most > running_extra else None
 
+    def _report(self, result: Any) -> None:
+        """With ``report`` set, the plan's report again, now with what the step measured beside
+        what was predicted (the peak, the outputs the caller held, the caller's loss)."""
+        config = getattr(self.partitioner, "config", None)
+        if config is None or not config.report or getattr(result, "plan", None) is None:
+            return
+        from sac_compiler.report import write_report
+
+        write_report(result, config.report)
+
     def _between(self) -> int | None:
         """What the next plan counts between forward and backward (``loss_memory``): the caller's
         loss as measured (else as configured) and the room later graphs of the step asked for;
@@ -397,6 +407,7 @@ class BudgetEnforcer:
         self.predicted.append(predicted_bytes)
         if result is not None:
             result.measured_peak = peak
+            self._report(result)
         if peak is None:
             log.info("sac: the step did not raise the allocator's high-water mark (%s): its peak is at most that",
                      format_bytes(before))

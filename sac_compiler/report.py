@@ -74,6 +74,9 @@ def format_plan(result: Any) -> str:
         rows.append(("measured peak of a step", format_bytes(result.measured_peak)))
     if getattr(result, "caller_held_bytes", None):
         rows.append(("outputs the caller held through backward", format_bytes(result.caller_held_bytes)))
+    if getattr(result, "measured_loss_memory", None):
+        rows.append(("the caller's loss between forward and backward (measured)",
+                     format_bytes(result.measured_loss_memory)))
     if result.saved_by_partition:
         rows.append(("values the partitioner saved", str(len(result.saved_by_partition))))
         rows.append(("saved although the plan recomputes them", ", ".join(result.unplanned_saves) or "none"))

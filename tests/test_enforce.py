@@ -434,6 +434,35 @@ def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_co
     assert first.last_result.measured_loss_memory == loss
 
 
+def test_the_report_shows_what_the_step_measured_beside_the_prediction(capsys):
+    """With ``report`` set, the report is written again once a step is measured: the measured
+    peak beside the simulated one, and the caller's loss between forward and backward."""
+    from sac_compiler.config import format_bytes
+
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    loss = (budget - span.smallest_budget) // 4
+    end = budget - loss // 2
+    readings = _StepReadings([(end, end, end + loss, end + loss), (end - loss, end, end, end)])
+
+    def backend(gm, inputs):
+        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager",
+                                                                 "report": True}),
+                             read_peak=readings.peak, read_allocated=readings.allocated)
+
+    _steps(model, x, backend, 4)
+    out = capsys.readouterr().out
+    # the first plan's measured step (over the budget, at the caller's loss), then the replan's
+    measured = re.findall(r"measured peak of a step +(\S+ \S+)", out)
+    assert measured == [format_bytes(end + loss), format_bytes(end)]
+    assert re.findall(r"the caller's loss between forward and backward \(measured\) +(\S+ \S+)", out) == [
+        format_bytes(loss)]
+    # each measured report also has the prediction: written at each plan and after each measured step
+    assert out.count("simulated peak of the partitioned graphs") >= 4
+
+
 def test_a_loss_no_plan_leaves_room_for_is_an_error_naming_it():
     """The caller's loss measured larger than anything the graph can give up: the error names the
     step's measured peak and the loss it could not make room for (not a size of zero)."""
