@@ -303,7 +303,7 @@ def annotate_memory(
 
     if recomputed is None:
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
-    runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target_device).items()}
+    runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target_device, "far_addmm_apart" in rules).items()}
                if "addmm_fold" in rules else {})
     transients = transient_buffers(nodes, index, runs_at, device, rules)
     for mm in runs_at:

@@ -223,6 +223,10 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "or more than 4 with several readers (its realize thresholds).", _BOTH, True),
     Rule("addmm_fold", "Inductor's post-grad pattern turns add(mm(a, b), c) into one addmm at the add: the "
          "product is no buffer and the matmul runs there.", _BOTH, True),
+    Rule("far_addmm_apart", "The backend keeps a matmul apart from a later add Inductor would fold it into "
+         "(addmm_fold) where the fold would keep the matmul's operands alive past their other readers for more "
+         "bytes than the product (a tied embedding's logits gradient through the whole backward): the matmul "
+         "runs where the graph has it (backend.unfold_far_addmm).", _BOTH, True),
     Rule("recompute_chain_kernel", "Inductor rebuilds a connected chain of recomputed pointwise values in one "
          "kernel, before the first of them is needed, after the recomputed values it reads.", _BOTH, True),
     Rule("random_drawn_in_chain", "A recomputed random draw only a rebuild chain reads is drawn inside the "
@@ -277,6 +281,13 @@ def rules_disabled(*names: str) -> Iterator[None]:
         yield
     finally:
         _DISABLED.reset(token)
+
+
+def rule_on(name: str) -> bool:
+    """Whether rule ``name`` is on here (not left out by :func:`rules_disabled`): for the code that
+    emits what a rule imitates, so that the two stay one."""
+    _checked([name])  # an unknown name is an error
+    return name not in _DISABLED.get()
 
 
 def enabled_rules(simulation: str, fused_pointwise: bool, disabled: Iterable[str] = ()) -> frozenset[str]:

@@ -7,7 +7,7 @@ them; each function names its rule.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -444,13 +444,61 @@ def attention_bias_copy(node: fx.Node, device: torch.device | str | None) -> int
     return round_allocation(size_hint(val.numel()) * val.element_size(), device)
 
 
-def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
+def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None,
+                   keep_far_apart: bool = True) -> dict[fx.Node, fx.Node]:
     """Matmuls Inductor folds into a later add: ``add(mm(a, b), c)`` becomes ``addmm(c, a, b)``
     (its post-grad ``addmm`` pattern: the mm's only reader, ``c`` a tensor of the operands' dtype
     that broadcasts to the product, and, on a GPU, not when every reader of the sum is pointwise).
     The matmul then runs where the add is: on the seed Transformer's tied embedding, the output
     layer's weight gradient moves from the start of backward to its end, and its operands live
-    until then. Returns each such mm and its add (the ``addmm_fold`` rule)."""
+    until then. Returns each such mm and its add (the ``addmm_fold`` rule), less, with
+    ``keep_far_apart``, the folds the backend keeps apart (:func:`far_addmm_folds`, the
+    ``far_addmm_apart`` rule)."""
+    candidates = _addmm_candidates(nodes, device)
+    far = _far(candidates, nodes) if keep_far_apart else set()
+    return {mm: add for mm, add in candidates.items() if mm not in far}
+
+
+def far_addmm_folds(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
+    """The folds of :func:`inductor_addmm` that would keep the matmul's operands alive past their
+    other readers, up to the add, for more bytes than the product holds there unfolded: a tied
+    embedding's output-layer gradient, read at the start of backward and added to the embedding's
+    at its end, would keep the logits' gradient (tokens x vocabulary) through the whole backward.
+    The backend keeps these apart (``backend.unfold_far_addmm``): the matmul runs where the graph
+    has it, and its operands are freed there."""
+    candidates = _addmm_candidates(nodes, device)
+    far = _far(candidates, nodes)
+    return {mm: add for mm, add in candidates.items() if mm in far}
+
+
+def _far(candidates: Mapping[fx.Node, fx.Node], nodes: list[fx.Node]) -> set[fx.Node]:
+    if not candidates:
+        return set()
+    index = {n: i for i, n in enumerate(nodes)}
+    owner = storage_owners(nodes)
+    readers: dict[fx.Node, list[int]] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            readers.setdefault(owner.get(arg, arg), []).append(index[node])
+    far = set()
+    for mm, add in candidates.items():
+        held = 0
+        for arg in mm.args[:2]:
+            base = owner.get(arg, arg) if isinstance(arg, fx.Node) else None
+            if base is None or base.op != "call_function":  # graph inputs: not the graph's to free
+                continue
+            other = max((i for i in readers.get(base, []) if i != index[mm]), default=index[mm])
+            val = base.meta.get("val")
+            if other < index[add] and isinstance(val, torch.Tensor):
+                held += size_hint(val.numel()) * val.element_size()
+        out = mm.meta.get("val")
+        product = size_hint(out.numel()) * out.element_size() if isinstance(out, torch.Tensor) else 0
+        if held > product:
+            far.add(mm)
+    return far
+
+
+def _addmm_candidates(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
     on_gpu = device is not None and torch.device(device).type == "cuda"
     moved: dict[fx.Node, fx.Node] = {}
     for node in nodes:

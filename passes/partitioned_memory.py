@@ -186,7 +186,7 @@ def _run_graph(
     if "column_reduction_order" in rules:
         nodes = column_reductions_scheduled(nodes, owner, lambda n: sizes.get(n, 0) > 0 or n.op == "placeholder")
     index = {n: i for i, n in enumerate(nodes)}
-    runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target).items()}
+    runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target, "far_addmm_apart" in rules).items()}
                if "addmm_fold" in rules else {})
     transients = transient_buffers(nodes, index, runs_at, device, rules)
     for mm in runs_at:

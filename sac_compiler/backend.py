@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from sac_compiler.config import SACConfig, format_bytes
+from sac_compiler.passes.memory_model import rule_on
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,12 @@ class SACPartitioner(CustomPartitionerFn):
                 if placeable:
                     place_reloads(out[1], offload.reload_before)
                     place_offload_waits(out[0], offload.wait_after)
+            if self.config.compiler == "inductor" and rule_on("far_addmm_apart"):
+                from torch.utils._pytree import tree_leaves
+
+                device = next((x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
+                for graph in out:
+                    unfold_far_addmm(graph, device)
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -438,6 +445,39 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
             storage = x.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
+
+
+def unfold_far_addmm(gm: fx.GraphModule, device: torch.device | str | None) -> list[str]:
+    """Keep apart the matmul-and-add pairs Inductor would fold although the fold keeps the matmul's
+    operands alive long past their other readers (``memory_rules.far_addmm_folds``): each such
+    ``add(mm(a, b), c)`` is written ``sub(c, neg(mm(a, b)))``, exactly the same sum (IEEE negation
+    is exact, and ``c - (-p)`` is ``c + p``), which Inductor's ``addmm`` pattern does not match and
+    fuses into one pointwise kernel after the matmul. Returns the adds rewritten."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from sac_compiler.passes.memory_rules import far_addmm_folds
+
+    graph = gm.graph
+    done = []
+    for mm, add in far_addmm_folds(list(graph.nodes), device).items():
+        other = add.args[1] if add.args[0] is mm else add.args[0]
+        vals = (mm.meta.get("val"), other.meta.get("val") if isinstance(other, fx.Node) else None)
+        if not all(isinstance(v, FakeTensor) for v in vals):
+            continue
+        mode = vals[0].fake_mode
+        with graph.inserting_before(add):
+            neg = graph.call_function(torch.ops.aten.neg.default, (mm,))
+            sub = graph.call_function(torch.ops.aten.sub.Tensor, (other, neg))
+        with mode:
+            neg.meta["val"] = torch.ops.aten.neg.default(vals[0])
+            sub.meta["val"] = torch.ops.aten.sub.Tensor(vals[1], neg.meta["val"])
+        add.replace_all_uses_with(sub)
+        done.append(add.name)
+        graph.erase_node(add)
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
 
 
 def make_matmul_workspaces(device: torch.device) -> int:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from sac_compiler.passes.memory_model import rule_on
+
 FORMAT = 1
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -40,6 +42,8 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
         "forward_names": sorted(args["forward_names"]),
         "hold_outputs": args["hold_outputs"],
         "loss_memory": args["loss_memory"],
+        # the emission kept far matmul-and-add folds apart (records before it: Inductor folded them)
+        "far_addmm_apart": rule_on("far_addmm_apart"),
         "static_bytes": result.analysis.memory.static_bytes,
         "outside_bytes": result.outside_bytes,
         "budget_bytes": result.budget_bytes,
@@ -69,12 +73,21 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
 
         with mode:
             fw, bw = in_inductor_order(fw, backward=False), in_inductor_order(bw, backward=True)
-    with _rules_off(inductor_order):
+    with _rules_off(inductor_order), _as_emitted(record):
         return simulate_partitioned(
             fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
             record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines,
             hold_outputs=record.get("hold_outputs", False),  # records before the option: dropped outputs
             loss_memory=record.get("loss_memory", 0))
+
+
+def _as_emitted(record: dict[str, Any]) -> Any:
+    """The rules that follow what the backend emitted, as the record says it was emitted."""
+    import contextlib
+
+    from sac_compiler.passes.memory_model import rules_disabled
+
+    return contextlib.nullcontext() if record.get("far_addmm_apart", False) else rules_disabled("far_addmm_apart")
 
 
 def _rules_off(inductor_order: bool) -> Any:

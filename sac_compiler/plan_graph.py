@@ -45,6 +45,7 @@ from sac_compiler.passes.annotate_ops import (
     is_pointwise_op,
 )
 from sac_compiler.passes.annotate_runtime import achieved_seconds
+from sac_compiler.passes.memory_model import rule_on
 from sac_compiler.passes.record import Side, get_record, size_hint
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def build_plan_problem(
 
     # Non-alias reads of every allocation, through its aliases, where the reading op runs (a
     # matmul Inductor folds into a later add runs there).
-    runs_at = {mm: index[add] for mm, add in inductor_addmm(nodes, analysis.graph.target_device).items()} \
+    runs_at = {mm: index[add] for mm, add in inductor_addmm(nodes, analysis.graph.target_device,
+                                                           rule_on("far_addmm_apart")).items()} \
         if fused_pointwise else {}
     reads: dict[fx.Node, list[int]] = {}
     for node in nodes:

@@ -75,6 +75,56 @@ def test_inductor_route_matches_plain_torch_compile_with_dropout():
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.inductor
+def test_inductor_route_keeps_a_tied_embeddings_gradient_matmul_where_it_runs():
+    """A tied embedding: the output layer's weight gradient (a matmul at the start of backward) is
+    added to the embedding's at the end. Inductor would fold the two into one addmm there and keep
+    the logits' gradient alive through the backward; the backend writes the add as an exact
+    subtraction instead (``unfold_far_addmm``). Gradients equal eager's, to Inductor's rounding."""
+    from sac_compiler.passes.memory_rules import far_addmm_folds
+
+    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.config import SACConfig
+
+    class WithLoss(torch.nn.Module):
+        """The loss inside the compiled function: the logits' gradient is computed in the graph."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = tiny_transformer(dropout_p=0.0)
+
+        def forward(self, tokens, targets):
+            return torch.nn.functional.cross_entropy(self.lm(tokens).flatten(0, 1), targets.flatten())
+
+    torch.manual_seed(0)
+    model = WithLoss()
+    # 128 tokens: the logits' gradient (128 x 64) outweighs the tied weight's (64 x 32)
+    tokens, targets = torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16))
+    ref_out, ref_grads = _run(model, (tokens, targets))
+    graphs = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            graphs.append(out)
+            return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, SACConfig(),
+                                                                           partitioner_cls=Recording))
+    out, grads = _run(model, (tokens, targets), compiled)
+    # Inductor's fused kernels round differently from eager's (fp32, values of order 1)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    (fw, bw), = graphs
+    nodes = list(bw.graph.nodes)
+    assert far_addmm_folds(nodes, "cpu") == {}
+    negated = [n for n in nodes if n.target is torch.ops.aten.neg.default
+               and n.args[0].target is torch.ops.aten.mm.default]
+    assert negated and all(u.target is torch.ops.aten.sub.Tensor for n in negated for u in n.users)
+
+
 def test_report_prints_the_analysis(capsys):
     model = Nested()
     compiled = torch.compile(model, backend="sac", options={"compiler": "eager", "report": True})

@@ -356,6 +356,68 @@ def test_rule_addmm_fold():
     assert joint[("addmm_fold",)].peak_bytes == static + big_and_sum + 64 * 64 * 4
 
 
+def _far_fold_graph():
+    """``g`` (computed, 1 MiB) read by two matmuls; one, ``w_grad`` (256 KiB), is added to ``c`` only
+    at the end, after a 1 MiB ``big``: folded into that add, it would keep ``g`` alive until then."""
+    graph, op, placeholder = _graph_builder()
+    x, h, w = placeholder("x", torch.empty(256, 1024)), placeholder("h", torch.empty(256, 64)), \
+        placeholder("w", torch.empty(1024, 64))
+    c, d = placeholder("c", torch.empty(1024, 64)), placeholder("d", torch.empty(512, 512))
+    g = op(aten.mul.Tensor, x, 2.0, val=torch.empty(256, 1024))
+    w_grad = op(aten.mm.default, op(aten.permute.default, g, [1, 0], val=torch.empty(1024, 256)), h,
+                val=torch.empty(1024, 64))
+    h_grad = op(aten.mm.default, g, w, val=torch.empty(256, 64))
+    big = op(aten.mm.default, d, d, val=torch.empty(512, 512))
+    small = op(aten.sum.default, big, val=torch.empty(()))
+    total = op(aten.add.Tensor, w_grad, c, val=torch.empty(1024, 64))
+    graph.output((total, h_grad, small))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), w_grad, total
+
+
+def test_rule_far_addmm_apart():
+    from sac_compiler.passes.memory_rules import far_addmm_folds, inductor_addmm
+
+    gm, w_grad, total = _far_fold_graph()
+    nodes = list(gm.graph.nodes)
+    assert far_addmm_folds(nodes, "cpu") == {w_grad: total}
+    assert inductor_addmm(nodes, "cpu") == {} and inductor_addmm(nodes, "cpu", keep_far_apart=False) == {w_grad: total}
+    outputs = {n.name for n in nodes[-1].all_input_nodes}
+    inputs = frozenset(n.name for n in nodes if n.op == "placeholder")
+    g_bytes, product = 256 * 1024 * 4, 1024 * 64 * 4
+    apart = _peak(gm, 0, outputs, static_storage=inputs)
+    folded = _peak(gm, 0, outputs, static_storage=inputs, off={"far_addmm_apart"})
+    # at `big`: apart, the product and h_grad live; folded, g (its gradient's operand) and h_grad
+    assert folded[0] - apart[0] == g_bytes - product
+    joint = {off: annotate_memory(gm, num_fwd_outputs=3, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off).peak_bytes for off in ((), ("far_addmm_apart",))}
+    assert joint[("far_addmm_apart",)] - joint[()] == g_bytes - product
+
+
+def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
+    """``unfold_far_addmm``: ``add(mm, c)`` becomes ``sub(c, neg(mm))``, which Inductor's addmm
+    pattern does not match; the sum is the same to the bit."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sac_compiler.backend import unfold_far_addmm
+
+    gm, _, total = _far_fold_graph()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype)
+    torch.manual_seed(0)
+    args = [torch.randn(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
+    want = gm(*args)
+    assert unfold_far_addmm(gm, "cpu") == [total.name]
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.add.Tensor not in targets and aten.sub.Tensor in targets and aten.neg.default in targets
+    got = gm(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert unfold_far_addmm(gm, "cpu") == []  # nothing left to keep apart
+
+
 def _chain_graph():
     """A backward reading a saved ``h``: ``r1 = h + 1`` for one matmul, ``r2 = r1 * 3`` (both
     recomputed) for a later one; between them a ``big`` temporary."""
