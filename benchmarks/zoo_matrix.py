@@ -83,6 +83,15 @@ def least_budget_cells(results: list[dict[str, Any]], base: dict[str, Any],
     return cells
 
 
+def _with_timelines(cells: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Give each cell a timeline (``--timeline``): OUT/timelines/CELL.png, and CELL.json beside it."""
+    for c in cells:
+        c["timeline"] = str(out / "timelines" / f"{cell_stem(c)}.png")
+    if cells:
+        (out / "timelines").mkdir(parents=True, exist_ok=True)
+    return cells
+
+
 def _cell_command(cell: dict[str, Any]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(cell)]
 
@@ -360,13 +369,16 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
             if "error" not in r:
                 cells.append(dict(base, model=r["model"], loop=r["loop"], strategy=r["strategy"]))
                 cells += at_peak_cells([r], base, dump)
-        done = _run_cells(cells, out, args.jobs)
+        done = _run_cells(_with_timelines(cells, out) if args.timeline else cells, out, args.jobs)
     else:
-        measured = _run_cells([dict(base, model=m, loop=loop, strategy=a)
-                               for m in args.models for loop in args.loops for a in args.anchors], out, args.jobs)
-        done = measured + _run_cells(at_peak_cells(measured, base, dump), out, args.jobs)
+        anchors = [dict(base, model=m, loop=loop, strategy=a) for m in args.models for loop in args.loops
+                   for a in args.anchors]
+        measured = _run_cells(_with_timelines(anchors, out) if args.timeline else anchors, out, args.jobs)
+        at_peaks = at_peak_cells(measured, base, dump)
+        done = measured + _run_cells(_with_timelines(at_peaks, out) if args.timeline else at_peaks, out, args.jobs)
     # sac refused at an anchor's peak: run it at the least budget the refusal names
-    return done + _run_cells(least_budget_cells(done, base, dump), out, args.jobs)
+    least = least_budget_cells(done, base, dump)
+    return done + _run_cells(_with_timelines(least, out) if args.timeline else least, out, args.jobs)
 
 
 def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:
@@ -425,10 +437,7 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
                            budget_bytes=int(result["static_bytes"] + f * result["extra_bytes"]))
                       for f in (args.fractions if args.offload else ())]
             if args.timeline:
-                for c in cells:
-                    name = cell_stem(c)
-                    c["timeline"] = str(out / "timelines" / f"{name}.png")
-                    (out / "timelines").mkdir(parents=True, exist_ok=True)
+                _with_timelines(cells, out)
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())

@@ -50,3 +50,29 @@ def test_a_refused_sac_cell_runs_again_at_the_least_budget_it_names():
     assert least_budget_cells(results, base, Path("out/partitions")) == [
         dict(base, model="gpt2", loop="loss_inside", strategy="sac@least", budget_bytes=4278288593,
              dump="out/partitions")]
+
+
+def test_at_the_anchors_peaks_every_cell_gets_its_timeline(tmp_path, monkeypatch):
+    """``--at-anchor-peaks --timeline``: the anchors, sac at their peaks and sac at a least budget
+    named each get OUT/timelines/CELL.png (CELL.json beside it)."""
+    import benchmarks.zoo_matrix as zm
+
+    batches = []
+
+    def run_cells(cells, out, jobs):
+        batches.append(cells)
+        if len(batches) == 1:  # the anchors
+            return [dict(c, peak_bytes=1000) for c in cells]
+        if len(batches) == 2:  # sac at their peaks: refused
+            return [dict(c, error="raise memory_budget to at least 1100 bytes") for c in cells]
+        return [dict(c, peak_bytes=1050) for c in cells]
+
+    monkeypatch.setattr(zm, "_run_cells", run_cells)
+    zm.main(["--models", "gpt2", "--loops", "loss_inside", "--anchors", "full_ac", "--at-anchor-peaks", "--timeline",
+             "--out", str(tmp_path)])
+    strategies = [[c["strategy"] for c in cells] for cells in batches]
+    assert strategies == [["full_ac"], ["sac@full_ac"], ["sac@least"]]
+    for cells in batches:
+        for c in cells:
+            assert c["timeline"] == str(tmp_path / "timelines" / f"{cell_stem(c)}.png")
+    assert (tmp_path / "timelines").is_dir()
