@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write each sac graph's partition to OUT/partitions (replay with benchmarks/replay_partition.py)")
     parser.add_argument("--timeline", action="store_true",
                         help="record one more step of each sac and anchor cell with the CUDA allocator's history and "
-                             "write it beside the simulation to OUT/timelines/CELL.png")
+                             "write it beside the simulation to OUT/timelines/CELL.png, and what each side holds at "
+                             "its peak to OUT/timelines/CELL.json")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     parser.add_argument("--at-peaks-of", metavar="OUT",
                         help="run the anchors again and sac with each anchor's peak measured in OUT as its budget")
