@@ -463,7 +463,8 @@ def far_addmm_folds(nodes: list[fx.Node], device: torch.device | str | None) -> 
     """The folds of :func:`inductor_addmm` that would keep the matmul's operands alive past their
     other readers, up to the add, for more bytes than the product holds there unfolded: a tied
     embedding's output-layer gradient, read at the start of backward and added to the embedding's
-    at its end, would keep the logits' gradient (tokens x vocabulary) through the whole backward.
+    at its end, would keep the logits' gradient (tokens x vocabulary, computed in the graph or, with
+    the loss outside, its tangent) through the whole backward.
     The backend keeps these apart (``backend.unfold_far_addmm``): the matmul runs where the graph
     has it, and its operands are freed there."""
     candidates = _addmm_candidates(nodes, device)
@@ -485,7 +486,10 @@ def _far(candidates: Mapping[fx.Node, fx.Node], nodes: list[fx.Node]) -> set[fx.
         held = 0
         for arg in mm.args[:2]:
             base = owner.get(arg, arg) if isinstance(arg, fx.Node) else None
-            if base is None or base.op != "call_function":  # graph inputs: not the graph's to free
+            # what the graph computes, and the tangents (deleted at their last use: inputs_deleted);
+            # other inputs (parameters, the batch, values saved for backward) are not its to free
+            if base is None or not (base.op == "call_function"
+                                    or (base.op == "placeholder" and base.name.startswith("tangents"))):
                 continue
             other = max((i for i in readers.get(base, []) if i != index[mm]), default=index[mm])
             val = base.meta.get("val")

@@ -356,14 +356,16 @@ def test_rule_addmm_fold():
     assert joint[("addmm_fold",)].peak_bytes == static + big_and_sum + 64 * 64 * 4
 
 
-def _far_fold_graph():
+def _far_fold_graph(g_input=None):
     """``g`` (computed, 1 MiB) read by two matmuls; one, ``w_grad`` (256 KiB), is added to ``c`` only
-    at the end, after a 1 MiB ``big``: folded into that add, it would keep ``g`` alive until then."""
+    at the end, after a 1 MiB ``big``: folded into that add, it would keep ``g`` alive until then.
+    ``g_input``: ``g`` is instead a graph input of that name."""
     graph, op, placeholder = _graph_builder()
     x, h, w = placeholder("x", torch.empty(256, 1024)), placeholder("h", torch.empty(256, 64)), \
         placeholder("w", torch.empty(1024, 64))
     c, d = placeholder("c", torch.empty(1024, 64)), placeholder("d", torch.empty(512, 512))
-    g = op(aten.mul.Tensor, x, 2.0, val=torch.empty(256, 1024))
+    g = (placeholder(g_input, torch.empty(256, 1024)) if g_input
+         else op(aten.mul.Tensor, x, 2.0, val=torch.empty(256, 1024)))
     w_grad = op(aten.mm.default, op(aten.permute.default, g, [1, 0], val=torch.empty(1024, 256)), h,
                 val=torch.empty(1024, 64))
     h_grad = op(aten.mm.default, g, w, val=torch.empty(256, 64))
@@ -391,6 +393,11 @@ def test_rule_far_addmm_apart():
     joint = {off: annotate_memory(gm, num_fwd_outputs=3, fused_pointwise=True, annotate=False,
                                   disabled_rules=off).peak_bytes for off in ((), ("far_addmm_apart",))}
     assert joint[("far_addmm_apart",)] - joint[()] == g_bytes - product
+    # the loss outside: the logits' gradient is the tangent, deleted at its last use, kept apart too;
+    # another input (a parameter, a saved value) is not the graph's to free: folded as Inductor does
+    for name, far in (("tangents_1", True), ("primals_3", False)):
+        gm, w_grad, total = _far_fold_graph(g_input=name)
+        assert far_addmm_folds(list(gm.graph.nodes), "cpu") == ({w_grad: total} if far else {})
 
 
 def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
