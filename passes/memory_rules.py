@@ -425,8 +425,8 @@ def attention_bias_copy(node: fx.Node, device: torch.device | str | None) -> int
     for the backward, a mask that is no stored, aligned buffer (an ``expand`` of a pointwise value
     the graph computes, such as a padding mask turned additive, which Inductor folds and never
     stores) is required in a contiguous layout, so the whole ``(B, H, L, S)`` is written out before
-    the kernel and freed after it (BERT's padding mask on an H200: 384 MiB per attention backward,
-    in fp32 at batch 32, 12 heads, 512 tokens). The ``attention_bias_copy`` rule."""
+    the kernel and freed after it (seen at BERT's measured peak: docs/results.md). The
+    ``attention_bias_copy`` rule."""
     if node.op != "call_function" or node.target is not _EFFICIENT_ATTENTION_BACKWARD or len(node.args) < 5:
         return 0
     bias = node.args[4]
@@ -454,9 +454,8 @@ def inductor_addmm(nodes: list[fx.Node], device: torch.device | str | None,
     until then. Returns each such mm and its add (the ``addmm_fold`` rule), less, with
     ``keep_far_apart``, the folds the backend keeps apart (:func:`far_addmm_folds`, the
     ``far_addmm_apart`` rule)."""
-    candidates = _addmm_candidates(nodes, device)
-    far = _far(candidates, nodes) if keep_far_apart else set()
-    return {mm: add for mm, add in candidates.items() if mm not in far}
+    folded, far = _addmm_folds(nodes, device)
+    return folded if keep_far_apart else {**folded, **far}
 
 
 def far_addmm_folds(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
@@ -467,9 +466,16 @@ def far_addmm_folds(nodes: list[fx.Node], device: torch.device | str | None) -> 
     the loss outside, its tangent) through the whole backward.
     The backend keeps these apart (``backend.unfold_far_addmm``): the matmul runs where the graph
     has it, and its operands are freed there."""
+    return _addmm_folds(nodes, device)[1]
+
+
+def _addmm_folds(nodes: list[fx.Node], device: torch.device | str | None
+                 ) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
+    """Inductor's addmm folds in ``nodes``, split into (those left to it, the far ones)."""
     candidates = _addmm_candidates(nodes, device)
     far = _far(candidates, nodes)
-    return {mm: add for mm, add in candidates.items() if mm in far}
+    return ({mm: add for mm, add in candidates.items() if mm not in far},
+            {mm: add for mm, add in candidates.items() if mm in far})
 
 
 def _far(candidates: Mapping[fx.Node, fx.Node], nodes: list[fx.Node]) -> set[fx.Node]:

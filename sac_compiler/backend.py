@@ -483,10 +483,10 @@ def unfold_far_addmm(gm: fx.GraphModule, device: torch.device | str | None) -> l
 def make_matmul_workspaces(device: torch.device) -> int:
     """Have cuBLAS make now the workspaces a training step's matmuls make on first use, and return
     their bytes, so that :func:`outside_bytes` counts them: the caching allocator holds one per
-    thread and stream (32 MiB each on an H100 or H200; a linear with a bias uses cuBLASLt's own
-    as well), and a step has two threads, the caller's for forward and autograd's device thread
-    for backward. A first step would otherwise add them to its own peak unplanned. Nothing is
-    made while a CUDA graph is captured."""
+    thread and stream (a linear with a bias uses cuBLASLt's own as well), and a step has two
+    threads, the caller's for forward and autograd's device thread for backward. A first step
+    would otherwise add them to its own peak unplanned. Nothing is made while a CUDA graph is
+    captured."""
     if torch.cuda.is_current_stream_capturing():
         return 0
     if torch.are_deterministic_algorithms_enabled() and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):

@@ -67,9 +67,8 @@ def test_a_recorded_plan_in_inductors_order_simulates_to_its_measured_peak(name)
 
 def test_the_attention_bias_copy_brings_a_recorded_bert_plan_nearer_its_measured_peak():
     """The BERT plan recorded on an H200 under-counts its measured peak in graph order; the dense
-    mask copy of each attention backward (``attention_bias_copy``) takes it nearer, not over. (In
-    Inductor's order the record replays within 1% without the rule and about 4% over with it:
-    docs/results.md.)"""
+    mask copy of each attention backward (``attention_bias_copy``) takes it nearer, not over (the
+    figures, and Inductor's order, in docs/results.md)."""
     from sac_compiler.passes.memory_model import rules_disabled
 
     name = "bert-loss_inside-sac0.75-graph1"

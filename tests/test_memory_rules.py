@@ -251,7 +251,7 @@ def test_the_callers_loss_memory_includes_the_tangent_it_hands_to_backward():
     """``loss_memory`` is measured from what forward left to the high-water mark as backward
     reaches the graph, so the gradient the caller's loss hands over (the tangent) is part of it:
     as backward starts, both simulations count what forward left plus the loss, not the tangent
-    beside it (which put a criterion-outside plan 0.5 GiB over its measured peak)."""
+    beside it."""
     graph = _joint(nn.Linear(256, 256, bias=False), torch.randn(64, 256))
     loss = 1 << 20  # the caller's loss at its peak, far above the 64 KiB tangent
     weight, x, out = 256 * KIB, 64 * KIB, 64 * KIB
