@@ -129,14 +129,24 @@ _INDUCTOR_SEEDED = frozenset({"prims.inductor_lookup_seed"})
 
 def is_pointwise_op(node: fx.Node) -> bool:
     """An elementwise op (``torch.Tag.pointwise``, or Inductor's seed lookup): what Inductor fuses
-    into its neighbours. So are a constant fill (``full``: Inductor lowers it to a constant that
+    into its neighbours. So are ``slice_scatter`` and ``select_scatter`` (lowered as pointwise
+    kernels, :data:`_POINTWISE_SCATTERS`), a constant fill (``full``: Inductor lowers it to a constant that
     its readers compute) and a scatter of one value per row into one (Inductor's joint-graph
     pass rewrites it to ``where(iota == index, value, fill)``: cross-entropy's backward)."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return (torch.Tag.pointwise in target.tags or op_name(target) in _INDUCTOR_SEEDED
-            or target is torch.ops.aten.full.default or _scatter_upon_constant(node))
+            or target is torch.ops.aten.full.default or _scatter_upon_constant(node)
+            or target in _POINTWISE_SCATTERS)
+
+
+# ``slice_scatter(x, src, ...)`` and ``select_scatter(x, src, dim, i)`` (what functionalization
+# writes ``x[a:b] = src`` as, and the backward of a slice or a select): Inductor lowers both as a
+# pointwise kernel (``where(index in the slice, src, x)``), so a chain of them, such as a
+# mixture-of-experts backward scattering each expert's rows into zeros and summing, is one fused
+# kernel and one buffer, not a buffer per scatter
+_POINTWISE_SCATTERS = frozenset({torch.ops.aten.slice_scatter.default, torch.ops.aten.select_scatter.default})
 
 
 def _scatter_upon_constant(node: fx.Node) -> bool:

@@ -815,6 +815,50 @@ def test_cross_entropy_backward_and_gather_are_folded_as_inductor_lowers_them():
     assert plain_sim.peak_bytes - plain_sim.static_bytes >= 3 * logits
 
 
+def test_slice_scatters_into_zeros_and_summed_are_one_buffer_as_inductor_lowers_them():
+    """A mixture-of-experts backward scatters each expert's rows into zeros (``slice_scatter``)
+    and sums them: Inductor lowers ``slice_scatter`` as a pointwise kernel, so the chain is one
+    kernel and one buffer (read here from Inductor's own scheduler on CPU); the simulation counts
+    the same, where a buffer per scatter would be four more."""
+    from sac_compiler.inductor_order import lower_to_schedule
+    from sac_compiler.passes.annotate_ops import is_pointwise_op
+
+    rows, dim, experts = 128, 64, 4
+    graph, op, placeholder = _graph_builder()
+    ys = [placeholder(f"y{i}", torch.empty(rows, dim)) for i in range(experts)]
+    zeros = graph.call_function(aten.full.default, ([experts * rows, dim], 0.0),
+                                {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
+    zeros.meta["val"] = torch.empty(experts * rows, dim)
+    scatters = [op(aten.slice_scatter.default, zeros, y, 0, i * rows, (i + 1) * rows,
+                   val=torch.empty(experts * rows, dim)) for i, y in enumerate(ys)]
+    total = scatters[0]
+    for scattered in scatters[1:]:
+        total = op(aten.add.Tensor, total, scattered, val=torch.empty(experts * rows, dim))
+    graph.output((total,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert all(is_pointwise_op(n) for n in scatters)
+
+    realized: list[str] = []
+
+    def read(nodes):
+        realized.extend(buf.get_name() for node in nodes for part in node.get_nodes() for buf in part.get_outputs()
+                        if int(buf.node.get_numel()) > 0)
+
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            node.meta["val"] = mode.from_tensor(node.meta["val"])
+        lower_to_schedule(gm, backward=False, read=read)
+    assert len(realized) == 1, realized  # Inductor: the sum alone
+
+    out = experts * rows * dim * 4
+    inputs = experts * rows * dim * 4  # the four expert outputs
+    static = frozenset(f"y{i}" for i in range(experts))
+    peak, _ = _peak(gm, inputs, {total.name}, static_storage=static, off={"inplace_pointwise"})
+    assert peak == inputs + out
+    unfused, _ = _peak(gm, inputs, {total.name}, static_storage=static, off={"inplace_pointwise", "pointwise_fusion"})
+    assert unfused > peak + out
+
+
 def test_the_callers_loss_is_counted_between_forward_and_backward_only():
     """loss_memory: what the caller's own loss holds as forward ends and before backward begins,
     in both simulations; a loss smaller than the gap to the peak changes nothing."""
