@@ -820,8 +820,9 @@ def test_slice_scatters_into_zeros_and_summed_are_one_buffer_as_inductor_lowers_
     and sums them: Inductor lowers ``slice_scatter`` as a pointwise kernel, so the chain is one
     kernel and one buffer (read here from Inductor's own scheduler on CPU); the simulation counts
     the same, where a buffer per scatter would be four more."""
-    from sac_compiler.inductor_order import lower_to_schedule
     from sac_compiler.passes.annotate_ops import is_pointwise_op
+
+    from sac_compiler.inductor_order import lower_to_schedule
 
     rows, dim, experts = 128, 64, 4
     graph, op, placeholder = _graph_builder()
