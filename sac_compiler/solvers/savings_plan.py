@@ -170,13 +170,16 @@ def _input_reach(u: str, consumers: dict[str, list[str]], reach: dict[str, int])
 _CHAIN_DEPTH = 3
 
 
-def _descendants(name: str, consumers: dict[str, list[str]], depth: int = _CHAIN_DEPTH) -> set[str]:
-    """Values made from ``name`` within ``depth`` steps of the forward graph."""
-    out: set[str] = set()
+def _descendants(name: str, consumers: dict[str, list[str]], depth: int = _CHAIN_DEPTH) -> dict[str, None]:
+    """Values made from ``name`` within ``depth`` steps of the forward graph, in the order found
+    (a dict as an ordered set: the program's rows are built in that order, and a set's order of
+    strings changes with each process's hash seed, and with it which of equally good plans the
+    solver returns)."""
+    out: dict[str, None] = {}
     frontier = [name]
     for _ in range(depth):
         frontier = [v for u in frontier for v in consumers[u] if v not in out]
-        out.update(frontier)
+        out.update(dict.fromkeys(frontier))
     return out
 
 
