@@ -709,23 +709,39 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
         if fastest is not None and fastest.recompute:
             plans.append(("every layer checkpointed, the rest as the fastest plan",
                           layer_checkpoint_plan(problem, analysis, base=fastest.recompute, structure=structure)))
-    with _torch_threads_kept():
-        low, lowest = min_peak_plan(problem, options)
-    plans.append(("the program's lowest-peak plan", lowest))
-    # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans are
-    # feasible, and the search for one can run to the time limit (a 16-layer Llama at a 25% budget,
-    # on an H200: 30 s, none found).
-    limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
-    quick = dataclasses.replace(options, time_limit_s=limit)
-    for slack in (0, 4096) if refine else ():  # the solver's peak is a float of MiB: a rounding may cut it short
-        try:
-            plans.append(("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), quick)))
-            break
-        except InfeasibleError:
-            continue
-        except NoSolutionError as error:
-            log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
-            break
+    # Beside a layer plan, the program's lowest-peak plan gets a short search: its peak is a model
+    # that long recompute chains outgrow, and the exact simulation picks among the candidates
+    # anyway (on the zoo's models it never came lowest there: docs/results.md); without a layer
+    # plan it is the planner's only structured way down and may take its time.
+    short = layers is not None and (options.time_limit_s is None or options.time_limit_s > _LOWEST_PEAK_S)
+    found: tuple[int, Any] | None = None
+    try:
+        with _torch_threads_kept():
+            found = min_peak_plan(problem, dataclasses.replace(options, time_limit_s=_LOWEST_PEAK_S) if short
+                                  else options, limit_expected=short)
+    except NoSolutionError:
+        if not short:
+            raise
+        log.info("sac plan: the program found no lowest-peak plan within %.0f s; the other candidates stand",
+                 _LOWEST_PEAK_S)
+    if found is not None:
+        low, lowest = found
+        plans.append(("the program's lowest-peak plan", lowest))
+        # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans
+        # are feasible, and the search for one can run to the time limit (a 16-layer Llama at a 25%
+        # budget, on an H200: 30 s, none found).
+        limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
+        quick = dataclasses.replace(options, time_limit_s=limit)
+        for slack in (0, 4096) if refine else ():  # the solver's peak is a float of MiB: a rounding may cut it short
+            try:
+                plans.append(("the program's lowest-peak plan",
+                              _solve(dataclasses.replace(problem, budget=low + slack), quick)))
+                break
+            except InfeasibleError:
+                continue
+            except NoSolutionError as error:
+                log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
+                break
     best = None
     for how, plan in plans:
         sim = _simulate(analysis, config, plan.recompute)
@@ -740,6 +756,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
 # How long the search for the fastest plan at the lowest peak may take (the lowest-peak plan
 # itself is found first and kept if this finds nothing).
 _REFINE_S = 5.0
+# How long the program's own lowest-peak search may take where a layer plan is also tried.
+_LOWEST_PEAK_S = 2.0
 
 
 # The program's objective (recompute time less the keep costs avoided) leaves constants out, so

@@ -882,6 +882,48 @@ def test_the_lowest_plan_search_tries_layers_with_the_rest_as_the_fastest_plan(c
     assert result.predicted_peak <= result.budget_bytes == result.fraction_range[0]
 
 
+class _Flat(nn.Module):
+    """Two matmuls in one module: no layers to checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(32, 128) / 8), nn.Parameter(torch.randn(128, 32) / 8)
+
+    def forward(self, x):
+        return torch.tanh(nn.functional.gelu(x @ self.w1) @ self.w2)
+
+
+@pytest.mark.parametrize("layered", [True, False])
+def test_the_programs_lowest_peak_search_is_short_beside_a_layer_plan(monkeypatch, layered):
+    """Where a layer plan is among the lowest-peak candidates, the program's own lowest-peak
+    search runs under a short limit (its plan is one candidate the exact simulation judges), and
+    when it finds nothing in that time the other candidates stand. Without a layer plan it is the
+    planner's only structured way down and keeps the configured limit."""
+    from sac_compiler import capture_joint
+    from sac_compiler.plan_graph import plan_joint
+    from sac_compiler.solvers import savings_plan
+
+    calls = []
+
+    def min_peak_plan(problem, options=None, limit_expected=False):
+        calls.append((options.time_limit_s, limit_expected))
+        raise NoSolutionError("savings_min_peak: stopped at the time limit without a feasible solution")
+
+    monkeypatch.setattr(savings_plan, "min_peak_plan", min_peak_plan)
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3) if layered else _Flat()
+    graph = capture_joint(model, torch.randn(256, 32))
+    config = SACConfig(memory_budget=0.0, compiler="eager", time_limit_s=30.0)
+    if layered:
+        result = plan_joint(graph, config)
+        assert calls == [(plan_graph._LOWEST_PEAK_S, True)]
+        assert result.plan.recompute and result.predicted_peak <= result.budget_bytes
+    else:
+        with pytest.raises(NoSolutionError):
+            plan_joint(graph, config)
+        assert calls == [(30.0, False)]
+
+
 _PROGRAMS_OF_A_PLAN = """
 import hashlib, sys, tempfile, os
 import torch

@@ -243,11 +243,12 @@ class _progress:
         self.thread.join()
 
 
-def solve(model: mip.Model, options: SolverOptions) -> SolveOutcome:
+def solve(model: mip.Model, options: SolverOptions, limit_expected: bool = False) -> SolveOutcome:
     """Optimizes ``model`` and checks the solver status explicitly.
 
     Returns the outcome for OPTIMAL and FEASIBLE (time limit hit with a solution: the
-    gap is logged at warning level). Raises ``InfeasibleError`` when the model is
+    gap is logged at warning level, at debug level where the caller set a short limit on
+    purpose, ``limit_expected``). Raises ``InfeasibleError`` when the model is
     proven infeasible, ``NoSolutionError`` when the search stopped without a solution,
     and ``SolverError`` for any other status (unbounded, solver error, ...).
     """
@@ -290,7 +291,7 @@ def solve(model: mip.Model, options: SolverOptions) -> SolveOutcome:
     objective_bound = float(model.objective_bound)
     gap = _relative_gap(objective_value, objective_bound)
     if status == status_enum.FEASIBLE:
-        logger.warning(
+        (logger.debug if limit_expected else logger.warning)(
             "%s: %s stopped at the time limit (%.1f s) with a feasible solution "
             "%.6g, gap %.2f%% to the bound %.6g; raise SolverOptions.time_limit_s "
             "for a proven optimum",
