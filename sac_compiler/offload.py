@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import operator
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -71,8 +72,9 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
 
     ``bandwidth``: the link's bytes/s, for the prefetch's copy-time estimate (PyTorch takes GiB/s).
     ``cuda``: the graph runs on a CUDA device (None: where CUDA is available). The copies get a
-    stream of their own, except for a CPU graph on a machine with CUDA: PyTorch's stream pass asks
-    the accelerator for the graph device's stream, which the CPU is not. ``prefetch``: move reloads
+    stream of their own, except for a CPU graph where torch has an accelerator (a CUDA build, a
+    GPU present or not): PyTorch's stream pass asks the accelerator for the graph device's stream,
+    which the CPU is not. ``prefetch``: move reloads
     earlier with PyTorch's prefetch, which measures each backward op on the GPU while partitioning;
     None: as ``cuda``."""
     from torch._functorch import config as functorch_config
@@ -83,7 +85,7 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
         prefetch = cuda
     wanted = {
         "enable_activation_offloading": True,
-        "activation_offload_separate_stream": bool(cuda) or not torch.cuda.is_available(),
+        "activation_offload_separate_stream": bool(cuda) or torch.accelerator.current_accelerator() is None,
         # the forward waits for its copies at its end (the program counts them there), then
         # place_offload_waits moves each wait to where its copy is expected to be done
         "activation_offload_sink_wait": True,
@@ -104,9 +106,45 @@ def offload_partitioning(bandwidth: float, prefetch: bool | None = None,
         raise RuntimeError(reason)
     from torch._functorch import config as functorch_config
 
+    mend_stream_op_fakes()
     entries = partitioner_config(bandwidth, prefetch, cuda)
     with functorch_config.patch(**entries):
         yield entries
+
+
+def mend_stream_op_fakes() -> bool:
+    """torch 2.11 registers the fake function of ``streams::record_stream`` (the op its offload
+    pass records a copied value's stream with) with another op's arguments, ``(src_stream_index,
+    wait_event_index, to_dealloc)`` for ``(tensor, stream_index)``: Inductor, which runs the
+    partitioned graphs on fake tensors, then fails on the offload pass's copies ("missing 1
+    required positional argument: 'to_dealloc'"). Registers the right one (the op returns nothing)
+    where the installed fake does not take ``(tensor, stream_index)``. Returns whether the fake
+    takes them now (True too where there is no such op to mend: nothing to fail on)."""
+    try:
+        from torch._dynamo.variables import streams
+    except ImportError:
+        return True
+    op = getattr(streams, "record_stream", None)
+    if op is None or not hasattr(op, "register_fake"):
+        return True
+    if _takes_tensor_and_stream(getattr(op, "_abstract_fn", None)):
+        return True
+    op.register_fake(_record_stream_fake)
+    return _takes_tensor_and_stream(getattr(op, "_abstract_fn", None))
+
+
+def _takes_tensor_and_stream(fake: Any) -> bool:
+    if fake is None:
+        return False
+    try:
+        inspect.signature(fake).bind(None, 0)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _record_stream_fake(tensor: torch.Tensor, stream_index: int) -> None:
+    return None
 
 
 def offload_refusal(node: fx.Node, forward_outputs: set[fx.Node]) -> str | None:
@@ -420,10 +458,11 @@ def offload_note(config: Any, analysis: Any = None, bandwidth: float | None = No
     reason = offload_support() or _link_note(analysis, bandwidth)
     if reason is not None:
         return reason
-    if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable():
-        # the stream-op layout (no ao.reload) did not compile under Inductor (docs/results.md)
+    if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable() and not mend_stream_op_fakes():
+        # the stream-op layout (no ao.reload) fails under Inductor where streams.record_stream's
+        # fake function takes other arguments (torch 2.11) and cannot be mended
         return (f"torch {torch.__version__}'s offload pass puts its copies on a stream through stream ops "
-                "(streams.record_stream) that Inductor failed to compile on torch 2.11: with this torch offload "
+                "(streams.record_stream) whose fake function Inductor cannot call: with this torch offload "
                 "is offered on the eager route (compiler='eager')")
     if analysis is not None:
         graph = analysis.graph

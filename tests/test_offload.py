@@ -347,8 +347,8 @@ def test_the_plan_of_a_joint_graph_checks_out_on_the_replay():
 
 
 _cpu_graph_copy_stream = pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="a CPU graph on a machine with CUDA gets no copy stream of its own (partitioner_config), so the "
+    torch.accelerator.current_accelerator() is not None,
+    reason="a CPU graph where torch has an accelerator (CUDA) gets no copy stream of its own (partitioner_config), so the "
            "stream ops these tests read are not inserted; the CUDA graph's copies are checked by "
            "test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients")
 
@@ -423,11 +423,11 @@ def test_partitioner_config_names_what_this_torch_has():
     if offload_mod.offload_support() is None:
         assert entries["enable_activation_offloading"]
         # the copies' own stream only for a CUDA graph: PyTorch's stream pass fails on a CPU graph
-        # where CUDA is present (the accelerator has no stream for the CPU device)
+        # where torch has an accelerator (a CUDA build, even without a GPU: it has no stream for
+        # the CPU device)
         assert offload_mod.partitioner_config(1e9, cuda=True)["activation_offload_separate_stream"]
-        assert offload_mod.partitioner_config(1e9)["activation_offload_separate_stream"]
         cpu_graph = offload_mod.partitioner_config(1e9, cuda=False)["activation_offload_separate_stream"]
-        assert cpu_graph == (not torch.cuda.is_available())
+        assert cpu_graph == (torch.accelerator.current_accelerator() is None)
     if "activation_offload_cpu_gpu_bw" in entries:
         assert entries["activation_offload_cpu_gpu_bw"] == 64.0  # PyTorch takes GiB/s
     if "activation_reload_prefetch" in entries:
@@ -755,3 +755,29 @@ def test_the_exact_check_frees_an_offloaded_value_after_its_wait():
     assert mid.step_peaks[:after + 1] == at_end.step_peaks[:after + 1] == sim.step_peaks[:after + 1]
     assert all(m == e - value.nbytes for m, e in zip(mid.step_peaks[after + 1:fb], at_end.step_peaks[after + 1:fb]))
     assert mid.step_peaks[fb:] == at_end.step_peaks[fb:] and mid.end_of_forward_bytes == at_end.end_of_forward_bytes
+
+
+def test_the_stream_op_fake_torch_2_11_registers_wrongly_is_mended(monkeypatch):
+    """torch 2.11's offload pass records each copied value's stream with ``streams.record_stream``,
+    whose fake function it registers with another op's arguments: Inductor, running the graph on
+    fake tensors, failed with "missing 1 required positional argument: 'to_dealloc'". Here that
+    registration is put back in place and mended: the op then runs on a fake tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    streams = pytest.importorskip("torch._dynamo.variables.streams")
+    op = getattr(streams, "record_stream", None)
+    if op is None or not hasattr(op, "_abstract_fn"):
+        pytest.skip(f"torch {torch.__version__} has no streams.record_stream custom op")
+
+    def as_in_torch_2_11(src_stream_index, wait_event_index, to_dealloc):
+        return None
+
+    monkeypatch.setattr(op, "_abstract_fn", as_in_torch_2_11)
+    with FakeTensorMode() as mode:
+        value = mode.from_tensor(torch.ones(4))
+        with pytest.raises(TypeError, match="to_dealloc"):
+            torch.ops.streams.record_stream.default(value, 0)
+        assert offload_mod.mend_stream_op_fakes()
+        torch.ops.streams.record_stream.default(value, 0)  # the mended fake: no error
+    assert op._abstract_fn is not as_in_torch_2_11
+    assert offload_mod.mend_stream_op_fakes()  # already right: nothing to do
