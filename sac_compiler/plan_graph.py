@@ -711,8 +711,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
                           layer_checkpoint_plan(problem, analysis, base=fastest.recompute, structure=structure)))
     # Beside a layer plan, the program's lowest-peak plan gets a short search: its peak is a model
     # that long recompute chains outgrow, and the exact simulation picks among the candidates
-    # anyway (on the zoo's models it never came lowest there: docs/results.md); without a layer
-    # plan it is the planner's only structured way down and may take its time.
+    # anyway (on the zoo it came lowest once, by the luck of a tie: docs/results.md); without a
+    # layer plan it is the planner's only structured way down and may take its time.
     short = layers is not None and (options.time_limit_s is None or options.time_limit_s > _LOWEST_PEAK_S)
     found: tuple[int, Any] | None = None
     try:
