@@ -3,7 +3,9 @@
 For each (model, loop) ``compile`` (plain ``torch.compile``) runs first and measures what a step
 holds before it starts ("static": parameters, optimizer state, the batch) and its extra peak over
 that; then the anchors (``full_ac``: ``torch.utils.checkpoint`` around every repeated block, then
-plain ``torch.compile``; ``amb0.5``: ``activation_memory_budget=0.5``) and ``sac F`` for each
+plain ``torch.compile``; ``amb0.5``: ``activation_memory_budget=0.5``; on request ``offload_mm``:
+plain ``torch.compile`` with PyTorch's activation offloading of every saved matmul output,
+``benchmarks/offload_anchor.py``) and ``sac F`` for each
 fraction F: ``backend="sac"`` with the absolute ``memory_budget`` = static + F x compile's extra
 peak, enforced at run time (the default). Every cell is its own process (``--cell``), so memory
 left by one cannot skew another; ``--jobs`` runs that many at once: the peaks are per process and
@@ -44,6 +46,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = ("full_ac", "amb0.5")
+# the anchors a cell can run: the default ones and the hand-picked offload set (--anchors offload_mm)
+KNOWN_ANCHORS = (*ANCHORS, "offload_mm")
 
 
 def cell_stem(cell: dict[str, Any]) -> str:
@@ -169,7 +173,13 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         compile_fn = torch.compile
     import torch._functorch.config as functorch_config
 
-    patch = functorch_config.patch(activation_memory_budget=0.5) if strategy == "amb0.5" else None
+    patch: Any = None
+    if strategy == "amb0.5":
+        patch = functorch_config.patch(activation_memory_budget=0.5)
+    elif strategy == "offload_mm":
+        from benchmarks.offload_anchor import matmul_offload
+
+        patch = matmul_offload()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     try:
         if patch is not None:
@@ -496,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(ZOO), help="zoo models (default: all)")
     parser.add_argument("--loops", nargs="+", default=["loss_outside_criterion"], choices=LOOPS,
                         help="loops (default: loss_outside_criterion)")
-    parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), help=f"anchor strategies (default: {ANCHORS})")
+    parser.add_argument("--anchors", nargs="*", default=list(ANCHORS), choices=KNOWN_ANCHORS, metavar="ANCHOR",
+                        help=f"anchor strategies, of {KNOWN_ANCHORS} (default: {ANCHORS})")
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.9, 0.75, 0.5],
                         help="sac budgets as fractions of compile's extra peak (default: 0.9 0.75 0.5)")
     parser.add_argument("--offload", action="store_true",

@@ -781,3 +781,61 @@ def test_the_stream_op_fake_torch_2_11_registers_wrongly_is_mended(monkeypatch):
         torch.ops.streams.record_stream.default(value, 0)  # the mended fake: no error
     assert op._abstract_fn is not as_in_torch_2_11
     assert offload_mod.mend_stream_op_fakes()  # already right: nothing to do
+
+
+@_cpu_graph_copy_stream
+def test_the_hand_picked_anchor_offloads_every_matmul_output_the_partitioner_saves():
+    """The benchmarks' hand-picked offload anchor (``benchmarks/offload_anchor.py``): every matmul
+    output marked, PyTorch's partitioner saves what it saves and its offload pass copies out each
+    saved matmul output; nothing else is offloaded."""
+    from benchmarks.offload_anchor import MATMUL_OPS, MatmulOffloadPartitioner, matmul_offload
+    from sac_compiler.capture import capture_joint
+
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 8))
+    graph = capture_joint(model, torch.randn(1024, 32), target_device="cpu")
+    inputs = [n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")]
+    matmuls = {n.name for n in graph.gm.graph.nodes if n.target in MATMUL_OPS}
+    with matmul_offload(prefetch=False):
+        fw, bw = MatmulOffloadPartitioner()(graph.gm, inputs, num_fwd_outputs=graph.num_fwd_outputs)
+    returned = [a.name for a in next(iter(fw.graph.find_nodes(op="output"))).args[0][graph.num_fwd_outputs:]
+                if isinstance(a, torch.fx.Node)]
+    offloaded = {name.removeprefix("cpu_offload_") for name in returned if name.startswith("cpu_offload_")}
+    assert offloaded and offloaded <= matmuls
+    # no matmul output is saved on the device
+    assert not [name for name in returned if name in matmuls]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_hand_picked_anchor_runs_under_inductor_on_the_gpu_with_eager_gradients():
+    """The hand-picked offload anchor compiles with Inductor on CUDA (on torch 2.11 only once the
+    stream op's fake function is mended), copies the saved matmul outputs out and back, and gives
+    eager's gradients."""
+    from benchmarks.offload_anchor import MatmulOffloadPartitioner, matmul_offload
+
+    if offload_mod.offload_support() is not None:
+        pytest.skip(offload_mod.offload_support())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 8)).cuda()
+    x = torch.randn(4096, 256, device="cuda")
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    forwards = []
+    real = MatmulOffloadPartitioner.__call__
+
+    def recording(self, gm, joint_inputs, **kwargs):
+        fw, bw = real(self, gm, joint_inputs, **kwargs)
+        forwards.append(fw.code)
+        return fw, bw
+
+    with pytest.MonkeyPatch.context() as patch, matmul_offload():
+        patch.setattr(MatmulOffloadPartitioner, "__call__", recording)
+        torch.compile(model)(x).sum().backward()
+    torch.cuda.synchronize()
+    assert forwards and "cpu_offload_" in forwards[0], forwards
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
