@@ -252,23 +252,55 @@ def place_reloads(bw: fx.GraphModule, reload_before: Mapping[str, str]) -> dict[
     where it is when that op is not in the graph or not before the reload's wait. Returns the moves
     made (value -> op). Only the ``ao`` ops' layout (torch 2.13) is moved; the older one
     (``prims.device_put`` between stream ops) keeps PyTorch's placement."""
-    graph = bw.graph
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    by_name = {n.name: n for n in graph.nodes}
     reload_op = getattr(getattr(torch.ops, "ao", None), "reload", None)
-    moved: dict[str, str] = {}
-    reloads = [n for n in graph.nodes if reload_op is not None and n.target is reload_op.default]
-    for node in reloads:  # in the order of their first reads, as they were inserted
+    moves = []
+    for node in bw.graph.nodes:  # in the order of their first reads, as they were inserted
+        if reload_op is None or node.target is not reload_op.default:
+            continue
         source = node.args[0]
         name = source.name[len(_CPU_OFFLOAD):] if source.name.startswith(_CPU_OFFLOAD) else source.name
-        anchor = by_name.get(reload_before.get(name, ""))
         wait = next((u for u in node.users if u.target is torch.ops.ao.wait_tensor.default), None)
-        if anchor is None or anchor.op != "call_function" or wait is None or position[anchor] > position[wait]:
+        if wait is not None:  # to no later than its wait
+            moves.append(_Move(node, name, after=None, until=wait, until_included=True))
+    return _move_to_anchors(bw, moves, reload_before, before=True)
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One op to move next to the op its value's anchor names: only where that op runs after
+    ``after`` (None: anywhere before) and before ``until`` (or is it, ``until_included``)."""
+
+    node: fx.Node
+    value: str
+    after: fx.Node | None
+    until: fx.Node
+    until_included: bool = False
+
+
+def _move_to_anchors(gm: fx.GraphModule, moves: Iterable[_Move], anchors: Mapping[str, str],
+                     before: bool) -> dict[str, str]:
+    """Move each op of ``moves`` just before (``before``) or just after its value's anchor op (the
+    op ``anchors`` names for the value) where that op is a call in the allowed span, then lint and
+    recompile ``gm``. Returns the moves made (value -> op)."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    moved: dict[str, str] = {}
+    for move in list(moves):
+        anchor = by_name.get(anchors.get(move.value, ""))
+        if anchor is None or anchor.op != "call_function":
             continue
-        anchor.prepend(node)
-        moved[name] = anchor.name
-    graph.lint()
-    bw.recompile()
+        if move.after is not None and position[anchor] <= position[move.after]:
+            continue
+        if position[anchor] > position[move.until] or (position[anchor] == position[move.until]
+                                                       and not move.until_included):
+            continue
+        if before:
+            anchor.prepend(move.node)
+        else:
+            anchor.append(move.node)
+        moved[move.value] = anchor.name
+    gm.graph.lint()
+    gm.recompile()
     return moved
 
 
@@ -389,29 +421,20 @@ def place_offload_waits(fw: fx.GraphModule, wait_after: Mapping[str, str]) -> di
     in ``wait_after`` (``wait_anchors``): the value is freed on the device there, mid-forward. A wait
     is left where it is when that op is not in the graph or not after the value's copy started.
     Returns the moves made (value -> op). Only the ``ao`` ops' layout (torch 2.13) is moved."""
-    graph = fw.graph
     wait_op = getattr(getattr(torch.ops, "ao", None), "wait_tensor", None)
     offload_op = getattr(getattr(torch.ops, "ao", None), "offload", None)
     if wait_op is None or offload_op is None:
         return {}
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    by_name = {n.name: n for n in graph.nodes}
-    moved: dict[str, str] = {}
-    waits = [n for n in graph.nodes if n.target is wait_op.default and isinstance(n.args[0], fx.Node)
-             and n.args[0].target is offload_op.default]
-    for wait in waits:
+    moves = []
+    for wait in fw.graph.nodes:
+        if wait.target is not wait_op.default or not isinstance(wait.args[0], fx.Node) \
+                or wait.args[0].target is not offload_op.default:
+            continue
         copy = wait.args[0]
         value = copy.args[0]
-        name = value.name if isinstance(value, fx.Node) else ""
-        anchor = by_name.get(wait_after.get(name, ""))
-        if anchor is None or anchor.op != "call_function" or position[anchor] <= position[copy] \
-                or position[anchor] >= position[wait]:
-            continue
-        anchor.append(wait)
-        moved[name] = anchor.name
-    graph.lint()
-    fw.recompile()
-    return moved
+        # after the copy started, before where the wait is now
+        moves.append(_Move(wait, value.name if isinstance(value, fx.Node) else "", after=copy, until=wait))
+    return _move_to_anchors(fw, moves, wait_after, before=False)
 
 
 @dataclass(frozen=True)
