@@ -120,7 +120,9 @@ def size_hint(x: Any) -> int:
         return int(x)
     from torch.fx.experimental import symbolic_shapes
 
-    hint = getattr(symbolic_shapes, "optimization_hint", None)  # torch >= 2.13
+    # torch >= 2.13: optimization_hint; torch 2.11, 2.12: size_hint (their hint_int is its
+    # deprecated name)
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "size_hint", None)
     if hint is None:
-        hint = symbolic_shapes.hint_int  # torch 2.11, 2.12
+        hint = symbolic_shapes.hint_int
     return int(hint(x))
