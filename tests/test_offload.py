@@ -832,7 +832,12 @@ def test_the_hand_picked_anchor_runs_under_inductor_on_the_gpu_with_eager_gradie
         forwards.append(fw.code)
         return fw, bw
 
-    with pytest.MonkeyPatch.context() as patch, matmul_offload():
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    # no compiled graph from a cache: the partitioner must run for its forward to be read
+    with pytest.MonkeyPatch.context() as patch, matmul_offload(), inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
         patch.setattr(MatmulOffloadPartitioner, "__call__", recording)
         torch.compile(model)(x).sum().backward()
     torch.cuda.synchronize()
