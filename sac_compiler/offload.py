@@ -120,17 +120,29 @@ def mend_stream_op_fakes() -> bool:
     required positional argument: 'to_dealloc'"). Registers the right one (the op returns nothing)
     where the installed fake does not take ``(tensor, stream_index)``. Returns whether the fake
     takes them now (True too where there is no such op to mend: nothing to fail on)."""
+    op = _record_stream_op()
+    if op is None or _takes_tensor_and_stream(getattr(op, "_abstract_fn", None)):
+        return True
+    if not hasattr(op, "register_fake"):
+        return False
+    op.register_fake(_record_stream_fake)
+    return _takes_tensor_and_stream(getattr(op, "_abstract_fn", None))
+
+
+def stream_op_fakes_usable() -> bool:
+    """Whether Inductor can run ``streams.record_stream`` on fake tensors, or
+    :func:`mend_stream_op_fakes` can make it so (nothing is registered here)."""
+    op = _record_stream_op()
+    return op is None or hasattr(op, "register_fake") or _takes_tensor_and_stream(getattr(op, "_abstract_fn", None))
+
+
+def _record_stream_op() -> Any:
+    """torch's ``streams::record_stream`` custom op object (None where this torch has none)."""
     try:
         from torch._dynamo.variables import streams
     except ImportError:
-        return True
-    op = getattr(streams, "record_stream", None)
-    if op is None or not hasattr(op, "register_fake"):
-        return True
-    if _takes_tensor_and_stream(getattr(op, "_abstract_fn", None)):
-        return True
-    op.register_fake(_record_stream_fake)
-    return _takes_tensor_and_stream(getattr(op, "_abstract_fn", None))
+        return None
+    return getattr(streams, "record_stream", None)
 
 
 def _takes_tensor_and_stream(fake: Any) -> bool:
@@ -481,9 +493,11 @@ def offload_note(config: Any, analysis: Any = None, bandwidth: float | None = No
     reason = offload_support() or _link_note(analysis, bandwidth)
     if reason is not None:
         return reason
-    if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable() and not mend_stream_op_fakes():
+    if getattr(config, "compiler", "inductor") == "inductor" and not reloads_placeable() \
+            and not stream_op_fakes_usable():
         # the stream-op layout (no ao.reload) fails under Inductor where streams.record_stream's
-        # fake function takes other arguments (torch 2.11) and cannot be mended
+        # fake function takes other arguments (torch 2.11) and cannot be mended (offload_partitioning
+        # mends it where it can)
         return (f"torch {torch.__version__}'s offload pass puts its copies on a stream through stream ops "
                 "(streams.record_stream) whose fake function Inductor cannot call: with this torch offload "
                 "is offered on the eager route (compiler='eager')")

@@ -777,6 +777,7 @@ def test_the_stream_op_fake_torch_2_11_registers_wrongly_is_mended(monkeypatch):
         value = mode.from_tensor(torch.ones(4))
         with pytest.raises(TypeError, match="to_dealloc"):
             torch.ops.streams.record_stream.default(value, 0)
+        assert offload_mod.stream_op_fakes_usable()  # mendable: offload stays offered
         assert offload_mod.mend_stream_op_fakes()
         torch.ops.streams.record_stream.default(value, 0)  # the mended fake: no error
     assert op._abstract_fn is not as_in_torch_2_11
