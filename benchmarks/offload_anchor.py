@@ -28,12 +28,11 @@ aten = torch.ops.aten
 MATMUL_OPS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default})
 
 # the partitioner's offload switches, as a user sets them (an entry the installed torch lacks is
-# left out by ``matmul_offload``)
+# left out by ``matmul_offload``, which adds the prefetch's)
 OFFLOAD_CONFIG = {
     "enable_activation_offloading": True,
     "activation_offload_separate_stream": True,
     "activation_offload_sink_wait": True,
-    "activation_reload_prefetch": True,
 }
 
 

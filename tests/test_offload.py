@@ -567,17 +567,29 @@ def _offload_backend(records, bandwidth=5e12):
     return backend
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
-    """On CUDA the partitioned graphs run: the copies go out on the transfer stream in forward, come
-    back from the plan's reload starts in backward, and the gradients are eager's."""
+def _gpu_mlp_with_eager_grads():
+    """A three-layer MLP on the GPU, a batch, and eager's gradients of ``model(x).sum()`` (cleared)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 8)).cuda()
     x = torch.randn(4096, 256, device="cuda")
     model(x).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
+    return model, x, expected
+
+
+def _assert_grads(model, expected):
+    """Each parameter's gradient equals ``expected``'s (eager's) to fp32 matmul rounding."""
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
+    """On CUDA the partitioned graphs run: the copies go out on the transfer stream in forward, come
+    back from the plan's reload starts in backward, and the gradients are eager's."""
+    model, x, expected = _gpu_mlp_with_eager_grads()
     records = []
     compiled = torch.compile(model, backend=_offload_backend(records))
     compiled(x).sum().backward()
@@ -590,8 +602,7 @@ def test_an_offloaded_step_on_the_gpu_gives_the_eager_gradients():
     bw_names = [n.name for n in bw.graph.nodes]
     assert "torch.ops.ao.offload.default" in fw.code or any(n.startswith("cpu_offload_") for n in fw_names), fw.code
     assert "torch.ops.ao.reload.default" in bw.code or any("reload" in n for n in bw_names), bw.code
-    for got, want in zip((p.grad for p in model.parameters()), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_grads(model, expected)
 
 
 @_cpu_graph_copy_stream
@@ -649,8 +660,7 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
           f"predicted {result.predicted_peak / 2**20:.0f} MiB, measured {peak / 2**20:.0f} MiB, "
           f"offloaded {result.offload.bytes / 2**20:.0f} MiB")
     assert peak <= budget
-    for got, want in zip((p.grad for p in model.parameters()), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_grads(model, expected)
 
 
 def test_each_copy_is_waited_for_where_the_link_has_finished_it():
@@ -819,12 +829,7 @@ def test_the_hand_picked_anchor_runs_under_inductor_on_the_gpu_with_eager_gradie
 
     if offload_mod.offload_support() is not None:
         pytest.skip(offload_mod.offload_support())
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 8)).cuda()
-    x = torch.randn(4096, 256, device="cuda")
-    model(x).sum().backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
+    model, x, expected = _gpu_mlp_with_eager_grads()
     forwards = []
     real = MatmulOffloadPartitioner.__call__
 
@@ -843,5 +848,4 @@ def test_the_hand_picked_anchor_runs_under_inductor_on_the_gpu_with_eager_gradie
         torch.compile(model)(x).sum().backward()
     torch.cuda.synchronize()
     assert forwards and "cpu_offload_" in forwards[0], forwards
-    for got, want in zip((p.grad for p in model.parameters()), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_grads(model, expected)
