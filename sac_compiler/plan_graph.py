@@ -728,8 +728,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
         low, lowest = found
         plans.append(("the program's lowest-peak plan", lowest))
         # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans
-        # are feasible, and the search for one can run to the time limit (a 16-layer Llama at a 25%
-        # budget, on an H200: 30 s, none found).
+        # are feasible, and the search for one can run to the time limit with none found
+        # (docs/design.md).
         limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
         quick = dataclasses.replace(options, time_limit_s=limit)
         for slack in (0, 4096) if refine else ():  # the solver's peak is a float of MiB: a rounding may cut it short
