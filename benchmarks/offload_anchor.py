@@ -5,7 +5,8 @@ No planner chooses anything here: every ``mm``, ``addmm``, ``bmm`` and ``baddbmm
 joint graph is marked ``should_offload`` (the mark PyTorch's offload pass reads), PyTorch's
 min-cut partitioner decides what to save as it always does, and its offload pass copies the
 marked values it saved to pinned host memory on a stream of their own, waits for the copies at
-the end of forward and reloads them with its prefetch in backward
+the end of forward (right after each copy where that is not safe under Inductor:
+``sac_compiler.offload.forward_copies_synchronous``) and reloads them with its prefetch in backward
 (``torch._functorch.config``: ``enable_activation_offloading``,
 ``activation_offload_separate_stream``, ``activation_offload_sink_wait``,
 ``activation_reload_prefetch``, the link's bandwidth left at PyTorch's default). This is what a
@@ -72,13 +73,15 @@ def matmul_offload(prefetch: bool | None = None) -> Iterator[None]:
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
-    from sac_compiler.offload import mend_stream_op_fakes, offload_support
+    from sac_compiler.offload import forward_copies_synchronous, mend_stream_op_fakes, offload_support
 
     reason = offload_support()
     if reason is not None:
         raise RuntimeError(reason)
     mend_stream_op_fakes()  # torch 2.11's streams.record_stream fake (sac_compiler.offload)
     wanted = dict(OFFLOAD_CONFIG, activation_reload_prefetch=torch.cuda.is_available() if prefetch is None else prefetch)
+    if forward_copies_synchronous("inductor"):  # torch 2.11: sunk waits let Inductor overwrite a value mid-copy
+        wanted["activation_offload_sink_wait"] = False
     entries = {name: value for name, value in wanted.items() if hasattr(functorch_config, name)}
     with functorch_config.patch(**entries), inductor_config.patch(custom_partitioner_fn=MatmulOffloadPartitioner()):
         yield

@@ -138,6 +138,7 @@ class SACPartitioner(CustomPartitionerFn):
                 out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             else:
                 from sac_compiler.offload import (
+                    forward_copies_synchronous,
                     offload_partitioning,
                     place_offload_waits,
                     place_reloads,
@@ -145,7 +146,8 @@ class SACPartitioner(CustomPartitionerFn):
                 )
 
                 placeable = reloads_placeable()
-                with offload_partitioning(offload.bandwidth, prefetch=not placeable, cuda=True):
+                with offload_partitioning(offload.bandwidth, prefetch=not placeable, cuda=True,
+                                          sink_wait=not forward_copies_synchronous(self.config.compiler)):
                     out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
                 if placeable:
                     place_reloads(out[1], offload.reload_before)

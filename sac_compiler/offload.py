@@ -66,7 +66,8 @@ def offload_support() -> str | None:
     return None
 
 
-def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: bool | None = None) -> dict[str, Any]:
+def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: bool | None = None,
+                       sink_wait: bool = True) -> dict[str, Any]:
     """The ``torch._functorch.config`` entries a compile with offloaded values needs, as the
     installed torch names them (an entry it lacks is left out).
 
@@ -76,7 +77,8 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
     GPU present or not): PyTorch's stream pass asks the accelerator for the graph device's stream,
     which the CPU is not. ``prefetch``: move reloads
     earlier with PyTorch's prefetch, which measures each backward op on the GPU while partitioning;
-    None: as ``cuda``."""
+    None: as ``cuda``. ``sink_wait``: the forward waits for its copies at its end (False: each
+    right after it is issued, ``forward_copies_synchronous``)."""
     from torch._functorch import config as functorch_config
 
     if cuda is None:
@@ -87,8 +89,9 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
         "enable_activation_offloading": True,
         "activation_offload_separate_stream": bool(cuda) or torch.accelerator.current_accelerator() is None,
         # the forward waits for its copies at its end (the program counts them there), then
-        # place_offload_waits moves each wait to where its copy is expected to be done
-        "activation_offload_sink_wait": True,
+        # place_offload_waits moves each wait to where its copy is expected to be done; or, not
+        # sunk, right after each copy (forward_copies_synchronous)
+        "activation_offload_sink_wait": bool(sink_wait),
         "activation_reload_prefetch": bool(prefetch),
         "activation_offload_cpu_gpu_bw": bandwidth / 2**30,
     }
@@ -97,7 +100,7 @@ def partitioner_config(bandwidth: float, prefetch: bool | None = None, cuda: boo
 
 @contextlib.contextmanager
 def offload_partitioning(bandwidth: float, prefetch: bool | None = None,
-                         cuda: bool | None = None) -> Iterator[dict[str, Any]]:
+                         cuda: bool | None = None, sink_wait: bool = True) -> Iterator[dict[str, Any]]:
     """Within the block, PyTorch's partitioner offloads the values ``tag_offload`` tagged
     (``partitioner_config``'s arguments). Raises RuntimeError (with ``offload_support``'s reason)
     where the installed torch cannot."""
@@ -107,7 +110,7 @@ def offload_partitioning(bandwidth: float, prefetch: bool | None = None,
     from torch._functorch import config as functorch_config
 
     mend_stream_op_fakes()
-    entries = partitioner_config(bandwidth, prefetch, cuda)
+    entries = partitioner_config(bandwidth, prefetch, cuda, sink_wait)
     with functorch_config.patch(**entries):
         yield entries
 
@@ -250,6 +253,21 @@ def waits_mid_forward() -> bool:
     return reloads_placeable() and getattr(getattr(torch.ops, "ao", None), "wait_tensor", None) is not None
 
 
+def forward_copies_synchronous(compiler: str) -> bool:
+    """Whether the forward must wait for each copy to the host as soon as it is issued, so that
+    no copy overlaps the forward's compute (PyTorch's ``activation_offload_sink_wait`` off).
+
+    So under Inductor where torch's offload pass has no ``ao`` ops (torch 2.11: ``prims.device_put``
+    between stream ops). Nothing in that graph keeps the copied value alive until the copy's wait:
+    Inductor takes the copy for a finished read and lets the next kernel write into the value's
+    buffer (a pointwise op done in place) while the copy stream still reads it. With the waits at
+    the end of forward the gradients are wrong (PyTorch's own flags alone, every saved matmul output
+    offloaded, on an H200 with torch 2.11); with each wait right after its copy they are eager's.
+    The ``ao`` ops' wait takes the value as its keepalive (torch 2.13), so there the copies
+    overlap; so they do on the eager route, which runs no kernel in place of another."""
+    return compiler == "inductor" and not waits_mid_forward()
+
+
 def reload_anchors(analysis: Any, offload: Mapping[str, int]) -> dict[str, str]:
     """For a plan's reload starts (value -> step), the backward op each reload is issued before: the
     op of that step in the joint graph (step ``t >= 1`` is the backward's ``t``-th op)."""
@@ -321,7 +339,8 @@ _CPU_OFFLOAD = "cpu_offload_"
 
 
 def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None = None,
-                          host_budget: int | None = None, min_bytes: int = 0) -> Any:
+                          host_budget: int | None = None, min_bytes: int = 0,
+                          synchronous: bool = False) -> Any:
     """The offload program's problem for an annotated joint graph and its savings problem
     (``plan_graph.build_plan_problem``).
 
@@ -329,7 +348,8 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     to the host once its last forward reader has run; backward step ``t`` takes its op's time. The
     values offered are those PyTorch's partitioner can offload (``offload_refusal``) that backward
     reads, of at least ``min_bytes``. ``bandwidth`` defaults to the device spec's
-    ``host_link_bandwidth``."""
+    ``host_link_bandwidth``. ``synchronous``: the forward waits for each copy as it is issued
+    (``forward_copies_synchronous``)."""
     from sac_compiler.plan_graph import _owner_map
     from sac_compiler.solvers.offload_plan import OffloadProblem
 
@@ -343,14 +363,7 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     owner = _owner_map(gm)
     done_at = _forward_done_at(analysis)
     forward_ms = max(done_at.values(), default=0.0)
-    last_read: dict[fx.Node, float] = {}
-    for node in nodes[:fb]:
-        if node.op != "call_function":
-            continue
-        last_read.setdefault(owner.get(node, node), done_at[node])
-        for arg in node.all_input_nodes:
-            base = owner.get(arg, arg)
-            last_read[base] = max(last_read.get(base, 0.0), done_at[node])
+    last_read = {base: done_at[node] for base, node in _last_forward_readers(analysis).items()}
     steps = len(problem.baseline)
     step_ms = [0.0] * steps
     for t in range(1, steps):
@@ -382,13 +395,31 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     # where the forward waits for each copy once it is done (place_offload_waits), the values whose
     # copies finish before the peak's op starts are gone there
     forward_peak_ms = None
-    if forward_peak is not None and fb > 0 and waits_mid_forward():
+    if forward_peak is not None and fb > 0 and (waits_mid_forward() or synchronous):
         peak_node = nodes[max(range(fb), key=lambda j: sim.step_peaks[j])]
         own = (get_record(peak_node).runtime_ms or 0.0) if peak_node.op == "call_function" else 0.0
         forward_peak_ms = min(forward_ms, max(0.0, done_at[peak_node] - own))
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
                           bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak,
-                          forward_peak_ms=forward_peak_ms)
+                          forward_peak_ms=forward_peak_ms, forward_copies_synchronous=synchronous)
+
+
+def _last_forward_readers(analysis: Any) -> dict[fx.Node, fx.Node]:
+    """For each value of the joint graph's forward (views counted as their base), the last forward
+    op that reads it, or the op that makes it where none does: where its copy to the host starts
+    (PyTorch's offload pass inserts the copy after the last use)."""
+    from sac_compiler.plan_graph import _owner_map
+
+    gm = analysis.graph.gm
+    owner = _owner_map(gm)
+    last: dict[fx.Node, fx.Node] = {}
+    for node in list(gm.graph.nodes)[:analysis.memory.first_backward]:
+        if node.op != "call_function":
+            continue
+        last.setdefault(owner.get(node, node), node)
+        for arg in node.all_input_nodes:
+            last[owner.get(arg, arg)] = node
+    return last
 
 
 def _forward_done_at(analysis: Any) -> dict[fx.Node, float]:
@@ -477,7 +508,9 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
     if reason is not None:
         return OffloadOutcome(reason=reason)
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
-    offload_problem = with_budget(build_offload_problem(analysis, problem, bandwidth, config.host_memory_budget), budget)
+    offload_problem = with_budget(build_offload_problem(analysis, problem, bandwidth, config.host_memory_budget,
+                                                        synchronous=forward_copies_synchronous(config.compiler)),
+                                  budget)
     options = options if options is not None else _solver_options(config, analysis)  # the planner's own
     with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
         plan = solve_offload_plan(offload_problem, options)
@@ -619,8 +652,11 @@ def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, optio
     from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
     from sac_compiler.solvers.savings_plan import plan_time_ms
 
+    synchronous = forward_copies_synchronous(getattr(config, "compiler", "inductor"))
     offload_problem = build_offload_problem(analysis, problem, link_bandwidth(analysis),
-                                            getattr(config, "host_memory_budget", None))
+                                            getattr(config, "host_memory_budget", None), synchronous=synchronous)
+    position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
+    readers = {base.name: reader.name for base, reader in _last_forward_readers(analysis).items()}
     target = goal
     for _ in range(_OFFLOAD_ROUNDS):
         try:
@@ -629,8 +665,9 @@ def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, optio
         except (InfeasibleError, NoSolutionError):
             return None
         freed_after: dict[str, int] = {}
-        if waits_mid_forward():
-            position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
+        if synchronous:  # freed once its copy is done, before the op after its last forward read
+            freed_after = {name: position[readers[name]] for name in plan.offload if name in readers}
+        elif waits_mid_forward():
             freed_after = {name: position[op] for name, op in
                            wait_anchors(analysis, offload_problem, plan.offload).items()}
         sim = offloaded_simulation(simulate(plan.recompute), problem, plan.offload, freed_after)

@@ -33,12 +33,12 @@ EXACT = SolverOptions(mip_gap=0.0, mip_gap_abs=0.0)
 
 
 def _problem(candidates, baseline, step_ms, forward_ms, ready_ms, bandwidth, budget, host_budget=None,
-             forward_peak=None, forward_peak_ms=None):
+             forward_peak=None, forward_peak_ms=None, synchronous=False):
     savings = SavingsProblem(candidates=tuple(candidates), baseline=tuple(b * MiB for b in baseline), budget=budget * MiB)
     return OffloadProblem(savings=savings, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready_ms,
                           bandwidth=bandwidth, host_budget=host_budget,
                           forward_peak=None if forward_peak is None else forward_peak * MiB,
-                          forward_peak_ms=forward_peak_ms)
+                          forward_peak_ms=forward_peak_ms, forward_copies_synchronous=synchronous)
 
 
 def _checked(problem):
@@ -46,18 +46,22 @@ def _checked(problem):
     plan = solve_offload_plan(problem, EXACT)
     run = replay(problem, plan.recompute, plan.kept_for_recompute, plan.offload)
     assert run.peak_bytes <= problem.savings.budget
-    assert run.forward_stall_ms == 0.0
+    if problem.forward_copies_synchronous:  # the forward waits for each copy in full
+        copies = sum(problem.copy_ms(c.nbytes) for c in problem.savings.candidates if c.name in plan.offload)
+        assert run.forward_stall_ms == pytest.approx(copies, abs=1e-9)
+    else:
+        assert run.forward_stall_ms == 0.0
     assert run.host_peak_bytes == plan.host_bytes
     if problem.host_budget is not None:
         assert run.host_peak_bytes <= problem.host_budget
-    assert run.backward_stall_ms == pytest.approx(plan.stall_ms, abs=1e-6)
+    assert run.forward_stall_ms + run.backward_stall_ms == pytest.approx(plan.stall_ms, abs=1e-6)
     return plan, run
 
 
 def _brute_force(problem):
     """The least replayed time over every plan (keep, recompute, or offload with every reload start)
-    whose replay fits the budgets without stalling the forward, and whose reloads are issued in the
-    order of their first reads; None if no plan fits."""
+    whose replay fits the budgets without stalling the forward (unless its copies are synchronous),
+    and whose reloads are issued in the order of their first reads; None if no plan fits."""
     cands = problem.savings.candidates
     by_name = {c.name: c for c in cands}
     options = []
@@ -80,7 +84,7 @@ def _brute_force(problem):
         kept = {u for n in recompute for u in by_name[n].inputs
                 if by_name[u].first_use is None and u not in recompute}
         run = replay(problem, recompute, kept, offload)
-        if run.peak_bytes > problem.savings.budget or run.forward_stall_ms > 0:
+        if run.peak_bytes > problem.savings.budget or (run.forward_stall_ms > 0 and not problem.forward_copies_synchronous):
             continue
         if problem.host_budget is not None and run.host_peak_bytes > problem.host_budget:
             continue
@@ -94,11 +98,12 @@ def _brute_force(problem):
 # is over 400 MiB on steps 0-2 only, so a reload that starts at step 3 covers it, with step 3's
 # 1 ms of compute to hide the copy in.
 
-def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None, forward_peak_ms=None):
+def _one_value(budget, bandwidth, host_budget=None, cost_ms=2.0, forward_peak=None, forward_peak_ms=None,
+               synchronous=False):
     x = Candidate("x", 100 * MiB, cost_ms, first_use=4, last_use=4)
     return _problem([x], [500, 500, 500, 380, 380, 300], [0, 1, 1, 1, 1, 1], forward_ms=10.0,
                     ready_ms={"x": 2.0}, bandwidth=bandwidth, budget=budget, host_budget=host_budget,
-                    forward_peak=forward_peak, forward_peak_ms=forward_peak_ms)
+                    forward_peak=forward_peak, forward_peak_ms=forward_peak_ms, synchronous=synchronous)
 
 
 def test_keep_when_the_budget_allows():
@@ -164,6 +169,28 @@ def test_waits_mid_forward_let_offload_lower_the_forwards_own_peak():
     assert plan.recompute == {"x"} and not plan.offload
     with pytest.raises(ValueError, match="forward_peak_ms"):
         _one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=11.0)
+
+
+def test_synchronous_copies_free_the_value_mid_forward_and_cost_their_whole_time():
+    """Where the forward waits for each copy as it is issued, the value is gone from the op after
+    its last forward read (at 2 ms): offloading it lowers a forward peak whose op starts later, and
+    the copy's whole time (0.52 ms at 200 GB/s) is the plan's cost, still under recomputing it (2 ms)."""
+    copy = 1e3 * 100 * MiB / 200e9
+    plan, run = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=2.3, synchronous=True))
+    assert dict(plan.offload) == {"x": 3} and not plan.recompute
+    assert run.forward_peak_bytes == 380 * MiB
+    assert run.forward_stall_ms == pytest.approx(copy) and run.time_ms == pytest.approx(copy)
+    assert plan.stall_ms == pytest.approx(copy)
+    # the peak's op starts before x's last forward read has run: only recomputation helps
+    plan, _ = _checked(_one_value(budget=400, bandwidth=200e9, forward_peak=480, forward_peak_ms=1.5, synchronous=True))
+    assert plan.recompute == {"x"} and not plan.offload
+    # a copy longer than the rest of the forward may be offloaded (10.5 ms at 10 GB/s), charged in full:
+    # worse than recomputing for 2 ms, better than recomputing for 50 ms
+    assert offloadable(_one_value(budget=400, bandwidth=10e9, synchronous=True)) == ["x"]
+    plan, _ = _checked(_one_value(budget=400, bandwidth=10e9, synchronous=True))
+    assert plan.recompute == {"x"} and not plan.offload
+    plan, run = _checked(_one_value(budget=400, bandwidth=10e9, cost_ms=50.0, synchronous=True))
+    assert dict(plan.offload) and run.forward_stall_ms == pytest.approx(1e3 * 100 * MiB / 10e9)
 
 
 def test_no_plan_under_what_neither_choice_reaches():
@@ -269,6 +296,23 @@ def _matches_brute_force(problem):
 @pytest.mark.parametrize("seed", _MID_FORWARD_SEEDS)
 def test_random_problems_with_waits_mid_forward_match_brute_force_and_the_replay(seed):
     _matches_brute_force(_random_mid_forward_problem(random.Random(seed)))
+
+
+_SYNCHRONOUS_SEEDS = range(2000, 2016)
+
+
+def test_the_random_synchronous_problems_exercise_the_copies_charged_in_full():
+    """Among the problems below, synchronous copies change the best plan (by brute force) in some."""
+    changed = sum(
+        _brute_force(p) != _brute_force(dataclasses.replace(p, forward_copies_synchronous=True))
+        for p in (_random_mid_forward_problem(random.Random(seed)) for seed in _SYNCHRONOUS_SEEDS))
+    assert changed >= 2
+
+
+@pytest.mark.parametrize("seed", _SYNCHRONOUS_SEEDS)
+def test_random_problems_with_synchronous_copies_match_brute_force_and_the_replay(seed):
+    problem = dataclasses.replace(_random_mid_forward_problem(random.Random(seed)), forward_copies_synchronous=True)
+    _matches_brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -663,6 +707,47 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
     _assert_grads(model, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_backend_offloads_under_inductor_below_recomputations_floor_with_compiles_gradients():
+    """backend="sac" with offload=True under Inductor, at a budget 10% under the lowest peak
+    recomputation alone reaches: the plan offloads, the step's measured peak is within the budget,
+    and the gradients are plain ``torch.compile``'s (on torch 2.11 each copy is waited for at once:
+    ``offload.forward_copies_synchronous``; sunk waits gave wrong gradients there)."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.plan_graph import plan_joint
+    from tests.test_plan import recording_backend
+
+    meta_model, meta_x = _wide_mlp_for_cuda()
+    lowest = plan_joint(capture_joint(meta_model, meta_x, target_device="cuda"), SACConfig(memory_budget=0.0))
+    budget = int(lowest.predicted_peak * 0.9)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4096, 4096), nn.GELU())]).cuda()
+    x = torch.randn(16384, 4096, device="cuda")
+    torch.compile(model)(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    backend, records = recording_backend(memory_budget=budget, offload=True)
+    compiled = torch.compile(model, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    compiled(x).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    (result, fw, _), = records
+    assert result.offload is not None and result.offload.starts, result.offload_note
+    assert "ao.offload" in fw.code or any(n.name.startswith("cpu_offload_") for n in fw.graph.nodes), fw.code
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: synchronous forward copies "
+          f"{offload_mod.forward_copies_synchronous('inductor')}, recompute-only lowest "
+          f"{lowest.predicted_peak / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, predicted "
+          f"{result.predicted_peak / 2**20:.0f} MiB, measured {peak / 2**20:.0f} MiB, offloaded "
+          f"{result.offload.bytes / 2**20:.0f} MiB")
+    assert peak <= budget
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 def test_each_copy_is_waited_for_where_the_link_has_finished_it():
     """``wait_anchors``: the copies run one after another from the time their values' last forward
     readers have run; each value's wait goes after the first forward op that ends once its copy has
@@ -750,6 +835,58 @@ def test_the_problem_knows_when_the_forwards_peak_op_starts_where_waits_move(mon
     assert 0.0 <= off.forward_peak_ms <= off.forward_ms
     monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: False)
     assert _offload_problem(result, problem).forward_peak_ms is None
+
+
+def test_under_inductor_without_the_ao_ops_each_copy_is_waited_for_at_once(monkeypatch):
+    """torch 2.11's layout (no ``ao`` ops, nothing keeps a copied value alive until its wait): under
+    Inductor the forward waits for each copy as it is issued (PyTorch's sink wait off), and the
+    problem says so: no copy has to hide behind the forward, and the forward's peak knows when its op
+    starts (a value read last before it is gone there). With the ``ao`` ops, or on the eager route,
+    the waits are sunk as before."""
+    _, _, result, problem, _ = _graph()
+    monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: False)
+    assert offload_mod.forward_copies_synchronous("inductor")
+    assert not offload_mod.forward_copies_synchronous("eager")
+    assert offload_mod.partitioner_config(1e9, sink_wait=False).get("activation_offload_sink_wait", False) is False
+    off = _offload_problem(result, problem, synchronous=True)
+    assert off.forward_copies_synchronous and off.forward_peak is not None
+    assert 0.0 <= off.forward_peak_ms <= off.forward_ms
+    # every value read in backward may be offloaded, however long its copy
+    slow = _offload_problem(result, problem, synchronous=True, bandwidth=1e3)
+    assert offloadable(slow) and offloadable(slow) == offloadable(off)
+    assert not offloadable(_offload_problem(result, problem, bandwidth=1e3))
+    monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: True)
+    assert not offload_mod.forward_copies_synchronous("inductor")
+    if "activation_offload_sink_wait" in offload_mod.partitioner_config(1e9):
+        assert offload_mod.partitioner_config(1e9)["activation_offload_sink_wait"] is True
+
+
+def test_with_synchronous_copies_the_exact_check_frees_each_value_after_its_last_forward_read(monkeypatch):
+    """``plan_with_offload`` where the forward waits for each copy at once: the exact simulation of
+    its plan has every offloaded value gone from the op after its last forward read to its reload,
+    and the plan's time charges each copy in full."""
+    import functools
+
+    from sac_compiler.plan_graph import _simulate
+
+    _, _, result, problem, _ = _graph()
+    analysis = result.analysis
+    monkeypatch.setattr(offload_mod, "waits_mid_forward", lambda: False)
+    config = SACConfig(device="H100-SXM", offload=True)  # Inductor
+    simulate = functools.partial(_simulate, analysis, config)
+    budget = int(analysis.memory.peak_bytes * 0.8)  # low enough that the plan offloads
+    choice = offload_mod.plan_with_offload(analysis, config, problem, budget, EXACT, simulate)
+    assert choice is not None and choice.plan.offload and choice.problem.forward_copies_synchronous
+    position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
+    readers = {b.name: r.name for b, r in offload_mod._last_forward_readers(analysis).items()}
+    sim = simulate(choice.plan.recompute)
+    expected = offload_mod.offloaded_simulation(
+        sim, problem, choice.plan.offload, {n: position[readers[n]] for n in choice.plan.offload})
+    at_end = offload_mod.offloaded_simulation(sim, problem, choice.plan.offload)
+    assert choice.simulation.step_peaks == expected.step_peaks != at_end.step_peaks
+    assert choice.simulation.peak_bytes <= budget
+    copies = sum(choice.problem.copy_ms(c.nbytes) for c in problem.candidates if c.name in choice.plan.offload)
+    assert choice.plan.stall_ms >= copies - 1e-9
 
 
 def test_the_exact_check_frees_an_offloaded_value_after_its_wait():

@@ -98,6 +98,12 @@ class OffloadProblem:
             waits for each copy once the copy stream has finished it (torch's ``ao`` ops, waits
             placed by ``offload.place_offload_waits``): a value whose copy finishes by then is
             freed before the peak. None: the forward waits for its copies at its end only.
+        forward_copies_synchronous: the forward waits for each copy as soon as it is issued (the
+            emitted graph cannot let it overlap compute safely: ``offload.forward_copies_synchronous``).
+            Each offloaded value's copy time is then charged in full, none has to hide behind the
+            forward's compute, and a value is freed once its copy is done, before the next op
+            runs: with ``forward_peak_ms``, a value whose last forward read runs before the peak's op
+            is gone there.
     """
 
     savings: SavingsProblem
@@ -108,6 +114,7 @@ class OffloadProblem:
     host_budget: int | None = None
     forward_peak: int | None = None
     forward_peak_ms: float | None = None
+    forward_copies_synchronous: bool = False
 
     def __post_init__(self) -> None:
         if len(self.step_ms) != len(self.savings.baseline):
@@ -181,12 +188,14 @@ def _by_name(problem: OffloadProblem) -> dict[str, Any]:
 
 def offloadable(problem: OffloadProblem) -> list[str]:
     """Values the program may offload, in candidate order: named in ``ready_ms``, read by backward,
-    of a non-zero size, and whose copy the forward's compute after their last read can hide."""
+    of a non-zero size, and whose copy the forward's compute after their last read can hide (any
+    copy, where the forward waits for each at once: ``forward_copies_synchronous``)."""
     out = []
     for c in problem.savings.candidates:
         if c.name not in problem.ready_ms or c.first_use is None or c.first_use < 1 or c.nbytes <= 0:
             continue
-        if problem.ready_ms[c.name] + problem.copy_ms(c.nbytes) > problem.forward_ms:
+        if not problem.forward_copies_synchronous and \
+                problem.ready_ms[c.name] + problem.copy_ms(c.nbytes) > problem.forward_ms:
             continue
         out.append(c.name)
     return out
@@ -226,8 +235,9 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
         offloaded_mib = xsum(_mib(by_name[n].nbytes) * chosen[n] for n in names)
         if problem.host_budget is not None and names:
             m += xsum(_mib(by_name[n].nbytes) * chosen[n] for n in names) <= _mib(problem.host_budget)
-        # forward: copies ready at or after a fit in the compute after a
-        for a in sorted({problem.ready_ms[n] for n in names}):
+        # forward: copies ready at or after a fit in the compute after a (synchronous copies are
+        # charged in the objective instead)
+        for a in sorted({problem.ready_ms[n] for n in names} if not problem.forward_copies_synchronous else ()):
             late = [n for n in names if problem.ready_ms[n] >= a]
             m += xsum(problem.copy_ms(by_name[n].nbytes) * chosen[n] for n in late) <= problem.forward_ms - a
         # backward: stalls where reloads are read, and the window rows
@@ -296,13 +306,18 @@ def solve_offload_plan(problem: OffloadProblem, options: SolverOptions | None = 
         freed = _freed_by_forward_peak(model, problem, names, by_name, state["chosen"])
         model += recomputed_mib + xsum(_mib(by_name[n].nbytes) * f for n, f in freed.items()) >= \
             _mib(problem.forward_peak - savings.budget)
-    model.objective = _time_objective(savings, r, kept) + xsum(stall.values()) + \
+    # the forward's own waits: each synchronous copy in full
+    forward_copies = xsum(problem.copy_ms(by_name[n].nbytes) * state["chosen"][n] for n in names) \
+        if problem.forward_copies_synchronous else 0
+    model.objective = _time_objective(savings, r, kept) + xsum(stall.values()) + forward_copies + \
         xsum(_OFFLOAD_TIE_BREAK_MS * by_name[n].nbytes * var for (n, _), var in o.items())
     outcome = solve(model, options)
     recompute = frozenset(n for n, var in r.items() if var.x is not None and var.x >= 0.5)
     kept_names = frozenset(u for u, var in kept.items() if var.x is not None and var.x >= 0.5)
     offload = {n: s for (n, s), var in o.items() if var.x is not None and var.x >= 0.5}
     stall_ms = sum(max(0.0, var.x or 0.0) for var in stall.values())
+    if problem.forward_copies_synchronous:
+        stall_ms += sum(problem.copy_ms(by_name[n].nbytes) for n in offload)
     elapsed = time.perf_counter() - start
     logger.debug("offload_plan: %d candidates (%d offloadable), %d steps -> %d recomputed, %d offloaded in %.3f s",
                  len(savings.candidates), len(names), len(savings.baseline), len(recompute), len(offload), elapsed)
@@ -320,10 +335,16 @@ def _freed_by_forward_peak(model: Any, problem: OffloadProblem, names: list[str]
     The copies run first in, first out, in the order of their ready times (candidate order at a
     tie); the copy of ``v`` finishes at the largest, over ready times ``a``, of ``a`` plus the copy
     times of the offloaded values from ``a`` up to ``v`` in that order (a single machine with
-    release times). Each such sum is bounded by ``forward_peak_ms`` where ``f_v`` is 1."""
+    release times). Each such sum is bounded by ``forward_peak_ms`` where ``f_v`` is 1.
+
+    Where the forward waits for each copy at once (``forward_copies_synchronous``), a value is
+    freed before the op after its last forward read: ``f_v`` is its offload choice where that read
+    runs before the peak's op starts."""
     deadline = problem.forward_peak_ms
     if deadline is None:
         return {}
+    if problem.forward_copies_synchronous:
+        return {v: chosen[v] for v in names if problem.ready_ms[v] <= deadline}
     index = {c.name: i for i, c in enumerate(problem.savings.candidates)}
     key = {n: (problem.ready_ms[n], index[n]) for n in names}
     copy = {n: problem.copy_ms(by_name[n].nbytes) for n in names}

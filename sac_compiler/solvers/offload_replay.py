@@ -9,7 +9,9 @@ emitted graphs would:
   every copy still running (exposed forward time), and then frees the device copies: at the
   forward's own peak (``forward_peak``) they are all still there, unless the forward waits for
   each copy once it has finished (``forward_peak_ms``): then those finished by the peak's op are
-  gone there;
+  gone there. Where the forward waits for each copy as soon as it is issued
+  (``forward_copies_synchronous``), the compute stream stands still for the whole copy and the
+  value is freed before the next op;
 * backward, at each step ``t``: the reloads that start at ``t`` are issued onto the copy stream (in
   the order of their first reads), the reload buffer is allocated; then the compute stream waits
   for every reload read at ``t`` (exposed backward time), then the step's compute runs;
@@ -38,7 +40,8 @@ class Replay:
         forward_peak_bytes: device bytes at the forward's own peak (None: the problem has none).
         peak_bytes: the largest of all of them.
         host_peak_bytes: the most pinned host bytes held at once.
-        forward_stall_ms: time the compute stream waits at the end of forward for copies.
+        forward_stall_ms: time the compute stream waits in forward for copies (at its end; at each
+            copy, where they are synchronous).
         backward_stall_ms: time it waits in backward for reloads, in all.
         stalls: per backward step, the wait before it (steps without one left out).
         time_ms: recompute time and keep costs (the savings model's) plus both stalls.
@@ -91,12 +94,21 @@ def replay(problem: OffloadProblem, recompute: Iterable[str] = (), kept: Iterabl
     events: list[tuple[float, int]] = []  # (time, host bytes +/-) for the host peak
     # forward: one FIFO copy stream, copies in the order their last forward reads run
     stream = 0.0
-    finished: dict[str, float] = {}
+    finished: dict[str, float] = {}  # on the compute timeline without the forward's stalls
+    waited = 0.0  # synchronous copies: the compute stream's waits so far
     for name in sorted(offload, key=lambda n: (problem.ready_ms.get(n, problem.forward_ms), order[n])):
-        begin = max(stream, problem.ready_ms.get(name, problem.forward_ms))
+        ready_at = problem.ready_ms.get(name, problem.forward_ms)
+        if problem.forward_copies_synchronous:
+            # issued after its last read; the compute waits for it there, before its next op
+            events.append((ready_at + waited, cands[name].nbytes))
+            waited += copy_ms(name)
+            finished[name] = ready_at
+            stream = problem.forward_ms + waited
+            continue
+        begin = max(stream, ready_at)
         stream = finished[name] = begin + copy_ms(name)
         events.append((begin, cands[name].nbytes))
-    forward_stall = max(0.0, stream - problem.forward_ms)
+    forward_stall = waited if problem.forward_copies_synchronous else max(0.0, stream - problem.forward_ms)
 
     # backward
     now = problem.forward_ms + forward_stall
