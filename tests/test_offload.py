@@ -986,3 +986,35 @@ def test_the_hand_picked_anchor_runs_under_inductor_on_the_gpu_with_eager_gradie
     torch.cuda.synchronize()
     assert forwards and "cpu_offload_" in forwards[0], forwards
     _assert_grads(model, expected)
+
+
+def test_the_offload_search_beside_a_recompute_plan_is_short(monkeypatch):
+    """Where recomputation alone has a plan, the keep / recompute / offload program only tries to
+    beat it: its solves get ``_OFFLOAD_BESIDE_S``; below recomputation's floor they get the
+    configured limit."""
+    from sac_compiler import plan_graph
+    from sac_compiler.plan_graph import BudgetError, plan_joint
+
+    model, x, result, _, _ = _graph()
+    peak = result.analysis.memory.peak_bytes
+    limits = []
+
+    def recording(analysis, config, problem, goal, options, simulate):
+        limits.append(options.time_limit_s)
+        return None
+
+    monkeypatch.setattr(offload_mod, "plan_with_offload", recording)
+    from sac_compiler.capture import capture_joint
+
+    def plan(budget):
+        graph = capture_joint(model, x, target_device="cpu")
+        return plan_joint(graph, SACConfig(device="H100-SXM", compiler="eager", offload=True, time_limit_s=30,
+                                           memory_budget=budget))
+
+    monkeypatch.setattr(offload_mod, "offload_note", lambda config, analysis=None, bandwidth=None: None)
+    planned = plan(int(peak * 0.9))
+    assert planned.plan.recompute and limits == [plan_graph._OFFLOAD_BESIDE_S]
+    limits.clear()
+    with pytest.raises(BudgetError):
+        plan(int(peak * 0.5))
+    assert limits == [30]
