@@ -631,6 +631,7 @@ def compile_graph(
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
                      runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
+        planned = offload_at_this_compile(planned, name)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
         partitioner.name = name
@@ -671,6 +672,23 @@ def compile_graph(
                 raise
             return enforced(-room)
     return compile_once(gm, example_inputs, 0)[0]
+
+
+def offload_at_this_compile(config: SACConfig, name: str = "the graph") -> SACConfig:
+    """``config`` for a compile now: without offload where this compile runs outside Dynamo's
+    (a plan made again at run time) and the installed torch's offloaded graph cannot be compiled
+    there (``offload.recompilable_outside_dynamo``); the log says so."""
+    from torch._guards import TracingContext
+
+    if not config.offload or TracingContext.try_get() is not None:
+        return config
+    from sac_compiler.offload import recompilable_outside_dynamo
+
+    if recompilable_outside_dynamo():
+        return config
+    log.warning("sac: %s is planned again at run time, where torch %s cannot compile offloaded values (its "
+                "offload pass needs Dynamo's own compile): planning it without offload", name, torch.__version__)
+    return dataclasses.replace(config, offload=False)
 
 
 def _cuda_device(example_inputs: Sequence[Any]) -> torch.device | None:

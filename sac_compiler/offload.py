@@ -268,6 +268,16 @@ def forward_copies_synchronous(compiler: str) -> bool:
     return compiler == "inductor" and not waits_mid_forward()
 
 
+def recompilable_outside_dynamo() -> bool:
+    """Whether a graph with offloaded values can be compiled outside Dynamo's own compile (a plan
+    made again at run time, ``sac_compiler.enforce``). torch 2.11's offload pass names its copy
+    stream and events through Dynamo's table of objects the frame's bytecode makes (its stream
+    ops' ``new_stream`` / ``new_event``), which only Dynamo's compile of the frame fills: a graph
+    planned again at run time failed on an H200 with "Index not registered in
+    index_to_user_object_weakref". torch 2.13's ``ao`` ops hold their stream themselves."""
+    return reloads_placeable()
+
+
 def reload_anchors(analysis: Any, offload: Mapping[str, int]) -> dict[str, str]:
     """For a plan's reload starts (value -> step), the backward op each reload is issued before: the
     op of that step in the joint graph (step ``t >= 1`` is the backward's ``t``-th op)."""
@@ -693,6 +703,7 @@ __all__ = [
     "place_offload_waits",
     "place_reloads",
     "reload_anchors",
+    "recompilable_outside_dynamo",
     "reloads_placeable",
     "wait_anchors",
     "waits_mid_forward",
