@@ -146,7 +146,9 @@ class SACPartitioner(CustomPartitionerFn):
                 )
 
                 placeable = reloads_placeable()
-                with offload_partitioning(offload.bandwidth, prefetch=not placeable, cuda=True,
+                # PyTorch's prefetch is off: the plan starts the reloads (placed below where the
+                # installed torch lets them be moved; else each at its first read, as planned)
+                with offload_partitioning(offload.bandwidth, prefetch=False, cuda=True,
                                           sink_wait=not forward_copies_synchronous(self.config.compiler)):
                     out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
                 if placeable:

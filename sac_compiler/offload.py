@@ -350,7 +350,7 @@ _CPU_OFFLOAD = "cpu_offload_"
 
 def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None = None,
                           host_budget: int | None = None, min_bytes: int = 0,
-                          synchronous: bool = False) -> Any:
+                          synchronous: bool = False, reloads_at_first_use: bool = False) -> Any:
     """The offload program's problem for an annotated joint graph and its savings problem
     (``plan_graph.build_plan_problem``).
 
@@ -359,7 +359,8 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     values offered are those PyTorch's partitioner can offload (``offload_refusal``) that backward
     reads, of at least ``min_bytes``. ``bandwidth`` defaults to the device spec's
     ``host_link_bandwidth``. ``synchronous``: the forward waits for each copy as it is issued
-    (``forward_copies_synchronous``)."""
+    (``forward_copies_synchronous``); ``reloads_at_first_use``: each reload is issued at its
+    value's first backward read (``reloads_placeable`` is False)."""
     from sac_compiler.plan_graph import _owner_map
     from sac_compiler.solvers.offload_plan import OffloadProblem
 
@@ -411,7 +412,8 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
         forward_peak_ms = min(forward_ms, max(0.0, done_at[peak_node] - own))
     return OffloadProblem(savings=problem, step_ms=tuple(step_ms), forward_ms=forward_ms, ready_ms=ready,
                           bandwidth=float(bandwidth), host_budget=host_budget, forward_peak=forward_peak,
-                          forward_peak_ms=forward_peak_ms, forward_copies_synchronous=synchronous)
+                          forward_peak_ms=forward_peak_ms, forward_copies_synchronous=synchronous,
+                          reloads_at_first_use=reloads_at_first_use)
 
 
 def _last_forward_readers(analysis: Any) -> dict[fx.Node, fx.Node]:
@@ -519,7 +521,8 @@ def plan_offload(analysis: Any, config: Any, budget: int, options: Any = None,
         return OffloadOutcome(reason=reason)
     problem, _, _ = build_plan_problem(analysis, fused_pointwise=config.compiler == "inductor")
     offload_problem = with_budget(build_offload_problem(analysis, problem, bandwidth, config.host_memory_budget,
-                                                        synchronous=forward_copies_synchronous(config.compiler)),
+                                                        synchronous=forward_copies_synchronous(config.compiler),
+                                                        reloads_at_first_use=not reloads_placeable()),
                                   budget)
     options = options if options is not None else _solver_options(config, analysis)  # the planner's own
     with _torch_threads_kept():  # the solver's OpenMP runtime may reset torch's thread count
@@ -664,7 +667,8 @@ def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, optio
 
     synchronous = forward_copies_synchronous(getattr(config, "compiler", "inductor"))
     offload_problem = build_offload_problem(analysis, problem, link_bandwidth(analysis),
-                                            getattr(config, "host_memory_budget", None), synchronous=synchronous)
+                                            getattr(config, "host_memory_budget", None), synchronous=synchronous,
+                                            reloads_at_first_use=not reloads_placeable())
     position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
     readers = {base.name: reader.name for base, reader in _last_forward_readers(analysis).items()}
     target = goal

@@ -1045,3 +1045,33 @@ def test_a_plan_made_again_at_run_time_leaves_offload_out_where_torch_cannot_com
     monkeypatch.setattr(offload_mod, "reloads_placeable", lambda: True)
     assert offload_at_this_compile(config) is config
     assert offload_at_this_compile(SACConfig()).offload is False
+
+
+def test_where_reloads_cannot_be_placed_each_starts_at_its_first_read(monkeypatch):
+    """Without ``ao.reload`` (torch 2.11) a reload can only be issued before its value's first
+    backward read (PyTorch's prefetch, off, would move it by estimates of its own): the program
+    offers that start alone and its plan's reloads all start there; the replay charges the copy."""
+    import functools
+
+    from sac_compiler.plan_graph import _simulate
+
+    _, _, result, problem, _ = _graph()
+    analysis = result.analysis
+    first = {c.name: c.first_use for c in problem.candidates}
+    off = _offload_problem(result, problem, reloads_at_first_use=True)
+    assert all(reload_starts(off, n) == [first[n]] for n in offloadable(off))
+    one = _one_value(budget=400, bandwidth=200e9)
+    assert reload_starts(one, "x") == [1, 2, 3, 4]
+    assert reload_starts(dataclasses.replace(one, reloads_at_first_use=True), "x") == [4]
+    # reloaded at its first read, nothing hides the copy (0.52 ms), still under recomputing it (2 ms)
+    plan, run = _checked(dataclasses.replace(one, reloads_at_first_use=True))
+    assert dict(plan.offload) == {"x": 4} and not plan.recompute
+    assert run.backward_stall_ms == pytest.approx(1e3 * 100 * MiB / 200e9)
+    monkeypatch.setattr(offload_mod, "reloads_placeable", lambda: False)
+    config = SACConfig(device="H100-SXM", offload=True)
+    choice = offload_mod.plan_with_offload(analysis, config, problem, int(analysis.memory.peak_bytes * 0.8), EXACT,
+                                           functools.partial(_simulate, analysis, config))
+    assert choice is not None and choice.plan.offload and choice.problem.reloads_at_first_use
+    assert all(start == first[n] for n, start in choice.plan.offload.items())
+    run = replay(choice.problem, choice.plan.recompute, choice.plan.kept_for_recompute, choice.plan.offload)
+    assert run.backward_stall_ms > 0

@@ -98,6 +98,10 @@ class OffloadProblem:
             waits for each copy once the copy stream has finished it (torch's ``ao`` ops, waits
             placed by ``offload.place_offload_waits``): a value whose copy finishes by then is
             freed before the peak. None: the forward waits for its copies at its end only.
+        reloads_at_first_use: each reload is issued just before its value's first backward read
+            (the emitted graph cannot start it earlier where the plan would: torch 2.11, whose
+            reloads only PyTorch's own prefetch moves, by estimates of its own); the compute waits
+            for it there.
         forward_copies_synchronous: the forward waits for each copy as soon as it is issued (the
             emitted graph cannot let it overlap compute safely: ``offload.forward_copies_synchronous``).
             Each offloaded value's copy time is then charged in full, none has to hide behind the
@@ -115,6 +119,7 @@ class OffloadProblem:
     forward_peak: int | None = None
     forward_peak_ms: float | None = None
     forward_copies_synchronous: bool = False
+    reloads_at_first_use: bool = False
 
     def __post_init__(self) -> None:
         if len(self.step_ms) != len(self.savings.baseline):
@@ -162,13 +167,16 @@ class OffloadPlan:
 def reload_starts(problem: OffloadProblem, name: str) -> list[int]:
     """The reload starts the program may choose for an offloadable value (ascending).
 
-    Every step from 1 to its first use when that is near (``_ALL_STARTS_UP_TO``); else the first
-    use itself (no prefetch) and the latest steps whose compute up to the first use covers the
-    copy time 1, 2, 4 and 8 times over (room for other reloads in the same window)."""
+    Its first use alone where reloads cannot start earlier (``reloads_at_first_use``). Else every
+    step from 1 to its first use when that is near (``_ALL_STARTS_UP_TO``); else the first use
+    itself (no prefetch) and the latest steps whose compute up to the first use covers the copy
+    time 1, 2, 4 and 8 times over (room for other reloads in the same window)."""
     c = _by_name(problem)[name]
     first = c.first_use
     if first is None or first < 1:
         return []
+    if problem.reloads_at_first_use:
+        return [first]
     if first <= _ALL_STARTS_UP_TO:
         return list(range(1, first + 1))
     starts = {first}
