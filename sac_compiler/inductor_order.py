@@ -44,7 +44,7 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
                            "cannot be read; use partition_order='graph'")
 
     def hook(nodes: list[Any]) -> list[Any]:
-        read(nodes)
+        read(_reordered_for_peak_memory(nodes))
         raise _Stop
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -57,6 +57,23 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
+
+
+def _reordered_for_peak_memory(nodes: list[Any]) -> list[Any]:
+    """The fused nodes in the order Inductor runs them: its scheduler reorders them after fusion
+    (``torch._inductor.memory.reorder_for_peak_memory``, on by default), after the hook that hands
+    them here has run."""
+    from torch._inductor import config
+    from torch._inductor.virtualized import V
+
+    if not getattr(config, "reorder_for_peak_memory", False):
+        return nodes
+    from torch._inductor.memory import reorder_for_peak_memory
+    from torch.utils._ordered_set import OrderedSet
+
+    scheduler = V.graph.scheduler
+    return reorder_for_peak_memory(list(nodes), scheduler.name_to_buf, scheduler.name_to_fused_node,
+                                   OrderedSet(V.graph.graph_inputs.keys()), OrderedSet(V.graph.get_output_names()))
 
 
 def node_origins(node: Any) -> list[str]:

@@ -76,3 +76,29 @@ def test_the_attention_bias_copy_brings_a_recorded_bert_plan_nearer_its_measured
         without = replay(name, FOLDER)["ratio"]
     with_rule = replay(name, FOLDER)["ratio"]
     assert without < with_rule <= 1.0
+
+
+def test_the_schedule_read_is_the_one_after_inductors_reordering_for_peak_memory():
+    """Inductor reorders its fused nodes for peak memory after the hook that reads them: two
+    independent chains, each a large matmul read by a small one, written one large matmul after
+    the other in the graph, run chain by chain (one large result alive at a time). The order read
+    follows that; with the reordering off, the graph's."""
+    from torch._inductor import config as inductor_config
+
+    def chains(x, w1, w2, v1, v2):
+        a = torch.mm(x, w1)
+        b = torch.mm(x, w2)
+        return torch.mm(a, v1), torch.mm(b, v2)
+
+    with FakeTensorMode():
+        args = (torch.randn(512, 64), torch.randn(64, 4096), torch.randn(64, 4096), torch.randn(4096, 2),
+                torch.randn(4096, 2))
+        gm = torch.fx.experimental.proxy_tensor.make_fx(chains)(*args)
+        names = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+        assert names == ["mm", "mm_1", "mm_2", "mm_3"]
+        scheduled = [o for kernel in inductor_order.scheduled_origins(gm, backward=False) for o in kernel]
+        with inductor_config.patch(reorder_for_peak_memory=False):
+            unordered = [o for kernel in inductor_order.scheduled_origins(gm, backward=False) for o in kernel]
+    assert [o for o in unordered if o in names] == names
+    order = [o for o in scheduled if o in names]
+    assert order.index("mm_2") < order.index("mm_1")  # a's reader before b is made
