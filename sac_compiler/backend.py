@@ -142,13 +142,16 @@ class SACPartitioner(CustomPartitionerFn):
                     offload_partitioning,
                     place_offload_waits,
                     place_reloads,
+                    reloads_at_first_read,
                     reloads_placeable,
                 )
 
                 placeable = reloads_placeable()
-                # PyTorch's prefetch is off: the plan starts the reloads (placed below where the
-                # installed torch lets them be moved; else each at its first read, as planned)
-                with offload_partitioning(offload.bandwidth, prefetch=False, cuda=True,
+                # the plan starts the reloads: placed below where the installed torch lets them be
+                # moved; else each at its first read under Inductor (reloads_at_first_read), or by
+                # PyTorch's prefetch on the eager route
+                prefetch = not placeable and not reloads_at_first_read(self.config.compiler)
+                with offload_partitioning(offload.bandwidth, prefetch=prefetch, cuda=True,
                                           sink_wait=not forward_copies_synchronous(self.config.compiler)):
                     out = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
                 if placeable:

@@ -1048,9 +1048,10 @@ def test_a_plan_made_again_at_run_time_leaves_offload_out_where_torch_cannot_com
 
 
 def test_where_reloads_cannot_be_placed_each_starts_at_its_first_read(monkeypatch):
-    """Without ``ao.reload`` (torch 2.11) a reload can only be issued before its value's first
-    backward read (PyTorch's prefetch, off, would move it by estimates of its own): the program
-    offers that start alone and its plan's reloads all start there; the replay charges the copy."""
+    """Without ``ao.reload`` (torch 2.11), under Inductor, a reload is issued before its value's
+    first backward read (PyTorch's prefetch, off, would move it by estimates of its own): the
+    program offers that start alone and its plan's reloads all start there; the replay charges the
+    copy. The eager route keeps PyTorch's prefetch."""
     import functools
 
     from sac_compiler.plan_graph import _simulate
@@ -1068,7 +1069,8 @@ def test_where_reloads_cannot_be_placed_each_starts_at_its_first_read(monkeypatc
     assert dict(plan.offload) == {"x": 4} and not plan.recompute
     assert run.backward_stall_ms == pytest.approx(1e3 * 100 * MiB / 200e9)
     monkeypatch.setattr(offload_mod, "reloads_placeable", lambda: False)
-    config = SACConfig(device="H100-SXM", offload=True)
+    assert offload_mod.reloads_at_first_read("inductor") and not offload_mod.reloads_at_first_read("eager")
+    config = SACConfig(device="H100-SXM", offload=True)  # Inductor
     choice = offload_mod.plan_with_offload(analysis, config, problem, int(analysis.memory.peak_bytes * 0.8), EXACT,
                                            functools.partial(_simulate, analysis, config))
     assert choice is not None and choice.plan.offload and choice.problem.reloads_at_first_use
