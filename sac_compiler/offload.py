@@ -370,7 +370,7 @@ def build_offload_problem(analysis: Any, problem: Any, bandwidth: float | None =
     reads, of at least ``min_bytes``. ``bandwidth`` defaults to the device spec's
     ``host_link_bandwidth``. ``synchronous``: the forward waits for each copy as it is issued
     (``forward_copies_synchronous``); ``reloads_at_first_use``: each reload is issued at its
-    value's first backward read (``reloads_placeable`` is False)."""
+    value's first backward read (``reloads_at_first_read``)."""
     from sac_compiler.plan_graph import _owner_map
     from sac_compiler.solvers.offload_plan import OffloadProblem
 
