@@ -249,6 +249,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "predicted_saved_bytes": getattr(getattr(result, "partitioned", None), "saved_bytes", None),
             "offloaded_bytes": getattr(getattr(result, "offload", None), "bytes", None),
             "offload_stall_ms": getattr(getattr(result, "offload", None), "stall_ms", None),
+            # the link's bytes/s the plan counted its copies with (measured once per GPU)
+            "offload_bandwidth": getattr(getattr(result, "offload", None), "bandwidth", None),
             "offload_note": getattr(result, "offload_note", None),
         })
     out["graphs"] = graphs
@@ -467,10 +469,12 @@ def _row(r: dict[str, Any]) -> str:
     budget = r.get("budget_bytes")
     flag = " OVER" if r.get("violation") else ""
     offloaded = sum(g.get("offloaded_bytes") or 0 for g in r.get("graphs", []))
+    links = [g["offload_bandwidth"] for g in r.get("graphs", []) if g.get("offload_bandwidth")]
     return (f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} {r['step_ms']:8.2f} ms  extra {_gib(r['extra_bytes'])} "
             f"peak {_gib(r['peak_bytes'])} budget {_gib(budget)} predicted {_gib(max(predicted) if predicted else None)} "
             f"first {_gib(max(first) if first else None)} replans {replans}"
-            f"{f' offloaded {_gib(offloaded)}' if offloaded else ''}{flag}")
+            f"{f' offloaded {_gib(offloaded)}' if offloaded else ''}"
+            f"{f' link {max(links) / 1e9:.1f} GB/s' if links else ''}{flag}")
 
 
 def _plot(rows: list[dict[str, Any]], out: Path) -> None:
