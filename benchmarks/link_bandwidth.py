@@ -12,7 +12,6 @@ checked against the link::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,28 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def copy_ms(nbytes: int, direction: str, repeats: int = 5) -> float:
-    """Median milliseconds of one ``nbytes`` copy between the current GPU and pinned host memory
-    (``direction``: "d2h" or "h2d")."""
-    device_buffer = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    host_buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    target, source = (host_buffer, device_buffer) if direction == "d2h" else (device_buffer, host_buffer)
-    times = []
-    for i in range(repeats + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source, non_blocking=True)
-        end.record()
-        end.synchronize()
-        if i:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from sac_compiler.config import parse_bytes
-    from sac_compiler.offload import _measure_link
+    from sac_compiler.offload import _measure_link, transfer_ms
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["64MiB", "1GiB"], help="copy sizes (default: 64MiB 1GiB)")
@@ -56,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"the backend's measurement (64 MiB, device to host): {_measure_link(device) / 1e9:.1f} GB/s")
     for nbytes in sizes:
         for direction in ("d2h", "h2d"):
-            ms = copy_ms(nbytes, direction, args.repeats)
+            ms = transfer_ms(device, nbytes, direction, args.repeats)
             print(f"{direction} {nbytes / 2**20:8.0f} MiB: {ms:8.3f} ms, {nbytes / ms / 1e6:7.1f} GB/s")
 
 

@@ -602,8 +602,18 @@ def _spec_is_this_gpu(spec: Any, device: torch.device) -> bool:
 
 
 def _measure_link(device: torch.device, nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
-    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    target = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return nbytes / (transfer_ms(device, nbytes, "d2h", repeats) / 1e3)
+
+
+def transfer_ms(device: torch.device, nbytes: int, direction: str = "d2h", repeats: int = 5) -> float:
+    """Milliseconds of one ``nbytes`` copy between the CUDA ``device`` and pinned host memory
+    (``direction``: "d2h" or "h2d"), timed with CUDA events: the median of ``repeats`` copies
+    after one that warms the path up."""
+    if direction not in ("d2h", "h2d"):
+        raise ValueError(f"direction must be 'd2h' or 'h2d', got {direction!r}")
+    device_buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host_buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target, source = (host_buffer, device_buffer) if direction == "d2h" else (device_buffer, host_buffer)
     times = []
     for i in range(repeats + 1):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -611,10 +621,9 @@ def _measure_link(device: torch.device, nbytes: int = 64 * 2**20, repeats: int =
         target.copy_(source, non_blocking=True)
         end.record()
         end.synchronize()
-        if i:  # the first copy warms the path up
-            times.append(start.elapsed_time(end) / 1e3)
-    del source, target
-    return nbytes / sorted(times)[len(times) // 2]
+        if i:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def offloaded_simulation(sim: Any, problem: Any, offload: Mapping[str, int],
@@ -675,11 +684,11 @@ def plan_with_offload(analysis: Any, config: Any, problem: Any, goal: int, optio
     from sac_compiler.solvers.offload_plan import solve_offload_plan, with_budget
     from sac_compiler.solvers.savings_plan import plan_time_ms
 
-    synchronous = forward_copies_synchronous(getattr(config, "compiler", "inductor"))
+    compiler = getattr(config, "compiler", "inductor")
+    synchronous = forward_copies_synchronous(compiler)
     offload_problem = build_offload_problem(analysis, problem, link_bandwidth(analysis),
                                             getattr(config, "host_memory_budget", None), synchronous=synchronous,
-                                            reloads_at_first_use=reloads_at_first_read(getattr(config, "compiler",
-                                                                                               "inductor")))
+                                            reloads_at_first_use=reloads_at_first_read(compiler))
     position = {n.name: i for i, n in enumerate(analysis.graph.gm.graph.nodes)}
     readers = {base.name: reader.name for base, reader in _last_forward_readers(analysis).items()}
     target = goal

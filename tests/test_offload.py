@@ -1077,3 +1077,10 @@ def test_where_reloads_cannot_be_placed_each_starts_at_its_first_read(monkeypatc
     assert all(start == first[n] for n, start in choice.plan.offload.items())
     run = replay(choice.problem, choice.plan.recompute, choice.plan.kept_for_recompute, choice.plan.offload)
     assert run.backward_stall_ms > 0
+
+
+def test_a_timed_transfer_names_its_direction():
+    """``transfer_ms`` (the backend's link measurement, ``benchmarks/link_bandwidth.py``) takes
+    "d2h" or "h2d" and says so for anything else, before touching a device."""
+    with pytest.raises(ValueError, match="direction must be 'd2h' or 'h2d'"):
+        offload_mod.transfer_ms(torch.device("cuda"), 1024, "up")
