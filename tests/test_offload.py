@@ -670,6 +670,31 @@ def test_reloads_start_where_the_plan_starts_them():
         assert order.index(f"async_gpu_reload_{name}") < order.index(anchor) <= order.index(f"gpu_reload_{name}")
 
 
+def _wide_mlp_on_gpu():
+    """The six-layer MLP of ``_wide_mlp_for_cuda`` on the GPU (seeded) and its batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4096, 4096), nn.GELU())]).cuda()
+    return model, torch.randn(16384, 4096, device="cuda")
+
+
+def _offloaded_gpu_step(model, x, **options):
+    """One step of ``model(x).sum()`` through backend="sac" with ``options`` (offload on): the plan,
+    which must offload and whose forward must copy out, and the step's measured peak."""
+    from tests.test_plan import recording_backend
+
+    backend, records = recording_backend(offload=True, **options)
+    compiled = torch.compile(model, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    compiled(x).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    (result, fw, _), = records
+    assert result.offload is not None and result.offload.starts, result.offload_note
+    assert "ao.offload" in fw.code or any(n.name.startswith("cpu_offload_") for n in fw.graph.nodes), fw.code
+    return result, peak
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients():
@@ -678,28 +703,16 @@ def test_the_backend_offloads_on_the_gpu_within_its_budget_with_eager_gradients(
     measured peak is within the budget and the gradients are eager's."""
     from sac_compiler.capture import capture_joint
     from sac_compiler.plan_graph import plan_joint
-    from tests.test_plan import recording_backend
 
     meta_model, meta_x = _wide_mlp_for_cuda()
     sim = plan_joint(capture_joint(meta_model, meta_x, target_device="cuda"),
                      SACConfig(compiler="eager")).analysis.memory
     budget = max([sim.end_of_forward_bytes, *sim.step_peaks[:sim.first_backward]]) + 64 * MiB
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4096, 4096), nn.GELU())]).cuda()
-    x = torch.randn(16384, 4096, device="cuda")
+    model, x = _wide_mlp_on_gpu()
     model(x).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    backend, records = recording_backend(memory_budget=budget, compiler="eager", offload=True)
-    compiled = torch.compile(model, backend=backend)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    compiled(x).sum().backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    (result, fw, bw), = records
-    assert result.offload is not None and result.offload.starts, result.offload_note
-    assert "ao.offload" in fw.code or any(n.name.startswith("cpu_offload_") for n in fw.graph.nodes), fw.code
+    result, peak = _offloaded_gpu_step(model, x, memory_budget=budget, compiler="eager")
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: budget {budget / 2**20:.0f} MiB, "
           f"predicted {result.predicted_peak / 2**20:.0f} MiB, measured {peak / 2**20:.0f} MiB, "
           f"offloaded {result.offload.bytes / 2**20:.0f} MiB")
@@ -716,14 +729,11 @@ def test_the_backend_offloads_under_inductor_below_recomputations_floor_with_com
     ``offload.forward_copies_synchronous``; sunk waits gave wrong gradients there)."""
     from sac_compiler.capture import capture_joint
     from sac_compiler.plan_graph import plan_joint
-    from tests.test_plan import recording_backend
 
     meta_model, meta_x = _wide_mlp_for_cuda()
     lowest = plan_joint(capture_joint(meta_model, meta_x, target_device="cuda"), SACConfig(memory_budget=0.0))
     budget = int(lowest.predicted_peak * 0.9)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4096, 4096), nn.GELU())]).cuda()
-    x = torch.randn(16384, 4096, device="cuda")
+    model, x = _wide_mlp_on_gpu()
     torch.compile(model)(x).sum().backward()
     expected = [p.grad.cpu() for p in model.parameters()]  # off the device: not held beside the step
     model.zero_grad(set_to_none=True)
@@ -732,16 +742,7 @@ def test_the_backend_offloads_under_inductor_below_recomputations_floor_with_com
     # matmul workspaces, what plain compile left): count it in the budget
     planned_static = sum(t.numel() * t.element_size() for t in (*model.parameters(), x))
     budget += max(0, torch.cuda.memory_allocated() - planned_static)
-    backend, records = recording_backend(memory_budget=budget, offload=True)
-    compiled = torch.compile(model, backend=backend)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    compiled(x).sum().backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    (result, fw, _), = records
-    assert result.offload is not None and result.offload.starts, result.offload_note
-    assert "ao.offload" in fw.code or any(n.name.startswith("cpu_offload_") for n in fw.graph.nodes), fw.code
+    result, peak = _offloaded_gpu_step(model, x, memory_budget=budget)
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: synchronous forward copies "
           f"{offload_mod.forward_copies_synchronous('inductor')}, recompute-only lowest "
           f"{lowest.predicted_peak / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, predicted "
