@@ -260,10 +260,9 @@ def forward_copies_synchronous(compiler: str) -> bool:
     So under Inductor where torch's offload pass has no ``ao`` ops (torch 2.11: ``prims.device_put``
     between stream ops). Nothing in that graph keeps the copied value alive until the copy's wait:
     Inductor takes the copy for a finished read and lets the next kernel write into the value's
-    buffer (a pointwise op done in place) while the copy stream still reads it. With the waits at
-    the end of forward the gradients are wrong (PyTorch's own flags alone, every saved matmul output
-    offloaded, on an H200 with torch 2.11); with each wait right after its copy they are eager's.
-    The ``ao`` ops' wait takes the value as its keepalive (torch 2.13), so there the copies
+    buffer (a pointwise op done in place) while the copy stream still reads it: with the waits at
+    the end of forward the gradients are wrong, with each wait right after its copy they are
+    eager's (docs/results.md). The ``ao`` ops' wait takes the value as its keepalive (torch 2.13), so there the copies
     overlap; so they do on the eager route, which runs no kernel in place of another."""
     return compiler == "inductor" and not waits_mid_forward()
 
@@ -271,10 +270,10 @@ def forward_copies_synchronous(compiler: str) -> bool:
 def reloads_at_first_read(compiler: str) -> bool:
     """Whether each reload is issued just before its value's first backward read, PyTorch's
     prefetch off: under Inductor where the installed torch's reloads cannot be moved to where the
-    plan starts them (no ``ao.reload``, torch 2.11). With PyTorch's prefetch there, which moves
-    reloads by estimates of its own, the 16-layer Llama's partitioned graphs simulated and
-    measured 1.5 GB above the plan on an H200. On the eager route the prefetch stays (measured
-    under its plan there)."""
+    plan starts them (no ``ao.reload``, torch 2.11). PyTorch's prefetch there moves reloads by
+    estimates of its own, which the plan cannot count: the partitioned graphs then peaked above
+    the plan (docs/results.md). On the eager route the prefetch stays: it measured under its plan
+    there."""
     return compiler == "inductor" and not reloads_placeable()
 
 
@@ -283,8 +282,8 @@ def recompilable_outside_dynamo() -> bool:
     made again at run time, ``sac_compiler.enforce``). torch 2.11's offload pass names its copy
     stream and events through Dynamo's table of objects the frame's bytecode makes (its stream
     ops' ``new_stream`` / ``new_event``), which only Dynamo's compile of the frame fills: a graph
-    planned again at run time failed on an H200 with "Index not registered in
-    index_to_user_object_weakref". torch 2.13's ``ao`` ops hold their stream themselves."""
+    planned again at run time fails there ("Index not registered in
+    index_to_user_object_weakref"). torch 2.13's ``ao`` ops hold their stream themselves."""
     return reloads_placeable()
 
 

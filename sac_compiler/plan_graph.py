@@ -759,8 +759,9 @@ _REFINE_S = 5.0
 # How long the program's own lowest-peak search may take where a layer plan is also tried.
 _LOWEST_PEAK_S = 2.0
 # Seconds the keep / recompute / offload program gets per solve where a recompute-only plan is
-# already found (it keeps the configured limit where none is): on the 16-layer Llama at 0.5 on an
-# H200 its solves reached their 30 s limit twice and the plan kept recomputation alone.
+# already found (it keeps the configured limit where none is): there it only tries to beat that
+# plan, and a solve run to the full limit costs planning time the step may never win back
+# (measured in docs/results.md).
 _OFFLOAD_BESIDE_S = 5.0
 
 
