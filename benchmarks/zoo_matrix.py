@@ -142,6 +142,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             options["enforce_budget"] = False
         if strategy.startswith("sac+offload"):  # keep, recompute or offload (SACConfig.offload)
             options["offload"] = True
+        options.update(cell.get("sac_options") or {})  # --sac-option KEY=VALUE
         config = SACConfig.from_options(options)
         dump = Path(cell["dump"]) if cell.get("dump") else None
 
@@ -367,6 +368,8 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
+    if args.sac_options:
+        base["sac_options"] = args.sac_options
     if args.lock:
         base["lock"] = str(out.resolve() / "gpu.lock")
     dump = out / "partitions" if args.dump_partitions else None
@@ -391,6 +394,26 @@ def run_at_peaks(args: argparse.Namespace) -> list[dict[str, Any]]:
     # sac refused at an anchor's peak: run it at the least budget the refusal names
     least = least_budget_cells(done, base, dump)
     return done + _run_cells(_with_timelines(least, out) if args.timeline else least, out, args.jobs)
+
+
+def _sac_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    """``--sac-option KEY=VALUE`` as backend options, each checked as ``SACConfig`` checks it."""
+    from sac_compiler.config import SACConfig
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--sac-option {pair!r}: give KEY=VALUE, e.g. partition_order=inductor")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    try:
+        SACConfig.from_options(options)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--sac-option: {error}")
+    return options
 
 
 def _run_cells(cells: list[dict[str, Any]], out: Path, jobs: int) -> list[dict[str, Any]]:
@@ -426,6 +449,8 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     record = _Recorder(out, len(pairs) * (1 + len(args.anchors) + len(args.fractions) * (2 if args.offload else 1)))
 
     base = dict(size=args.size, warmup=args.warmup, steps=args.steps, dtype=args.dtype)
+    if args.sac_options:
+        base["sac_options"] = args.sac_options
     if args.lock:
         base["lock"] = str(out.resolve() / "gpu.lock")
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -526,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="record one more step of each sac and anchor cell with the CUDA allocator's history and "
                              "write it beside the simulation to OUT/timelines/CELL.png, and what each side holds at "
                              "its peak to OUT/timelines/CELL.json")
+    parser.add_argument("--sac-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backend option for every sac cell (a SACConfig field; the value read as JSON, "
+                             "else as text), e.g. --sac-option partition_order=inductor; repeatable")
     parser.add_argument("--jobs", type=int, default=1, help="cells at once (default: 1)")
     parser.add_argument("--at-peaks-of", metavar="OUT",
                         help="run the anchors again and sac with each anchor's peak measured in OUT as its budget")
@@ -534,6 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-lock", dest="lock", action="store_false",
                         help="let cells run their steps side by side (default: one cell's steps at a time)")
     args = parser.parse_args(argv)
+    args.sac_options = _sac_options(parser, args.sac_option)
     if args.cell:
         print(json.dumps(run_cell(json.loads(args.cell))), flush=True)
         return
