@@ -36,14 +36,15 @@ def measured(folder: Path = RECORDED) -> dict[str, Any]:
     return json.loads((folder / "measured.json").read_text())
 
 
-def replay(name: str, folder: Path = RECORDED, inductor_order: bool = False) -> dict[str, Any]:
+def replay(name: str, folder: Path = RECORDED, inductor_order: bool = False, on_target: bool = False) -> dict[str, Any]:
     """The simulated and measured extra peak of one recorded partition, in bytes
-    (``inductor_order``: the graphs simulated in the order Inductor schedules them)."""
+    (``inductor_order``: the graphs simulated in the order Inductor schedules them; ``on_target``:
+    lowered for the recorded GPU rather than for the CPU)."""
     from sac_compiler.partition_record import replay_partition
 
     record = load(name, folder)
     cell = measured(folder)["cells"][name]
-    peak = replay_partition(record, inductor_order=inductor_order)
+    peak = replay_partition(record, inductor_order=inductor_order, on_target=on_target)
     simulated = peak.peak_bytes - record["static_bytes"] - record["extra_static_bytes"]
     actual = cell["peak_bytes"] - cell["static_bytes"]
     return {"name": name, "simulated_extra": simulated, "measured_extra": actual,
@@ -58,10 +59,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"recorded partitions and their measured.json (default: {RECORDED.relative_to(ROOT)})")
     parser.add_argument("--inductor-order", action="store_true",
                         help="simulate the graphs in the order Inductor's scheduler runs them (lowers each on CPU)")
+    parser.add_argument("--on-target", action="store_true",
+                        help="with --inductor-order: lower each graph for the GPU it was recorded on (Inductor's "
+                             "fusion and reordering for peak memory differ between CPU and CUDA; needs a GPU)")
     args = parser.parse_args(argv)
+    if args.on_target and not args.inductor_order:
+        parser.error("--on-target lowers the graphs for Inductor's order: give --inductor-order with it")
     sys.path.insert(0, str(ROOT))
     info = measured(args.folder)
-    rows = [replay(name, args.folder, args.inductor_order) for name in sorted(info["cells"])]
+    rows = [replay(name, args.folder, args.inductor_order, args.on_target) for name in sorted(info["cells"])]
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")

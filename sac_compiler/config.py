@@ -201,6 +201,11 @@ class SACConfig:
     # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
     # ordering rules) or "inductor" (the order Inductor's scheduler runs them in; lowers each graph)
     partition_order: str = "graph"
+    # Inductor's own reordering of the kernels it schedules by its estimate of their peak
+    # (torch._inductor.config.reorder_for_peak_memory), for the graphs this backend compiles. Off by
+    # default: the plan is made, and its peak simulated, for the partitioned graphs in their order;
+    # Inductor's estimate can pick an order that peaks higher on the device than the one planned
+    reorder_for_peak_memory: bool = False
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
     # memory, on a CUDA graph (sac_compiler.offload.plan_with_offload; the report says where not)
     offload: bool = False
@@ -257,6 +262,9 @@ class SACConfig:
                              f"before the backwards of a step), got {_describe(self.runs_per_step)}")
         self._set("runs_per_step", int(self.runs_per_step))
         _choice("partition_order", self.partition_order, PARTITION_ORDERS)
+        if not isinstance(self.reorder_for_peak_memory, bool):
+            raise ValueError(f"reorder_for_peak_memory must be True or False (whether Inductor reorders the compiled "
+                             f"graphs by its own peak estimate), got {_describe(self.reorder_for_peak_memory)}")
         if self.partition_order == "inductor" and self.compiler != "inductor":
             raise ValueError(f"partition_order='inductor' orders the graphs as Inductor schedules them, but compiler="
                              f"{self.compiler!r} runs them in graph order: use partition_order='graph', or compiler='inductor'")

@@ -32,10 +32,13 @@ class _Stop(Exception):
 REPLACED_RULES = ("recompute_chain_kernel",)
 
 
-def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[Any]], None]) -> None:
+def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[Any]], None],
+                      reorder_for_peak_memory: bool = True) -> None:
     """Lower ``gm`` with Inductor up to its scheduler (its placeholders carry fake tensors) and
     call ``read`` with the scheduled nodes, in order, inside Inductor's graph context; nothing is
-    generated. Raises RuntimeError where the installed torch has no post-fusion hook."""
+    generated. ``reorder_for_peak_memory``: Inductor's reordering by its peak estimate is applied
+    (as Inductor does by default; the backend compiles with ``SACConfig.reorder_for_peak_memory``).
+    Raises RuntimeError where the installed torch has no post-fusion hook."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
 
@@ -48,7 +51,7 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
         raise _Stop
 
     inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    with config.patch(_post_fusion_custom_pass=hook):
+    with config.patch(_post_fusion_custom_pass=hook, reorder_for_peak_memory=reorder_for_peak_memory):
         try:
             compile_fx_inner(gm, inputs, is_backward=backward)
         except Exception as error:  # noqa: BLE001 - only the hook's own stop is expected
@@ -81,11 +84,12 @@ def node_origins(node: Any) -> list[str]:
     return [o.name for part in node.get_nodes() if part.node is not None for o in getattr(part.node, "origins", ())]
 
 
-def scheduled_origins(gm: fx.GraphModule, backward: bool) -> list[list[str]]:
+def scheduled_origins(gm: fx.GraphModule, backward: bool, reorder_for_peak_memory: bool = True) -> list[list[str]]:
     """The FX node names behind each node Inductor's scheduler runs, in its order (the graph's
     placeholders carry fake tensors)."""
     found: list[list[str]] = []
-    lower_to_schedule(gm, backward, lambda nodes: found.extend(node_origins(node) for node in nodes))
+    lower_to_schedule(gm, backward, lambda nodes: found.extend(node_origins(node) for node in nodes),
+                      reorder_for_peak_memory)
     return found
 
 
@@ -103,12 +107,12 @@ def schedule_priority(gm: fx.GraphModule, scheduled: list[list[str]]) -> dict[st
     return first
 
 
-def in_inductor_order(gm: fx.GraphModule, backward: bool,
-                      scheduled: list[list[str]] | None = None) -> fx.GraphModule:
+def in_inductor_order(gm: fx.GraphModule, backward: bool, scheduled: list[list[str]] | None = None,
+                      reorder_for_peak_memory: bool = True) -> fx.GraphModule:
     """A copy of ``gm`` whose nodes run in the order Inductor schedules their kernels
     (placeholders first, the output last, every node after its inputs)."""
     if scheduled is None:
-        scheduled = scheduled_origins(gm, backward)
+        scheduled = scheduled_origins(gm, backward, reorder_for_peak_memory)
     priority = schedule_priority(gm, scheduled)
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -135,7 +139,8 @@ def in_inductor_order(gm: fx.GraphModule, backward: bool,
     return fx.GraphModule(gm, graph)
 
 
-def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, **kwargs: Any) -> Any:
+def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, reorder_for_peak_memory: bool = True,
+                               **kwargs: Any) -> Any:
     """``simulate_partitioned`` of the forward and backward graphs in the order Inductor schedules
     them, without the ordering rule that order replaces (``REPLACED_RULES``)."""
     from torch._guards import detect_fake_mode
@@ -147,7 +152,8 @@ def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, **kwargs:
     vals = [n.meta.get("val") for gm in (fw, bw) for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        ordered_fw, ordered_bw = in_inductor_order(fw, backward=False), in_inductor_order(bw, backward=True)
+        ordered_fw = in_inductor_order(fw, backward=False, reorder_for_peak_memory=reorder_for_peak_memory)
+        ordered_bw = in_inductor_order(bw, backward=True, reorder_for_peak_memory=reorder_for_peak_memory)
     with rules_disabled(*REPLACED_RULES):
         return simulate_partitioned(ordered_fw, ordered_bw, **kwargs)
 

@@ -44,6 +44,8 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
         "loss_memory": args["loss_memory"],
         # the emission kept far matmul-and-add folds apart (records before it: Inductor folded them)
         "far_addmm_apart": rule_on("far_addmm_apart"),
+        # Inductor compiled the graphs with its reordering for peak memory (SACConfig.reorder_for_peak_memory)
+        "reorder_for_peak_memory": result.reorder_for_peak_memory,
         "static_bytes": result.analysis.memory.static_bytes,
         "outside_bytes": result.outside_bytes,
         "budget_bytes": result.budget_bytes,
@@ -54,11 +56,14 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
 
 
 def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str, int]]] | None = None,
-                     inductor_order: bool = False) -> Any:
+                     inductor_order: bool = False, on_target: bool = False) -> Any:
     """The partitioned simulation (``sac_compiler.passes.annotate_memory.PartitionedPeak``) of a recorded
     partition, by the memory model of this code; ``timelines`` receives each graph's live bytes
     per node. ``inductor_order``: the graphs run in the order Inductor schedules them
-    (``sac_compiler.inductor_order``)."""
+    (``sac_compiler.inductor_order``). ``on_target``: the graphs are rebuilt on fake tensors of
+    the record's target device rather than of the CPU, so that Inductor lowers them as it does
+    there (its fusion and its reordering for peak memory differ between CPU and CUDA); a CUDA
+    target needs a GPU."""
     from sac_compiler.passes.annotate_memory import simulate_partitioned
 
     if record.get("format") != FORMAT:
@@ -67,12 +72,18 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fw, bw = _module(record["fw"], mode), _module(record["bw"], mode)
+    device = torch.device(record["target_device"]) if on_target else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"on_target: the record's target device is {device}, and no GPU is visible; "
+                           "replay on CPU (on_target=False) or on a machine with the GPU")
+    fw, bw = _module(record["fw"], mode, device), _module(record["bw"], mode, device)
     if inductor_order:
         from sac_compiler.inductor_order import in_inductor_order
 
+        reorder = record.get("reorder_for_peak_memory", True)  # records before the option: Inductor's default
         with mode:
-            fw, bw = in_inductor_order(fw, backward=False), in_inductor_order(bw, backward=True)
+            fw = in_inductor_order(fw, backward=False, reorder_for_peak_memory=reorder)
+            bw = in_inductor_order(bw, backward=True, reorder_for_peak_memory=reorder)
     with _rules_off(inductor_order), _as_emitted(record):
         return simulate_partitioned(
             fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
@@ -98,6 +109,9 @@ def _rules_off(inductor_order: bool) -> Any:
     from sac_compiler.passes.memory_model import rules_disabled
 
     return rules_disabled(*REPLACED_RULES) if inductor_order else contextlib.nullcontext()
+
+
+_CPU = torch.device("cpu")  # where a record is rebuilt unless on_target
 
 
 # --- graphs as data ------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def _value(value: Any) -> Any:
     raise ValueError(f"cannot record argument {value!r} of type {type(value).__name__}")
 
 
-def _module(data: dict[str, Any], mode: Any) -> fx.GraphModule:
+def _module(data: dict[str, Any], mode: Any, device: torch.device = _CPU) -> fx.GraphModule:
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     graph = fx.Graph()
@@ -189,13 +203,13 @@ def _module(data: dict[str, Any], mode: Any) -> fx.GraphModule:
     for entry in data["nodes"]:
         if entry["op"] == "placeholder":
             node = graph.placeholder(entry["name"])
-            inputs.append(_input(entry["val"], mode))
+            inputs.append(_input(entry["val"], mode, device))
         elif entry["op"] == "call_function":
-            node = graph.call_function(_resolve(entry["target"]), _load(entry["args"], env),
-                                       _load(entry["kwargs"], env))
+            node = graph.call_function(_resolve(entry["target"]), _load(entry["args"], env, device),
+                                       _load(entry["kwargs"], env, device))
             node.name = entry["name"]
         else:
-            graph.output(_load(entry["args"], env)[0])
+            graph.output(_load(entry["args"], env, device)[0])
             continue
         env[entry["name"]] = node
     gm = fx.GraphModule(torch.nn.Module(), graph)
@@ -203,11 +217,11 @@ def _module(data: dict[str, Any], mode: Any) -> fx.GraphModule:
     return gm
 
 
-def _input(spec: dict[str, Any], mode: Any) -> Any:
+def _input(spec: dict[str, Any], mode: Any, device: torch.device = _CPU) -> Any:
     if "scalar" in spec:
-        return _load(spec["scalar"], {})
+        return _load(spec["scalar"], {}, device)
     with mode:
-        return torch.empty_strided(spec["size"], spec["stride"], dtype=getattr(torch, spec["dtype"]))
+        return torch.empty_strided(spec["size"], spec["stride"], dtype=getattr(torch, spec["dtype"]), device=device)
 
 
 def _resolve(name: str) -> Any:
@@ -219,24 +233,24 @@ def _resolve(name: str) -> Any:
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
 
-def _load(value: Any, env: dict[str, fx.Node]) -> Any:
+def _load(value: Any, env: dict[str, fx.Node], device: torch.device = _CPU) -> Any:
     if isinstance(value, list):
-        return [_load(v, env) for v in value]
+        return [_load(v, env, device) for v in value]
     if not isinstance(value, dict):
         return value
     (kind, inner), = value.items()
     if kind == "node":
         return env[inner]
     if kind == "tuple":
-        return tuple(_load(v, env) for v in inner)
+        return tuple(_load(v, env, device) for v in inner)
     if kind == "dict":
-        return {k: _load(v, env) for k, v in inner.items()}
+        return {k: _load(v, env, device) for k, v in inner.items()}
     if kind == "float":
         return float(inner)
     if kind == "dtype":
         return getattr(torch, inner)
     if kind == "device":
-        return torch.device("cpu")  # replayed on CPU fake tensors; the sizes are the device's
+        return device  # the device the graphs are rebuilt on (the sizes are the target's either way)
     if kind == "layout":
         return getattr(torch, inner)
     if kind == "memory_format":

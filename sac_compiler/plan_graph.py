@@ -99,6 +99,7 @@ class GraphPlanResult:
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
     partition_order: str = "graph"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
+    reorder_for_peak_memory: bool = False  # SACConfig.reorder_for_peak_memory: Inductor reorders the graphs it compiles
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
     hold_outputs: bool = False
@@ -151,7 +152,8 @@ class GraphPlanResult:
         if self.partition_order == "inductor":
             from sac_compiler.inductor_order import simulate_in_inductor_order
 
-            return simulate_in_inductor_order(fw, bw, **self.simulation_args())
+            return simulate_in_inductor_order(fw, bw, reorder_for_peak_memory=self.reorder_for_peak_memory,
+                                              **self.simulation_args())
         from sac_compiler.passes.annotate_memory import simulate_partitioned
 
         return simulate_partitioned(fw, bw, **self.simulation_args())
@@ -649,7 +651,8 @@ def plan_joint(
                              + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
                              hold_outputs=config.hold_outputs, loss_memory=config.loss_memory,
-                             partition_order=config.partition_order)
+                             partition_order=config.partition_order,
+                             reorder_for_peak_memory=config.reorder_for_peak_memory)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
     if config.offload:

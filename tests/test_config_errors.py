@@ -41,6 +41,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "loss_memory": set(),
     "runs_per_step": set(),
     "partition_order": set(),
+    "reorder_for_peak_memory": {"bool"},
     "offload": {"bool"},
     "host_memory_budget": {"None"},  # None: unlimited pinned host memory
 }
@@ -116,6 +117,7 @@ _BAD: list[Any] = [
     pytest.param({"enforce_budget": "yes"}, ["True or False"], id="enforce-str"),
     pytest.param({"enforce_budget": 1}, ["True or False"], id="enforce-int"),
     pytest.param({"hold_outputs": "no"}, ["hold_outputs", "True or False"], id="hold-outputs-str"),
+    pytest.param({"reorder_for_peak_memory": 1}, ["True or False", "peak estimate"], id="reorder-int"),
     pytest.param({"loss_memory": "a lot"}, ["cannot read", "GiB"], id="loss-unreadable"),
     pytest.param({"loss_memory": -1}, [_BYTES], id="loss-negative"),
     pytest.param({"loss_memory": 0.5}, [_BYTES], id="loss-fractional"),

@@ -82,9 +82,8 @@ def test_the_schedule_read_is_the_one_after_inductors_reordering_for_peak_memory
     """Inductor reorders its fused nodes for peak memory after the hook that reads them: two
     independent chains, each a large matmul read by a small one, written one large matmul after
     the other in the graph, run chain by chain (one large result alive at a time). The order read
-    follows that; with the reordering off, the graph's."""
-    from torch._inductor import config as inductor_config
-
+    follows that; with the reordering off (as the backend compiles by default,
+    ``SACConfig.reorder_for_peak_memory``), the graph's."""
     def chains(x, w1, w2, v1, v2):
         a = torch.mm(x, w1)
         b = torch.mm(x, w2)
@@ -97,8 +96,8 @@ def test_the_schedule_read_is_the_one_after_inductors_reordering_for_peak_memory
         names = [n.name for n in gm.graph.nodes if n.op == "call_function"]
         assert names == ["mm", "mm_1", "mm_2", "mm_3"]
         scheduled = [o for kernel in inductor_order.scheduled_origins(gm, backward=False) for o in kernel]
-        with inductor_config.patch(reorder_for_peak_memory=False):
-            unordered = [o for kernel in inductor_order.scheduled_origins(gm, backward=False) for o in kernel]
+        unordered = [o for kernel in inductor_order.scheduled_origins(gm, backward=False, reorder_for_peak_memory=False)
+                     for o in kernel]
     assert [o for o in unordered if o in names] == names
     order = [o for o in scheduled if o in names]
     assert order.index("mm_2") < order.index("mm_1")  # a's reader before b is made
