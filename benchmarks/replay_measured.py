@@ -36,13 +36,17 @@ def measured(folder: Path = RECORDED) -> dict[str, Any]:
     return json.loads((folder / "measured.json").read_text())
 
 
-def replay(name: str, folder: Path = RECORDED, inductor_order: bool = False, on_target: bool = False) -> dict[str, Any]:
+def replay(name: str, folder: Path = RECORDED, inductor_order: bool = False, on_target: bool = False,
+           reorder: bool | None = None) -> dict[str, Any]:
     """The simulated and measured extra peak of one recorded partition, in bytes
     (``inductor_order``: the graphs simulated in the order Inductor schedules them; ``on_target``:
-    lowered for the recorded GPU rather than for the CPU)."""
+    lowered for the recorded GPU rather than for the CPU; ``reorder``: Inductor's reordering for
+    peak memory on or off, None: as recorded)."""
     from sac_compiler.partition_record import replay_partition
 
     record = load(name, folder)
+    if reorder is not None:
+        record["reorder_for_peak_memory"] = reorder
     cell = measured(folder)["cells"][name]
     peak = replay_partition(record, inductor_order=inductor_order, on_target=on_target)
     simulated = peak.peak_bytes - record["static_bytes"] - record["extra_static_bytes"]
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"recorded partitions and their measured.json (default: {RECORDED.relative_to(ROOT)})")
     parser.add_argument("--inductor-order", action="store_true",
                         help="simulate the graphs in the order Inductor's scheduler runs them (lowers each on CPU)")
+    parser.add_argument("--reorder", choices=("recorded", "on", "off"), default="recorded",
+                        help="with --inductor-order: Inductor's reordering for peak memory as the record says the "
+                             "graphs were compiled (records before the option: on), or on, or off (default: recorded)")
     parser.add_argument("--on-target", action="store_true",
                         help="with --inductor-order: lower each graph for the GPU it was recorded on (Inductor's "
                              "fusion and reordering for peak memory differ between CPU and CUDA; needs a GPU)")
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--on-target lowers the graphs for Inductor's order: give --inductor-order with it")
     sys.path.insert(0, str(ROOT))
     info = measured(args.folder)
-    rows = [replay(name, args.folder, args.inductor_order, args.on_target) for name in sorted(info["cells"])]
+    reorder = None if args.reorder == "recorded" else args.reorder == "on"
+    rows = [replay(name, args.folder, args.inductor_order, args.on_target, reorder) for name in sorted(info["cells"])]
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")

@@ -744,7 +744,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfi
         # a cache hit skips the partitioner: with a report, a recording subclass, or plans
         # broadcast from rank 0 (every rank must join every broadcast), it must run
         always_run = bool(config.report) or type(partitioner) is not SACPartitioner or plans_are_broadcast()
-        # the plan's order is kept unless the option lets Inductor reorder by its own estimate
+        # Inductor's reordering for peak memory as the option says (partition_order='inductor' follows it)
         patch = inductor_config.patch(custom_partitioner_fn=partitioner,
                                       reorder_for_peak_memory=config.reorder_for_peak_memory)
         with patch, _partitioner_always_runs(always_run):

@@ -202,10 +202,9 @@ class SACConfig:
     # ordering rules) or "inductor" (the order Inductor's scheduler runs them in; lowers each graph)
     partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
-    # (torch._inductor.config.reorder_for_peak_memory), for the graphs this backend compiles. Off by
-    # default: the plan is made, and its peak simulated, for the partitioned graphs in their order;
-    # Inductor's estimate can pick an order that peaks higher on the device than the one planned
-    reorder_for_peak_memory: bool = False
+    # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
+    # in Inductor. Recorded with each partition, and followed by partition_order="inductor"
+    reorder_for_peak_memory: bool = True
     # offer a third choice besides keeping and recomputing: offloading a saved value to pinned host
     # memory, on a CUDA graph (sac_compiler.offload.plan_with_offload; the report says where not)
     offload: bool = False

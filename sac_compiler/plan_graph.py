@@ -99,7 +99,7 @@ class GraphPlanResult:
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
     partition_order: str = "graph"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
-    reorder_for_peak_memory: bool = False  # SACConfig.reorder_for_peak_memory: Inductor reorders the graphs it compiles
+    reorder_for_peak_memory: bool = True  # SACConfig.reorder_for_peak_memory: Inductor reorders the graphs it compiles
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
     hold_outputs: bool = False

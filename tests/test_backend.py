@@ -125,6 +125,36 @@ def test_inductor_route_keeps_a_tied_embeddings_gradient_matmul_where_it_runs():
     assert negated and all(u.target is torch.ops.aten.sub.Tensor for n in negated for u in n.users)
 
 
+@pytest.mark.inductor
+def test_inductor_compiles_the_planned_graphs_with_the_reordering_option():
+    """``reorder_for_peak_memory=False``: Inductor compiles the graphs without its reordering for
+    peak memory (its own setting, restored after the compile); gradients as eager's."""
+    from torch._inductor import config as inductor_config
+
+    from sac_compiler.backend import SACPartitioner, compile_graph
+
+    seen = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            seen.append(inductor_config.reorder_for_peak_memory)
+            return super().__call__(gm, joint_inputs, **kwargs)
+
+    torch.manual_seed(0)
+    model = Nested()
+    x = torch.randn(4, 16)
+    ref_out, ref_grads = _run(model, (x,))
+    torch._dynamo.reset()
+    config = SACConfig.from_options({"memory_budget": 0.5, "reorder_for_peak_memory": False})
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
+                                                                           partitioner_cls=Recording))
+    out, grads = _run(model, (x,), compiled)
+    assert seen == [False] and inductor_config.reorder_for_peak_memory is True
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_report_prints_the_analysis(capsys):
     model = Nested()
     compiled = torch.compile(model, backend="sac", options={"compiler": "eager", "report": True})

@@ -82,8 +82,8 @@ def test_the_schedule_read_is_the_one_after_inductors_reordering_for_peak_memory
     """Inductor reorders its fused nodes for peak memory after the hook that reads them: two
     independent chains, each a large matmul read by a small one, written one large matmul after
     the other in the graph, run chain by chain (one large result alive at a time). The order read
-    follows that; with the reordering off (as the backend compiles by default,
-    ``SACConfig.reorder_for_peak_memory``), the graph's."""
+    follows that; with the reordering off (``SACConfig.reorder_for_peak_memory=False``), the
+    graph's."""
     def chains(x, w1, w2, v1, v2):
         a = torch.mm(x, w1)
         b = torch.mm(x, w2)
