@@ -23,7 +23,7 @@ COMPILERS = ("inductor", "eager")
 ESTIMATE_MODES = ("cost-model", "benchmark")
 # the order the partitioned graphs are simulated in: their own (with the ordering rules), or the
 # one Inductor's scheduler runs their kernels in (sac_compiler.inductor_order)
-PARTITION_ORDERS = ("graph", "inductor")
+PARTITION_ORDERS = ("auto", "graph", "inductor")
 SOLVERS = ("cbc", "highs")
 
 _UNITS = {
@@ -199,8 +199,10 @@ class SACConfig:
     # what it saves for its backward through the others. Run-time enforcement finds it on CUDA
     runs_per_step: int = 1
     # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
-    # ordering rules) or "inductor" (the order Inductor's scheduler runs them in; lowers each graph)
-    partition_order: str = "graph"
+    # ordering rules), "inductor" (the backward in the order Inductor's scheduler runs it: it is
+    # lowered up to the scheduler once more) or "auto": "inductor" where the graph is compiled by
+    # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order)
+    partition_order: str = "auto"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
     # in Inductor. Recorded with each partition, and followed by partition_order="inductor"

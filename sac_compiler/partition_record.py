@@ -59,7 +59,7 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
                      inductor_order: bool = False, on_target: bool = False) -> Any:
     """The partitioned simulation (``sac_compiler.passes.annotate_memory.PartitionedPeak``) of a recorded
     partition, by the memory model of this code; ``timelines`` receives each graph's live bytes
-    per node. ``inductor_order``: the graphs run in the order Inductor schedules them
+    per node. ``inductor_order``: the backward runs in the order Inductor schedules it
     (``sac_compiler.inductor_order``). ``on_target``: the graphs are rebuilt on fake tensors of
     the record's target device rather than of the CPU, so that Inductor lowers them as it does
     there (its fusion and its reordering for peak memory differ between CPU and CUDA); a CUDA
@@ -81,8 +81,7 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
         from sac_compiler.inductor_order import in_inductor_order
 
         reorder = record.get("reorder_for_peak_memory", True)  # records before the option: Inductor's default
-        with mode:
-            fw = in_inductor_order(fw, backward=False, reorder_for_peak_memory=reorder)
+        with mode:  # the backward, as the backend simulates it (inductor_order.simulate_in_inductor_order)
             bw = in_inductor_order(bw, backward=True, reorder_for_peak_memory=reorder)
     with _rules_off(inductor_order), _as_emitted(record):
         return simulate_partitioned(

@@ -98,7 +98,7 @@ class GraphPlanResult:
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
-    partition_order: str = "graph"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
+    partition_order: str = "auto"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
     reorder_for_peak_memory: bool = True  # SACConfig.reorder_for_peak_memory: Inductor reorders the graphs it compiles
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
@@ -148,10 +148,14 @@ class GraphPlanResult:
 
     def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward), in their own
-        order or, with ``partition_order="inductor"``, in the order Inductor schedules them."""
-        if self.partition_order == "inductor":
-            from sac_compiler.inductor_order import simulate_in_inductor_order
+        order or, with ``partition_order="inductor"`` (and ``"auto"`` where Inductor compiles them
+        for a GPU this process sees), with the backward in the order Inductor schedules it."""
+        from sac_compiler.inductor_order import lowers_for_cuda, simulate_in_inductor_order
 
+        order = self.partition_order
+        if order == "auto":
+            order = "inductor" if self.fused_pointwise and lowers_for_cuda(bw) else "graph"
+        if order == "inductor":
             return simulate_in_inductor_order(fw, bw, reorder_for_peak_memory=self.reorder_for_peak_memory,
                                               **self.simulation_args())
         from sac_compiler.passes.annotate_memory import simulate_partitioned

@@ -53,6 +53,7 @@ _OTHER_VALUES = {
     "loss_memory": lambda: 2**30,
     "runs_per_step": lambda: 8,
     "partition_order": lambda: "inductor",
+    "reorder_for_peak_memory": lambda: False,
     "offload": lambda: True,
     "host_memory_budget": lambda: 32 * 2**30,
 }

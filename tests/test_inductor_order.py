@@ -101,3 +101,73 @@ def test_the_schedule_read_is_the_one_after_inductors_reordering_for_peak_memory
     assert [o for o in unordered if o in names] == names
     order = [o for o in scheduled if o in names]
     assert order.index("mm_2") < order.index("mm_1")  # a's reader before b is made
+
+
+def test_auto_simulates_in_graph_order_where_no_gpu_lowers_the_graphs(monkeypatch):
+    """``partition_order="auto"`` (the default) on CPU graphs: nothing to lower for a GPU, so the
+    partitioned graphs are simulated in their order, and Inductor is not asked."""
+    graph_order, fw, bw = _partitioned("graph")
+    auto, _, _ = _partitioned("auto")
+    assert auto.partition_order == "auto" and not inductor_order.lowers_for_cuda(bw)
+
+    def lowered(*args, **kwargs):
+        raise AssertionError("lowered for Inductor's order")
+
+    monkeypatch.setattr(inductor_order, "simulate_in_inductor_order", lowered)
+    assert auto.simulate(fw, bw).peak_bytes == graph_order.simulate(fw, bw).peak_bytes
+
+
+def test_a_backward_that_cannot_be_lowered_is_simulated_in_graph_order_with_a_warning(monkeypatch, caplog):
+    """An Inductor error while reading the schedule does not stop the check: the backward is
+    simulated in graph order (with the ordering rules) and a warning names the error."""
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+
+    result, fw, bw = _partitioned("graph")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no schedule here")
+
+    monkeypatch.setattr(inductor_order, "in_inductor_order", failing)
+    with caplog.at_level("WARNING", logger="sac_compiler.inductor_order"):
+        peak = inductor_order.simulate_in_inductor_order(fw, bw, **result.simulation_args())
+    assert peak.peak_bytes == simulate_partitioned(fw, bw, **result.simulation_args()).peak_bytes
+    assert "could not be read (RuntimeError: no schedule here)" in caplog.text
+
+
+def test_only_the_backward_is_reordered():
+    """The forward is simulated in its own order (its fused loss reductions follow the rules of
+    graph order); the backward in Inductor's."""
+    result, fw, bw = _partitioned("inductor")
+    calls = []
+    original = inductor_order.in_inductor_order
+
+    def recording(gm, backward, *args, **kwargs):
+        calls.append(backward)
+        return original(gm, backward, *args, **kwargs)
+
+    inductor_order.in_inductor_order = recording
+    try:
+        result.simulate(fw, bw)
+    finally:
+        inductor_order.in_inductor_order = original
+    assert calls == [True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_lowers_a_cuda_backward_for_inductors_order():
+    """On a GPU the default lowers the backward on CUDA fake tensors: the schedule read is the
+    one Inductor compiles for CUDA."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    model = Nested(dim=64, n_layers=3).cuda()
+    captured = capture_joint(model, torch.randn(256, 64, device="cuda"), decompose=True)
+    result = plan_joint(captured, SACConfig(memory_budget=0.5))
+    gm = captured.gm
+    tag_graph(gm, result.plan.recompute)
+    inputs = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
+    fw, bw = min_cut_rematerialization_partition(gm, inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    assert inductor_order.lowers_for_cuda(bw)
+    ordered = result.simulate(fw, bw)
+    assert ordered.peak_bytes > 0 and ordered.saved_bytes == inductor_order.simulate_in_inductor_order(
+        fw, bw, **result.simulation_args()).saved_bytes
