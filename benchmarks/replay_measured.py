@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     info = measured(args.folder)
     reorder = None if args.reorder == "recorded" else args.reorder == "on"
-    rows = [replay(name, args.folder, args.inductor_order, args.on_target, reorder) for name in sorted(info["cells"])]
+    rows = []
+    for name in sorted(info["cells"]):
+        try:
+            rows.append(replay(name, args.folder, args.inductor_order, args.on_target, reorder))
+        except Exception as error:  # noqa: BLE001 - printed in its row; the other records go on
+            print(f"{name}: not replayed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", file=sys.stderr)
     gib = 2**30
     print(f"recorded on {info['device']}, torch {info['torch']}, commit {info['commit']}")
     print(f"{'partition':40s} {'recomputed':>10s} {'simulated GiB':>14s} {'measured GiB':>13s} {'ratio':>7s}")
