@@ -57,10 +57,12 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
         read(_reordered_for_peak_memory(nodes))
         raise _Stop
 
-    missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "val" not in n.meta]
+    # an input nothing reads may come without a value (a replayed record's RNG state: the record
+    # keeps the random op itself, not the wrapper that read the state)
+    missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "val" not in n.meta and n.users]
     if missing:
         raise ValueError(f"input(s) {missing[:3]} of the graph carry no fake value to lower it with")
-    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     with config.patch(_post_fusion_custom_pass=hook, reorder_for_peak_memory=reorder_for_peak_memory):
         try:
             compile_fx_inner(gm, inputs, is_backward=backward)

@@ -171,3 +171,22 @@ def test_auto_lowers_a_cuda_backward_for_inductors_order():
     ordered = result.simulate(fw, bw)
     assert ordered.peak_bytes > 0 and ordered.saved_bytes == inductor_order.simulate_in_inductor_order(
         fw, bw, **result.simulation_args()).saved_bytes
+
+
+def test_an_input_nothing_reads_may_come_without_a_value_one_read_may_not():
+    """A replayed record keeps no value for a dropout's RNG state (it holds the random op, which
+    does not read it): such an input is lowered as nothing. An input the graph reads needs its
+    fake value, and the error names it."""
+    with FakeTensorMode():
+        gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x, y: (torch.mm(x, y).relu(),))(
+            torch.randn(8, 8), torch.randn(8, 8))
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+        unused = gm.graph.placeholder("bwd_rng_state_0")
+    unused.meta.pop("val", None)
+    gm.recompile()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert any("mm" in origins for origins in inductor_order.scheduled_origins(gm, backward=False))
+    read = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.users)
+    del read.meta["val"]
+    with pytest.raises(ValueError, match=f"input\\(s\\) \\['{read.name}'\\] of the graph carry no fake value"):
+        inductor_order.scheduled_origins(gm, backward=False)
