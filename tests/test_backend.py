@@ -155,6 +155,48 @@ def test_inductor_compiles_the_planned_graphs_with_the_reordering_option():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.inductor
+def test_the_partition_check_lowers_the_backward_inside_the_backends_own_compile(caplog, monkeypatch):
+    """``partition_order="inductor"`` (what ``"auto"`` takes on a GPU): the check of the partitioned
+    graphs lowers the backward up to Inductor's scheduler while Inductor is compiling the step;
+    the schedule is read (no warning that it could not be), and the compiled step's gradients are
+    eager's."""
+    from sac_compiler import inductor_order
+    from sac_compiler.backend import SACPartitioner, compile_graph
+
+    results, lowered = [], []
+    lower = inductor_order.lower_to_schedule
+
+    def counting(gm, backward, read, *args, **kwargs):
+        lowered.append(backward)
+        return lower(gm, backward, read, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_order, "lower_to_schedule", counting)
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            results.append(self.last_result)
+            return out
+
+    torch.manual_seed(0)
+    model = Nested()
+    x = torch.randn(4, 16)
+    ref_out, ref_grads = _run(model, (x,))
+    torch._dynamo.reset()
+    config = SACConfig.from_options({"memory_budget": 0.5, "partition_order": "inductor"})
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
+                                                                           partitioner_cls=Recording))
+    with caplog.at_level("WARNING", logger="sac_compiler.inductor_order"):
+        out, grads = _run(model, (x,), compiled)
+    assert "could not be read" not in caplog.text and lowered and all(lowered)
+    (result,) = results
+    assert result.partition_order == "inductor" and result.partitioned.peak_bytes > 0
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_report_prints_the_analysis(capsys):
     model = Nested()
     compiled = torch.compile(model, backend="sac", options={"compiler": "eager", "report": True})
