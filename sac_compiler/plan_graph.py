@@ -595,7 +595,8 @@ def plan_and_tag(
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
                                  fastest=previous.fastest, hold_outputs=previous.hold_outputs,
-                                 loss_memory=previous.loss_memory)
+                                 loss_memory=previous.loss_memory, partition_order=config.partition_order,
+                                 reorder_for_peak_memory=config.reorder_for_peak_memory)
         _plan(result, config, target, budget)
         return result
     devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")

@@ -299,3 +299,32 @@ def test_budget_parsing():
     assert MemoryBudget.parse("2GiB") == MemoryBudget(bytes=2 * 2**30)
     with pytest.raises(ValueError, match="positive"):
         parse_bytes(0)
+
+
+def test_a_plan_made_again_for_a_lower_target_keeps_the_configs_partition_order():
+    """The partition check plans the same joint graph again for a lower target, reusing its
+    analysis; the new plan simulates its partitioned graphs as the config says
+    (``partition_order``, ``reorder_for_peak_memory``), not by the defaults."""
+    from sac_compiler.backend import SACPartitioner, _root_name, compile_graph
+    from sac_compiler.plan_graph import plan_and_tag
+
+    again = []
+
+    class Replanning(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            root = _root_name(self.source_gm)
+            first = plan_and_tag(gm, kwargs["num_fwd_outputs"], self.source_gm, root, self.config)
+            again.append((first, plan_and_tag(gm, kwargs["num_fwd_outputs"], self.source_gm, root, self.config,
+                                              target=first.budget_bytes, budget=first.budget_bytes, previous=first)))
+            return super().__call__(gm, joint_inputs, **kwargs)
+
+    config = SACConfig.from_options({"memory_budget": "1GiB", "compiler": "eager", "partition_order": "graph",
+                                     "reorder_for_peak_memory": False})
+    torch.manual_seed(0)
+    model = Nested()
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
+                                                                           partitioner_cls=Replanning))
+    compiled(torch.randn(4, 16)).sum().backward()
+    ((first, result),) = again
+    assert result.analysis is first.analysis  # planned again on the same analysis
+    assert (result.partition_order, result.reorder_for_peak_memory) == ("graph", False)
