@@ -45,7 +45,9 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
     call ``read`` with the scheduled nodes, in order, inside Inductor's graph context; nothing is
     generated. ``reorder_for_peak_memory``: Inductor's reordering by its peak estimate is applied
     (as Inductor does by default; the backend compiles with ``SACConfig.reorder_for_peak_memory``).
-    Raises RuntimeError where the installed torch has no post-fusion hook."""
+    Autotuning is off while lowering (``max_autotune`` set globally would benchmark every matmul's
+    kernels on the device here, once per check): matmuls lower as the library calls they are by
+    default. Raises RuntimeError where the installed torch has no post-fusion hook."""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
 
@@ -63,7 +65,8 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
     if missing:
         raise ValueError(f"input(s) {missing[:3]} of the graph carry no fake value to lower it with")
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    with config.patch(_post_fusion_custom_pass=hook, reorder_for_peak_memory=reorder_for_peak_memory):
+    with config.patch(_post_fusion_custom_pass=hook, reorder_for_peak_memory=reorder_for_peak_memory,
+                      max_autotune=False, max_autotune_gemm=False):
         try:
             compile_fx_inner(gm, inputs, is_backward=backward)
         except Exception as error:  # noqa: BLE001 - only the hook's own stop is expected

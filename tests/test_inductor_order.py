@@ -190,3 +190,19 @@ def test_an_input_nothing_reads_may_come_without_a_value_one_read_may_not():
     del read.meta["val"]
     with pytest.raises(ValueError, match=f"input\\(s\\) \\['{read.name}'\\] of the graph carry no fake value"):
         inductor_order.scheduled_origins(gm, backward=False)
+
+
+def test_lowering_for_the_schedule_does_not_autotune():
+    """``max_autotune`` set by the user would benchmark matmul kernels while lowering, once per
+    check: the schedule is read with autotuning off, and the user's setting is left as it was."""
+    from torch._inductor import config as inductor_config
+
+    seen = []
+    with FakeTensorMode():
+        gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x, y: (torch.mm(x, y).relu(),))(
+            torch.randn(8, 8), torch.randn(8, 8))
+    with inductor_config.patch(max_autotune=True), FakeTensorMode(allow_non_fake_inputs=True):
+        inductor_order.lower_to_schedule(gm, False, lambda nodes: seen.append(
+            (inductor_config.max_autotune, inductor_config.max_autotune_gemm)))
+        assert inductor_config.max_autotune is True
+    assert seen == [(False, False)]
