@@ -22,12 +22,9 @@ from typing import Any
 
 import torch
 
-# what torch.cuda.get_device_properties reports for one H200 (the fields Inductor reads)
-H200 = types.SimpleNamespace(
-    name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150_121_938_944,
-    max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, warp_size=32, gcnArchName="",
-    L2_cache_size=50 * 2**20, shared_memory_per_block_optin=232448, max_threads_per_block=1024, uuid="0",
-    clock_rate=1980000, memory_clock_rate=2619000, memory_bus_width=6144)
+# torch.cuda.get_device_properties for one H200 SXM: its compute capability (9.0) and SM count
+# (132) as NVIDIA specifies them; lowering the recorded partitions reads no other property
+H200 = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132)
 
 
 class _Device:

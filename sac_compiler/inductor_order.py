@@ -11,11 +11,11 @@ kernel. :func:`simulate_in_inductor_order` simulates the partitioned backward so
 ordering rule the schedule replaces.
 
 The schedule is the target device's: Inductor fuses and reorders a graph for CUDA otherwise than
-for CPU (for one recorded T5 plan its reordering for peak memory moved eleven recomputed matmuls
-to the start of the backward on CUDA, and kept the graph's order on CPU), so a graph is lowered on
-fake tensors of the device it will run on. Lowering costs about as much as Inductor's own
-scheduling of the graph; the backend does it with ``SACConfig.partition_order="inductor"``, and by
-default (``"auto"``) where Inductor compiles the graphs for a CUDA GPU this process sees.
+for CPU (its reordering for peak memory can move recomputed matmuls to the start of a CUDA
+backward it leaves in order on CPU; docs/results.md), so a graph is lowered on fake tensors of the
+device it will run on. Lowering costs about as much as Inductor's own scheduling of the graph; the
+backend does it with ``SACConfig.partition_order="inductor"``, and with ``"auto"`` where Inductor
+compiles the graphs for a CUDA GPU this process sees.
 """
 
 from __future__ import annotations
@@ -174,9 +174,9 @@ def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, reorder_f
 
     The forward keeps its order: Inductor fuses a forward's loss (its log-softmax over the
     vocabulary and the loss) into reductions whose intermediates never exist, which the
-    simulation's rules follow in graph order and not in the scheduled one (on the recorded
-    partitions the forward simulated in the scheduled order came out up to 57% over the measured
-    peak; docs/results.md). Where the backward cannot be lowered (an Inductor error), it is
+    simulation's rules follow in graph order and not in the scheduled one (simulated in the
+    scheduled order the recorded forwards came out far over their measured peaks; docs/results.md).
+    Where the backward cannot be lowered (an Inductor error), it is
     simulated in graph order with its rules, and a warning says why."""
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode

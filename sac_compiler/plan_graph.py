@@ -98,7 +98,7 @@ class GraphPlanResult:
     saved_by_partition: list[str] = field(default_factory=list)
     unplanned_saves: list[str] = field(default_factory=list)
     partitioned: Any = None  # sac_compiler.passes.annotate_memory.PartitionedPeak of the graphs that will run
-    partition_order: str = "auto"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
+    partition_order: str = "graph"  # SACConfig.partition_order: how ``simulate`` orders the partitioned graphs
     reorder_for_peak_memory: bool = True  # SACConfig.reorder_for_peak_memory: Inductor reorders the graphs it compiles
     fused_pointwise: bool = False
     # the caller keeps the graph's outputs until backward (SACConfig.hold_outputs)
