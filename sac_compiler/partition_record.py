@@ -226,8 +226,10 @@ def _input(spec: dict[str, Any], mode: Any, device: torch.device = _CPU) -> Any:
 def _resolve(name: str) -> Any:
     if name == "operator.getitem":
         return operator.getitem
-    if name.startswith("prims.inductor_"):
-        importlib.import_module("torch._inductor.inductor_prims")  # registers Inductor's prims
+    if name.startswith("prims."):
+        # registers Inductor's prims (inductor_seeds, inductor_random, and fma, which Inductor's
+        # decompositions write), which a fresh process does not have
+        importlib.import_module("torch._inductor.inductor_prims")
     namespace, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 

@@ -60,3 +60,16 @@ def test_a_random_op_run_from_a_saved_rng_state_is_recorded_as_the_op():
     replayed = _module(data, FakeTensorMode(allow_non_fake_inputs=True))
     out = next(n for n in replayed.graph.nodes if n.name == dropped.name)
     assert [tuple(v.shape) for v in out.meta["val"]] == [(8, 16), (8, 16)]
+
+
+def test_a_record_naming_an_inductor_prim_resolves_in_a_fresh_process():
+    """Inductor's decompositions write ``prims.fma`` (a LayerNorm backward under Inductor's
+    decompositions), which only importing Inductor's prims registers: a replay in a fresh
+    process must resolve it."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from sac_compiler.partition_record import _resolve; "
+            "print(_resolve('prims.fma.default') is torch.ops.prims.fma.default)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
