@@ -227,6 +227,15 @@ def _column_reduction_numel(node: fx.Node) -> int | None:
     return size_hint(val.numel())
 
 
+def computed_in_each_reader(node: fx.Node) -> bool:
+    """A pointwise value read from no tensor (a constant fill, ``full``): Inductor computes it
+    inside each kernel that reads it, so it is no buffer two kernels share and links no two
+    readers into one kernel (T5's masked attention scores read one score-sized ``full`` in every
+    layer: linked by it, every layer's scores were rebuilt at once at the first layer's backward;
+    Inductor's scheduler keeps each layer's kernel apart, ``tests/test_memory_rules.py``)."""
+    return node.op == "call_function" and not node.all_input_nodes and is_pointwise_op(node)
+
+
 def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
                            owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
     """Recomputed pointwise values Inductor rebuilds in one fused kernel.
@@ -238,7 +247,7 @@ def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     ``ancestors`` gives what else they pull forward.
     """
     eligible = [n for n in order if n in members and is_pointwise_op(n)]
-    ok = set(eligible)
+    ok = {n for n in eligible if not computed_in_each_reader(n)}
     return _linked_groups(eligible, [(owner.get(a, a), node) for node in eligible for a in node.all_input_nodes
                                      if owner.get(a, a) in ok])
 
@@ -300,7 +309,7 @@ def fused_into_rebuild(
                 else:
                     ok = False
                     break
-        if ok and buffers & reads:
+        if ok and any(not computed_in_each_reader(b) for b in buffers & reads):
             part = {node} | {n for n in inline if all(u is node or u in inline for u in n.users)}
             parts.append(part)
             joined |= part

@@ -453,6 +453,75 @@ def test_rule_recompute_chain_kernel():
         3 * tile + 2 * row + 4, s.name)
 
 
+
+def _layers_reading_one_constant():
+    """A backward rebuilding two layers' recomputed ``where(mask, c, h) * 3`` chains for two
+    matmuls, both reading one recomputed constant fill ``c`` (a masked fill's value, as T5's
+    attention scores read one in every layer), each its own mask; between the matmuls a ``big``
+    temporary; ``h2`` is read again after its layer's rebuild."""
+    graph, op, placeholder = _graph_builder()
+    h1, h2 = placeholder("h1", torch.empty(64, 64)), placeholder("h2", torch.empty(64, 64))
+    masks = [placeholder(f"mask{i}", torch.empty(64, 64, dtype=torch.bool)) for i in (1, 2)]
+    w, g = placeholder("w", torch.empty(64, 64)), placeholder("tangents_1", torch.empty(1, 64))
+    c = graph.call_function(aten.full.default, ([64, 64], -1e4),
+                            {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
+    c.meta["val"] = torch.empty(64, 64)
+
+    def chain(h, mask):
+        masked = op(aten.where.self, mask, c, h, val=torch.empty(64, 64))
+        return masked, op(aten.mul.Tensor, masked, 3.0, val=torch.empty(64, 64))
+
+    chains = [chain(h1, masks[0])]
+    mm1 = op(aten.mm.default, g, chains[0][1], val=torch.empty(1, 64))
+    big = op(aten.mm.default, w, w, val=torch.empty(64, 64))
+    s = op(aten.sum.default, big, val=torch.empty(()))
+    chains.append(chain(h2, masks[1]))  # where PyTorch's partitioner puts a rebuild: before its first reader
+    mm2 = op(aten.mm.default, g, chains[1][1], val=torch.empty(1, 64))
+    mm3 = op(aten.mm.default, g, h2, val=torch.empty(1, 64))  # h2 is read after its rebuild too
+    graph.output((mm1, s, mm2, mm3))
+    recomputed = frozenset(n.name for n in (c, *chains[0], *chains[1]))
+    keep = {mm1.name, s.name, mm2.name, mm3.name}
+    return torch.fx.GraphModule(torch.nn.Module(), graph), chains, s, recomputed, keep
+
+
+def test_rule_recompute_chain_kernel_is_not_linked_by_a_constant():
+    """A constant fill is computed inside each kernel that reads it, as Inductor lowers ``full``:
+    it links no two chains, and the second layer's chain is rebuilt at its own matmul
+    (``memory_rules.computed_in_each_reader``)."""
+    from sac_compiler.passes.memory_rules import fused_recompute_groups
+
+    gm, chains, s, recomputed, keep = _layers_reading_one_constant()
+    members = {n for n in gm.graph.nodes if n.name in recomputed}
+    assert fused_recompute_groups(list(gm.graph.nodes), members, {}) == [list(chain) for chain in chains]
+    tile, row = 64 * 64 * 4, 64 * 4
+    kwargs = {"static_storage": frozenset({"w", "mask1", "mask2"}), "recomputed": recomputed,
+              "placeholder_storage": {"h1": ("h1", tile), "h2": ("h2", tile)}}
+    # the first layer's rebuild: h1, h2, the tangent and its product; the second layer's is not
+    # made with it (linked by the constant, it was: 4 tiles there), nor fused into its kernel
+    # (rebuild_fusion: the constant is no buffer the two kernels share)
+    assert _peak(gm, 2 * tile + row, keep, off={"dying_input_reuse"}, **kwargs) == (3 * tile + row, chains[0][0].name)
+
+
+def test_inductor_computes_a_constant_inside_each_reader_and_fuses_no_two_layers_by_it():
+    """The platform fact behind the test above, from Inductor's scheduler (CPU): no scheduled
+    kernel runs both layers' chains, and the constant is no buffer of its own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sac_compiler.inductor_order import scheduled_origins
+
+    gm, chains, _, _, _ = _layers_reading_one_constant()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype)
+        scheduled = scheduled_origins(gm, backward=True)
+    layers = [{n.name for n in chain} for chain in chains]
+    assert any(set(kernel) & layers[0] for kernel in scheduled) and any(set(kernel) & layers[1] for kernel in scheduled)
+    assert not any(set(kernel) & layers[0] and set(kernel) & layers[1] for kernel in scheduled)
+    assert not any(kernel == ["full"] for kernel in scheduled)
+
 def test_rule_dying_input_reuse():
     # a backward: h, saved, is read only by the chain rebuilt for grad_w (its add folded into the mul)
     graph, op, placeholder = _graph_builder()
