@@ -105,6 +105,9 @@ class SACPartitioner(CustomPartitionerFn):
         self.ran = False  # called at least once (False after a compile that a cache served)
         # the FSDP2 parameters among the graph's inputs (sac_compiler.distributed.FSDPInputs), if any
         self.fsdp: Any = None
+        # the device the plan is for, where the graph was traced elsewhere (the offline planner's
+        # graph on CPU or meta fake tensors for a GPU); None: the device of the graph's inputs
+        self.target_device: torch.device | None = None
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -160,7 +163,8 @@ class SACPartitioner(CustomPartitionerFn):
             if self.config.compiler == "inductor" and rule_on("far_addmm_apart"):
                 from torch.utils._pytree import tree_leaves
 
-                device = next((x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
+                device = self.target_device or next(
+                    (x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
                 for graph in out:
                     unfold_far_addmm(graph, device)
             partitioning.append(time.perf_counter() - t0)
@@ -169,7 +173,7 @@ class SACPartitioner(CustomPartitionerFn):
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                              outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                              outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                               freed_before_optimizer=self.freed_before_optimizer)
         self.last_result = result
         if self.config.compiler == "eager" and self.config.memory_budget is None:
@@ -202,7 +206,7 @@ class SACPartitioner(CustomPartitionerFn):
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, previous=result,
+                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device, previous=result,
                                                  freed_before_optimizer=self.freed_before_optimizer)
                         break
                     except BudgetError:
@@ -245,9 +249,13 @@ class SACPartitioner(CustomPartitionerFn):
             return result, fw, bw
         for share in (1.0, 0.5):
             target = result.predicted_peak + int(share * slack)
+            if result.target_bytes is not None and target <= result.target_bytes:
+                # the joint-graph simulation was not pessimistic (the partitioned graphs peak above
+                # it): this target is below the one the plan was made for, no room for a faster plan
+                continue
             try:
                 candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config, target=target,
-                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                                          previous=result, freed_before_optimizer=self.freed_before_optimizer)
             except BudgetError:
                 continue

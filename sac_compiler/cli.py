@@ -581,6 +581,7 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
     from sac_compiler.plan_graph import BudgetError, least_budget, plan_joint, simulate_plan
+    from sac_compiler.planner import plan_partitioned
     from sac_compiler.report import format_module_plan, format_plan, module_plan_rows
 
     budget = parse_budget(args.budget)
@@ -605,7 +606,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        result = plan_joint(graph, config)
+        # as the backend plans: partitioned by PyTorch's partitioner and checked on the partitioned graphs
+        result = plan_joint(graph, config) if args.joint_only else plan_partitioned(graph, config)
     except BudgetError as error:
         raise CLIError(f"--budget {args.budget}: {error}") from error
     plan_s = time.perf_counter() - start
@@ -652,7 +654,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   f"{format_bytes(result.baseline_peak)}\n")
     out.write(f"\nplan: predicted peak {format_bytes(result.predicted_peak)} under the budget "
               f"{format_bytes(result.budget_bytes)}{fraction_text}, recompute time {_fmt_ms(result.plan.recompute_ms)} "
-              f"ms, {len(result.plan.recompute)} values recomputed ({result.plan.status})\n")
+              f"ms, {len(result.plan.recompute)} values recomputed ({result.plan.status})"
+              + ("" if result.partitioned is None else
+                 f"; partitioned graphs simulated at {format_bytes(result.step_peak_bytes)}") + "\n")
     log.info("plan: %s in %.1f s (capture %.1f s, sweep %.1f s)", args.target, capture_s + plan_s + sweep_s,
              capture_s, sweep_s)
 
@@ -666,6 +670,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             "budget_fraction": fraction,
             "budget_bytes": result.budget_bytes,
             "predicted_peak": result.predicted_peak,
+            # the partitioned graphs' simulated peak over the step (None with --joint-only)
+            "partitioned_peak": None if result.partitioned is None else result.step_peak_bytes,
             "baseline_peak": result.baseline_peak,
             "recompute_ms": result.plan.recompute_ms,
             "recomputed_values": len(result.plan.recompute),
@@ -902,6 +908,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels) or eager (the partitioned graphs run op by op) (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=30.0, metavar="SECONDS",
                    help="time limit of each solver call, in seconds (default: %(default)g)")
+    p.add_argument("--joint-only", action="store_true",
+                   help="plan --budget on the joint graph alone, without partitioning it with PyTorch's "
+                        "partitioner and planning again where the partitioned graphs peak over the budget, as "
+                        "the backend does (faster; the backend may plan otherwise). The sweep always plans on "
+                        "the joint graph alone (default: off)")
     p.add_argument("--sweep", default=DEFAULT_SWEEP, metavar="FRACTIONS",
                    help="memory_budget fractions to plan besides --budget, comma-separated, or none "
                         "(default: %(default)s)")

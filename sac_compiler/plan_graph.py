@@ -111,6 +111,8 @@ class GraphPlanResult:
     outside_bytes: int = 0
     fastest: Any = None  # under Inductor: the plan without memory pressure (solvers.savings_plan.SavingsPlan)
     slack_taken: bool = False  # planned again for the room the partitioned graphs left under the budget
+    # the peak the plan was made for: the budget, or the lower target the backend planned again for
+    target_bytes: int | None = None
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
@@ -580,12 +582,15 @@ def plan_and_tag(
     previous: GraphPlanResult | None = None,
     fsdp: Any = None,
     freed_before_optimizer: int = 0,
+    target_device: torch.device | None = None,
 ) -> GraphPlanResult | None:
     """The backend's entry: annotate the joint graph when a budget or a report asks for it, plan, tag.
 
     ``fsdp``: the FSDP2 parameters among the graph's inputs (``sac_compiler.distributed.FSDPInputs``).
     ``freed_before_optimizer``: of ``outside_bytes``, what is freed before the optimizer step (what
-    the step's earlier graphs hold for their backwards, for a graph after a graph break)."""
+    the step's earlier graphs hold for their backwards, for a graph after a graph break).
+    ``target_device``: the device the plan is for (default: the device of the graph's inputs; a
+    graph traced on CPU or meta for a GPU names the GPU)."""
     if config.memory_budget is None and not config.report:
         return None
     freed_before_optimizer = min(freed_before_optimizer, outside_bytes)
@@ -599,14 +604,16 @@ def plan_and_tag(
                                  reorder_for_peak_memory=config.reorder_for_peak_memory)
         _plan(result, config, target, budget)
         return result
-    devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
-               if isinstance(n.meta.get("val"), torch.Tensor)]
+    if target_device is None:
+        devices = [n.meta["val"].device for n in gm.graph.find_nodes(op="placeholder")
+                   if isinstance(n.meta.get("val"), torch.Tensor)]
+        target_device = devices[0] if devices else torch.device("cpu")
     graph = JointGraph(
         gm=gm,
         num_fwd_outputs=num_fwd_outputs,
         inputs=describe_inputs(source_gm, gm, root_name),
         root_name=root_name,
-        target_device=devices[0] if devices else torch.device("cpu"),
+        target_device=target_device,
         has_backward=True,
         source_gm=source_gm,
         fsdp=fsdp,
@@ -882,6 +889,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         log.info("sac plan: memory_budget %g resolves to %s (lowest peak found %s, fastest plan %s)",
                  fraction, format_bytes(budget), format_bytes(low), format_bytes(high))
     result.budget_bytes = budget
+    result.target_bytes = target if target is not None else budget
     margin = planning_margin(result, config)
     goal = (target if target is not None else budget) - outside - margin
     result.kept_random = kept_random

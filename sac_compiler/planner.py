@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sac_compiler.capture import capture_joint
+from sac_compiler.capture import JointGraph, attach_capture_info, capture_joint
 from sac_compiler.config import SACConfig
 from sac_compiler.distributed import fake_process_group
 from sac_compiler.plan_graph import (
@@ -71,15 +71,55 @@ def _capture(model: Any, example_inputs: tuple[Any, ...], target_device: str, co
                          decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
 
 
-def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> GraphPlanResult:
+def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", partition: bool = True,
+         **options: Any) -> GraphPlanResult:
     """Plan ``model(*example_inputs)`` with the backend's ``options`` (``memory_budget`` required;
-    ``world_size=N``: as rank 0 of N under FSDP2, see the module's docstring)."""
+    ``world_size=N``: as rank 0 of N under FSDP2, see the module's docstring).
+
+    ``partition``: as the backend plans (:func:`plan_partitioned`): the plan is partitioned by
+    PyTorch's partitioner and checked on the partitioned graphs, and planned again lower where they
+    peak over the budget; ``result.partitioned`` is their simulated peak. ``False``: the
+    joint-graph plan alone (faster; the backend may then plan otherwise)."""
     config = _config(options)
     if config.memory_budget is None:
         raise ValueError("plan() needs memory_budget=...; budget_range() tells which budgets are feasible")
     with _ranks(config):
         graph = _capture(model, example_inputs, target_device, config)
-        return plan_joint(graph, config)
+        # a graph without backward (nothing requires grad) has no partition to check
+        return plan_partitioned(graph, config) if partition and graph.has_backward else plan_joint(graph, config)
+
+
+def plan_partitioned(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
+    """The backend's plan for a captured joint graph, made as the backend makes it at compile time
+    (:class:`sac_compiler.backend.SACPartitioner`): planned on the joint graph, tagged, partitioned
+    by PyTorch's min-cut partitioner, the partitioned graphs simulated, and planned again lower
+    while they peak over the budget less the planner's margin (or again higher where they leave
+    room). The graph is traced on fake tensors of any device and planned for its
+    ``target_device``; the graph's nodes are tagged with the plan. Memory the process would hold
+    outside the graph on the GPU (``backend.held_outside``) is not known here: give it as
+    ``optimizer_state_bytes`` or leave room for it in the budget."""
+    from torch._guards import TracingContext, detect_fake_mode, tracing
+
+    from sac_compiler.backend import SACPartitioner
+
+    if config.offload:
+        raise ValueError("offload=True: the offline planner partitions no offload plan (PyTorch's offload pass "
+                         "runs on a GPU's graphs); plan it with partition=False or compile it with backend='sac'")
+    if graph.source_gm is None or not graph.has_backward:
+        raise ValueError("plan_partitioned needs a captured training graph (capture_joint with a backward)")
+    partitioner = SACPartitioner(config, graph.source_gm)
+    partitioner.target_device = graph.target_device
+    partitioner.fsdp = graph.fsdp
+    # the partitioner samples an RNG state for each recomputed random op on the graph's fake tensors
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")])
+    try:
+        with tracing(TracingContext(fake_mode)):
+            partitioner(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    finally:
+        attach_capture_info(graph)  # the backend's entry takes the capture record off the graph
+    result = partitioner.last_result
+    assert result is not None  # a budget is set: the partitioner planned
+    return result
 
 
 def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", **options: Any) -> BudgetRange:

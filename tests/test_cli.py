@@ -92,10 +92,18 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
     return proc, json.loads((out / "plan.json").read_text()), out
 
 
+def test_plan_joint_only_skips_the_partition(tmp_path) -> None:
+    proc = _run("plan", "tests.cli_models:small_gpt", "--inputs", GPT_INPUTS, "--budget", "0.5", "--sweep", "none",
+                "--device", "H100-SXM", "--joint-only", "--json", str(tmp_path / "plan.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "partitioned graphs simulated" not in proc.stdout
+    assert json.loads((tmp_path / "plan.json").read_text())["partitioned_peak"] is None
+
+
 def test_plan_prints_the_plan_and_the_sweep(planned) -> None:
     proc, _, _ = planned
     for text in ("predicted peak of the plan", "recompute time", "values kept", "MiB recomputed",
-                 "budget sweep", "smallest feasible peak", "plan: predicted peak"):
+                 "budget sweep", "smallest feasible peak", "plan: predicted peak", "partitioned graphs simulated"):
         assert text in proc.stdout, text
     assert proc.stderr == "", "the package logs nothing by default"
 
@@ -110,6 +118,8 @@ def test_plan_json(planned) -> None:
     assert data["budget_bytes"] == fraction_budget(0.5, low, high)
     assert data["predicted_peak"] <= data["budget_bytes"]
     assert data["predicted_peak"] <= data["baseline_peak"]
+    # planned as the backend plans: its partitioned graphs checked against the budget
+    assert 0 < data["partitioned_peak"] <= data["budget_bytes"]
     assert data["recompute_ms"] >= 0 and data["recomputed_values"] == len(data["recomputed"])
     # the per-module table splits the same plan
     assert sum(m["recomputed_values"] for m in data["modules"]) == data["recomputed_values"]

@@ -428,6 +428,36 @@ def test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan():
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
+
+def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypatch):
+    """Room under the budget that the joint-graph simulation itself left (the partitioned graphs
+    peak at or above its prediction) asks for a plan at a lower target than the first was made
+    for, which can be no faster: no plan is made for it."""
+    from sac_compiler import backend as sac_backend
+
+    model, tokens, _, unplanned = _tiny_transformer_unplanned()
+    static = unplanned.analysis.memory.static_bytes
+    budget = int(static + 0.6 * (unplanned.baseline_peak - static))
+    monkeypatch.setattr(sac_backend, "_SLACK_FRACTION", -1.0)  # any room asks for a second plan
+    planned = []
+    real = plan_graph.plan_and_tag
+    monkeypatch.setattr(plan_graph, "plan_and_tag", lambda *args, **kwargs: planned.append(kwargs.get("target"))
+                        or real(*args, **kwargs))
+    seen = []
+
+    class NotPessimistic(SACPartitioner):
+        def _take_slack(self, gm, num_fwd_outputs, root, result, fw, bw, partition, limit):
+            result.predicted_peak = result.partitioned.peak_bytes  # the joint simulation was right
+            before = len(planned)
+            taken = super()._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
+            seen.append((result.target_bytes, len(planned) - before, taken[0] is result))
+            return taken
+
+    config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager"})
+    _step(model, (tokens,), torch.compile(
+        model, backend=functools.partial(compile_graph, config=config, partitioner_cls=NotPessimistic)))
+    assert seen == [(budget, 0, True)]
+
 def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition():
     """Recomputing a Llama's residual stream (its adds, the matmul outputs and the embedding they
     add up) rebuilds each add inside every kernel that reads it: under Inductor's fusion the
@@ -985,3 +1015,42 @@ def test_the_programs_and_the_plan_do_not_depend_on_the_process_hash_seed():
         runs.append(done.stdout.strip().splitlines()[-1])
     assert runs[0] == runs[1]
     assert len(runs[0].split("|")[0].split()) >= 2  # the programs were seen
+
+
+@pytest.mark.parametrize("trace", ["cpu", "meta"])
+def test_the_offline_planner_makes_the_backends_plan(trace):
+    """``planner.plan`` plans as the backend does at compile time (``plan_partitioned``): the same
+    budget, the same values recomputed, the same simulated peak of the partitioned graphs, on the
+    graph traced on CPU or on meta fake tensors for the same device (dropout included: the
+    partitioner samples RNG states on the graph's fake tensors)."""
+    from sac_compiler.planner import plan
+
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=3, dropout_p=0.1)
+    tokens = torch.randint(0, 64, (64, 16))
+    options = {"memory_budget": 0.4, "compiler": "eager"}
+    backend, records = recording_backend(**options)
+    _step(model, (tokens,), torch.compile(model, backend=backend))
+    (compiled, _fw, _bw), = records
+    torch._dynamo.reset()
+    if trace == "meta":
+        with torch.device("meta"):
+            model = tiny_transformer(n_layers=3, dropout_p=0.1)
+        tokens = tokens.to("meta")
+    offline = plan(model, tokens, target_device="cpu", **options)
+    assert offline.plan.recompute and offline.partitioned is not None
+    assert offline.budget_bytes == compiled.budget_bytes
+    assert sorted(offline.plan.recompute) == sorted(compiled.plan.recompute)
+    assert offline.partitioned.peak_bytes == compiled.partitioned.peak_bytes
+    assert offline.step_peak_bytes == compiled.step_peak_bytes
+    joint = plan(model, tokens, target_device="cpu", partition=False, **options)
+    assert joint.partitioned is None and joint.budget_bytes == compiled.budget_bytes
+
+
+def test_the_offline_planner_refuses_to_partition_an_offload_plan():
+    from sac_compiler.planner import plan
+
+    with torch.device("meta"):
+        model = tiny_transformer(n_layers=2)
+    with pytest.raises(ValueError, match="partition=False"):
+        plan(model, torch.zeros(4, 16, dtype=torch.long, device="meta"), memory_budget=0.5, offload=True)
