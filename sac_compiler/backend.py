@@ -108,6 +108,7 @@ class SACPartitioner(CustomPartitionerFn):
         # the device the plan is for, where the graph was traced elsewhere (the offline planner's
         # graph on CPU or meta fake tensors for a GPU); None: the device of the graph's inputs
         self.target_device: torch.device | None = None
+        self._checks: list[tuple[int | None, int]] = []
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -131,6 +132,7 @@ class SACPartitioner(CustomPartitionerFn):
 
         start = time.perf_counter()
         partitioning: list[float] = []  # PyTorch's partitioner; plain torch.compile runs it once
+        self._checks = []  # this graph's plans partitioned so far (GraphPlanResult.partition_checks)
 
         def partition(planned: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
             """PyTorch's partition of the graph as ``planned`` tagged it (its offloaded values
@@ -225,6 +227,7 @@ class SACPartitioner(CustomPartitionerFn):
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
+            result.partition_checks = list(self._checks)
             self.last_result = result
             if result.plan is not None and result.budget_bytes is not None and result.step_peak_bytes > result.budget_bytes:
                 log.warning("sac: the partitioned graphs still peak at %d bytes (%d runs in a step), over the "
@@ -278,6 +281,8 @@ class SACPartitioner(CustomPartitionerFn):
         parameters), from which ``result.step_peak_bytes`` follows."""
         result.runs_per_step = self.runs_per_step
         result.held_per_run_bytes = held_per_run(result, fw)
+        if result.plan is not None:
+            self._checks.append((result.predicted_peak, result.step_peak_bytes))
 
     def uuid(self) -> str:
         """The partition's cache key, which Inductor puts in its FX graph and AOTAutograd cache keys.

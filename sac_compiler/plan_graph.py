@@ -115,6 +115,9 @@ class GraphPlanResult:
     target_bytes: int | None = None
     planning_s: float = 0.0  # the backend's own time on this graph: analysis, plans, simulations
     solve_times_s: list[float] = field(default_factory=list)  # every solver call in planning_s
+    # every plan the backend partitioned for this graph, in order: (the joint graph's predicted
+    # peak, the partitioned graphs' simulated step peak); the first is the first plan's check
+    partition_checks: list[tuple[int | None, int]] = field(default_factory=list)
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
     # (at 1.0 the lowest peak is not searched: both are the fastest plan's)
     fraction_range: tuple[int, int] | None = None

@@ -1,6 +1,7 @@
 """backend="sac" with a memory budget: the plan, its tags, the partition, and exact gradients."""
 
 import functools
+import json
 import operator
 
 import pytest
@@ -1043,6 +1044,7 @@ def test_the_offline_planner_makes_the_backends_plan(trace):
     assert sorted(offline.plan.recompute) == sorted(compiled.plan.recompute)
     assert offline.partitioned.peak_bytes == compiled.partitioned.peak_bytes
     assert offline.step_peak_bytes == compiled.step_peak_bytes
+    assert offline.partition_checks == compiled.partition_checks and offline.partition_checks
     joint = plan(model, tokens, target_device="cpu", partition=False, **options)
     assert joint.partitioned is None and joint.budget_bytes == compiled.budget_bytes
 
@@ -1054,3 +1056,14 @@ def test_the_offline_planner_refuses_to_partition_an_offload_plan():
         model = tiny_transformer(n_layers=2)
     with pytest.raises(ValueError, match="partition=False"):
         plan(model, torch.zeros(4, 16, dtype=torch.long, device="meta"), memory_budget=0.5, offload=True)
+
+
+def test_the_offline_plan_benchmark_reports_the_backends_plans(tmp_path):
+    from benchmarks.plan_offline import main
+
+    main(["--models", "gpt2", "--fractions", "0.5", "--size", "small", "--out", str(tmp_path / "plans.json")])
+    (row,) = json.loads((tmp_path / "plans.json").read_text())
+    assert row["model"] == "gpt2" and row["graph"] == "loss_inside" and "error" not in row
+    assert row["plans_partitioned"] >= 1 and row["recomputed_values"] > 0
+    assert row["first_predicted"] > 0 and row["first_partitioned"] > 0
+    assert row["partitioned"] <= row["budget_bytes"] and row["predicted"] <= row["budget_bytes"]

@@ -1,0 +1,122 @@
+"""The backend's plans for the zoo's models, made offline, and what making them took.
+
+Each model (full size unless ``--size small``) is traced on ``meta`` fake tensors for a CUDA device spec (nothing runs, no GPU needed)
+and planned as the backend plans at compile time (``sac_compiler.planner.plan_partitioned``):
+planned on the joint graph, partitioned by PyTorch's partitioner, and planned again while the
+partitioned graphs peak over the budget. For each model and ``memory_budget`` fraction it prints
+the budget, the first plan's joint-graph prediction against its partitioned graphs' simulated
+peak, how many plans were partitioned, the final plan's partitioned peak and recompute time, and
+the planning time (what ``GraphPlanResult.planning_s`` counts: all but the one partition plain
+``torch.compile`` makes too) with its solver calls::
+
+    python benchmarks/plan_offline.py --models t5 gpt2 --fractions 0.5 0.75 --out plans.json
+
+The memory figures are simulations, not measurements; the times are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, size: str = "full") -> dict[str, Any]:
+    """One zoo model at ``size``, planned offline at ``fraction`` for the device ``spec``."""
+    from benchmarks.zoo import ZOO
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.config import SACConfig
+    from sac_compiler.plan_graph import BudgetError
+    from sac_compiler.planner import plan_partitioned
+
+    entry = ZOO[name]
+    torch._dynamo.reset()
+    model = entry.model(size, device="meta")
+    batch = entry.batch(size, device="meta")
+    inside = loss_inside and entry.loss_inside
+    start = time.perf_counter()
+    if inside:
+        graph = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
+                              decompose=True)
+    else:
+        graph = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
+    capture_s = time.perf_counter() - start
+    row: dict[str, Any] = dict(model=name, size=size, graph="loss_inside" if inside else "model", fraction=fraction,
+                               spec=spec, nodes=len(graph.gm.graph.nodes), capture_s=round(capture_s, 2),
+                               torch=torch.__version__)
+    start = time.perf_counter()
+    try:
+        result = plan_partitioned(graph, SACConfig.from_options({"memory_budget": fraction, "device": spec}))
+    except BudgetError as error:
+        return {**row, "error": str(error), "wall_s": round(time.perf_counter() - start, 2)}
+    checks = result.partition_checks
+    return {
+        **row,
+        "budget_bytes": result.budget_bytes,
+        "first_predicted": checks[0][0] if checks else result.predicted_peak,
+        "first_partitioned": checks[0][1] if checks else result.step_peak_bytes,
+        "plans_partitioned": len(checks),
+        "predicted": result.predicted_peak,
+        "partitioned": result.step_peak_bytes,
+        "recompute_ms": round(result.plan.recompute_ms, 4),
+        "recomputed_values": len(result.plan.recompute),
+        "status": result.plan.status,
+        "slack_taken": result.slack_taken,
+        "planning_s": round(result.planning_s, 2),
+        "solves": len(result.solve_times_s),
+        "solve_s": round(sum(result.solve_times_s), 2),
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tabulate import tabulate
+
+    from benchmarks.zoo import ZOO
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="zoo models (default: all)")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.75, 0.5],
+                        help="memory_budget fractions (default: 0.75 0.5)")
+    parser.add_argument("--size", default="full", choices=("small", "full"), help="zoo size (default: full)")
+    parser.add_argument("--spec", default="H200", help="device spec the plans are for (default: H200)")
+    parser.add_argument("--model-only", action="store_true",
+                        help="plan the model's own graph even where its loss can be computed inside (default: off)")
+    parser.add_argument("--out", help="write the rows as JSON here (default: none)")
+    args = parser.parse_args(argv)
+    for fraction in args.fractions:
+        if not 0.0 <= fraction <= 1.0:
+            parser.error(f"--fractions {fraction:g}: give fractions in [0, 1]")
+
+    rows = []
+    for name in args.models:
+        for fraction in args.fractions:
+            row = plan_model(name, fraction, args.spec, loss_inside=not args.model_only, size=args.size)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    table = [(r["model"], f"{r['fraction']:g}", _gib(r.get("budget_bytes")),
+              f"{_gib(r.get('first_predicted'))} / {_gib(r.get('first_partitioned'))}", r.get("plans_partitioned", "-"),
+              _gib(r.get("partitioned")), r.get("recompute_ms", "-"), r.get("planning_s", "-"), r.get("solves", "-"),
+              r.get("error", "")[:60]) for r in rows]
+    print(tabulate(table, headers=["model", "fraction", "budget GiB", "first plan: joint / partitioned GiB",
+                                   "plans", "final partitioned GiB", "recompute ms", "planning s", "solves", "error"],
+                   disable_numparse=True))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
