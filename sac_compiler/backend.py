@@ -208,7 +208,8 @@ class SACPartitioner(CustomPartitionerFn):
                     try:
                         candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                                                  target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device, previous=result,
+                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                                                 target_device=self.target_device, previous=result,
                                                  freed_before_optimizer=self.freed_before_optimizer)
                         break
                     except BudgetError:
@@ -258,8 +259,9 @@ class SACPartitioner(CustomPartitionerFn):
                 continue
             try:
                 candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config, target=target,
-                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
-                                         previous=result, freed_before_optimizer=self.freed_before_optimizer)
+                                         budget=result.budget_bytes, outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                                         target_device=self.target_device, previous=result,
+                                         freed_before_optimizer=self.freed_before_optimizer)
             except BudgetError:
                 continue
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:

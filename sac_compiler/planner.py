@@ -71,6 +71,10 @@ def _capture(model: Any, example_inputs: tuple[Any, ...], target_device: str, co
                          decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
 
 
+_OFFLOAD_NOT_PARTITIONED = ("offload=True: the offline planner partitions no offload plan (PyTorch's offload pass "
+                            "runs on a GPU's graphs); plan it with partition=False or compile it with backend='sac'")
+
+
 def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cuda", partition: bool = True,
          **options: Any) -> GraphPlanResult:
     """Plan ``model(*example_inputs)`` with the backend's ``options`` (``memory_budget`` required;
@@ -83,6 +87,8 @@ def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cud
     config = _config(options)
     if config.memory_budget is None:
         raise ValueError("plan() needs memory_budget=...; budget_range() tells which budgets are feasible")
+    if partition and config.offload:
+        raise ValueError(_OFFLOAD_NOT_PARTITIONED)
     with _ranks(config):
         graph = _capture(model, example_inputs, target_device, config)
         # a graph without backward (nothing requires grad) has no partition to check
@@ -103,8 +109,7 @@ def plan_partitioned(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
     from sac_compiler.backend import SACPartitioner
 
     if config.offload:
-        raise ValueError("offload=True: the offline planner partitions no offload plan (PyTorch's offload pass "
-                         "runs on a GPU's graphs); plan it with partition=False or compile it with backend='sac'")
+        raise ValueError(_OFFLOAD_NOT_PARTITIONED)
     if graph.source_gm is None or not graph.has_backward:
         raise ValueError("plan_partitioned needs a captured training graph (capture_joint with a backward)")
     partitioner = SACPartitioner(config, graph.source_gm)
