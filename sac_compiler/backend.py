@@ -174,11 +174,14 @@ class SACPartitioner(CustomPartitionerFn):
 
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         root = _root_name(self.source_gm)
+        default = self.config.compiler == "eager" and self.config.memory_budget is None
+        if not default:  # the min-cut partitioner will partition it: plan on the graph it partitions
+            partitioned_graph(gm)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                               outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                               freed_before_optimizer=self.freed_before_optimizer)
         self.last_result = result
-        if self.config.compiler == "eager" and self.config.memory_budget is None:
+        if default:
             # No plan, no fusion: PyTorch's default partition saves what eager autograd saves.
             from torch._functorch.partitioners import default_partition
 
@@ -435,6 +438,21 @@ def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
         hasher.update(f"{name}\0{len(data)}\0".encode())
         hasher.update(data)
     return hasher.hexdigest()
+
+
+def partitioned_graph(gm: fx.GraphModule) -> None:
+    """Make ``gm`` the graph PyTorch's min-cut partitioner partitions: it removes dead code and,
+    with functorch's ``cse`` (on by default), merges repeated computations in place before it
+    partitions (a backward that recomputes a forward value, such as GELU's, reads the forward's
+    instead). Done before planning, the plan and every later plan for the graph are made on the
+    graph that is partitioned, rather than on one the first partition then changes."""
+    from torch._functorch import config as functorch_config
+    from torch._functorch.compile_utils import fx_graph_cse
+
+    gm.graph.eliminate_dead_code()
+    if functorch_config.cse:
+        gm.graph = fx_graph_cse(gm.graph)
+    gm.recompile()
 
 
 def held_per_run(result: Any, fw: fx.GraphModule) -> int:
