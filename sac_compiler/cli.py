@@ -581,7 +581,7 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
     from sac_compiler.plan_graph import BudgetError, least_budget, plan_joint, simulate_plan
-    from sac_compiler.planner import plan_partitioned
+    from sac_compiler.planner import as_partitioned, plan_partitioned
     from sac_compiler.report import format_module_plan, format_plan, module_plan_rows
 
     budget = parse_budget(args.budget)
@@ -602,7 +602,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     loaded = build_model(args.target, specs)
     start = time.perf_counter()
-    graph = _capture(loaded, args.target, decompose=config.compiler == "inductor")
+    graph = as_partitioned(_capture(loaded, args.target, decompose=config.compiler == "inductor"))
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
     try:

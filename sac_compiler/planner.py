@@ -67,8 +67,20 @@ def _ranks(config: SACConfig) -> Iterator[None]:
 
 
 def _capture(model: Any, example_inputs: tuple[Any, ...], target_device: str, config: SACConfig) -> Any:
-    return capture_joint(model, *example_inputs, target_device=target_device,
-                         decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
+    graph = capture_joint(model, *example_inputs, target_device=target_device,
+                          decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
+    return as_partitioned(graph)
+
+
+def as_partitioned(graph: JointGraph) -> JointGraph:
+    """``graph`` (in place) as the backend plans it: with the dead-code removal and merged repeated
+    computations PyTorch's partitioner applies before it partitions (``backend.partitioned_graph``),
+    so that a joint-graph plan, a budget range or a sweep is of the graph the backend plans."""
+    from sac_compiler.backend import partitioned_graph
+
+    if graph.has_backward:
+        partitioned_graph(graph.gm)
+    return graph
 
 
 _OFFLOAD_NOT_PARTITIONED = ("offload=True: the offline planner partitions no offload plan (PyTorch's offload pass "

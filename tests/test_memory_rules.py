@@ -453,7 +453,6 @@ def test_rule_recompute_chain_kernel():
         3 * tile + 2 * row + 4, s.name)
 
 
-
 def _layers_reading_one_constant():
     """A backward rebuilding two layers' recomputed ``where(mask, c, h) * 3`` chains for two
     matmuls, both reading one recomputed constant fill ``c`` (a masked fill's value, as T5's
@@ -521,6 +520,7 @@ def test_inductor_computes_a_constant_inside_each_reader_and_fuses_no_two_layers
     assert any(set(kernel) & layers[0] for kernel in scheduled) and any(set(kernel) & layers[1] for kernel in scheduled)
     assert not any(set(kernel) & layers[0] and set(kernel) & layers[1] for kernel in scheduled)
     assert not any(kernel == ["full"] for kernel in scheduled)
+
 
 def test_rule_dying_input_reuse():
     # a backward: h, saved, is read only by the chain rebuilt for grad_w (its add folded into the mul)

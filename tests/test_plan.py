@@ -1066,15 +1066,16 @@ def test_the_offline_plan_benchmark_reports_the_backends_plans(tmp_path):
     assert row["model"] == "gpt2" and row["graph"] == "loss_inside" and "error" not in row
     assert row["plans_partitioned"] >= 1 and row["recomputed_values"] > 0
     assert row["first_predicted"] > 0 and row["first_partitioned"] > 0
-    assert row["partitioned"] <= row["budget_bytes"] and row["predicted"] <= row["budget_bytes"]
+    assert row["partitioned"] <= row["budget_bytes"]
+    # a plan taken for the room its partitioned graphs left may simulate over on the joint graph
+    assert row["predicted"] <= row["budget_bytes"] or row["slack_taken"]
 
 
 def test_the_plan_is_made_on_the_graph_the_partitioner_partitions():
     """PyTorch's min-cut partitioner removes dead code and merges repeated computations (CSE) in
     the joint graph in place before it partitions: the backend does so before it plans, so the
     plan's prediction is the simulation of the graph that is partitioned (before, the first
-    partition changed the graph under the plan: a ViT's plan simulated 4.97 GiB before it and 5.54
-    after, docs/results.md)."""
+    partition changed the graph under the plan; the full-size ViT in docs/results.md)."""
     from benchmarks.zoo import ZOO
     from sac_compiler import capture_joint
     from sac_compiler.plan_graph import simulate_plan
