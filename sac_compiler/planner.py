@@ -114,12 +114,14 @@ def plan_partitioned(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
     while they peak over the budget less the planner's margin (or again higher where they leave
     room). The graph is traced on fake tensors of any device and planned for its
     ``target_device``; the graph's nodes are tagged with the plan. Memory the process would hold
-    outside the graph on the GPU (``backend.held_outside``) is not known here: give it as
-    ``optimizer_state_bytes`` or leave room for it in the budget."""
+    outside the graph on the GPU (``backend.held_outside``: other tensors, library workspaces) is
+    not known here: leave room for it in an absolute budget."""
     from torch._guards import TracingContext, detect_fake_mode, tracing
 
     from sac_compiler.backend import SACPartitioner
 
+    if config.memory_budget is None:
+        raise ValueError("plan_partitioned needs memory_budget=...; budget_range() tells which budgets are feasible")
     if config.offload:
         raise ValueError(_OFFLOAD_NOT_PARTITIONED)
     if graph.source_gm is None or not graph.has_backward:
@@ -135,7 +137,7 @@ def plan_partitioned(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
     finally:
         attach_capture_info(graph)  # the backend's entry takes the capture record off the graph
     result = partitioner.last_result
-    assert result is not None  # a budget is set: the partitioner planned
+    assert result is not None  # with a budget the partitioner always plans
     return result
 
 

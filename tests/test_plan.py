@@ -1090,3 +1090,12 @@ def test_the_plan_is_made_on_the_graph_the_partitioner_partitions():
     assert len(result.analysis.graph.gm.graph.nodes) < traced  # the partitioner's CSE merged some
     assert simulate_plan(result, config).peak_bytes + result.outside_bytes == result.predicted_peak
     assert result.partition_checks[0][0] == result.predicted_peak
+
+
+def test_plan_partitioned_needs_a_budget():
+    from sac_compiler import capture_joint
+    from sac_compiler.planner import plan_partitioned
+
+    graph = capture_joint(tiny_transformer(n_layers=1), torch.randint(0, 64, (4, 16)), target_device="cpu")
+    with pytest.raises(ValueError, match="memory_budget"):
+        plan_partitioned(graph, SACConfig())
