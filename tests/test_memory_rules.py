@@ -400,20 +400,26 @@ def test_rule_far_addmm_apart():
         assert far_addmm_folds(list(gm.graph.nodes), "cpu") == ({w_grad: total} if far else {})
 
 
-def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
-    """``unfold_far_addmm``: ``add(mm, c)`` becomes ``sub(c, neg(mm))``, which Inductor's addmm
-    pattern does not match; the sum is the same to the bit."""
+def _fake_values(gm):
+    """Replace the graph's example values by fake tensors of the same layout (what Inductor and
+    the partitioner read); returns the fake mode they belong to."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from sac_compiler.backend import unfold_far_addmm
-
-    gm, _, total = _far_fold_graph()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         for node in gm.graph.nodes:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype)
+    return mode
+
+def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
+    """``unfold_far_addmm``: ``add(mm, c)`` becomes ``sub(c, neg(mm))``, which Inductor's addmm
+    pattern does not match; the sum is the same to the bit."""
+    from sac_compiler.backend import unfold_far_addmm
+
+    gm, _, total = _far_fold_graph()
+    _fake_values(gm)
     torch.manual_seed(0)
     args = [torch.randn(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
     want = gm(*args)
@@ -504,17 +510,10 @@ def test_rule_recompute_chain_kernel_is_not_linked_by_a_constant():
 def test_inductor_computes_a_constant_inside_each_reader_and_fuses_no_two_layers_by_it():
     """The platform fact behind the test above, from Inductor's scheduler (CPU): no scheduled
     kernel runs both layers' chains, and the constant is no buffer of its own."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from sac_compiler.inductor_order import scheduled_origins
 
     gm, chains, _, _, _ = _layers_reading_one_constant()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        for node in gm.graph.nodes:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype)
+    with _fake_values(gm):
         scheduled = scheduled_origins(gm, backward=True)
     layers = [{n.name for n in chain} for chain in chains]
     assert any(set(kernel) & layers[0] for kernel in scheduled) and any(set(kernel) & layers[1] for kernel in scheduled)
