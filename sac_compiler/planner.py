@@ -67,9 +67,8 @@ def _ranks(config: SACConfig) -> Iterator[None]:
 
 
 def _capture(model: Any, example_inputs: tuple[Any, ...], target_device: str, config: SACConfig) -> Any:
-    graph = capture_joint(model, *example_inputs, target_device=target_device,
-                          decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
-    return as_partitioned(graph)
+    return capture_joint(model, *example_inputs, target_device=target_device,
+                         decompose=config.compiler == "inductor", world_size=config.world_size or 1, shard_all=True)
 
 
 def as_partitioned(graph: JointGraph) -> JointGraph:
@@ -103,8 +102,11 @@ def plan(model: torch.nn.Module, *example_inputs: Any, target_device: str = "cud
         raise ValueError(_OFFLOAD_NOT_PARTITIONED)
     with _ranks(config):
         graph = _capture(model, example_inputs, target_device, config)
-        # a graph without backward (nothing requires grad) has no partition to check
-        return plan_partitioned(graph, config) if partition and graph.has_backward else plan_joint(graph, config)
+        # a graph without backward (nothing requires grad) has no partition to check; the
+        # partitioner merges the graph itself, a joint-graph plan needs it merged first
+        if partition and graph.has_backward:
+            return plan_partitioned(graph, config)
+        return plan_joint(as_partitioned(graph), config)
 
 
 def plan_partitioned(graph: JointGraph, config: SACConfig) -> GraphPlanResult:
@@ -145,7 +147,7 @@ def budget_range(model: torch.nn.Module, *example_inputs: Any, target_device: st
     """The smallest feasible peak, the least budget that plans, and the peak without recomputation, in bytes."""
     config = _config(options)
     with _ranks(config):
-        graph = _capture(model, example_inputs, target_device, config)
+        graph = as_partitioned(_capture(model, example_inputs, target_device, config))
         result = plan_joint(graph, config)
         assert result.baseline_peak is not None  # plan_joint sets it on every graph it annotates
         low = smallest_feasible_peak(result.analysis, config)
