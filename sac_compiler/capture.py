@@ -222,6 +222,8 @@ def capture_joint(
             raise _CaptureDone(graph)
 
         def partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_: Any) -> Any:
+            if decompose:
+                random_as_inductor(joint)
             finish(joint, num_fwd_outputs, has_backward=True)
 
         def inference(gm: fx.GraphModule, _inputs: Any) -> Any:
@@ -259,6 +261,43 @@ def capture_joint(
         "the model ran without producing a graph to plan (nothing was traced); "
         "does its forward return tensors computed from its inputs or parameters?"
     )
+
+
+def random_as_inductor(gm: fx.GraphModule) -> int:
+    """Draw ``gm``'s random values as Inductor's joint-graph passes do before its partitioner runs
+    (``replace_random_passes``, unless ``torch._inductor.config.fallback_random``): ``aten.rand`` and
+    ``aten.randn`` (dropout's masks) become ``inductor_random`` from one ``inductor_seeds`` tensor,
+    which the partitioner recomputes from its seed instead of saving an RNG state. The backend's
+    graph has been through that pass when its partitioner is called; a capture for Inductor
+    (``decompose=True``) applies it too, so that the graph planned offline is the one the backend
+    plans. Inductor's pass leaves graphs of meta tensors alone (its pattern matcher skips values of
+    devices it cannot compile for): its patterns are applied here directly. Returns the number of
+    values replaced (and seed tensors made)."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor import config as inductor_config
+    from torch._inductor.fx_passes import replace_random
+    from torch._inductor.virtualized import V
+
+    if inductor_config.fallback_random:
+        return 0
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")])
+    count = 0
+    with V.set_fake_mode(fake_mode):
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            for entry in replace_random.patterns.patterns.get((node.op, node.target), ()):
+                match = entry.pattern.match(node)
+                if match and entry.extra_check(match):
+                    entry.apply(match, gm.graph, node)
+                    count += 1
+                    break
+        if count:
+            count += replace_random.fuse_seed_creation_pass(gm.graph)
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
 
 
 def _trace_device(inputs: Sequence[Any]) -> torch.device:

@@ -1049,6 +1049,56 @@ def test_the_offline_planner_makes_the_backends_plan(trace):
     assert joint.partitioned is None and joint.budget_bytes == compiled.budget_bytes
 
 
+class _PartitionSeen(Exception):
+    """Stops a compile once the partitioner has run: the test needs its plan, not Inductor's code."""
+
+
+@pytest.mark.parametrize("trace", ["cpu", "meta"])
+def test_the_offline_planner_plans_the_random_draws_inductor_plans(trace):
+    """Under Inductor the backend's partitioner receives a graph whose dropout masks Inductor's
+    joint-graph passes already draw with ``inductor_random`` from one seed tensor (recomputed from
+    its seed, no RNG state saved); the offline capture for Inductor draws them so too
+    (``capture.random_as_inductor``), on CPU and on meta. Without it the offline graph kept
+    ``aten.rand``, whose recomputation the partitioner replays from a saved RNG state, in other
+    kernels than Inductor's. (Inductor's other joint-graph passes, which drop no-op views and
+    clones and rewrite some patterns, are not applied offline: the plans can differ by them.)"""
+    from sac_compiler.planner import plan
+
+    torch.manual_seed(0)
+    model = tiny_transformer(n_layers=3, dropout_p=0.1)
+    tokens = torch.randint(0, 64, (64, 16))
+    options = {"memory_budget": 0.4, "compiler": "inductor"}
+    records = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            super().__call__(gm, joint_inputs, **kwargs)
+            records.append((self.last_result, {str(n.target) for n in gm.graph.nodes if "rand" in str(n.target)}))
+            raise _PartitionSeen
+
+    backend = functools.partial(compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording)
+    with pytest.raises(Exception) as stopped:  # Dynamo wraps what a backend raises
+        torch.compile(model, backend=backend)(tokens).sum().backward()
+    cause = stopped.value
+    while cause is not None and not isinstance(cause, _PartitionSeen):
+        cause = cause.__cause__ or cause.__context__
+    assert cause is not None, stopped.value
+    (compiled, random_ops), = records
+    assert random_ops == {"prims.inductor_random.default"}  # Inductor's pass ran before the partitioner
+    torch._dynamo.reset()
+    if trace == "meta":
+        with torch.device("meta"):
+            model = tiny_transformer(n_layers=3, dropout_p=0.1)
+        tokens = tokens.to("meta")
+    offline = plan(model, tokens, target_device="cpu", **options)
+    offline_random = {str(n.target) for n in offline.analysis.graph.gm.graph.nodes if "rand" in str(n.target)}
+    assert offline_random == random_ops
+    # the offline plan recomputes dropout masks, and neither partition saves an RNG state to replay them
+    assert any(name.startswith("inductor_random") for name in offline.plan.recompute)
+    for result in (compiled, offline):
+        assert result.saved_by_partition and not any("rng_state" in name for name in result.saved_by_partition)
+
+
 def test_the_offline_planner_refuses_to_partition_an_offload_plan():
     from sac_compiler.planner import plan
 
