@@ -1139,7 +1139,8 @@ def test_the_plan_is_made_on_the_graph_the_partitioner_partitions():
     result = plan_partitioned(graph, config)
     assert len(result.analysis.graph.gm.graph.nodes) < traced  # the partitioner's CSE merged some
     assert simulate_plan(result, config).peak_bytes + result.outside_bytes == result.predicted_peak
-    assert result.partition_checks[0][0] == result.predicted_peak
+    # the plan taken (the first, or one planned again) is among those partitioned, as predicted
+    assert (result.predicted_peak, result.step_peak_bytes) in result.partition_checks
 
 
 def test_plan_partitioned_needs_a_budget():
