@@ -71,6 +71,12 @@ def answer_as_h200() -> None:
     # the prim's meta kernel indexes a real tensor of seeds on the device; its result is a scalar
     torch.ops.prims.inductor_lookup_seed.default.prim_meta_impl = (
         lambda seeds, index: prims.TensorMeta(shape=(), strides=(), dtype=seeds.dtype, device=seeds.device))
+    # Inductor's reinplacing pass gives a scatter it makes the value of a copy into a view of a fake
+    # tensor; the copy enters a CUDA device guard, which asks the runtime: leave the value as it is
+    # (the copy changes no metadata, the only thing a fake value holds)
+    reinplace = importlib.import_module("torch._inductor.fx_passes.reinplace")
+    if hasattr(reinplace, "_inplace_generalized_scatter"):
+        reinplace._inplace_generalized_scatter = lambda inp, src, view_ops: inp
 
 
 def main() -> None:
