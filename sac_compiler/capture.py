@@ -289,8 +289,8 @@ def random_as_inductor(gm: fx.GraphModule) -> int:
             for entry in replace_random.patterns.patterns.get((node.op, node.target), ()):
                 match = entry.pattern.match(node)
                 if match and entry.extra_check(match):
-                    entry.apply(match, gm.graph, node)
-                    count += 1
+                    entry.apply(match, gm.graph, node)  # leaves a draw from a given generator as it is
+                    count += node._erased
                     break
         if count:
             count += replace_random.fuse_seed_creation_pass(gm.graph)
