@@ -1018,6 +1018,22 @@ def test_the_programs_and_the_plan_do_not_depend_on_the_process_hash_seed():
     assert len(runs[0].split("|")[0].split()) >= 2  # the programs were seen
 
 
+def _traced_offline(trace, model, tokens):
+    """The three-layer Transformer with dropout and its tokens to plan offline after the compile a
+    test compares the plan with: ``model`` itself, or one built on meta for ``trace="meta"``."""
+    torch._dynamo.reset()
+    if trace == "meta":
+        with torch.device("meta"):
+            model = tiny_transformer(n_layers=3, dropout_p=0.1)
+        tokens = tokens.to("meta")
+    return model, tokens
+
+
+def _random_ops(gm):
+    """The random ops of a graph, by target."""
+    return {str(n.target) for n in gm.graph.nodes if "rand" in str(n.target)}
+
+
 @pytest.mark.parametrize("trace", ["cpu", "meta"])
 def test_the_offline_planner_makes_the_backends_plan(trace):
     """``planner.plan`` plans as the backend does at compile time (``plan_partitioned``): the same
@@ -1033,11 +1049,7 @@ def test_the_offline_planner_makes_the_backends_plan(trace):
     backend, records = recording_backend(**options)
     _step(model, (tokens,), torch.compile(model, backend=backend))
     (compiled, _fw, _bw), = records
-    torch._dynamo.reset()
-    if trace == "meta":
-        with torch.device("meta"):
-            model = tiny_transformer(n_layers=3, dropout_p=0.1)
-        tokens = tokens.to("meta")
+    model, tokens = _traced_offline(trace, model, tokens)
     offline = plan(model, tokens, target_device="cpu", **options)
     assert offline.plan.recompute and offline.partitioned is not None
     assert offline.budget_bytes == compiled.budget_bytes
@@ -1073,7 +1085,7 @@ def test_the_offline_planner_plans_the_random_draws_inductor_plans(trace):
     class Recording(SACPartitioner):
         def __call__(self, gm, joint_inputs, **kwargs):
             super().__call__(gm, joint_inputs, **kwargs)
-            records.append((self.last_result, {str(n.target) for n in gm.graph.nodes if "rand" in str(n.target)}))
+            records.append((self.last_result, _random_ops(gm)))
             raise _PartitionSeen
 
     backend = functools.partial(compile_graph, config=SACConfig.from_options(options), partitioner_cls=Recording)
@@ -1085,14 +1097,9 @@ def test_the_offline_planner_plans_the_random_draws_inductor_plans(trace):
     assert cause is not None, stopped.value
     (compiled, random_ops), = records
     assert random_ops == {"prims.inductor_random.default"}  # Inductor's pass ran before the partitioner
-    torch._dynamo.reset()
-    if trace == "meta":
-        with torch.device("meta"):
-            model = tiny_transformer(n_layers=3, dropout_p=0.1)
-        tokens = tokens.to("meta")
+    model, tokens = _traced_offline(trace, model, tokens)
     offline = plan(model, tokens, target_device="cpu", **options)
-    offline_random = {str(n.target) for n in offline.analysis.graph.gm.graph.nodes if "rand" in str(n.target)}
-    assert offline_random == random_ops
+    assert _random_ops(offline.analysis.graph.gm) == random_ops
     # the offline plan recomputes dropout masks, and neither partition saves an RNG state to replay them
     assert any(name.startswith("inductor_random") for name in offline.plan.recompute)
     for result in (compiled, offline):
