@@ -201,11 +201,11 @@ class SACConfig:
     # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
     # ordering rules), "inductor" (the backward in the order Inductor's scheduler runs it: it is
     # lowered up to the scheduler once more) or "auto": "inductor" where the graph is compiled by
-    # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order). "auto"
-    # by default: replayed in Inductor's CUDA order, the partitions recorded on an H200 came within
-    # 2% of their measured peaks far more often than in graph order, which under-predicted most
-    # (docs/results.md)
-    partition_order: str = "auto"
+    # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order). Replayed in
+    # Inductor's CUDA order the partitions recorded on an H200 came within 2% of their measured
+    # peaks far more often than in graph order (docs/results.md); "graph" stays the default until
+    # "auto" has run as the backend's own check on a GPU
+    partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
     # in Inductor. Recorded with each partition, and followed by partition_order="inductor"
