@@ -2,8 +2,10 @@
 is broadcast while the compile's fake tensors are active, and the losses and gradients equal FSDP2
 without checkpointing (the eager route: exact)."""
 
+import datetime
+import faulthandler
 import os
-import socket
+import sys
 import time
 
 import pytest
@@ -17,21 +19,27 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 STEPS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEADLINE_S = 300  # the whole test; a rank waiting on a broadcast the other never joins hangs
+COLLECTIVE_TIMEOUT_S = 120  # gloo's own limit on a connection or collective: a hang becomes an error
 
 
-def _run(rank: int, world: int, port: int, out: str) -> None:
+def _run(rank: int, world: int, store: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from tests.fsdp_models import Stack
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a rank still running near the deadline prints where each of its threads is (to the test's
+    # captured stderr), so a hang names its place
+    faulthandler.dump_traceback_later(DEADLINE_S - 30, exit=False, file=sys.stderr)
+    if os.path.exists("/sys/class/net/lo"):
+        # gloo connects the ranks over the loopback interface, not an address resolved from the
+        # host name (which may be slow to resolve, or unreachable, on a machine without a network)
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no TCP port to find free and race for
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     import sac_compiler.distributed as distributed
 
     broadcasts = []
@@ -83,13 +91,14 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_ranks_over_gloo_agree_on_the_plan_and_match_plain_fsdp(tmp_path):
     out = str(tmp_path / "runs")
-    context = mp.start_processes(_run, args=(2, _free_port(), out), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300  # a rank waiting on a broadcast the other never joins hangs
+    context = mp.start_processes(_run, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):  # False until every rank ended
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.terminate()
-            pytest.fail("the two ranks did not finish within 300 s")
+            pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s")
     ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
     for saved in ranks:
         assert saved["world"] == 2  # from the process group
