@@ -54,6 +54,7 @@ from sac_compiler.passes.memory_model import (
     tensor_nbytes,
 )
 from sac_compiler.passes.memory_rules import (
+    accumulated_reductions,
     allocated_by,
     ancestors,
     attention_backward_workspace,
@@ -90,6 +91,7 @@ __all__ = [
     "MemorySimulation",
     "ModuleMemory",
     "PartitionedPeak",
+    "accumulated_reductions",
     "annotate_memory",
     "inductor_addmm",
     "peak_sweep",
@@ -308,6 +310,12 @@ def annotate_memory(
     transients = transient_buffers(nodes, index, runs_at, device, rules)
     for mm in runs_at:
         alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own
+    moved_by = dict.fromkeys(runs_at, "addmm_fold")
+    if "accumulation_fusion" in rules:
+        for red, chain_end in accumulated_reductions(nodes, "accumulation_apart" in rules).items():
+            runs_at[red] = index[chain_end]
+            alloc[red] = 0  # summed inside the fused kernel: no buffer of its own
+            moved_by[red] = "accumulation_fusion"
     uses_of: dict[fx.Node, set[int]] = {}
     for node in nodes:
         if owner[node] is not node:
@@ -475,7 +483,7 @@ def annotate_memory(
             continue
         made = allocated_by(node) if "multi_output_at_op" in rules else node
         start_at = first_backward if node in tangents else runs_at.get(made, index[made])
-        rule = "addmm_fold" if made in runs_at else "multi_output_at_op" if made is not node else LIVENESS
+        rule = moved_by[made] if made in runs_at else "multi_output_at_op" if made is not node else LIVENESS
         cat, phase = categories[node], phase_of[node]
         early, accumulator = embedding_accumulator(node, device, rules)
         if start_at >= first_backward:
@@ -486,7 +494,7 @@ def annotate_memory(
                 start_at, rule = first_backward, "embedding_grad_early"  # the output is the accumulator
         size = alloc.get(node, 0)
         if size == 0 and nbytes.get(node, 0):
-            rule = "addmm_fold" if node in runs_at else "pointwise_fusion"
+            rule = moved_by.get(node, "pointwise_fusion")
         if node in held:
             add(node, Lifetime(node.name, size, start_at, None, cat, rule, phase=phase))
             continue

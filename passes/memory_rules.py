@@ -517,6 +517,87 @@ def _far(candidates: Mapping[fx.Node, fx.Node], nodes: list[fx.Node]) -> set[fx.
     return far
 
 
+_SUMS = (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default)
+
+
+def accumulated_reductions(nodes: list[fx.Node], keep_apart: bool = True) -> dict[fx.Node, fx.Node]:
+    """Reductions Inductor fuses into one kernel with the adds that sum their results: where a
+    chain of adds sums the results of two or more sums of one size (each sum's only reader,
+    through views, an add of the chain: the gradient of a parameter several layers use, such as a
+    T5's relative position bias, summed over the layers), Inductor fuses every sum with the adds,
+    and that kernel runs after the last of them. Each sum's input lives until then, and the sums are no buffers of their
+    own. Returns each such sum and the chain's last add, where it runs (the
+    ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps apart
+    (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
+    fused, far = _accumulations(nodes)
+    return fused if keep_apart else {**fused, **far}
+
+
+def far_accumulated_reductions(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """The sums of :func:`accumulated_reductions` whose input the fused kernel would keep alive
+    past its other readers (a T5's score gradient of each layer, through the rest of backward).
+    The backend keeps these apart (``backend.keep_reductions_apart``): each runs in its own kernel
+    where the graph has it, and its input is freed there."""
+    return _accumulations(nodes)[1]
+
+
+def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[fx.Node, fx.Node]]:
+    """Inductor's fused accumulations in ``nodes``, split into (those left to it, the far ones)."""
+    def is_add(node: Any) -> bool:
+        return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.add.Tensor
+                and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1)
+
+    def chain_user(node: fx.Node) -> fx.Node | None:
+        """The add that alone reads ``node`` (through views: a bias's summed gradient reshaped)."""
+        users = list(node.users)
+        while len(users) == 1 and users[0].op == "call_function" and is_view_op(users[0]):
+            users = list(users[0].users)
+        return users[0] if len(users) == 1 and is_add(users[0]) else None
+
+    index = {n: i for i, n in enumerate(nodes)}
+    sums: dict[fx.Node, list[fx.Node]] = {}  # the chain's last add: the sums it adds up
+    chain: set[fx.Node] = set()  # the adds of the chains
+    for node in nodes:
+        if node.op != "call_function" or node.target not in _SUMS or chain_user(node) is None:
+            continue
+        end = chain_user(node)
+        while end is not None and chain_user(end) is not None:
+            chain.add(end)
+            end = chain_user(end)
+        if end is not None:
+            chain.add(end)
+            sums.setdefault(end, []).append(node)
+    fused: dict[fx.Node, fx.Node] = {}
+    far: dict[fx.Node, fx.Node] = {}
+    owner = storage_owners(nodes)
+    readers: dict[fx.Node, list[int]] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            readers.setdefault(owner.get(arg, arg), []).append(index[node])
+    for end, members in sums.items():
+        by_size: dict[tuple[int, int], list[fx.Node]] = {}
+        for node in members:  # one kernel: reductions of one size (input and output element counts)
+            src, out = node.args[0], node.meta.get("val")
+            val = src.meta.get("val") if isinstance(src, fx.Node) else None
+            if isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor):
+                by_size.setdefault((size_hint(val.numel()), size_hint(out.numel())), []).append(node)
+        for group in by_size.values():
+            if len(group) < 2:
+                continue
+            members = set(group)
+            for node in group:
+                src = node.args[0]
+                base = owner.get(src, src)
+                # what the graph computes, and the tangents; other inputs are not its to free
+                freeable = base.op == "call_function" or (base.op == "placeholder" and base.name.startswith("tangents"))
+                other = max((i for i in readers.get(base, []) if i != index[node]), default=index[node])
+                # other work runs between the sum and the chain's end, while the fusion would hold its input
+                between = any(n.op == "call_function" and n not in chain and n not in members and not is_view_op(n)
+                              for n in nodes[max(index[node], other) + 1:index[end]])
+                (far if freeable and between else fused)[node] = end
+    return fused, far
+
+
 def _addmm_candidates(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:
     on_gpu = device is not None and torch.device(device).type == "cuda"
     moved: dict[fx.Node, fx.Node] = {}

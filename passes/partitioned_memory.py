@@ -35,6 +35,7 @@ from sac_compiler.passes.memory_model import (
     tensor_nbytes,
 )
 from sac_compiler.passes.memory_rules import (
+    accumulated_reductions,
     allocated_by,
     ancestors,
     column_reductions_scheduled,
@@ -192,6 +193,11 @@ def _run_graph(
     for mm in runs_at:
         sizes[mm] = 0
         rule_of[mm] = "addmm_fold"
+    if "accumulation_fusion" in rules:
+        for red, chain_end in accumulated_reductions(nodes, "accumulation_apart" in rules).items():
+            runs_at[red] = index[chain_end]
+            sizes[red] = 0  # summed inside the fused kernel: no buffer of its own
+            rule_of[red] = "accumulation_fusion"
     made_by = allocated_by if "multi_output_at_op" in rules else (lambda n: n)
     made_at = {node: runs_at.get(made_by(node), index[made_by(node)]) for node in sizes}
     for node in sizes:
@@ -218,7 +224,7 @@ def _run_graph(
                 for node in part:
                     moved[node] = earliest
     # a fused node runs inside the kernels of its readers: what it reads lives until they run
-    runs_until = fused_runs_until(nodes, {**index, **moved},
+    runs_until = fused_runs_until(nodes, {**index, **runs_at, **moved},
                                   {n: list(n.users) for n, size in sizes.items()
                                    if size == 0 and rule_of.get(n) != "host_copies"})
     last: dict[fx.Node, int] = {}

@@ -169,6 +169,9 @@ class SACPartitioner(CustomPartitionerFn):
                     (x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
                 for graph in out:
                     unfold_far_addmm(graph, device)
+            if self.config.compiler == "inductor" and rule_on("accumulation_apart"):
+                for graph in out:
+                    keep_reductions_apart(graph)
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -514,6 +517,35 @@ def unfold_far_addmm(gm: fx.GraphModule, device: torch.device | str | None) -> l
         add.replace_all_uses_with(sub)
         done.append(add.name)
         graph.erase_node(add)
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def keep_reductions_apart(gm: fx.GraphModule) -> list[str]:
+    """Keep in its own kernel each sum Inductor would fuse into a later accumulation although the
+    fused kernel keeps the sum's input alive past its other readers
+    (``memory_rules.far_accumulated_reductions``): the sum's reader becomes a ``fusion_barrier``
+    of it (a copy Inductor runs as a call of its own), so the sum runs where the graph has it and
+    its input is freed there. Every value is unchanged. Returns the sums kept apart."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from sac_compiler.fusion_barrier import fusion_barrier
+    from sac_compiler.passes.memory_rules import far_accumulated_reductions
+
+    graph = gm.graph
+    done = []
+    for red in far_accumulated_reductions(list(graph.nodes)):
+        val = red.meta.get("val")
+        if not isinstance(val, FakeTensor):
+            continue
+        with graph.inserting_after(red):
+            barrier = graph.call_function(torch.ops.sac_compiler.fusion_barrier.default, (red,))
+        red.replace_all_uses_with(barrier, delete_user_cb=lambda user: user is not barrier)
+        with val.fake_mode:
+            barrier.meta["val"] = fusion_barrier(val)
+        done.append(red.name)
     if done:
         graph.lint()
         gm.recompile()

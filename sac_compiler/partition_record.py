@@ -44,6 +44,8 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
         "loss_memory": args["loss_memory"],
         # the emission kept far matmul-and-add folds apart (records before it: Inductor folded them)
         "far_addmm_apart": rule_on("far_addmm_apart"),
+        # the emission kept far accumulated sums apart (records before it: Inductor fused them)
+        "accumulation_apart": rule_on("accumulation_apart"),
         # Inductor compiled the graphs with its reordering for peak memory (SACConfig.reorder_for_peak_memory)
         "reorder_for_peak_memory": result.reorder_for_peak_memory,
         "static_bytes": result.analysis.memory.static_bytes,
@@ -97,7 +99,8 @@ def _as_emitted(record: dict[str, Any]) -> Any:
 
     from sac_compiler.passes.memory_model import rules_disabled
 
-    return contextlib.nullcontext() if record.get("far_addmm_apart", False) else rules_disabled("far_addmm_apart")
+    off = [rule for rule in ("far_addmm_apart", "accumulation_apart") if not record.get(rule, False)]
+    return rules_disabled(*off) if off else contextlib.nullcontext()
 
 
 def _rules_off(inductor_order: bool) -> Any:
@@ -230,6 +233,8 @@ def _resolve(name: str) -> Any:
         # registers Inductor's prims (inductor_seeds, inductor_random, and fma, which Inductor's
         # decompositions write), which a fresh process does not have
         importlib.import_module("torch._inductor.inductor_prims")
+    if name.startswith("sac_compiler."):
+        importlib.import_module("sac_compiler.fusion_barrier")  # the backend's own ops
     namespace, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from sac_compiler.capture import JointGraph, attach_capture_info, describe_inputs
 from sac_compiler.config import SACConfig, format_bytes
-from sac_compiler.passes.annotate_memory import inductor_addmm
+from sac_compiler.passes.annotate_memory import accumulated_reductions, inductor_addmm
 from sac_compiler.passes.annotate_ops import (
     fuses_pointwise_inputs,
     is_collective_op,
@@ -271,6 +271,9 @@ def build_plan_problem(
     runs_at = {mm: index[add] for mm, add in inductor_addmm(nodes, analysis.graph.target_device,
                                                            rule_on("far_addmm_apart")).items()} \
         if fused_pointwise else {}
+    if fused_pointwise and rule_on("accumulation_fusion"):  # sums Inductor fuses into a later kernel run there
+        runs_at.update({red: index[end] for red, end in
+                        accumulated_reductions(nodes, rule_on("accumulation_apart")).items()})
     reads: dict[fx.Node, list[int]] = {}
     for node in nodes:
         if node.op == "output" or (node.op == "call_function" and owner[node] is not node):

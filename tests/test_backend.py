@@ -126,6 +126,55 @@ def test_inductor_route_keeps_a_tied_embeddings_gradient_matmul_where_it_runs():
 
 
 @pytest.mark.inductor
+def test_inductor_route_sums_a_shared_parameters_gradient_layer_by_layer():
+    """A bias every layer adds: its gradient is each layer's summed over the batch, added up over
+    the layers. Inductor would fuse those sums into one kernel after the last layer and keep every
+    layer's gradient alive until then; the backend puts a barrier after each sum but the last
+    (``keep_reductions_apart``), which runs as its own call in the compiled backward. Gradients
+    equal eager's, to Inductor's rounding."""
+    from sac_compiler.passes.memory_rules import far_accumulated_reductions
+
+    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.config import SACConfig
+
+    class SharedBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+            self.bias = torch.nn.Parameter(torch.randn(64))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x) + self.bias)
+            return x
+
+    torch.manual_seed(0)
+    model = SharedBias()
+    x = torch.randn(256, 64)
+    ref_out, ref_grads = _run(model, (x,))
+    graphs = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            graphs.append(out)
+            return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, SACConfig(),
+                                                                           partitioner_cls=Recording))
+    out, grads = _run(model, (x,), compiled)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    (fw, bw), = graphs
+    nodes = list(bw.graph.nodes)
+    barriers = [n for n in nodes if n.target is torch.ops.sac_compiler.fusion_barrier.default]
+    assert len(barriers) == 2 and all(b.args[0].target is torch.ops.aten.sum.dim_IntList for b in barriers)
+    assert far_accumulated_reductions(nodes) == {}
+
+
+@pytest.mark.inductor
 def test_inductor_compiles_the_planned_graphs_with_the_reordering_option():
     """``reorder_for_peak_memory=False``: Inductor compiles the graphs without its reordering for
     peak memory (its own setting, restored after the compile); gradients as eager's."""

@@ -431,6 +431,109 @@ def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
     assert unfold_far_addmm(gm, "cpu") == []  # nothing left to keep apart
 
 
+def _accumulation_graph():
+    """Two layers' backward: each a computed gradient ``g_i`` (1 MiB) read by a matmul and summed
+    over its rows into a shared parameter's gradient ``s_i`` (4 KiB); the sums are added up after
+    the second layer, and between the layers a ``big`` temporary (1 MiB) is made. Fused into the
+    add (Inductor), ``s1`` would keep ``g1`` alive through ``big``."""
+    graph, op, placeholder = _graph_builder()
+    x1, x2 = placeholder("x1", torch.empty(256, 1024)), placeholder("x2", torch.empty(256, 1024))
+    w, d = placeholder("w", torch.empty(1024, 64)), placeholder("d", torch.empty(512, 512))
+    g1 = op(aten.mul.Tensor, x1, 2.0, val=torch.empty(256, 1024))
+    m1 = op(aten.mm.default, g1, w, val=torch.empty(256, 64))
+    s1 = op(aten.sum.dim_IntList, g1, [0], val=torch.empty(1024))
+    big = op(aten.mm.default, d, d, val=torch.empty(512, 512))
+    b = op(aten.sum.default, big, val=torch.empty(()))
+    g2 = op(aten.mul.Tensor, x2, 2.0, val=torch.empty(256, 1024))
+    m2 = op(aten.mm.default, g2, w, val=torch.empty(256, 64))
+    s2 = op(aten.sum.dim_IntList, g2, [0], val=torch.empty(1024))
+    total = op(aten.add.Tensor, s1, s2, val=torch.empty(1024))
+    graph.output((total, m1, m2, b))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), (s1, s2), total, big
+
+
+_G_BYTES, _SUM_BYTES = 256 * 1024 * 4, 1024 * 4
+
+
+def test_rule_accumulation_fusion():
+    gm, (s1, s2), total, big = _accumulation_graph()
+    nodes = list(gm.graph.nodes)
+    outputs = {n.name for n in nodes[-1].all_input_nodes}
+    inputs = frozenset(n.name for n in nodes if n.op == "placeholder")
+    # as Inductor fuses them (nothing kept apart): both sums run at the add, g1 lives through `big`
+    fused = _peak(gm, 0, outputs, static_storage=inputs, off={"accumulation_apart"})
+    apart = _peak(gm, 0, outputs, static_storage=inputs, off={"accumulation_apart", "accumulation_fusion"})
+    assert fused[0] - apart[0] == _G_BYTES - _SUM_BYTES
+    joint = {off: annotate_memory(gm, num_fwd_outputs=4, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off).peak_bytes
+             for off in (("accumulation_apart",), ("accumulation_apart", "accumulation_fusion"))}
+    assert joint[("accumulation_apart",)] - joint[("accumulation_apart", "accumulation_fusion")] == \
+        _G_BYTES - _SUM_BYTES
+
+
+def test_rule_accumulation_apart():
+    from sac_compiler.passes.memory_rules import accumulated_reductions, far_accumulated_reductions
+
+    gm, (s1, s2), total, big = _accumulation_graph()
+    nodes = list(gm.graph.nodes)
+    # s1's input would be held through `big`; s2 runs next to the add anyway: left to Inductor
+    assert far_accumulated_reductions(nodes) == {s1: total}
+    assert accumulated_reductions(nodes) == {s2: total}
+    assert accumulated_reductions(nodes, keep_apart=False) == {s1: total, s2: total}
+    outputs = {n.name for n in nodes[-1].all_input_nodes}
+    inputs = frozenset(n.name for n in nodes if n.op == "placeholder")
+    apart = _peak(gm, 0, outputs, static_storage=inputs)
+    fused = _peak(gm, 0, outputs, static_storage=inputs, off={"accumulation_apart"})
+    # at the add: fused, g1 and g2 live; apart, g2 and s1, which the add writes over (in place)
+    assert fused[0] - apart[0] == _G_BYTES
+    joint = {off: annotate_memory(gm, num_fwd_outputs=4, fused_pointwise=True, annotate=False,
+                                  disabled_rules=off).peak_bytes for off in ((), ("accumulation_apart",))}
+    assert joint[("accumulation_apart",)] - joint[()] == _G_BYTES
+
+
+def test_a_sum_whose_input_is_not_the_graphs_to_free_is_left_to_inductor():
+    """A sum of a parameter or a saved value (not freed by the graph): fusing it frees nothing later."""
+    from sac_compiler.passes.memory_rules import far_accumulated_reductions
+
+    graph, op, placeholder = _graph_builder()
+    p1, p2 = placeholder("primals_1", torch.empty(256, 1024)), placeholder("primals_2", torch.empty(256, 1024))
+    d = placeholder("d", torch.empty(512, 512))
+    s1 = op(aten.sum.dim_IntList, p1, [0], val=torch.empty(1024))
+    big = op(aten.mm.default, d, d, val=torch.empty(512, 512))
+    s2 = op(aten.sum.dim_IntList, p2, [0], val=torch.empty(1024))
+    total = op(aten.add.Tensor, s1, s2, val=torch.empty(1024))
+    graph.output((total, big))
+    assert far_accumulated_reductions(list(graph.nodes)) == {}
+
+
+@pytest.mark.inductor
+def test_the_backend_keeps_a_far_sum_in_its_own_kernel():
+    """``keep_reductions_apart``: Inductor fuses both sums into one kernel after the second layer
+    (read off its schedule); with the barrier after ``s1`` it runs in its own kernel, where the
+    graph has it. Every value is unchanged, to the bit."""
+    from sac_compiler.backend import keep_reductions_apart
+    from sac_compiler.inductor_order import scheduled_origins
+
+    def kernel_of(gm, name):
+        return next(i for i, origins in enumerate(scheduled_origins(gm, backward=True)) if name in origins)
+
+    gm, (s1, s2), total, big = _accumulation_graph()
+    mode = _fake_values(gm)
+    torch.manual_seed(0)
+    args = [torch.randn(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
+    want = gm(*args)
+    with mode:
+        assert kernel_of(gm, s1.name) == kernel_of(gm, s2.name)  # Inductor fuses them
+    assert keep_reductions_apart(gm) == [s1.name]
+    barriers = [n for n in gm.graph.nodes if n.target is torch.ops.sac_compiler.fusion_barrier.default]
+    assert [b.args[0] for b in barriers] == [s1] and list(s1.users) == barriers
+    with mode:
+        assert kernel_of(gm, s1.name) < kernel_of(gm, big.name) < kernel_of(gm, s2.name)  # s1 before `big`
+    got = gm(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert keep_reductions_apart(gm) == []  # nothing left to keep apart
+
+
 def _chain_graph():
     """A backward reading a saved ``h``: ``r1 = h + 1`` for one matmul, ``r2 = r1 * 3`` (both
     recomputed) for a later one; between them a ``big`` temporary."""
