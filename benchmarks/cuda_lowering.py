@@ -58,6 +58,18 @@ def answer_as_h200() -> None:
     torch.cuda.get_device_properties = lambda *args, **kwargs: H200
     torch.cuda.get_device_capability = lambda *args, **kwargs: (H200.major, H200.minor)
     torch.cuda.get_device_name = lambda *args, **kwargs: H200.name
+    # Dynamo's device interface binds torch.cuda's functions when imported (before this, where a
+    # graph was captured first in the same process): bind the answers above
+    from torch._dynamo.device_interface import CudaInterface
+
+    for name in ("current_device", "set_device", "device_count", "synchronize", "get_device_properties"):
+        setattr(CudaInterface, name, staticmethod(getattr(torch.cuda, name)))
+    CudaInterface.device = _Device  # type: ignore[assignment,misc]
+    # whether Triton can compile for the device is cached from the first question: ask again
+    triton_utils = importlib.import_module("torch.utils._triton")
+    for function in vars(triton_utils).values():
+        if hasattr(function, "cache_clear"):
+            function.cache_clear()
     for module in (torch.cuda, cuda_random):
         module.get_rng_state = lambda *args, **kwargs: torch.zeros(16, dtype=torch.uint8)
         module.set_rng_state = lambda *args, **kwargs: None

@@ -11,15 +11,24 @@ the planning time (what ``GraphPlanResult.planning_s`` counts: all but the one p
 
     python benchmarks/plan_offline.py --models t5 gpt2 --fractions 0.5 0.75 --out plans.json
 
+With a CUDA build of torch (no GPU needed), ``--checks-in-cuda-order`` checks each plan as
+``partition_order="auto"`` does on a GPU (the backward in the order Inductor schedules it for
+CUDA), and ``--replay-cuda`` gives the final plan's peak in that order (what the default check,
+in graph order, accepted)::
+
+    python benchmarks/plan_offline.py --models t5 --fractions 0.5 --replay-cuda
+
 The memory figures are simulations, not measurements; the times are this machine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
 
-def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, size: str = "full") -> dict[str, Any]:
-    """One zoo model at ``size``, planned offline at ``fraction`` for the device ``spec``."""
+def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, size: str = "full",
+               cuda_checks: bool = False, replay_cuda: bool = False) -> dict[str, Any]:
+    """One zoo model at ``size``, planned offline at ``fraction`` for the device ``spec``.
+
+    ``cuda_checks``: each plan's partitioned graphs are checked with the backward in the order
+    Inductor schedules it for CUDA, as ``partition_order="auto"`` checks them on a GPU (each
+    partition recorded and replayed on fake CUDA tensors). ``replay_cuda``: the final plan's
+    partitioned graphs are also replayed in that order (``partitioned_cuda``). Both lower graphs
+    for CUDA here (``benchmarks/cuda_lowering.py``): they need a CUDA build of torch, no GPU."""
     from benchmarks.zoo import ZOO
     from sac_compiler.capture import capture_joint
     from sac_compiler.config import SACConfig
@@ -52,11 +68,22 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
     row: dict[str, Any] = dict(model=name, size=size, graph="loss_inside" if inside else "model", fraction=fraction,
                                spec=spec, nodes=len(graph.gm.graph.nodes), capture_s=round(capture_s, 2),
                                torch=torch.__version__)
+    lowering_s: list[float] = []
+    if cuda_checks or replay_cuda:
+        from benchmarks.cuda_lowering import answer_as_h200
+
+        answer_as_h200()  # after the capture: Dynamo's tracing does not run under it
+        row["partition_order"] = "cuda" if cuda_checks else "graph"
     start = time.perf_counter()
+    partitions: list[Any] = []
     try:
-        result = plan_partitioned(graph, SACConfig.from_options({"memory_budget": fraction, "device": spec}))
+        with _checks_in_cuda_order(lowering_s) if cuda_checks else contextlib.nullcontext(), _kept(partitions):
+            result = plan_partitioned(graph, SACConfig.from_options({"memory_budget": fraction, "device": spec}))
     except BudgetError as error:
         return {**row, "error": str(error), "wall_s": round(time.perf_counter() - start, 2)}
+    wall_s = round(time.perf_counter() - start, 2)
+    if replay_cuda:
+        row["partitioned_cuda"] = _in_cuda_order(result, *partitions[-1]).peak_bytes
     checks = result.partition_checks
     return {
         **row,
@@ -73,8 +100,60 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
         "planning_s": round(result.planning_s, 2),
         "solves": len(result.solve_times_s),
         "solve_s": round(sum(result.solve_times_s), 2),
-        "wall_s": round(time.perf_counter() - start, 2),
+        "lowering_s": [round(t, 1) for t in lowering_s],
+        "wall_s": wall_s,
     }
+
+
+def _in_cuda_order(result: Any, fw: Any, bw: Any) -> Any:
+    """The partitioned simulation of ``fw`` and ``bw`` with the backward in Inductor's CUDA order:
+    the partition recorded and replayed on fake CUDA tensors (the graphs' own are meta)."""
+    from torch._guards import tracing
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from sac_compiler.partition_record import record_partition, replay_partition
+
+    record = record_partition(result, fw, bw)
+    with tracing(None), unset_fake_temporarily():  # outside the compile's fake mode and tracing context
+        return replay_partition(record, inductor_order=True, on_target=True)
+
+
+@contextlib.contextmanager
+def _kept(partitions: list[Any]) -> Iterator[None]:
+    """Within the block, the partitioned graphs (forward, backward) the backend returns are kept."""
+    from sac_compiler.backend import SACPartitioner
+
+    own = SACPartitioner.__call__
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        partitions.append(own(self, *args, **kwargs))
+        return partitions[-1]
+
+    SACPartitioner.__call__ = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SACPartitioner.__call__ = own  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _checks_in_cuda_order(lowering_s: list[float]) -> Iterator[None]:
+    """Within the block, the backend checks each plan's partitioned graphs in Inductor's CUDA order."""
+    from sac_compiler.plan_graph import GraphPlanResult
+
+    own = GraphPlanResult.simulate
+
+    def simulate(self: Any, fw: Any, bw: Any) -> Any:
+        start = time.perf_counter()
+        peak = _in_cuda_order(self, fw, bw)
+        lowering_s.append(time.perf_counter() - start)
+        return peak
+
+    GraphPlanResult.simulate = simulate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        GraphPlanResult.simulate = own  # type: ignore[method-assign]
 
 
 def _gib(n: int | None) -> str:
@@ -95,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", default="H200", help="device spec the plans are for (default: H200)")
     parser.add_argument("--model-only", action="store_true",
                         help="plan the model's own graph even where its loss can be computed inside (default: off)")
+    parser.add_argument("--checks-in-cuda-order", action="store_true",
+                        help="check each plan's partitioned graphs with the backward in Inductor's CUDA order, as "
+                             "partition_order='auto' does on a GPU (needs a CUDA build of torch, no GPU; default: off)")
+    parser.add_argument("--replay-cuda", action="store_true",
+                        help="also replay the final plan's partitioned graphs in Inductor's CUDA order "
+                             "(needs a CUDA build of torch, no GPU; default: off)")
     parser.add_argument("--out", help="write the rows as JSON here (default: none)")
     args = parser.parse_args(argv)
     for fraction in args.fractions:
@@ -104,15 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.models:
         for fraction in args.fractions:
-            row = plan_model(name, fraction, args.spec, loss_inside=not args.model_only, size=args.size)
+            row = plan_model(name, fraction, args.spec, loss_inside=not args.model_only, size=args.size,
+                             cuda_checks=args.checks_in_cuda_order, replay_cuda=args.replay_cuda)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     table = [(r["model"], f"{r['fraction']:g}", _gib(r.get("budget_bytes")),
               f"{_gib(r.get('first_predicted'))} / {_gib(r.get('first_partitioned'))}", r.get("plans_partitioned", "-"),
-              _gib(r.get("partitioned")), r.get("recompute_ms", "-"), r.get("planning_s", "-"), r.get("solves", "-"),
+              _gib(r.get("partitioned")), _gib(r.get("partitioned_cuda")), r.get("recompute_ms", "-"), r.get("planning_s", "-"), r.get("solves", "-"),
               r.get("error", "")[:60]) for r in rows]
     print(tabulate(table, headers=["model", "fraction", "budget GiB", "first plan: joint / partitioned GiB",
-                                   "plans", "final partitioned GiB", "recompute ms", "planning s", "solves", "error"],
+                                   "plans", "final partitioned GiB", "in CUDA order GiB", "recompute ms", "planning s", "solves", "error"],
                    disable_numparse=True))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

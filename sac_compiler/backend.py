@@ -29,6 +29,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
+# registers torch.ops.sac_compiler.fusion_barrier, which graphs this backend compiles may call
+# (also when Inductor serves them from its caches without running the partitioner)
+import sac_compiler.fusion_barrier  # noqa: F401
 from sac_compiler.config import SACConfig, format_bytes
 from sac_compiler.passes.memory_model import rule_on
 

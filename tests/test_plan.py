@@ -1128,6 +1128,15 @@ def test_the_offline_plan_benchmark_reports_the_backends_plans(tmp_path):
     assert row["predicted"] <= row["budget_bytes"] or row["slack_taken"]
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch lowers graphs for CUDA")
+def test_the_offline_plan_benchmark_says_a_cpu_build_cannot_check_in_cudas_order():
+    from benchmarks.plan_offline import main
+
+    for flag in ("--checks-in-cuda-order", "--replay-cuda"):
+        with pytest.raises(SystemExit, match="CPU-only build.*install a CUDA build"):
+            main(["--models", "gpt2", "--fractions", "0.5", "--size", "small", flag])
+
+
 def test_the_plan_is_made_on_the_graph_the_partitioner_partitions():
     """PyTorch's min-cut partitioner removes dead code and merges repeated computations (CSE) in
     the joint graph in place before it partitions: the backend does so before it plans, so the
