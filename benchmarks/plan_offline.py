@@ -96,6 +96,7 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
         "first_predicted": checks[0][0] if checks else result.predicted_peak,
         "first_partitioned": checks[0][1] if checks else result.step_peak_bytes,
         "plans_partitioned": len(checks),
+        "checks": [list(check) for check in checks],  # each plan partitioned: (joint prediction, checked peak)
         "predicted": result.predicted_peak,
         "partitioned": result.step_peak_bytes,
         "recompute_ms": round(result.plan.recompute_ms, 4),
