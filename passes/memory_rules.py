@@ -525,10 +525,10 @@ def accumulated_reductions(nodes: list[fx.Node], keep_apart: bool = True) -> dic
     chain of adds sums the results of two or more sums of one size (each sum's only reader,
     through views, an add of the chain: the gradient of a parameter several layers use, such as a
     T5's relative position bias, summed over the layers), Inductor fuses every sum with the adds,
-    and that kernel runs after the last of them. Each sum's input lives until then, and the sums are no buffers of their
-    own. Returns each such sum and the chain's last add, where it runs (the
-    ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps apart
-    (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
+    and that kernel runs after the last of them. Each sum's input lives until then, and the sums
+    are no buffers of their own. Returns each such sum and the chain's last add, where it runs
+    (the ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps
+    apart (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
     fused, far = _accumulations(nodes)
     return fused if keep_apart else {**fused, **far}
 
@@ -584,7 +584,7 @@ def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[f
         for group in by_size.values():
             if len(group) < 2:
                 continue
-            members = set(group)
+            kernel = set(group)
             for node in group:
                 src = node.args[0]
                 base = owner.get(src, src)
@@ -592,7 +592,7 @@ def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[f
                 freeable = base.op == "call_function" or (base.op == "placeholder" and base.name.startswith("tangents"))
                 other = max((i for i in readers.get(base, []) if i != index[node]), default=index[node])
                 # other work runs between the sum and the chain's end, while the fusion would hold its input
-                between = any(n.op == "call_function" and n not in chain and n not in members and not is_view_op(n)
+                between = any(n.op == "call_function" and n not in chain and n not in kernel and not is_view_op(n)
                               for n in nodes[max(index[node], other) + 1:index[end]])
                 (far if freeable and between else fused)[node] = end
     return fused, far
