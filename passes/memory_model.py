@@ -236,6 +236,12 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          _BOTH, True),
     Rule("recompute_chain_kernel", "Inductor rebuilds a connected chain of recomputed pointwise values in one "
          "kernel, before the first of them is needed, after the recomputed values it reads.", _BOTH, True),
+    Rule("draws_repeated", "The backend gives each backward kernel that reads a recomputed random draw through "
+         "a value made from it (dropout's mask made again for its gradient) a draw of its own from the same seed, "
+         "the same numbers (backend.repeat_recomputed_draws): the rebuild chain's draw is then read by its kernel "
+         "alone, as random_drawn_in_chain has it. Without it Inductor stores the draw from the rebuild until that "
+         "backward kernel runs, which no simulation counts. An emission: it changes no simulation.",
+         frozenset(), True),
     Rule("random_drawn_in_chain", "A recomputed random draw only a rebuild chain reads is drawn inside the "
          "chain's kernel and never stored.", _BOTH, True),
     Rule("dying_input_reuse", "A rebuild kernel is the last reader of the inputs only it reads: Inductor "

@@ -175,6 +175,8 @@ class SACPartitioner(CustomPartitionerFn):
             if self.config.compiler == "inductor" and rule_on("accumulation_apart"):
                 for graph in out:
                     keep_reductions_apart(graph)
+            if self.config.compiler == "inductor" and rule_on("draws_repeated"):
+                repeat_recomputed_draws(out[1])
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -552,6 +554,59 @@ def keep_reductions_apart(gm: fx.GraphModule) -> list[str]:
     if done:
         graph.lint()
         gm.recompile()
+    return done
+
+
+def repeat_recomputed_draws(bw: fx.GraphModule, is_backward: Callable[[fx.Node], bool] | None = None) -> list[str]:
+    """Give each backward kernel that reads a recomputed random draw, directly or through a value
+    the rebuild makes from it (dropout's mask), a draw of its own: ``inductor_random`` draws from
+    its seed by element index, so a second draw from the same seed is the same numbers (as
+    Inductor's own recomputation of a draw relies on). Otherwise Inductor stores the rebuild's
+    draw from the start of backward until the kernel that makes the mask again for its gradient
+    runs (a BERT's dropout draws, 48 MiB each, all through the backward); now the rebuild's draw is
+    read by the rebuild's kernel alone and drawn there (the ``random_drawn_in_chain`` rule), and
+    each backward kernel draws its own. ``is_backward``: whether a node is the backward's own, not
+    a forward value recomputed (default: AOTAutograd's tag on the node, ``partitioner_tag``).
+    Returns the draws repeated."""
+    from sac_compiler.passes.annotate_ops import is_pointwise_op, op_name
+
+    if is_backward is None:
+        def is_backward(node: fx.Node) -> bool:
+            return node.meta.get("partitioner_tag") == "is_backward"
+
+    graph = bw.graph
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    backward = {n for n in nodes if n.op == "call_function" and is_backward(n)}
+    done = []
+    for draw in nodes:
+        if draw.op != "call_function" or op_name(draw.target) != "prims.inductor_random" or draw in backward:
+            continue
+        # (the value read, the backward readers of it): the draw itself, and the rebuild's
+        # pointwise values made from it that the rebuild reads too
+        splits = [(draw, [u for u in draw.users if u in backward])]
+        splits += [(made, [u for u in made.users if u in backward]) for made in draw.users
+                   if made not in backward and made.op == "call_function" and is_pointwise_op(made)]
+        repeated = False
+        for value, readers in splits:
+            if not readers or len(readers) == len(value.users):
+                continue  # read by the backward only, or by the rebuild only: one kernel reads the draw
+            with graph.inserting_before(min(readers, key=index.__getitem__)):
+                again = graph.call_function(draw.target, draw.args, dict(draw.kwargs))
+                again.meta = dict(draw.meta)
+                if value is not draw:
+                    made_again = graph.call_function(
+                        value.target, tuple(again if a is draw else a for a in value.args), dict(value.kwargs))
+                    made_again.meta = dict(value.meta)
+                    again = made_again
+            for reader in readers:
+                reader.replace_input_with(value, again)
+            repeated = True
+        if repeated:
+            done.append(draw.name)
+    if done:
+        graph.lint()
+        bw.recompile()
     return done
 
 

@@ -534,6 +534,57 @@ def test_the_backend_keeps_a_far_sum_in_its_own_kernel():
     assert keep_reductions_apart(gm) == []  # nothing left to keep apart
 
 
+def _draw_read_twice():
+    """A backward rebuilding a dropout (a draw, its mask, the mask applied) for a matmul, and the
+    backward's own dropout gradient, which makes the mask again from the draw after that matmul."""
+    import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_random
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def backward(seeds, x, tangent):
+        seed = torch.ops.prims.inductor_lookup_seed.default(seeds, 0)
+        draw = torch.ops.prims.inductor_random.default([256, 256], seed, "rand")
+        mask = draw > 0.1
+        h = (x * mask * 1.25) @ x  # the rebuild, read by a matmul
+        return h, (tangent @ h) * torch.ops.prims.convert_element_type.default(mask, torch.float32) * 1.25
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        gm = make_fx(backward)(torch.empty(2, dtype=torch.int64), torch.empty(256, 256), torch.empty(256, 256))
+    # the backward's own nodes: the matmul reading the tangent and the gradient's pointwise ops
+    own = {"mm_1", "convert_element_type", "mul_2", "mul_3"}
+    return gm, mode, lambda node: node.name in own
+
+
+@pytest.mark.inductor
+def test_rule_draws_repeated():
+    """``repeat_recomputed_draws``: without it, Inductor's backward kernel makes the mask from the
+    rebuild's draw, which is therefore stored from the rebuild until then (read off Inductor's
+    schedule); with it, that kernel draws its own, and the numbers are the same."""
+    from torch._inductor import compile as inductor_compile
+
+    from sac_compiler.backend import repeat_recomputed_draws
+    from sac_compiler.inductor_order import scheduled_origins
+
+    def kernel_drawing(gm, mode, name):
+        with mode:
+            scheduled = scheduled_origins(gm, backward=True)
+        return next(origins for origins in scheduled if name in origins)
+
+    gm, mode, is_backward = _draw_read_twice()
+    torch.manual_seed(0)
+    args = [torch.randint(0, 2**31, (2,), dtype=torch.int64), torch.randn(256, 256), torch.randn(256, 256)]
+    want = inductor_compile(gm, args)(*args)
+    gradient = kernel_drawing(gm, mode, "mul_3")
+    assert "gt" in gradient and not any(n.startswith("inductor_random") for n in gradient)  # reads the draw
+    assert repeat_recomputed_draws(gm, is_backward) == ["inductor_random"]
+    gradient = kernel_drawing(gm, mode, "mul_3")
+    assert any(n.startswith("inductor_random") and n != "inductor_random" for n in gradient)  # draws its own
+    got = inductor_compile(gm, args)(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert repeat_recomputed_draws(gm, is_backward) == []  # each kernel has its own draw now
+
+
 def _chain_graph():
     """A backward reading a saved ``h``: ``r1 = h + 1`` for one matmul, ``r2 = r1 * 3`` (both
     recomputed) for a later one; between them a ``big`` temporary."""
