@@ -207,9 +207,9 @@ def _module(data: dict[str, Any], mode: Any, device: torch.device = _CPU) -> fx.
             node = graph.placeholder(entry["name"])
             inputs.append(_input(entry["val"], mode, device))
         elif entry["op"] == "call_function":
-            node = graph.call_function(_resolve(entry["target"]), _load(entry["args"], env, device),
-                                       _load(entry["kwargs"], env, device))
-            node.name = entry["name"]
+            # named through the graph's namespace: a node a pass adds later gets a name of its own
+            node = graph.create_node("call_function", _resolve(entry["target"]), _load(entry["args"], env, device),
+                                     _load(entry["kwargs"], env, device), name=entry["name"])
         else:
             graph.output(_load(entry["args"], env, device)[0])
             continue
