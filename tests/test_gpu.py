@@ -436,3 +436,21 @@ def test_the_matmul_workspaces_a_step_makes_are_made_and_counted_before_it():
     grads = sum(t.grad.untyped_storage().nbytes() for t in (x, lin.weight, lin.bias))
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: cuBLAS workspaces {made} bytes")
     assert torch.cuda.memory_allocated(device) - before == grads
+
+
+def test_a_repeated_draw_is_the_same_numbers_on_cuda():
+    """``repeat_recomputed_draws`` relies on Inductor drawing ``inductor_random`` by seed and
+    element index: compiled for CUDA, the backward's own draw gives what it read before."""
+    from torch._inductor import compile as inductor_compile
+
+    from sac_compiler.backend import repeat_recomputed_draws
+    from tests.test_memory_rules import _draw_read_twice
+
+    gm, _, is_backward = _draw_read_twice("cuda")
+    torch.manual_seed(0)
+    args = [torch.randint(0, 2**31, (2,), dtype=torch.int64, device="cuda"),
+            torch.randn(256, 256, device="cuda"), torch.randn(256, 256, device="cuda")]
+    want = inductor_compile(gm, args)(*args)
+    assert repeat_recomputed_draws(gm, is_backward) == ["inductor_random"]
+    got = inductor_compile(gm, args)(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -534,7 +534,7 @@ def test_the_backend_keeps_a_far_sum_in_its_own_kernel():
     assert keep_reductions_apart(gm) == []  # nothing left to keep apart
 
 
-def _draw_read_twice():
+def _draw_read_twice(device="cpu"):
     """A backward rebuilding a dropout (a draw, its mask, the mask applied) for a matmul, and the
     backward's own dropout gradient, which makes the mask again from the draw after that matmul."""
     import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_random
@@ -550,7 +550,8 @@ def _draw_read_twice():
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        gm = make_fx(backward)(torch.empty(2, dtype=torch.int64), torch.empty(256, 256), torch.empty(256, 256))
+        gm = make_fx(backward)(torch.empty(2, dtype=torch.int64, device=device), torch.empty(256, 256, device=device),
+                               torch.empty(256, 256, device=device))
     # the backward's own nodes: the matmul reading the tangent and the gradient's pointwise ops
     own = {"mm_1", "convert_element_type", "mul_2", "mul_3"}
     return gm, mode, lambda node: node.name in own
