@@ -165,18 +165,12 @@ class SACPartitioner(CustomPartitionerFn):
                 if placeable:
                     place_reloads(out[1], offload.reload_before)
                     place_offload_waits(out[0], offload.wait_after)
-            if self.config.compiler == "inductor" and rule_on("far_addmm_apart"):
+            if self.config.compiler == "inductor":
                 from torch.utils._pytree import tree_leaves
 
                 device = self.target_device or next(
                     (x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
-                for graph in out:
-                    unfold_far_addmm(graph, device)
-            if self.config.compiler == "inductor" and rule_on("accumulation_apart"):
-                for graph in out:
-                    keep_reductions_apart(graph)
-            if self.config.compiler == "inductor" and rule_on("draws_repeated"):
-                repeat_recomputed_draws(out[1])
+                emit_for_inductor(*out, device)
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -495,6 +489,21 @@ def outside_bytes(example_inputs: Sequence[Any]) -> int:
     return max(0, torch.cuda.memory_allocated(device) - sum(storages.values()))
 
 
+def emit_for_inductor(fw: fx.GraphModule, bw: fx.GraphModule, device: torch.device | str | None) -> None:
+    """Rewrite the partitioned graphs where Inductor would otherwise keep memory the plan counts as
+    free, each rewrite switched by its rule: matmul-and-add folds kept apart (``far_addmm_apart``),
+    accumulated sums kept apart (``accumulation_apart``), recomputed draws repeated in the backward
+    (``draws_repeated``)."""
+    if rule_on("far_addmm_apart"):
+        for graph in (fw, bw):
+            unfold_far_addmm(graph, device)
+    if rule_on("accumulation_apart"):
+        for graph in (fw, bw):
+            keep_reductions_apart(graph)
+    if rule_on("draws_repeated"):
+        repeat_recomputed_draws(bw)
+
+
 def unfold_far_addmm(gm: fx.GraphModule, device: torch.device | str | None) -> list[str]:
     """Keep apart the matmul-and-add pairs Inductor would fold although the fold keeps the matmul's
     operands alive long past their other readers (``memory_rules.far_addmm_folds``): each such
@@ -563,7 +572,7 @@ def repeat_recomputed_draws(bw: fx.GraphModule, is_backward: Callable[[fx.Node],
     its seed by element index, so a second draw from the same seed is the same numbers (as
     Inductor's own recomputation of a draw relies on). Otherwise Inductor stores the rebuild's
     draw from the start of backward until the kernel that makes the mask again for its gradient
-    runs (a BERT's dropout draws, 48 MiB each, all through the backward); now the rebuild's draw is
+    runs (a residual stream's dropout draws, through the backward); now the rebuild's draw is
     read by the rebuild's kernel alone and drawn there (the ``random_drawn_in_chain`` rule), and
     each backward kernel draws its own. ``is_backward``: whether a node is the backward's own, not
     a forward value recomputed (default: AOTAutograd's tag on the node, ``partitioner_tag``).

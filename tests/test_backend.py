@@ -21,6 +21,31 @@ def _run(model, inputs, compiled=None, seed=0):
     return out.detach(), _grads(model)
 
 
+def _inductor_partitions(model, inputs):
+    """``model`` compiled by the backend under Inductor (no budget) and run once: asserts its output
+    and gradients equal eager's to Inductor's rounding (fused kernels round otherwise; fp32, values
+    of order 1) and returns the (forward, backward) graphs the backend partitioned."""
+    from sac_compiler.backend import SACPartitioner, compile_graph
+
+    ref_out, ref_grads = _run(model, inputs)
+    graphs = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            graphs.append(out)
+            return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, example: compile_graph(gm, example, SACConfig(),
+                                                                            partitioner_cls=Recording))
+    out, grads = _run(model, inputs, compiled)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    return graphs
+
+
 def test_entry_point_is_registered():
     names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
     assert names.get("sac") == "sac_compiler.backend:sac_backend"
@@ -83,9 +108,6 @@ def test_inductor_route_keeps_a_tied_embeddings_gradient_matmul_where_it_runs():
     subtraction instead (``unfold_far_addmm``). Gradients equal eager's, to Inductor's rounding."""
     from sac_compiler.passes.memory_rules import far_addmm_folds
 
-    from sac_compiler.backend import SACPartitioner, compile_graph
-    from sac_compiler.config import SACConfig
-
     class WithLoss(torch.nn.Module):
         """The loss inside the compiled function: the logits' gradient is computed in the graph."""
 
@@ -100,24 +122,7 @@ def test_inductor_route_keeps_a_tied_embeddings_gradient_matmul_where_it_runs():
     model = WithLoss()
     # 128 tokens: the logits' gradient (128 x 64) outweighs the tied weight's (64 x 32)
     tokens, targets = torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16))
-    ref_out, ref_grads = _run(model, (tokens, targets))
-    graphs = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            out = super().__call__(gm, joint_inputs, **kwargs)
-            graphs.append(out)
-            return out
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, SACConfig(),
-                                                                           partitioner_cls=Recording))
-    out, grads = _run(model, (tokens, targets), compiled)
-    # Inductor's fused kernels round differently from eager's (fp32, values of order 1)
-    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
-    (fw, bw), = graphs
+    (fw, bw), = _inductor_partitions(model, (tokens, targets))
     nodes = list(bw.graph.nodes)
     assert far_addmm_folds(nodes, "cpu") == {}
     negated = [n for n in nodes if n.target is torch.ops.aten.neg.default
@@ -134,9 +139,6 @@ def test_inductor_route_sums_a_shared_parameters_gradient_layer_by_layer():
     equal eager's, to Inductor's rounding."""
     from sac_compiler.passes.memory_rules import far_accumulated_reductions
 
-    from sac_compiler.backend import SACPartitioner, compile_graph
-    from sac_compiler.config import SACConfig
-
     class SharedBias(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -151,23 +153,7 @@ def test_inductor_route_sums_a_shared_parameters_gradient_layer_by_layer():
     torch.manual_seed(0)
     model = SharedBias()
     x = torch.randn(256, 64)
-    ref_out, ref_grads = _run(model, (x,))
-    graphs = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            out = super().__call__(gm, joint_inputs, **kwargs)
-            graphs.append(out)
-            return out
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, SACConfig(),
-                                                                           partitioner_cls=Recording))
-    out, grads = _run(model, (x,), compiled)
-    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
-    (fw, bw), = graphs
+    (fw, bw), = _inductor_partitions(model, (x,))
     nodes = list(bw.graph.nodes)
     barriers = [n for n in nodes if n.target is torch.ops.sac_compiler.fusion_barrier.default]
     assert len(barriers) == 2 and all(b.args[0].target is torch.ops.aten.sum.dim_IntList for b in barriers)
