@@ -170,7 +170,7 @@ class SACPartitioner(CustomPartitionerFn):
 
                 device = self.target_device or next(
                     (x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
-                emit_for_inductor(*out, device)
+                emit_for_inductor(out[0], out[1], device)
             partitioning.append(time.perf_counter() - t0)
             return out
 
