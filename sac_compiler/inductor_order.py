@@ -65,8 +65,11 @@ def lower_to_schedule(gm: fx.GraphModule, backward: bool, read: Callable[[list[A
     if missing:
         raise ValueError(f"input(s) {missing[:3]} of the graph carry no fake value to lower it with")
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    # nothing is generated, so nothing is cached: the FX graph cache would hash the config, whose
+    # hook (a local function) does not pickle, and warn that it bypasses the cache on every check
+    caches = {name: False for name in ("fx_graph_cache", "fx_graph_remote_cache") if hasattr(config, name)}
     with config.patch(_post_fusion_custom_pass=hook, reorder_for_peak_memory=reorder_for_peak_memory,
-                      max_autotune=False, max_autotune_gemm=False):
+                      max_autotune=False, max_autotune_gemm=False, **caches):
         try:
             compile_fx_inner(gm, inputs, is_backward=backward)
         except Exception as error:  # noqa: BLE001 - only the hook's own stop is expected
