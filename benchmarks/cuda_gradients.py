@@ -1,0 +1,103 @@
+"""Gradients of the backend's plan against plain ``torch.compile``'s on one GPU, dropout on.
+
+For each zoo model in one loop (``benchmarks/zoo.py``), at full size, from the same seed: plain
+``torch.compile`` runs one step (twice, each from a fresh compile, so that its own run-to-run
+difference is the floor), then ``torch.compile(model, backend="sac")`` with the budget
+``memory allocated before the step + FRACTION x plain compile's extra peak`` runs two steps (the
+second is the step runtime enforcement measures). Printed per model: the losses, the peaks, and
+the worst relative L2 norm over the parameters of the difference between the gradients of the
+last step and plain compile's (and of plain compile against itself). Dropout draws the same
+numbers in both: the sac plan's forward draws what plain compile's does, and a recomputed draw
+is made again from its seed::
+
+    python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
+    python benchmarks/cuda_gradients.py --models t5 --loop loss_inside --fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
+                   steps: int, seed: int = 0) -> dict[str, Any]:
+    """``steps`` steps of zoo model ``name`` (full size, on the GPU) in ``loop`` under ``compile_fn``,
+    each from ``seed``: the last step's gradients and loss, the memory allocated before it and
+    its peak, and the first step's seconds."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.zoo import ZOO, TrainStep
+
+    torch._dynamo.reset()
+    entry = ZOO[name]
+    device = torch.device("cuda")
+    model = entry.model("full", device=device)
+    batch = entry.batch("full", device=device)
+    step = TrainStep(entry, model, loop, compile_fn)
+    first_s = before = peak = 0.0
+    loss: Any = None
+    for i in range(steps):
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed(seed)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        _, loss = step(batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        if i == 0:
+            first_s = time.perf_counter() - start
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    del step, model
+    torch.cuda.empty_cache()
+    return {"grads": grads, "loss": loss.item(), "before": before, "peak": peak, "first_s": first_s}
+
+
+def worst_difference(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest ``||g - r|| / ||r||`` over the parameters; the two must hold the same ones."""
+    if grads.keys() != reference.keys():
+        raise ValueError(f"gradients of different parameters: {sorted(grads.keys() ^ reference.keys())[:5]}")
+    return max((g.float() - reference[k].float()).norm().item() / max(reference[k].float().norm().item(), 1e-30)
+               for k, g in grads.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.zoo import LOOPS, ZOO
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(ZOO), default=["bert", "t5"], help="zoo models")
+    parser.add_argument("--loop", choices=LOOPS, default="loss_outside_criterion", help="the training loop")
+    parser.add_argument("--fraction", type=float, default=0.5,
+                        help="the budget as a fraction of plain compile's extra peak (default: 0.5)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a GPU: the gradients are compared as the CUDA build of Inductor computes them")
+    if not 0.0 < args.fraction <= 1.0:
+        parser.error(f"--fraction {args.fraction:g}: give a fraction in (0, 1]")
+    gib = 2**30
+    for name in args.models:
+        plain = step_gradients(name, args.loop, torch.compile, steps=1)
+        again = step_gradients(name, args.loop, torch.compile, steps=1)
+        budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
+        options = {"memory_budget": budget}
+        sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2)
+        print(f"{name} {args.loop} ({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
+              f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.6f}, peak {plain['peak'] / gib:.3f} GiB, "
+              f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.6f}); "
+              f"sac {args.fraction:g}: loss {sac['loss']:.6f}, peak {sac['peak'] / gib:.3f} GiB, first step "
+              f"{sac['first_s']:.1f} s, gradients against plain compile {worst_difference(sac['grads'], plain['grads']):.2e}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,25 @@
+"""benchmarks/cuda_gradients.py: what runs without a GPU (its comparison, its refusals)."""
+
+import pytest
+import torch
+
+from benchmarks.cuda_gradients import main, worst_difference
+
+
+def test_the_worst_relative_difference_over_the_parameters():
+    reference = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0, 0.0])}
+    grads = {"a": torch.tensor([3.0, 4.5]), "b": torch.tensor([1.0, 0.0])}
+    assert worst_difference(grads, reference) == pytest.approx(0.1)  # |(0, 0.5)| / |(3, 4)|
+    assert worst_difference(reference, reference) == 0.0
+
+
+def test_gradients_of_different_parameters_are_an_error():
+    with pytest.raises(ValueError, match="different parameters"):
+        worst_difference({"a": torch.ones(2)}, {"b": torch.ones(2)})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_without_a_gpu_the_script_says_it_needs_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["--models", "bert"])
+    assert "needs a GPU" in capsys.readouterr().err
