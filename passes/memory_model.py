@@ -248,7 +248,8 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "writes an output of the same size into a dying input's buffer (in_out_ptr).", _BOTH, True),
     Rule("inplace_pointwise", "A pointwise kernel that is the last reader of an input of its own dtype and size, "
          "read where it writes, writes its output into that input's buffer (in_out_ptr): a buffer of the graph, "
-         "or a saved value the backward was donated.", _BOTH, True),
+         "or a saved value the backward was donated, that no other kernel reads but the kernel's ancestors "
+         "(the reductions over the logits before the log-softmax).", _BOTH, True),
     Rule("rebuild_fusion", "Inductor's scheduler fuses a later backward pointwise kernel into a rebuild "
          "kernel when its inputs exist by then and it reads a buffer the rebuild reads or makes.",
          frozenset({PARTITIONED}), True),

@@ -46,6 +46,31 @@ def storage_owners(nodes: Iterable[fx.Node]) -> dict[fx.Node, fx.Node]:
     return owner
 
 
+class _Ancestry:
+    """Whether a node is an ancestor of ``out`` (``out`` reads its result, through any path), found
+    by walking back from ``out`` no further than the earliest node asked about (graph order is
+    topological: no ancestor comes later than ``out``)."""
+
+    def __init__(self, out: fx.Node, position: Mapping[fx.Node, int]) -> None:
+        self.out, self.position = out, position
+        self.found: set[fx.Node] = set()
+        self.floor = position[out]  # every ancestor at or after it is in found
+
+    def has(self, node: fx.Node) -> bool:
+        at = self.position.get(node, -1)
+        if at < 0 or at >= self.position[self.out]:
+            return False
+        if at < self.floor:
+            self.found, self.floor = set(), at
+            stack = [self.out]
+            while stack:
+                for arg in stack.pop().all_input_nodes:
+                    if self.position.get(arg, -1) >= at and arg not in self.found:
+                        self.found.add(arg)
+                        stack.append(arg)
+        return node in self.found
+
+
 def inplace_pointwise(
     nodes: list[fx.Node], sizes: dict[fx.Node, int], rule_of: dict[fx.Node, str], owner: dict[fx.Node, fx.Node],
     made_at: dict[fx.Node, int], last: dict[fx.Node, int], kept: set[fx.Node],
@@ -60,11 +85,14 @@ def inplace_pointwise(
     placeholder with the placeholders sharing its allocation, and its bytes); never a parameter,
     a user input or a tangent. Marks the inputs taken over (``handed_over``: the step and the
     output) and the outputs taking one (``adopting``: no allocation of their own). ``exclusive``:
-    besides dying there (``last``), the input is read by nothing outside the kernel; a view of it
-    is no reader of its own, its readers are. ``side_of`` (the joint simulation, where a backward
-    kernel's input was read in forward as well): the input is read by nothing outside the kernel
-    on the kernel's own side (forward or backward). ``sizes``: bytes per allocation, 0 for a value
-    folded into its readers' kernels."""
+    besides dying there (``last``), the input is read by nothing outside the kernel but the
+    kernel's ancestors (Inductor discounts a node's ancestors from the buffer's remaining uses: a
+    kernel whose result this kernel reads has run, as the reductions over the logits have when the
+    log-softmax is written); a view of it is no reader of its own, its readers are, and so are the
+    readers of a value folded into other kernels. ``side_of`` (the joint simulation, where a
+    backward kernel's input was read in forward as well): the same, on the kernel's own side
+    (forward or backward). ``sizes``: bytes per allocation, 0 for a value folded into its readers'
+    kernels."""
     taken: set[fx.Node] = set()
     aliases: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
@@ -86,13 +114,18 @@ def inplace_pointwise(
                     chain.add(arg)
                     stack.append(arg)
         inside: dict[fx.Node, bool] = {}
+        ancestry = _Ancestry(out, position)
 
-        def only_here(node: fx.Node) -> bool:  # every use of node is inside this kernel
+        def only_here(node: fx.Node) -> bool:  # every use of node is inside this kernel or has run before it
             if node is out:
                 return True
             if node not in inside:
                 view = node.op == "call_function" and owner.get(node, node) is not node  # its readers read
-                inside[node] = (node in chain or view) and all(only_here(u) for u in node.users)
+                folded = node.op == "call_function" and sizes.get(node, -1) == 0 and is_pointwise_op(node)
+                if node in chain or view or folded:  # read where its readers are
+                    inside[node] = node.op != "output" and all(only_here(u) for u in node.users)
+                else:  # a kernel of its own: one this kernel's inputs come from has run
+                    inside[node] = node.op == "call_function" and ancestry.has(node)
             return inside[node]
 
         for reader in sorted(chain, key=position.__getitem__) if len(chain) > 1 else [out]:

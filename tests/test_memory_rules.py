@@ -942,25 +942,66 @@ def test_rule_inplace_pointwise_reads_through_views():
 
 
 def test_rule_inplace_pointwise_in_the_joint_simulation_counts_readers_on_its_own_side():
-    """In the joint simulation a forward kernel writes over a dying input only when no other
-    forward kernel read it (the log-softmax after the reductions over the logits: the logits and
-    the log-softmax are both there), while a backward kernel ignores the forward's reads of a saved
-    value (the sigmoid's backward over the saved sigmoid, above)."""
-    graph, op, placeholder = _graph_builder()
-    x, w = placeholder("x", torch.empty(64, 32)), placeholder("w", torch.empty(32, 1000))
-    logits = op(aten.mm.default, x, w, val=torch.empty(64, 1000))
-    amax = op(aten.amax.default, logits, [1], True, val=torch.empty(64, 1))
-    shifted = op(aten.sub.Tensor, logits, amax, val=torch.empty(64, 1000))
-    total = op(aten.sum.dim_IntList, logits, [1], True, val=torch.empty(64, 1))
-    out = op(aten.add.Tensor, shifted, total, val=torch.empty(64, 1000))
-    graph.output((out,))
-    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-    annotate_modules(gm, "")
-    annotate_ops(gm)
-    sims = {off: annotate_memory(gm, fused_pointwise=True, annotate=False, disabled_rules=off)
-            for off in ((), ("inplace_pointwise",))}
-    # the reductions read the logits in kernels of their own: the output is a buffer of its own
-    assert sims[()].peak_bytes == sims[("inplace_pointwise",)].peak_bytes
+    """In the joint simulation a forward kernel writes over a dying input when every other forward
+    kernel that read it is one of its ancestors (the log-softmax after the reductions over the
+    logits, whose results it reads: they have run), not when a kernel it does not wait for reads it
+    too; a backward kernel ignores the forward's reads of a saved value (the sigmoid's backward
+    over the saved sigmoid, above)."""
+    def peaks(second_reader):
+        graph, op, placeholder = _graph_builder()
+        x, w = placeholder("x", torch.empty(64, 32)), placeholder("w", torch.empty(32, 1000))
+        logits = op(aten.mm.default, x, w, val=torch.empty(64, 1000))
+        amax = op(aten.amax.default, logits, [1], True, val=torch.empty(64, 1))
+        shifted = op(aten.sub.Tensor, logits, amax, val=torch.empty(64, 1000))
+        total = op(aten.sum.dim_IntList, logits, [1], True, val=torch.empty(64, 1))
+        out = op(aten.add.Tensor, shifted, total, val=torch.empty(64, 1000))
+        outs = (out,)
+        if second_reader:  # a reduction over the logits that the output does not read
+            outs += (op(aten.mean.dim, logits, [1], True, val=torch.empty(64, 1)),)
+        graph.output(outs)
+        gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+        annotate_modules(gm, "")
+        annotate_ops(gm)
+        return {off: annotate_memory(gm, fused_pointwise=True, annotate=False, disabled_rules=off).peak_bytes
+                for off in ((), ("inplace_pointwise",))}
+
+    tile = 64 * 1000 * 4
+    alone = peaks(False)
+    assert alone[("inplace_pointwise",)] - alone[()] == tile  # the output in the logits' buffer
+    shared = peaks(True)
+    assert shared[()] == shared[("inplace_pointwise",)]  # the logits and the output both there
+
+
+def _cross_entropy_returning_log_softmax(x, w, y):
+    log_softmax = torch.log_softmax(x @ w, -1)
+    return torch.nn.functional.nll_loss(log_softmax, y), log_softmax
+
+
+def test_rule_inplace_pointwise_writes_the_log_softmax_into_the_logits():
+    """The log-softmax a cross-entropy saves for backward, made after the reductions over the
+    logits, is written into the logits' buffer: Inductor's in-place update discounts the
+    kernel's ancestors from the buffer's remaining readers. Its CPU code for the graph allocates
+    one (256, 5000) buffer, not two; the partitioned simulation counts one with the rule."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.utils import run_and_get_code
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, y = torch.randn(256, 64), torch.randn(64, 5000), torch.randint(0, 5000, (256,))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, (code, *_) = run_and_get_code(torch.compile(_cross_entropy_returning_log_softmax), x, w, y)
+    assert code.count("empty_strided_cpu((256, 5000)") == 1
+    gm = make_fx(_cross_entropy_returning_log_softmax, decomposition_table=select_decomp_table(),
+                 tracing_mode="fake")(x, w, y)
+    inputs = frozenset(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    start = _placeholder_bytes(gm)
+    tile = 256 * 5000 * 4
+    with_rule, _ = _peak(gm, start, _outputs(gm), static_storage=inputs)
+    without, at = _peak(gm, start, _outputs(gm), static_storage=inputs, off={"inplace_pointwise"})
+    assert with_rule - start < tile + tile // 100  # the logits, then the log-softmax in their place
+    # without it, the log-softmax is a buffer of its own beside the logits (a few small ones aside)
+    assert abs(without - with_rule - tile) < tile // 100
+    assert at == gm.graph.find_nodes(op="call_function", target=aten.sub.Tensor)[-1].name
 
 
 class _SigmoidBetween(nn.Module):
