@@ -214,17 +214,16 @@ def test_lowering_for_the_schedule_does_not_autotune():
     assert seen == [(False, False)]
 
 
-def test_reading_a_schedule_leaves_inductors_graph_cache_alone(monkeypatch):
+def test_reading_a_schedule_leaves_inductors_graph_cache_alone():
     # nothing is generated from a lowering read for its schedule: with the FX graph cache on (as it
     # is by default), its key (the config with the reading hook, which does not pickle) is neither
     # computed nor looked up, so no check warns that it bypasses the cache or fills it
     from torch._dynamo.utils import counters
     from torch._inductor import config
 
-    monkeypatch.setattr(config, "fx_graph_cache", True)
     _, _, bw = _partitioned("graph")
     counters.clear()
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with config.patch(fx_graph_cache=True), FakeTensorMode(allow_non_fake_inputs=True):
         assert inductor_order.scheduled_origins(bw, backward=True)
     cache_events = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
     assert cache_events == {}

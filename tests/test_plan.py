@@ -1079,7 +1079,9 @@ def test_the_offline_planner_plans_the_random_draws_inductor_plans(trace):
     torch.manual_seed(0)
     model = tiny_transformer(n_layers=3, dropout_p=0.1)
     tokens = torch.randint(0, 64, (64, 16))
-    options = {"memory_budget": 0.4, "compiler": "inductor"}
+    # the lowest peak: a plan that recomputes dropout (at a middling budget the masks, one byte an
+    # element, are cheaper to save than their draws to recompute)
+    options = {"memory_budget": 0.0, "compiler": "inductor"}
     records = []
 
     class Recording(SACPartitioner):
