@@ -454,3 +454,29 @@ def test_a_repeated_draw_is_the_same_numbers_on_cuda():
     assert repeat_recomputed_draws(gm, is_backward) == ["inductor_random"]
     got = inductor_compile(gm, args)(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_the_log_softmax_takes_the_logits_buffer_on_cuda():
+    """The ``inplace_pointwise`` rule writes the log-softmax a cross-entropy keeps into the
+    logits' buffer once the reductions over them (its ancestors) have run, as Inductor's
+    in-place update does; on CUDA those reductions are kernels of their own. Compiled for CUDA,
+    the call's peak holds one logits-sized buffer, not two."""
+    from tests.test_memory_rules import _cross_entropy_returning_log_softmax
+
+    torch.manual_seed(0)
+    x, w = torch.randn(4096, 256, device="cuda"), torch.randn(256, 32000, device="cuda")
+    y = torch.randint(0, 32000, (4096,), device="cuda")
+    compiled = torch.compile(_cross_entropy_returning_log_softmax)
+    with torch.no_grad():
+        compiled(x, w, y)  # compiles (and autotunes) outside the measured call
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, log_softmax = compiled(x, w, y)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    tile = 4096 * 32000 * 4
+    expected = torch.log_softmax(x @ w, -1)
+    torch.testing.assert_close(log_softmax, expected, rtol=1e-4, atol=1e-4)
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: peak {peak} bytes, logits {tile}")
+    assert tile <= peak < 1.05 * tile
