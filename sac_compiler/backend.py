@@ -203,8 +203,12 @@ class SACPartitioner(CustomPartitionerFn):
             for _ in range(_PARTITION_ROUNDS):
                 if result.plan is None or result.step_peak_bytes <= limit:
                     break
-                # The partitioned graphs peak higher than the joint-graph plan said: plan lower.
-                target -= result.step_peak_bytes - limit
+                # The partitioned graphs peak higher than the joint-graph plan said: plan lower, by
+                # the excess below this plan's own joint-graph peak where that is under the target
+                # (a target lowered by a few MiB that the plan already clears gives the same plan)
+                own = (result.predicted_peak + planning_margin(result, self.config)
+                       if result.predicted_peak is not None else target)
+                target = min(target, own) - (result.step_peak_bytes - limit)
                 candidate = None
                 for _ in range(_BISECTIONS):
                     log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "

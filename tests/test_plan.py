@@ -189,6 +189,42 @@ def test_partitioned_graphs_peaking_inside_the_margin_are_planned_lower(monkeypa
     assert result.partitioned.peak_bytes <= budget - plan_graph.planning_margin(result, config)
 
 
+def test_partitioned_graphs_over_by_less_than_the_plans_slack_are_planned_below_the_plan(monkeypatch):
+    """Where the partitioned graphs peak over the budget less the margin by less than the plan's
+    own room under its goal, lowering the target by the excess alone leaves the same plan
+    feasible, and every round would check the same plan again. The backend plans below the
+    plan's own joint-graph peak by the excess: one plan more, and it fits."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    x = torch.randn(2048, 32)
+    span = budget_range(model, x, target_device="cpu")
+    budget = (span.smallest_feasible_peak + span.no_recompute_peak) // 2
+    config = SACConfig.from_options({"memory_budget": budget})
+    real_check = plan_graph.GraphPlanResult.check_partition
+    checked = []
+    gap = []  # the partitioned graphs peak this much above each plan's joint-graph peak
+
+    def check(self, fw, bw):
+        real_check(self, fw, bw)
+        if not gap:
+            limit = budget - plan_graph.planning_margin(self, config)
+            room = limit - self.predicted_peak
+            assert room > 0, "the first plan must leave room under its goal for this test"
+            gap.append(room + room // 2)  # over the limit by half the room
+        self.partitioned = dataclasses.replace(self.partitioned, peak_bytes=self.predicted_peak + gap[0])
+        checked.append(self)
+
+    monkeypatch.setattr(plan_graph.GraphPlanResult, "check_partition", check)
+    backend, records = recording_backend(memory_budget=budget)
+    _step(model, (x,), torch.compile(model, backend=backend))
+    (result, _fw, _bw), = records
+    limit = budget - plan_graph.planning_margin(result, config)
+    assert len(checked) == 2 and result is checked[1]
+    assert result.partitioned.peak_bytes <= limit < checked[0].partitioned.peak_bytes
+
+
 def test_infeasible_budget_is_named_without_searching_the_fastest_lowest_plan(monkeypatch):
     # At the lowest peak few plans are feasible and the search for the fastest of them can run to
     # its time limit (5 s) with none; a refused budget needs the lowest peak only, not that search.
