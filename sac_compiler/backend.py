@@ -67,6 +67,7 @@ def _graph_name(gm: fx.GraphModule) -> str:
 
 _PARTITION_ROUNDS = 3
 _BISECTIONS = 3
+_OVERSHOOT = 8  # a replan for the partitioned graphs' excess aims 1/_OVERSHOOT of the margin lower too
 # the partitioned graphs' room under the budget, as a fraction of it (less outside memory), that is
 # worth planning again for
 _SLACK_FRACTION = 0.02
@@ -205,10 +206,12 @@ class SACPartitioner(CustomPartitionerFn):
                     break
                 # The partitioned graphs peak higher than the joint-graph plan said: plan lower, by
                 # the excess below this plan's own joint-graph peak where that is under the target
-                # (a target lowered by a few MiB that the plan already clears gives the same plan)
-                own = (result.predicted_peak + planning_margin(result, self.config)
-                       if result.predicted_peak is not None else target)
-                target = min(target, own) - (result.step_peak_bytes - limit)
+                # (a target lowered by a few MiB that the plan already clears gives the same plan),
+                # and by an eighth of the margin more (planning lower by the excess alone can land
+                # a few MiB over again, round after round)
+                margin = planning_margin(result, self.config)
+                own = result.predicted_peak + margin if result.predicted_peak is not None else target
+                target = min(target, own) - (result.step_peak_bytes - limit) - margin // _OVERSHOOT
                 candidate = None
                 for _ in range(_BISECTIONS):
                     log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "

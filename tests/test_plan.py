@@ -193,7 +193,8 @@ def test_partitioned_graphs_over_by_less_than_the_plans_slack_are_planned_below_
     """Where the partitioned graphs peak over the budget less the margin by less than the plan's
     own room under its goal, lowering the target by the excess alone leaves the same plan
     feasible, and every round would check the same plan again. The backend plans below the
-    plan's own joint-graph peak by the excess: one plan more, and it fits."""
+    plan's own joint-graph peak by the excess, and by a part of the margin more (a plan made
+    for exactly the excess can land a little over again): one plan more, and it fits."""
     import dataclasses
 
     torch.manual_seed(0)
@@ -216,13 +217,26 @@ def test_partitioned_graphs_over_by_less_than_the_plans_slack_are_planned_below_
         self.partitioned = dataclasses.replace(self.partitioned, peak_bytes=self.predicted_peak + gap[0])
         checked.append(self)
 
+    targets = []
+    real_plan_and_tag = plan_graph.plan_and_tag
+
+    def plan_and_tag(*args, **kwargs):
+        targets.append(kwargs.get("target"))
+        return real_plan_and_tag(*args, **kwargs)
+
     monkeypatch.setattr(plan_graph.GraphPlanResult, "check_partition", check)
+    monkeypatch.setattr(plan_graph, "plan_and_tag", plan_and_tag)
     backend, records = recording_backend(memory_budget=budget)
     _step(model, (x,), torch.compile(model, backend=backend))
     (result, _fw, _bw), = records
-    limit = budget - plan_graph.planning_margin(result, config)
+    margin = plan_graph.planning_margin(result, config)
+    limit = budget - margin
     assert len(checked) == 2 and result is checked[1]
     assert result.partitioned.peak_bytes <= limit < checked[0].partitioned.peak_bytes
+    # the plan made again aimed below the first plan's own peak by the excess and a part of the margin
+    first = checked[0]
+    excess = first.partitioned.peak_bytes - limit
+    assert targets[0] is None and targets[1] <= first.predicted_peak + margin - excess - margin // 16
 
 
 def test_infeasible_budget_is_named_without_searching_the_fastest_lowest_plan(monkeypatch):
