@@ -204,7 +204,7 @@ class SACConfig:
     # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order). Replayed in
     # Inductor's CUDA order the partitions recorded on an H200 came within 2% of their measured
     # peaks far more often than in graph order (docs/results.md); "graph" stays the default until
-    # "auto" has run as the backend's own check on the zoo's matrix (so far: one GPU cell)
+    # "auto" has run as the backend's own check on the zoo's matrix on a GPU
     partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as

@@ -158,18 +158,24 @@ def test_the_budget_an_infeasible_error_names_is_the_least_that_plans_under_indu
     assert need - lowest <= math.ceil(plan_graph._MODEL_MARGIN / (1 - plan_graph._MODEL_MARGIN) * (lowest - static)) + 1
 
 
+def _nested_at_a_middle_budget():
+    """A small model, its input, and an absolute budget halfway between its lowest and its
+    no-recompute peak (with the config of that budget)."""
+    torch.manual_seed(0)
+    model = Nested(dim=32, n_layers=3)
+    x = torch.randn(2048, 32)
+    span = budget_range(model, x, target_device="cpu")
+    budget = (span.smallest_feasible_peak + span.no_recompute_peak) // 2
+    return model, x, budget, SACConfig.from_options({"memory_budget": budget})
+
+
 def test_partitioned_graphs_peaking_inside_the_margin_are_planned_lower(monkeypatch):
     """The margin the planner keeps under Inductor holds for the partitioned graphs too: where
     they peak under the budget but inside the margin (the simulation of the joint graph was
     low), the backend plans lower, as where they peak over the budget."""
     import dataclasses
 
-    torch.manual_seed(0)
-    model = Nested(dim=32, n_layers=3)
-    x = torch.randn(2048, 32)
-    span = budget_range(model, x, target_device="cpu")
-    budget = (span.smallest_feasible_peak + span.no_recompute_peak) // 2
-    config = SACConfig.from_options({"memory_budget": budget})
+    model, x, budget, config = _nested_at_a_middle_budget()
     real_check = plan_graph.GraphPlanResult.check_partition
     checked = []
 
@@ -197,12 +203,7 @@ def test_partitioned_graphs_over_by_less_than_the_plans_slack_are_planned_below_
     for exactly the excess can land a little over again): one plan more, and it fits."""
     import dataclasses
 
-    torch.manual_seed(0)
-    model = Nested(dim=32, n_layers=3)
-    x = torch.randn(2048, 32)
-    span = budget_range(model, x, target_device="cpu")
-    budget = (span.smallest_feasible_peak + span.no_recompute_peak) // 2
-    config = SACConfig.from_options({"memory_budget": budget})
+    model, x, budget, config = _nested_at_a_middle_budget()
     real_check = plan_graph.GraphPlanResult.check_partition
     checked = []
     gap = []  # the partitioned graphs peak this much above each plan's joint-graph peak
