@@ -8,10 +8,14 @@ second is the step runtime enforcement measures). Printed per model: the losses,
 the worst relative L2 norm over the parameters of the difference between the gradients of the
 last step and plain compile's (and of plain compile against itself). Dropout draws the same
 numbers in both: the sac plan's forward draws what plain compile's does, and a recomputed draw
-is made again from its seed::
+is made again from its seed. Attention dropout is the exception: an attention the plan recomputes
+runs, in forward and again in backward, from a generator state of its own (graph-safe RNG, as
+PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
+neither are the loss and the gradients. ``--attention-dropout off`` sets every zoo attention's
+dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
-    python benchmarks/cuda_gradients.py --models t5 --loop loss_inside --fraction 0.5
+    python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --attention-dropout off
 """
 
 from __future__ import annotations
@@ -28,11 +32,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def without_attention_dropout(model: torch.nn.Module) -> int:
+    """Set the dropout of every zoo attention in ``model`` to 0 (``nn.Dropout`` modules keep
+    theirs); returns how many attentions had dropout."""
+    from benchmarks.zoo import Attention
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and module.dropout:
+            module.dropout = 0.0
+            changed += 1
+    return changed
+
+
 def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
-                   steps: int, seed: int = 0) -> dict[str, Any]:
+                   steps: int, seed: int = 0, attention_dropout: bool = True) -> dict[str, Any]:
     """``steps`` steps of zoo model ``name`` (full size, on the GPU) in ``loop`` under ``compile_fn``,
-    each from ``seed``: the last step's gradients and loss, the memory allocated before it and
-    its peak, and the first step's seconds."""
+    each from ``seed`` (``attention_dropout=False``: every attention's dropout set to 0): the last
+    step's gradients and loss, the memory allocated before it and its peak, and the first step's
+    seconds."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.zoo import ZOO, TrainStep
 
@@ -40,6 +58,8 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
     entry = ZOO[name]
     device = torch.device("cuda")
     model = entry.model("full", device=device)
+    if not attention_dropout:
+        without_attention_dropout(model)
     batch = entry.batch("full", device=device)
     step = TrainStep(entry, model, loop, compile_fn)
     first_s = before = peak = 0.0
@@ -78,19 +98,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop", choices=LOOPS, default="loss_outside_criterion", help="the training loop")
     parser.add_argument("--fraction", type=float, default=0.5,
                         help="the budget as a fraction of plain compile's extra peak (default: 0.5)")
+    parser.add_argument("--attention-dropout", choices=("on", "off"), default="on",
+                        help="'off' sets every attention's dropout to 0, the other dropouts stay on: a "
+                             "recomputed attention's masks are drawn from a generator state of its own "
+                             "(default: on)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a GPU: the gradients are compared as the CUDA build of Inductor computes them")
     if not 0.0 < args.fraction <= 1.0:
         parser.error(f"--fraction {args.fraction:g}: give a fraction in (0, 1]")
     gib = 2**30
+    attention = args.attention_dropout == "on"
     for name in args.models:
-        plain = step_gradients(name, args.loop, torch.compile, steps=1)
-        again = step_gradients(name, args.loop, torch.compile, steps=1)
+        plain = step_gradients(name, args.loop, torch.compile, steps=1, attention_dropout=attention)
+        again = step_gradients(name, args.loop, torch.compile, steps=1, attention_dropout=attention)
         budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
         options = {"memory_budget": budget}
-        sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2)
-        print(f"{name} {args.loop} ({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
+        sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2,
+                             attention_dropout=attention)
+        print(f"{name} {args.loop}, attention dropout {args.attention_dropout} ({torch.cuda.get_device_name()}, "
+              f"torch {torch.__version__}): budget "
               f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.6f}, peak {plain['peak'] / gib:.3f} GiB, "
               f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.6f}); "
               f"sac {args.fraction:g}: loss {sac['loss']:.6f}, peak {sac['peak'] / gib:.3f} GiB, first step "

@@ -23,3 +23,16 @@ def test_without_a_gpu_the_script_says_it_needs_one(capsys):
     with pytest.raises(SystemExit):
         main(["--models", "bert"])
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_attention_dropout_off_leaves_the_other_dropouts_on():
+    from benchmarks.cuda_gradients import without_attention_dropout
+    from benchmarks.zoo import ZOO, Attention
+
+    model = ZOO["gpt2"].model("small")
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert attentions and all(m.dropout > 0 for m in attentions) and all(m.p > 0 for m in dropouts)
+    assert without_attention_dropout(model) == len(attentions)
+    assert all(m.dropout == 0.0 for m in attentions) and all(m.p > 0 for m in dropouts)
+    assert without_attention_dropout(model) == 0
