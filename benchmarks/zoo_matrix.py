@@ -241,6 +241,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "first_predicted": (getattr(compiled, "predicted", None) or [None])[0],
             "replans": getattr(compiled, "replans", None),
             "caller_held_bytes": getattr(result, "caller_held_bytes", None),
+            # the mark between the measured step's backward and the next forward, where over the budget
+            "measured_outside_peak": getattr(result, "measured_outside_peak", None),
             # what the plan counted of the memory a step starts from (parameters, buffers, inputs,
             # optimizer state, what the process held): against the cell's measured static_bytes
             "counted_static_bytes": (result.analysis.memory.static_bytes + result.analysis.memory.optimizer_state_bytes

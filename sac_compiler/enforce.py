@@ -11,6 +11,11 @@ user's statistics are left alone unless the mark is already over the budget befo
 step (an earlier plan went over it), which would hide the step's own peak: then the peak
 statistic is reset, and the log says so.
 
+The mark is read once more as the graph's next forward begins: a mark that rose over the budget
+after the measured backward (in the optimizer step, or in the caller's own code between steps)
+is logged as a warning and shown in the report; nothing the graph keeps is alive there, so no plan
+changes it, and the graph is not planned again for it.
+
 If the step went over the budget, the graph is planned again and recompiled at the next call; at
 most ``MAX_REPLANS`` times. What the new plan counts depends on where the step peaked: at the
 caller's loss between forward and backward, that loss there only (``SACConfig.loss_memory``);
@@ -164,6 +169,8 @@ class BudgetEnforcer:
         self._forward_end: tuple[int, int] | None = None  # (bytes in use, high-water mark) after forward
         # the high-water mark as backward reached the graph (-1: other graphs ran forward in between)
         self._backward_mark: int | None = None
+        # the mark after the measured step's backward, for the check at the next forward (None: none due)
+        self._after_step: int | None = None
         self.compiled, self.partitioner = compile(self._fresh(), example_inputs, extra_bytes,
                                                   runs_per_step=runs_per_step)
         # the caller's loss the configuration counts between forward and backward
@@ -182,6 +189,8 @@ class BudgetEnforcer:
         if self._error is not None:
             raise self._error
         if self._calls == 0:  # the first forward call of a step
+            if self._after_step is not None:
+                self._check_between_steps()
             if self._pending_excess is not None:
                 self._recompile(args)
             if self._steps == MEASURED_STEP - 1:
@@ -339,6 +348,23 @@ class BudgetEnforcer:
         most = self.extra_bytes - (need - self.budget_bytes)
         return most if most > running_extra else None
 
+    def _check_between_steps(self) -> None:
+        """Read the mark as the next step begins: a rise over the budget since the measured step's
+        backward came from work between the steps (the optimizer step, the caller's own code)."""
+        after, self._after_step = self._after_step, None
+        mark = self.read_peak()
+        if mark <= after or mark <= self.budget_bytes:
+            return
+        result = self.result
+        if result is not None:
+            result.measured_outside_peak = mark
+            self._report(result)
+        log.warning("sac: after %s's backward and before its next forward (in the optimizer step, or the caller's "
+                    "own code) the allocator's high-water mark reached %s (%d bytes), over the budget %s; the graph "
+                    "holds nothing there, so no plan of it lowers that peak: raise memory_budget to at least it, "
+                    "or lower what runs between the steps (e.g. the optimizer's foreach=False)",
+                    self._name(), format_bytes(mark), mark, format_bytes(self.budget_bytes))
+
     def _report(self, result: Any) -> None:
         """With ``report`` set, the plan's report again, now with what the step measured beside
         what was predicted (the peak, the outputs the caller held, the caller's loss)."""
@@ -412,6 +438,7 @@ class BudgetEnforcer:
             log.info("sac: the step did not raise the allocator's high-water mark (%s): its peak is at most that",
                      format_bytes(before))
             if before <= self.budget_bytes:
+                self._after_step = before if self._alone else None
                 return
             log.warning("sac: the allocator's high-water mark %s was over the budget %s before this step; "
                         "its own peak cannot be read without resetting the statistics",
@@ -420,6 +447,9 @@ class BudgetEnforcer:
         log.info("sac: measured step peak %s, predicted %s, budget %s", format_bytes(peak),
                  format_bytes(predicted_bytes) if predicted_bytes is not None else "?", format_bytes(self.budget_bytes))
         if peak <= self.budget_bytes:
+            # the plan stays: check what runs before the next step (with other graphs in the step,
+            # their backwards may run after this one's, not between steps)
+            self._after_step = after if self._alone else None
             return
         planned_loss = self.loss_memory if self.loss_memory is not None else self._configured_loss_memory
         if (loss_peak is not None and loss_peak == peak and self.measured_loss_memory is not None

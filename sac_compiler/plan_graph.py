@@ -130,6 +130,10 @@ class GraphPlanResult:
     # of that step: bytes the caller's own code (its loss) held between forward and backward, as
     # the allocator measured them (None: not measured; see SACConfig.loss_memory)
     measured_loss_memory: int | None = None
+    # the allocator's high-water mark between the measured step's backward and the graph's next
+    # forward (the optimizer step, the caller's own code), where it rose above the step's peak and
+    # over the budget: no plan of the graph changes it (None: not so, or not measured)
+    measured_outside_peak: int | None = None
     # with the offload option: why offload is not offered for this graph (sac_compiler.offload.offload_note)
     offload_note: str | None = None
     # the values the plan offloads to host memory (None: none)

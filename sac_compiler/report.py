@@ -72,6 +72,9 @@ def format_plan(result: Any) -> str:
                      f"{format_bytes(result.partitioned.peak_bytes)} in {result.partitioned.peak_graph}{over}"))
     if getattr(result, "measured_peak", None) is not None:
         rows.append(("measured peak of a step", format_bytes(result.measured_peak)))
+    if getattr(result, "measured_outside_peak", None):
+        rows.append(("measured peak after backward, before the next forward (over the budget)",
+                     format_bytes(result.measured_outside_peak)))
     if getattr(result, "caller_held_bytes", None):
         rows.append(("outputs the caller held through backward", format_bytes(result.caller_held_bytes)))
     if getattr(result, "measured_loss_memory", None):

@@ -703,3 +703,38 @@ def test_a_graph_with_nothing_more_to_give_beside_others_keeps_its_plan(monkeypa
     _steps(model, x, backend, 3)
     assert first.measured == [budget + MIB, budget - 1] and not first._alone
     assert first.replans == 1 and first.extra_bytes == 0 and first.partitioner is kept
+
+
+@pytest.mark.parametrize("over", [True, False])
+def test_a_peak_between_steps_over_the_budget_is_reported_and_not_planned_for(over, caplog):
+    """The measured step holds its budget; the mark then rises between its backward and the next
+    forward (an optimizer step's temporaries): over the budget, a warning names that peak and the
+    plan's result and report carry it, and the graph is not planned again (nothing it keeps is
+    alive there); a rise that stays under the budget is no news."""
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    between = budget + 4096 if over else budget - 4096
+    marks = [budget // 2, budget - 8192, between]  # before the step, after its backward, at the next forward
+    partitioners, enforcers = [], []
+    Recording = _recording(partitioners)
+
+    def read_peak():
+        return marks.pop(0) if len(marks) > 1 else marks[0]
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       partitioner_cls=Recording, read_peak=read_peak))
+        return enforcers[-1]
+
+    with caplog.at_level("WARNING", logger="sac_compiler.enforce"):
+        _steps(model, x, backend, 4)
+    (enforcer,) = enforcers
+    assert enforcer.measured == [budget - 8192] and enforcer.replans == 0 and len(partitioners) == 1
+    warned = [r.getMessage() for r in caplog.records if "before its next forward" in r.getMessage()]
+    if over:
+        assert enforcer.result.measured_outside_peak == between
+        assert len(warned) == 1 and f"({between} bytes), over the budget" in warned[0]
+    else:
+        assert enforcer.result.measured_outside_peak is None and not warned
