@@ -788,6 +788,10 @@ _LOWEST_PEAK_S = 2.0
 # plan, and a solve run to the full limit costs planning time the step may never win back
 # (measured in docs/results.md).
 _OFFLOAD_BESIDE_S = 5.0
+# How long each solve of the calibration search may take: it only looks for a plan faster than
+# one that already fits, and a solve run to the full limit there costs planning time that a plan
+# it finds may never win back (measured in docs/results.md).
+_CALIBRATION_S = 5.0
 
 
 # The program's objective (recompute time less the keep costs avoided) leaves constants out, so
@@ -1384,9 +1388,11 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     raises the shift where it went over, by what the shifted model missed there, so the search
     does not return to it. ``reference_sim``: the reference's exact simulation, if the caller has it.
     """
-    from sac_compiler.solvers import InfeasibleError
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError
 
     time_of = functools.partial(_plan_ms, problem)
+    if options.time_limit_s is None or options.time_limit_s > _CALIBRATION_S:
+        options = dataclasses.replace(options, time_limit_s=_CALIBRATION_S)
 
     if reference_sim is None:
         reference_sim = _simulate(analysis, config, reference.recompute)
@@ -1401,7 +1407,7 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
                                       budget=goal)
         try:
             plan = _solve(shifted, options)
-        except InfeasibleError:
+        except (InfeasibleError, NoSolutionError):  # none, or none found within the limit
             break
         if plan.recompute in seen:
             break

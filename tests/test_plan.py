@@ -1219,3 +1219,31 @@ def test_plan_partitioned_needs_a_budget():
     graph = capture_joint(tiny_transformer(n_layers=1), torch.randint(0, 64, (4, 16)), target_device="cpu")
     with pytest.raises(ValueError, match="memory_budget"):
         plan_partitioned(graph, SACConfig())
+
+
+def test_the_calibration_searchs_solves_are_short(monkeypatch):
+    """The calibration search only looks for a plan faster than one that already fits: each of
+    its solves gets at most ``_CALIBRATION_S``, whatever the configured limit; the program's own
+    solves keep the configured one."""
+    from sac_compiler.capture import capture_joint
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    inside, limits = [0], []
+    own_calibrated, own_solve = plan_graph._calibrated, plan_graph._solve
+
+    def calibrated(*args, **kwargs):
+        inside[0] += 1
+        try:
+            return own_calibrated(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    def solve(problem, options):
+        limits.append((inside[0] > 0, options.time_limit_s))
+        return own_solve(problem, options)
+
+    monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
+    monkeypatch.setattr(plan_graph, "_solve", solve)
+    plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget, time_limit_s=30))
+    assert (True, plan_graph._CALIBRATION_S) in limits  # the search ran, with the short limit
+    assert {limit for calibrating, limit in limits if not calibrating} == {30}
