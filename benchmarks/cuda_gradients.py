@@ -76,7 +76,8 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
         peak = torch.cuda.max_memory_allocated()
         if i == 0:
             first_s = time.perf_counter() - start
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    # off the device: gradients kept for the comparison must not count against the next run's budget
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
     del step, model
     torch.cuda.empty_cache()
     return {"grads": grads, "loss": loss.item(), "before": before, "peak": peak, "first_s": first_s}
