@@ -235,9 +235,10 @@ def annotate_memory(
     # pointwise_fusion: values Inductor may fold into their consumers' kernels (sized 0 below,
     # once the recomputed values are known)
     fusable: set[fx.Node] = set()
+    returned_nodes = set(outputs)
     if "pointwise_fusion" in rules:
         for node in call_functions(gm):
-            if owner[node] is node and is_pointwise_op(node) and node not in outputs and node.users:
+            if owner[node] is node and is_pointwise_op(node) and node not in returned_nodes and node.users:
                 # (a forward value only backward reads, such as the one-hot of a cross-entropy's
                 # targets that Inductor's joint passes compute apart: fusable in backward's kernels)
                 same_side = [u for u in node.users if _side(u) == _side(node)]
@@ -478,11 +479,12 @@ def annotate_memory(
             if gives:
                 givers.append(len(lifetimes))
         lifetimes.append(life)
+    static_set, tangent_set = set(static), set(tangents)
     for node in nodes:
-        if owner[node] is not node or node.op == "output" or node in static:
+        if owner[node] is not node or node.op == "output" or node in static_set:
             continue
         made = allocated_by(node) if "multi_output_at_op" in rules else node
-        start_at = first_backward if node in tangents else runs_at.get(made, index[made])
+        start_at = first_backward if node in tangent_set else runs_at.get(made, index[made])
         rule = moved_by[made] if made in runs_at else "multi_output_at_op" if made is not node else LIVENESS
         cat, phase = categories[node], phase_of[node]
         early, accumulator = embedding_accumulator(node, device, rules)

@@ -23,6 +23,7 @@ After: ``meta["sac"].is_inplace is True, .inplace_parent == "addmm"``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from collections.abc import Iterable
@@ -72,10 +73,21 @@ _VIEW_SOURCE_METHODS = frozenset({"view", "view_as", "reshape", "transpose", "t"
 def op_name(target: Any) -> str:
     """``aten.addmm.default`` -> ``"aten.addmm"``; other callables by their name."""
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+        return _overload_name(target)
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"hop.{target.name()}"
     return getattr(target, "__name__", str(target))
+
+
+@functools.cache
+def _overload_name(target: torch._ops.OpOverload) -> str:
+    return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+
+
+@functools.cache
+def _tagged(target: torch._ops.OpOverload, tag: torch.Tag) -> bool:
+    """``tag in target.tags``, asked of every node of every simulation: kept per op."""
+    return tag in target.tags
 
 
 def is_view_op(node: fx.Node) -> bool:
@@ -136,7 +148,7 @@ def is_pointwise_op(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    return (torch.Tag.pointwise in target.tags or op_name(target) in _INDUCTOR_SEEDED
+    return (_tagged(target, torch.Tag.pointwise) or op_name(target) in _INDUCTOR_SEEDED
             or target is torch.ops.aten.full.default or _scatter_upon_constant(node)
             or target in _POINTWISE_SCATTERS)
 
@@ -176,7 +188,7 @@ def fuses_pointwise_inputs(node: fx.Node) -> bool:
     their kernels, and never writes it out."""
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and (
-        is_pointwise_op(node) or torch.Tag.reduction in target.tags or op_name(target) in _INDIRECT_LOADS)
+        is_pointwise_op(node) or _tagged(target, torch.Tag.reduction) or op_name(target) in _INDIRECT_LOADS)
 
 
 def is_random_op(node: fx.Node) -> bool:
