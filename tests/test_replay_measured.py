@@ -33,3 +33,34 @@ def test_what_a_planned_forward_leaves_for_backward_simulates_to_the_measured_by
     simulated = replay_partition(record).end_of_forward_bytes - record["static_bytes"] - record["extra_static_bytes"]
     measured_bytes = measured(FOLDER_7047736)["cells"][name]["after_forward_bytes"]
     assert simulated == pytest.approx(measured_bytes, rel=0.005)
+
+
+FOLDER_42717E9 = RECORDED.parent / "partitions_h200_42717e9"
+LOSS_INSIDE_42717E9 = sorted(name for name in measured(FOLDER_42717E9)["cells"] if "loss_inside" in name)
+# simulated in graph order, these miss by more than 2% (docs/results.md: in Inductor's CUDA order,
+# which needs a CUDA build of torch, the Llama's first plan replays at 0.999 and the MoE's at 1.025)
+GRAPH_ORDER_MISSES = {"llama-loss_inside-sac0.5-graph0": "3.8% low", "moe-loss_inside-sac0.5-graph0": "7.1% high"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"graph order: {GRAPH_ORDER_MISSES[name]}"))
+    if name in GRAPH_ORDER_MISSES else name for name in LOSS_INSIDE_42717E9])
+def test_a_planned_step_with_the_loss_inside_simulates_within_2_percent_of_its_measured_peak(name):
+    """The zoo's plans at 0.5 with the loss inside (BERT, GPT-2, Llama, MoE, T5), as Inductor ran
+    them on the H200 at 42717e9: the partitioned simulation's extra peak against the measured one."""
+    row = replay(name, FOLDER_42717E9)
+    assert row["recompute"] > 0
+    assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
+
+
+@pytest.mark.parametrize("name", [name for name in LOSS_INSIDE_42717E9
+                                  if "after_forward_bytes" in measured(FOLDER_42717E9)["cells"][name]])
+def test_what_a_planned_forward_leaves_simulates_to_the_bytes_measured_at_42717e9(name):
+    """The same plans: what the forward leaves for the backward, within 0.5% (the MoE's miss above
+    is in its backward: its forward leaves what was measured)."""
+    from sac_compiler.partition_record import replay_partition
+
+    record = load(name, FOLDER_42717E9)
+    simulated = replay_partition(record).end_of_forward_bytes - record["static_bytes"] - record["extra_static_bytes"]
+    measured_bytes = measured(FOLDER_42717E9)["cells"][name]["after_forward_bytes"]
+    assert simulated == pytest.approx(measured_bytes, rel=0.005)
