@@ -11,16 +11,21 @@ numbers in both: the sac plan's forward draws what plain compile's does, and a r
 is made again from its seed. Attention dropout is the exception: an attention the plan recomputes
 runs, in forward and again in backward, from a generator state of its own (graph-safe RNG, as
 PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
-neither are the loss and the gradients. ``--attention-dropout off`` sets every zoo attention's
-dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes::
+neither are the loss and the gradients. ``--dropout no-attention`` sets every zoo attention's
+dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes;
+``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
+deterministic algorithms (no atomic adds in a scatter, cuBLAS with a fixed workspace), so that
+plain compile against itself differs by nothing and a difference is the plan's::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
-    python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --attention-dropout off
+    python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
+    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --deterministic
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,24 +37,32 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def without_attention_dropout(model: torch.nn.Module) -> int:
-    """Set the dropout of every zoo attention in ``model`` to 0 (``nn.Dropout`` modules keep
-    theirs); returns how many attentions had dropout."""
+DROPOUT = ("on", "no-attention", "off")
+
+
+def without_dropout(model: torch.nn.Module, dropout: str) -> int:
+    """``dropout="no-attention"``: set the dropout of every zoo attention in ``model`` to 0
+    (``nn.Dropout`` modules keep theirs); ``"off"``: every dropout; ``"on"``: none. Returns how
+    many modules had a dropout set to 0."""
     from benchmarks.zoo import Attention
 
+    if dropout not in DROPOUT:
+        raise ValueError(f"dropout={dropout!r}: give one of {', '.join(DROPOUT)}")
     changed = 0
-    for module in model.modules():
+    for module in model.modules() if dropout != "on" else ():
         if isinstance(module, Attention) and module.dropout:
             module.dropout = 0.0
+            changed += 1
+        elif dropout == "off" and isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
             changed += 1
     return changed
 
 
 def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
-                   steps: int, seed: int = 0, attention_dropout: bool = True) -> dict[str, Any]:
+                   steps: int, seed: int = 0, dropout: str = "on") -> dict[str, Any]:
     """``steps`` steps of zoo model ``name`` (full size, on the GPU) in ``loop`` under ``compile_fn``,
-    each from ``seed`` (``attention_dropout=False``: every attention's dropout set to 0): the last
-    step's gradients and loss, the memory allocated before it and its peak, and the first step's
+    each from ``seed`` (``dropout``: see ``without_dropout``): the last step's gradients and loss, the memory allocated before it and its peak, and the first step's
     seconds."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.zoo import ZOO, TrainStep
@@ -58,8 +71,7 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
     entry = ZOO[name]
     device = torch.device("cuda")
     model = entry.model("full", device=device)
-    if not attention_dropout:
-        without_attention_dropout(model)
+    without_dropout(model, dropout)
     batch = entry.batch("full", device=device)
     step = TrainStep(entry, model, loop, compile_fn)
     first_s = before = peak = 0.0
@@ -99,25 +111,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop", choices=LOOPS, default="loss_outside_criterion", help="the training loop")
     parser.add_argument("--fraction", type=float, default=0.5,
                         help="the budget as a fraction of plain compile's extra peak (default: 0.5)")
-    parser.add_argument("--attention-dropout", choices=("on", "off"), default="on",
-                        help="'off' sets every attention's dropout to 0, the other dropouts stay on: a "
-                             "recomputed attention's masks are drawn from a generator state of its own "
-                             "(default: on)")
+    parser.add_argument("--dropout", choices=DROPOUT, default="on",
+                        help="'no-attention' sets every attention's dropout to 0, the other dropouts stay on "
+                             "(a recomputed attention's masks are drawn from a generator state of its own); "
+                             "'off' every dropout (default: on)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="PyTorch's deterministic algorithms in both runs (default: off)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a GPU: the gradients are compared as the CUDA build of Inductor computes them")
     if not 0.0 < args.fraction <= 1.0:
         parser.error(f"--fraction {args.fraction:g}: give a fraction in (0, 1]")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True)
     gib = 2**30
-    attention = args.attention_dropout == "on"
     for name in args.models:
-        plain = step_gradients(name, args.loop, torch.compile, steps=1, attention_dropout=attention)
-        again = step_gradients(name, args.loop, torch.compile, steps=1, attention_dropout=attention)
+        plain = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
+        again = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
         budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
         options = {"memory_budget": budget}
         sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2,
-                             attention_dropout=attention)
-        print(f"{name} {args.loop}, attention dropout {args.attention_dropout} ({torch.cuda.get_device_name()}, "
+                             dropout=args.dropout)
+        print(f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''} "
+              f"({torch.cuda.get_device_name()}, "
               f"torch {torch.__version__}): budget "
               f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.6f}, peak {plain['peak'] / gib:.3f} GiB, "
               f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.6f}); "

@@ -25,14 +25,18 @@ def test_without_a_gpu_the_script_says_it_needs_one(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
-def test_attention_dropout_off_leaves_the_other_dropouts_on():
-    from benchmarks.cuda_gradients import without_attention_dropout
+def test_dropout_no_attention_leaves_the_other_dropouts_on_and_off_sets_them_all_to_zero():
+    from benchmarks.cuda_gradients import without_dropout
     from benchmarks.zoo import ZOO, Attention
 
     model = ZOO["gpt2"].model("small")
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert attentions and all(m.dropout > 0 for m in attentions) and all(m.p > 0 for m in dropouts)
-    assert without_attention_dropout(model) == len(attentions)
+    assert without_dropout(model, "on") == 0 and all(m.dropout > 0 for m in attentions)
+    assert without_dropout(model, "no-attention") == len(attentions)
     assert all(m.dropout == 0.0 for m in attentions) and all(m.p > 0 for m in dropouts)
-    assert without_attention_dropout(model) == 0
+    assert without_dropout(model, "off") == len(dropouts)
+    assert all(m.p == 0.0 for m in dropouts)
+    with pytest.raises(ValueError, match="dropout='none'"):
+        without_dropout(model, "none")
