@@ -733,8 +733,14 @@ def test_a_peak_between_steps_over_the_budget_is_reported_and_not_planned_for(ov
     (enforcer,) = enforcers
     assert enforcer.measured == [budget - 8192] and enforcer.replans == 0 and len(partitioners) == 1
     warned = [r.getMessage() for r in caplog.records if "before its next forward" in r.getMessage()]
+    from sac_compiler.config import format_bytes
+    from sac_compiler.report import format_plan
+
+    row = "measured peak after backward, before the next forward (over the budget)"
     if over:
         assert enforcer.result.measured_outside_peak == between
         assert len(warned) == 1 and f"({between} bytes), over the budget" in warned[0]
+        assert re.search(rf"{re.escape(row)} +{re.escape(format_bytes(between))}", format_plan(enforcer.result))
     else:
         assert enforcer.result.measured_outside_peak is None and not warned
+        assert row not in format_plan(enforcer.result)
