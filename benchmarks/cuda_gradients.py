@@ -14,8 +14,9 @@ PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plai
 neither are the loss and the gradients. ``--dropout no-attention`` sets every zoo attention's
 dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes;
 ``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
-deterministic algorithms (no atomic adds in a scatter, cuBLAS with a fixed workspace), so that
-plain compile against itself differs by nothing and a difference is the plan's::
+deterministic algorithms (``torch.use_deterministic_algorithms``; an op without a deterministic
+implementation raises), to tell a difference the plan makes from the run-to-run one that plain
+compile against itself shows::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
     python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
@@ -62,8 +63,8 @@ def without_dropout(model: torch.nn.Module, dropout: str) -> int:
 def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
                    steps: int, seed: int = 0, dropout: str = "on") -> dict[str, Any]:
     """``steps`` steps of zoo model ``name`` (full size, on the GPU) in ``loop`` under ``compile_fn``,
-    each from ``seed`` (``dropout``: see ``without_dropout``): the last step's gradients and loss, the memory allocated before it and its peak, and the first step's
-    seconds."""
+    each from ``seed`` (``dropout``: see ``without_dropout``): the last step's gradients and loss,
+    the memory allocated before it and its peak, and the first step's seconds."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.zoo import ZOO, TrainStep
 

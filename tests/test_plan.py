@@ -1221,7 +1221,7 @@ def test_plan_partitioned_needs_a_budget():
         plan_partitioned(graph, SACConfig())
 
 
-def test_the_calibration_searchs_solves_are_short(monkeypatch):
+def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
     """The calibration search only looks for a plan faster than one that already fits: each of
     its solves gets at most ``_CALIBRATION_S``, whatever the configured limit; the program's own
     solves keep the configured one."""
