@@ -16,15 +16,13 @@ dropout to 0 (the other dropouts stay on), for an exact comparison whatever the 
 ``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
 deterministic algorithms (``torch.use_deterministic_algorithms``; an op without a deterministic
 implementation raises), to tell a difference the plan makes from the run-to-run one that plain
-compile against itself shows. ``--eager`` adds the uncompiled model as a third reference (how far
-the gradients move when only the kernels change); ``--dtype float64`` makes rounding too small to
-flip a discrete choice (a top-k routing, an expert's capacity), so what remains is the plan's
-own::
+compile against itself shows (the MoE's ``index_add_`` adds in a different order from run to run,
+and a top-k routing or an expert's capacity can then flip). ``--eager`` adds the uncompiled model
+as a third reference: how far the gradients move when only the kernels change::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
     python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
-    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --deterministic
-    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --dtype float64 --eager
+    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --deterministic --eager
 """
 
 from __future__ import annotations
@@ -65,20 +63,19 @@ def without_dropout(model: torch.nn.Module, dropout: str) -> int:
 
 
 def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module], torch.nn.Module],
-                   steps: int, seed: int = 0, dropout: str = "on", dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """``steps`` steps of zoo model ``name`` (full size, on the GPU, its parameters and floating
-    inputs in ``dtype`` when given) in ``loop`` under ``compile_fn``, each from ``seed``
-    (``dropout``: see ``without_dropout``): the last step's gradients and loss, the memory allocated
-    before it and its peak, and the first step's seconds."""
+                   steps: int, seed: int = 0, dropout: str = "on") -> dict[str, Any]:
+    """``steps`` steps of zoo model ``name`` (full size, on the GPU) in ``loop`` under ``compile_fn``,
+    each from ``seed`` (``dropout``: see ``without_dropout``): the last step's gradients and loss,
+    the memory allocated before it and its peak, and the first step's seconds."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.zoo import ZOO, TrainStep
 
     torch._dynamo.reset()
     entry = ZOO[name]
     device = torch.device("cuda")
-    model = entry.model("full", device=device, dtype=dtype)
+    model = entry.model("full", device=device)
     without_dropout(model, dropout)
-    batch = entry.batch("full", device=device, dtype=dtype)
+    batch = entry.batch("full", device=device)
     step = TrainStep(entry, model, loop, compile_fn)
     first_s = before = peak = 0.0
     loss: Any = None
@@ -123,9 +120,6 @@ def main(argv: list[str] | None = None) -> None:
                              "'off' every dropout (default: on)")
     parser.add_argument("--deterministic", action="store_true",
                         help="PyTorch's deterministic algorithms in both runs (default: off)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="the parameters and floating inputs: float64 leaves rounding too small to flip "
-                             "a routing or threshold decision, so a plan's own error shows (default: float32)")
     parser.add_argument("--eager", action="store_true",
                         help="also run the model uncompiled and compare both compiles with it: how far the "
                              "model's gradients move when only the kernels change (default: off)")
@@ -137,18 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True)
-    dtype = getattr(torch, args.dtype)
     gib = 2**30
     for name in args.models:
-        run = dict(dropout=args.dropout, dtype=dtype)
+        run = dict(dropout=args.dropout)
         plain = step_gradients(name, args.loop, torch.compile, steps=1, **run)
         again = step_gradients(name, args.loop, torch.compile, steps=1, **run)
         budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
         options = {"memory_budget": budget}
         sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2,
                              **run)
-        line = (f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''}, "
-                f"{args.dtype} ({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
+        line = (f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''} "
+                f"({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
                 f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.9g}, peak {plain['peak'] / gib:.3f} GiB, "
                 f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.9g}); "
                 f"sac {args.fraction:g}: loss {sac['loss']:.9g}, peak {sac['peak'] / gib:.3f} GiB, first step "
