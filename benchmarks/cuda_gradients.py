@@ -16,9 +16,9 @@ dropout to 0 (the other dropouts stay on), for an exact comparison whatever the 
 ``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
 deterministic algorithms (``torch.use_deterministic_algorithms``; an op without a deterministic
 implementation raises), to tell a difference the plan makes from the run-to-run one that plain
-compile against itself shows (the MoE's ``index_add_`` adds in a different order from run to run,
-and a top-k routing or an expert's capacity can then flip). ``--eager`` adds the uncompiled model
-as a third reference: how far the gradients move when only the kernels change::
+compile against itself shows (atomic adds, such as those of the MoE's ``index_add_`` on CUDA, may
+sum in another order from run to run). ``--eager`` adds the uncompiled model as a third
+reference: how far the gradients move when only the kernels change::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
     python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
@@ -133,13 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.use_deterministic_algorithms(True)
     gib = 2**30
     for name in args.models:
-        run = dict(dropout=args.dropout)
-        plain = step_gradients(name, args.loop, torch.compile, steps=1, **run)
-        again = step_gradients(name, args.loop, torch.compile, steps=1, **run)
+        plain = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
+        again = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
         budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
         options = {"memory_budget": budget}
         sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2,
-                             **run)
+                             dropout=args.dropout)
         line = (f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''} "
                 f"({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
                 f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.9g}, peak {plain['peak'] / gib:.3f} GiB, "
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"sac {args.fraction:g}: loss {sac['loss']:.9g}, peak {sac['peak'] / gib:.3f} GiB, first step "
                 f"{sac['first_s']:.1f} s, gradients against plain compile {worst_difference(sac['grads'], plain['grads']):.2e}")
         if args.eager:
-            eager = step_gradients(name, args.loop, lambda m: m, steps=1, **run)
+            eager = step_gradients(name, args.loop, lambda m: m, steps=1, dropout=args.dropout)
             line += (f"; eager: loss {eager['loss']:.9g}, plain compile against eager "
                      f"{worst_difference(plain['grads'], eager['grads']):.2e}, sac against eager "
                      f"{worst_difference(sac['grads'], eager['grads']):.2e}")
