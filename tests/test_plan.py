@@ -510,6 +510,42 @@ def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypa
         model, backend=functools.partial(compile_graph, config=config, partitioner_cls=NotPessimistic)))
     assert seen == [(budget, 0, True)]
 
+def test_no_second_plan_where_the_first_recomputes_within_the_solvers_tolerance(monkeypatch):
+    """A plan whose recomputation costs no more than the solver's own tolerance
+    (``plan_graph._STEP_GAP`` of the estimated step time) is not planned again for the room its
+    partition leaves: no plan could be told faster. The room is made as in
+    ``test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan``, where the same room
+    buys a faster plan."""
+    model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
+    static = unplanned.analysis.memory.static_bytes
+    low = int(static + 0.6 * (unplanned.baseline_peak - static))
+    raised = int(static + 0.9 * (unplanned.baseline_peak - static))
+    planned = []
+    real = plan_graph.plan_and_tag
+    monkeypatch.setattr(plan_graph, "plan_and_tag", lambda *args, **kwargs: planned.append(kwargs.get("target"))
+                        or real(*args, **kwargs))
+    seen = []
+
+    class AtTheTolerance(SACPartitioner):
+        def _take_slack(self, gm, num_fwd_outputs, root, result, fw, bw, partition, limit):
+            result.budget_bytes = raised
+            # the tolerance set to exactly what this plan recomputes
+            monkeypatch.setattr(plan_graph, "_STEP_GAP", result.plan.recompute_ms / result.analysis.runtime_ms)
+            before = len(planned)
+            taken = super()._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, raised)
+            seen.append((result.plan.recompute_ms, len(planned) - before, taken[0] is result))
+            return taken
+
+    config = SACConfig.from_options({"memory_budget": low, "compiler": "eager"})
+    out, grads = _step(model, (tokens,), torch.compile(
+        model, backend=functools.partial(compile_graph, config=config, partitioner_cls=AtTheTolerance)))
+    (recompute_ms, plans_made, kept), = seen
+    assert recompute_ms > 0 and plans_made == 0 and kept
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition():
     """Recomputing a Llama's residual stream (its adds, the matmul outputs and the embedding they
     add up) rebuilds each add inside every kernel that reads it: under Inductor's fusion the
