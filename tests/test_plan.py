@@ -510,6 +510,7 @@ def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypa
         model, backend=functools.partial(compile_graph, config=config, partitioner_cls=NotPessimistic)))
     assert seen == [(budget, 0, True)]
 
+
 def test_no_second_plan_where_the_first_recomputes_within_the_solvers_tolerance(monkeypatch):
     """A plan whose recomputation costs no more than the solver's own tolerance
     (``plan_graph._STEP_GAP`` of the estimated step time) is not planned again for the room its
