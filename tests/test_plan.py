@@ -481,6 +481,15 @@ def test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan():
 
 
 
+def _counting_plans(monkeypatch):
+    """The target of every ``plan_graph.plan_and_tag`` call from now on, in a list, as each plans."""
+    planned = []
+    real = plan_graph.plan_and_tag
+    monkeypatch.setattr(plan_graph, "plan_and_tag", lambda *args, **kwargs: planned.append(kwargs.get("target"))
+                        or real(*args, **kwargs))
+    return planned
+
+
 def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypatch):
     """Room under the budget that the joint-graph simulation itself left (the partitioned graphs
     peak at or above its prediction) asks for a plan at a lower target than the first was made
@@ -491,10 +500,7 @@ def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypa
     static = unplanned.analysis.memory.static_bytes
     budget = int(static + 0.6 * (unplanned.baseline_peak - static))
     monkeypatch.setattr(sac_backend, "_SLACK_FRACTION", -1.0)  # any room asks for a second plan
-    planned = []
-    real = plan_graph.plan_and_tag
-    monkeypatch.setattr(plan_graph, "plan_and_tag", lambda *args, **kwargs: planned.append(kwargs.get("target"))
-                        or real(*args, **kwargs))
+    planned = _counting_plans(monkeypatch)
     seen = []
 
     class NotPessimistic(SACPartitioner):
@@ -521,10 +527,7 @@ def test_no_second_plan_where_the_first_recomputes_within_the_solvers_tolerance(
     static = unplanned.analysis.memory.static_bytes
     low = int(static + 0.6 * (unplanned.baseline_peak - static))
     raised = int(static + 0.9 * (unplanned.baseline_peak - static))
-    planned = []
-    real = plan_graph.plan_and_tag
-    monkeypatch.setattr(plan_graph, "plan_and_tag", lambda *args, **kwargs: planned.append(kwargs.get("target"))
-                        or real(*args, **kwargs))
+    planned = _counting_plans(monkeypatch)
     seen = []
 
     class AtTheTolerance(SACPartitioner):
