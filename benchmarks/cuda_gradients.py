@@ -18,11 +18,14 @@ deterministic algorithms (``torch.use_deterministic_algorithms``; an op without 
 implementation raises), to tell a difference the plan makes from the run-to-run one that plain
 compile against itself shows (atomic adds, such as those of the MoE's ``index_add_`` on CUDA, may
 sum in another order from run to run). ``--eager`` adds the uncompiled model as a third
-reference: how far the gradients move when only the kernels change::
+reference: how far the gradients move when only the kernels change. ``--worst N`` says where a
+difference lies: the median over the parameters, how many differ by more than 1e-4, and the N
+that differ most::
 
     python benchmarks/cuda_gradients.py --models bert --loop loss_outside_criterion --fraction 0.5
     python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
     python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --deterministic --eager
+    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout no-attention --worst 8
 """
 
 from __future__ import annotations
@@ -98,12 +101,29 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
     return {"grads": grads, "loss": loss.item(), "before": before, "peak": peak, "first_s": first_s}
 
 
-def worst_difference(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """The largest ``||g - r|| / ||r||`` over the parameters; the two must hold the same ones."""
+def differences(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``||g - r|| / ||r||`` per parameter; the two must hold the same ones."""
     if grads.keys() != reference.keys():
         raise ValueError(f"gradients of different parameters: {sorted(grads.keys() ^ reference.keys())[:5]}")
-    return max((g.float() - reference[k].float()).norm().item() / max(reference[k].float().norm().item(), 1e-30)
-               for k, g in grads.items())
+    return {k: (g.float() - reference[k].float()).norm().item() / max(reference[k].float().norm().item(), 1e-30)
+            for k, g in grads.items()}
+
+
+def worst_difference(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest ``||g - r|| / ||r||`` over the parameters; the two must hold the same ones."""
+    return max(differences(grads, reference).values())
+
+
+def spread(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], worst: int) -> str:
+    """Where a difference lies: the median over the parameters, how many are over 1e-4, and the
+    ``worst`` parameters with theirs (a difference in a few parameters, such as one expert's, is
+    not one spread over every parameter a dropout mask reaches)."""
+    diff = differences(grads, reference)
+    ranked = sorted(diff.items(), key=lambda kv: -kv[1])
+    median = sorted(diff.values())[len(diff) // 2]
+    over = sum(v > 1e-4 for v in diff.values())
+    return (f"median {median:.2e}, {over} of {len(diff)} over 1e-4, worst: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in ranked[:worst]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'off' every dropout (default: on)")
     parser.add_argument("--deterministic", action="store_true",
                         help="PyTorch's deterministic algorithms in both runs (default: off)")
+    parser.add_argument("--worst", type=int, default=0, metavar="N",
+                        help="also print the median difference over the parameters, how many are over 1e-4, "
+                             "and the N parameters that differ most (default: 0, none)")
     parser.add_argument("--eager", action="store_true",
                         help="also run the model uncompiled and compare both compiles with it: how far the "
                              "model's gradients move when only the kernels change (default: off)")
@@ -145,11 +168,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.9g}); "
                 f"sac {args.fraction:g}: loss {sac['loss']:.9g}, peak {sac['peak'] / gib:.3f} GiB, first step "
                 f"{sac['first_s']:.1f} s, gradients against plain compile {worst_difference(sac['grads'], plain['grads']):.2e}")
+        if args.worst:
+            line += f" ({spread(sac['grads'], plain['grads'], args.worst)})"
         if args.eager:
             eager = step_gradients(name, args.loop, lambda m: m, steps=1, dropout=args.dropout)
             line += (f"; eager: loss {eager['loss']:.9g}, plain compile against eager "
                      f"{worst_difference(plain['grads'], eager['grads']):.2e}, sac against eager "
                      f"{worst_difference(sac['grads'], eager['grads']):.2e}")
+            if args.worst:
+                line += f" (plain compile against eager: {spread(plain['grads'], eager['grads'], args.worst)})"
         print(line, flush=True)
 
 

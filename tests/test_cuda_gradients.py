@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.cuda_gradients import main, worst_difference
+from benchmarks.cuda_gradients import main, spread, worst_difference
 
 
 def test_the_worst_relative_difference_over_the_parameters():
@@ -16,6 +16,13 @@ def test_the_worst_relative_difference_over_the_parameters():
 def test_gradients_of_different_parameters_are_an_error():
     with pytest.raises(ValueError, match="different parameters"):
         worst_difference({"a": torch.ones(2)}, {"b": torch.ones(2)})
+
+
+def test_the_spread_names_the_median_the_count_over_1e_4_and_the_worst_parameters():
+    reference = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0, 0.0]), "c": torch.tensor([1.0])}
+    grads = {"a": torch.tensor([3.0, 4.5]), "b": torch.tensor([1.0, 0.0]), "c": torch.tensor([1.0 + 2**-14])}
+    # a: 0.1, b: 0, c: 2**-14 (6.1e-5)
+    assert spread(grads, reference, 2) == "median 6.10e-05, 1 of 3 over 1e-4, worst: a 1.00e-01, c 6.10e-05"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
