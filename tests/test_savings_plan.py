@@ -42,6 +42,20 @@ def test_hand_checked_chain():
         solve_savings_plan(SavingsProblem(problem.candidates, problem.baseline, 1600), EXACT)
 
 
+def test_a_recomputed_chain_of_six_is_rebuilt_at_its_last_values_read():
+    # r0 -> r1 -> ... -> r5 (a residual stream: each made from the one before), backward reads r5
+    # first (step 1) and r0 last (step 6). Recomputed whole, rebuilding r5 at step 1 needs r4, which
+    # needs r3, ... back to r0: all six are rebuilt at step 1 and save their bytes at step 0 only,
+    # not r0 until its own read. (A program that looks only three values down the chain counts r0
+    # as saved through step 1: it is rebuilt there for r3's read at step 3 at the earliest.)
+    candidates = tuple(Candidate(f"r{i}", 100 * (i + 1), 1.0, inputs=(f"r{i - 1}",) if i else (), first_use=6 - i)
+                       for i in range(6))
+    problem = SavingsProblem(candidates, baseline=(3000,) * 7, budget=0)
+    assert savings_profile(problem, {c.name for c in candidates}) == [2100, 0, 0, 0, 0, 0, 0]
+    # r0 alone (the rest kept) is rebuilt at its own read
+    assert savings_profile(problem, {"r0"}) == [100] * 6 + [0]
+
+
 def test_the_large_value_when_only_it_covers_the_need():
     # Independent values; 1900 B must go at step 0 only: a (1000 B) cannot, b (2000 B) can.
     candidates = (Candidate("a", 1000, 1.0, first_use=3), Candidate("b", 2000, 5.0, first_use=1))

@@ -167,7 +167,14 @@ def _input_reach(u: str, consumers: dict[str, list[str]], reach: dict[str, int])
     return max((reach[v] for v in consumers[u]), default=0)
 
 
-_CHAIN_DEPTH = 3
+# How far down the forward graph the program looks for a recomputed value that needs a value
+# rebuilt earlier than its own read. A residual stream recomputed whole is rebuilt at the read of
+# its last value; looking three values down, the program counted each earlier value as saved
+# until its own read and the exact simulation then found the stream alive from the first backward
+# steps (docs/results.md has the zoo's plans at three and at five).
+_CHAIN_DEPTH = 5
+# How far down a rebuild's inputs are counted as materialised with it (the transients' rows).
+_TRANSIENT_DEPTH = 2
 
 
 def _descendants(name: str, consumers: dict[str, list[str]], depth: int = _CHAIN_DEPTH) -> dict[str, None]:
@@ -217,7 +224,7 @@ def savings_profile(problem: SavingsProblem, recompute: Iterable[str], kept: Ite
                         saved[step] -= by_name[u].nbytes
                     continue
                 materialised.add((u, when[c.name]))
-                materialised.update((u, when[w]) for w in _descendants(c.name, consumers, _CHAIN_DEPTH - 1)
+                materialised.update((u, when[w]) for w in _descendants(c.name, consumers, _TRANSIENT_DEPTH)
                                     if w in recompute and when[w] is not None and when[w] < when[c.name])
     for u, step in materialised:  # once per step, however many rebuilds read it there
         saved[step] -= by_name[u].nbytes
@@ -456,8 +463,8 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str,
         for j, stop in enumerate(stops):
             y = m.add_var(name=f"y_{c.name}_{j}", var_type=CONTINUOUS, lb=0, ub=1)
             m += y <= (ys[-1] if ys else rc)
-            for v in descendants:
-                if v in r and when[v] is not None and when[v] <= stop:
+            for v in descendants:  # those with an earlier stop bound y through the y before it
+                if v in r and when[v] == stop:
                     m += y <= 1 - r[v]
             ys.append(y)
         # the prefixes add up: b*r before e_1, b*y_j on [e_j, e_j+1)
@@ -506,7 +513,7 @@ def _build(problem: SavingsProblem, options: SolverOptions, name: str,
                 continue
             m += materialised(u, at) >= r[u] + r[v.name] - 1
             # v itself is rebuilt earlier when a recomputed consumer needs it before its own read
-            for w in _descendants(v.name, consumers, _CHAIN_DEPTH - 1):
+            for w in _descendants(v.name, consumers, _TRANSIENT_DEPTH):
                 if w in r and when[w] is not None and when[w] < at:
                     m += materialised(u, when[w]) >= r[u] + r[v.name] + r[w] - 2
     transients: dict[int, list[Any]] = {}
