@@ -303,18 +303,20 @@ def test_a_mark_already_over_the_budget_is_reset_once_to_read_the_step():
 
 
 def test_a_replan_that_gave_back_too_little_makes_the_next_ask_for_more():
-    """The first replan was asked for a third of the room and the step came down by only half of
-    that: the second asks for the remaining excess scaled by two."""
-    steps = [lambda b, r: b + r // 3, lambda b, r: b + r // 6, lambda b, r: b - 1]
+    """The first replan was asked for what its plan did not see, an eighth of the room over the
+    budget and the plan's own margin under it, and the step came down by only two thirds of the
+    eighth: the second asks for the remaining excess scaled by how little that was. (Both asks
+    fit the room: a second ask beyond it plans the lowest peak instead, another test.)"""
+    steps = [lambda b, r: b + r // 8, lambda b, r: b + r // 24, lambda b, r: b - 1]
     model, x, budget, room, backend, partitioners, enforcers = _setup(steps)
     _steps(model, x, backend, 6)
     (enforcer,) = enforcers
-    assert enforcer.measured == [budget + room // 3, budget + room // 6, budget - 1]
+    assert enforcer.measured == [budget + room // 8, budget + room // 24, budget - 1]
     # each replan asks for what its plan did not see; the second, scaled by how little the first
     # gave back for what it asked (at most MAX_SCALE times)
-    first = budget + room // 3 - enforcer.predicted[0]
-    unseen = budget + room // 6 - enforcer.predicted[1]
-    achieved = room // 3 - room // 6
+    first = budget + room // 8 - enforcer.predicted[0]
+    unseen = budget + room // 24 - enforcer.predicted[1]
+    achieved = room // 8 - room // 24
     scale = min(MAX_SCALE, max(1.0, first / achieved))
     assert enforcer.extra_bytes == first + int(unseen * scale)
     assert enforcer.replans == 2
