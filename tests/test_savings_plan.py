@@ -47,7 +47,7 @@ def test_a_recomputed_chain_of_six_is_rebuilt_at_its_last_values_read():
     # first (step 1) and r0 last (step 6). Recomputed whole, rebuilding r5 at step 1 needs r4, which
     # needs r3, ... back to r0: all six are rebuilt at step 1 and save their bytes at step 0 only,
     # not r0 until its own read. (A program that looks only three values down the chain counts r0
-    # as saved through step 1: it is rebuilt there for r3's read at step 3 at the earliest.)
+    # as saved through step 2, as if it were first rebuilt for r3's read at step 3.)
     candidates = tuple(Candidate(f"r{i}", 100 * (i + 1), 1.0, inputs=(f"r{i - 1}",) if i else (), first_use=6 - i)
                        for i in range(6))
     problem = SavingsProblem(candidates, baseline=(3000,) * 7, budget=0)
