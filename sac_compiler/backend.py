@@ -259,18 +259,18 @@ class SACPartitioner(CustomPartitionerFn):
         every kernel Inductor fuses): plan again for the joint-graph peak plus what the partitioned
         graphs leave, and take that plan if its partitioned graphs fit and it recomputes less.
         Not where the plan's recomputation already costs no more than the solver's own tolerance
-        (``plan_graph._STEP_GAP`` of the estimated step time): no plan could be told faster, and
-        planning again costs as much as the first plan did."""
-        from sac_compiler.plan_graph import _STEP_GAP, BudgetError, plan_and_tag
+        (``plan_graph.step_tolerance_ms``): no plan could be told faster, and planning again costs
+        as much as the first plan did."""
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag, step_tolerance_ms
 
         slack = limit - result.step_peak_bytes
         if result.predicted_peak is None or slack <= _SLACK_FRACTION * (result.budget_bytes - result.outside_bytes):
             return result, fw, bw
-        if (result.plan is not None and result.offload is None
-                and result.plan.recompute_ms <= _STEP_GAP * result.analysis.runtime_ms):
+        tolerance = step_tolerance_ms(result.analysis)
+        if result.plan is not None and result.offload is None and result.plan.recompute_ms <= tolerance:
             log.info("sac: partitioned graphs peak %d bytes under the budget; the plan recomputes %.4f ms, "
                      "within the solver's tolerance of %.4f ms: not planned again", slack,
-                     result.plan.recompute_ms, _STEP_GAP * result.analysis.runtime_ms)
+                     result.plan.recompute_ms, tolerance)
             return result, fw, bw
         for share in (1.0, 0.5):
             target = result.predicted_peak + int(share * slack)

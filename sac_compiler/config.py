@@ -203,10 +203,10 @@ class SACConfig:
     # lowered up to the scheduler once more) or "auto": "inductor" where the graph is compiled by
     # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order). Replayed in
     # Inductor's CUDA order the partitions recorded on an H200 came within 2% of their measured
-    # peaks far more often than in graph order (docs/results.md). Run as the backend's own check on
-    # the zoo's matrix on a GPU it held every budget but missed 2% in two cells of fifteen and
-    # made planning several times longer (each check lowers the backward again): "graph" stays
-    # the default
+    # peaks far more often than in graph order. As the backend's own check on the zoo's matrix on a
+    # GPU it held every budget, but each check lowers the backward again, which makes planning
+    # much longer, and it was not more accurate everywhere (docs/results.md): "graph" stays the
+    # default
     partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as

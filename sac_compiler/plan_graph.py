@@ -805,13 +805,19 @@ _CALIBRATION_S = 5.0
 _STEP_GAP = 2.5e-3
 
 
+def step_tolerance_ms(analysis: Any) -> float:
+    """The solver's absolute gap: plans within it are not told apart (``_STEP_GAP`` of the
+    analysis's estimated step time)."""
+    return _STEP_GAP * analysis.runtime_ms
+
+
 def _solver_options(config: SACConfig, analysis: Any) -> Any:
     from sac_compiler.solvers import SolverOptions
 
     # over several ranks, one solver thread: a multi-threaded search may end at another of several
     # equal plans on each rank (a time limit can still differ: rank 0's plan is broadcast, _agreed)
     return SolverOptions(solver=config.solver, time_limit_s=config.time_limit_s, mip_gap=config.mip_gap,
-                         mip_gap_abs=_STEP_GAP * analysis.runtime_ms,
+                         mip_gap_abs=step_tolerance_ms(analysis),
                          threads=1 if config.world_size > 1 else None)
 
 

@@ -519,7 +519,7 @@ def test_no_second_plan_for_room_below_the_target_the_plan_was_made_for(monkeypa
 
 def test_no_second_plan_where_the_first_recomputes_within_the_solvers_tolerance(monkeypatch):
     """A plan whose recomputation costs no more than the solver's own tolerance
-    (``plan_graph._STEP_GAP`` of the estimated step time) is not planned again for the room its
+    (``plan_graph.step_tolerance_ms``) is not planned again for the room its
     partition leaves: no plan could be told faster. The room is made as in
     ``test_room_the_partition_leaves_under_the_budget_buys_a_faster_plan``, where the same room
     buys a faster plan."""
