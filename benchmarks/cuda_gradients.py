@@ -82,6 +82,7 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
     step = TrainStep(entry, model, loop, compile_fn)
     first_s = before = peak = 0.0
     loss: Any = None
+    losses = []
     for i in range(steps):
         torch.manual_seed(seed)
         torch.cuda.manual_seed(seed)
@@ -92,13 +93,14 @@ def step_gradients(name: str, loop: str, compile_fn: Callable[[torch.nn.Module],
         _, loss = step(batch)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        losses.append(loss.item())
         if i == 0:
             first_s = time.perf_counter() - start
     # off the device: gradients kept for the comparison must not count against the next run's budget
     grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
     del step, model
     torch.cuda.empty_cache()
-    return {"grads": grads, "loss": loss.item(), "before": before, "peak": peak, "first_s": first_s}
+    return {"grads": grads, "loss": loss.item(), "losses": losses, "before": before, "peak": peak, "first_s": first_s}
 
 
 def differences(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -126,6 +128,9 @@ def spread(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], w
             + ", ".join(f"{k} {v:.2e}" for k, v in ranked[:worst]))
 
 
+ALSO = ("amb0.5", "sac-saved")
+
+
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.zoo import LOOPS, ZOO
 
@@ -140,43 +145,93 @@ def main(argv: list[str] | None = None) -> None:
                              "'off' every dropout (default: on)")
     parser.add_argument("--deterministic", action="store_true",
                         help="PyTorch's deterministic algorithms in both runs (default: off)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="steps of each compiled run, each from the same seed; the last one's gradients are "
+                             "compared, every step's loss is printed (default: 2: the first step compiles)")
     parser.add_argument("--worst", type=int, default=0, metavar="N",
                         help="also print the median difference over the parameters, how many are over 1e-4, "
                              "and the N parameters that differ most (default: 0, none)")
     parser.add_argument("--eager", action="store_true",
                         help="also run the model uncompiled and compare both compiles with it: how far the "
                              "model's gradients move when only the kernels change (default: off)")
+    parser.add_argument("--also", nargs="+", choices=ALSO, default=[],
+                        help="more compiled runs, each compared with plain compile and with sac: 'amb0.5' plain "
+                             "compile under activation_memory_budget=0.5 (PyTorch's own recomputation), "
+                             "'sac-saved' sac at a budget above plain compile's peak (a plan that recomputes "
+                             "nothing, from the same graph)")
+    parser.add_argument("--fallback-random", action="store_true",
+                        help="torch._inductor.config.fallback_random in every run: random ops run as eager "
+                             "runs them, from the generator, instead of Inductor's seeded draws (default: off)")
+    parser.add_argument("--sac-rules-off", nargs="+", default=[], metavar="RULE",
+                        help="one more run: sac at the same budget with these rules of the memory model left out "
+                             "(passes.memory_model.RULES; those that rewrite the partitioned graphs, such as "
+                             "draws_repeated, then leave them as the partitioner made them)")
     args = parser.parse_args(argv)
+    if args.sac_rules_off:
+        from sac_compiler.passes.memory_model import RULES
+
+        unknown = sorted(set(args.sac_rules_off) - set(RULES))
+        if unknown:
+            parser.error(f"--sac-rules-off {' '.join(unknown)}: not a rule; one of {', '.join(sorted(RULES))}")
     if not torch.cuda.is_available():
         parser.error("needs a GPU: the gradients are compared as the CUDA build of Inductor computes them")
     if not 0.0 < args.fraction <= 1.0:
         parser.error(f"--fraction {args.fraction:g}: give a fraction in (0, 1]")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: give at least 1")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True)
+    if args.fallback_random:
+        torch._inductor.config.fallback_random = True
     gib = 2**30
+
+    def sac_compile(budget: int) -> Callable[[torch.nn.Module], torch.nn.Module]:
+        return lambda m: torch.compile(m, backend="sac", options={"memory_budget": budget})
+
+    def losses(run: dict[str, Any]) -> str:
+        return "/".join(f"{x:.9g}" for x in run["losses"])
+
     for name in args.models:
-        plain = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
-        again = step_gradients(name, args.loop, torch.compile, steps=1, dropout=args.dropout)
+        runs: dict[str, dict[str, Any]] = {}
+        runs["plain"] = step_gradients(name, args.loop, torch.compile, args.steps, dropout=args.dropout)
+        runs["plain again"] = step_gradients(name, args.loop, torch.compile, args.steps, dropout=args.dropout)
+        plain = runs["plain"]
         budget = int(plain["before"] + args.fraction * (plain["peak"] - plain["before"]))
-        options = {"memory_budget": budget}
-        sac = step_gradients(name, args.loop, lambda m: torch.compile(m, backend="sac", options=options), steps=2,
-                             dropout=args.dropout)
-        line = (f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''} "
-                f"({torch.cuda.get_device_name()}, torch {torch.__version__}): budget "
-                f"{budget / gib:.3f} GiB; plain compile: loss {plain['loss']:.9g}, peak {plain['peak'] / gib:.3f} GiB, "
-                f"against itself {worst_difference(again['grads'], plain['grads']):.2e} (loss {again['loss']:.9g}); "
-                f"sac {args.fraction:g}: loss {sac['loss']:.9g}, peak {sac['peak'] / gib:.3f} GiB, first step "
-                f"{sac['first_s']:.1f} s, gradients against plain compile {worst_difference(sac['grads'], plain['grads']):.2e}")
+        runs["sac"] = step_gradients(name, args.loop, sac_compile(budget), max(args.steps, 2), dropout=args.dropout)
+        if "sac-saved" in args.also:
+            runs["sac-saved"] = step_gradients(name, args.loop, sac_compile(int(plain["peak"] * 1.25)),
+                                               max(args.steps, 2), dropout=args.dropout)
+        if args.sac_rules_off:
+            from sac_compiler.passes.memory_model import rules_disabled
+
+            with rules_disabled(*args.sac_rules_off):
+                runs[f"sac without {'+'.join(args.sac_rules_off)}"] = step_gradients(
+                    name, args.loop, sac_compile(budget), max(args.steps, 2), dropout=args.dropout)
+        if "amb0.5" in args.also:
+            import torch._functorch.config as functorch_config
+
+            with functorch_config.patch(activation_memory_budget=0.5):
+                runs["amb0.5"] = step_gradients(name, args.loop, torch.compile, args.steps, dropout=args.dropout)
+        if args.eager:
+            runs["eager"] = step_gradients(name, args.loop, lambda m: m, 1, dropout=args.dropout)
+        sac = runs["sac"]
+        line = (f"{name} {args.loop}, dropout {args.dropout}{', deterministic' if args.deterministic else ''}"
+                f"{', fallback_random' if args.fallback_random else ''} ({torch.cuda.get_device_name()}, torch "
+                f"{torch.__version__}): budget {budget / gib:.3f} GiB; plain compile: loss {losses(plain)}, peak "
+                f"{plain['peak'] / gib:.3f} GiB, against itself {worst_difference(runs['plain again']['grads'], plain['grads']):.2e} "
+                f"(loss {losses(runs['plain again'])}); sac {args.fraction:g}: loss {losses(sac)}, peak "
+                f"{sac['peak'] / gib:.3f} GiB, first step {sac['first_s']:.1f} s, gradients against plain compile "
+                f"{worst_difference(sac['grads'], plain['grads']):.2e}")
         if args.worst:
             line += f" ({spread(sac['grads'], plain['grads'], args.worst)})"
-        if args.eager:
-            eager = step_gradients(name, args.loop, lambda m: m, steps=1, dropout=args.dropout)
-            line += (f"; eager: loss {eager['loss']:.9g}, plain compile against eager "
-                     f"{worst_difference(plain['grads'], eager['grads']):.2e}, sac against eager "
-                     f"{worst_difference(sac['grads'], eager['grads']):.2e}")
+        for other in [k for k in runs if k not in ("plain", "plain again", "sac")]:
+            run = runs[other]
+            line += (f"; {other}: loss {losses(run)}, peak {run['peak'] / gib:.3f} GiB, against plain compile "
+                     f"{worst_difference(run['grads'], plain['grads']):.2e}, sac against it "
+                     f"{worst_difference(sac['grads'], run['grads']):.2e}")
             if args.worst:
-                line += f" (plain compile against eager: {spread(plain['grads'], eager['grads'], args.worst)})"
+                line += f" (sac against it: {spread(sac['grads'], run['grads'], args.worst)})"
         print(line, flush=True)
 
 

@@ -297,6 +297,12 @@ def rules_disabled(*names: str) -> Iterator[None]:
         _DISABLED.reset(token)
 
 
+def disabled_rules() -> frozenset[str]:
+    """The rules :func:`rules_disabled` leaves out here (a partition made without them differs, so
+    the backend's cache key holds them)."""
+    return _DISABLED.get()
+
+
 def rule_on(name: str) -> bool:
     """Whether rule ``name`` is on here (not left out by :func:`rules_disabled`): for the code that
     emits what a rule imitates, so that the two stay one."""

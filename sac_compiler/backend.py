@@ -312,10 +312,13 @@ class SACPartitioner(CustomPartitionerFn):
 
         Everything the partition depends on besides the joint graph (which Inductor keys itself):
         this class, every source file of ``sac_compiler`` and ``passes`` (solvers included), every
-        ``SACConfig`` option (:func:`config_key`) and the memory held outside the graph, in MiB.
+        ``SACConfig`` option (:func:`config_key`), the memory held outside the graph, in MiB, and the
+        memory-model rules left out (``rules_disabled``).
         """
+        from sac_compiler.passes.memory_model import disabled_rules
+
         key = (f"{type(self).__module__}.{type(self).__qualname__}", source_hash(_package_roots()),
-               config_key(self.config), self.outside_bytes >> 20, self.runs_per_step)
+               config_key(self.config), self.outside_bytes >> 20, self.runs_per_step, sorted(disabled_rules()))
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:

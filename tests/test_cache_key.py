@@ -79,6 +79,20 @@ def test_every_config_field_is_in_the_key():
     assert fraction not in (base, SACPartitioner(_with("memory_budget", MemoryBudget(fraction=0.6)), gm).uuid())
 
 
+def test_the_memory_rules_left_out_are_in_the_key():
+    from sac_compiler.passes.memory_model import rules_disabled
+
+    gm = _graph()
+    partitioner = SACPartitioner(SACConfig(), gm)
+    base = partitioner.uuid()
+    with rules_disabled("draws_repeated"):  # the partitioned backward differs without it
+        without = partitioner.uuid()
+        with rules_disabled("buffer_reuse"):
+            assert partitioner.uuid() not in (base, without)
+    assert without != base
+    assert partitioner.uuid() == base
+
+
 def test_optimizer_is_keyed_by_what_it_holds_not_its_identity():
     def key(optimizer):
         return config_key(SACConfig(optimizer=optimizer))
