@@ -320,7 +320,9 @@ class BudgetEnforcer:
             if self._asked_room:
                 counted.append(f"the {format_bytes(self._asked_room)} a graph later in the step asked it to give up")
             if self.extra_bytes > 0:
-                counted.append(f"the {format_bytes(self.extra_bytes)} the caller and the allocator add around the graph")
+                counted.append(f"the {format_bytes(self.extra_bytes)} counted beside the graph for what the measured "
+                               "steps showed over their plans' predictions (the caller, the allocator, or the plan's "
+                               "own error; scaled up after a replan that gave back less than it was asked)")
             elif self.extra_bytes < 0:  # planned with room the graphs before it in the step give up
                 counted.append(f"{format_bytes(-self.extra_bytes)} less held outside the graph (the room the graphs "
                                "before it in the step were asked for)")
