@@ -488,6 +488,27 @@ def test_a_loss_no_plan_leaves_room_for_is_an_error_naming_it():
         _steps(model, x, backend, 3)
 
 
+def test_an_excess_no_plan_gives_up_is_an_error_that_says_what_it_counted():
+    """A step far over its prediction, not at a caller's loss: the replan counts the excess beside
+    the graph, finds no plan, and the error says what that count is (what the measured step showed
+    over the plan's prediction: the caller, the allocator, or the plan's own error), not that the
+    caller and the allocator add it."""
+    torch.manual_seed(0)
+    model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
+    span = budget_range(model, x, compiler="eager", target_device="cpu")
+    budget = (span.smallest_budget + span.no_recompute_peak) // 2
+    over = budget + span.no_recompute_peak  # no plan gives this much up
+    readings = _StepReadings([(budget // 2, budget // 2, budget // 2, over)])
+
+    def backend(gm, inputs):
+        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                             read_peak=readings.peak, read_allocated=readings.allocated)
+
+    with pytest.raises(Exception, match=rf"\({over} bytes\), and no plan leaves room for the .* counted beside the "
+                                        r"graph for what the measured steps showed over their plans' predictions"):
+        _steps(model, x, backend, 3)
+
+
 def _eager_backend(budget, read_peaks):
     """A backend compiling each Dynamo graph on the eager route with the absolute ``budget``, the
     n-th graph reading its steps' peaks from the n-th of ``read_peaks``; and the list its
