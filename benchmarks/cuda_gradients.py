@@ -1,15 +1,21 @@
 """Gradients of the backend's plan against plain ``torch.compile``'s on one GPU, dropout on.
 
 For each zoo model in one loop (``benchmarks/zoo.py``), at full size, from the same seed: plain
-``torch.compile`` runs one step (twice, each from a fresh compile, so that its own run-to-run
-difference is the floor), then ``torch.compile(model, backend="sac")`` with the budget
-``memory allocated before the step + FRACTION x plain compile's extra peak`` runs two steps (the
-second is the step runtime enforcement measures). Printed per model: the losses, the peaks, and
-the worst relative L2 norm over the parameters of the difference between the gradients of the
-last step and plain compile's (and of plain compile against itself). Dropout draws the same
-numbers in both: the sac plan's forward draws what plain compile's does, and a recomputed draw
-is made again from its seed. Attention dropout is the exception: an attention the plan recomputes
-runs, in forward and again in backward, from a generator state of its own (graph-safe RNG, as
+``torch.compile`` runs ``--steps`` steps (default 2; twice, each from a fresh compile, so that
+its own run-to-run difference is the floor), then ``torch.compile(model, backend="sac")`` with
+the budget ``memory allocated before the step + FRACTION x plain compile's extra peak`` as many
+(at least two: the second is the step runtime enforcement measures). Every step starts from the
+same seed, so every step of a run should give the same loss. Printed per model: each step's loss,
+the peaks, and the worst relative L2 norm over the parameters of the difference between the
+gradients of the last step and plain compile's (and of plain compile against itself). Plain
+compile's masks are not a fixed reference: under Inductor's seeded RNG which masks a forward
+draws depends on its partition (PyTorch's own ``activation_memory_budget`` moves them too), so
+``--also sac-saved`` adds the reference that is: sac from the same graph at a budget above plain
+compile's peak, a plan that recomputes nothing (its masks are the plan's own, every one saved);
+``--also amb0.5`` adds plain compile under ``activation_memory_budget=0.5``; ``--fallback-random``
+draws random ops as eager does (never recomputed); ``--sac-rules-off`` adds sac without the named
+memory-model rules (those that rewrite the partitioned graphs leave them as partitioned).
+Attention dropout goes further: an attention the plan recomputes runs, in forward and again in backward, from a generator state of its own (graph-safe RNG, as
 PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
 neither are the loss and the gradients. ``--dropout no-attention`` sets every zoo attention's
 dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes;
@@ -26,6 +32,7 @@ that differ most::
     python benchmarks/cuda_gradients.py --models gpt2 moe --loop loss_inside --dropout no-attention
     python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout off --deterministic --eager
     python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout no-attention --worst 8
+    python benchmarks/cuda_gradients.py --models moe --loop loss_inside --dropout no-attention --also sac-saved amb0.5
 """
 
 from __future__ import annotations
