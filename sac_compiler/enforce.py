@@ -492,8 +492,9 @@ class BudgetEnforcer:
         if self.replans >= MAX_REPLANS:
             self._error = BudgetExceededError(
                 f"memory budget {format_bytes(self.budget_bytes)}: the step measured {format_bytes(peak)} "
-                f"({peak} bytes) after planning again {self.replans} times for what the caller and the "
-                "allocator add around the graph; raise memory_budget, or set enforce_budget=False to run anyway")
+                f"({peak} bytes) after planning again {self.replans} times for what the measured steps showed "
+                "over their plans' predictions (the caller, the allocator, or the plan's own error); raise "
+                "memory_budget, or set enforce_budget=False to run anyway")
             return
         self.replans += 1
         self._pending_excess = self._last_request = excess

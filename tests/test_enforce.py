@@ -113,7 +113,8 @@ def test_a_step_that_stays_over_the_budget_raises_naming_the_measured_peak():
     over = [lambda b, r: b + r // 8] * (MAX_REPLANS + 1)
     model, x, budget, room, backend, _, enforcers = _setup(over)
     with pytest.raises(Exception, match=rf"the step measured .* \({budget + room // 8} bytes\) after planning again "
-                                        rf"{MAX_REPLANS} times"):
+                                        rf"{MAX_REPLANS} times for what the measured steps showed over their "
+                                        r"plans' predictions"):
         _steps(model, x, backend, 2 * (MAX_REPLANS + 1) + 1)
     assert enforcers[0].replans == MAX_REPLANS
 
