@@ -10,13 +10,14 @@ the peaks, and the worst relative L2 norm over the parameters of the difference 
 gradients of the last step and plain compile's (and of plain compile against itself). Plain
 compile's masks are not a fixed reference: under Inductor's seeded RNG which masks a forward
 draws depends on its partition (PyTorch's own ``activation_memory_budget`` moves them too), so
-``--also sac-saved`` adds the reference that is: sac from the same graph at a budget above plain
-compile's peak, a plan that recomputes nothing (its masks are the plan's own, every one saved);
+``--also sac-saved`` adds one that is: sac from the same graph at a budget above plain
+compile's peak, whose plan is the fastest (the MoE's keeps every dropout draw that its plan at
+half the extra peak draws again: ``docs/results.md``);
 ``--also amb0.5`` adds plain compile under ``activation_memory_budget=0.5``; ``--fallback-random``
 draws random ops as eager does (never recomputed); ``--sac-rules-off`` adds sac without the named
 memory-model rules (those that rewrite the partitioned graphs leave them as partitioned).
-Attention dropout goes further: an attention the plan recomputes runs, in forward and again in backward, from a generator state of its own (graph-safe RNG, as
-PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
+Attention dropout goes further: an attention the plan recomputes runs, in forward and again in
+backward, from a generator state of its own (graph-safe RNG, as PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
 neither are the loss and the gradients. ``--dropout no-attention`` sets every zoo attention's
 dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes;
 ``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--also", nargs="+", choices=ALSO, default=[],
                         help="more compiled runs, each compared with plain compile and with sac: 'amb0.5' plain "
                              "compile under activation_memory_budget=0.5 (PyTorch's own recomputation), "
-                             "'sac-saved' sac at a budget above plain compile's peak (a plan that recomputes "
-                             "nothing, from the same graph)")
+                             "'sac-saved' sac at a budget above plain compile's peak (the fastest plan of the "
+                             "same graph: check that it keeps the draws the plan under test draws again)")
     parser.add_argument("--fallback-random", action="store_true",
                         help="torch._inductor.config.fallback_random in every run: random ops run as eager "
                              "runs them, from the generator, instead of Inductor's seeded draws (default: off)")
