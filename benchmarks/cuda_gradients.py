@@ -17,8 +17,9 @@ half the extra peak draws again: ``docs/results.md``);
 draws random ops as eager does (never recomputed); ``--sac-rules-off`` adds sac without the named
 memory-model rules (those that rewrite the partitioned graphs leave them as partitioned).
 Attention dropout goes further: an attention the plan recomputes runs, in forward and again in
-backward, from a generator state of its own (graph-safe RNG, as PyTorch's checkpointing under ``torch.compile`` does), so its masks are not plain compile's and
-neither are the loss and the gradients. ``--dropout no-attention`` sets every zoo attention's
+backward, from a generator state of its own (graph-safe RNG, as PyTorch's checkpointing under
+``torch.compile`` does), so its masks are not plain compile's and neither are the loss and the
+gradients. ``--dropout no-attention`` sets every zoo attention's
 dropout to 0 (the other dropouts stay on), for an exact comparison whatever the plan recomputes;
 ``--dropout off`` sets every dropout to 0. ``--deterministic`` runs both with PyTorch's
 deterministic algorithms (``torch.use_deterministic_algorithms``; an op without a deterministic
