@@ -32,6 +32,13 @@ def test_without_a_gpu_the_script_says_it_needs_one(capsys):
     assert "needs a GPU" in capsys.readouterr().err
 
 
+def test_an_unknown_rule_to_leave_out_is_refused_by_name_before_any_gpu_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["--models", "moe", "--sac-rules-off", "draws_repeated", "no_such_rule"])
+    err = capsys.readouterr().err
+    assert "--sac-rules-off" in err and "no_such_rule" in err and "needs a GPU" not in err
+
+
 def test_dropout_no_attention_leaves_the_other_dropouts_on_and_off_sets_them_all_to_zero():
     from benchmarks.cuda_gradients import without_dropout
     from benchmarks.zoo import ZOO, Attention
