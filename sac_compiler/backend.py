@@ -794,8 +794,11 @@ def compile_graph(
         from sac_compiler.enforce import held_for_backwards
 
         # the step's graphs before this one (a graph break) hold their saved values now, counted in
-        # what is held outside it, and free them before the optimizer step
-        partitioner.freed_before_optimizer = held_for_backwards()
+        # what is held outside it, and free them before the optimizer step; so is the excess the
+        # enforcement measured over its plans (``extra_bytes`` > 0): it was read between this
+        # graph's forward and the end of its backward, and the optimizer step's own peak is checked
+        # apart (BudgetEnforcer._check_between_steps)
+        partitioner.freed_before_optimizer = held_for_backwards() + max(0, extra_bytes)
         return _compile(graph, inputs, planned, partitioner), partitioner
 
     device = _cuda_device(example_inputs)

@@ -103,6 +103,10 @@ def test_a_step_over_the_budget_is_planned_again_lower_by_the_excess():
     assert enforcer.replans == 1 and enforcer.extra_bytes == unseen >= excess
     first, second = partitioners
     assert second.outside_bytes == first.outside_bytes + unseen
+    # the excess was measured within forward and backward: the optimizer step's peak, checked
+    # apart between the steps, does not count it
+    assert first.freed_before_optimizer == 0 and second.freed_before_optimizer == unseen
+    assert second.last_result.analysis.freed_before_optimizer == unseen
     assert second.last_result.predicted_peak <= budget
     # the graph's own share of the budget shrank by what it did not see
     assert second.last_result.predicted_peak - second.last_result.outside_bytes <= budget - unseen
@@ -493,21 +497,30 @@ def test_an_excess_no_plan_gives_up_is_an_error_that_says_what_it_counted():
     """A step far over its prediction, not at a caller's loss: the replan counts the excess beside
     the graph, finds no plan, and the error says what that count is (what the measured step showed
     over the plan's prediction: the caller, the allocator, or the plan's own error), not that the
-    caller and the allocator add it."""
+    caller and the allocator add it. The first replan plans the graph's lowest peak (the excess
+    was measured within forward and backward: the optimizer step, which holds nothing of it, is no
+    reason to refuse); the step after it measures as far over, and the second replan has nothing
+    more to give."""
     torch.manual_seed(0)
     model, x = Nested(dim=32, n_layers=3), torch.randn(2048, 32)
     span = budget_range(model, x, compiler="eager", target_device="cpu")
     budget = (span.smallest_budget + span.no_recompute_peak) // 2
     over = budget + span.no_recompute_peak  # no plan gives this much up
-    readings = _StepReadings([(budget // 2, budget // 2, budget // 2, over)])
+    readings = _StepReadings([(budget // 2, budget // 2, budget // 2, over)] * 2)
+    enforcers = []
 
     def backend(gm, inputs):
-        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                             read_peak=readings.peak, read_allocated=readings.allocated)
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget,
+                                                                            "compiler": "eager"}),
+                                       read_peak=readings.peak, read_allocated=readings.allocated))
+        return enforcers[-1]
 
     with pytest.raises(Exception, match=rf"\({over} bytes\), and no plan leaves room for the .* counted beside the "
-                                        r"graph for what the measured steps showed over their plans' predictions"):
-        _steps(model, x, backend, 3)
+                                        r"graph for what the measured steps showed over their plans' predictions") as error:
+        _steps(model, x, backend, 7)
+    assert "optimizer step" not in str(error.value) and "smallest feasible peak" in str(error.value)
+    (enforcer,) = enforcers
+    assert enforcer.measured == [over, over] and enforcer.replans == 2
 
 
 def _eager_backend(budget, read_peaks):
