@@ -149,6 +149,9 @@ class MemorySimulation:
     reduce_scatter_peak_bytes: int = 0
     sharded_param_bytes: int = 0
     sharded_grad_bytes: int = 0
+    # of end_of_forward_bytes, the caller's loss counted there (loss_memory): held once in a step,
+    # not by each run of a graph that runs several times (SACConfig.runs_per_step)
+    loss_bytes: int = 0
 
     def snapshot(self, kind: str = "peak") -> dict[str, int]:
         """``{"Total": bytes, <category>: bytes}`` at the peak (``"peak"``) or the end (``"current"``)."""
@@ -530,8 +533,10 @@ def annotate_memory(
                 takes=node not in adopting)
     for node, step, nbytes_, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes_, step, step, MemoryCategory.TEMPORARY, rule, phase="temp"))
+    loss_bytes = 0
     if loss_memory and 0 < first_backward <= end:
         # the caller's loss, between the graphs: from the end of forward until backward begins
+        loss_bytes = loss_memory
         lifetimes.append(Lifetime(LOSS_MEMORY, loss_memory, first_backward - 1, first_backward - 1,
                                   MemoryCategory.TEMPORARY, freed=Freed.RELEASED, phase="temp"))
     if "buffer_reuse" in rules:
@@ -582,6 +587,7 @@ def annotate_memory(
         reduce_scatter_peak_bytes=reduce_scatter_peak,
         sharded_param_bytes=shards,
         sharded_grad_bytes=sharded_grads,
+        loss_bytes=loss_bytes,
     )
     if annotate:
         graph_results(gm)["annotate_memory"] = result

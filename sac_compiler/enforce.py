@@ -422,9 +422,13 @@ class BudgetEnforcer:
         peak = after if after > before else None
         self.measured.append(peak)
         # the caller's loss between the graphs: the mark rose after forward returned, before the
-        # backward reached the graph (measured for a graph run once in its step)
+        # backward reached the graph. Measured for a graph whose plan counts every run of it in the
+        # step (one compiled block serving every block: what runs after its last forward and
+        # before the backward reaches it, the eager head and the criterion, is held on top of every
+        # run's saved values, and is freed before the blocks' backwards)
         loss_peak = None
-        if calls == 1 and forward_end is not None and backward_mark is not None and backward_mark > forward_end[1]:
+        if (calls == self.runs_per_step and forward_end is not None and backward_mark is not None
+                and backward_mark > forward_end[1]):
             loss_peak = backward_mark
             self.measured_loss_memory = backward_mark - forward_end[0]
             if result is not None:

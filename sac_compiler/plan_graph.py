@@ -1490,21 +1490,25 @@ def _with_runs(problem: Any, analysis: Any, config: SACConfig) -> Any:
     what the simulation holds at the end of forward (as ``with_other_runs`` counts it)."""
     if config.runs_per_step <= 1:
         return problem
-    memory = analysis.memory
-    return dataclasses.replace(problem, other_runs=config.runs_per_step - 1,
-                               held_per_run=max(0, memory.end_of_forward_bytes - memory.static_bytes))
+    return dataclasses.replace(problem, other_runs=config.runs_per_step - 1, held_per_run=_held_per_run(analysis.memory))
+
+
+def _held_per_run(sim: Any) -> int:
+    """What one run of the graph holds at its end of forward for its backward (its saved values,
+    its outputs): not the caller's loss counted there, which the step holds once."""
+    return max(0, sim.end_of_forward_bytes - sim.static_bytes - sim.loss_bytes)
 
 
 def with_other_runs(sim: Any, other_runs: int) -> Any:
     """A joint-graph simulation of one run, with ``other_runs`` more runs of the graph in the step
     (``SACConfig.runs_per_step`` less one): each holds what this run holds at its end of forward
-    (its saved values, its outputs) through every step of this one. Its peak, end of forward,
+    (its saved values, its outputs; not the caller's loss, held once) through every step of this one. Its peak, end of forward,
     step peaks and timeline include them; its lifetimes and category timeline stay those of one run.
     The optimizer step (and FSDP's reduce-scatter after the graph) comes after every backward: the
     other runs hold nothing there."""
     if other_runs <= 0:
         return sim
-    extra = other_runs * max(0, sim.end_of_forward_bytes - sim.static_bytes)
+    extra = other_runs * _held_per_run(sim)
     after = _after_graph(sim)
     graph_peak = sim.peak_bytes if sim.peak_bytes > after else max([sim.end_of_forward_bytes, *sim.step_peaks])
     return dataclasses.replace(sim, peak_bytes=max(graph_peak + extra, after),

@@ -781,3 +781,70 @@ def test_a_peak_between_steps_over_the_budget_is_reported_and_not_planned_for(ov
     else:
         assert enforcer.result.measured_outside_peak is None and not warned
         assert row not in format_plan(enforcer.result)
+
+
+class _RunReadings:
+    """The allocator for a graph that runs ``calls`` times in a step: per measured step (bytes in
+    use as each forward ends, the mark then, the mark as backward reaches the graph, the mark
+    after backward); the mark before a step, and any read beyond those given, is 0."""
+
+    def __init__(self, calls, steps):
+        self.reads = []
+        self.in_use = []
+        for end, forward_mark, backward_mark, final in steps:
+            self.reads += [0] + [forward_mark] * calls + [backward_mark, final]
+            self.in_use += [end] * calls
+
+    def peak(self):
+        return self.reads.pop(0) if self.reads else 0
+
+    def allocated(self):
+        return self.in_use.pop(0)
+
+
+def test_blocks_compiled_one_by_one_count_the_callers_loss_once_between_forward_and_backward():
+    """One graph serving every block, the criterion outside: what the caller holds after the last
+    block's forward and before the backward reaches it (the eager head and the loss) is measured
+    as the caller's loss, counted there once (loss_memory), not beside the graph through every
+    step of every run, and not by each run."""
+    torch.manual_seed(0)
+    model, x = _Blocks(), torch.randn(2048, 32, requires_grad=True)
+    span = budget_range(model.blocks[0], x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak * 4
+    loss = budget // 40
+    end = budget - loss // 2  # in use as the last forward ends: with the loss on top, over the budget
+    readings = _RunReadings(4, [(end, end, end + loss, end + loss), (end - loss, end, end, end)])
+    enforcers, partitioners = [], []
+    Recording = _recording(partitioners)
+
+    def backend(gm, inputs):
+        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                                       partitioner_cls=Recording, read_peak=readings.peak,
+                                       read_allocated=readings.allocated))
+        return enforcers[-1]
+
+    reference = copy.deepcopy(model)
+    for i in range(len(model.blocks)):
+        model.blocks[i] = torch.compile(model.blocks[i], backend=backend)
+    for _ in range(7):
+        for m in (reference, model):
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            m(x).sum().backward()
+        for p, q in zip(reference.parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    (enforcer,) = enforcers  # the input requires grad: one graph for the four blocks
+    assert enforcer.runs_per_step == 4
+    assert enforcer.measured == [end + loss, end]
+    assert enforcer.measured_loss_memory == loss and enforcer.loss_memory == loss
+    assert enforcer.replans == 1 and enforcer.extra_bytes == 0
+    planned = partitioners[-1]
+    assert planned.runs_per_step == 4 and planned.config.loss_memory == loss
+    result = planned.last_result
+    assert result.loss_memory == loss and result.measured_peak == end
+    # the joint graph's simulation counts the loss once, at the end of forward: the other runs
+    # hold what one run keeps for its backward, without it
+    sim = result.analysis.memory
+    assert sim.loss_bytes == loss
+    assert result.held_per_run_bytes > 0
+    assert result.step_peak_bytes <= budget

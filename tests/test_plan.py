@@ -917,6 +917,26 @@ def test_a_plan_for_several_runs_counts_what_each_other_run_holds():
     assert kept > 0
 
 
+def test_other_runs_do_not_hold_the_callers_loss():
+    """The caller's loss (loss_memory) is counted once, at the end of forward: a graph that runs
+    several times in a step (one compiled block serving every block) holds it once, and each of
+    its other runs holds what one run keeps for its backward, without it."""
+    from sac_compiler.capture import capture_joint
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64)
+    loss = 3 * 2**20
+    sims = {}
+    for counted in (0, loss):
+        config = SACConfig(compiler="eager", loss_memory=counted)
+        sims[counted] = plan_graph.plan_joint(capture_joint(Nested(dim=64, n_layers=1), x), config).analysis.memory
+    without, with_loss = sims[0], sims[loss]
+    assert with_loss.loss_bytes == loss and without.loss_bytes == 0
+    assert with_loss.end_of_forward_bytes == without.end_of_forward_bytes + loss
+    runs = [plan_graph.with_other_runs(sim, 7) for sim in (without, with_loss)]
+    assert runs[1].end_of_forward_bytes == runs[0].end_of_forward_bytes + loss  # not 8 times it
+
+
 def test_other_runs_hold_nothing_at_the_optimizer_step():
     """A graph whose optimizer step peaks above its own run (Adam's parameter-sized temporary, few
     activations): the other runs' saved values are gone by the optimizer step, so they raise the
