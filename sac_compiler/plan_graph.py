@@ -1494,9 +1494,13 @@ def _with_runs(problem: Any, analysis: Any, config: SACConfig) -> Any:
 
 
 def _held_per_run(sim: Any) -> int:
-    """What one run of the graph holds at its end of forward for its backward (its saved values,
-    its outputs): not the caller's loss counted there, which the step holds once."""
-    return max(0, sim.end_of_forward_bytes - sim.static_bytes - sim.loss_bytes)
+    """What one run of the graph holds once its forward is done, for its backward (its saved
+    values, its outputs): live after its last forward op, not while that op runs (the values only
+    it reads are freed with it), and not the caller's loss counted there, which the step holds
+    once."""
+    done = sim.timeline[sim.first_backward - 1][1] if 0 < sim.first_backward <= len(sim.timeline) \
+        else sim.end_of_forward_bytes
+    return max(0, done - sim.static_bytes - sim.loss_bytes)
 
 
 def with_other_runs(sim: Any, other_runs: int) -> Any:

@@ -908,7 +908,7 @@ def test_a_plan_for_several_runs_counts_what_each_other_run_holds():
     # the same plan simulated as one run: the prediction is its peak plus seven times what it
     # holds at its end of forward
     alone = plan_graph.simulate_plan(eight, SACConfig(compiler="eager", memory_budget=budget))
-    kept = alone.end_of_forward_bytes - alone.static_bytes
+    kept = alone.timeline[alone.first_backward - 1][1] - alone.static_bytes  # live once forward is done
     assert eight.predicted_peak == alone.peak_bytes + 7 * kept
     one_run = plan_graph.plan_joint(capture_joint(Nested(dim=64, n_layers=1), x),
                                     SACConfig(compiler="eager", memory_budget=budget))
@@ -935,6 +935,29 @@ def test_other_runs_do_not_hold_the_callers_loss():
     assert with_loss.end_of_forward_bytes == without.end_of_forward_bytes + loss
     runs = [plan_graph.with_other_runs(sim, 7) for sim in (without, with_loss)]
     assert runs[1].end_of_forward_bytes == runs[0].end_of_forward_bytes + loss  # not 8 times it
+
+
+def test_other_runs_hold_what_is_live_once_their_forward_is_done():
+    """Each other run holds its saved values and outputs, not the values its last forward op reads
+    and frees (the MoE block's routed output and dropout draws: 96 MiB a run of the H200 plan)."""
+    from sac_compiler.capture import capture_joint
+
+    class LastReads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.lin(x)  # read by exp and by the last op only: its backward needs x, not h
+            return h + h.exp().sum(dim=-1, keepdim=True)  # exp's output is saved for its backward
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64)
+    sim = plan_graph.plan_joint(capture_joint(LastReads(), x), SACConfig(compiler="eager")).analysis.memory
+    one = 4096 * 64 * 4
+    assert plan_graph._held_per_run(sim) == 2 * one  # the output and exp's output
+    assert sim.end_of_forward_bytes - sim.static_bytes >= 3 * one  # h too, while the last op runs
+    assert plan_graph.with_other_runs(sim, 3).end_of_forward_bytes == sim.end_of_forward_bytes + 3 * 2 * one
 
 
 def test_other_runs_hold_nothing_at_the_optimizer_step():
