@@ -237,6 +237,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         result = _result_of(compiled)
         graphs.append({
             "predicted_peak": getattr(getattr(result, "partitioned", None), "peak_bytes", None),
+            # the step's peak the plan predicts, as the enforcement compares it with the measured
+            # one: with the graph's other runs in the step and the caller's loss it counts
+            "step_predicted": getattr(result, "step_peak_bytes", None),
+            # the caller's loss between forward and backward, as the measured step showed it
+            "caller_loss_bytes": getattr(result, "measured_loss_memory", None),
             "first_measured": (getattr(compiled, "measured", None) or [None])[0],
             "first_predicted": (getattr(compiled, "predicted", None) or [None])[0],
             "replans": getattr(compiled, "replans", None),
@@ -490,7 +495,10 @@ def _gib(n: Any) -> str:
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} ERROR {r['error'][:160]}"
-    predicted = [g["predicted_peak"] for g in r.get("graphs", []) if g.get("predicted_peak")]
+    # the step's predicted peak where recorded (records before it: the partitioned graphs' peak)
+    predicted = [g.get("step_predicted") or g["predicted_peak"] for g in r.get("graphs", [])
+                 if g.get("step_predicted") or g.get("predicted_peak")]
+    loss = [g["caller_loss_bytes"] for g in r.get("graphs", []) if g.get("caller_loss_bytes")]
     first = [g["first_measured"] for g in r.get("graphs", []) if g.get("first_measured")]
     replans = sum(g.get("replans") or 0 for g in r.get("graphs", []))
     budget = r.get("budget_bytes")
@@ -500,6 +508,7 @@ def _row(r: dict[str, Any]) -> str:
     return (f"{r['model']:<10} {r['loop']:<24} {r['strategy']:<9} {r['step_ms']:8.2f} ms  extra {_gib(r['extra_bytes'])} "
             f"peak {_gib(r['peak_bytes'])} budget {_gib(budget)} predicted {_gib(max(predicted) if predicted else None)} "
             f"first {_gib(max(first) if first else None)} replans {replans}"
+            f"{f' caller loss {_gib(max(loss))}' if loss else ''}"
             f"{f' offloaded {_gib(offloaded)}' if offloaded else ''}"
             f"{f' link {max(links) / 1e9:.1f} GB/s' if links else ''}{flag}")
 

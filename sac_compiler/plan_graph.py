@@ -1487,7 +1487,7 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
 
 def _with_runs(problem: Any, analysis: Any, config: SACConfig) -> Any:
     """The program for ``config.runs_per_step`` runs of the graph in a step: each other run holds
-    what the simulation holds at the end of forward (as ``with_other_runs`` counts it)."""
+    what the simulation holds once its forward is done (as ``with_other_runs`` counts it)."""
     if config.runs_per_step <= 1:
         return problem
     return dataclasses.replace(problem, other_runs=config.runs_per_step - 1, held_per_run=_held_per_run(analysis.memory))
@@ -1498,16 +1498,16 @@ def _held_per_run(sim: Any) -> int:
     values, its outputs): live after its last forward op, not while that op runs (the values only
     it reads are freed with it), and not the caller's loss counted there, which the step holds
     once."""
-    done = sim.timeline[sim.first_backward - 1][1] if 0 < sim.first_backward <= len(sim.timeline) \
-        else sim.end_of_forward_bytes
+    done = (sim.timeline[sim.first_backward - 1][1] if 0 < sim.first_backward <= len(sim.timeline)
+            else sim.end_of_forward_bytes)
     return max(0, done - sim.static_bytes - sim.loss_bytes)
 
 
 def with_other_runs(sim: Any, other_runs: int) -> Any:
     """A joint-graph simulation of one run, with ``other_runs`` more runs of the graph in the step
-    (``SACConfig.runs_per_step`` less one): each holds what this run holds at its end of forward
-    (its saved values, its outputs; not the caller's loss, held once) through every step of this one. Its peak, end of forward,
-    step peaks and timeline include them; its lifetimes and category timeline stay those of one run.
+    (``SACConfig.runs_per_step`` less one): each holds what this run holds once its forward is
+    done (its saved values, its outputs; not the caller's loss, held once, see ``_held_per_run``)
+    through every step of this one. Its peak, end of forward, step peaks and timeline include them; its lifetimes and category timeline stay those of one run.
     The optimizer step (and FSDP's reduce-scatter after the graph) comes after every backward: the
     other runs hold nothing there."""
     if other_runs <= 0:

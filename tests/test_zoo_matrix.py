@@ -76,3 +76,19 @@ def test_at_the_anchors_peaks_every_cell_gets_its_timeline(tmp_path, monkeypatch
         for c in cells:
             assert c["timeline"] == str(tmp_path / "timelines" / f"{cell_stem(c)}.png")
     assert (tmp_path / "timelines").is_dir()
+
+
+def test_a_row_gives_the_steps_prediction_and_what_the_callers_loss_held():
+    """The row's prediction is the step's (the graph's other runs and the caller's loss counted, as
+    the enforcement compares it), and the row says what the caller's loss held; a record from
+    before the step's prediction was kept shows the partitioned graphs' peak."""
+    from benchmarks.zoo_matrix import _row
+
+    gib = 2**30
+    cell = dict(model="moe", loop="per_block_compile", strategy="sac 0.5", step_ms=189.6, extra_bytes=4 * gib,
+                peak_bytes=int(7.715 * gib), budget_bytes=int(7.872 * gib))
+    graph = dict(predicted_peak=int(7.129 * gib), first_measured=int(11.47 * gib), replans=1)
+    row = _row(dict(cell, graphs=[dict(graph, step_predicted=int(7.71 * gib), caller_loss_bytes=int(3.93 * gib))]))
+    assert "predicted 7.710" in row and "caller loss 3.930" in row and "replans 1" in row
+    older = _row(dict(cell, graphs=[graph]))
+    assert "predicted 7.129" in older and "caller loss" not in older
