@@ -1507,7 +1507,8 @@ def with_other_runs(sim: Any, other_runs: int) -> Any:
     """A joint-graph simulation of one run, with ``other_runs`` more runs of the graph in the step
     (``SACConfig.runs_per_step`` less one): each holds what this run holds once its forward is
     done (its saved values, its outputs; not the caller's loss, held once, see ``_held_per_run``)
-    through every step of this one. Its peak, end of forward, step peaks and timeline include them; its lifetimes and category timeline stay those of one run.
+    through every step of this one. Its peak, end of forward, step peaks and timeline include them;
+    its lifetimes and category timeline stay those of one run.
     The optimizer step (and FSDP's reduce-scatter after the graph) comes after every backward: the
     other runs hold nothing there."""
     if other_runs <= 0:

@@ -406,6 +406,22 @@ class _StepReadings:
         return self.now[0]
 
 
+def _reading_backend(budget, readings, partitioners=None, **options):
+    """A backend compiling each Dynamo graph on the eager route with the absolute ``budget`` (and
+    ``options``), its steps read from ``readings`` (a ``peak`` and an ``allocated`` reading);
+    ``partitioners`` receives every partitioner made. Returns it and the list its enforcers go to."""
+    enforcers = []
+    kwargs = {} if partitioners is None else {"partitioner_cls": _recording(partitioners)}
+
+    def backend(gm, inputs):
+        config = SACConfig.from_options({"memory_budget": budget, "compiler": "eager", **options})
+        enforcers.append(compile_graph(gm, inputs, config, read_peak=readings.peak,
+                                       read_allocated=readings.allocated, **kwargs))
+        return enforcers[-1]
+
+    return backend, enforcers
+
+
 def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_counted_there():
     """A criterion outside the compiled model: the mark rises after forward returns and before
     backward reaches the graph. The replan counts that memory between the graphs only (loss_memory),
@@ -417,14 +433,8 @@ def test_a_step_that_peaks_at_the_callers_loss_is_planned_again_with_the_loss_co
     loss = (budget - span.smallest_budget) // 4
     end = budget - loss // 2  # in use as forward ends: with the loss on top, over the budget
     readings = _StepReadings([(end, end, end + loss, end + loss), (end - loss, end, end, end)])
-    partitioners, enforcers = [], []
-    Recording = _recording(partitioners)
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       partitioner_cls=Recording, read_peak=readings.peak,
-                                       read_allocated=readings.allocated))
-        return enforcers[-1]
+    partitioners = []
+    backend, enforcers = _reading_backend(budget, readings, partitioners)
 
     _steps(model, x, backend, 4)
     (enforcer,) = enforcers
@@ -454,10 +464,7 @@ def test_the_report_shows_what_the_step_measured_beside_the_prediction(capsys):
     end = budget - loss // 2
     readings = _StepReadings([(end, end, end + loss, end + loss), (end - loss, end, end, end)])
 
-    def backend(gm, inputs):
-        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager",
-                                                                 "report": True}),
-                             read_peak=readings.peak, read_allocated=readings.allocated)
+    backend, _ = _reading_backend(budget, readings, report=True)
 
     _steps(model, x, backend, 4)
     out = capsys.readouterr().out
@@ -482,10 +489,7 @@ def test_a_loss_no_plan_leaves_room_for_is_an_error_naming_it():
     loss = span.no_recompute_peak  # no plan holds this between forward and backward
     end = budget - loss // 8
     readings = _StepReadings([(end, end, end + loss, end + loss)])
-
-    def backend(gm, inputs):
-        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                             read_peak=readings.peak, read_allocated=readings.allocated)
+    backend, _ = _reading_backend(budget, readings)
 
     with pytest.raises(Exception, match=rf"\({end + loss} bytes\), and no plan leaves room for the "
                                         rf"{re.escape(format_bytes(loss))} the caller's loss holds between "
@@ -507,13 +511,7 @@ def test_an_excess_no_plan_gives_up_is_an_error_that_says_what_it_counted():
     budget = (span.smallest_budget + span.no_recompute_peak) // 2
     over = budget + span.no_recompute_peak  # no plan gives this much up
     readings = _StepReadings([(budget // 2, budget // 2, budget // 2, over)] * 2)
-    enforcers = []
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget,
-                                                                            "compiler": "eager"}),
-                                       read_peak=readings.peak, read_allocated=readings.allocated))
-        return enforcers[-1]
+    backend, enforcers = _reading_backend(budget, readings)
 
     with pytest.raises(Exception, match=rf"\({over} bytes\), and no plan leaves room for the .* counted beside the "
                                         r"graph for what the measured steps showed over their plans' predictions") as error:
@@ -814,14 +812,8 @@ def test_blocks_compiled_one_by_one_count_the_callers_loss_once_between_forward_
     loss = budget // 40
     end = budget - loss // 2  # in use as the last forward ends: with the loss on top, over the budget
     readings = _RunReadings(4, [(end, end, end + loss, end + loss), (end - loss, end, end, end)])
-    enforcers, partitioners = [], []
-    Recording = _recording(partitioners)
-
-    def backend(gm, inputs):
-        enforcers.append(compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
-                                       partitioner_cls=Recording, read_peak=readings.peak,
-                                       read_allocated=readings.allocated))
-        return enforcers[-1]
+    partitioners = []
+    backend, enforcers = _reading_backend(budget, readings, partitioners)
 
     reference = copy.deepcopy(model)
     for i in range(len(model.blocks)):

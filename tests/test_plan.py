@@ -939,7 +939,7 @@ def test_other_runs_do_not_hold_the_callers_loss():
 
 def test_other_runs_hold_what_is_live_once_their_forward_is_done():
     """Each other run holds its saved values and outputs, not the values its last forward op reads
-    and frees (the MoE block's routed output and dropout draws: 96 MiB a run of the H200 plan)."""
+    and frees (as the MoE block's last op frees its routed output and its dropout draws)."""
     from sac_compiler.capture import capture_joint
 
     class LastReads(nn.Module):
