@@ -556,9 +556,9 @@ _SUMS = (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default)
 def accumulated_reductions(nodes: list[fx.Node], keep_apart: bool = True) -> dict[fx.Node, fx.Node]:
     """Reductions Inductor fuses into one kernel with the adds that sum their results: where a
     chain of adds sums the results of two or more sums of one size (each sum's only reader,
-    through views, an add of the chain: the gradient of a parameter several layers use, such as a
-    T5's relative position bias, summed over the layers), Inductor fuses every sum with the adds,
-    and that kernel runs after the last of them. Each sum's input lives until then, and the sums
+    through views and dtype conversions, an add of the chain: the gradient of a parameter several
+    layers use, such as a T5's relative position bias, summed over the layers), Inductor fuses
+    every sum with the adds, and that kernel runs after the last of them. Each sum's input lives until then, and the sums
     are no buffers of their own. Returns each such sum and the chain's last add, where it runs
     (the ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps
     apart (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
@@ -580,23 +580,33 @@ def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[f
         return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.add.Tensor
                 and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1)
 
-    def chain_user(node: fx.Node) -> fx.Node | None:
-        """The add that alone reads ``node`` (through views: a bias's summed gradient reshaped)."""
+    chain: set[fx.Node] = set()  # the adds of the chains, and the views and conversions into them
+
+    def chain_user(node: fx.Node, path: set[fx.Node] | None = None) -> fx.Node | None:
+        """The add that alone reads ``node`` (through views and dtype conversions, which Inductor
+        fuses into the same kernel: a bias's summed gradient reshaped, or converted as autocast's
+        backward does); ``path`` receives the views and conversions on the way."""
         users = list(node.users)
-        while len(users) == 1 and users[0].op == "call_function" and is_view_op(users[0]):
+        through = []
+        while len(users) == 1 and users[0].op == "call_function" and (
+                is_view_op(users[0]) or _is_dtype_conversion(users[0])):
+            through.append(users[0])
             users = list(users[0].users)
-        return users[0] if len(users) == 1 and is_add(users[0]) else None
+        if len(users) == 1 and is_add(users[0]):
+            if path is not None:
+                path.update(through)
+            return users[0]
+        return None
 
     index = {n: i for i, n in enumerate(nodes)}
     sums: dict[fx.Node, list[fx.Node]] = {}  # the chain's last add: the sums it adds up
-    chain: set[fx.Node] = set()  # the adds of the chains
     for node in nodes:
         if node.op != "call_function" or node.target not in _SUMS or chain_user(node) is None:
             continue
-        end = chain_user(node)
+        end = chain_user(node, chain)
         while end is not None and chain_user(end) is not None:
             chain.add(end)
-            end = chain_user(end)
+            end = chain_user(end, chain)
         if end is not None:
             chain.add(end)
             sums.setdefault(end, []).append(node)
@@ -629,6 +639,14 @@ def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[f
                               for n in nodes[max(index[node], other) + 1:index[end]])
                 (far if freeable and between else fused)[node] = end
     return fused, far
+
+
+def _is_dtype_conversion(node: fx.Node) -> bool:
+    """A pointwise change of dtype alone (``prims.convert_element_type``, or ``aten._to_copy``
+    with no other change), which Inductor fuses into the kernel that makes its input."""
+    if node.target is torch.ops.prims.convert_element_type.default:
+        return True
+    return node.target is torch.ops.aten._to_copy.default and set(node.kwargs) <= {"dtype"}
 
 
 def _addmm_candidates(nodes: list[fx.Node], device: torch.device | str | None) -> dict[fx.Node, fx.Node]:

@@ -431,11 +431,12 @@ def test_the_backend_writes_a_far_fold_as_an_exact_subtraction():
     assert unfold_far_addmm(gm, "cpu") == []  # nothing left to keep apart
 
 
-def _accumulation_graph():
+def _accumulation_graph(convert: bool = False):
     """Two layers' backward: each a computed gradient ``g_i`` (1 MiB) read by a matmul and summed
     over its rows into a shared parameter's gradient ``s_i`` (4 KiB); the sums are added up after
     the second layer, and between the layers a ``big`` temporary (1 MiB) is made. Fused into the
-    add (Inductor), ``s1`` would keep ``g1`` alive through ``big``."""
+    add (Inductor), ``s1`` would keep ``g1`` alive through ``big``. ``convert``: each sum reaches
+    the add through a dtype conversion, as autocast's backward has it."""
     graph, op, placeholder = _graph_builder()
     x1, x2 = placeholder("x1", torch.empty(256, 1024)), placeholder("x2", torch.empty(256, 1024))
     w, d = placeholder("w", torch.empty(1024, 64)), placeholder("d", torch.empty(512, 512))
@@ -447,7 +448,11 @@ def _accumulation_graph():
     g2 = op(aten.mul.Tensor, x2, 2.0, val=torch.empty(256, 1024))
     m2 = op(aten.mm.default, g2, w, val=torch.empty(256, 64))
     s2 = op(aten.sum.dim_IntList, g2, [0], val=torch.empty(1024))
-    total = op(aten.add.Tensor, s1, s2, val=torch.empty(1024))
+    a1, a2 = s1, s2
+    if convert:
+        a1 = op(torch.ops.prims.convert_element_type.default, s1, torch.float32, val=torch.empty(1024))
+        a2 = op(torch.ops.prims.convert_element_type.default, s2, torch.float32, val=torch.empty(1024))
+    total = op(aten.add.Tensor, a1, a2, val=torch.empty(1024))
     graph.output((total, m1, m2, b))
     return torch.fx.GraphModule(torch.nn.Module(), graph), (s1, s2), total, big
 
@@ -471,10 +476,11 @@ def test_rule_accumulation_fusion():
         _G_BYTES - _SUM_BYTES
 
 
-def test_rule_accumulation_apart():
+@pytest.mark.parametrize("convert", [False, True], ids=["direct", "through_a_dtype_conversion"])
+def test_rule_accumulation_apart(convert):
     from sac_compiler.passes.memory_rules import accumulated_reductions, far_accumulated_reductions
 
-    gm, (s1, s2), total, big = _accumulation_graph()
+    gm, (s1, s2), total, big = _accumulation_graph(convert)
     nodes = list(gm.graph.nodes)
     # s1's input would be held through `big`; s2 runs next to the add anyway: left to Inductor
     assert far_accumulated_reductions(nodes) == {s1: total}
@@ -507,17 +513,19 @@ def test_a_sum_whose_input_is_not_the_graphs_to_free_is_left_to_inductor():
 
 
 @pytest.mark.inductor
-def test_the_backend_keeps_a_far_sum_in_its_own_kernel():
+@pytest.mark.parametrize("convert", [False, True], ids=["direct", "through_a_dtype_conversion"])
+def test_the_backend_keeps_a_far_sum_in_its_own_kernel(convert):
     """``keep_reductions_apart``: Inductor fuses both sums into one kernel after the second layer
-    (read off its schedule); with the barrier after ``s1`` it runs in its own kernel, where the
-    graph has it. Every value is unchanged, to the bit."""
+    (read off its schedule), also through a dtype conversion between each sum and the add; with
+    the barrier after ``s1`` it runs in its own kernel, where the graph has it. Every value is
+    unchanged, to the bit."""
     from sac_compiler.backend import keep_reductions_apart
     from sac_compiler.inductor_order import scheduled_origins
 
     def kernel_of(gm, name):
         return next(i for i, origins in enumerate(scheduled_origins(gm, backward=True)) if name in origins)
 
-    gm, (s1, s2), total, big = _accumulation_graph()
+    gm, (s1, s2), total, big = _accumulation_graph(convert)
     mode = _fake_values(gm)
     torch.manual_seed(0)
     args = [torch.randn(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
