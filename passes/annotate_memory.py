@@ -38,6 +38,7 @@ from sac_compiler.passes.annotate_ops import (
 )
 from sac_compiler.passes.memory_model import (
     CUDA_ROUNDING,
+    GRADIENTS_HELD,
     JOINT,
     LIVENESS,
     LOSS_MEMORY,
@@ -189,6 +190,7 @@ def annotate_memory(
     loss_memory: int = 0,
     sharding: Any = None,
     freed_before_optimizer: int = 0,
+    gradients_held: int = 0,
 ) -> MemorySimulation:
     """Annotate bytes and categories; simulate the joint graph in its order; return the result.
 
@@ -202,6 +204,9 @@ def annotate_memory(
     ``freed_before_optimizer``: bytes counted as held outside the graph while it runs that are
     freed before the optimizer step (what the step's earlier graphs hold for their backwards, for a
     graph after a graph break): the optimizer step's peak is that much lower against them.
+    ``gradients_held``: bytes of gradients of parameters the graph does not read that the step's
+    backward makes before this graph's backward (the rest of the model after a graph break, an
+    eager head): counted from the graph's first backward node through the optimizer step.
     """
     from sac_compiler.capture import InputKind, capture_info
 
@@ -539,6 +544,9 @@ def annotate_memory(
         loss_bytes = loss_memory
         lifetimes.append(Lifetime(LOSS_MEMORY, loss_memory, first_backward - 1, first_backward - 1,
                                   MemoryCategory.TEMPORARY, freed=Freed.RELEASED, phase="temp"))
+    if gradients_held and 0 < first_backward <= end:
+        lifetimes.append(Lifetime(GRADIENTS_HELD, gradients_held, first_backward, None, MemoryCategory.GRADIENT,
+                                  phase="grad"))
     if "buffer_reuse" in rules:
         reuse_freed_buffers(lifetimes, takers, givers, len(nodes), (first_backward,))
 
@@ -569,6 +577,8 @@ def annotate_memory(
     # not clamped at 0: what is freed is counted outside the graph, which can hold more than the
     # graph's own optimizer step (a small graph after a graph break); the planner adds it back
     step_peak -= freed_before_optimizer
+    if optimizer is not None:  # the other graphs' gradients are there when the optimizer steps
+        step_peak += gradients_held
     last = max(step_peak, reduce_scatter_peak)
     result = MemorySimulation(
         peak_bytes=max(peak, last),

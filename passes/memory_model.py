@@ -178,6 +178,8 @@ MODEL_VERSION = 2
 
 # the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
 LOSS_MEMORY = "loss memory held by the caller between forward and backward"
+# the lifetime of the gradients the step's backward makes before the graph's own (gradients_held)
+GRADIENTS_HELD = "gradients the step's backward made before this graph's"
 
 JOINT, PARTITIONED = "joint", "partitioned"
 _BOTH = frozenset({JOINT, PARTITIONED})

@@ -451,6 +451,7 @@ def simulate_partitioned(
     disabled_rules: Iterable[str] = (),
     hold_outputs: bool = False,
     loss_memory: int = 0,
+    gradients_held: int = 0,
 ) -> PartitionedPeak:
     """Peak memory of the partitioned graphs: forward, then backward reading what forward saved.
 
@@ -464,7 +465,8 @@ def simulate_partitioned(
     ``loss_memory``: bytes the caller's own code holds between the graphs (a loss computed
     outside), counted as backward starts. It is measured up to the high-water mark as backward
     reaches the graph, so it includes the gradient the loss hands to the backward: at that moment
-    the tangents are part of it, not beside it.
+    the tangents are part of it, not beside it. ``gradients_held``: gradients the step's backward
+    made before this graph's backward (see ``annotate_memory``), live as backward starts.
     """
     rules = enabled_rules(PARTITIONED, fused_pointwise, disabled_rules)
     device = rounding_device(target_device, rules)
@@ -499,6 +501,8 @@ def simulate_partitioned(
     tangents = sum(round_allocation(sum(tensor_nbytes(v) for v in tensor_values(n)), device)
                    for n in bw_placeholders if n.name.startswith("tangents"))
     carried[MemoryCategory.TEMPORARY] = carried.get(MemoryCategory.TEMPORARY, 0) + tangents
+    if gradients_held:
+        carried[MemoryCategory.GRADIENT] = carried.get(MemoryCategory.GRADIENT, 0) + gradients_held
     # the backward's placeholders are counted in what forward left (saved) and tangents; static ones stay
     keep_bw = {n.name for n in bw_placeholders if n.name in static_names}
     bw_out = next(iter(bw.graph.find_nodes(op="output")))

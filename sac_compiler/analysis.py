@@ -54,6 +54,7 @@ def analyze(
     hold_outputs: bool = False,
     loss_memory: int = 0,
     freed_before_optimizer: int = 0,
+    gradients_held: int = 0,
 ) -> Analysis:
     """Annotate ``graph.gm`` with every pass; return their graph-level results.
 
@@ -61,7 +62,8 @@ def analyze(
     statistics need it; the backend's planning does not). ``hold_outputs``: the caller keeps the
     forward outputs until backward, ``loss_memory``: what its loss holds between forward and
     backward, ``freed_before_optimizer``: memory held outside the graph that the optimizer step
-    no longer sees (see ``annotate_memory``)."""
+    no longer sees, ``gradients_held``: gradients other parameters have when the graph's backward
+    starts (see ``annotate_memory``)."""
     spec = resolve_device_spec(device)
     orders = annotate_modules(graph.gm, graph.root_name)
     parents = annotate_ops(graph.gm, graph.source_gm, graph.num_fwd_outputs if graph.has_backward else None,
@@ -78,6 +80,7 @@ def analyze(
         loss_memory=loss_memory,
         sharding=graph.sharding(),
         freed_before_optimizer=freed_before_optimizer,
+        gradients_held=gradients_held,
     )
     runtime = annotate_runtime(graph.gm, spec, mode=estimate_mode)
     return Analysis(graph, orders, parents, memory, runtime, spec, freed_before_optimizer)

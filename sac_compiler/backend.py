@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -741,6 +741,53 @@ def held_outside(example_inputs: Sequence[Any], config: SACConfig) -> int:
     return held + future
 
 
+def gradients_made_before(example_inputs: Sequence[Any], config: SACConfig) -> tuple[int, int]:
+    """(bytes of the gradients the step's backward makes before this graph's backward, bytes of
+    the graph's own parameters' gradients), for ``SACConfig.gradients_held``.
+
+    The parameters its optimizers step (``config.optimizer``, else those found among live
+    objects) that the graph does not read run elsewhere in the step: those the autograd history of
+    the graph's inputs reaches ran before it (an embedding before a graph break), so their
+    backward comes after its own; the others run after it (the rest of the model after a graph
+    break, an eager head), and backward makes their gradients first, which stay until the optimizer
+    step. A parameter whose gradient is allocated now is left out (the process holds it, and
+    ``held_outside`` counts it). A graph that runs several times in a step reads other parameters
+    on its other runs: the caller takes its own gradients out once per other run."""
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    optimizers = [config.optimizer] if config.optimizer is not None else optimizers_of(params)
+    if not optimizers:
+        return 0, 0
+    from sac_compiler.passes.memory_model import round_allocation, tensor_nbytes
+
+    own = {id(p) for p in params}
+    before = _parameters_reached(x for x in example_inputs if isinstance(x, torch.Tensor) and id(x) not in own)
+    stepped = {id(p): p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]
+               if isinstance(p, torch.Tensor) and p.requires_grad}
+
+    def grad_bytes(p: torch.Tensor) -> int:
+        return round_allocation(tensor_nbytes(p), p.device)
+
+    later = sum(grad_bytes(p) for i, p in stepped.items() if i not in own and i not in before and p.grad is None)
+    return later, sum(grad_bytes(p) for i, p in stepped.items() if i in own)
+
+
+def _parameters_reached(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """ids of the leaf tensors whose gradients the autograd history of ``tensors`` accumulates."""
+    stack: list[Any] = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[Any] = set()
+    leaves: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad
+        if isinstance(variable, torch.Tensor):
+            leaves.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
 def _needs_backward(example_inputs: Sequence[Any]) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
@@ -783,10 +830,20 @@ def compile_graph(
         from sac_compiler.distributed import fsdp_inputs
 
         fsdp = fsdp_inputs(example_inputs, config.world_size or 1)
+    later_grads, own_grads = 0, 0
+    if (fsdp is None and config.gradients_held == 0 and config.memory_budget is not None
+            and config.memory_budget.bytes is not None and _needs_backward(example_inputs)):
+        later_grads, own_grads = gradients_made_before(example_inputs, config)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
                      runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
+        # the other runs of a graph that runs several times read parameters of their own
+        held = max(0, later_grads - ((runs_per_step or config.runs_per_step) - 1) * own_grads)
+        if held:
+            log.info("sac: counting %s of gradients the step's backward makes before %s's (parameters it does not "
+                     "read, which run after it)", format_bytes(held), name)
+            planned = dataclasses.replace(planned, gradients_held=held)
         planned = offload_at_this_compile(planned, name)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp

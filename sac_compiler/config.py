@@ -194,6 +194,12 @@ class SACConfig:
     # at that moment only (an int of bytes or a string like '1.5GiB'). Run-time enforcement measures
     # it and plans again with it
     loss_memory: int = 0
+    # gradients of parameters the graph does not read that the step's backward makes before the
+    # graph's own backward and that stay until the optimizer step (the rest of the model after a
+    # graph break, an eager head): counted from the graph's backward on (an int of bytes or a
+    # string like '1GiB'). For an absolute budget the backend finds them among its optimizers'
+    # parameters when this is left at 0
+    gradients_held: int = 0
     # how many times the compiled graph runs forward before the backwards of one step (a block
     # compiled once and called for every block of the model, as torchtitan compiles): each run holds
     # what it saves for its backward through the others. Run-time enforcement finds it on CUDA
@@ -262,6 +268,7 @@ class SACConfig:
         if not isinstance(self.hold_outputs, bool):
             raise ValueError(f"hold_outputs must be True or False, got {_describe(self.hold_outputs)}")
         self._set("loss_memory", parse_bytes(self.loss_memory, option="loss_memory", allow_zero=True))
+        self._set("gradients_held", parse_bytes(self.gradients_held, option="gradients_held", allow_zero=True))
         if (isinstance(self.runs_per_step, bool) or not isinstance(self.runs_per_step, numbers.Integral)
                 or self.runs_per_step < 1):
             raise ValueError(f"runs_per_step must be an int >= 1 (how many times the compiled graph runs forward "

@@ -42,6 +42,7 @@ def record_partition(result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> dic
         "forward_names": sorted(args["forward_names"]),
         "hold_outputs": args["hold_outputs"],
         "loss_memory": args["loss_memory"],
+        "gradients_held": args["gradients_held"],
         # the emission kept far matmul-and-add folds apart (records before it: Inductor folded them)
         "far_addmm_apart": rule_on("far_addmm_apart"),
         # the emission kept far accumulated sums apart (records before it: Inductor fused them)
@@ -90,7 +91,8 @@ def replay_partition(record: dict[str, Any], timelines: dict[str, list[tuple[str
             fw, bw, record["num_fwd_outputs"], set(record["static_names"]), torch.device(record["target_device"]),
             record["fused_pointwise"], record["extra_static_bytes"], frozenset(record["forward_names"]), timelines,
             hold_outputs=record.get("hold_outputs", False),  # records before the option: dropped outputs
-            loss_memory=record.get("loss_memory", 0))
+            loss_memory=record.get("loss_memory", 0),
+            gradients_held=record.get("gradients_held", 0))  # records before it: none counted
 
 
 def _as_emitted(record: dict[str, Any]) -> Any:

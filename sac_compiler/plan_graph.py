@@ -105,6 +105,8 @@ class GraphPlanResult:
     hold_outputs: bool = False
     # what the caller's loss holds between forward and backward (SACConfig.loss_memory)
     loss_memory: int = 0
+    # gradients the step's backward makes before this graph's (SACConfig.gradients_held)
+    gradients_held: int = 0
     # device memory the process held outside this graph when it was compiled (other tensors,
     # library workspaces): it is there during the step too, so it counts against the budget and
     # is included in predicted_peak and partitioned.peak_bytes
@@ -189,6 +191,7 @@ class GraphPlanResult:
                                    + self.analysis.memory.sharded_param_bytes + _prefetch_bytes(graph)),
             "hold_outputs": self.hold_outputs,
             "loss_memory": self.loss_memory,
+            "gradients_held": self.gradients_held,
             "forward_names": frozenset(n.name for n in graph.gm.graph.nodes
                                        if n.op == "call_function" and get_record(n).side == Side.FORWARD),
             "input_categories": {i.name: categories.get(i.kind, MemoryCategory.INPUT) for i in graph.inputs
@@ -605,12 +608,13 @@ def plan_and_tag(
         return None
     freed_before_optimizer = min(freed_before_optimizer, outside_bytes)
     if (previous is not None and previous.analysis.freed_before_optimizer == freed_before_optimizer
-            and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]):
+            and previous.gradients_held == config.gradients_held and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]):
         # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
                                  fastest=previous.fastest, hold_outputs=previous.hold_outputs,
-                                 loss_memory=previous.loss_memory, partition_order=config.partition_order,
+                                 loss_memory=previous.loss_memory, gradients_held=previous.gradients_held,
+                                 partition_order=config.partition_order,
                                  reorder_for_peak_memory=config.reorder_for_peak_memory)
         _plan(result, config, target, budget)
         return result
@@ -668,12 +672,13 @@ def plan_joint(
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,
         freed_before_optimizer=min(freed_before_optimizer, outside_bytes),
+        gradients_held=config.gradients_held,
     )
     result = GraphPlanResult(analysis, baseline_peak=with_other_runs(analysis.memory, config.runs_per_step - 1).peak_bytes
                              + outside_bytes,
                              fused_pointwise=config.compiler == "inductor", outside_bytes=outside_bytes,
                              hold_outputs=config.hold_outputs, loss_memory=config.loss_memory,
-                             partition_order=config.partition_order,
+                             gradients_held=config.gradients_held, partition_order=config.partition_order,
                              reorder_for_peak_memory=config.reorder_for_peak_memory)
     if config.memory_budget is not None:
         _plan(result, config, target, budget)
@@ -1482,6 +1487,7 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         loss_memory=config.loss_memory,
         sharding=analysis.graph.sharding(),
         freed_before_optimizer=analysis.freed_before_optimizer,
+        gradients_held=config.gradients_held,
     ), config.runs_per_step - 1)
 
 

@@ -804,3 +804,31 @@ def test_a_recomputed_value_only_backward_reads_is_not_made_in_forward():
     assert [life.nbytes for life in kept.lifetimes if life.name == onehot.name] == [value]
     assert sum(life.nbytes for life in rebuilt.lifetimes if life.name == onehot.name) == 0
     assert kept.peak_bytes - rebuilt.peak_bytes == value
+
+
+def test_gradients_made_before_the_graphs_backward_are_counted_from_it_to_the_optimizer_step():
+    """``gradients_held``: gradients of parameters the graph does not read that the step's backward
+    made before the graph's own (a graph before a graph break). The joint simulation counts them
+    from the first backward node through the optimizer step, the partitioned one as its backward
+    starts; forward is unchanged."""
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    held = 3 * 2**20
+    model = Nested(dim=64, n_layers=2)
+    x = torch.randn(128, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    graph, without = _annotated(model, x, optimizer=optimizer)
+    with_held = annotate_memory(graph.gm, optimizer=optimizer, gradients_held=held, annotate=False)
+    fb = without.first_backward
+    assert with_held.step_peaks[:fb] == without.step_peaks[:fb]
+    assert all(b - a == held for a, b in zip(without.step_peaks[fb:], with_held.step_peaks[fb:]))
+    assert with_held.optimizer_step_peak_bytes - without.optimizer_step_peak_bytes == held
+    fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    static = {n.name for n in fw.graph.nodes if n.op == "placeholder"}
+    timelines = [{}, {}]
+    apart = [simulate_partitioned(fw, bw, graph.num_fwd_outputs, static, target_device="cpu", gradients_held=h,
+                                  timelines=t) for h, t in zip((0, held), timelines)]
+    assert apart[1].peak_graph == "backward" and apart[1].peak_bytes - apart[0].peak_bytes == held
+    assert timelines[1]["forward"] == timelines[0]["forward"]
+    assert all(b - a == held for (_, a), (_, b) in zip(timelines[0]["backward"], timelines[1]["backward"]))

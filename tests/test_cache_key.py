@@ -51,6 +51,7 @@ _OTHER_VALUES = {
     "enforce_budget": lambda: False,
     "hold_outputs": lambda: False,
     "loss_memory": lambda: 2**30,
+    "gradients_held": lambda: 2**28,
     "runs_per_step": lambda: 8,
     "partition_order": lambda: "inductor",
     "reorder_for_peak_memory": lambda: False,

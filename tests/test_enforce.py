@@ -840,3 +840,51 @@ def test_blocks_compiled_one_by_one_count_the_callers_loss_once_between_forward_
     assert sim.loss_bytes == loss
     assert result.held_per_run_bytes > 0
     assert result.step_peak_bytes <= budget
+
+
+def test_a_graph_before_a_break_counts_the_gradients_the_rest_of_the_model_makes_first():
+    """Backward runs the second graph's backward first, and its parameters' gradients stay until the
+    optimizer step: the first graph's plan counts them through its own backward
+    (``SACConfig.gradients_held``); the second graph, whose backward comes first, counts none.
+    Gradients equal eager's."""
+    torch.manual_seed(0)
+    model, x = _TwoHalves(), torch.randn(2048, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
+    budget = 4 * span.no_recompute_peak
+    partitioners = []
+
+    def backend(gm, inputs):
+        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                             partitioner_cls=_recording(partitioners), read_peak=lambda: budget // 2,
+                             read_allocated=lambda: budget // 4)
+
+    _steps(model, x, backend, 2)
+    second_bytes = sum(p.numel() * p.element_size() for p in model.second.parameters())
+    first, second = partitioners[0], partitioners[1]
+    assert first.config.gradients_held == second_bytes and second.config.gradients_held == 0
+    assert first.last_result.gradients_held == second_bytes
+    del optimizer
+
+
+def test_gradients_made_before_leave_out_the_graphs_own_earlier_and_allocated_parameters():
+    """Of the parameters the optimizer steps: the graph's own are returned apart; those the inputs'
+    history reaches ran before the graph (their backward comes after its); one whose gradient is
+    allocated now is held already. The rest run after it: backward makes their gradients first."""
+    from sac_compiler.backend import gradients_made_before
+
+    pre, own, post, held = (torch.nn.Linear(16, 16) for _ in range(4))
+    held.weight.grad = torch.zeros_like(held.weight)
+    optimizer = torch.optim.SGD([*pre.parameters(), *own.parameters(), *post.parameters(), *held.parameters()], lr=0.1)
+    h = pre(torch.randn(4, 16))
+
+    def nbytes(*tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    later, own_bytes = gradients_made_before([h, *own.parameters()], SACConfig())
+    assert later == nbytes(*post.parameters(), held.bias)
+    assert own_bytes == nbytes(*own.parameters())
+    # the optimizer given (SACConfig.optimizer) rather than found
+    assert gradients_made_before([h, *own.parameters()], SACConfig(optimizer=optimizer)) == (later, own_bytes)
+    # no optimizer steps these parameters: nothing is known of the others
+    assert gradients_made_before([torch.randn(4, 16), *torch.nn.Linear(16, 16).parameters()], SACConfig()) == (0, 0)
