@@ -77,6 +77,9 @@ def format_plan(result: Any) -> str:
                      format_bytes(result.measured_outside_peak)))
     if getattr(result, "caller_held_bytes", None):
         rows.append(("outputs the caller held through backward", format_bytes(result.caller_held_bytes)))
+    if getattr(result, "gradients_held", 0):
+        rows.append(("gradients made before this graph's backward (counted through it)",
+                     format_bytes(result.gradients_held)))
     if getattr(result, "measured_loss_memory", None):
         rows.append(("the caller's loss between forward and backward (measured)",
                      format_bytes(result.measured_loss_memory)))

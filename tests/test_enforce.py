@@ -842,11 +842,13 @@ def test_blocks_compiled_one_by_one_count_the_callers_loss_once_between_forward_
     assert result.step_peak_bytes <= budget
 
 
-def test_a_graph_before_a_break_counts_the_gradients_the_rest_of_the_model_makes_first():
+def test_a_graph_before_a_break_counts_the_gradients_the_rest_of_the_model_makes_first(capsys):
     """Backward runs the second graph's backward first, and its parameters' gradients stay until the
     optimizer step: the first graph's plan counts them through its own backward
-    (``SACConfig.gradients_held``); the second graph, whose backward comes first, counts none.
-    Gradients equal eager's."""
+    (``SACConfig.gradients_held``), and its report says so; the second graph, whose backward comes
+    first, counts none. Gradients equal eager's."""
+    from sac_compiler.config import format_bytes
+
     torch.manual_seed(0)
     model, x = _TwoHalves(), torch.randn(2048, 32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -855,7 +857,8 @@ def test_a_graph_before_a_break_counts_the_gradients_the_rest_of_the_model_makes
     partitioners = []
 
     def backend(gm, inputs):
-        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+        options = {"memory_budget": budget, "compiler": "eager", "report": True}
+        return compile_graph(gm, inputs, SACConfig.from_options(options),
                              partitioner_cls=_recording(partitioners), read_peak=lambda: budget // 2,
                              read_allocated=lambda: budget // 4)
 
@@ -864,6 +867,9 @@ def test_a_graph_before_a_break_counts_the_gradients_the_rest_of_the_model_makes
     first, second = partitioners[0], partitioners[1]
     assert first.config.gradients_held == second_bytes and second.config.gradients_held == 0
     assert first.last_result.gradients_held == second_bytes
+    counted = re.findall(r"gradients made before this graph's backward \(counted through it\) +(\S+ \S+)",
+                         capsys.readouterr().out)
+    assert counted and set(counted) == {format_bytes(second_bytes)}
     del optimizer
 
 
