@@ -229,8 +229,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "(addmm_fold) where the fold would keep the matmul's operands alive past their other readers for more "
          "bytes than the product (a tied embedding's logits gradient through the whole backward): the matmul "
          "runs where the graph has it (backend.unfold_far_addmm).", _BOTH, True),
-    Rule("accumulation_fusion", "Inductor fuses sums of one size whose results a chain of adds sums (a "
-         "parameter several layers use: its gradient summed over them) into one kernel with the adds, after the "
+    Rule("accumulation_fusion", "Inductor fuses sums of one size whose results a chain of adds sums, through "
+         "views and dtype conversions (a parameter several layers use: its gradient summed over them; under "
+         "autocast each converted before the add) into one kernel with the adds, after the "
          "last of them: each sum's input lives until then, and the sums are no buffers.", _BOTH, True),
     Rule("accumulation_apart", "The backend keeps such a sum in its own kernel where the fused one would keep "
          "its input alive past its other readers (a T5's relative position bias: each layer's score gradient "

@@ -1215,6 +1215,10 @@ _MAX_ROUNDS = 5
 _PLAIN_ROUNDS = 3  # rounds that only correct the model; those after also plan lower
 _MODEL_MARGIN = 0.02
 _CALIBRATION_ROUNDS = 4
+# the calibration search runs only where the plan found could be faster, than the fastest plan
+# without memory pressure, by more than this share of the estimated step: below it the search
+# (up to _CALIBRATION_ROUNDS solves and simulations) costs more planning time than it can save
+_CALIBRATION_MIN_GAIN = 0.01
 
 
 def _layer_of(node: fx.Node) -> tuple[str, int] | None:
@@ -1411,6 +1415,11 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     if faster and reference_sim.peak_bytes <= goal:
         return reference, reference_sim  # the fastest plan fits
     best_ms = time_of(best)
+    # no plan is faster than the reference: the search gains at most the difference
+    if best_ms - time_of(reference) <= _CALIBRATION_MIN_GAIN * analysis.runtime_ms:
+        log.info("sac calibration: not searched; the plan's %.4f ms is within %.4f ms of the fastest plan's "
+                 "(%g of the estimated step)", best_ms, best_ms - time_of(reference), _CALIBRATION_MIN_GAIN)
+        return best, best_sim
     seen = {best.recompute}
     shift = _model_error(problem, reference, reference_sim)
     for _ in range(_CALIBRATION_ROUNDS):

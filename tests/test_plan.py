@@ -1327,6 +1327,39 @@ def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
 
     monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
     monkeypatch.setattr(plan_graph, "_solve", solve)
+    monkeypatch.setattr(plan_graph, "_CALIBRATION_MIN_GAIN", -1.0)  # search whatever it can gain
     plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget, time_limit_s=30))
     assert (True, plan_graph._CALIBRATION_S) in limits  # the search ran, with the short limit
     assert {limit for calibrating, limit in limits if not calibrating} == {30}
+
+
+@pytest.mark.parametrize("min_gain", [-1.0, None])
+def test_the_calibration_search_runs_only_where_it_can_gain_a_share_of_the_step(monkeypatch, min_gain):
+    """The search looks for a plan faster than one that already fits; it can gain at most what that
+    plan costs beyond the fastest plan. Here the plan found costs no more than the fastest: with
+    ``_CALIBRATION_MIN_GAIN`` as it is, the search does not run (no solve, the plan is kept); made
+    negative (search whatever it can gain), it solves again for nothing."""
+    from sac_compiler.capture import capture_joint
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    inside, solves = [0], []
+    own_calibrated, own_solve = plan_graph._calibrated, plan_graph._solve
+
+    def calibrated(*args, **kwargs):
+        inside[0] += 1
+        try:
+            return own_calibrated(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    def solve(problem, options):
+        solves.append(inside[0] > 0)
+        return own_solve(problem, options)
+
+    monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
+    monkeypatch.setattr(plan_graph, "_solve", solve)
+    if min_gain is not None:
+        monkeypatch.setattr(plan_graph, "_CALIBRATION_MIN_GAIN", min_gain)
+    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget))
+    assert result.predicted_peak <= budget
+    assert any(solves) == (min_gain is not None)
