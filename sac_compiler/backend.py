@@ -841,8 +841,8 @@ def compile_graph(
         # the other runs of a graph that runs several times read parameters of their own
         held = max(0, later_grads - ((runs_per_step or config.runs_per_step) - 1) * own_grads)
         if held:
-            log.info("sac: counting %s of gradients the step's backward makes before %s's (parameters it does not "
-                     "read, which run after it)", format_bytes(held), name)
+            log.info("sac: %s: counting %s of gradients the step's backward makes before the graph's own "
+                     "(of parameters it does not read, which run after it)", name, format_bytes(held))
             planned = dataclasses.replace(planned, gradients_held=held)
         planned = offload_at_this_compile(planned, name)
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
