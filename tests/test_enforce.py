@@ -894,3 +894,47 @@ def test_gradients_made_before_leave_out_the_graphs_own_earlier_and_allocated_pa
     assert gradients_made_before([h, *own.parameters()], SACConfig(optimizer=optimizer)) == (later, own_bytes)
     # no optimizer steps these parameters: nothing is known of the others
     assert gradients_made_before([torch.randn(4, 16), *torch.nn.Linear(16, 16).parameters()], SACConfig()) == (0, 0)
+
+
+class _BlocksAndHead(_Blocks):
+    """``_Blocks`` with an eager output head after the blocks."""
+
+    def __init__(self, n=4, dim=32):
+        super().__init__(n, dim)
+        self.head = torch.nn.Linear(dim, 8 * dim)
+
+    def forward(self, x):
+        return self.head(super().forward(x))
+
+
+def test_blocks_compiled_one_by_one_count_the_gradients_of_the_blocks_after_and_of_the_head():
+    """Compiled block by block with an eager head: the first block's graph counts every later
+    block's gradients and the head's; the graph serving the other blocks, compiled at the second,
+    counts the blocks after it and the head, and once its first step shows its three runs it
+    counts the head's alone (its other runs read the other blocks)."""
+    torch.manual_seed(0)
+    model, x = _BlocksAndHead(), torch.randn(2048, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    span = budget_range(model.blocks[0], x, compiler="eager", target_device="cpu")
+    budget = span.no_recompute_peak * 3
+    partitioners = []
+
+    def backend(gm, inputs):
+        return compile_graph(gm, inputs, SACConfig.from_options({"memory_budget": budget, "compiler": "eager"}),
+                             partitioner_cls=_recording(partitioners), read_peak=_Peaks([budget - 1] * 8))
+
+    for i in range(len(model.blocks)):
+        model.blocks[i] = torch.compile(model.blocks[i], backend=backend)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+
+    def nbytes(*modules):
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    block, head = nbytes(model.blocks[0]), nbytes(model.head)
+    held = [(p.runs_per_step, p.config.gradients_held) for p in partitioners]
+    assert held[0] == (1, 3 * block + head)  # the first block's graph
+    assert (1, 2 * block + head) in held  # the other blocks' graph, compiled at the second block
+    assert held[-1] == (3, head)  # planned again for its three runs
+    del optimizer
