@@ -45,7 +45,7 @@ from sac_compiler.passes.annotate_ops import (
     is_pointwise_op,
 )
 from sac_compiler.passes.annotate_runtime import achieved_seconds
-from sac_compiler.passes.memory_model import rule_on
+from sac_compiler.passes.memory_model import live_by, rule_on
 from sac_compiler.passes.record import Side, get_record, size_hint
 
 log = logging.getLogger(__name__)
@@ -718,15 +718,19 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     return max(peak, _after_graph_peak(analysis))
 
 
-def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
-                 structure: Any = None, fastest: Any = None, refine: bool = True) -> tuple[int, str, Any, Any]:
+def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, structure: Any = None,
+                 fastest: Any = None, refine: bool = True, lower: bool = True) -> tuple[int, str, Any, Any]:
     """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
     checkpointed (the rest kept, or as the ``fastest`` plan has it: a head that recomputes its
     log-softmax from the kept logits, as full checkpointing leaves it), each run through the exact
     simulation (the program's peak is a model: long recompute chains hold more than it counts).
     ``refine``: also search the fastest plan at the program's lowest peak (up to ``_REFINE_S``);
-    off where only the peak is wanted (a fraction's range, the smallest feasible peak)."""
+    off where only the peak is wanted (a fraction's range, the smallest feasible peak).
+    ``lower``: then recompute values the best candidate keeps at its peak where that lowers it
+    (:func:`_lowered_at_peak`; a few simulations), where the lowest peak decides whether a budget
+    plans and what a refusal names; off for a fraction's range, which every fractional plan
+    resolves."""
     from sac_compiler.solvers import InfeasibleError, NoSolutionError
     from sac_compiler.solvers.savings_plan import min_peak_plan
 
@@ -780,9 +784,65 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any,
         key = (sim.peak_bytes, _plan_ms(problem, plan))
         if best is None or key < best[0]:
             best = (key, (sim.peak_bytes, how, plan, sim))
+    assert best is not None
+    peak, how, plan, sim = best[1]
+    if lower and layers is not None:
+        lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim)
+        if lowered_sim.peak_bytes < peak:
+            log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "
+                     "simulates at %s", how, len(lowered.recompute - plan.recompute),
+                     format_bytes(lowered_sim.peak_bytes))
+            return lowered_sim.peak_bytes, f"{how}, then lowered at its peak", lowered, lowered_sim
     return best[1]
 
 
+def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any) -> tuple[Any, Any]:
+    """``plan`` recomputing, one at a time, values it keeps that are live at its simulated peak
+    (largest first, each with its group), as long as that lowers the exact simulated peak: the
+    candidates above are built whole (a layer plan keeps, outside the layers, what another plan
+    keeps: a final norm's output read by the head's backward after the head's own peak), and a
+    value they keep at the peak may be rebuilt after it. At most ``_LOWERING_TRIES`` simulations."""
+    by_name = {c.name: c for c in problem.candidates}
+    groups: dict[str, set[str]] = {}
+    for c in problem.candidates:
+        if c.group is not None:
+            groups.setdefault(c.group, set()).add(c.name)
+    tries = 0
+    while tries < _LOWERING_TRIES:
+        step = max(range(len(sim.step_peaks)), key=sim.step_peaks.__getitem__, default=-1)
+        if step < 0 or sim.step_peaks[step] < sim.peak_bytes:
+            break  # the peak is after the graph (the optimizer step): nothing the graph keeps lowers it
+        live = live_by(sim.lifetimes, 3 * step + 1, lambda life: life.name)
+        kept = sorted(((nbytes, name) for name, nbytes in live.items()
+                       if name in by_name and not by_name[name].must_save and name not in plan.recompute
+                       and nbytes >= _LOWERING_MIN_BYTES), reverse=True)
+        lowered = None
+        for _, name in kept:
+            if tries >= _LOWERING_TRIES:
+                break
+            group = by_name[name].group
+            try:
+                candidate = _fixed_plan(problem, set(plan.recompute) | (groups[group] if group is not None else {name}),
+                                        plan.status)
+            except ValueError:  # its inputs are neither kept nor recomputed
+                continue
+            if candidate.recompute == plan.recompute:
+                continue
+            tries += 1
+            candidate_sim = _simulate(analysis, config, candidate.recompute)
+            if candidate_sim.peak_bytes < sim.peak_bytes:
+                lowered = (candidate, candidate_sim)
+                break
+        if lowered is None:
+            break
+        plan, sim = lowered
+    return plan, sim
+
+
+# The lowest-peak plan's lowering at its peak (_lowered_at_peak): at most this many simulations,
+# of values kept there of at least this many bytes
+_LOWERING_TRIES = 4
+_LOWERING_MIN_BYTES = 2**20
 # How long the search for the fastest plan at the lowest peak may take (the lowest-peak plan
 # itself is found first and kept if this finds nothing).
 _REFINE_S = 5.0
@@ -906,7 +966,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
         low = high
         if fraction < 1.0:  # its peak only: the plan itself is searched below where it is needed
-            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False)
+            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False, lower=False)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)

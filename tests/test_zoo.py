@@ -176,3 +176,24 @@ def test_full_size_builds(name):
     assert loss.shape == () and loss.device.type == "meta"
     if entry.loss_inside:
         assert model(*batch.inputs, targets=batch.target).shape == ()
+
+
+@pytest.mark.parametrize("name", ["llama", "unet_block"])
+def test_a_budget_only_the_lowered_lowest_plan_meets_plans_and_trains_like_eager(monkeypatch, name):
+    """The lowest-peak plan recomputes values it keeps at its simulated peak where that lowers the
+    peak (``plan_graph._lowered_at_peak``; at this size with no floor on their bytes): the least
+    budget that plans comes lower, and a model given that budget, which it would otherwise refuse,
+    trains like eager."""
+    from sac_compiler import plan_graph
+    from sac_compiler.planner import budget_range
+
+    entry = ZOO[name]
+    model, batch = entry.model("small", seed=0), entry.batch("small", seed=0)
+    monkeypatch.setattr(plan_graph, "_LOWERING_MIN_BYTES", 0)
+    monkeypatch.setattr(plan_graph, "_LOWERING_TRIES", 0)
+    unlowered = budget_range(model, *batch.inputs, target_device="cpu", compiler="eager").smallest_budget
+    monkeypatch.setattr(plan_graph, "_LOWERING_TRIES", 4)
+    least = budget_range(model, *batch.inputs, target_device="cpu", compiler="eager").smallest_budget
+    assert least < unlowered
+    records = check_training(name, "loss_outside_criterion", least)
+    assert [r.budget_bytes for r in records] == [least]
