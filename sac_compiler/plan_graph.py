@@ -787,7 +787,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     assert best is not None
     peak, how, plan, sim = best[1]
     if lower and layers is not None:
-        lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim)
+        outside_layers = {name for name, layer in structure[0].items() if layer is None}
+        lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
         if lowered_sim.peak_bytes < peak:
             log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "
                      "simulates at %s", how, len(lowered.recompute - plan.recompute),
@@ -796,12 +797,16 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     return best[1]
 
 
-def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any) -> tuple[Any, Any]:
+def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any,
+                     among: set[str] | None = None) -> tuple[Any, Any]:
     """``plan`` recomputing, one at a time, values it keeps that are live at its simulated peak
-    (largest first, each with its group), as long as that lowers the exact simulated peak: the
-    candidates above are built whole (a layer plan keeps, outside the layers, what another plan
-    keeps: a final norm's output read by the head's backward after the head's own peak), and a
-    value they keep at the peak may be rebuilt after it. At most ``_LOWERING_TRIES`` simulations."""
+    (largest first, each with its group; of ``among`` where given), as long as that lowers the
+    exact simulated peak: the candidates above are built whole (a layer plan keeps, outside the
+    layers, what another plan keeps: a final norm's output read by the head's backward after the
+    head's own peak), and a value they keep at the peak may be rebuilt after it. At most
+    ``_LOWERING_TRIES`` simulations. The caller passes the values outside the repeated layers: a
+    layer's values rebuilt from further back make longer recompute chains, which the simulation
+    counts less exactly (docs/guide.md, "Known limits")."""
     by_name = {c.name: c for c in problem.candidates}
     groups: dict[str, set[str]] = {}
     for c in problem.candidates:
@@ -815,7 +820,7 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
         live = live_by(sim.lifetimes, 3 * step + 1, lambda life: life.name)
         kept = sorted(((nbytes, name) for name, nbytes in live.items()
                        if name in by_name and not by_name[name].must_save and name not in plan.recompute
-                       and nbytes >= _LOWERING_MIN_BYTES), reverse=True)
+                       and (among is None or name in among) and nbytes >= _LOWERING_MIN_BYTES), reverse=True)
         lowered = None
         for _, name in kept:
             if tries >= _LOWERING_TRIES:
