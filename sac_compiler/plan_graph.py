@@ -608,7 +608,8 @@ def plan_and_tag(
         return None
     freed_before_optimizer = min(freed_before_optimizer, outside_bytes)
     if (previous is not None and previous.analysis.freed_before_optimizer == freed_before_optimizer
-            and previous.gradients_held == config.gradients_held and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]):
+            and previous.gradients_held == config.gradients_held
+            and [n.name for n in gm.graph.nodes] == [n for n, _ in previous.analysis.memory.timeline]):
         # the same graph planned again (for a lower target), unchanged by the partitioner: reuse its analysis
         result = GraphPlanResult(previous.analysis, baseline_peak=previous.baseline_peak,
                                  fused_pointwise=previous.fused_pointwise, outside_bytes=outside_bytes,
@@ -1047,7 +1048,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         # then of the best plan so far, may find a faster plan near either
         if fastest is not None:
             plan, sim = _calibrated(problem, analysis, config, goal, options, fastest, plan, sim, fastest_sim)
-        return _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim)
+        return _calibrated(problem, analysis, config, goal, options, plan, plan, sim, sim,
+                           floor_ms=_plan_ms(problem, fastest) if fastest is not None else 0.0)
 
     offload = None
     offload_reason = None
@@ -1456,7 +1458,8 @@ def _model_error(problem: Any, plan: Any, sim: Any) -> list[int]:
 
 
 def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, options: Any,
-                reference: Any, best: Any, best_sim: Any, reference_sim: Any = None) -> tuple[Any, Any]:
+                reference: Any, best: Any, best_sim: Any, reference_sim: Any = None,
+                floor_ms: float | None = None) -> tuple[Any, Any]:
     """A faster plan than ``best`` from a model shifted onto the exact simulation, if one fits.
 
     The savings model counts a recomputed value as a buffer again from its first backward read;
@@ -1467,6 +1470,9 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     becomes the reference (one that fits and is no faster ends the search); one that does not fit
     raises the shift where it went over, by what the shifted model missed there, so the search
     does not return to it. ``reference_sim``: the reference's exact simulation, if the caller has it.
+    ``floor_ms``: the fastest plan's time, where the reference is not that plan: the search runs
+    only where ``best`` could be faster than it by more than ``_CALIBRATION_MIN_GAIN`` of the
+    estimated step (default: the reference's time).
     """
     from sac_compiler.solvers import InfeasibleError, NoSolutionError
 
@@ -1480,10 +1486,11 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     if faster and reference_sim.peak_bytes <= goal:
         return reference, reference_sim  # the fastest plan fits
     best_ms = time_of(best)
-    # no plan is faster than the reference: the search gains at most the difference
-    if best_ms - time_of(reference) <= _CALIBRATION_MIN_GAIN * analysis.runtime_ms:
+    # no plan is faster than the fastest plan: the search gains at most the difference
+    floor = time_of(reference) if floor_ms is None else floor_ms
+    if best_ms - floor <= _CALIBRATION_MIN_GAIN * analysis.runtime_ms:
         log.info("sac calibration: not searched; the plan's %.4f ms is within %.4f ms of the fastest plan's "
-                 "(%g of the estimated step)", best_ms, best_ms - time_of(reference), _CALIBRATION_MIN_GAIN)
+                 "(%g of the estimated step)", best_ms, best_ms - floor, _CALIBRATION_MIN_GAIN)
         return best, best_sim
     seen = {best.recompute}
     shift = _model_error(problem, reference, reference_sim)

@@ -1363,3 +1363,33 @@ def test_the_calibration_search_runs_only_where_it_can_gain_a_share_of_the_step(
     result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget))
     assert result.predicted_peak <= budget
     assert any(solves) == (min_gain is not None)
+
+
+def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_plan(monkeypatch):
+    """Searched again from the best plan itself (its reference), the bound is the fastest plan's
+    time (``floor_ms``), not the reference's own: the search runs where the plan recomputes more
+    than ``_CALIBRATION_MIN_GAIN`` of the step beyond it, and not without the floor."""
+    from sac_compiler.capture import capture_joint
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    config = SACConfig(memory_budget=budget)
+    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), config)
+    analysis = result.analysis
+    problem, _, _ = plan_graph.build_plan_problem(analysis)
+    everything = plan_graph._fixed_plan(problem, {c.name for c in problem.candidates if not c.must_save}, "ALL")
+    sim = plan_graph._simulate(analysis, config, everything.recompute)
+    assert plan_graph._plan_ms(problem, everything) > plan_graph._CALIBRATION_MIN_GAIN * analysis.runtime_ms
+    solves = []
+    own_solve = plan_graph._solve
+
+    def solve(problem, options):
+        solves.append(options)
+        return own_solve(problem, options)
+
+    monkeypatch.setattr(plan_graph, "_solve", solve)
+    options = plan_graph._solver_options(config, analysis)
+    args = (problem, analysis, config, sim.peak_bytes, options, everything, everything, sim, sim)
+    assert plan_graph._calibrated(*args) == (everything, sim) and not solves  # its own time: nothing to gain
+    plan, found = plan_graph._calibrated(*args, floor_ms=0.0)
+    assert solves and found.peak_bytes <= sim.peak_bytes
+    assert plan_graph._plan_ms(problem, plan) <= plan_graph._plan_ms(problem, everything)
