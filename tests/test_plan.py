@@ -1304,14 +1304,9 @@ def test_plan_partitioned_needs_a_budget():
         plan_partitioned(graph, SACConfig())
 
 
-def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
-    """The calibration search only looks for a plan faster than one that already fits: each of
-    its solves gets at most ``_CALIBRATION_S``, whatever the configured limit; the program's own
-    solves keep the configured one."""
-    from sac_compiler.capture import capture_joint
-
-    model, x, budget, _ = _nested_at_a_middle_budget()
-    inside, limits = [0], []
+def _recorded_solves(monkeypatch):
+    """Every solver call from now on, as (whether the calibration search made it, its time limit)."""
+    inside, solves = [0], []
     own_calibrated, own_solve = plan_graph._calibrated, plan_graph._solve
 
     def calibrated(*args, **kwargs):
@@ -1322,11 +1317,22 @@ def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
             inside[0] -= 1
 
     def solve(problem, options):
-        limits.append((inside[0] > 0, options.time_limit_s))
+        solves.append((inside[0] > 0, options.time_limit_s))
         return own_solve(problem, options)
 
     monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
     monkeypatch.setattr(plan_graph, "_solve", solve)
+    return solves
+
+
+def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
+    """The calibration search only looks for a plan faster than one that already fits: each of
+    its solves gets at most ``_CALIBRATION_S``, whatever the configured limit; the program's own
+    solves keep the configured one."""
+    from sac_compiler.capture import capture_joint
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    limits = _recorded_solves(monkeypatch)
     monkeypatch.setattr(plan_graph, "_CALIBRATION_MIN_GAIN", -1.0)  # search whatever it can gain
     plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget, time_limit_s=30))
     assert (True, plan_graph._CALIBRATION_S) in limits  # the search ran, with the short limit
@@ -1342,27 +1348,12 @@ def test_the_calibration_search_runs_only_where_it_can_gain_a_share_of_the_step(
     from sac_compiler.capture import capture_joint
 
     model, x, budget, _ = _nested_at_a_middle_budget()
-    inside, solves = [0], []
-    own_calibrated, own_solve = plan_graph._calibrated, plan_graph._solve
-
-    def calibrated(*args, **kwargs):
-        inside[0] += 1
-        try:
-            return own_calibrated(*args, **kwargs)
-        finally:
-            inside[0] -= 1
-
-    def solve(problem, options):
-        solves.append(inside[0] > 0)
-        return own_solve(problem, options)
-
-    monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
-    monkeypatch.setattr(plan_graph, "_solve", solve)
+    solves = _recorded_solves(monkeypatch)
     if min_gain is not None:
         monkeypatch.setattr(plan_graph, "_CALIBRATION_MIN_GAIN", min_gain)
     result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget))
     assert result.predicted_peak <= budget
-    assert any(solves) == (min_gain is not None)
+    assert any(calibrating for calibrating, _ in solves) == (min_gain is not None)
 
 
 def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_plan(monkeypatch):
@@ -1379,14 +1370,7 @@ def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_pla
     everything = plan_graph._fixed_plan(problem, {c.name for c in problem.candidates if not c.must_save}, "ALL")
     sim = plan_graph._simulate(analysis, config, everything.recompute)
     assert plan_graph._plan_ms(problem, everything) > plan_graph._CALIBRATION_MIN_GAIN * analysis.runtime_ms
-    solves = []
-    own_solve = plan_graph._solve
-
-    def solve(problem, options):
-        solves.append(options)
-        return own_solve(problem, options)
-
-    monkeypatch.setattr(plan_graph, "_solve", solve)
+    solves = _recorded_solves(monkeypatch)
     options = plan_graph._solver_options(config, analysis)
     args = (problem, analysis, config, sim.peak_bytes, options, everything, everything, sim, sim)
     assert plan_graph._calibrated(*args) == (everything, sim) and not solves  # its own time: nothing to gain
