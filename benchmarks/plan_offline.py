@@ -18,6 +18,12 @@ in graph order, accepted)::
 
     python benchmarks/plan_offline.py --models t5 --fractions 0.5 --replay-cuda
 
+``--full-ac`` also simulates each model with every repeated block checkpointed (the matrix's
+``full_ac`` anchor), partitioned as ``torch.compile`` partitions it: where the planner's lowest
+plan (``--fractions 0``) stands against full checkpointing, without a GPU::
+
+    python benchmarks/plan_offline.py --models gpt2 --fractions 0 --full-ac
+
 The memory figures are simulations, not measurements; the times are this machine's.
 """
 
@@ -111,6 +117,46 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
     }
 
 
+def full_ac_peak(name: str, loss_inside: bool = True, size: str = "full") -> dict[str, Any]:
+    """The zoo model with every repeated block checkpointed (``full_ac``, as the matrix's anchor),
+    traced on meta for CUDA, partitioned as ``torch.compile`` partitions it (PyTorch's min-cut
+    partitioner, which recomputes what ``torch.utils.checkpoint`` tagged), and simulated by the
+    same partitioned simulation the plans are checked with: its peak beside the planner's lowest.
+    A simulation, not a measurement."""
+    from sac_compiler.passes import annotate_modules, annotate_ops
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+    from sac_compiler.passes.record import Side, get_record
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._guards import TracingContext, detect_fake_mode, tracing
+
+    from benchmarks.zoo import ZOO
+    from sac_compiler.capture import InputKind, capture_joint
+
+    entry = ZOO[name]
+    torch._dynamo.reset()
+    model = entry.model(size, device="meta")
+    batch = entry.batch(size, device="meta")
+    entry.checkpoint_blocks(model)
+    if loss_inside and entry.loss_inside:
+        graph = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
+                              decompose=True)
+    else:
+        graph = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
+    tagged = sum(1 for n in graph.gm.graph.nodes if n.meta.get("recompute") is not None)
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")])
+    with tracing(TracingContext(mode)):  # the partitioner saves the RNG state of recomputed random ops
+        annotate_modules(graph.gm, graph.root_name)
+        annotate_ops(graph.gm)
+        forward = frozenset(n.name for n in graph.gm.graph.nodes
+                            if n.op == "call_function" and get_record(n).side == Side.FORWARD)
+        fw, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    static = {i.name for i in graph.inputs if i.kind != InputKind.TANGENT}
+    peak = simulate_partitioned(fw, bw, graph.num_fwd_outputs, static, target_device=graph.target_device,
+                                fused_pointwise=True, forward_names=forward)
+    return {"full_ac_partitioned": peak.peak_bytes, "full_ac_peak_at": f"{peak.peak_graph}: {peak.peak_node}",
+            "full_ac_tagged": tagged}
+
+
 def _in_cuda_order(result: Any, fw: Any, bw: Any) -> Any:
     """The partitioned simulation of ``fw`` and ``bw`` with the backward in Inductor's CUDA order:
     the partition recorded and replayed on fake CUDA tensors (the graphs' own are meta)."""
@@ -190,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replay-cuda", action="store_true",
                         help="also replay the final plan's partitioned graphs in Inductor's CUDA order "
                              "(needs a CUDA build of torch, no GPU; default: off)")
+    parser.add_argument("--full-ac", action="store_true",
+                        help="also simulate each model with every block checkpointed (the matrix's full_ac anchor), "
+                             "partitioned as torch.compile does, beside the plans (default: off)")
     parser.add_argument("--out", help="write the rows as JSON here (default: none)")
     args = parser.parse_args(argv)
     for fraction in args.fractions:
@@ -198,17 +247,21 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in args.models:
+        full_ac = full_ac_peak(name, loss_inside=not args.model_only, size=args.size) if args.full_ac else {}
         for fraction in args.fractions:
             row = plan_model(name, fraction, args.spec, loss_inside=not args.model_only, size=args.size,
                              cuda_checks=args.checks_in_cuda_order, replay_cuda=args.replay_cuda)
+            row.update(full_ac)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     table = [(r["model"], f"{r['fraction']:g}", _gib(r.get("budget_bytes")),
               f"{_gib(r.get('first_predicted'))} / {_gib(r.get('first_partitioned'))}", r.get("plans_partitioned", "-"),
-              _gib(r.get("partitioned")), _gib(r.get("partitioned_cuda")), r.get("recompute_ms", "-"), r.get("planning_s", "-"), r.get("solves", "-"),
+              _gib(r.get("partitioned")), _gib(r.get("partitioned_cuda")), _gib(r.get("full_ac_partitioned")),
+              r.get("recompute_ms", "-"), r.get("planning_s", "-"), r.get("solves", "-"),
               r.get("error", "")[:60]) for r in rows]
     print(tabulate(table, headers=["model", "fraction", "budget GiB", "first plan: joint / partitioned GiB",
-                                   "plans", "final partitioned GiB", "in CUDA order GiB", "recompute ms", "planning s", "solves", "error"],
+                                   "plans", "final partitioned GiB", "in CUDA order GiB", "full_ac GiB", "recompute ms",
+                                   "planning s", "solves", "error"],
                    disable_numparse=True))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

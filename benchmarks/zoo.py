@@ -730,6 +730,26 @@ class ZooEntry:
         """(list, index) of each repeated block, for compiling the blocks one by one."""
         return [(getattr(model, name), i) for name in self.block_lists for i in range(len(getattr(model, name)))]
 
+    def checkpoint_blocks(self, model: nn.Module) -> None:
+        """Full per-block activation checkpointing (``torch.utils.checkpoint``, non-reentrant, around
+        every repeated block), in place: the zoo's ``full_ac`` anchor."""
+        for blocks, i in self.block_slots(model):
+            blocks[i] = Checkpointed(blocks[i])
+
+
+class Checkpointed(nn.Module):
+    """``block`` run under ``torch.utils.checkpoint`` (non-reentrant): only its inputs are saved,
+    and its forward runs again in backward."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
 
 _LM_SMALL = dict(vocab=128, dim=32, n_layers=2, n_heads=4)
 

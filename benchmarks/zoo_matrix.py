@@ -119,18 +119,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     records: list[Any] = []
 
     if strategy == "full_ac":
-        from torch.utils.checkpoint import checkpoint
-
-        class Checkpointed(torch.nn.Module):
-            def __init__(self, block: torch.nn.Module) -> None:
-                super().__init__()
-                self.block = block
-
-            def forward(self, *args: Any, **kwargs: Any) -> Any:
-                return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-        for blocks, i in entry.block_slots(model):
-            blocks[i] = Checkpointed(blocks[i])
+        entry.checkpoint_blocks(model)
     if strategy.startswith("sac"):
         from sac_compiler.backend import SACPartitioner, compile_graph
         from sac_compiler.config import SACConfig

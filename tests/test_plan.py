@@ -1377,3 +1377,17 @@ def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_pla
     plan, found = plan_graph._calibrated(*args, floor_ms=0.0)
     assert solves and found.peak_bytes <= sim.peak_bytes
     assert plan_graph._plan_ms(problem, plan) <= plan_graph._plan_ms(problem, everything)
+
+
+def test_the_offline_plan_benchmark_simulates_full_checkpointing_beside_the_plans(tmp_path):
+    """``--full-ac``: the model with every block under ``torch.utils.checkpoint``, partitioned as
+    ``torch.compile`` partitions it, simulated beside the plans: the checkpoint's tags reach the
+    joint graph, and its peak is below the model's own without recomputation."""
+    from benchmarks.plan_offline import main
+
+    main(["--models", "gpt2", "--fractions", "0", "1", "--size", "small", "--full-ac",
+          "--out", str(tmp_path / "plans.json")])
+    lowest, fastest = json.loads((tmp_path / "plans.json").read_text())
+    assert lowest["full_ac_tagged"] > 0
+    assert lowest["full_ac_partitioned"] == fastest["full_ac_partitioned"]
+    assert 0 < lowest["full_ac_partitioned"] < fastest["budget_bytes"]
