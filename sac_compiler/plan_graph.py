@@ -826,10 +826,20 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
         for _, name in kept:
             if tries >= _LOWERING_TRIES:
                 break
-            group = by_name[name].group
+            # with what it is made from that the backward does not read otherwise (a norm's output
+            # under a ReLU): rebuilt with it rather than kept for it
+            rebuilt, frontier = {name}, [name]
+            for _ in range(_LOWERING_DEPTH):
+                frontier = [u for v in frontier for u in by_name[v].inputs
+                            if u in by_name and u not in rebuilt and u not in plan.recompute
+                            and by_name[u].first_use is None and not by_name[u].must_save]
+                rebuilt.update(frontier)
+            for member in list(rebuilt):
+                group = by_name[member].group
+                if group is not None:
+                    rebuilt |= groups[group]
             try:
-                candidate = _fixed_plan(problem, set(plan.recompute) | (groups[group] if group is not None else {name}),
-                                        plan.status)
+                candidate = _fixed_plan(problem, set(plan.recompute) | rebuilt, plan.status)
             except ValueError:  # its inputs are neither kept nor recomputed
                 continue
             if candidate.recompute == plan.recompute:
@@ -849,6 +859,8 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
 # of values kept there of at least this many bytes
 _LOWERING_TRIES = 4
 _LOWERING_MIN_BYTES = 2**20
+# how far back a value lowered at the peak is rebuilt from what only its rebuild would read
+_LOWERING_DEPTH = 2
 # How long the search for the fastest plan at the lowest peak may take (the lowest-peak plan
 # itself is found first and kept if this finds nothing).
 _REFINE_S = 5.0

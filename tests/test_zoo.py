@@ -214,3 +214,23 @@ def test_the_lowest_plan_is_not_lowered_through_the_repeated_layers(monkeypatch)
         monkeypatch.setattr(plan_graph, "_LOWERING_TRIES", tries)
         least.append(budget_range(model, *batch.inputs, target_device="cpu", compiler="eager").smallest_budget)
     assert least[0] == least[1]
+
+
+def test_a_value_lowered_at_the_peak_is_rebuilt_with_what_only_its_rebuild_reads(monkeypatch):
+    """Lowered at the peak, a value is rebuilt together with the values it is made from that the
+    backward does not read otherwise (``plan_graph._LOWERING_DEPTH`` deep), rather than keeping
+    those for it: the BERT's least budget comes lower than with the value alone, and the model
+    trains at that budget like eager."""
+    from sac_compiler import plan_graph
+    from sac_compiler.planner import budget_range
+
+    entry = ZOO["bert"]
+    model, batch = entry.model("small", seed=0), entry.batch("small", seed=0)
+    monkeypatch.setattr(plan_graph, "_LOWERING_MIN_BYTES", 0)
+    least = []
+    for depth in (0, plan_graph._LOWERING_DEPTH):
+        monkeypatch.setattr(plan_graph, "_LOWERING_DEPTH", depth)
+        least.append(budget_range(model, *batch.inputs, target_device="cpu", compiler="eager").smallest_budget)
+    assert least[1] < least[0]
+    records = check_training("bert", "loss_outside_criterion", least[1])
+    assert [r.budget_bytes for r in records] == [least[1]]
