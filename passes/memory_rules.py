@@ -558,8 +558,9 @@ def accumulated_reductions(nodes: list[fx.Node], keep_apart: bool = True) -> dic
     chain of adds sums the results of two or more sums of one size (each sum's only reader,
     through views and dtype conversions, an add of the chain: the gradient of a parameter several
     layers use, such as a T5's relative position bias, summed over the layers), Inductor fuses
-    every sum with the adds, and that kernel runs after the last of them. Each sum's input lives until then, and the sums
-    are no buffers of their own. Returns each such sum and the chain's last add, where it runs
+    every sum with the adds, and that kernel runs after the last of them. Each sum's input lives
+    until then, and the sums are no buffers of their own. Returns each such sum and the chain's
+    last add, where it runs
     (the ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps
     apart (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
     fused, far = _accumulations(nodes)

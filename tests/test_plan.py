@@ -397,7 +397,7 @@ def test_layer_hybrid_when_the_program_has_no_plan(monkeypatch):
     model, tokens, (ref_out, ref_grads), unplanned = _tiny_transformer_unplanned()
     monkeypatch.setattr(plan_graph, "_solve_rounds", no_plan)
     # the hybrid itself (the shifted program may find a faster plan near it: not what this tests)
-    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None, **kw: (best, sim))
     # between every layer checkpointed and none: some leading layers checkpointed whole
     budget = int(0.6 * unplanned.baseline_peak + 0.4 * unplanned.analysis.memory.static_bytes)
     backend, records = recording_backend(memory_budget=budget, compiler="eager")
@@ -435,7 +435,7 @@ def test_repair_of_a_plan_just_over_the_budget(monkeypatch):
     monkeypatch.setattr(plan_graph, "_solve_rounds", rounds_end_over)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
     monkeypatch.setattr(sac_backend, "_SLACK_FRACTION", float("inf"))  # no second plan for the room left
-    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None: (best, sim))
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None, **kw: (best, sim))
     budget = int(0.9 * unplanned.baseline_peak + 0.1 * unplanned.analysis.memory.static_bytes)
     backend, records = recording_backend(memory_budget=budget, compiler="eager")
     out, grads = _step(model, (tokens,), torch.compile(model, backend=backend))
