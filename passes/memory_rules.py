@@ -560,9 +560,9 @@ def accumulated_reductions(nodes: list[fx.Node], keep_apart: bool = True) -> dic
     layers use, such as a T5's relative position bias, summed over the layers), Inductor fuses
     every sum with the adds, and that kernel runs after the last of them. Each sum's input lives
     until then, and the sums are no buffers of their own. Returns each such sum and the chain's
-    last add, where it runs
-    (the ``accumulation_fusion`` rule), less, with ``keep_apart``, the sums the backend keeps
-    apart (:func:`far_accumulated_reductions`, the ``accumulation_apart`` rule)."""
+    last add, where it runs (the ``accumulation_fusion`` rule), less, with ``keep_apart``, the
+    sums the backend keeps apart (:func:`far_accumulated_reductions`, the ``accumulation_apart``
+    rule)."""
     fused, far = _accumulations(nodes)
     return fused if keep_apart else {**fused, **far}
 
