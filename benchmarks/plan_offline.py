@@ -56,22 +56,14 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
     partitioned graphs are also replayed in that order (``partitioned_cuda``). Both lower graphs
     for CUDA here (``benchmarks/cuda_lowering.py``): they need a CUDA build of torch, no GPU."""
     from benchmarks.zoo import ZOO
-    from sac_compiler.capture import capture_joint
     from sac_compiler.config import SACConfig
     from sac_compiler.plan_graph import BudgetError
     from sac_compiler.planner import plan_partitioned
 
     entry = ZOO[name]
-    torch._dynamo.reset()
-    model = entry.model(size, device="meta")
-    batch = entry.batch(size, device="meta")
     inside = loss_inside and entry.loss_inside
     start = time.perf_counter()
-    if inside:
-        graph = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
-                              decompose=True)
-    else:
-        graph = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
+    graph = _capture(name, loss_inside, size)
     capture_s = time.perf_counter() - start
     row: dict[str, Any] = dict(model=name, size=size, graph="loss_inside" if inside else "model", fraction=fraction,
                                spec=spec, nodes=len(graph.gm.graph.nodes), capture_s=round(capture_s, 2),
@@ -117,6 +109,24 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
     }
 
 
+def _capture(name: str, loss_inside: bool, size: str, checkpointed: bool = False) -> Any:
+    """The zoo model's joint graph, traced on meta for CUDA: with its loss inside where it has one
+    and ``loss_inside``; ``checkpointed``: every repeated block under ``torch.utils.checkpoint``."""
+    from benchmarks.zoo import ZOO
+    from sac_compiler.capture import capture_joint
+
+    entry = ZOO[name]
+    torch._dynamo.reset()
+    model = entry.model(size, device="meta")
+    batch = entry.batch(size, device="meta")
+    if checkpointed:
+        entry.checkpoint_blocks(model)
+    if loss_inside and entry.loss_inside:
+        return capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
+                             decompose=True)
+    return capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
+
+
 def full_ac_peak(name: str, loss_inside: bool = True, size: str = "full") -> dict[str, Any]:
     """The zoo model with every repeated block checkpointed (``full_ac``, as the matrix's anchor),
     traced on meta for CUDA, partitioned as ``torch.compile`` partitions it (PyTorch's min-cut
@@ -129,19 +139,9 @@ def full_ac_peak(name: str, loss_inside: bool = True, size: str = "full") -> dic
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._guards import TracingContext, detect_fake_mode, tracing
 
-    from benchmarks.zoo import ZOO
-    from sac_compiler.capture import InputKind, capture_joint
+    from sac_compiler.capture import InputKind
 
-    entry = ZOO[name]
-    torch._dynamo.reset()
-    model = entry.model(size, device="meta")
-    batch = entry.batch(size, device="meta")
-    entry.checkpoint_blocks(model)
-    if loss_inside and entry.loss_inside:
-        graph = capture_joint(lambda *xs: model(*xs, targets=batch.target), *batch.inputs, target_device="cuda",
-                              decompose=True)
-    else:
-        graph = capture_joint(model, *batch.inputs, target_device="cuda", decompose=True)
+    graph = _capture(name, loss_inside, size, checkpointed=True)
     tagged = sum(1 for n in graph.gm.graph.nodes if n.meta.get("recompute") is not None)
     mode = detect_fake_mode([n.meta.get("val") for n in graph.gm.graph.find_nodes(op="placeholder")])
     with tracing(TracingContext(mode)):  # the partitioner saves the RNG state of recomputed random ops

@@ -602,15 +602,16 @@ def _accumulations(nodes: list[fx.Node]) -> tuple[dict[fx.Node, fx.Node], dict[f
     index = {n: i for i, n in enumerate(nodes)}
     sums: dict[fx.Node, list[fx.Node]] = {}  # the chain's last add: the sums it adds up
     for node in nodes:
-        if node.op != "call_function" or node.target not in _SUMS or chain_user(node) is None:
+        if node.op != "call_function" or node.target not in _SUMS:
             continue
         end = chain_user(node, chain)
-        while end is not None and chain_user(end) is not None:
+        if end is None:
+            continue
+        while (after := chain_user(end, chain)) is not None:
             chain.add(end)
-            end = chain_user(end, chain)
-        if end is not None:
-            chain.add(end)
-            sums.setdefault(end, []).append(node)
+            end = after
+        chain.add(end)
+        sums.setdefault(end, []).append(node)
     fused: dict[fx.Node, fx.Node] = {}
     far: dict[fx.Node, fx.Node] = {}
     owner = storage_owners(nodes)

@@ -715,12 +715,22 @@ def future_optimizer_state_bytes(optimizers: Sequence[torch.optim.Optimizer], de
     return total
 
 
-def held_outside(example_inputs: Sequence[Any], config: SACConfig) -> int:
+def stepping_optimizers(example_inputs: Sequence[Any], config: SACConfig) -> list[torch.optim.Optimizer]:
+    """The optimizers that step the graph's parameters: ``config.optimizer``, else those found
+    among live objects (:func:`optimizers_of`)."""
+    if config.optimizer is not None:
+        return [config.optimizer]
+    return optimizers_of([x for x in example_inputs if isinstance(x, torch.nn.Parameter)])
+
+
+def held_outside(example_inputs: Sequence[Any], config: SACConfig,
+                 optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None) -> int:
     """Device memory an absolute budget must leave room for besides the graph: what the process
     holds now beyond the graph's inputs (:func:`outside_bytes`) and the state its optimizers will
     allocate at their first step (found among live objects unless ``optimizer`` or
     ``optimizer_state_bytes`` is given; a given optimizer's allocated state is counted by the
-    analysis, so it is taken out here)."""
+    analysis, so it is taken out here). ``optimizers``: how to find them (default:
+    :func:`stepping_optimizers`), so that a caller that needs them again finds them once."""
     device = _cuda_device(example_inputs)
     if device is None or config.memory_budget is None:
         return 0
@@ -733,15 +743,17 @@ def held_outside(example_inputs: Sequence[Any], config: SACConfig) -> int:
         return max(0, held - _allocated_state_bytes(config.optimizer, device))
     if config.optimizer_state_bytes is not None:
         return held
-    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    future = future_optimizer_state_bytes(optimizers_of(params), device)
+    found = optimizers() if optimizers is not None else stepping_optimizers(example_inputs, config)
+    future = future_optimizer_state_bytes(found, device)
     if future:
         log.info("sac: counting %s of optimizer state not yet allocated (its first step makes it)",
                  format_bytes(future))
     return held + future
 
 
-def gradients_made_before(example_inputs: Sequence[Any], config: SACConfig) -> tuple[int, int]:
+def gradients_made_before(example_inputs: Sequence[Any], config: SACConfig,
+                          optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None
+                          ) -> tuple[int, int]:
     """(bytes of the gradients the step's backward makes before this graph's backward, bytes of
     the graph's own parameters' gradients), for ``SACConfig.gradients_held``.
 
@@ -752,16 +764,17 @@ def gradients_made_before(example_inputs: Sequence[Any], config: SACConfig) -> t
     break, an eager head), and backward makes their gradients first, which stay until the optimizer
     step. A parameter whose gradient is allocated now is left out (the process holds it, and
     ``held_outside`` counts it). A graph that runs several times in a step reads other parameters
-    on its other runs: the caller takes its own gradients out once per other run."""
+    on its other runs: the caller takes its own gradients out once per other run. ``optimizers``:
+    as for :func:`held_outside`."""
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    optimizers = [config.optimizer] if config.optimizer is not None else optimizers_of(params)
-    if not optimizers:
+    found = optimizers() if optimizers is not None else stepping_optimizers(example_inputs, config)
+    if not found:
         return 0, 0
     from sac_compiler.passes.memory_model import round_allocation, tensor_nbytes
 
     own = {id(p) for p in params}
     before = _parameters_reached(x for x in example_inputs if isinstance(x, torch.Tensor) and id(x) not in own)
-    stepped = {id(p): p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]
+    stepped = {id(p): p for optimizer in found for group in optimizer.param_groups for p in group["params"]
                if isinstance(p, torch.Tensor) and p.requires_grad}
 
     def grad_bytes(p: torch.Tensor) -> int:
@@ -823,7 +836,9 @@ def compile_graph(
     if not _needs_backward(example_inputs):
         log.info("backend='sac': this graph has no backward (inference); compiling it as plain %s would",
                  config.compiler)
-    outside = held_outside(example_inputs, config)
+    # found once (a scan of the process's objects), for what is held outside and the gradients
+    optimizers = functools.cache(lambda: stepping_optimizers(example_inputs, config))
+    outside = held_outside(example_inputs, config, optimizers)
     name = _graph_name(gm)  # here, within Dynamo's compile, which knows the graph
     fsdp = None
     if (config.world_size or 1) > 1 and config.memory_budget is not None:
@@ -833,7 +848,7 @@ def compile_graph(
     later_grads, own_grads = 0, 0
     if (fsdp is None and config.gradients_held == 0 and config.memory_budget is not None
             and config.memory_budget.bytes is not None and _needs_backward(example_inputs)):
-        later_grads, own_grads = gradients_made_before(example_inputs, config)
+        later_grads, own_grads = gradients_made_before(example_inputs, config, optimizers)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
                      runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:

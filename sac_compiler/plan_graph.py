@@ -799,12 +799,13 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
 
 
 def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any,
-                     among: set[str] | None = None) -> tuple[Any, Any]:
-    """``plan`` recomputing, one at a time, values it keeps that are live at its simulated peak
-    (largest first, each with its group; of ``among`` where given), as long as that lowers the
-    exact simulated peak: the candidates above are built whole (a layer plan keeps, outside the
-    layers, what another plan keeps: a final norm's output read by the head's backward after the
-    head's own peak), and a value they keep at the peak may be rebuilt after it. At most
+                     among: set[str]) -> tuple[Any, Any]:
+    """``plan`` recomputing, one at a time, values of ``among`` it keeps that are live at its
+    simulated peak (largest first; each with its group and with the values up to
+    ``_LOWERING_DEPTH`` back that only its rebuild reads), as long as that lowers the exact
+    simulated peak: the candidates above are built whole (a layer plan keeps, outside the layers,
+    what another plan keeps: a final norm's output read by the head's backward after the head's
+    own peak), and a value they keep at the peak may be rebuilt after it. At most
     ``_LOWERING_TRIES`` simulations. The caller passes the values outside the repeated layers: a
     layer's values rebuilt from further back make longer recompute chains, which the simulation
     counts less exactly (docs/guide.md, "Known limits")."""
@@ -821,7 +822,7 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
         live = live_by(sim.lifetimes, 3 * step + 1, lambda life: life.name)
         kept = sorted(((nbytes, name) for name, nbytes in live.items()
                        if name in by_name and not by_name[name].must_save and name not in plan.recompute
-                       and (among is None or name in among) and nbytes >= _LOWERING_MIN_BYTES), reverse=True)
+                       and name in among and nbytes >= _LOWERING_MIN_BYTES), reverse=True)
         lowered = None
         for _, name in kept:
             if tries >= _LOWERING_TRIES:

@@ -1197,3 +1197,27 @@ def test_rule_host_copies():
     kwargs = {"static_storage": frozenset({"x"})}
     assert _peak(gm, tile, _outputs(gm), "cuda", fused=False, **kwargs)[0] == 2 * tile
     assert _peak(gm, tile, _outputs(gm), "cuda", fused=False, off={"host_copies"}, **kwargs)[0] == 3 * tile
+
+
+def test_the_t5s_position_bias_sums_are_found_under_autocast_as_in_fp32():
+    """The zoo's T5 (two layers a side: its relative position biases summed over the layers) under
+    CPU autocast, where each layer's summed gradient reaches the accumulation through a dtype
+    conversion: the accumulation rules find as many sums as in fp32 (none without the conversions)."""
+    from sac_compiler.passes.memory_rules import accumulated_reductions
+
+    from benchmarks.zoo import ZOO
+
+    entry = ZOO["t5"]
+    torch.manual_seed(0)
+    model = entry.model_cls(**dict(entry.sizes["small"]["model"], n_layers=2))
+    batch = entry.batch("small", seed=0)
+
+    def autocast(*xs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(*xs)
+
+    found = []
+    for fn in (model, autocast):
+        graph = capture_joint(fn, *batch.inputs, target_device="cpu", decompose=True)
+        found.append(len(accumulated_reductions(list(graph.gm.graph.nodes), keep_apart=False)))
+    assert found[0] > 0 and found[1] == found[0]
