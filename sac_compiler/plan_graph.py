@@ -46,7 +46,7 @@ from sac_compiler.passes.annotate_ops import (
 )
 from sac_compiler.passes.annotate_runtime import achieved_seconds
 from sac_compiler.passes.memory_model import live_by, rule_on
-from sac_compiler.passes.record import Side, get_record, size_hint
+from sac_compiler.passes.record import Side, get_record, graph_results, size_hint
 
 log = logging.getLogger(__name__)
 
@@ -494,12 +494,11 @@ def _tie_repeated_layers(values: list[Any], nodes: list[fx.Node], blocks: int | 
         return values
     # layer of each candidate: the outermost module ending in an index (``Model.layers.3``)
     layer_of: dict[str, tuple[str, int]] = {}
+    is_layer = layer_modules(nodes[0].graph.owning_module) if nodes else None
     for node in nodes:
-        for fqn in get_record(_producer(node)).module_stack or ():
-            match = _LAYER.match(fqn)
-            if match:
-                layer_of[node.name] = (match.group(1), int(match.group(2)))
-                break
+        here = _layer_of(_producer(node), is_layer) if is_layer is not None else None
+        if here is not None:
+            layer_of[node.name] = here
     per_layer: dict[tuple[str, int], list[Any]] = {}
     for v in values:
         if v.name in layer_of:
@@ -762,6 +761,9 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     if found is not None:
         low, lowest = found
         plans.append(("the program's lowest-peak plan", lowest))
+        if layers is not None:
+            plans.append(("every layer checkpointed, the rest as the program's lowest-peak plan",
+                          layer_checkpoint_plan(problem, analysis, base=lowest.recompute, structure=structure)))
         # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans
         # are feasible, and the search for one can run to the time limit with none found
         # (docs/design.md).
@@ -777,24 +779,27 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
             except NoSolutionError as error:
                 log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
                 break
-    best = None
+    ranked = []
     for how, plan in plans:
         sim = _simulate(analysis, config, plan.recompute)
         log.info("sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)", how, format_bytes(sim.peak_bytes),
                  _plan_ms(problem, plan))
-        key = (sim.peak_bytes, _plan_ms(problem, plan))
-        if best is None or key < best[0]:
-            best = (key, (sim.peak_bytes, how, plan, sim))
-    assert best is not None
-    peak, how, plan, sim = best[1]
+        ranked.append(((sim.peak_bytes, _plan_ms(problem, plan)), (sim.peak_bytes, how, plan, sim)))
+    ranked.sort(key=lambda entry: entry[0])
+    best = ranked[0]
     if lower and layers is not None:
+        # the lowest candidate need not lower furthest: the next one may keep at its peak what
+        # can be rebuilt after it (the T5's did: docs/results.md)
         outside_layers = {name for name, layer in structure[0].items() if layer is None}
-        lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
-        if lowered_sim.peak_bytes < peak:
-            log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "
-                     "simulates at %s", how, len(lowered.recompute - plan.recompute),
-                     format_bytes(lowered_sim.peak_bytes))
-            return lowered_sim.peak_bytes, f"{how}, then lowered at its peak", lowered, lowered_sim
+        for key, (peak, how, plan, sim) in ranked[:_LOWERED_CANDIDATES]:
+            lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
+            if lowered_sim.peak_bytes < peak:
+                log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "
+                         "simulates at %s", how, len(lowered.recompute - plan.recompute),
+                         format_bytes(lowered_sim.peak_bytes))
+                entry = ((lowered_sim.peak_bytes, _plan_ms(problem, lowered)),
+                         (lowered_sim.peak_bytes, f"{how}, then lowered at its peak", lowered, lowered_sim))
+                best = min(best, entry, key=lambda e: e[0])
     return best[1]
 
 
@@ -859,6 +864,8 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
 # The lowest-peak plan's lowering at its peak (_lowered_at_peak): at most this many simulations,
 # of values kept there of at least this many bytes
 _LOWERING_TRIES = 4
+# how many of the lowest-peak candidates, lowest first, are lowered at their peak
+_LOWERED_CANDIDATES = 2
 _LOWERING_MIN_BYTES = 2**20
 # how far back a value lowered at the peak is rebuilt from what only its rebuild would read
 _LOWERING_DEPTH = 2
@@ -1301,11 +1308,35 @@ _CALIBRATION_ROUNDS = 4
 _CALIBRATION_MIN_GAIN = 0.01
 
 
-def _layer_of(node: fx.Node) -> tuple[str, int] | None:
-    """The repeated layer (``layers.3``: the outermost module ending in an index) a node runs in."""
-    for fqn in get_record(node).module_stack or ():
+def layer_modules(gm: fx.GraphModule) -> Callable[[str], bool]:
+    """Which modules of ``gm`` (after ``annotate_modules``) are repeated layers: the indexed
+    children of a container (``layers.3``), unless they are all leaf modules and not all of one
+    type. Those are the steps of one module written as an ``nn.Sequential`` (a CNN's stem: conv,
+    norm, ReLU, pool; an MLP: Linear, SiLU, Linear), not layers: checkpointing one of them alone
+    keeps every step's output, where full per-layer checkpointing leaves them to the partitioner
+    (docs/results.md). Without the module types every indexed module counts."""
+    orders = graph_results(gm).get("annotate_modules")
+    if orders is None or not orders.module_types:
+        return lambda fqn: _LAYER.match(fqn) is not None
+    types = orders.module_types
+    parents = {fqn.rsplit(".", 1)[0] for fqn in types if "." in fqn}
+    children: dict[str, list[str]] = {}
+    for fqn in types:
         match = _LAYER.match(fqn)
         if match:
+            children.setdefault(match.group(1), []).append(fqn)
+    layers = {fqn for kids in children.values()
+              if any(k in parents for k in kids) or len({types[k] for k in kids}) == 1 for fqn in kids}
+    return layers.__contains__
+
+
+def _layer_of(node: fx.Node, is_layer: Callable[[str], bool]) -> tuple[str, int] | None:
+    """The repeated layer (``layers.3``: the outermost layer module, see :func:`layer_modules`) a
+    node runs in."""
+    for fqn in get_record(node).module_stack or ():
+        if is_layer(fqn):
+            match = _LAYER.match(fqn)
+            assert match is not None
             return match.group(1), int(match.group(2))
     return None
 
@@ -1315,13 +1346,14 @@ def _layer_structure(problem: Any, analysis: Any) -> tuple[dict[str, Any], set[s
     output, a value another layer or the rest of the model reads), and the layers in forward order."""
     gm = analysis.graph.gm
     owner = _owner_map(gm)
+    is_layer = layer_modules(gm)
     layer: dict[str, Any] = {}
     crossing: set[str] = set()
     order: list[Any] = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or get_record(node).side != Side.FORWARD:
             continue
-        here = _layer_of(_producer(node))
+        here = _layer_of(_producer(node), is_layer)
         layer[node.name] = here
         if here is not None and here not in order:
             order.append(here)
