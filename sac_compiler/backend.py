@@ -638,12 +638,14 @@ def repeat_recomputed_draws(bw: fx.GraphModule, is_backward: Callable[[fx.Node],
     return done
 
 
-def make_matmul_workspaces(device: torch.device) -> int:
+def make_matmul_workspaces(device: torch.device, biased: bool = True) -> int:
     """Have cuBLAS make now the workspaces a training step's matmuls make on first use, and return
     their bytes, so that :func:`outside_bytes` counts them: the caching allocator holds one per
-    thread and stream (a linear with a bias uses cuBLASLt's own as well), and a step has two
-    threads, the caller's for forward and autograd's device thread for backward. A first step
-    would otherwise add them to its own peak unplanned. Nothing is made while a CUDA graph is
+    thread and stream, and a step has two threads, the caller's for forward and autograd's device
+    thread for backward. A first step would otherwise add them to its own peak unplanned.
+    ``biased``: the step runs a linear with a bias (``addmm``, which may use cuBLASLt's own
+    workspace); a model without one never makes that workspace, and making it would hold memory
+    the step does not (see :func:`runs_biased_matmul`). Nothing is made while a CUDA graph is
     captured."""
     if torch.cuda.is_current_stream_capturing():
         return 0
@@ -657,11 +659,36 @@ def make_matmul_workspaces(device: torch.device) -> int:
     with unset_fake_temporarily(), torch.inference_mode(False), torch.enable_grad(), \
             torch.autocast("cuda", enabled=False):
         a = torch.ones(16, 16, device=device, requires_grad=True)
-        bias = torch.ones(16, device=device, requires_grad=True)
-        # a matmul (cuBLAS) and a linear with a bias (addmm, cuBLASLt's bias epilogue: its own workspace)
-        ((a @ a).sum() + torch.nn.functional.linear(a, a, bias).sum()).backward()
-        del a, bias
+        loss = (a @ a).sum()  # a matmul (cuBLAS)
+        if biased:  # a linear with a bias (addmm, cuBLASLt's bias epilogue)
+            loss = loss + torch.nn.functional.linear(a, a, torch.ones(16, device=device, requires_grad=True)).sum()
+        loss.backward()
+        del a, loss
     return max(0, torch.cuda.memory_allocated(device) - before)
+
+
+# Dynamo-graph calls that run a matmul with a bias added in its epilogue when given one
+_BIASED = (torch._C._nn.linear, torch.nn.functional.linear)
+_ADDMMS = (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm)
+
+
+def runs_biased_matmul(gm: fx.GraphModule) -> bool:
+    """Whether the Dynamo graph ``gm`` runs a linear with a bias (or an ``addmm``), which cuBLASLt
+    may run with its own workspace: a module call, or a call with a bias that is not None."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                return True
+        elif node.op == "call_function" and node.target in _ADDMMS:
+            return True
+        elif node.op == "call_function" and node.target in _BIASED:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if bias is not None:
+                return True
+        elif node.op == "call_method" and node.target in ("addmm", "baddbmm"):
+            return True
+    return False
 
 
 def optimizers_of(params: Sequence[torch.Tensor]) -> list[torch.optim.Optimizer]:
@@ -724,17 +751,19 @@ def stepping_optimizers(example_inputs: Sequence[Any], config: SACConfig) -> lis
 
 
 def held_outside(example_inputs: Sequence[Any], config: SACConfig,
-                 optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None) -> int:
+                 optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None,
+                 biased: bool = True) -> int:
     """Device memory an absolute budget must leave room for besides the graph: what the process
     holds now beyond the graph's inputs (:func:`outside_bytes`) and the state its optimizers will
     allocate at their first step (found among live objects unless ``optimizer`` or
     ``optimizer_state_bytes`` is given; a given optimizer's allocated state is counted by the
     analysis, so it is taken out here). ``optimizers``: how to find them (default:
-    :func:`stepping_optimizers`), so that a caller that needs them again finds them once."""
+    :func:`stepping_optimizers`), so that a caller that needs them again finds them once.
+    ``biased``: the graph runs a linear with a bias (see :func:`make_matmul_workspaces`)."""
     device = _cuda_device(example_inputs)
     if device is None or config.memory_budget is None:
         return 0
-    made = make_matmul_workspaces(device)
+    made = make_matmul_workspaces(device, biased)
     if made:
         log.info("sac: counting %s of cuBLAS workspaces the step's forward and backward threads use",
                  format_bytes(made))
@@ -838,7 +867,7 @@ def compile_graph(
                  config.compiler)
     # found once (a scan of the process's objects), for what is held outside and the gradients
     optimizers = functools.cache(lambda: stepping_optimizers(example_inputs, config))
-    outside = held_outside(example_inputs, config, optimizers)
+    outside = held_outside(example_inputs, config, optimizers, biased=runs_biased_matmul(gm))
     name = _graph_name(gm)  # here, within Dynamo's compile, which knows the graph
     fsdp = None
     if (config.world_size or 1) > 1 and config.memory_budget is not None:

@@ -425,17 +425,21 @@ def test_the_matmul_workspaces_a_step_makes_are_made_and_counted_before_it():
     torch.cuda.synchronize()
     torch._C._cuda_clearCublasWorkspaces()
     base = torch.cuda.memory_allocated(device)
-    made = make_matmul_workspaces(device)
+    made = make_matmul_workspaces(device, biased=False)
     assert made > 0 and torch.cuda.memory_allocated(device) - base == made
-    assert make_matmul_workspaces(device) == 0  # made once
-    lin = nn.Linear(256, 256, device=device)
+    assert make_matmul_workspaces(device, biased=False) == 0  # made once
     x = torch.randn(64, 256, device=device, requires_grad=True)
-    before = torch.cuda.memory_allocated(device)
-    lin(x).sum().backward()
-    torch.cuda.synchronize()
-    grads = sum(t.grad.untyped_storage().nbytes() for t in (x, lin.weight, lin.bias))
-    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: cuBLAS workspaces {made} bytes")
-    assert torch.cuda.memory_allocated(device) - before == grads
+    for bias in (False, True):  # a model without a bias, then one with (the workspaces for it made first)
+        lt = make_matmul_workspaces(device) if bias else 0
+        lin = nn.Linear(256, 256, bias=bias, device=device)
+        x.grad = None
+        before = torch.cuda.memory_allocated(device)
+        lin(x).sum().backward()
+        torch.cuda.synchronize()
+        grads = sum(t.grad.untyped_storage().nbytes() for t in (x, *lin.parameters()))
+        assert torch.cuda.memory_allocated(device) - before == grads
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: cuBLAS workspaces {made} bytes, "
+          f"for a linear with a bias {lt} more")
 
 
 def test_a_repeated_draw_is_the_same_numbers_on_cuda():
