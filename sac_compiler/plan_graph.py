@@ -123,6 +123,11 @@ class GraphPlanResult:
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
     # (at 1.0 the lowest peak is not searched: both are the fastest plan's)
     fraction_range: tuple[int, int] | None = None
+    # the lowest-peak plan found for this graph, (peak, how, plan, simulation), once searched;
+    # ``lowest_refined``: with the fastest plan at its peak searched (see _lowest_plan's refine).
+    # Carried to the plans made again for a lower target, which it may answer without a search.
+    lowest: Any = None
+    lowest_refined: bool = False
     # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
@@ -615,7 +620,8 @@ def plan_and_tag(
                                  fastest=previous.fastest, hold_outputs=previous.hold_outputs,
                                  loss_memory=previous.loss_memory, gradients_held=previous.gradients_held,
                                  partition_order=config.partition_order,
-                                 reorder_for_peak_memory=config.reorder_for_peak_memory)
+                                 reorder_for_peak_memory=config.reorder_for_peak_memory,
+                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined)
         _plan(result, config, target, budget)
         return result
     if target_device is None:
@@ -800,7 +806,68 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
                 entry = ((lowered_sim.peak_bytes, _plan_ms(problem, lowered)),
                          (lowered_sim.peak_bytes, f"{how}, then lowered at its peak", lowered, lowered_sim))
                 best = min(best, entry, key=lambda e: e[0])
+        descended = _descended(problem, analysis, config, options, best[1][2], best[1][3])
+        if descended is not None:
+            plan, sim = descended
+            log.info("sac plan: the program, shifted onto the simulation of the lowest-peak candidate (%s), "
+                     "finds a plan that simulates at %s", best[1][1], format_bytes(sim.peak_bytes))
+            best = ((sim.peak_bytes, _plan_ms(problem, plan)),
+                    (sim.peak_bytes, f"{best[1][1]}, then the program below it", plan, sim))
     return best[1]
+
+
+def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, plan: Any, sim: Any
+               ) -> tuple[Any, Any] | None:
+    """A plan under ``plan``'s exact simulated peak from the program (the fastest at a lower
+    goal), or None. The lowest-peak candidates are built whole or found by a program stopped at a
+    short time limit; where the graph has little layer structure (a UNet block) the program given
+    a goal below them finds lower peaks soon. As in :func:`_calibrated`, the program's model is
+    shifted onto the exact simulation of the lowest plan so far; each plan is checked on the
+    simulation: one under the lowest peak becomes the lowest and the goal moves ``_DESCENT_STEP``
+    of its peak lower; one over the goal raises the shift where it went over, by what the shifted
+    model missed there. At most ``_DESCENT_TRIES`` solves of at most ``_DESCENT_S`` each; a solve
+    that finds nothing, or ``_DESCENT_MISSES`` plans in a row over the lowest peak, end the search."""
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError, SolverError
+    from sac_compiler.solvers.savings_plan import solve_savings_plan
+
+    quick = dataclasses.replace(options, time_limit_s=_DESCENT_S if options.time_limit_s is None
+                                else min(options.time_limit_s, _DESCENT_S))
+    found = None
+    shift = _model_error(problem, plan, sim)
+    goal = sim.peak_bytes - int(_DESCENT_STEP * sim.peak_bytes)
+    seen = {plan.recompute}
+    misses = 0
+    for _ in range(_DESCENT_TRIES):
+        shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
+                                      budget=goal)
+        try:
+            with _torch_threads_kept():
+                candidate = solve_savings_plan(shifted, quick)
+        except (InfeasibleError, NoSolutionError):
+            break  # none there, or none found soon
+        except SolverError as error:  # the solver failed: the candidates found stand
+            log.info("sac plan: no plan below the lowest-peak candidate: %s", error)
+            break
+        if candidate.recompute in seen:
+            break
+        seen.add(candidate.recompute)
+        candidate_sim = _simulate(analysis, config, candidate.recompute)
+        log.info("sac plan: below the lowest-peak candidate, aiming at %s: a plan of %.3f ms simulates at %s",
+                 format_bytes(goal), _plan_ms(problem, candidate), format_bytes(candidate_sim.peak_bytes))
+        if candidate_sim.peak_bytes < sim.peak_bytes:
+            misses = 0
+            plan, sim = candidate, candidate_sim
+            found = (plan, sim)
+            shift = _model_error(problem, plan, sim)
+            goal = sim.peak_bytes - int(_DESCENT_STEP * sim.peak_bytes)
+        else:
+            misses += 1
+            if misses >= _DESCENT_MISSES:
+                break
+            missed = _model_error(shifted, candidate, candidate_sim)
+            simulated = _step_profile(candidate_sim)
+            shift = [e + m if simulated[t] > goal and m > 0 else e for t, (e, m) in enumerate(zip(shift, missed))]
+    return found
 
 
 def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any,
@@ -866,6 +933,12 @@ def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, 
 _LOWERING_TRIES = 4
 # how many of the lowest-peak candidates, lowest first, are lowered at their peak
 _LOWERED_CANDIDATES = 2
+# The program below the lowest-peak candidate (_descended): at most this many solves, each aiming
+# this share of the peak lower, each given at most this many seconds
+_DESCENT_TRIES = 6
+_DESCENT_STEP = 0.03
+_DESCENT_S = 2.0
+_DESCENT_MISSES = 2  # plans in a row over the lowest peak so far that end the search
 _LOWERING_MIN_BYTES = 2**20
 # how far back a value lowered at the peak is rebuilt from what only its rebuild would read
 _LOWERING_DEPTH = 2
@@ -984,7 +1057,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         result.fastest = fastest
     step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
-    lowest = None  # (peak, how, plan, simulation) of the lowest-peak plan, once known
+    lowest = result.lowest  # (peak, how, plan, simulation) of the lowest-peak plan, once known
     fraction = config.memory_budget.fraction
     if budget is None and fraction is None:
         budget = config.memory_budget.bytes
@@ -992,7 +1065,9 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
         low = high
         if fraction < 1.0:  # its peak only: the plan itself is searched below where it is needed
-            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False, lower=False)
+            if lowest is None:
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest,
+                                                      refine=False, lower=False)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)
@@ -1016,8 +1091,19 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         nonlocal lowest
         if fastest_sim is not None and fastest_sim.peak_bytes <= goal:
             return fastest, fastest_sim  # nothing to trade: the fastest plan fits
-        rounds = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
         structure = _layer_structure(problem, analysis)
+        if fraction is not None and lowest is not None and (target if target is not None else budget) <= lowest[0] + outside:
+            # the fraction resolved to the lowest peak found (memory_budget 0), or the partitioned
+            # graphs' check asks for less: the lowest-peak plan is the plan, with the fastest plan at
+            # its peak where one is found soon; the program's rounds would search under it, where
+            # it found nothing, each to the solver's time limit
+            if not result.lowest_refined:
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+                result.lowest_refined = True
+            log.info("sac plan: memory_budget %g: the lowest peak found is the plan: %s simulates at %s", fraction,
+                     lowest[1], format_bytes(lowest[0] + outside))
+            return lowest[2], lowest[3]
+        rounds = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
         if rounds.plan is not None:
             # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
             one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
@@ -1048,7 +1134,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             if not rounds.infeasible and fraction is None:
                 raise rounds.error
             if lowest is None:
-                lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, refine=False)
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
+                                                      refine=False)
             if lowest[0] > goal:
                 if fraction is not None and target is None:
                     # a fraction resolved at or above this very plan's peak: the margin-free goal
@@ -1059,7 +1146,9 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                     raise _budget_error(analysis, config, budget, outside, rounds.best_simulated, fastest_sim,
                                         lowest) from rounds.error
             # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
-            lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+            if not result.lowest_refined:
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+                result.lowest_refined = True
             hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
