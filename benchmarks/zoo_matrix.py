@@ -78,10 +78,11 @@ def least_budget_cells(results: list[dict[str, Any]], base: dict[str, Any],
     """For each sac result refused with a least budget named (``BudgetError``: "raise
     memory_budget to at least N bytes"): ``sac@least`` at that budget, the same model and loop. The
     planner's promise is that the least budget it names compiles and holds."""
-    cells = []
+    cells, named = [], set()
     for r in results:
         found = _LEAST_BUDGET.search(r.get("error", "")) if str(r.get("strategy", "")).startswith("sac") else None
-        if found:
+        if found and (r["model"], r["loop"], found.group(1)) not in named:  # several fractions may name one
+            named.add((r["model"], r["loop"], found.group(1)))
             cells.append(dict(base, model=r["model"], loop=r["loop"], strategy="sac@least",
                               budget_bytes=int(found.group(1)), **({"dump": str(dump)} if dump is not None else {})))
     return cells
@@ -474,7 +475,9 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             followers += [pool.submit(_spawn, c, out / "logs") for c in cells]
         for future in concurrent.futures.as_completed(followers):
             record(future.result())
-    return record.done
+    # sac refused at its budget: run it at the least budget the refusal names, which must hold
+    least = least_budget_cells(record.done, base, out / "partitions" if args.dump_partitions else None)
+    return record.done + _run_cells(_with_timelines(least, out) if args.timeline else least, out, args.jobs)
 
 
 def _gib(n: Any) -> str:

@@ -46,6 +46,9 @@ def test_a_refused_sac_cell_runs_again_at_the_least_budget_it_names():
         {"model": "bert", "loop": "loss_inside", "strategy": "sac@full_ac", "peak_bytes": 5824883200},
         {"model": "moe", "loop": "loss_inside", "strategy": "sac@full_ac", "error": "OutOfMemoryError"},
         {"model": "t5", "loop": "loss_inside", "strategy": "full_ac", "error": "raise memory_budget to at least 5 bytes"},
+        # a second fraction refused with the same least budget: one cell
+        {"model": "gpt2", "loop": "loss_inside", "strategy": "sac 0.5", "error": "raise memory_budget to at "
+         "least 4278288593 bytes, or give a fraction"},
     ]
     assert least_budget_cells(results, base, Path("out/partitions")) == [
         dict(base, model="gpt2", loop="loss_inside", strategy="sac@least", budget_bytes=4278288593,
@@ -92,3 +95,28 @@ def test_a_row_gives_the_steps_prediction_and_what_the_callers_loss_held():
     assert "predicted 7.710" in row and "caller loss 3.930" in row and "replans 1" in row
     older = _row(dict(cell, graphs=[graph]))
     assert "predicted 7.129" in older and "caller loss" not in older
+
+
+def test_the_matrix_runs_a_refused_sac_cell_again_at_the_least_budget_it_names(tmp_path, monkeypatch):
+    """The plain matrix, like ``--at-anchor-peaks``: a sac fraction refused as out of reach runs
+    again at the least budget its refusal names (the planner's promise: that budget compiles and
+    holds), once for the fractions that name the same budget."""
+    import benchmarks.zoo_matrix as zm
+
+    spawned, batches = [], []
+
+    def spawn(cell, logs=None):
+        spawned.append(cell)
+        if cell["strategy"] == "compile":
+            return dict(cell, static_bytes=100, extra_bytes=1000, peak_bytes=1100, step_ms=1.0)
+        return dict(cell, error="BudgetError: raise memory_budget to at least 900 bytes")
+
+    def run_cells(cells, out, jobs):
+        batches.append(cells)
+        return [dict(c, peak_bytes=880, step_ms=1.0) for c in cells]
+
+    monkeypatch.setattr(zm, "_spawn", spawn)
+    monkeypatch.setattr(zm, "_run_cells", run_cells)
+    zm.main(["--models", "unet_block", "--anchors", "--fractions", "0.5", "0.25", "--out", str(tmp_path)])
+    assert sorted(c["strategy"] for c in spawned) == ["compile", "sac 0.25", "sac 0.5"]
+    assert [[(c["strategy"], c["budget_bytes"]) for c in cells] for cells in batches] == [[("sac@least", 900)]]
