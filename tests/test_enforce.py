@@ -591,7 +591,7 @@ def test_a_graph_asked_for_more_room_than_it_has_names_what_was_asked(monkeypatc
     slack = span.no_recompute_peak - span.smallest_budget
     held = 4 * slack  # the second graph lacks more room than the first holds for its backward
     outside = iter([0, held])
-    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: next(outside))
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: next(outside))
     # what the first graph is taken to hold is freed before the optimizer step, as it would be
     monkeypatch.setattr(enforce_module, "held_for_backwards", lambda: held)
     backend, enforcers = _eager_backend(budget, (_Peaks([budget - 1] * 4) for _ in range(2)))
@@ -625,7 +625,7 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     slack = span.no_recompute_peak - span.smallest_budget
     held = slack + slack // 2  # what the first graph holds as the second compiles
     outside = iter([0, held])
-    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: next(outside))
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: next(outside))
     backend, enforcers = _eager_backend(budget, (_Peaks([budget - 1] * 3) for _ in range(3)))
 
     _steps(model, x, backend, 4)
@@ -647,7 +647,7 @@ def test_a_graph_after_a_break_without_room_asks_the_graphs_before_it(monkeypatc
     assert planned.partitioned.end_of_forward_bytes - room <= budget
     with pytest.raises(Exception, match="smallest feasible peak"):
         # without a graph before it in the step, the same shortfall is an error
-        monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: held)
+        monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: held)
         torch._dynamo.reset()
         torch.compile(torch.nn.Sequential(*Nested(dim=32, n_layers=2).layers), backend=backend)(x).sum().backward()
 
@@ -666,7 +666,7 @@ def test_a_graph_after_a_break_measured_over_with_no_plan_asks_the_graphs_before
     slack = span.no_recompute_peak - span.smallest_budget
     held = slack // 2  # what the first graph holds as the second compiles: the second still plans
     outside = iter([0, held])
-    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: next(outside))
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: next(outside))
     backend, enforcers = _eager_backend(budget, [_Peaks([budget - 1] * 8), _Peaks([budget + slack] + [budget - 1] * 8)])
 
     _steps(model, x, backend, 5)
@@ -704,7 +704,7 @@ def test_a_graph_that_cannot_give_its_steps_whole_excess_gives_what_it_can_besid
     span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
     budget = span.no_recompute_peak
     slack = span.no_recompute_peak - span.smallest_budget  # the most the first graph gives up
-    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: 0)
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: 0)
     excess = slack + slack // 2
     backend, enforcers = _eager_backend(budget, [_Peaks([budget + excess] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
 
@@ -728,7 +728,7 @@ def test_a_graph_with_nothing_more_to_give_beside_others_keeps_its_plan(monkeypa
     model, x = _TwoHalves(), torch.randn(2048, 32)
     span = budget_range(torch.nn.Sequential(*model.first), x, compiler="eager", target_device="cpu")
     budget = span.smallest_budget
-    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None: 0)
+    monkeypatch.setattr(backend_module, "held_outside", lambda inputs, config, optimizers=None, biased=True: 0)
     backend, enforcers = _eager_backend(budget, [_Peaks([budget + MIB] + [budget - 1] * 8), _Peaks([budget - 1] * 8)])
 
     _steps(model, x, backend, 3)
