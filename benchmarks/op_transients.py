@@ -48,12 +48,19 @@ class Transients(TorchDispatchMode):
         return out
 
 
-def measure(name: str, size: str = "full") -> list[tuple[str, str, int]]:
+def measure(name: str, size: str = "full", channels_last: bool = False) -> list[tuple[str, str, int]]:
+    """Each op's (name, argument shapes, transient bytes) in one eager step of zoo model ``name``;
+    ``channels_last``: its parameters and 4-d inputs in channels-last order, as Inductor lays out
+    a convolution network's activations."""
     from benchmarks.zoo import ZOO
 
     entry = ZOO[name]
     model = entry.model(size, device="cuda")
     batch = entry.batch(size, device="cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        batch.inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                             for x in batch.inputs)
     loss = entry.loss_fn(model(*batch.inputs), batch)  # warm-up: the libraries' handles and workspaces
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -72,14 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["resnet", "unet_block"], help="zoo models")
     parser.add_argument("--size", choices=("small", "full"), default="full")
     parser.add_argument("--min-mib", type=float, default=1.0, help="list transients of at least this many MiB")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="parameters and 4-d inputs in channels-last order (as Inductor lays out convolutions)")
     parser.add_argument("--out", help="write every row as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     found: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                             "cudnn": torch.backends.cudnn.version(), "models": {}}
+                             "cudnn": torch.backends.cudnn.version(), "channels_last": args.channels_last, "models": {}}
     for name in args.models:
-        rows = measure(name, args.size)
+        rows = measure(name, args.size, args.channels_last)
         found["models"][name] = rows
         by_op: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
         for op, shapes, nbytes in rows:
