@@ -828,7 +828,6 @@ def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, pla
     model missed there. At most ``_DESCENT_TRIES`` solves of at most ``_DESCENT_S`` each; a solve
     that finds nothing, or ``_DESCENT_MISSES`` plans in a row over the lowest peak, end the search."""
     from sac_compiler.solvers import InfeasibleError, NoSolutionError, SolverError
-    from sac_compiler.solvers.savings_plan import solve_savings_plan
 
     quick = dataclasses.replace(options, time_limit_s=_DESCENT_S if options.time_limit_s is None
                                 else min(options.time_limit_s, _DESCENT_S))
@@ -841,8 +840,7 @@ def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, pla
         shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
                                       budget=goal)
         try:
-            with _torch_threads_kept():
-                candidate = solve_savings_plan(shifted, quick)
+            candidate = _solve(shifted, quick, greedy=False)
         except (InfeasibleError, NoSolutionError):
             break  # none there, or none found soon
         except SolverError as error:  # the solver failed: the candidates found stand
@@ -1000,9 +998,11 @@ def recording_solves() -> Iterator[list[float]]:
         _SOLVE_TIMES.reset(token)
 
 
-def _solve(problem: Any, options: Any) -> Any:
+def _solve(problem: Any, options: Any, greedy: bool = True) -> Any:
     """``solve_savings_plan``, timed for ``recording_solves``. If the solver fails (any status but a
-    proven infeasibility) the plan is the checked greedy one, and the log says so."""
+    proven infeasibility) the plan is the checked greedy one, and the log says so; ``greedy=False``
+    raises the failure instead (a search for a better plan than one it has, which a greedy plan
+    does not serve)."""
     from sac_compiler.solvers import InfeasibleError, SolverError
     from sac_compiler.solvers.savings_plan import (
         greedy_savings_plan,
@@ -1017,6 +1017,8 @@ def _solve(problem: Any, options: Any) -> Any:
             except InfeasibleError:
                 raise
             except SolverError as error:
+                if not greedy:
+                    raise
                 log.warning("sac plan: the %s solver failed (%s); planning greedily instead (cheapest "
                             "recompute per byte first, checked against the same model)", options.solver, error)
                 return greedy_savings_plan(problem)
@@ -1632,7 +1634,7 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
         shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
                                       budget=goal)
         try:
-            plan = _solve(shifted, options)
+            plan = _solve(shifted, options, greedy=False)
         except (InfeasibleError, NoSolutionError):  # none, or none found within the limit
             break
         if plan.recompute in seen:

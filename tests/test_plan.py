@@ -246,11 +246,11 @@ def test_infeasible_budget_is_named_without_searching_the_fastest_lowest_plan(mo
     real_solve = plan_graph._solve
     refined = []
 
-    def solve(problem, options):
+    def solve(problem, options, greedy=True):
         if options.time_limit_s == plan_graph._REFINE_S:
             refined.append(problem.budget)
             raise NoSolutionError("savings_plan: stopped at the time limit without a feasible solution")
-        return real_solve(problem, options)
+        return real_solve(problem, options, greedy)
 
     monkeypatch.setattr(plan_graph, "_solve", solve)
     model = Nested(dim=32, n_layers=3)
@@ -1317,9 +1317,9 @@ def _recorded_solves(monkeypatch):
         finally:
             inside[0] -= 1
 
-    def solve(problem, options):
+    def solve(problem, options, greedy=True):
         solves.append((inside[0] > 0, options.time_limit_s))
-        return own_solve(problem, options)
+        return own_solve(problem, options, greedy)
 
     monkeypatch.setattr(plan_graph, "_calibrated", calibrated)
     monkeypatch.setattr(plan_graph, "_solve", solve)
@@ -1464,3 +1464,31 @@ def test_the_program_below_the_lowest_candidate_lowers_the_unet_blocks_peak(monk
             low.append(budget_range(model, *batch.inputs, target_device="cuda").smallest_feasible_peak)
     assert low[1] < 0.95 * low[0]
     assert "the program, shifted onto the simulation of the lowest-peak candidate" in caplog.text
+
+
+def test_a_calibration_solve_that_finds_nothing_ends_the_search_without_a_greedy_plan(monkeypatch):
+    """The calibration search looks for a plan faster than one it has: a solve that stops without a
+    solution ends it, and the plan it has stands; the greedy plan the program's own solves fall
+    back on (a plan that only has to fit) is not made, simulated or repaired there."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.solvers import savings_plan
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    config = SACConfig(memory_budget=budget)
+    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), config)
+    analysis = result.analysis
+    problem, _, _ = plan_graph.build_plan_problem(analysis)
+    everything = plan_graph._fixed_plan(problem, {c.name for c in problem.candidates if not c.must_save}, "ALL")
+    sim = plan_graph._simulate(analysis, config, everything.recompute)
+
+    def no_solution(*args, **kwargs):
+        raise NoSolutionError("savings_plan: stopped at the time limit without a feasible solution")
+
+    def greedy(*args, **kwargs):
+        raise AssertionError("the calibration search made a greedy plan")
+
+    monkeypatch.setattr(savings_plan, "solve_savings_plan", no_solution)
+    monkeypatch.setattr(savings_plan, "greedy_savings_plan", greedy)
+    options = plan_graph._solver_options(config, analysis)
+    args = (problem, analysis, config, sim.peak_bytes, options, everything, everything, sim, sim)
+    assert plan_graph._calibrated(*args, floor_ms=0.0) == (everything, sim)
