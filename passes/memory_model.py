@@ -213,6 +213,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("attention_bias_copy", "Inductor gives the memory-efficient attention backward a broadcast mask it "
          "computes in the graph (a padding mask made additive) as a dense (B, H, L, S) copy, written before the "
          "op and freed after it; the forward keeps it broadcast.", _BOTH, True),
+    Rule("conv_workspace", "A convolution or its backward on a GPU holds cuDNN's workspace inside the op, from 0 "
+         "to several activations' size by the algorithm picked for its shapes: measured per call on the process's "
+         "GPU (channels-last, as Inductor lays out convolution networks), 0 where not measured.", _BOTH, True),
     Rule("outputs_dropped", "The caller drops the forward outputs before backward "
          "(model(x).sum().backward()): those backward does not read are freed as it starts.", _BOTH, False),
     Rule("multi_output_rerun", "Recomputing one output of a multi-output op reruns the op, as PyTorch's "

@@ -455,6 +455,101 @@ def attention_backward_workspace(node: fx.Node, device: torch.device | str | Non
 
 _EFFICIENT_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
 
+_CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+# cuDNN's workspace of each convolution call measured on this process's GPU, by conv_signature
+_MEASURED_CONV_WORKSPACES: dict[tuple[Any, ...], int] = {}
+
+
+def conv_signature(node: fx.Node) -> tuple[Any, ...] | None:
+    """A convolution call (forward or backward) as cuDNN sees it: the op, its tensors' shapes and
+    dtypes, its other arguments; None for any other node. Strides are left out: the partitioned
+    graphs may hold a value in another order than the joint graph, and Inductor lays a
+    convolution network's activations out channels-last either way."""
+    if node.op != "call_function" or node.target not in _CONVOLUTIONS:
+        return None
+    parts: list[Any] = []
+    for arg in [*node.args, *node.kwargs.values()]:
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+        if isinstance(val, torch.Tensor):
+            parts.append((tuple(size_hint(s) for s in val.shape), str(val.dtype)))
+        else:
+            parts.append(repr(val))
+    return (str(node.target), tuple(parts))
+
+
+def convolution_workspace(node: fx.Node, device: torch.device | str | None) -> int:
+    """Bytes a convolution or its backward holds inside the op beyond its outputs on a GPU: cuDNN's
+    workspace, from 0 to several activations' size depending on the algorithm its heuristics pick
+    for the shapes (measured per call on this process's GPU by
+    :func:`measure_convolution_workspaces`; 0 where none was measured, as on a machine without
+    one). The ``conv_workspace`` rule."""
+    if device is None or torch.device(device).type != "cuda":
+        return 0
+    signature = conv_signature(node)
+    return _MEASURED_CONV_WORKSPACES.get(signature, 0) if signature is not None else 0
+
+
+def measure_convolution_workspaces(gm: fx.GraphModule, device: torch.device) -> int:
+    """Run each convolution call of ``gm`` not measured yet once on ``device``, on tensors of its
+    shapes laid out channels-last as Inductor lays out a convolution network's activations, and
+    record what it holds inside the op beyond its outputs (:func:`convolution_workspace`), read
+    from the caching allocator's trace of that call: the user's peak statistics are not touched.
+    Nothing is measured while the allocator already records its history (the user's own
+    recording stays as it is) or while a CUDA graph is captured. Returns how many were measured."""
+    if (not torch.cuda.is_available() or torch.device(device).type != "cuda"
+            or torch.cuda.is_current_stream_capturing() or torch._C._cuda_isHistoryEnabled()):
+        return 0
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    measured = 0
+    for node in gm.graph.nodes:
+        signature = conv_signature(node)
+        if signature is None or signature in _MEASURED_CONV_WORKSPACES:
+            continue
+        with unset_fake_temporarily(), torch.no_grad():
+            _MEASURED_CONV_WORKSPACES[signature] = _held_inside(node, torch.device(device))
+        measured += 1
+    return measured
+
+
+def _held_inside(node: fx.Node, device: torch.device) -> int:
+    """Bytes ``node``'s op, run once on real tensors of its shapes, held beyond what it returned."""
+
+    def real(arg: Any) -> Any:
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+        if not isinstance(val, torch.Tensor):
+            return val
+        shape = [size_hint(s) for s in val.shape]
+        order = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+        return torch.zeros(shape, dtype=val.dtype, device=device, memory_format=order)
+
+    args = [real(a) for a in node.args]
+    kwargs = {k: real(v) for k, v in node.kwargs.items()}
+    torch.cuda.synchronize(device)
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", device=device)
+    try:
+        start = len(_trace(device))
+        out = node.target(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        events = _trace(device)[start:]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    del out
+    live = peak = 0
+    for event in events:
+        if event["action"] == "alloc":
+            live += event["size"]
+            peak = max(peak, live)
+        elif event["action"] == "free_completed":
+            live -= event["size"]
+    return max(0, peak - max(live, 0))
+
+
+def _trace(device: torch.device) -> list[dict[str, Any]]:
+    """The caching allocator's recorded events on ``device``."""
+    traces = torch.cuda.memory._snapshot(device)["device_traces"]
+    return list(traces[device.index if device.index is not None else torch.cuda.current_device()])
+
 # the SDPA kernels' alignment of the mask's strides, in elements (Inductor's sdpa_constraint)
 _MASK_ALIGNMENT = 8
 
@@ -679,14 +774,16 @@ def _addmm_candidates(nodes: list[fx.Node], device: torch.device | str | None) -
 def transient_buffers(nodes: list[fx.Node], index: dict[fx.Node, int], runs_at: dict[fx.Node, int],
                 device: torch.device | str | None, rules: frozenset[str]) -> list[tuple[fx.Node, int, int, str]]:
     """(op, step, bytes, rule) of what ops hold only while they run: the copies of broadcast matmul
-    operands (``broadcast_copy``), the attention backward's workspace (``attention_workspace``) and
-    the dense copy of its mask (``attention_bias_copy``).
+    operands (``broadcast_copy``), the attention backward's workspace (``attention_workspace``),
+    the dense copy of its mask (``attention_bias_copy``) and cuDNN's convolution workspaces
+    (``conv_workspace``).
     ``runs_at``: the step of each matmul folded into a later add (``addmm_fold``)."""
     out = []
     for node in nodes:
         for rule, nbytes in (("broadcast_copy", broadcast_copies),
                              ("attention_workspace", attention_backward_workspace),
-                             ("attention_bias_copy", attention_bias_copy)):
+                             ("attention_bias_copy", attention_bias_copy),
+                             ("conv_workspace", convolution_workspace)):
             size = nbytes(node, device) if rule in rules else 0
             if size:
                 out.append((node, runs_at.get(node, index[node]), size, rule))

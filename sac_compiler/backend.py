@@ -180,6 +180,8 @@ class SACPartitioner(CustomPartitionerFn):
         default = self.config.compiler == "eager" and self.config.memory_budget is None
         if not default:  # the min-cut partitioner will partition it: plan on the graph it partitions
             partitioned_graph(gm)
+        if self.config.compiler == "inductor" and self.config.memory_budget is not None:
+            _measure_convolutions(gm, self.target_device, joint_inputs)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                               outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                               freed_before_optimizer=self.freed_before_optimizer)
@@ -636,6 +638,21 @@ def repeat_recomputed_draws(bw: fx.GraphModule, is_backward: Callable[[fx.Node],
         graph.lint()
         bw.recompile()
     return done
+
+
+def _measure_convolutions(gm: fx.GraphModule, target_device: Any, joint_inputs: Any) -> None:
+    """On a GPU, cuDNN's workspace for each convolution of the joint graph, measured once per
+    call signature for the ``conv_workspace`` rule (``passes.memory_rules``)."""
+    from torch.utils._pytree import tree_leaves
+
+    from sac_compiler.passes.memory_rules import measure_convolution_workspaces
+
+    device = target_device or next((x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return
+    measured = measure_convolution_workspaces(gm, torch.device(device))
+    if measured:
+        log.info("sac: measured cuDNN's workspace for %d convolution call(s) on %s", measured, device)
 
 
 def make_matmul_workspaces(device: torch.device, biased: bool = True) -> int:

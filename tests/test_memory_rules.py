@@ -1221,3 +1221,41 @@ def test_the_t5s_position_bias_sums_are_found_under_autocast_as_in_fp32():
         graph = capture_joint(fn, *batch.inputs, target_device="cpu", decompose=True)
         found.append(len(accumulated_reductions(list(graph.gm.graph.nodes), keep_apart=False)))
     assert found[0] > 0 and found[1] == found[0]
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x))).sum()
+
+
+def test_rule_conv_workspace(monkeypatch):
+    """A convolution or its backward on a GPU holds cuDNN's workspace while it runs, as measured
+    for its call signature (the table ``measure_convolution_workspaces`` fills on a GPU; planted
+    here): both simulations count it at the op, under Inductor, on a CUDA target only; a call not
+    measured counts nothing."""
+    from sac_compiler.passes import memory_rules
+
+    graph = _joint(_ConvNet(), torch.randn(4, 3, 16, 16), target_device="cuda")
+    convs = [n for n in graph.gm.graph.nodes if memory_rules.conv_signature(n) is not None]
+    assert {str(n.target) for n in convs} == {"aten.convolution.default", "aten.convolution_backward.default"}
+    workspace = 64 * 2**20  # larger than anything the graph holds: the peak is at a convolution
+
+    def peak(off=(), target="cuda"):
+        return annotate_memory(graph.gm, target_device=target, num_fwd_outputs=graph.num_fwd_outputs,
+                               fused_pointwise=True, annotate=False, disabled_rules=off).peak_bytes
+
+    unmeasured = peak()
+    assert peak(off={"conv_workspace"}) == unmeasured  # nothing measured: nothing counted
+    monkeypatch.setattr(memory_rules, "_MEASURED_CONV_WORKSPACES",
+                        {memory_rules.conv_signature(n): workspace for n in convs})
+    counted = peak()
+    assert unmeasured + workspace // 2 < counted <= unmeasured + workspace
+    assert peak(off={"conv_workspace"}) == unmeasured
+    assert peak(target="cpu") == peak(target="cpu", off={"conv_workspace"})  # a CPU target: no cuDNN
+    partitioned = {off: _partitioned(graph, fused_pointwise=True, disabled_rules=off).peak_bytes
+                   for off in ((), ("conv_workspace",))}
+    assert partitioned[()] - partitioned[("conv_workspace",)] > workspace // 2
