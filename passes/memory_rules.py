@@ -517,8 +517,10 @@ def _held_inside(node: fx.Node, device: torch.device) -> int:
 
     def real(arg: Any) -> Any:
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+        if isinstance(val, (list, tuple)):  # sizes, strides, paddings: symbolic ones at their hints
+            return type(val)(size_hint(v) if isinstance(v, torch.SymInt) else v for v in val)
         if not isinstance(val, torch.Tensor):
-            return val
+            return size_hint(val) if isinstance(val, torch.SymInt) else val
         shape = [size_hint(s) for s in val.shape]
         order = torch.channels_last if len(shape) == 4 else torch.contiguous_format
         return torch.zeros(shape, dtype=val.dtype, device=device, memory_format=order)

@@ -180,7 +180,7 @@ class SACPartitioner(CustomPartitionerFn):
         default = self.config.compiler == "eager" and self.config.memory_budget is None
         if not default:  # the min-cut partitioner will partition it: plan on the graph it partitions
             partitioned_graph(gm)
-        if self.config.compiler == "inductor" and self.config.memory_budget is not None:
+        if self.config.conv_workspaces and self.config.compiler == "inductor" and self.config.memory_budget is not None:
             _measure_convolutions(gm, self.target_device, joint_inputs)
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                               outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,

@@ -185,6 +185,9 @@ class SACConfig:
     # on CUDA, an absolute budget is measured at run time and planned again if a step goes over it
     # (sac_compiler.enforce); False runs the first plan whatever it measures
     enforce_budget: bool = True
+    # on a GPU under Inductor, run each convolution call once at compile time and count cuDNN's
+    # workspace inside it (the conv_workspace memory rule); off until measured against the zoo
+    conv_workspaces: bool = False
     # the caller keeps the compiled function's outputs until backward (out = model(x);
     # loss = criterion(out, y); loss.backward()): the plan counts them through backward. False
     # when they are dropped before it (model(x).sum().backward(), or the loss computed inside)
@@ -265,6 +268,8 @@ class SACConfig:
         self._set("report", _checked_report(self.report))
         if not isinstance(self.enforce_budget, bool):
             raise ValueError(f"enforce_budget must be True or False, got {_describe(self.enforce_budget)}")
+        if not isinstance(self.conv_workspaces, bool):
+            raise ValueError(f"conv_workspaces must be True or False, got {_describe(self.conv_workspaces)}")
         if not isinstance(self.hold_outputs, bool):
             raise ValueError(f"hold_outputs must be True or False, got {_describe(self.hold_outputs)}")
         self._set("loss_memory", parse_bytes(self.loss_memory, option="loss_memory", allow_zero=True))

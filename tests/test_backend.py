@@ -397,3 +397,22 @@ def test_a_graph_runs_a_biased_matmul_only_where_it_adds_a_bias(extra, biased):
     torch._dynamo.reset()
     torch.compile(_Projections(extra), backend=record)(torch.randn(4, 8))
     assert len(graphs) == 1 and runs_biased_matmul(graphs[0]) is biased
+
+
+@pytest.mark.parametrize("measure", [False, True])
+def test_convolution_workspaces_are_measured_only_where_asked(monkeypatch, measure):
+    """``conv_workspaces=True`` has the backend run the joint graph's convolutions once on the GPU
+    to measure cuDNN's workspaces (``passes.memory_rules.measure_convolution_workspaces``; a CPU
+    graph measures nothing); by default it does not."""
+    import sac_compiler.backend as backend_module
+
+    calls = []
+    monkeypatch.setattr(backend_module, "_measure_convolutions", lambda gm, device, inputs: calls.append(gm))
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    compiled = torch.compile(model, backend="sac", options={"memory_budget": 2**30, "compiler": "inductor",
+                                                            "conv_workspaces": measure})
+    compiled(torch.randn(4, 8)).sum().backward()
+    assert len(calls) == (1 if measure else 0)
+    if measure:
+        assert any(n.op == "placeholder" and "tangents" in n.name for n in calls[0].graph.nodes)  # the joint graph

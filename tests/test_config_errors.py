@@ -37,6 +37,7 @@ _VALID_KINDS: dict[str, set[str]] = {
     "optimizer": {"None"},
     "report": {"bool", "str"},  # True prints it; a str is a relative file path in a writable directory
     "enforce_budget": {"bool"},
+    "conv_workspaces": {"bool"},
     "hold_outputs": {"bool"},
     "loss_memory": set(),
     "gradients_held": set(),
@@ -116,6 +117,7 @@ _BAD: list[Any] = [
     pytest.param({"optimizer": torch.optim.Adam}, ["torch.optim.Optimizer", "an instance"], id="optimizer-class"),
     # enforce_budget
     pytest.param({"enforce_budget": "yes"}, ["True or False"], id="enforce-str"),
+    pytest.param({"conv_workspaces": 1}, ["conv_workspaces", "True or False"], id="conv-workspaces-int"),
     pytest.param({"enforce_budget": 1}, ["True or False"], id="enforce-int"),
     pytest.param({"hold_outputs": "no"}, ["hold_outputs", "True or False"], id="hold-outputs-str"),
     pytest.param({"reorder_for_peak_memory": 1}, ["True or False", "peak estimate"], id="reorder-int"),
