@@ -28,7 +28,7 @@ import math
 import operator
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -827,8 +827,6 @@ def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, pla
     of its peak lower; one over the goal raises the shift where it went over, by what the shifted
     model missed there. At most ``_DESCENT_TRIES`` solves of at most ``_DESCENT_S`` each; a solve
     that finds nothing, or ``_DESCENT_MISSES`` plans in a row over the lowest peak, end the search."""
-    from sac_compiler.solvers import InfeasibleError, NoSolutionError, SolverError
-
     quick = dataclasses.replace(options, time_limit_s=_DESCENT_S if options.time_limit_s is None
                                 else min(options.time_limit_s, _DESCENT_S))
     found = None
@@ -837,19 +835,11 @@ def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, pla
     seen = {plan.recompute}
     misses = 0
     for _ in range(_DESCENT_TRIES):
-        shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
-                                      budget=goal)
-        try:
-            candidate = _solve(shifted, quick, greedy=False)
-        except (InfeasibleError, NoSolutionError):
-            break  # none there, or none found soon
-        except SolverError as error:  # the solver failed: the candidates found stand
-            log.info("sac plan: no plan below the lowest-peak candidate: %s", error)
+        solved = _solve_shifted(problem, analysis, config, shift, goal, quick, seen,
+                                "the search below the lowest-peak candidate")
+        if solved is None:
             break
-        if candidate.recompute in seen:
-            break
-        seen.add(candidate.recompute)
-        candidate_sim = _simulate(analysis, config, candidate.recompute)
+        shifted, candidate, candidate_sim = solved
         log.info("sac plan: below the lowest-peak candidate, aiming at %s: a plan of %.3f ms simulates at %s",
                  format_bytes(goal), _plan_ms(problem, candidate), format_bytes(candidate_sim.peak_bytes))
         if candidate_sim.peak_bytes < sim.peak_bytes:
@@ -862,10 +852,39 @@ def _descended(problem: Any, analysis: Any, config: SACConfig, options: Any, pla
             misses += 1
             if misses >= _DESCENT_MISSES:
                 break
-            missed = _model_error(shifted, candidate, candidate_sim)
-            simulated = _step_profile(candidate_sim)
-            shift = [e + m if simulated[t] > goal and m > 0 else e for t, (e, m) in enumerate(zip(shift, missed))]
+            shift = _raised_shift(shift, shifted, candidate, candidate_sim, goal)
     return found
+
+
+def _solve_shifted(problem: Any, analysis: Any, config: SACConfig, shift: Sequence[int], goal: int, options: Any,
+                   seen: set[frozenset[str]], search: str) -> tuple[Any, Any, Any] | None:
+    """(the program with its model shifted by ``shift`` per step and ``goal`` as its budget, its
+    plan, the plan's exact simulation), the plan added to ``seen``; or None where the program has
+    none, finds none within its limit, fails (``search``, the search asking, then ends: the plan it
+    has stands) or gives a plan in ``seen``."""
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError, SolverError
+
+    shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
+                                  budget=goal)
+    try:
+        plan = _solve(shifted, options, greedy=False)
+    except (InfeasibleError, NoSolutionError):
+        return None
+    except SolverError as error:
+        log.info("sac plan: %s ends: %s", search, error)
+        return None
+    if plan.recompute in seen:
+        return None
+    seen.add(plan.recompute)
+    return shifted, plan, _simulate(analysis, config, plan.recompute)
+
+
+def _raised_shift(shift: Sequence[int], shifted: Any, plan: Any, sim: Any, goal: int) -> list[int]:
+    """``shift`` raised at the steps where ``plan``'s exact simulation went over ``goal``, by what
+    the shifted model missed there, so that the search does not return to that plan."""
+    missed = _model_error(shifted, plan, sim)
+    simulated = _step_profile(sim)
+    return [e + m if simulated[t] > goal and m > 0 else e for t, (e, m) in enumerate(zip(shift, missed))]
 
 
 def _lowered_at_peak(problem: Any, analysis: Any, config: SACConfig, plan: Any, sim: Any,
@@ -1610,7 +1629,6 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     only where ``best`` could be faster than it by more than ``_CALIBRATION_MIN_GAIN`` of the
     estimated step (default: the reference's time).
     """
-    from sac_compiler.solvers import InfeasibleError, NoSolutionError
 
     time_of = functools.partial(_plan_ms, problem)
     if options.time_limit_s is None or options.time_limit_s > _CALIBRATION_S:
@@ -1631,16 +1649,10 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
     seen = {best.recompute}
     shift = _model_error(problem, reference, reference_sim)
     for _ in range(_CALIBRATION_ROUNDS):
-        shifted = dataclasses.replace(problem, baseline=tuple(b + e for b, e in zip(problem.baseline, shift)),
-                                      budget=goal)
-        try:
-            plan = _solve(shifted, options, greedy=False)
-        except (InfeasibleError, NoSolutionError):  # none, or none found within the limit
+        solved = _solve_shifted(problem, analysis, config, shift, goal, options, seen, "the calibration search")
+        if solved is None:  # none, none found within the limit, or one seen before
             break
-        if plan.recompute in seen:
-            break
-        seen.add(plan.recompute)
-        sim = _simulate(analysis, config, plan.recompute)
+        shifted, plan, sim = solved
         log.info("sac calibration: plan of %.4f ms simulates at %s (budget %s; best so far %.4f ms)",
                  time_of(plan), format_bytes(sim.peak_bytes), format_bytes(goal), best_ms)
         if sim.peak_bytes <= goal:
@@ -1654,10 +1666,7 @@ def _calibrated(problem: Any, analysis: Any, config: SACConfig, goal: int, optio
             if repaired is not None:
                 best, best_sim = repaired
                 best_ms = time_of(best)
-            missed = _model_error(shifted, plan, sim)
-            simulated = _step_profile(sim)
-            shift = [e + m if simulated[t] > goal and m > 0 else e
-                     for t, (e, m) in enumerate(zip(shift, missed))]
+            shift = _raised_shift(shift, shifted, plan, sim, goal)
     return best, best_sim
 
 

@@ -1357,10 +1357,9 @@ def test_the_calibration_search_runs_only_where_it_can_gain_a_share_of_the_step(
     assert any(calibrating for calibrating, _ in solves) == (min_gain is not None)
 
 
-def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_plan(monkeypatch):
-    """Searched again from the best plan itself (its reference), the bound is the fastest plan's
-    time (``floor_ms``), not the reference's own: the search runs where the plan recomputes more
-    than ``_CALIBRATION_MIN_GAIN`` of the step beyond it, and not without the floor."""
+def _everything_recomputed():
+    """(problem, analysis, config, plan, its simulation) of the nested stack at a middle budget,
+    with every value that can be recomputed recomputed: a plan the calibration search can better."""
     from sac_compiler.capture import capture_joint
 
     model, x, budget, _ = _nested_at_a_middle_budget()
@@ -1369,7 +1368,14 @@ def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_pla
     analysis = result.analysis
     problem, _, _ = plan_graph.build_plan_problem(analysis)
     everything = plan_graph._fixed_plan(problem, {c.name for c in problem.candidates if not c.must_save}, "ALL")
-    sim = plan_graph._simulate(analysis, config, everything.recompute)
+    return problem, analysis, config, everything, plan_graph._simulate(analysis, config, everything.recompute)
+
+
+def test_the_calibration_search_from_the_best_plan_is_bounded_by_the_fastest_plan(monkeypatch):
+    """Searched again from the best plan itself (its reference), the bound is the fastest plan's
+    time (``floor_ms``), not the reference's own: the search runs where the plan recomputes more
+    than ``_CALIBRATION_MIN_GAIN`` of the step beyond it, and not without the floor."""
+    problem, analysis, config, everything, sim = _everything_recomputed()
     assert plan_graph._plan_ms(problem, everything) > plan_graph._CALIBRATION_MIN_GAIN * analysis.runtime_ms
     solves = _recorded_solves(monkeypatch)
     options = plan_graph._solver_options(config, analysis)
@@ -1470,16 +1476,9 @@ def test_a_calibration_solve_that_finds_nothing_ends_the_search_without_a_greedy
     """The calibration search looks for a plan faster than one it has: a solve that stops without a
     solution ends it, and the plan it has stands; the greedy plan the program's own solves fall
     back on (a plan that only has to fit) is not made, simulated or repaired there."""
-    from sac_compiler.capture import capture_joint
     from sac_compiler.solvers import savings_plan
 
-    model, x, budget, _ = _nested_at_a_middle_budget()
-    config = SACConfig(memory_budget=budget)
-    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), config)
-    analysis = result.analysis
-    problem, _, _ = plan_graph.build_plan_problem(analysis)
-    everything = plan_graph._fixed_plan(problem, {c.name for c in problem.candidates if not c.must_save}, "ALL")
-    sim = plan_graph._simulate(analysis, config, everything.recompute)
+    problem, analysis, config, everything, sim = _everything_recomputed()
 
     def no_solution(*args, **kwargs):
         raise NoSolutionError("savings_plan: stopped at the time limit without a feasible solution")
