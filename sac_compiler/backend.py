@@ -167,11 +167,7 @@ class SACPartitioner(CustomPartitionerFn):
                     place_reloads(out[1], offload.reload_before)
                     place_offload_waits(out[0], offload.wait_after)
             if self.config.compiler == "inductor":
-                from torch.utils._pytree import tree_leaves
-
-                device = self.target_device or next(
-                    (x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
-                emit_for_inductor(out[0], out[1], device)
+                emit_for_inductor(out[0], out[1], _joint_device(self.target_device, joint_inputs))
             partitioning.append(time.perf_counter() - t0)
             return out
 
@@ -181,7 +177,7 @@ class SACPartitioner(CustomPartitionerFn):
         if not default:  # the min-cut partitioner will partition it: plan on the graph it partitions
             partitioned_graph(gm)
         if self.config.conv_workspaces and self.config.compiler == "inductor" and self.config.memory_budget is not None:
-            _measure_convolutions(gm, self.target_device, joint_inputs)
+            _measure_convolutions(gm, _joint_device(self.target_device, joint_inputs))
         result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
                               outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                               freed_before_optimizer=self.freed_before_optimizer)
@@ -640,14 +636,19 @@ def repeat_recomputed_draws(bw: fx.GraphModule, is_backward: Callable[[fx.Node],
     return done
 
 
-def _measure_convolutions(gm: fx.GraphModule, target_device: Any, joint_inputs: Any) -> None:
-    """On a GPU, cuDNN's workspace for each convolution of the joint graph, measured once per
-    call signature for the ``conv_workspace`` rule (``passes.memory_rules``)."""
+def _joint_device(target_device: Any, joint_inputs: Any) -> Any:
+    """The device the joint graph is compiled for: the target named, else its inputs' (None
+    without tensor inputs)."""
     from torch.utils._pytree import tree_leaves
 
+    return target_device or next((x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
+
+
+def _measure_convolutions(gm: fx.GraphModule, device: Any) -> None:
+    """On a GPU, cuDNN's workspace for each convolution of the joint graph, measured once per
+    call signature for the ``conv_workspace`` rule (``passes.memory_rules``)."""
     from sac_compiler.passes.memory_rules import measure_convolution_workspaces
 
-    device = target_device or next((x.device for x in tree_leaves(joint_inputs) if isinstance(x, torch.Tensor)), None)
     if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return
     measured = measure_convolution_workspaces(gm, torch.device(device))
@@ -685,7 +686,8 @@ def make_matmul_workspaces(device: torch.device, biased: bool = True) -> int:
 
 
 # Dynamo-graph calls that run a matmul with a bias added in its epilogue when given one
-_BIASED = (torch._C._nn.linear, torch.nn.functional.linear)
+# (torch.nn.functional.linear is this function)
+_BIASED = (torch._C._nn.linear,)
 _ADDMMS = (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm)
 
 

@@ -797,7 +797,7 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
         # the lowest candidate need not lower furthest: the next one may keep at its peak what
         # can be rebuilt after it (the T5's did: docs/results.md)
         outside_layers = {name for name, layer in structure[0].items() if layer is None}
-        for key, (peak, how, plan, sim) in ranked[:_LOWERED_CANDIDATES]:
+        for _, (peak, how, plan, sim) in ranked[:_LOWERED_CANDIDATES]:
             lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
             if lowered_sim.peak_bytes < peak:
                 log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "

@@ -407,12 +407,15 @@ def test_convolution_workspaces_are_measured_only_where_asked(monkeypatch, measu
     import sac_compiler.backend as backend_module
 
     calls = []
-    monkeypatch.setattr(backend_module, "_measure_convolutions", lambda gm, device, inputs: calls.append(gm))
+    monkeypatch.setattr(backend_module, "_measure_convolutions", lambda gm, device: calls.append(gm))
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     compiled = torch.compile(model, backend="sac", options={"memory_budget": 2**30, "compiler": "inductor",
                                                             "conv_workspaces": measure})
-    compiled(torch.randn(4, 8)).sum().backward()
+    # a hit in the AOTAutograd cache (an earlier run of this test) skips the partitioner, and the
+    # plan it made with what was measured then comes from the cache
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled(torch.randn(4, 8)).sum().backward()
     assert len(calls) == (1 if measure else 0)
     if measure:
         assert any(n.op == "placeholder" and "tangents" in n.name for n in calls[0].graph.nodes)  # the joint graph
