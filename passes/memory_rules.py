@@ -512,8 +512,10 @@ def measure_convolution_workspaces(gm: fx.GraphModule, device: torch.device) -> 
     return measured
 
 
-def _held_inside(node: fx.Node, device: torch.device) -> int:
-    """Bytes ``node``'s op, run once on real tensors of its shapes, held beyond what it returned."""
+def convolution_inputs(node: fx.Node, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
+    """Real arguments for ``node``'s op on ``device``: each tensor zeros of its fake value's shape
+    and dtype, 4-d ones channels-last (as Inductor lays out a convolution network's activations
+    and weights), sizes and other symbolic integers at their hints."""
 
     def real(arg: Any) -> Any:
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
@@ -523,10 +525,14 @@ def _held_inside(node: fx.Node, device: torch.device) -> int:
             return size_hint(val) if isinstance(val, torch.SymInt) else val
         shape = [size_hint(s) for s in val.shape]
         order = torch.channels_last if len(shape) == 4 else torch.contiguous_format
-        return torch.zeros(shape, dtype=val.dtype, device=device, memory_format=order)
+        return torch.empty(shape, dtype=val.dtype, device=device, memory_format=order).zero_()
 
-    args = [real(a) for a in node.args]
-    kwargs = {k: real(v) for k, v in node.kwargs.items()}
+    return [real(a) for a in node.args], {k: real(v) for k, v in node.kwargs.items()}
+
+
+def _held_inside(node: fx.Node, device: torch.device) -> int:
+    """Bytes ``node``'s op, run once on real tensors of its shapes, held beyond what it returned."""
+    args, kwargs = convolution_inputs(node, device)
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", device=device)
     try:

@@ -1259,3 +1259,31 @@ def test_rule_conv_workspace(monkeypatch):
     partitioned = {off: _partitioned(graph, fused_pointwise=True, disabled_rules=off).peak_bytes
                    for off in ((), ("conv_workspace",))}
     assert partitioned[()] - partitioned[("conv_workspace",)] > workspace // 2
+
+
+def test_convolution_inputs_are_real_tensors_of_each_calls_shapes_laid_out_channels_last():
+    """The conv_workspace measurement runs each convolution call on real tensors built from the
+    graph's fake values (``convolution_inputs``; on the GPU, where the measurement itself runs): each
+    of its shape and dtype, 4-d ones channels-last as Inductor lays them out, and the op runs on
+    them."""
+    from sac_compiler.passes import memory_rules
+
+    graph = _joint(_ConvNet(), torch.randn(4, 3, 16, 16), target_device="cuda")
+    convs = [n for n in graph.gm.graph.nodes if memory_rules.conv_signature(n) is not None]
+    assert len(convs) >= 3
+    for node in convs:
+        args, kwargs = memory_rules.convolution_inputs(node, torch.device("cpu"))
+        for arg, built in zip(node.args, args):
+            val = arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg
+            if isinstance(val, torch.Tensor):
+                assert built.shape == val.shape and built.dtype == val.dtype and not built.is_meta
+                if built.dim() == 4:
+                    assert built.is_contiguous(memory_format=torch.channels_last)
+                assert not built.any()
+            else:
+                assert built == val
+        out = node.target(*args, **kwargs)
+        expected = node.meta["val"]
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        vals = expected if isinstance(expected, (tuple, list)) else (expected,)
+        assert [tuple(o.shape) for o in outs if o is not None] == [tuple(v.shape) for v in vals if v is not None]
