@@ -128,6 +128,10 @@ class GraphPlanResult:
     # Carried to the plans made again for a lower target, which it may answer without a search.
     lowest: Any = None
     lowest_refined: bool = False
+    # what the lowest-peak searches of this graph found that a later one reuses: the program's
+    # lowest-peak plan (its 2 s search gives another plan another time) and the candidates'
+    # simulations. Carried with ``lowest``
+    lowest_memo: Any = None
     # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
@@ -621,7 +625,8 @@ def plan_and_tag(
                                  loss_memory=previous.loss_memory, gradients_held=previous.gradients_held,
                                  partition_order=config.partition_order,
                                  reorder_for_peak_memory=config.reorder_for_peak_memory,
-                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined)
+                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined,
+                                 lowest_memo=previous.lowest_memo)
         _plan(result, config, target, budget)
         return result
     if target_device is None:
@@ -724,8 +729,25 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     return max(peak, _after_graph_peak(analysis))
 
 
+@dataclass
+class _LowestMemo:
+    """What one graph's lowest-peak searches (:func:`_lowest_plan`) share: the program's lowest-peak
+    search's outcome, and the exact simulation of each candidate by its recomputed set."""
+
+    searched: bool = False
+    found: tuple[int, Any] | None = None  # (the program's lowest peak, its plan); None: none found
+    simulations: dict[frozenset[str], Any] = field(default_factory=dict)
+
+    def simulate(self, analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
+        key = frozenset(recompute)
+        if key not in self.simulations:
+            self.simulations[key] = _simulate(analysis, config, key)
+        return self.simulations[key]
+
+
 def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, structure: Any = None,
-                 fastest: Any = None, refine: bool = True, lower: bool = True) -> tuple[int, str, Any, Any]:
+                 fastest: Any = None, refine: bool = True, lower: bool = True,
+                 memo: _LowestMemo | None = None) -> tuple[int, str, Any, Any]:
     """(peak, how, plan, simulation) of the lowest-peak plan among those the planner knows to aim
     low: the program's own lowest-peak plan, everything recomputable recomputed, and every layer
     checkpointed (the rest kept, or as the ``fastest`` plan has it: a head that recomputes its
@@ -736,10 +758,12 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     ``lower``: then recompute values the best candidate keeps at its peak where that lowers it
     (:func:`_lowered_at_peak`; a few simulations), where the lowest peak decides whether a budget
     plans and what a refusal names; off for a fraction's range, which every fractional plan
-    resolves."""
+    resolves. ``memo``: what an earlier search of the same graph found, reused (a fraction's range
+    searched first, the plan at its lowest peak then)."""
     from sac_compiler.solvers import InfeasibleError, NoSolutionError
     from sac_compiler.solvers.savings_plan import min_peak_plan
 
+    memo = memo if memo is not None else _LowestMemo()
     plans = [("everything recomputable recomputed", _fixed_plan(
         problem, {c.name for c in problem.candidates if not c.must_save}, "RECOMPUTE_ALL"))]
     structure = structure if structure is not None else _layer_structure(problem, analysis)
@@ -754,44 +778,58 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     # anyway (on the zoo it came lowest once, by the luck of a tie: docs/results.md); without a
     # layer plan it is the planner's only structured way down and may take its time.
     short = layers is not None and (options.time_limit_s is None or options.time_limit_s > _LOWEST_PEAK_S)
-    found: tuple[int, Any] | None = None
-    try:
-        with _torch_threads_kept():
-            found = min_peak_plan(problem, dataclasses.replace(options, time_limit_s=_LOWEST_PEAK_S) if short
-                                  else options, limit_expected=short)
-    except NoSolutionError:
-        if not short:
-            raise
-        log.info("sac plan: the program found no lowest-peak plan within %.0f s; the other candidates stand",
-                 _LOWEST_PEAK_S)
+    if not memo.searched:
+        try:
+            with _torch_threads_kept():
+                memo.found = min_peak_plan(problem, dataclasses.replace(options, time_limit_s=_LOWEST_PEAK_S)
+                                           if short else options, limit_expected=short)
+        except NoSolutionError:
+            if not short:
+                raise
+            log.info("sac plan: the program found no lowest-peak plan within %.0f s; the other candidates stand",
+                     _LOWEST_PEAK_S)
+        memo.searched = True
+    found = memo.found
     if found is not None:
         low, lowest = found
         plans.append(("the program's lowest-peak plan", lowest))
         if layers is not None:
             plans.append(("every layer checkpointed, the rest as the program's lowest-peak plan",
                           layer_checkpoint_plan(problem, analysis, base=lowest.recompute, structure=structure)))
-        # The fastest plan at that peak, if the solver finds one soon: at the lowest peak few plans
-        # are feasible, and the search for one can run to the time limit with none found
-        # (docs/design.md).
+    ranked = []
+
+    def rank(how: str, plan: Any) -> int:
+        sim = memo.simulate(analysis, config, plan.recompute)
+        log.info("sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)", how, format_bytes(sim.peak_bytes),
+                 _plan_ms(problem, plan))
+        ranked.append(((sim.peak_bytes, _plan_ms(problem, plan)), (sim.peak_bytes, how, plan, sim)))
+        ranked.sort(key=lambda entry: entry[0])
+        return sim.peak_bytes
+
+    program_peak = None
+    for how, plan in plans:
+        peak = rank(how, plan)
+        if plan is (found[1] if found is not None else None):
+            program_peak = peak
+    # The fastest plan at the program's lowest peak, if the solver finds one soon (at the lowest
+    # peak few plans are feasible, and the search for one can run to the time limit with none
+    # found: docs/design.md), where the program's plan simulates among the lowest candidates: a
+    # faster plan at the same modelled peak simulates about as high, and the search is wasted
+    # where the program's model lies far under its plans' simulation (long recompute chains, as on
+    # the ResNet: docs/results.md)
+    if refine and program_peak is not None and program_peak <= ranked[0][0][0] * (1 + _REFINE_WITHIN):
+        low = found[0]
         limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
         quick = dataclasses.replace(options, time_limit_s=limit)
-        for slack in (0, 4096) if refine else ():  # the solver's peak is a float of MiB: a rounding may cut it short
+        for slack in (0, 4096):  # the solver's peak is a float of MiB: a rounding may cut it short
             try:
-                plans.append(("the program's lowest-peak plan",
-                              _solve(dataclasses.replace(problem, budget=low + slack), quick)))
+                rank("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), quick))
                 break
             except InfeasibleError:
                 continue
             except NoSolutionError as error:
                 log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
                 break
-    ranked = []
-    for how, plan in plans:
-        sim = _simulate(analysis, config, plan.recompute)
-        log.info("sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)", how, format_bytes(sim.peak_bytes),
-                 _plan_ms(problem, plan))
-        ranked.append(((sim.peak_bytes, _plan_ms(problem, plan)), (sim.peak_bytes, how, plan, sim)))
-    ranked.sort(key=lambda entry: entry[0])
     best = ranked[0]
     if lower and layers is not None:
         # the lowest candidate need not lower furthest: the next one may keep at its peak what
@@ -962,6 +1000,9 @@ _LOWERING_DEPTH = 2
 # How long the search for the fastest plan at the lowest peak may take (the lowest-peak plan
 # itself is found first and kept if this finds nothing).
 _REFINE_S = 5.0
+# ... and only where the program's own lowest-peak plan simulates within this fraction of the
+# lowest candidate's peak
+_REFINE_WITHIN = 0.02
 # How long the program's own lowest-peak search may take where a layer plan is also tried.
 _LOWEST_PEAK_S = 2.0
 # Seconds the keep / recompute / offload program gets per solve where a recompute-only plan is
@@ -1079,6 +1120,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
     lowest = result.lowest  # (peak, how, plan, simulation) of the lowest-peak plan, once known
+    memo = result.lowest_memo = result.lowest_memo if result.lowest_memo is not None else _LowestMemo()
     fraction = config.memory_budget.fraction
     if budget is None and fraction is None:
         budget = config.memory_budget.bytes
@@ -1088,7 +1130,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         if fraction < 1.0:  # its peak only: the plan itself is searched below where it is needed
             if lowest is None:
                 lowest = result.lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest,
-                                                      refine=False, lower=False)
+                                                      refine=False, lower=False, memo=memo)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)
@@ -1119,7 +1161,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             # its peak where one is found soon; the program's rounds would search under it, where
             # it found nothing, each to the solver's time limit
             if not result.lowest_refined:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
+                                                      memo=memo)
                 result.lowest_refined = True
             log.info("sac plan: memory_budget %g: the lowest peak found is the plan: %s simulates at %s", fraction,
                      lowest[1], format_bytes(lowest[0] + outside))
@@ -1156,7 +1199,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                 raise rounds.error
             if lowest is None:
                 lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
-                                                      refine=False)
+                                                      refine=False, memo=memo)
             if lowest[0] > goal:
                 if fraction is not None and target is None:
                     # a fraction resolved at or above this very plan's peak: the margin-free goal
@@ -1168,7 +1211,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                                         lowest) from rounds.error
             # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
             if not result.lowest_refined:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest)
+                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
+                                                      memo=memo)
                 result.lowest_refined = True
             hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
