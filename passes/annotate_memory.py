@@ -60,13 +60,16 @@ from sac_compiler.passes.memory_rules import (
     ancestors,
     attention_backward_workspace,
     broadcast_copies,
+    channels_last_copies,
     drawn_in_kernel,
     embedding_accumulator,
+    forward_part,
     fused_recompute_groups,
     fused_runs_until,
     inductor_addmm,
     inductor_inlined,
     inplace_pointwise,
+    layout_optimized,
     reuse_freed_buffers,
     storage_owners,
     transient_buffers,
@@ -316,7 +319,11 @@ def annotate_memory(
         recomputed = {n.name for n in nodes if get_record(n).user_recompute}
     runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target_device, "far_addmm_apart" in rules).items()}
                if "addmm_fold" in rules else {})
-    transients = transient_buffers(nodes, index, runs_at, device, rules)
+    # Inductor's layout optimization of the forward (channels_last_copies, conv_workspace)
+    forward_nodes = forward_part(nodes)
+    channels_last = (("channels_last_copies" in rules or "conv_workspace" in rules)
+                     and layout_optimized(forward_nodes, target_device))
+    transients = transient_buffers(nodes, index, runs_at, device, rules, channels_last)
     for mm in runs_at:
         alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own
     moved_by = dict.fromkeys(runs_at, "addmm_fold")
@@ -538,6 +545,15 @@ def annotate_memory(
                 takes=node not in adopting)
     for node, step, nbytes_, rule in transients:
         lifetimes.append(Lifetime(node.name, nbytes_, step, step, MemoryCategory.TEMPORARY, rule, phase="temp"))
+    if "channels_last_copies" in rules:
+        for node, copy in channels_last_copies(forward_nodes, target_device, channels_last).items():
+            # held to the input's last reader: a backward op, or a forward op rebuilt in backward
+            reads = [index[u] if _side(u) == Side.BACKWARD or not rematerialized.get(u) else max(rematerialized[u])
+                     for u in node.users]
+            saved = any(i >= first_backward for i in reads)
+            lifetimes.append(Lifetime(f"{node.name} (channels-last copy)", round_allocation(copy, device), 0,
+                                      max(reads), MemoryCategory.ACTIVATION if saved else MemoryCategory.TEMPORARY,
+                                      "channels_last_copies", phase="act"))
     loss_bytes = 0
     if loss_memory and 0 < first_backward <= end:
         # the caller's loss, between the graphs: from the end of forward until backward begins

@@ -173,8 +173,9 @@ def category_timeline(lifetimes: Sequence[Lifetime], step_names: Sequence[str],
 
 # The memory model's version: raised whenever a change moves the figures it gives (a rule added or
 # changed, a liveness fix), so that figures recorded under another version are not compared with
-# this one's. 1: the model until the in-place writes and the shared split outputs; 2: since.
-MODEL_VERSION = 2
+# this one's. 1: the model until the in-place writes and the shared split outputs; 2: until the
+# channels-last copies of convolution inputs and the convolution workspaces by layout; 3: since.
+MODEL_VERSION = 3
 
 # the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
 LOSS_MEMORY = "loss memory held by the caller between forward and backward"
@@ -216,6 +217,10 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("conv_workspace", "A convolution or its backward on a GPU holds cuDNN's workspace inside the op, from 0 "
          "to several activations' size by the algorithm picked for its shapes: measured per call on the process's "
          "GPU (channels-last, as Inductor lays out convolution networks), 0 where not measured.", _BOTH, True),
+    Rule("channels_last_copies", "Where Inductor optimizes a forward graph's layout for its 2-d convolutions, it "
+         "copies each graph input a convolution reads that is not channels-last (a 3x3 weight, the image) as the "
+         "forward starts; the copy, not the input, is what the forward saves where the backward reads the input, "
+         "held to its last reader there.", _BOTH, True),
     Rule("outputs_dropped", "The caller drops the forward outputs before backward "
          "(model(x).sum().backward()): those backward does not read are freed as it starts.", _BOTH, False),
     Rule("multi_output_rerun", "Recomputing one output of a multi-output op reruns the op, as PyTorch's "

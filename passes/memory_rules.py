@@ -456,15 +456,16 @@ def attention_backward_workspace(node: fx.Node, device: torch.device | str | Non
 _EFFICIENT_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default
 
 _CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-# cuDNN's workspace of each convolution call measured on this process's GPU, by conv_signature
-_MEASURED_CONV_WORKSPACES: dict[tuple[Any, ...], int] = {}
+# cuDNN's workspace of each convolution call measured on this process's GPU, by conv_signature and
+# layout (True: channels-last)
+_MEASURED_CONV_WORKSPACES: dict[tuple[tuple[Any, ...], bool], int] = {}
 
 
 def conv_signature(node: fx.Node) -> tuple[Any, ...] | None:
     """A convolution call (forward or backward) as cuDNN sees it: the op, its tensors' shapes and
     dtypes, its other arguments; None for any other node. Strides are left out: the partitioned
-    graphs may hold a value in another order than the joint graph, and Inductor lays a
-    convolution network's activations out channels-last either way."""
+    graphs may hold a value in another order than the joint graph, and the layout Inductor runs
+    the call in is the graph's (:func:`layout_optimized`), not the traced values'."""
     if node.op != "call_function" or node.target not in _CONVOLUTIONS:
         return None
     parts: list[Any] = []
@@ -477,22 +478,22 @@ def conv_signature(node: fx.Node) -> tuple[Any, ...] | None:
     return (str(node.target), tuple(parts))
 
 
-def convolution_workspace(node: fx.Node, device: torch.device | str | None) -> int:
+def convolution_workspace(node: fx.Node, device: torch.device | str | None, channels_last: bool = False) -> int:
     """Bytes a convolution or its backward holds inside the op beyond its outputs on a GPU: cuDNN's
     workspace, from 0 to several activations' size depending on the algorithm its heuristics pick
-    for the shapes (measured per call on this process's GPU by
-    :func:`measure_convolution_workspaces`; 0 where none was measured, as on a machine without
-    one). The ``conv_workspace`` rule."""
+    for the shapes and the layout (``channels_last``: the graph's forward is layout-optimized by
+    Inductor) (measured per call on this process's GPU by :func:`measure_convolution_workspaces`;
+    0 where none was measured, as on a machine without one). The ``conv_workspace`` rule."""
     if device is None or torch.device(device).type != "cuda":
         return 0
     signature = conv_signature(node)
-    return _MEASURED_CONV_WORKSPACES.get(signature, 0) if signature is not None else 0
+    return _MEASURED_CONV_WORKSPACES.get((signature, channels_last), 0) if signature is not None else 0
 
 
 def measure_convolution_workspaces(gm: fx.GraphModule, device: torch.device) -> int:
-    """Run each convolution call of ``gm`` not measured yet once on ``device``, on tensors of its
-    shapes laid out channels-last as Inductor lays out a convolution network's activations, and
-    record what it holds inside the op beyond its outputs (:func:`convolution_workspace`), read
+    """Run each convolution call of ``gm`` (a joint graph) not measured yet once on ``device``, on
+    tensors of its shapes laid out as Inductor will run it (channels-last where it optimizes the
+    forward's layout, :func:`layout_optimized`; else contiguous), and record what it holds inside the op beyond its outputs (:func:`convolution_workspace`), read
     from the caching allocator's trace of that call: the user's peak statistics are not touched.
     Nothing is measured while the allocator already records its history (the user's own
     recording stays as it is) or while a CUDA graph is captured. Returns how many were measured."""
@@ -501,21 +502,102 @@ def measure_convolution_workspaces(gm: fx.GraphModule, device: torch.device) -> 
         return 0
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    nodes = list(gm.graph.nodes)
+    channels_last = layout_optimized(forward_part(nodes), device)
     measured = 0
-    for node in gm.graph.nodes:
+    for node in nodes:
         signature = conv_signature(node)
-        if signature is None or signature in _MEASURED_CONV_WORKSPACES:
+        if signature is None or (signature, channels_last) in _MEASURED_CONV_WORKSPACES:
             continue
         with unset_fake_temporarily(), torch.no_grad():
-            _MEASURED_CONV_WORKSPACES[signature] = _held_inside(node, torch.device(device))
+            _MEASURED_CONV_WORKSPACES[(signature, channels_last)] = _held_inside(node, torch.device(device),
+                                                                                 channels_last)
         measured += 1
     return measured
 
 
-def convolution_inputs(node: fx.Node, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
+def forward_part(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    """The nodes of a joint graph that its forward graph will hold: the inputs but the tangents, and
+    the ops that read no tangent."""
+    backward: set[fx.Node] = set()
+    out = []
+    for node in nodes:
+        if node.op == "placeholder":
+            if "tangents" in node.name:
+                backward.add(node)
+            else:
+                out.append(node)
+        elif node.op == "call_function":
+            if any(a in backward for a in node.all_input_nodes):
+                backward.add(node)
+            else:
+                out.append(node)
+    return out
+
+
+def channels_last_copies(forward: Sequence[fx.Node], device: torch.device | str | None,
+                         optimized: bool | None = None) -> dict[fx.Node, int]:
+    """The graph inputs Inductor copies to channels-last for the forward's 2-d convolutions, each
+    with its copy's bytes (unrounded); empty where Inductor leaves the layout alone.
+
+    Where Inductor optimizes a forward graph's layout for its convolutions (its own heuristics,
+    ``GraphLowering.decide_layout_opt``, asked here: on by default for a convolution network on a
+    GPU, off for a graph with few convolutions among many nodes such as a ViT's), it feeds each
+    convolution channels-last operands. Its activations it writes so; an input (a parameter, the
+    batch) has its layout fixed and is copied: a 3x3 kernel's weight, the image (a 1x1 kernel's
+    weight is channels-last already). The copy is made as the forward starts, and where the
+    backward reads the input it is the copy that the forward saves for it, held to its last reader
+    there, beside the input itself (seen in Inductor's generated forward, which returns the copies
+    among the saved values, and in the allocator's trace of a ResNet's step on a GPU:
+    docs/results.md). ``forward``: the forward graph's nodes (placeholders included);
+    ``optimized``: :func:`layout_optimized` of them, where known. The ``channels_last_copies`` rule."""
+    convolutions = [n for n in forward if n.op == "call_function" and n.target is _CONVOLUTION
+                    and isinstance(_val(n.args[1]), torch.Tensor) and _val(n.args[1]).dim() == 4]
+    if not convolutions or not (optimized if optimized is not None else layout_optimized(forward, device)):
+        return {}
+    copies: dict[fx.Node, int] = {}
+    for conv in convolutions:
+        for arg in conv.args[:2]:
+            val = _val(arg)
+            if (not isinstance(arg, fx.Node) or arg.op != "placeholder" or not isinstance(val, torch.Tensor)
+                    or val.dim() != 4 or size_hint(val.numel()) <= 1
+                    or val.is_contiguous(memory_format=torch.channels_last)):
+                continue
+            copies[arg] = size_hint(val.numel()) * val.element_size()
+    return copies
+
+
+_CONVOLUTION = torch.ops.aten.convolution.default
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
+
+
+def layout_optimized(forward: Sequence[fx.Node], device: torch.device | str | None) -> bool:
+    """Whether Inductor optimizes the layout of a training forward graph of these nodes for
+    ``device`` (``GraphLowering.decide_layout_opt``). For a GPU target the CPU's rule (always, with
+    oneDNN) is kept out: a graph traced on the CPU for a GPU has its values on the CPU."""
+    from types import SimpleNamespace
+
+    from torch._inductor.graph import GraphLowering
+
+    graph = SimpleNamespace(graph=SimpleNamespace(nodes=list(forward)))
+    gpu = device is not None and torch.device(device).type == "cuda"
+    enabled = torch._C._get_mkldnn_enabled()
+    if gpu:
+        torch._C._set_mkldnn_enabled(False)
+    try:
+        return bool(GraphLowering.decide_layout_opt(graph, is_inference=False))  # type: ignore[arg-type]
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def convolution_inputs(node: fx.Node, device: torch.device, channels_last: bool = True
+                       ) -> tuple[list[Any], dict[str, Any]]:
     """Real arguments for ``node``'s op on ``device``: each tensor zeros of its fake value's shape
-    and dtype, 4-d ones channels-last (as Inductor lays out a convolution network's activations
-    and weights), sizes and other symbolic integers at their hints."""
+    and dtype, 4-d ones channels-last where ``channels_last`` (Inductor's layout optimization), else
+    contiguous; sizes and other symbolic integers at their hints."""
 
     def real(arg: Any) -> Any:
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
@@ -524,15 +606,15 @@ def convolution_inputs(node: fx.Node, device: torch.device) -> tuple[list[Any], 
         if not isinstance(val, torch.Tensor):
             return size_hint(val) if isinstance(val, torch.SymInt) else val
         shape = [size_hint(s) for s in val.shape]
-        order = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+        order = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
         return torch.empty(shape, dtype=val.dtype, device=device, memory_format=order).zero_()
 
     return [real(a) for a in node.args], {k: real(v) for k, v in node.kwargs.items()}
 
 
-def _held_inside(node: fx.Node, device: torch.device) -> int:
+def _held_inside(node: fx.Node, device: torch.device, channels_last: bool) -> int:
     """Bytes ``node``'s op, run once on real tensors of its shapes, held beyond what it returned."""
-    args, kwargs = convolution_inputs(node, device)
+    args, kwargs = convolution_inputs(node, device, channels_last)
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", device=device)
     try:
@@ -780,18 +862,23 @@ def _addmm_candidates(nodes: list[fx.Node], device: torch.device | str | None) -
 
 
 def transient_buffers(nodes: list[fx.Node], index: dict[fx.Node, int], runs_at: dict[fx.Node, int],
-                device: torch.device | str | None, rules: frozenset[str]) -> list[tuple[fx.Node, int, int, str]]:
+                      device: torch.device | str | None, rules: frozenset[str],
+                      channels_last: bool = False) -> list[tuple[fx.Node, int, int, str]]:
     """(op, step, bytes, rule) of what ops hold only while they run: the copies of broadcast matmul
     operands (``broadcast_copy``), the attention backward's workspace (``attention_workspace``),
     the dense copy of its mask (``attention_bias_copy``) and cuDNN's convolution workspaces
-    (``conv_workspace``).
+    (``conv_workspace``, in the layout ``channels_last`` says the graph's convolutions run in).
     ``runs_at``: the step of each matmul folded into a later add (``addmm_fold``)."""
     out = []
+
+    def conv_workspace(node: fx.Node, device: torch.device | str | None) -> int:
+        return convolution_workspace(node, device, channels_last)
+
     for node in nodes:
         for rule, nbytes in (("broadcast_copy", broadcast_copies),
                              ("attention_workspace", attention_backward_workspace),
                              ("attention_bias_copy", attention_bias_copy),
-                             ("conv_workspace", convolution_workspace)):
+                             ("conv_workspace", conv_workspace)):
             size = nbytes(node, device) if rule in rules else 0
             if size:
                 out.append((node, runs_at.get(node, index[node]), size, rule))

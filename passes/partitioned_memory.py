@@ -38,6 +38,7 @@ from sac_compiler.passes.memory_rules import (
     accumulated_reductions,
     allocated_by,
     ancestors,
+    channels_last_copies,
     column_reductions_scheduled,
     drawn_in_kernel,
     embedding_accumulator,
@@ -47,6 +48,7 @@ from sac_compiler.passes.memory_rules import (
     inductor_addmm,
     inductor_inlined,
     inplace_pointwise,
+    layout_optimized,
     reuse_freed_buffers,
     storage_owners,
     transient_buffers,
@@ -143,6 +145,9 @@ def _run_graph(
     input_category: Callable[[str], MemoryCategory] = lambda key: MemoryCategory.INPUT,
     donated_storage: frozenset[str] = frozenset(),
     loss_memory: int = 0,
+    layout_copies: Mapping[str, int] | None = None,
+    carried_copies: Mapping[str, int] | None = None,
+    channels_last: bool = False,
 ) -> _GraphRun:
     """One graph run op by op: its lifetimes and their sweep.
 
@@ -158,7 +163,11 @@ def _run_graph(
     the allocation of an output in ``saved`` (saved for the next graph) activation, of another kept
     one ``kept_category``, of anything else temporary. ``donated_storage``: the allocations of
     placeholders the graph may write over (the backward's saved values that alias no input or
-    output of the forward: AOTAutograd donates them to Inductor).
+    output of the forward: AOTAutograd donates them to Inductor). ``layout_copies``: placeholders
+    the graph copies to channels-last as it starts, with the copies' bytes (``channels_last_copies``),
+    kept where ``saved``; ``carried_copies``: such copies the previous graph saved, by the name of
+    the placeholder they stand for, part of ``start`` (activations), freed after its last use.
+    ``channels_last``: the convolutions run channels-last (Inductor optimized the forward's layout).
     """
     target, device = device, rounding_device(device, rules)
     nodes = list(gm.graph.nodes)
@@ -189,7 +198,7 @@ def _run_graph(
     index = {n: i for i, n in enumerate(nodes)}
     runs_at = ({mm: index[add] for mm, add in inductor_addmm(nodes, target, "far_addmm_apart" in rules).items()}
                if "addmm_fold" in rules else {})
-    transients = transient_buffers(nodes, index, runs_at, device, rules)
+    transients = transient_buffers(nodes, index, runs_at, device, rules, channels_last)
     for mm in runs_at:
         sizes[mm] = 0
         rule_of[mm] = "addmm_fold"
@@ -303,6 +312,18 @@ def _run_graph(
         else:
             input_frees.append(len(lifetimes))
             lifetimes.append(Lifetime(key, group_bytes[key], -1, max(uses), category))
+    by_name = {n.name: n for n in nodes if n.op == "placeholder"}
+    for name, nbytes in (carried_copies or {}).items():
+        if by_name.get(name) in last:  # the copy saved in its stead, freed after its last use
+            remainder[MemoryCategory.ACTIVATION] = remainder.get(MemoryCategory.ACTIVATION, 0) - nbytes
+            lifetimes.append(Lifetime(f"{name} (channels-last copy)", nbytes, -1, last[by_name[name]],
+                                      MemoryCategory.ACTIVATION, "channels_last_copies"))
+    for name, nbytes in (layout_copies or {}).items():
+        copy_kept = name in saved
+        lifetimes.append(Lifetime(f"{name} (channels-last copy)", nbytes, 0,
+                                  None if copy_kept else last.get(by_name[name], 0),
+                                  MemoryCategory.ACTIVATION if copy_kept else MemoryCategory.TEMPORARY,
+                                  "channels_last_copies"))
     for category, nbytes in remainder.items():
         if nbytes:
             lifetimes.append(Lifetime(f"live at start: {category.value}", nbytes, -1, None, category))
@@ -482,8 +503,14 @@ def simulate_partitioned(
     outs = [a for a in out.args[0] if isinstance(a, fx.Node)]
     saved = outs[num_fwd_outputs:]
     keep_fw = {n.name for n in outs} | {n.name for n in fw_placeholders}
-    forward = _run_graph(fw, start, keep_fw, target_device, rules,
-                         saved=frozenset(n.name for n in saved), kept_category=MemoryCategory.TEMPORARY)
+    fw_nodes = list(fw.graph.nodes)
+    channels_last = (("channels_last_copies" in rules or "conv_workspace" in rules)
+                     and layout_optimized(fw_nodes, target_device))
+    copies = ({n.name: round_allocation(b, device)
+               for n, b in channels_last_copies(fw_nodes, target_device, channels_last).items()}
+              if "channels_last_copies" in rules else {})
+    forward = _run_graph(fw, start, keep_fw, target_device, rules, saved=frozenset(n.name for n in saved),
+                         kept_category=MemoryCategory.TEMPORARY, layout_copies=copies, channels_last=channels_last)
     fw_sizes, fw_owner = forward.sizes, forward.owner
     if timelines is not None:
         timelines.setdefault("forward", []).extend(
@@ -517,7 +544,9 @@ def simulate_partitioned(
                           frozenset(n.name for n in fw_placeholders), forward_names,
                           input_category=lambda key: (MemoryCategory.TEMPORARY if key.startswith("tangents")
                                                       else MemoryCategory.ACTIVATION),
-                          donated_storage=donated, loss_memory=max(0, loss_memory - tangents))
+                          donated_storage=donated, loss_memory=max(0, loss_memory - tangents),
+                          carried_copies={name: b for name, b in copies.items() if name in {n.name for n in saved}},
+                          channels_last=channels_last)
     if timelines is not None:
         timelines.setdefault("backward", []).extend(
             (name, during) for name, (_, during, _) in zip(backward.steps, backward.timeline))

@@ -487,31 +487,36 @@ def test_the_log_softmax_takes_the_logits_buffer_on_cuda():
 
 
 def test_convolution_workspaces_are_measured_without_touching_the_users_statistics(monkeypatch):
-    """Each convolution call of a joint graph is run once on the GPU and what cuDNN held inside it
-    beyond its outputs recorded from the allocator's trace: the peak statistic is not reset, the
-    allocator's history is off again afterwards, and a user's own recording is left alone (then
-    nothing is measured)."""
+    """Each convolution call of a joint graph is run once on the GPU, in the layout Inductor will run
+    it in (channels-last where it optimizes the forward's layout: the wide network; contiguous for
+    the narrow one), and what cuDNN held inside it beyond its outputs recorded from the allocator's
+    trace: the peak statistic is not reset, the allocator's history is off again afterwards, and a
+    user's own recording is left alone (then nothing is measured)."""
     from sac_compiler.passes import memory_rules
 
     from sac_compiler import capture_joint
 
     monkeypatch.setattr(memory_rules, "_MEASURED_CONV_WORKSPACES", {})
-    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).cuda()
-    graph = capture_joint(lambda x: model(x).sum(), torch.randn(32, 16, 64, 64, device="cuda"))
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.cuda.memory._record_memory_history(enabled="all")
-    try:
-        assert memory_rules.measure_convolution_workspaces(graph.gm, device) == 0
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    big = torch.empty(2**28, dtype=torch.uint8, device=device)
-    del big
-    mark = torch.cuda.max_memory_allocated(device)
-    measured = memory_rules.measure_convolution_workspaces(graph.gm, device)
-    signatures = {memory_rules.conv_signature(n) for n in graph.gm.graph.nodes} - {None}
-    assert measured == len(signatures) > 0 and set(memory_rules._MEASURED_CONV_WORKSPACES) == signatures
-    assert torch.cuda.max_memory_allocated(device) >= mark  # not reset
-    assert not torch._C._cuda_isHistoryEnabled()
-    assert memory_rules.measure_convolution_workspaces(graph.gm, device) == 0  # measured once
+    for width, channels_last in ((64, False), (128, True)):
+        model = nn.Sequential(nn.Conv2d(16, width, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(width, width, 3, padding=1)).cuda()
+        graph = capture_joint(lambda x: model(x).sum(), torch.randn(32, 16, 64, 64, device="cuda"))
+        nodes = list(graph.gm.graph.nodes)
+        assert memory_rules.layout_optimized(memory_rules.forward_part(nodes), device) is channels_last
+        torch.cuda.memory._record_memory_history(enabled="all")
+        try:
+            assert memory_rules.measure_convolution_workspaces(graph.gm, device) == 0
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        big = torch.empty(2**28, dtype=torch.uint8, device=device)
+        del big
+        mark = torch.cuda.max_memory_allocated(device)
+        measured = memory_rules.measure_convolution_workspaces(graph.gm, device)
+        keys = {(memory_rules.conv_signature(n), channels_last) for n in nodes} - {(None, channels_last)}
+        assert measured == len(keys) > 0 and keys <= set(memory_rules._MEASURED_CONV_WORKSPACES)
+        assert torch.cuda.max_memory_allocated(device) >= mark  # not reset
+        assert not torch._C._cuda_isHistoryEnabled()
+        assert memory_rules.measure_convolution_workspaces(graph.gm, device) == 0  # measured once
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}: cuDNN workspaces "
-          f"{sorted(memory_rules._MEASURED_CONV_WORKSPACES.values())} bytes")
+          f"{sorted(memory_rules._MEASURED_CONV_WORKSPACES.items(), key=lambda kv: kv[1])} bytes")

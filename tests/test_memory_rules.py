@@ -1250,8 +1250,13 @@ def test_rule_conv_workspace(monkeypatch):
 
     unmeasured = peak()
     assert peak(off={"conv_workspace"}) == unmeasured  # nothing measured: nothing counted
+    # (its channels are few: Inductor leaves the layout alone, and the calls run contiguous)
+    assert not memory_rules.layout_optimized(memory_rules.forward_part(list(graph.gm.graph.nodes)), "cuda")
     monkeypatch.setattr(memory_rules, "_MEASURED_CONV_WORKSPACES",
-                        {memory_rules.conv_signature(n): workspace for n in convs})
+                        {(memory_rules.conv_signature(n), True): 8 * workspace for n in convs})
+    assert peak() == unmeasured  # measured in the other layout: not this graph's
+    monkeypatch.setattr(memory_rules, "_MEASURED_CONV_WORKSPACES",
+                        {(memory_rules.conv_signature(n), False): workspace for n in convs})
     counted = peak()
     assert unmeasured + workspace // 2 < counted <= unmeasured + workspace
     assert peak(off={"conv_workspace"}) == unmeasured
@@ -1261,29 +1266,107 @@ def test_rule_conv_workspace(monkeypatch):
     assert partitioned[()] - partitioned[("conv_workspace",)] > workspace // 2
 
 
-def test_convolution_inputs_are_real_tensors_of_each_calls_shapes_laid_out_channels_last():
+def test_convolution_inputs_are_real_tensors_of_each_calls_shapes_in_the_layout_asked():
     """The conv_workspace measurement runs each convolution call on real tensors built from the
     graph's fake values (``convolution_inputs``; on the GPU, where the measurement itself runs): each
-    of its shape and dtype, 4-d ones channels-last as Inductor lays them out, and the op runs on
-    them."""
+    of its shape and dtype, 4-d ones channels-last where Inductor optimizes the layout, else
+    contiguous, and the op runs on them."""
     from sac_compiler.passes import memory_rules
 
     graph = _joint(_ConvNet(), torch.randn(4, 3, 16, 16), target_device="cuda")
     convs = [n for n in graph.gm.graph.nodes if memory_rules.conv_signature(n) is not None]
     assert len(convs) >= 3
     for node in convs:
-        args, kwargs = memory_rules.convolution_inputs(node, torch.device("cpu"))
-        for arg, built in zip(node.args, args):
-            val = arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg
-            if isinstance(val, torch.Tensor):
-                assert built.shape == val.shape and built.dtype == val.dtype and not built.is_meta
-                if built.dim() == 4:
-                    assert built.is_contiguous(memory_format=torch.channels_last)
-                assert not built.any()
-            else:
-                assert built == val
-        out = node.target(*args, **kwargs)
-        expected = node.meta["val"]
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        vals = expected if isinstance(expected, (tuple, list)) else (expected,)
-        assert [tuple(o.shape) for o in outs if o is not None] == [tuple(v.shape) for v in vals if v is not None]
+        for channels_last in (True, False):
+            args, kwargs = memory_rules.convolution_inputs(node, torch.device("cpu"), channels_last)
+            for arg, built in zip(node.args, args):
+                val = arg.meta["val"] if isinstance(arg, torch.fx.Node) else arg
+                if isinstance(val, torch.Tensor):
+                    assert built.shape == val.shape and built.dtype == val.dtype and not built.is_meta
+                    layout = torch.channels_last if channels_last and built.dim() == 4 else torch.contiguous_format
+                    assert built.is_contiguous(memory_format=layout)
+                    assert not built.any()
+                else:
+                    assert built == val
+            out = node.target(*args, **kwargs)
+            expected = node.meta["val"]
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            vals = expected if isinstance(expected, (tuple, list)) else (expected,)
+            assert [tuple(o.shape) for o in outs if o is not None] == [tuple(v.shape) for v in vals if v is not None]
+
+
+class _WideConvNet(nn.Module):
+    """Channels enough for Inductor to optimize the layout on a GPU: a 3x3 convolution (its weight
+    is copied), a 1x1 one (its weight is channels-last already)."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 128, 3, padding=1)
+        self.conv2 = nn.Conv2d(128, 128, 3, padding=1, groups=groups)
+        self.conv3 = nn.Conv2d(128, 128, 1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))).sum()
+
+
+def test_inductor_saves_the_channels_last_copies_of_the_inputs_its_convolutions_read():
+    """What the channels_last_copies rule imitates, in Inductor's generated forward (on the CPU,
+    where Inductor optimizes the layout of every convolution graph): the 3x3 weights and the
+    image are copied channels-last as the forward starts and the copies are returned among the
+    values saved for backward; the 1x1 weight is saved itself."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model, x = _WideConvNet(), torch.randn(8, 3, 32, 32)
+    compiled = torch.compile(model)
+    _, (forward, *_) = run_and_get_code(lambda: compiled(x).backward())
+    made = dict(re.findall(r"(buf\d+) = empty_strided_cpu\((\(\d+, \d+, \d+, \d+\), \(\d+, \d+, \d+, \d+\))",
+                           forward))
+    returned = set(re.findall(r"\w+", forward[forward.rindex("return ("):].splitlines()[0]))
+    copies = {"(8, 3, 32, 32), (3072, 1, 96, 3)", "(128, 3, 3, 3), (27, 1, 9, 3)", "(128, 128, 3, 3), (1152, 1, 384, 128)"}
+    assert copies <= set(made.values())
+    assert {buf for buf, layout in made.items() if layout in copies} <= returned
+    assert "(128, 128, 1, 1)" not in " ".join(made.values())
+
+
+def test_rule_channels_last_copies():
+    """Where Inductor optimizes the forward's layout, each graph input a convolution reads that is
+    not channels-last (the image, a 3x3 kernel's weight; not a 1x1 kernel's) is copied as the
+    forward starts and the copy is what the backward reads: both simulations hold it from there to
+    its last backward reader. Not where Inductor leaves the layout alone (a grouped convolution)."""
+    from sac_compiler.passes import memory_rules
+
+    x = torch.randn(8, 3, 32, 32)
+    graph = _joint(_WideConvNet(), x, target_device="cuda")
+    placeholders = {n.name: n for n in graph.gm.graph.nodes if n.op == "placeholder"}
+    forward = memory_rules.forward_part(list(graph.gm.graph.nodes))
+    assert memory_rules.layout_optimized(forward, "cuda")
+    copies = {n.name: b for n, b in memory_rules.channels_last_copies(forward, "cuda").items()}
+    weights = {placeholders[n].meta["val"].shape: n for n in placeholders}
+    image, w1, w2, w3 = (weights[s] for s in [x.shape, (128, 3, 3, 3), (128, 128, 3, 3), (128, 128, 1, 1)])
+    assert copies == {image: x.numel() * 4, w1: 128 * 27 * 4, w2: 128 * 128 * 9 * 4}
+    assert w3 not in copies
+
+    def joint(off=()):
+        return annotate_memory(graph.gm, target_device="cuda", num_fwd_outputs=graph.num_fwd_outputs,
+                               fused_pointwise=True, annotate=False, disabled_rules=off)
+
+    on, off = joint(), joint(("channels_last_copies",))
+    held = [life for life in on.lifetimes if life.rule == "channels_last_copies"]
+    assert sorted(life.nbytes for life in held) == sorted(-(-b // 512) * 512 for b in copies.values())
+    assert all(life.alloc_step == 0 and life.free_step >= on.first_backward for life in held)
+    assert 0 < on.peak_bytes - off.peak_bytes <= sum(life.nbytes for life in held)
+    partitioned = {o: _partitioned(graph, fused_pointwise=True, disabled_rules=o) for o in ((), ("channels_last_copies",))}
+    fw_lives, bw_lives = partitioned[()].lifetimes
+    assert {life.name for life in fw_lives if life.rule == "channels_last_copies"} == \
+        {f"{name} (channels-last copy)" for name in copies}
+    assert {life.name for life in bw_lives if life.rule == "channels_last_copies"} == \
+        {f"{name} (channels-last copy)" for name in copies}
+    assert 0 < partitioned[()].peak_bytes - partitioned[("channels_last_copies",)].peak_bytes <= sum(
+        life.nbytes for life in held)
+    # a grouped convolution: Inductor keeps the layout, nothing is copied
+    grouped = _joint(_WideConvNet(groups=2), x, target_device="cuda")
+    assert memory_rules.channels_last_copies(memory_rules.forward_part(list(grouped.gm.graph.nodes)), "cuda") == {}
+
