@@ -118,6 +118,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = dict(cell, device=torch.cuda.get_device_name(), torch=torch.__version__)
     strategy = cell["strategy"]
     records: list[Any] = []
+    partitioners: list[Any] = []
 
     if strategy == "full_ac":
         entry.checkpoint_blocks(model)
@@ -137,10 +138,13 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         dump = Path(cell["dump"]) if cell.get("dump") else None
 
         class Recording(SACPartitioner):
-            """Writes each partition it makes as data (``benchmarks/replay_partition.py`` replays it)."""
+            """Writes each partition it makes as data (``benchmarks/replay_partition.py`` replays it)
+            and, for a graph not enforced (no wrapper keeps it), keeps its partitioner for its plan."""
 
             def __call__(self, gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
                 out = super().__call__(gm, joint_inputs, **kwargs)
+                if self not in partitioners:
+                    partitioners.append(self)
                 if dump is not None and self.last_result is not None:
                     dump.mkdir(parents=True, exist_ok=True)
                     stem = cell_stem(cell)
@@ -154,9 +158,13 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                 return out
 
         def backend(gm: Any, example_inputs: Any) -> Any:
+            # (a recording partitioner skips the AOTAutograd cache, whose hits skip the partitioner)
+            recording = dump is not None or not config.enforce_budget
             compiled = compile_graph(gm, example_inputs, config,
-                                     partitioner_cls=Recording if dump is not None else SACPartitioner)
-            records.append(compiled)
+                                     partitioner_cls=Recording if recording else SACPartitioner)
+            # an enforced graph is a wrapper that keeps its partitioner (the last, after a replan);
+            # a graph not enforced is Inductor's callable: its partitioner stands for it
+            records.append(partitioners[-1] if not hasattr(compiled, "partitioner") and partitioners else compiled)
             return compiled
 
         compile_fn = functools.partial(torch.compile, backend=backend)
@@ -259,7 +267,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 def _result_of(compiled: Any) -> Any:
     """The plan of one graph the sac backend compiled (``None`` before it partitioned)."""
-    return getattr(compiled, "result", None) or getattr(getattr(compiled, "partitioner", None), "last_result", None)
+    return (getattr(compiled, "result", None) or getattr(getattr(compiled, "partitioner", None), "last_result", None)
+            or getattr(compiled, "last_result", None))
 
 
 def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, Any]) -> dict[str, Any]:
