@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,10 @@ class Analysis:
     # memory counted outside the graph while it runs but freed before the optimizer step (see
     # annotate_memory): every simulation of the graph's plans counts it so
     freed_before_optimizer: int = 0
+    # what the planner's searches of this graph found that a later plan of it reuses (the lowest-peak
+    # search: plan_graph._LowestMemo), whatever the budget: the backend plans one graph again for
+    # lower targets, and a plan that finds none is dropped with its result
+    searches: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def analyze(

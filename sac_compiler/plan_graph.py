@@ -128,10 +128,6 @@ class GraphPlanResult:
     # Carried to the plans made again for a lower target, which it may answer without a search.
     lowest: Any = None
     lowest_refined: bool = False
-    # what the lowest-peak searches of this graph found that a later one reuses: the program's
-    # lowest-peak plan (its 2 s search gives another plan another time) and the candidates'
-    # simulations. Carried with ``lowest``
-    lowest_memo: Any = None
     # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
@@ -625,8 +621,7 @@ def plan_and_tag(
                                  loss_memory=previous.loss_memory, gradients_held=previous.gradients_held,
                                  partition_order=config.partition_order,
                                  reorder_for_peak_memory=config.reorder_for_peak_memory,
-                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined,
-                                 lowest_memo=previous.lowest_memo)
+                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined)
         _plan(result, config, target, budget)
         return result
     if target_device is None:
@@ -731,12 +726,18 @@ def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
 
 @dataclass
 class _LowestMemo:
-    """What one graph's lowest-peak searches (:func:`_lowest_plan`) share: the program's lowest-peak
-    search's outcome, and the exact simulation of each candidate by its recomputed set."""
+    """What one graph's lowest-peak searches (:func:`_lowest_plan`) share, whatever the budget: the
+    program's lowest-peak search's outcome (its 2 s search gives another plan another time), the
+    exact simulation of each candidate by its recomputed set, and each search's outcome by what it
+    was asked (the backend's replans for lower targets ask the same again) and its steps."""
 
     searched: bool = False
     found: tuple[int, Any] | None = None  # (the program's lowest peak, its plan); None: none found
     simulations: dict[frozenset[str], Any] = field(default_factory=dict)
+    outcomes: dict[Any, tuple[int, str, Any, Any]] = field(default_factory=dict)
+    # a candidate lowered at its peak, and the program's search below a plan, by the plan
+    lowered: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
+    descents: dict[Any, tuple[Any, Any] | None] = field(default_factory=dict)
 
     def simulate(self, analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
         key = frozenset(recompute)
@@ -817,7 +818,14 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     # faster plan at the same modelled peak simulates about as high, and the search is wasted
     # where the program's model lies far under its plans' simulation (long recompute chains, as on
     # the ResNet: docs/results.md)
-    if refine and program_peak is not None and program_peak <= ranked[0][0][0] * (1 + _REFINE_WITHIN):
+    refine = refine and program_peak is not None and program_peak <= ranked[0][0][0] * (1 + _REFINE_WITHIN)
+    # everything the rest reads but the budget (the options and the program follow the config)
+    asked = (refine, lower, fastest.recompute if fastest is not None else None,
+             dataclasses.replace(config, memory_budget=None))
+    if asked in memo.outcomes:
+        return memo.outcomes[asked]
+    if refine:
+        assert found is not None
         low = found[0]
         limit = _REFINE_S if options.time_limit_s is None else min(options.time_limit_s, _REFINE_S)
         quick = dataclasses.replace(options, time_limit_s=limit)
@@ -836,7 +844,10 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
         # can be rebuilt after it (the T5's did: docs/results.md)
         outside_layers = {name for name, layer in structure[0].items() if layer is None}
         for _, (peak, how, plan, sim) in ranked[:_LOWERED_CANDIDATES]:
-            lowered, lowered_sim = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
+            key = (plan.recompute, plan.kept_for_recompute, asked[1:])
+            if key not in memo.lowered:
+                memo.lowered[key] = _lowered_at_peak(problem, analysis, config, plan, sim, outside_layers)
+            lowered, lowered_sim = memo.lowered[key]
             if lowered_sim.peak_bytes < peak:
                 log.info("sac plan: the lowest-peak candidate (%s) recomputing %d more value(s) live at its peak "
                          "simulates at %s", how, len(lowered.recompute - plan.recompute),
@@ -844,13 +855,17 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
                 entry = ((lowered_sim.peak_bytes, _plan_ms(problem, lowered)),
                          (lowered_sim.peak_bytes, f"{how}, then lowered at its peak", lowered, lowered_sim))
                 best = min(best, entry, key=lambda e: e[0])
-        descended = _descended(problem, analysis, config, options, best[1][2], best[1][3])
+        key = (best[1][2].recompute, best[1][2].kept_for_recompute, asked[1:])
+        if key not in memo.descents:
+            memo.descents[key] = _descended(problem, analysis, config, options, best[1][2], best[1][3])
+        descended = memo.descents[key]
         if descended is not None:
             plan, sim = descended
             log.info("sac plan: the program, shifted onto the simulation of the lowest-peak candidate (%s), "
                      "finds a plan that simulates at %s", best[1][1], format_bytes(sim.peak_bytes))
             best = ((sim.peak_bytes, _plan_ms(problem, plan)),
                     (sim.peak_bytes, f"{best[1][1]}, then the program below it", plan, sim))
+    memo.outcomes[asked] = best[1]
     return best[1]
 
 
@@ -1120,7 +1135,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
     step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
     lowest = result.lowest  # (peak, how, plan, simulation) of the lowest-peak plan, once known
-    memo = result.lowest_memo = result.lowest_memo if result.lowest_memo is not None else _LowestMemo()
+    memo = analysis.searches.setdefault("lowest", _LowestMemo())
     fraction = config.memory_budget.fraction
     if budget is None and fraction is None:
         budget = config.memory_budget.bytes
