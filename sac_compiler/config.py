@@ -185,9 +185,10 @@ class SACConfig:
     # on CUDA, an absolute budget is measured at run time and planned again if a step goes over it
     # (sac_compiler.enforce); False runs the first plan whatever it measures
     enforce_budget: bool = True
-    # on a GPU under Inductor, run each convolution call once at compile time and count cuDNN's
-    # workspace inside it (the conv_workspace memory rule); off until measured against the zoo
-    conv_workspaces: bool = False
+    # on a GPU under Inductor, run each convolution call once at compile time, in the layout
+    # Inductor runs it in, and count cuDNN's workspace inside it (the conv_workspace memory rule;
+    # docs/results.md has what it measured and what the first plans predicted with it)
+    conv_workspaces: bool = True
     # the caller keeps the compiled function's outputs until backward (out = model(x);
     # loss = criterion(out, y); loss.backward()): the plan counts them through backward. False
     # when they are dropped before it (model(x).sum().backward(), or the loss computed inside)

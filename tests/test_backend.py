@@ -401,9 +401,9 @@ def test_a_graph_runs_a_biased_matmul_only_where_it_adds_a_bias(extra, biased):
 
 @pytest.mark.parametrize("measure", [False, True])
 def test_convolution_workspaces_are_measured_only_where_asked(monkeypatch, measure):
-    """``conv_workspaces=True`` has the backend run the joint graph's convolutions once on the GPU
-    to measure cuDNN's workspaces (``passes.memory_rules.measure_convolution_workspaces``; a CPU
-    graph measures nothing); by default it does not."""
+    """``conv_workspaces=True`` (the default) has the backend run the joint graph's convolutions
+    once on the GPU to measure cuDNN's workspaces (``passes.memory_rules.measure_convolution_workspaces``;
+    a CPU graph measures nothing); ``False`` does not."""
     import sac_compiler.backend as backend_module
 
     calls = []

@@ -49,7 +49,7 @@ _OTHER_VALUES = {
     "optimizer": _adamw,
     "report": lambda: True,
     "enforce_budget": lambda: False,
-    "conv_workspaces": lambda: True,
+    "conv_workspaces": lambda: False,
     "hold_outputs": lambda: False,
     "loss_memory": lambda: 2**30,
     "gradients_held": lambda: 2**28,
