@@ -69,8 +69,8 @@ from sac_compiler.passes.memory_rules import (
     inductor_addmm,
     inductor_inlined,
     inplace_pointwise,
-    layout_optimized,
     reuse_freed_buffers,
+    runs_channels_last,
     storage_owners,
     transient_buffers,
 )
@@ -321,8 +321,7 @@ def annotate_memory(
                if "addmm_fold" in rules else {})
     # Inductor's layout optimization of the forward (channels_last_copies, conv_workspace)
     forward_nodes = forward_part(nodes)
-    channels_last = (("channels_last_copies" in rules or "conv_workspace" in rules)
-                     and layout_optimized(forward_nodes, target_device))
+    channels_last = runs_channels_last(forward_nodes, target_device, rules)
     transients = transient_buffers(nodes, index, runs_at, device, rules, channels_last)
     for mm in runs_at:
         alloc[mm] = 0  # the addmm writes the sum: the product is no buffer of its own

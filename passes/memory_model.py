@@ -215,8 +215,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "computes in the graph (a padding mask made additive) as a dense (B, H, L, S) copy, written before the "
          "op and freed after it; the forward keeps it broadcast.", _BOTH, True),
     Rule("conv_workspace", "A convolution or its backward on a GPU holds cuDNN's workspace inside the op, from 0 "
-         "to several activations' size by the algorithm picked for its shapes: measured per call on the process's "
-         "GPU (channels-last, as Inductor lays out convolution networks), 0 where not measured.", _BOTH, True),
+         "to several activations' size by the algorithm picked for its shapes and layout: measured per call on the "
+         "process's GPU in the layout Inductor runs the graph in (channels-last where it optimizes the forward's "
+         "layout), 0 where not measured.", _BOTH, True),
     Rule("channels_last_copies", "Where Inductor optimizes a forward graph's layout for its 2-d convolutions, it "
          "copies each graph input a convolution reads that is not channels-last (a 3x3 weight, the image) as the "
          "forward starts; the copy, not the input, is what the forward saves where the backward reads the input, "

@@ -493,8 +493,9 @@ def convolution_workspace(node: fx.Node, device: torch.device | str | None, chan
 def measure_convolution_workspaces(gm: fx.GraphModule, device: torch.device) -> int:
     """Run each convolution call of ``gm`` (a joint graph) not measured yet once on ``device``, on
     tensors of its shapes laid out as Inductor will run it (channels-last where it optimizes the
-    forward's layout, :func:`layout_optimized`; else contiguous), and record what it holds inside the op beyond its outputs (:func:`convolution_workspace`), read
-    from the caching allocator's trace of that call: the user's peak statistics are not touched.
+    forward's layout, :func:`layout_optimized`; else contiguous), and record what it holds inside
+    the op beyond its outputs (:func:`convolution_workspace`), read from the caching allocator's
+    trace of that call: the user's peak statistics are not touched.
     Nothing is measured while the allocator already records its history (the user's own
     recording stays as it is) or while a CUDA graph is captured. Returns how many were measured."""
     if (not torch.cuda.is_available() or torch.device(device).type != "cuda"
@@ -572,6 +573,12 @@ _CONVOLUTION = torch.ops.aten.convolution.default
 
 def _val(arg: Any) -> Any:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else None
+
+
+def runs_channels_last(forward: Sequence[fx.Node], device: torch.device | str | None, rules: frozenset[str]) -> bool:
+    """Whether a simulation following ``rules`` runs the graph's convolutions channels-last: one of
+    the rules that depend on it is on and Inductor optimizes the forward's layout."""
+    return ("channels_last_copies" in rules or "conv_workspace" in rules) and layout_optimized(forward, device)
 
 
 def layout_optimized(forward: Sequence[fx.Node], device: torch.device | str | None) -> bool:

@@ -48,8 +48,8 @@ from sac_compiler.passes.memory_rules import (
     inductor_addmm,
     inductor_inlined,
     inplace_pointwise,
-    layout_optimized,
     reuse_freed_buffers,
+    runs_channels_last,
     storage_owners,
     transient_buffers,
 )
@@ -504,8 +504,7 @@ def simulate_partitioned(
     saved = outs[num_fwd_outputs:]
     keep_fw = {n.name for n in outs} | {n.name for n in fw_placeholders}
     fw_nodes = list(fw.graph.nodes)
-    channels_last = (("channels_last_copies" in rules or "conv_workspace" in rules)
-                     and layout_optimized(fw_nodes, target_device))
+    channels_last = runs_channels_last(fw_nodes, target_device, rules)
     copies = ({n.name: round_allocation(b, device)
                for n, b in channels_last_copies(fw_nodes, target_device, channels_last).items()}
               if "channels_last_copies" in rules else {})

@@ -260,7 +260,7 @@ class SACPartitioner(CustomPartitionerFn):
         UNet block's do: docs/results.md), so that budget would plan and then measure over itself.
         The plan made at the least budget named is partitioned; where its graphs peak higher, the
         least budget named is theirs with the planner's margin. Any other error is returned as it is."""
-        from sac_compiler.plan_graph import BudgetError, least_budget, plan_and_tag
+        from sac_compiler.plan_graph import BudgetError, least_budget, least_budget_advice, plan_and_tag
 
         named = getattr(error, "least_budget", None)
         budget = self.config.memory_budget
@@ -281,10 +281,9 @@ class SACPartitioner(CustomPartitionerFn):
         need = least_budget(result.analysis, config, result.step_peak_bytes, result.outside_bytes)
         if need <= named:
             return error
-        message = str(error).split("; raise memory_budget to at least")[0]
-        return BudgetError(f"{message}; the plan made at {named} bytes has partitioned graphs peaking at "
-                           f"{format_bytes(result.step_peak_bytes)}: raise memory_budget to at least {need} bytes, "
-                           "or give a fraction (0.0 plans the lowest peak found)", least_budget=need)
+        finding = (f"{error.finding}; the plan made at {named} bytes has partitioned graphs peaking at "
+                   f"{format_bytes(result.step_peak_bytes)}")
+        return BudgetError(least_budget_advice(finding, need), least_budget=need, finding=finding)
 
     def _take_slack(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any,
                     fw: fx.GraphModule, bw: fx.GraphModule, partition: Callable[[Any], Any],

@@ -53,11 +53,13 @@ log = logging.getLogger(__name__)
 
 class BudgetError(ValueError):
     """The memory budget cannot be met by any plan. ``least_budget``: the least absolute budget
-    that plans, where the planner found one (None: not known)."""
+    that plans, where the planner found one (None: not known); ``finding``: what the message says
+    was found, without its advice (the message where it has none)."""
 
-    def __init__(self, message: str, least_budget: int | None = None) -> None:
+    def __init__(self, message: str, least_budget: int | None = None, finding: str | None = None) -> None:
         super().__init__(message)
         self.least_budget = least_budget
+        self.finding = finding if finding is not None else message
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,6 @@ class GraphPlanResult:
     # a fractional budget: (lowest peak found, fastest plan's peak) in bytes, the range it resolved in
     # (at 1.0 the lowest peak is not searched: both are the fastest plan's)
     fraction_range: tuple[int, int] | None = None
-    # the lowest-peak plan found for this graph, (peak, how, plan, simulation), once searched;
-    # ``lowest_refined``: with the fastest plan at its peak searched (see _lowest_plan's refine).
-    # Carried to the plans made again for a lower target, which it may answer without a search.
-    lowest: Any = None
-    lowest_refined: bool = False
     # on CUDA with an enforced budget: the measured peak of a step run with this plan (None: not
     # measured, or the step did not raise the allocator's high-water mark; see sac_compiler.enforce)
     measured_peak: int | None = None
@@ -620,8 +617,7 @@ def plan_and_tag(
                                  fastest=previous.fastest, hold_outputs=previous.hold_outputs,
                                  loss_memory=previous.loss_memory, gradients_held=previous.gradients_held,
                                  partition_order=config.partition_order,
-                                 reorder_for_peak_memory=config.reorder_for_peak_memory,
-                                 lowest=previous.lowest, lowest_refined=previous.lowest_refined)
+                                 reorder_for_peak_memory=config.reorder_for_peak_memory)
         _plan(result, config, target, budget)
         return result
     if target_device is None:
@@ -1134,7 +1130,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         result.fastest = fastest
     step_peak = _after_graph_peak(analysis) + outside
     fastest_sim = _simulate(analysis, config, fastest.recompute) if fastest is not None else None
-    lowest = result.lowest  # (peak, how, plan, simulation) of the lowest-peak plan, once known
+    lowest = None  # (peak, how, plan, simulation) of the lowest-peak plan, once known
+    # what this graph's lowest-peak searches found, for its plans for other targets too
     memo = analysis.searches.setdefault("lowest", _LowestMemo())
     fraction = config.memory_budget.fraction
     if budget is None and fraction is None:
@@ -1143,9 +1140,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         high = (fastest_sim.peak_bytes if fastest_sim is not None else analysis.memory.peak_bytes) + outside
         low = high
         if fraction < 1.0:  # its peak only: the plan itself is searched below where it is needed
-            if lowest is None:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest,
-                                                      refine=False, lower=False, memo=memo)
+            lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False, lower=False,
+                                  memo=memo)
             low = min(high, lowest[0] + outside)
         low, high = max(low, step_peak), max(high, step_peak)
         budget = fraction_budget(fraction, low, high)
@@ -1175,10 +1171,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             # graphs' check asks for less: the lowest-peak plan is the plan, with the fastest plan at
             # its peak where one is found soon; the program's rounds would search under it, where
             # it found nothing, each to the solver's time limit
-            if not result.lowest_refined:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
-                                                      memo=memo)
-                result.lowest_refined = True
+            lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, memo=memo)
             log.info("sac plan: memory_budget %g: the lowest peak found is the plan: %s simulates at %s", fraction,
                      lowest[1], format_bytes(lowest[0] + outside))
             return lowest[2], lowest[3]
@@ -1213,8 +1206,8 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             if not rounds.infeasible and fraction is None:
                 raise rounds.error
             if lowest is None:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
-                                                      refine=False, memo=memo)
+                lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, refine=False,
+                                      memo=memo)
             if lowest[0] > goal:
                 if fraction is not None and target is None:
                     # a fraction resolved at or above this very plan's peak: the margin-free goal
@@ -1225,10 +1218,7 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
                     raise _budget_error(analysis, config, budget, outside, rounds.best_simulated, fastest_sim,
                                         lowest) from rounds.error
             # the lowest-peak plan is the plan: with the fastest plan at its peak, where one is found
-            if not result.lowest_refined:
-                lowest = result.lowest = _lowest_plan(problem, analysis, config, options, structure, fastest,
-                                                      memo=memo)
-                result.lowest_refined = True
+            lowest = _lowest_plan(problem, analysis, config, options, structure, fastest, memo=memo)
             hybrid = lowest[2], lowest[3]
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
@@ -1397,10 +1387,14 @@ def _budget_error(analysis: Any, config: SACConfig, budget: int, outside: int, b
     need, margin_note = least_budget(analysis, config, smallest, outside), ""
     if need > smallest:
         margin_note = f", and the {_MODEL_MARGIN:.0%} margin the planner keeps for its simulation's error under Inductor"
-    return BudgetError(
-        f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, {format_bytes(smallest)} "
-        f"({how}{_outside_note(outside)}){margin_note}; raise memory_budget to at least {need} "
-        "bytes, or give a fraction (0.0 plans the lowest peak found)", least_budget=need)
+    finding = (f"memory budget {format_bytes(budget)} is below the smallest feasible peak found, "
+               f"{format_bytes(smallest)} ({how}{_outside_note(outside)}){margin_note}")
+    return BudgetError(least_budget_advice(finding, need), least_budget=need, finding=finding)
+
+
+def least_budget_advice(finding: str, need: int) -> str:
+    """A refusal's message: what was found, and the least budget to give instead."""
+    return f"{finding}; raise memory_budget to at least {need} bytes, or give a fraction (0.0 plans the lowest peak found)"
 
 
 def least_budget(analysis: Any, config: SACConfig, peak: int, outside: int = 0) -> int:
