@@ -320,11 +320,17 @@ def _record_timeline(step: Any, batch: Any, records: list[Any], cell: dict[str, 
         partitioned = getattr(_result_of(compiled), "partitioned", None)
         if partitioned is not None and partitioned.lifetimes:
             simulated.append({"graph": i, "peak_graph": partitioned.peak_graph, "peak_node": partitioned.peak_node,
-                              "peak_bytes": partitioned.peak_bytes, "live": partitioned.live_at_peak()})
+                              "peak_bytes": partitioned.peak_bytes, "live": partitioned.live_at_peak(),
+                              # every step and every record, to compare at any moment, not only the peaks
+                              "steps": [list(names) for names in partitioned.steps],
+                              "lifetimes": [[[life.name, life.category.value, life.rule, life.alloc_step,
+                                              life.free_step, life.freed.name, life.nbytes] for life in lifetimes]
+                                            for lifetimes in partitioned.lifetimes]})
     # what each side holds at its peak, to compare allocation by allocation
     Path(cell["timeline"]).with_suffix(".json").write_text(json.dumps({
         "measured": {"peak_over_base": peak, "base": base, "event": peak_event, "forward_events": forward_events,
-                     "sites": sorted(([sum(v), len(v), k] for k, v in sites.items()), reverse=True)},
+                     "sites": sorted(([sum(v), len(v), k] for k, v in sites.items()), reverse=True),
+                     "events": plots.allocator_trace(snapshot, device, where=_allocation_site)},
         "simulated": simulated}, indent=1) + "\n")
     return {"trace_peak_bytes": max(measured.totals, default=base), "max_memory_allocated": high_water,
             "events": len(events), "forward_events": forward_events,

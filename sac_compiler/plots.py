@@ -211,6 +211,19 @@ def allocator_live_at_peak(snapshot: Mapping[str, Any], device: int = 0,
     return peak, peak_index, sorted(live.values(), key=lambda b: -b[0])
 
 
+def allocator_trace(snapshot: Mapping[str, Any], device: int = 0,
+                    where: Any = None) -> list[tuple[str, int, int, str]]:
+    """Every allocation and completed free of a recorded step as (action, bytes as the allocator
+    counts them, address, where): the events of ``allocator_events`` with the address that pairs a
+    free with its allocation and the allocation's site (``where(frames)``, as in
+    ``allocator_live_at_peak``), to line the allocator's record up with a simulation at any moment."""
+    allocator_events(snapshot, device)  # raises the error that says what is missing
+    name = where or (lambda frames: f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
+    return [(e["action"], -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING, int(e["addr"]),
+             name(e.get("frames") or []))
+            for e in snapshot["device_traces"][device] if e["action"] in ("alloc", "free_completed")]
+
+
 def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,
                             first_backward: int | None = None, budget_bytes: int | None = None) -> TimelinePanel:
     """A ``TimelinePanel`` of a step as the allocator recorded it: ``events`` from

@@ -164,6 +164,17 @@ def test_allocator_live_at_peak_lists_the_blocks_held_at_the_highest_point() -> 
         plots.allocator_live_at_peak({"segments": []})
 
 
+def test_allocator_trace_pairs_each_event_with_its_address_and_site() -> None:
+    frames = {0: [{"filename": "gen.py", "line": 3}], 512: [{"filename": "gen.py", "line": 4}]}
+    snapshot = {"device_traces": [[dict(e, frames=frames.get(e["addr"], [])) for e in _SNAPSHOT["device_traces"][0]]]}
+    trace = plots.allocator_trace(snapshot)
+    assert [(action, size) for action, size, _, _ in trace] == plots.allocator_events(snapshot)
+    assert [(addr, site) for _, _, addr, site in trace] == [
+        (0, "gen.py:3"), (512, "gen.py:4"), (0, "gen.py:3"), (0, "gen.py:3"), (4096, "?")]
+    with pytest.raises(ValueError, match="_record_memory_history"):
+        plots.allocator_trace({"segments": []})
+
+
 @needs_matplotlib
 def test_measured_panel_beside_the_simulation(planned, tmp_path: Path) -> None:
     result, config = planned
