@@ -734,6 +734,7 @@ class _LowestMemo:
     # a candidate lowered at its peak, and the program's search below a plan, by the plan
     lowered: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
     descents: dict[Any, tuple[Any, Any] | None] = field(default_factory=dict)
+    logged: set[tuple[str, frozenset[str]]] = field(default_factory=set)  # candidates ranked (and logged)
 
     def simulate(self, analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
         key = frozenset(recompute)
@@ -797,8 +798,11 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
 
     def rank(how: str, plan: Any) -> int:
         sim = memo.simulate(analysis, config, plan.recompute)
-        log.info("sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)", how, format_bytes(sim.peak_bytes),
-                 _plan_ms(problem, plan))
+        # a candidate an earlier search of the graph ranked was logged then
+        seen = (how, frozenset(plan.recompute)) in memo.logged
+        memo.logged.add((how, frozenset(plan.recompute)))
+        log.log(logging.DEBUG if seen else logging.INFO, "sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)",
+                how, format_bytes(sim.peak_bytes), _plan_ms(problem, plan))
         ranked.append(((sim.peak_bytes, _plan_ms(problem, plan)), (sim.peak_bytes, how, plan, sim)))
         ranked.sort(key=lambda entry: entry[0])
         return sim.peak_bytes
