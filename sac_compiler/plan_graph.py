@@ -734,13 +734,19 @@ class _LowestMemo:
     # a candidate lowered at its peak, and the program's search below a plan, by the plan
     lowered: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
     descents: dict[Any, tuple[Any, Any] | None] = field(default_factory=dict)
-    logged: set[tuple[str, frozenset[str]]] = field(default_factory=set)  # candidates ranked (and logged)
+    # every candidate ranked: (how, plan, simulation) by (how, recomputed set)
+    ranked: dict[tuple[str, frozenset[str]], tuple[str, Any, Any]] = field(default_factory=dict)
 
     def simulate(self, analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
         key = frozenset(recompute)
         if key not in self.simulations:
             self.simulations[key] = _simulate(analysis, config, key)
         return self.simulations[key]
+
+    def fastest_fitting(self, problem: Any, goal: int) -> tuple[str, Any, Any] | None:
+        """(how, plan, simulation) of the fastest candidate ranked so far whose simulation fits ``goal``."""
+        fitting = [entry for entry in self.ranked.values() if entry[2].peak_bytes <= goal]
+        return min(fitting, key=lambda entry: _plan_ms(problem, entry[1]), default=None)
 
 
 def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, structure: Any = None,
@@ -799,8 +805,8 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     def rank(how: str, plan: Any) -> int:
         sim = memo.simulate(analysis, config, plan.recompute)
         # a candidate an earlier search of the graph ranked was logged then
-        seen = (how, frozenset(plan.recompute)) in memo.logged
-        memo.logged.add((how, frozenset(plan.recompute)))
+        seen = (how, frozenset(plan.recompute)) in memo.ranked
+        memo.ranked[how, frozenset(plan.recompute)] = (how, plan, sim)
         log.log(logging.DEBUG if seen else logging.INFO, "sac plan: lowest-peak candidate %s simulates at %s (%.3f ms)",
                 how, format_bytes(sim.peak_bytes), _plan_ms(problem, plan))
         ranked.append(((sim.peak_bytes, _plan_ms(problem, plan)), (sim.peak_bytes, how, plan, sim)))
@@ -1025,6 +1031,11 @@ _LOWEST_PEAK_S = 2.0
 # plan, and a solve run to the full limit costs planning time the step may never win back
 # (measured in docs/results.md).
 _OFFLOAD_BESIDE_S = 5.0
+# Seconds each solve of the program's rounds gets where a plan that fits is already in hand (a
+# lowest-peak candidate or every layer checkpointed): there it only tries to beat that plan, and
+# near the lowest peak one solve can run past 15 s for a plan whose simulation misses the goal
+# (measured in docs/results.md).
+_IN_HAND_S = 5.0
 # How long each solve of the calibration search may take: it only looks for a plan faster than
 # one that already fits, and a solve run to the full limit there costs planning time that a plan
 # it finds may never win back (measured in docs/results.md).
@@ -1179,7 +1190,18 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             log.info("sac plan: memory_budget %g: the lowest peak found is the plan: %s simulates at %s", fraction,
                      lowest[1], format_bytes(lowest[0] + outside))
             return lowest[2], lowest[3]
-        rounds = _solve_rounds(problem, analysis, config, goal, budget, options, fastest, outside, fastest_sim)
+        # A plan that fits already (a lowest-peak candidate a fraction's range ranked, or every
+        # layer checkpointed): the program's solves then only try to beat it, each for a short time
+        in_hand = _plan_in_hand(problem, analysis, config, goal, fastest, structure, memo)
+        round_options = options
+        if in_hand is not None:
+            log.info("sac plan: %s fits (%s, %.3f ms); the program's solves try to beat it", in_hand[0],
+                     format_bytes(in_hand[2].peak_bytes + outside), _plan_ms(problem, in_hand[1]))
+            if options.time_limit_s is None or options.time_limit_s > _IN_HAND_S:
+                round_options = dataclasses.replace(options, time_limit_s=_IN_HAND_S)
+        held = [_Strategy(in_hand[0], lambda: (in_hand[1], in_hand[2]))] if in_hand is not None else []
+        rounds = _solve_rounds(problem, analysis, config, goal, budget, round_options, fastest, outside, fastest_sim,
+                               in_hand=in_hand is not None)
         if rounds.plan is not None:
             # a faster plan may checkpoint a few layers whole; it cannot be faster than one such layer
             one = layer_checkpoint_plan(problem, analysis, structure[2][:1],
@@ -1188,14 +1210,15 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
             found = _fastest_fitting([
                 _Strategy("leading layers checkpointed, the rest as the fastest plan",
                           lambda: _layer_hybrid(problem, analysis, config, goal, fastest, structure) if promising else None),
+                *held,
             ], problem, goal, incumbent=(rounds.plan, rounds.sim))
             assert found is not None
             return found
         # The program's chain terms are conservative for plans that rebuild whole layers: try
         # checkpointing the fewest leading layers whole, the rest as the fastest plan has them, or
         # as the plan of the rounds that came nearest the budget has them, or that plan repaired.
-        strategies = [_Strategy("leading layers checkpointed, the rest as the fastest plan",
-                                lambda: _layer_hybrid(problem, analysis, config, goal, fastest, structure))]
+        strategies = [*held, _Strategy("leading layers checkpointed, the rest as the fastest plan",
+                                       lambda: _layer_hybrid(problem, analysis, config, goal, fastest, structure))]
         near = rounds.nearest
         if near is not None:
             strategies += [
@@ -1282,6 +1305,22 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
              format_bytes(result.predicted_peak), len(plan.recompute), plan.recompute_ms,
              len(result.offload.starts) if result.offload else 0,
              format_bytes(result.offload.bytes if result.offload else 0), plan.status, plan.solve_s)
+
+
+def _plan_in_hand(problem: Any, analysis: Any, config: SACConfig, goal: int, fastest: Any, structure: Any,
+                  memo: _LowestMemo) -> tuple[str, Any, Any] | None:
+    """(how, plan, simulation) of a plan known to fit ``goal`` before the program solves: the fastest
+    lowest-peak candidate an earlier search of the graph ranked that fits, else every layer
+    checkpointed with the rest as the ``fastest`` plan has it (one simulation, which the
+    lowest-peak search reuses), where it fits; else None."""
+    found = memo.fastest_fitting(problem, goal)
+    if found is not None or not structure[2]:
+        return found
+    base = fastest.recompute if fastest is not None else frozenset()
+    how = "every layer checkpointed, the rest as the fastest plan" if base else "every layer checkpointed"
+    plan = layer_checkpoint_plan(problem, analysis, base=base, structure=structure)
+    sim = memo.simulate(analysis, config, plan.recompute)
+    return (how, plan, sim) if sim.peak_bytes <= goal else None
 
 
 def _offload_choice(problem: Any, analysis: Any, config: SACConfig, goal: int, options: Any,
@@ -1411,10 +1450,12 @@ def least_budget(analysis: Any, config: SACConfig, peak: int, outside: int = 0) 
 
 
 def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, budget: int, options: Any,
-                  fastest: Any, outside: int = 0, fastest_sim: Any = None) -> _Rounds:
+                  fastest: Any, outside: int = 0, fastest_sim: Any = None, in_hand: bool = False) -> _Rounds:
     """Solve and re-check on the exact simulation (see ``_plan``): the plan and its simulation, or
-    why there is none and the round that came nearest (:class:`_Rounds`)."""
-    from sac_compiler.solvers import InfeasibleError
+    why there is none and the round that came nearest (:class:`_Rounds`). ``in_hand``: the caller
+    has a plan that fits, so a solve that fails (its time limit without a plan) ends the rounds
+    instead of planning greedily."""
+    from sac_compiler.solvers import InfeasibleError, SolverError
     from sac_compiler.solvers.savings_plan import savings_profile
 
     original = problem
@@ -1423,11 +1464,17 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
     solve_goal = goal
     for attempt in range(_MAX_ROUNDS):
         try:
-            plan = _solve(dataclasses.replace(problem, budget=solve_goal), options)
+            plan = _solve(dataclasses.replace(problem, budget=solve_goal), options, greedy=not in_hand)
         except InfeasibleError as e:
             error = BudgetError(f"the program has no plan under {format_bytes(solve_goal + outside)}")
             error.__cause__ = e
             return _Rounds(error=error, infeasible=True, nearest=nearest,
+                           best_simulated=None if sim is None else sim.peak_bytes + outside)
+        except SolverError as e:  # only with a plan in hand (else _solve plans greedily)
+            log.info("sac plan round %d: %s; the plan in hand stands", attempt + 1, e)
+            error = BudgetError(f"the program found no plan under {format_bytes(solve_goal + outside)} in time")
+            error.__cause__ = e
+            return _Rounds(error=error, nearest=nearest,
                            best_simulated=None if sim is None else sim.peak_bytes + outside)
         sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
