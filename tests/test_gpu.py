@@ -404,6 +404,7 @@ def test_recomputed_attention_dropout_replays_its_forward_rng_state_on_cuda(monk
 
     monkeypatch.setattr(plan_graph, "_solve_rounds", every_layer_checkpointed)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plan_graph, "_plan_in_hand", lambda *args, **kwargs: None)
     model = entry.model("small", device="cuda")
     backend, records = recording_backend(memory_budget=0.5)
     loss, grads = run(model, torch.compile(model, backend=backend))

@@ -309,6 +309,7 @@ def test_inductor_route_matches_plain_torch_compile_with_dropout(monkeypatch):
     # every layer checkpointed whole (its random ops included), whatever the budget
     monkeypatch.setattr(plan_graph, "_solve_rounds", every_layer_checkpointed)
     monkeypatch.setattr(plan_graph, "_layer_hybrid", lambda *args, **kwargs: None)
+    monkeypatch.setattr(plan_graph, "_plan_in_hand", lambda *args, **kwargs: None)
     backend, records = recording_backend(memory_budget=0.8)
     out, grads = _step(model, (tokens,), torch.compile(model, backend=backend), seed=11)
     (result, _fw, bw), = records
@@ -862,9 +863,12 @@ def test_custom_uncosted_and_effectful_ops_are_kept_and_named():
     assert "kept: custom op sac_test::scaled_tanh" in text and "kept: no FLOP formula for aten::sort" in text
 
 
-def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplog):
+@pytest.mark.parametrize("in_hand", [False, True])
+def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplog, in_hand):
     """Any solver status but a proven infeasibility (a crash, an unknown status) must not cost the
-    user their compile: the plan is the greedy one, checked by the same model, and the log says so."""
+    user their compile: the plan is the greedy one, checked by the same model, and the log says so;
+    where a plan that fits was in hand before the program solved (a lowest-peak candidate), that
+    plan stands instead."""
     import logging
 
     from sac_compiler.solvers import SolverError, savings_plan
@@ -873,11 +877,16 @@ def test_a_failing_solver_falls_back_to_a_checked_greedy_plan(monkeypatch, caplo
         raise SolverError("savings_plan: highs returned status ERROR")
 
     monkeypatch.setattr(savings_plan, "solve_savings_plan", broken)
+    if not in_hand:
+        monkeypatch.setattr(plan_graph, "_plan_in_hand", lambda *args, **kwargs: None)
     backend, records = recording_backend(memory_budget=0.5, compiler="eager")
-    with caplog.at_level(logging.WARNING, logger="sac_compiler.plan_graph"):
+    with caplog.at_level(logging.INFO, logger="sac_compiler.plan_graph"):
         _train_against_eager(lambda: Nested(dim=32, n_layers=3), torch.randn(2048, 32), backend)
     result = records[0][0]
-    assert "planning greedily" in caplog.text and "status ERROR" in caplog.text
+    if in_hand:
+        assert "the plan in hand stands" in caplog.text and "planning greedily" not in caplog.text
+    else:
+        assert "planning greedily" in caplog.text and "status ERROR" in caplog.text
     assert result.plan.recompute and result.predicted_peak <= result.budget_bytes
 
 
@@ -1356,9 +1365,52 @@ def test_each_solve_of_the_calibration_search_is_short(monkeypatch):
     model, x, budget, _ = _nested_at_a_middle_budget()
     limits = _recorded_solves(monkeypatch)
     monkeypatch.setattr(plan_graph, "_CALIBRATION_MIN_GAIN", -1.0)  # search whatever it can gain
+    monkeypatch.setattr(plan_graph, "_plan_in_hand", lambda *args, **kwargs: None)  # no plan before the program's
     plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), SACConfig(memory_budget=budget, time_limit_s=30))
     assert (True, plan_graph._CALIBRATION_S) in limits  # the search ran, with the short limit
     assert {limit for calibrating, limit in limits if not calibrating} == {30}
+
+
+def test_the_programs_solves_only_try_to_beat_a_plan_in_hand(monkeypatch):
+    """Where a plan that fits is known before the program solves (here every layer checkpointed),
+    each of the rounds' solves gets at most ``_IN_HAND_S``, and a solve that finds nothing in that
+    time ends the rounds with the plan in hand, not a greedy one."""
+    from sac_compiler.capture import capture_joint
+    from sac_compiler.solvers import SolverError
+
+    model, x, budget, _ = _nested_at_a_middle_budget()
+    config = SACConfig(memory_budget=budget, time_limit_s=30)
+    limits = _recorded_solves(monkeypatch)
+    in_hand = []  # (what the search found, the solves made before it)
+    own_in_hand = plan_graph._plan_in_hand
+
+    def recorded_in_hand(*args, **kwargs):
+        in_hand.append((own_in_hand(*args, **kwargs), len(limits)))
+        return in_hand[-1][0]
+
+    monkeypatch.setattr(plan_graph, "_plan_in_hand", recorded_in_hand)
+    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), config)
+    (found, before), = in_hand
+    assert found is not None and found[0] == "every layer checkpointed" and found[2].peak_bytes <= budget
+    rounds = [limit for calibrating, limit in limits[before:] if not calibrating]
+    assert rounds and set(rounds) == {plan_graph._IN_HAND_S}
+    assert {limit for calibrating, limit in limits[:before]} <= {30}  # the fastest plan's solve: the configured limit
+    assert result.predicted_peak <= budget
+
+    # the solver finds nothing in time: the plan in hand stands, and no greedy plan is made
+    own_solve = plan_graph._solve
+
+    def out_of_time(problem, options, greedy=True):
+        if options.time_limit_s == plan_graph._IN_HAND_S and not greedy:
+            raise SolverError("savings_plan: highs stopped after 5.0 s without a feasible solution")
+        return own_solve(problem, options, greedy)
+
+    monkeypatch.setattr(plan_graph, "_solve", out_of_time)
+    monkeypatch.setattr(plan_graph, "_calibrated", lambda problem, analysis, config, goal, options, ref, best, sim, ref_sim=None, **kw: (best, sim))
+    in_hand.clear()
+    result = plan_graph.plan_joint(capture_joint(model, x, target_device="cpu"), config)
+    assert in_hand[0][0] is not None
+    assert result.plan.status.startswith("LAYER_CHECKPOINT(") and result.predicted_peak <= budget
 
 
 @pytest.mark.parametrize("min_gain", [-1.0, None])
