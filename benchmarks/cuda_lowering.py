@@ -73,6 +73,10 @@ def answer_as_h200() -> None:
     for module in (torch.cuda, cuda_random):
         module.get_rng_state = lambda *args, **kwargs: torch.zeros(16, dtype=torch.uint8)
         module.set_rng_state = lambda *args, **kwargs: None
+    # the conv_workspace rule runs each convolution on the GPU it finds: nothing runs here, so none
+    # is measured (as on a machine without a GPU)
+    memory_rules = importlib.import_module("sac_compiler.passes.memory_rules")
+    memory_rules.measure_convolution_workspaces = lambda gm, device: 0
     # imported once torch.cuda answers: some of Inductor's modules bind its functions when imported
     importlib.import_module("torch._inductor.inductor_prims")  # registers the prim patched below
     prims = importlib.import_module("torch._prims")
