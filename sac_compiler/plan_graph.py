@@ -764,7 +764,7 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
     plans and what a refusal names; off for a fraction's range, which every fractional plan
     resolves. ``memo``: what an earlier search of the same graph found, reused (a fraction's range
     searched first, the plan at its lowest peak then)."""
-    from sac_compiler.solvers import InfeasibleError, NoSolutionError
+    from sac_compiler.solvers import InfeasibleError, NoSolutionError, SolverError
     from sac_compiler.solvers.savings_plan import min_peak_plan
 
     memo = memo if memo is not None else _LowestMemo()
@@ -837,11 +837,13 @@ def _lowest_plan(problem: Any, analysis: Any, config: SACConfig, options: Any, s
         quick = dataclasses.replace(options, time_limit_s=limit)
         for slack in (0, 4096):  # the solver's peak is a float of MiB: a rounding may cut it short
             try:
-                rank("the program's lowest-peak plan", _solve(dataclasses.replace(problem, budget=low + slack), quick))
+                # a search for a faster plan than one in hand: a failed solve ends it (no greedy plan)
+                rank("the program's lowest-peak plan",
+                     _solve(dataclasses.replace(problem, budget=low + slack), quick, greedy=False))
                 break
             except InfeasibleError:
                 continue
-            except NoSolutionError as error:
+            except SolverError as error:
                 log.info("sac plan: no faster plan at the lowest peak %s: %s", format_bytes(low), error)
                 break
     best = ranked[0]
