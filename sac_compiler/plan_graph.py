@@ -1035,7 +1035,7 @@ _LOWEST_PEAK_S = 2.0
 _OFFLOAD_BESIDE_S = 5.0
 # Seconds each solve of the program's rounds gets where a plan that fits is already in hand (a
 # lowest-peak candidate or every layer checkpointed): there it only tries to beat that plan, and
-# near the lowest peak one solve can run past 15 s for a plan whose simulation misses the goal
+# near the lowest peak one solve can take most of its limit for a plan whose simulation misses the goal
 # (measured in docs/results.md).
 _IN_HAND_S = 5.0
 # How long each solve of the calibration search may take: it only looks for a plan faster than
