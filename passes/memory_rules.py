@@ -196,8 +196,9 @@ def column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.No
                                 stored: Callable[[fx.Node], bool]) -> list[fx.Node]:
     """The graph's nodes in the order Inductor runs them once it has fused column reductions.
 
-    A column reduction (a sum over every dimension but the last: a norm's weight gradient, a
-    bias gradient) over a pointwise expression reads the buffers that expression reads. Inductor
+    A column reduction (a sum over every dimension but the last: a layer norm's weight gradient,
+    a bias gradient; or over every dimension but the channels of an (N, C, ...) input: a batch
+    norm's) over a pointwise expression reads the buffers that expression reads. Inductor
     fuses column reductions of one size that read a common buffer of that size into one kernel,
     and its scheduler, visiting nodes depth first in graph order, pulls everything that kernel
     needs ahead of the nodes that stood between its first and its last member: those run after
@@ -244,7 +245,8 @@ def column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.No
 
 
 def _column_reduction_numel(node: fx.Node) -> int | None:
-    """The input's element count of a sum over every dimension but the last, else None."""
+    """The input's element count of a column reduction (a sum over every dimension but the last,
+    or but dimension 1 of an input of three or more), else None."""
     if node.op != "call_function" or op_name(node.target) != "aten.sum":
         return None
     source = node.args[0] if node.args else None
@@ -255,7 +257,10 @@ def _column_reduction_numel(node: fx.Node) -> int | None:
     if dims is None:
         return None
     dims = {d % val.dim() for d in ([dims] if isinstance(dims, int) else dims)}
-    if dims != set(range(val.dim() - 1)):
+    kept = set(range(val.dim())) - dims
+    # a column of the last dimension (a layer norm's, a bias's), or of the channels (dimension 1)
+    # of a batch norm's input laid out (N, C, ...)
+    if len(kept) != 1 or not (kept == {val.dim() - 1} or (val.dim() >= 3 and kept == {1})):
         return None
     return size_hint(val.numel())
 

@@ -774,6 +774,48 @@ def test_rule_column_reduction_order():
         placeholders + 4 * (n * k + k * d + d), wgrad.name)
 
 
+def test_rule_column_reduction_order_of_batch_norms():
+    """A batch norm's weight gradient sums over every dimension but the channels (dimension 1 of
+    (N, C, H, W)): Inductor fuses two of them reading a common buffer, as it fuses layer norms'
+    (seen on a ResNet-50's downsampling block, whose shortcut's batch norm and main branch's last
+    one read the block's output gradient: docs/results.md). A sum over the last dimension of a
+    matrix (a softmax's backward) is a row, not a column: not fused so."""
+    b, c, h, w_ = 8, 64, 16, 16
+    n, d, k = b * h * w_, c, 512
+    graph, op, placeholder = _graph_builder()
+    x, m = (placeholder(name, torch.empty(b, c, h, w_)) for name in ("x", "m"))
+    g1 = placeholder("g1", torch.empty(b, c, h, w_))
+    g1_rows = placeholder("g1_rows", torch.empty(n, d))
+    big, gk, w = (placeholder("big", torch.empty(n, k)), placeholder("gk", torch.empty(n, k)),
+                  placeholder("w", torch.empty(k, d)))
+    t = op(aten.mul.Tensor, big, 2.0, val=torch.empty(n, k))  # a matmul's input: stored
+    rebuilt = op(aten.add.Tensor, x, m, val=torch.empty(b, c, h, w_))  # rebuilt inline
+    c1 = op(aten.sum.dim_IntList, op(aten.mul.Tensor, g1, rebuilt, val=torch.empty(b, c, h, w_)), [0, 2, 3],
+            val=torch.empty(c))
+    wgrad = op(aten.mm.default, op(aten.permute.default, t, [1, 0], val=torch.empty(k, n)), g1_rows,
+               val=torch.empty(k, d))
+    g2 = op(aten.view.default, op(aten.mm.default, gk, w, val=torch.empty(n, d)), [b, c, h, w_],
+            val=torch.empty(b, c, h, w_))
+    c2 = op(aten.sum.dim_IntList, op(aten.mul.Tensor, g2, x, val=torch.empty(b, c, h, w_)), [0, 2, 3],
+            val=torch.empty(c))
+    graph.output((c1, wgrad, c2))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    static = frozenset({"x", "m", "g1", "g1_rows", "big", "gk", "w"})
+    placeholders, keep = _placeholder_bytes(gm), _outputs(gm)
+    # one kernel for both sums: the second's matmul runs before the weight-gradient matmul, whose
+    # input t lives through it
+    assert _peak(gm, placeholders, keep, static_storage=static) == (placeholders + 4 * (n * k + n * d + 2 * c),
+                                                                    c2.name)
+    assert _peak(gm, placeholders, keep, static_storage=static, off={"column_reduction_order"}) == (
+        placeholders + 4 * (n * k + k * d + c), wgrad.name)
+
+    from sac_compiler.passes.memory_rules import _column_reduction_numel
+
+    assert _column_reduction_numel(c1) == b * c * h * w_
+    rows = op(aten.sum.dim_IntList, t, [1], val=torch.empty(n))  # over the last dimension of a matrix
+    assert _column_reduction_numel(rows) is None
+
+
 def _embedding_backward(dtype):
     """A backward: a wide temporary, then the embedding's gradient (1024 x 64) from the tangent."""
     graph, op, placeholder = _graph_builder()
