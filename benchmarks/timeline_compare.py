@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sac_compiler import plots
+
 ROOT = Path(__file__).resolve().parent.parent
 
 _SOURCE = re.compile(r"# Topologically Sorted Source Nodes: \[(.*?)\]")
@@ -77,11 +79,9 @@ class Comparison:
         self.index = [{name: t for t, name in enumerate(names)} for names in self.steps]
         self.simulated = [[during for _, during, _ in peak_sweep(records, len(names)).timeline]
                           for records, names in zip(self.lifetimes, self.steps)]
-        self.live = []
-        total = 0
-        for action, nbytes, _, _ in self.events:
-            total += nbytes if action == "alloc" else -nbytes
-            self.live.append(self.base + total)
+        # the bytes allocated after each event
+        self.live = plots.measured_timeline_panel([(action, nbytes) for action, nbytes, _, _ in self.events],
+                                                  self.base, "measured").totals
 
     def nodes_of(self, site: str) -> tuple[str | None, list[str]]:
         found = _SITE.match(site)
@@ -115,15 +115,8 @@ class Comparison:
     def measured_live(self, event: int) -> list[tuple[int, str, str | None, list[str]]]:
         """(bytes, F or B: allocated in forward or backward, buffer, source nodes) of every block
         the step allocated and still holds at ``event``, largest first."""
-        held: dict[int, tuple[int, int, str]] = {}
-        for j, (action, nbytes, addr, site) in enumerate(self.events[:event + 1]):
-            if action == "alloc":
-                held[addr] = (nbytes, j, site)
-            else:
-                held.pop(addr, None)
-        rows = [(nbytes, "F" if j < self.forward_events else "B", *self.nodes_of(site))
-                for nbytes, j, site in held.values()]
-        return sorted(rows, key=lambda row: -row[0])
+        return [(nbytes, "F" if j < self.forward_events else "B", *self.nodes_of(site))
+                for nbytes, site, j in plots.allocator_live_at([tuple(e) for e in self.events], event)]
 
     def simulated_live(self, part: int, step: int) -> list[tuple[int, str, str, str]]:
         """(bytes, allocation, category, rule) of what the simulation holds while ``step`` runs."""

@@ -164,64 +164,61 @@ MEASURED_CATEGORIES = ("held before the step", "allocated in the step")
 ALLOCATOR_ROUNDING = 512
 
 
-def allocator_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple[str, int]]:
-    """The (action, bytes) of every allocation and completed free that ``snapshot`` (the dict
+def allocator_trace(snapshot: Mapping[str, Any], device: int = 0,
+                    where: Any = None) -> list[tuple[str, int, int, str]]:
+    """Every allocation and completed free that ``snapshot`` (the dict
     ``torch.cuda.memory._snapshot()`` returns while ``_record_memory_history`` records) traced on
-    ``device``, in order, each size rounded up as the allocator counts it (``ALLOCATOR_ROUNDING``),
-    so that they sum to ``torch.cuda.memory_allocated()``. Other actions (segment maps,
-    ``free_requested``, ``snapshot``, ``oom``) change no allocated bytes and are left out."""
+    ``device``, in order, as (action, bytes, address, where): the size rounded up as the allocator
+    counts it (``ALLOCATOR_ROUNDING``), so that they sum to ``torch.cuda.memory_allocated()``; the
+    address pairs a free with its allocation; ``where(frames)`` names the event from its stack
+    (``_record_memory_history`` with ``stacks="python"``), by default the innermost frame as
+    ``file:line``. Other actions (segment maps, ``free_requested``, ``snapshot``, ``oom``) change
+    no allocated bytes and are left out."""
     traces = snapshot.get("device_traces")
     if traces is None:
         raise ValueError("the snapshot has no 'device_traces': record it with "
                          "torch.cuda.memory._record_memory_history(enabled='all') before the step")
     if device >= len(traces):
         raise ValueError(f"the snapshot traced {len(traces)} device(s); device {device} is not among them")
-    return [(e["action"], -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING)
+    name = where or (lambda frames: f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
+    return [(e["action"], -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING, int(e["addr"]),
+             name(e.get("frames") or []))
             for e in traces[device] if e["action"] in ("alloc", "free_completed")]
+
+
+def allocator_events(snapshot: Mapping[str, Any], device: int = 0) -> list[tuple[str, int]]:
+    """The (action, bytes) of :func:`allocator_trace`'s events."""
+    return [(action, size) for action, size, _, _ in allocator_trace(snapshot, device)]
+
+
+def allocator_live_at(trace: Sequence[tuple[str, int, int, str]], index: int) -> list[tuple[int, str, int]]:
+    """Every block of ``trace`` (:func:`allocator_trace`) allocated and still live after its event
+    ``index``, as (bytes, where, the index of its allocation), largest first. Blocks allocated
+    before the recording are not listed."""
+    live: dict[int, tuple[int, str, int]] = {}
+    for i, (action, size, addr, site) in enumerate(trace[:index + 1]):
+        if action == "alloc":
+            live[addr] = (size, site, i)
+        else:
+            live.pop(addr, None)
+    return sorted(live.values(), key=lambda b: -b[0])
 
 
 def allocator_live_at_peak(snapshot: Mapping[str, Any], device: int = 0,
                            where: Any = None) -> tuple[int, int, list[tuple[int, str]]]:
     """What the allocator held at the highest point of a recorded step: (the bytes over what was
     allocated when the recording began, the index of the event that reached it, and every block
-    allocated during the recording and still live then as (bytes, where), largest first).
-    ``where(frames)`` names a block from its allocation's stack (``_record_memory_history`` with
-    ``stacks="python"``); by default the innermost frame as ``file:line``. Blocks allocated before
-    the recording are not listed (their frees lower the total, as in ``measured_timeline_panel``)."""
-    traces = snapshot.get("device_traces")
-    if traces is None or device >= len(traces):
-        allocator_events(snapshot, device)  # raises the error that says what is missing
-    name = where or (lambda frames: f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
-    live: dict[int, tuple[int, str]] = {}
+    allocated during the recording and still live then as (bytes, where), largest first;
+    ``where`` as for :func:`allocator_trace`). Blocks allocated before the recording are not
+    listed (their frees lower the total, as in ``measured_timeline_panel``)."""
+    trace = allocator_trace(snapshot, device, where)
     total = peak = 0
     peak_index = -1
-    events = [e for e in traces[device] if e["action"] in ("alloc", "free_completed")]
-    # a first pass finds the peak; the second lists what lives there (one copy of the live set)
-    for i, e in enumerate(events):
-        size = -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
-        total += size if e["action"] == "alloc" else -size
+    for i, (action, size, _, _) in enumerate(trace):
+        total += size if action == "alloc" else -size
         if total > peak:
             peak, peak_index = total, i
-    for e in events[:peak_index + 1]:
-        size = -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
-        if e["action"] == "alloc":
-            live[int(e["addr"])] = (size, name(e.get("frames") or []))
-        else:
-            live.pop(int(e["addr"]), None)
-    return peak, peak_index, sorted(live.values(), key=lambda b: -b[0])
-
-
-def allocator_trace(snapshot: Mapping[str, Any], device: int = 0,
-                    where: Any = None) -> list[tuple[str, int, int, str]]:
-    """Every allocation and completed free of a recorded step as (action, bytes as the allocator
-    counts them, address, where): the events of ``allocator_events`` with the address that pairs a
-    free with its allocation and the allocation's site (``where(frames)``, as in
-    ``allocator_live_at_peak``), to line the allocator's record up with a simulation at any moment."""
-    allocator_events(snapshot, device)  # raises the error that says what is missing
-    name = where or (lambda frames: f"{frames[0]['filename']}:{frames[0]['line']}" if frames else "?")
-    return [(e["action"], -(-int(e["size"]) // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING, int(e["addr"]),
-             name(e.get("frames") or []))
-            for e in snapshot["device_traces"][device] if e["action"] in ("alloc", "free_completed")]
+    return peak, peak_index, [(size, site) for size, site, _ in allocator_live_at(trace, peak_index)]
 
 
 def measured_timeline_panel(events: Sequence[tuple[str, int]], base_bytes: int, title: str,
