@@ -174,8 +174,9 @@ def category_timeline(lifetimes: Sequence[Lifetime], step_names: Sequence[str],
 # The memory model's version: raised whenever a change moves the no-recompute peaks it gives (a
 # rule added or changed, a liveness fix; benchmarks/trace_peaks.py records them with it), so that
 # figures recorded under another version are not compared with this one's. A rule of the
-# partitioned simulation alone (column_reduction_order) does not move them. 1: the model until the in-place writes and the shared split outputs; 2: until the
-# channels-last copies of convolution inputs and the convolution workspaces by layout; 3: since.
+# partitioned simulation alone (column_reduction_order) does not move them. 1: the model until the
+# in-place writes and the shared split outputs; 2: until the channels-last copies of convolution
+# inputs and the convolution workspaces by layout; 3: since.
 MODEL_VERSION = 3
 
 # the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
