@@ -61,6 +61,7 @@ from sac_compiler.passes.memory_rules import (
     attention_backward_workspace,
     broadcast_copies,
     channels_last_copies,
+    column_reductions_scheduled,
     drawn_in_kernel,
     embedding_accumulator,
     forward_part,
@@ -256,6 +257,19 @@ def annotate_memory(
                 if all(fuses_pointwise_inputs(u) for u in same_side):
                     fusable.add(node)
 
+    first_backward = next((i for i, n in enumerate(nodes) if n.op == "call_function" and _side(n) == Side.BACKWARD),
+                          len(nodes) - 1)
+    if "column_reduction_order" in rules:
+        # the backward as Inductor schedules it once it fuses column reductions (a recomputed value
+        # a moved kernel reads is then rebuilt earlier): what reads through a backward value folded
+        # into its readers reads its inputs; a forward value is a buffer to backward
+        folded = inductor_inlined([n for n in nodes[first_backward:] if n in fusable],
+                                  lambda n: [u for u in n.users if _side(u) == Side.BACKWARD], owner,
+                                  realize="realize_thresholds" in rules)
+        nodes = column_reductions_scheduled(
+            nodes, owner, lambda n: n.op == "placeholder" or _side(n) == Side.FORWARD or n not in folded,
+            start=first_backward)
+
     # 3. Last use of every allocation (through its aliases).
     index = {node: i for i, node in enumerate(nodes)}
     last_use: dict[fx.Node, int] = {}
@@ -267,7 +281,6 @@ def annotate_memory(
     # Gradients stay (they become .grad); forward outputs are held only when asked (outputs_dropped)
     hold = hold_outputs or "outputs_dropped" not in rules
     held = {owner[n] for n in grad_outputs | (fwd_outputs if hold else set())}
-    first_backward = next((i for i, n in enumerate(nodes) if n.op == "call_function" and _side(n) == Side.BACKWARD), end)
 
     # 4. Categories.
     grad_owners = {owner[n] for n in grad_outputs}

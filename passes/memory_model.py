@@ -173,11 +173,11 @@ def category_timeline(lifetimes: Sequence[Lifetime], step_names: Sequence[str],
 
 # The memory model's version: raised whenever a change moves the no-recompute peaks it gives (a
 # rule added or changed, a liveness fix; benchmarks/trace_peaks.py records them with it), so that
-# figures recorded under another version are not compared with this one's. A rule of the
-# partitioned simulation alone (column_reduction_order) does not move them. 1: the model until the
+# figures recorded under another version are not compared with this one's. 1: the model until the
 # in-place writes and the shared split outputs; 2: until the channels-last copies of convolution
-# inputs and the convolution workspaces by layout; 3: since.
-MODEL_VERSION = 3
+# inputs and the convolution workspaces by layout; 3: until the joint graph's backward followed
+# column_reduction_order; 4: since.
+MODEL_VERSION = 4
 
 # the lifetime of the memory the caller's own code holds between forward and backward (loss_memory)
 LOSS_MEMORY = "loss memory held by the caller between forward and backward"
@@ -270,7 +270,7 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("column_reduction_order", "Inductor fuses column reductions of one size reading a common buffer "
          "(sums over every dimension but the last, a layer norm's or a bias's gradient, or but the channels, a "
          "batch norm's) into one kernel; its depth-first scheduler runs what that kernel needs ahead of the "
-         "nodes between its members.", frozenset({PARTITIONED}), True),
+         "nodes between its members.", _BOTH, True),
     Rule("embedding_grad_early", "Inductor lowers embedding_dense_backward to a zero-filled accumulator that "
          "reads nothing, so its scheduler fills it as backward starts: it lives from there.", _BOTH, True),
     Rule("fp32_accumulator", "Inductor accumulates a 16-bit embedding gradient in an fp32 buffer and casts "

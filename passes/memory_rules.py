@@ -193,7 +193,7 @@ def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Nod
 
 
 def column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.Node],
-                                stored: Callable[[fx.Node], bool]) -> list[fx.Node]:
+                                stored: Callable[[fx.Node], bool], start: int = 0) -> list[fx.Node]:
     """The graph's nodes in the order Inductor runs them once it has fused column reductions.
 
     A column reduction (a sum over every dimension but the last: a layer norm's weight gradient,
@@ -204,9 +204,10 @@ def column_reductions_scheduled(nodes: list[fx.Node], owner: dict[fx.Node, fx.No
     needs ahead of the nodes that stood between its first and its last member: those run after
     it (seen in Inductor's generated backward of a Llama: docs/design.md). The members keep their
     own steps. ``stored``: the nodes that are buffers (what an inlined pointwise value reads
-    through). The ``column_reduction_order`` rule."""
+    through). ``start``: only reductions from this position on (a joint graph's backward, which
+    Inductor compiles apart from its forward) are fused. The ``column_reduction_order`` rule."""
     columns: list[tuple[fx.Node, int, set[fx.Node]]] = []
-    for node in nodes:
+    for node in nodes[start:]:
         numel = _column_reduction_numel(node)
         if numel is None:
             continue

@@ -816,6 +816,41 @@ def test_rule_column_reduction_order_of_batch_norms():
     assert _column_reduction_numel(rows) is None
 
 
+def test_rule_column_reduction_order_in_the_joint_graph():
+    """The joint graph's simulation schedules its backward as Inductor will: the second column sum
+    (sharing ``x`` with the first) and what it needs run before the weight-gradient matmul between
+    them, so the recomputed ``r`` it reads is rebuilt there and lives with ``t`` (as the ResNet-50's
+    shortcut chain does: docs/results.md). The forward is not reordered."""
+    n, d, k = 1024, 256, 768
+    graph, op, placeholder = _graph_builder()
+    x, w2 = placeholder("x", torch.empty(n, d)), placeholder("w2", torch.empty(d, d))
+    big, gk = placeholder("big", torch.empty(n, k)), placeholder("gk", torch.empty(n, k))
+    w, g1 = placeholder("w", torch.empty(k, d)), placeholder("g1", torch.empty(n, d))
+    r = op(aten.mm.default, x, w2, val=torch.empty(n, d))  # recomputed in backward
+    loss = op(aten.sum.default, r, val=torch.empty(()))
+    backward = [op(aten.mul.Tensor, big, 2.0, val=torch.empty(n, k))]  # t: a matmul's input, stored
+    backward.append(op(aten.mul.Tensor, g1, x, val=torch.empty(n, d)))
+    backward.append(c1 := op(aten.sum.dim_IntList, backward[-1], [0], val=torch.empty(d)))
+    backward.append(op(aten.permute.default, backward[0], [1, 0], val=torch.empty(k, n)))
+    backward.append(wgrad := op(aten.mm.default, backward[-1], g1, val=torch.empty(k, d)))
+    backward.append(g2 := op(aten.mm.default, gk, w, val=torch.empty(n, d)))
+    backward.append(op(aten.mul.Tensor, g2, x, val=torch.empty(n, d)))
+    backward.append(rebuilt_read := op(aten.mul.Tensor, backward[-1], r, val=torch.empty(n, d)))
+    backward.append(c2 := op(aten.sum.dim_IntList, rebuilt_read, [0], val=torch.empty(d)))
+    for node in backward:
+        node.meta["partitioner_tag"] = "is_backward"
+    graph.output((loss, c1, wgrad, c2))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    sims = {off: annotate_memory(gm, num_fwd_outputs=1, recomputed={r.name}, annotate=False, fused_pointwise=True,
+                                 disabled_rules=off) for off in ((), ("column_reduction_order",))}
+    static = sims[()].static_bytes
+    # t, g2, the rebuilt r and the first sum, before the weight-gradient matmul runs
+    assert (sims[()].peak_bytes, sims[()].peak_node) == (static + 4 * (n * k + 2 * n * d + d), rebuilt_read.name)
+    # graph order: r is rebuilt after the matmul, t is gone by then
+    off = sims[("column_reduction_order",)]
+    assert (off.peak_bytes, off.peak_node) == (static + 4 * (n * k + k * d + d), wgrad.name)
+
+
 def _embedding_backward(dtype):
     """A backward: a wide temporary, then the embedding's gradient (1024 x 64) from the tangent."""
     graph, op, placeholder = _graph_builder()
