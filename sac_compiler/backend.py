@@ -236,6 +236,10 @@ class SACPartitioner(CustomPartitionerFn):
                 if result.step_peak_bytes < best[0]:
                     best = (result.step_peak_bytes, result, fw, bw)
             _, result, fw, bw = best
+            if result.plan is not None and result.step_peak_bytes > limit:
+                lowest = self._lowest_plan_partitioned(gm, num_fwd_outputs, root, result, partition)
+                if lowest is not None and lowest[0] < best[0]:
+                    _, result, fw, bw = lowest
             if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
@@ -251,6 +255,36 @@ class SACPartitioner(CustomPartitionerFn):
 
                 write_report(result, self.config.report)
         return fw, bw
+
+    def _lowest_plan_partitioned(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any,
+                                 partition: Callable[[Any], Any]) -> tuple[int, Any, Any, Any] | None:
+        """(step peak, result, forward, backward) of the plan a refusal's least budget was checked
+        with (``_least_partitioned``: the plan made at the least budget of the lowest peak found),
+        partitioned, where the partition rounds ended over the budget: the rounds lower their
+        target by each plan's excess and can end on another plan at the same joint-graph peak that
+        partitions higher. None where the lowest-peak search has not run or no plan is made."""
+        from sac_compiler.plan_graph import BudgetError, least_budget, lowest_peak_found, plan_and_tag
+
+        low = lowest_peak_found(result.analysis)
+        if low is None:
+            return None
+        named = least_budget(result.analysis, self.config, low + result.outside_bytes, result.outside_bytes)
+        log.info("sac: the partition rounds ended over the budget; partitioning the plan made at the least budget "
+                 "of the lowest peak found, %d", named)
+        try:
+            candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root,
+                                     dataclasses.replace(self.config, memory_budget=named),
+                                     outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
+                                     freed_before_optimizer=self.freed_before_optimizer)
+        except BudgetError:
+            return None
+        if candidate is None or candidate.plan is None:
+            return None
+        candidate.budget_bytes, candidate.target_bytes = result.budget_bytes, named
+        fw, bw = partition(candidate)
+        candidate.check_partition(fw, bw)
+        self._count_runs(candidate, fw)
+        return candidate.step_peak_bytes, candidate, fw, bw
 
     def _least_partitioned(self, error: Any, gm: fx.GraphModule, num_fwd_outputs: int, root: str,
                            partition: Callable[[Any], Any]) -> Any:

@@ -707,6 +707,14 @@ def _after_graph(sim: Any) -> int:
     return sim.optimizer_step_peak_bytes
 
 
+def lowest_peak_found(analysis: Any) -> int | None:
+    """The lowest peak (without memory held outside) of a plan the lowest-peak searches of this
+    annotated graph found so far, by the exact simulation; None where none has run."""
+    memo = analysis.searches.get("lowest")
+    peaks = [outcome[0] for outcome in memo.outcomes.values()] if memo is not None else []
+    return min(peaks, default=None)
+
+
 def smallest_feasible_peak(analysis: Any, config: SACConfig) -> int:
     """The lowest peak found on this annotated graph, by a plan the exact memory
     simulation confirms; never below the optimizer step's own peak."""
