@@ -32,7 +32,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 # registers torch.ops.sac_compiler.fusion_barrier, which graphs this backend compiles may call
 # (also when Inductor serves them from its caches without running the partitioner)
 import sac_compiler.fusion_barrier  # noqa: F401
-from sac_compiler.config import SACConfig, format_bytes
+from sac_compiler.config import MemoryBudget, SACConfig, format_bytes
 from sac_compiler.passes.memory_model import rule_on
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class SACPartitioner(CustomPartitionerFn):
                  "of the lowest peak found, %d", named)
         try:
             candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root,
-                                     dataclasses.replace(self.config, memory_budget=named),
+                                     dataclasses.replace(self.config, memory_budget=MemoryBudget(bytes=named)),
                                      outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
                                      freed_before_optimizer=self.freed_before_optimizer)
         except BudgetError:
