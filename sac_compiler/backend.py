@@ -263,7 +263,7 @@ class SACPartitioner(CustomPartitionerFn):
         partitioned, where the partition rounds ended over the budget: the rounds lower their
         target by each plan's excess and can end on another plan at the same joint-graph peak that
         partitions higher. None where the lowest-peak search has not run or no plan is made."""
-        from sac_compiler.plan_graph import BudgetError, least_budget, lowest_peak_found, plan_and_tag
+        from sac_compiler.plan_graph import least_budget, lowest_peak_found
 
         low = lowest_peak_found(result.analysis)
         if low is None:
@@ -271,20 +271,32 @@ class SACPartitioner(CustomPartitionerFn):
         named = least_budget(result.analysis, self.config, low + result.outside_bytes, result.outside_bytes)
         log.info("sac: the partition rounds ended over the budget; partitioning the plan made at the least budget "
                  "of the lowest peak found, %d", named)
+        planned = self._partitioned_at(named, gm, num_fwd_outputs, root, partition)
+        if planned is None:
+            return None
+        candidate, fw, bw = planned
+        candidate.budget_bytes, candidate.target_bytes = result.budget_bytes, named
+        return candidate.step_peak_bytes, candidate, fw, bw
+
+    def _partitioned_at(self, budget: int, gm: fx.GraphModule, num_fwd_outputs: int, root: str,
+                        partition: Callable[[Any], Any]) -> tuple[Any, Any, Any] | None:
+        """(result, forward, backward) of the plan made for the absolute ``budget``, partitioned and
+        checked, or None where that budget plans nothing."""
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag
+
+        config = dataclasses.replace(self.config, memory_budget=MemoryBudget(bytes=budget))
         try:
-            candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root,
-                                     dataclasses.replace(self.config, memory_budget=MemoryBudget(bytes=named)),
-                                     outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
-                                     freed_before_optimizer=self.freed_before_optimizer)
+            result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, config,
+                                  outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
+                                  freed_before_optimizer=self.freed_before_optimizer)
         except BudgetError:
             return None
-        if candidate is None or candidate.plan is None:
+        if result is None or result.plan is None:
             return None
-        candidate.budget_bytes, candidate.target_bytes = result.budget_bytes, named
-        fw, bw = partition(candidate)
-        candidate.check_partition(fw, bw)
-        self._count_runs(candidate, fw)
-        return candidate.step_peak_bytes, candidate, fw, bw
+        fw, bw = partition(result)
+        result.check_partition(fw, bw)
+        self._count_runs(result, fw)
+        return result, fw, bw
 
     def _least_partitioned(self, error: Any, gm: fx.GraphModule, num_fwd_outputs: int, root: str,
                            partition: Callable[[Any], Any]) -> Any:
@@ -294,25 +306,17 @@ class SACPartitioner(CustomPartitionerFn):
         UNet block's do: docs/results.md), so that budget would plan and then measure over itself.
         The plan made at the least budget named is partitioned; where its graphs peak higher, the
         least budget named is theirs with the planner's margin. Any other error is returned as it is."""
-        from sac_compiler.plan_graph import BudgetError, least_budget, least_budget_advice, plan_and_tag
+        from sac_compiler.plan_graph import BudgetError, least_budget, least_budget_advice
 
         named = getattr(error, "least_budget", None)
         budget = self.config.memory_budget
         if named is None or self.config.compiler != "inductor" or budget is None or budget.bytes is None:
             return error
-        config = dataclasses.replace(self.config, memory_budget=named)
-        try:
-            result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, config,
-                                  outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
-                                  freed_before_optimizer=self.freed_before_optimizer)
-        except BudgetError:
+        planned = self._partitioned_at(named, gm, num_fwd_outputs, root, partition)
+        if planned is None:
             return error
-        if result is None or result.plan is None:
-            return error
-        fw, bw = partition(result)
-        result.check_partition(fw, bw)
-        result.runs_per_step, result.held_per_run_bytes = self.runs_per_step, held_per_run(result, fw)
-        need = least_budget(result.analysis, config, result.step_peak_bytes, result.outside_bytes)
+        result = planned[0]
+        need = least_budget(result.analysis, self.config, result.step_peak_bytes, result.outside_bytes)
         if need <= named:
             return error
         finding = (f"{error.finding}; the plan made at {named} bytes has partitioned graphs peaking at "
