@@ -303,7 +303,8 @@ class SACPartitioner(CustomPartitionerFn):
         """A refusal of an absolute budget under Inductor, naming a least budget the partitioned
         graphs meet: the refusal's least budget comes from the joint graph's simulation of the
         lowest-peak plan, and the partitioned graphs of the plan made at it can peak higher (the
-        UNet block's do: docs/results.md), so that budget would plan and then measure over itself.
+        UNet block's did until the joint simulation followed ``column_reduction_order``:
+        docs/results.md), so that budget would plan and then measure over itself.
         The plan made at the least budget named is partitioned; where its graphs peak higher, the
         least budget named is theirs with the planner's margin. Any other error is returned as it is."""
         from sac_compiler.plan_graph import BudgetError, least_budget, least_budget_advice

@@ -1257,10 +1257,10 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         plan, sim = hybrid
         log.info("sac plan: the program has no plan under %s; %s simulates at %s",
                  format_bytes(goal + outside), plan.status, format_bytes(sim.peak_bytes + outside))
-        if rounds.timed_out:
-            # the program found nothing at this goal within its limit: the calibration's solves,
-            # the same program shifted, would each run to their own
-            log.info("sac plan: no calibration search: the program found no plan under %s in time",
+        if rounds.solve_failed:
+            # the program returned nothing at this goal (within its limit): the calibration's
+            # solves, the same program shifted, would each run to their own limit
+            log.info("sac plan: no calibration search: the program returned no plan under %s",
                      format_bytes(goal + outside))
             return plan, sim
         # the program, shifted onto the exact simulation of the fastest plan (as after solved rounds),
@@ -1391,14 +1391,15 @@ class _Rounds:
     where one fits the goal; else why not (``error``; ``infeasible``: the program itself has no
     plan there, so the caller words the error once it has tried the other plans it knows), the
     round that came nearest the goal (``nearest``: plan, simulation) and the lowest peak a round
-    simulated (``best_simulated``, with the memory held outside). ``timed_out``: a solve found no
-    plan within its time limit (with a plan in hand), which ended the rounds."""
+    simulated (``best_simulated``, with the memory held outside). ``solve_failed``: a solve
+    returned no plan (its time limit reached without one, or a solver error; with a plan in hand),
+    which ended the rounds."""
 
     plan: Any = None
     sim: Any = None
     error: BudgetError | None = None
     infeasible: bool = False
-    timed_out: bool = False
+    solve_failed: bool = False
     nearest: tuple[Any, Any] | None = None
     best_simulated: int | None = None
 
@@ -1489,7 +1490,7 @@ def _solve_rounds(problem: Any, analysis: Any, config: SACConfig, goal: int, bud
             log.info("sac plan round %d: %s; the plan in hand stands", attempt + 1, e)
             error = BudgetError(f"the program found no plan under {format_bytes(solve_goal + outside)} in time")
             error.__cause__ = e
-            return _Rounds(error=error, nearest=nearest, timed_out=True,
+            return _Rounds(error=error, nearest=nearest, solve_failed=True,
                            best_simulated=None if sim is None else sim.peak_bytes + outside)
         sim = _simulate(analysis, config, plan.recompute)
         if sim.peak_bytes <= goal:
