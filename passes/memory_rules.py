@@ -172,7 +172,7 @@ def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Nod
 
     A folded value reads what its inputs read (the buffers; what folded inputs read in turn);
     it is stored instead when that is more than ``_REALIZE_ACC_READS`` buffers, or more than
-    ``_REALIZE_READS`` with more than one reader (``readers(node)``). Scalars do not count.
+    ``_REALIZE_READS`` with more than one reader (``readers(node)``). A scalar counts (a saved 0-d value, a tangent), a value computed from no tensor does not.
     ``realize=False`` (without the ``realize_thresholds`` rule): every candidate is folded.
     """
     inlined: set[fx.Node] = set()
@@ -183,7 +183,7 @@ def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Nod
             base = owner.get(arg, arg)
             if base in inlined:
                 read |= reads[base]
-            elif not _is_scalar(base):
+            elif _loaded(base):
                 read.add(base)
         if realize and (len(read) > _REALIZE_ACC_READS or (len(readers(node)) > 1 and len(read) > _REALIZE_READS)):
             continue
@@ -913,9 +913,14 @@ def _broadcasts_to(shape: Any, target: Any) -> bool:
     return all(size_hint(s) in (1, size_hint(t)) for s, t in zip(reversed(shape), reversed(target)))
 
 
-def _is_scalar(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return not isinstance(val, torch.Tensor) or val.dim() == 0
+def _loaded(node: fx.Node) -> bool:
+    """Whether a kernel reading ``node`` loads it from a buffer (Inductor counts it among the
+    kernel's reads): any tensor, a scalar one too (a saved 0-d value, a loss's tangent), but not a
+    value computed from no tensor (``full``, ``scalar_tensor``, ``iota``: Inductor computes it in
+    the kernel)."""
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    return node.op != "call_function" or bool(node.all_input_nodes)
 
 
 def fused_runs_until(nodes: list[fx.Node], index: dict[fx.Node, int],

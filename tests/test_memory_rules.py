@@ -340,6 +340,55 @@ def test_rule_realize_thresholds():
     assert joint == {(): 12 * tile, ("realize_thresholds",): 11 * tile}
 
 
+def test_realize_thresholds_count_scalar_inputs_as_reads_and_constants_not():
+    """A value with two readers is stored once folding would have it read more than four buffers;
+    a 0-d input counts as one (the saved scalars and the loss's tangent of a cross-entropy's
+    backward, whose one-hot gradient is then stored beside the saved log-softmax), a constant
+    computed from no tensor does not. Checked against what Inductor itself stores, on CPU."""
+    from sac_compiler.passes.memory_rules import inductor_inlined
+
+    from sac_compiler.inductor_order import lower_to_schedule
+
+    def graph_of(scalars, constants):
+        graph, op, placeholder = _graph_builder()
+        x = placeholder("x", torch.empty(64, 64))
+        factors = [placeholder(f"s{i}", torch.empty(())) for i in range(scalars)]
+        for i in range(constants):
+            full = graph.call_function(aten.full.default, ([], float(i + 2)),
+                                       {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
+            full.meta["val"] = torch.empty(())
+            factors.append(full)
+        chain = []
+        m = x
+        for f in factors:  # m = x * f_0 * f_1 ...: folded, read by a row sum and a subtraction
+            m = op(aten.mul.Tensor, m, f, val=torch.empty(64, 64))
+            chain.append(m)
+        total = op(aten.sum.dim_IntList, m, [1], True, val=torch.empty(64, 1))
+        out = op(aten.sub.Tensor, m, total, val=torch.empty(64, 64))
+        graph.output((out,))
+        return torch.fx.GraphModule(torch.nn.Module(), graph), chain
+
+    def inductor_stores(gm):
+        stored: list[int] = []
+
+        def read(nodes):
+            stored.extend(int(buf.node.get_numel()) for node in nodes for part in node.get_nodes()
+                          for buf in part.get_outputs() if int(buf.node.get_numel()) == 64 * 64)
+
+        with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            for node in gm.graph.find_nodes(op="placeholder"):
+                node.meta["val"] = mode.from_tensor(node.meta["val"])
+            lower_to_schedule(gm, backward=False, read=read)
+        return len(stored) > 1  # the product besides the output
+
+    for scalars, constants, stored in ((4, 0, True), (3, 0, False), (3, 2, False)):
+        gm, chain = graph_of(scalars, constants)
+        assert inductor_stores(gm) == stored, (scalars, constants)
+        gm, chain = graph_of(scalars, constants)
+        inlined = inductor_inlined(chain, lambda n: list(n.users), {})
+        assert (chain[-1] not in inlined) == stored, (scalars, constants)
+
+
 def test_rule_addmm_fold():
     gm, _mm, _add = _mm_then_add(user_pointwise=False)
     nodes = list(gm.graph.nodes)
