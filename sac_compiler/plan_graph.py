@@ -43,6 +43,7 @@ from sac_compiler.passes.annotate_ops import (
     fuses_pointwise_inputs,
     is_collective_op,
     is_pointwise_op,
+    op_name,
 )
 from sac_compiler.passes.annotate_runtime import achieved_seconds
 from sac_compiler.passes.memory_model import live_by, rule_on
@@ -545,6 +546,23 @@ def fraction_budget(fraction: float, lowest: int, fastest: int) -> int:
     return lowest + int(fraction * (fastest - lowest))
 
 
+# ops that fill a tensor with constants computed from no tensor (deterministic: no random op)
+_FILLS = frozenset({"aten.full", "aten.scalar_tensor", "aten.zeros", "aten.ones", "aten.arange", "prims.iota"})
+
+
+def constant_fills(gm: fx.GraphModule) -> frozenset[str]:
+    """The forward's values computed from no tensor (a ``full``, a ``scalar_tensor``), which every
+    plan recomputes.
+
+    Recomputing one costs nothing (Inductor computes it inside each kernel that reads it), and
+    saving one makes the backward load it: a saved 0-d fill counts among a kernel's reads, which
+    can make Inductor store a value it would otherwise fold (a cross-entropy's one-hot gradient,
+    stored beside a saved log-softmax where the plan saved the ignore index's fills:
+    ``realize_thresholds``, docs/results.md)."""
+    return frozenset(n.name for n in gm.graph.nodes if n.op == "call_function" and not n.all_input_nodes
+                     and op_name(n.target) in _FILLS and get_record(n).side == Side.FORWARD)
+
+
 def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
     """Write the plan as ``meta["recompute"]`` on the forward nodes; return how many of each.
 
@@ -554,9 +572,10 @@ def tag_graph(gm: fx.GraphModule, recompute: Iterable[str]) -> dict[str, int]:
     MUST_SAVE whatever ``recompute`` says (a wait is an alias of the collective's output, which
     would otherwise count as free to recompute): the partitioner must not add a collective to
     backward that the plan did not (see ``never_recomputed``). Under Inductor the plan itself
-    recomputes the pointwise values Inductor would fuse (see ``build_plan_problem``).
+    recomputes the pointwise values Inductor would fuse (see ``build_plan_problem``). The constant
+    fills are MUST_RECOMPUTE whatever ``recompute`` says (``constant_fills``).
     """
-    recompute = set(recompute)
+    recompute = set(recompute) | constant_fills(gm)
     owner = _owner_map(gm)
     counts = {"must_save": 0, "must_recompute": 0}
     for node in gm.graph.nodes:
@@ -1817,7 +1836,8 @@ def simulate_plan(result: GraphPlanResult, config: SACConfig) -> Any:
 
 def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any:
     """The exact memory simulation of the joint graph with ``recompute`` recomputed (with the
-    other runs of ``config.runs_per_step``, see ``with_other_runs``)."""
+    other runs of ``config.runs_per_step``, see ``with_other_runs``), and the constant fills, as
+    ``tag_graph`` tags them."""
     from sac_compiler.passes.annotate_memory import annotate_memory
 
     return with_other_runs(annotate_memory(
@@ -1827,7 +1847,7 @@ def _simulate(analysis: Any, config: SACConfig, recompute: Iterable[str]) -> Any
         optimizer=config.optimizer,
         optimizer_state_bytes=config.optimizer_state_bytes,
         fused_pointwise=config.compiler == "inductor",
-        recomputed=set(recompute),
+        recomputed=set(recompute) | constant_fills(analysis.graph.gm),
         annotate=False,
         hold_outputs=config.hold_outputs,
         loss_memory=config.loss_memory,

@@ -587,6 +587,36 @@ def test_fused_simulation_of_a_recomputed_residual_chain_matches_the_partition()
     assert joint.peak_bytes == result.partitioned.peak_bytes
 
 
+def test_every_plan_recomputes_the_constant_fills():
+    """A value computed from no tensor (the fills a decomposed cross-entropy makes for its ignore
+    index) is recomputed whatever the plan says: saved, the backward would load it, and a 0-d
+    value loaded counts among the reads that make Inductor store a value it would fold (the BERT's
+    one-hot gradient beside its saved log-softmax, docs/results.md)."""
+    import torch.nn.functional as F
+    from sac_compiler.passes import annotate_modules, annotate_ops
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from sac_compiler import capture_joint
+    from sac_compiler.plan_graph import constant_fills, tag_graph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 100))
+    x, t = torch.randn(16, 32), torch.randint(0, 100, (16,))
+    graph = capture_joint(lambda x, t: F.cross_entropy(model(x), t), x, t, target_device="cpu", decompose=True)
+    annotate_modules(graph.gm, graph.root_name)
+    annotate_ops(graph.gm)
+    fills = constant_fills(graph.gm)
+    scalar_fills = {n.name for n in graph.gm.graph.find_nodes(op="call_function",
+                                                              target=torch.ops.aten.scalar_tensor.default)}
+    assert fills and fills <= scalar_fills  # the forward's (the backward makes its own)
+    tag_graph(graph.gm, ())  # a plan that recomputes nothing
+    _, bw = min_cut_rematerialization_partition(graph.gm, [], num_fwd_outputs=graph.num_fwd_outputs)
+    saved = {n.name: n.meta["val"] for n in bw.graph.find_nodes(op="placeholder")}
+    assert not fills & set(saved), fills & set(saved)
+    # the token count is computed from the targets: saved, as the plan says
+    assert any(v.dim() == 0 for name, v in saved.items() if not name.startswith("tangents"))
+
+
 def test_dynamic_shapes_plan_at_the_size_hints_and_stay_exact():
     """With dynamic=True one graph serves every batch size (planning must not specialise its
     sizes: the flop count of a symbolic matmul once did, and each batch size recompiled); the plan
