@@ -172,7 +172,8 @@ def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Nod
 
     A folded value reads what its inputs read (the buffers; what folded inputs read in turn);
     it is stored instead when that is more than ``_REALIZE_ACC_READS`` buffers, or more than
-    ``_REALIZE_READS`` with more than one reader (``readers(node)``). A scalar counts (a saved 0-d value, a tangent), a value computed from no tensor does not.
+    ``_REALIZE_READS`` with more than one reader (``readers(node)``). A 0-d input counts (a saved
+    scalar, a loss's tangent); a value computed from no tensor does not (``_loaded``).
     ``realize=False`` (without the ``realize_thresholds`` rule): every candidate is folded.
     """
     inlined: set[fx.Node] = set()

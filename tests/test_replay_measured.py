@@ -74,7 +74,7 @@ BERT_QUARTER = [(RECORDED.parent / "partitions_h100_bert_quarter_4d86b24", "save
 def test_the_berts_cross_entropy_backward_simulates_as_inductor_stored_it(folder, what):
     """The BERT at 0.25 with the loss inside, measured on an H100: where the plan saved the
     cross-entropy's 0-d fills, Inductor stored the one-hot gradient beside the saved log-softmax
-    (a logits-sized buffer more; the model once had it folded, 0.62 of the measured peak); where
+    (a logits-sized buffer more, which the model once had folded into its readers); where
     the fills are recomputed, it wrote the gradient into the donated log-softmax. Both within 2%
     of the measured extra peak."""
     (name,) = measured(folder)["cells"]
