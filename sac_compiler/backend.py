@@ -271,7 +271,7 @@ class SACPartitioner(CustomPartitionerFn):
         named = least_budget(result.analysis, self.config, low + result.outside_bytes, result.outside_bytes)
         log.info("sac: the partition rounds ended over the budget; partitioning the plan made at the least budget "
                  "of the lowest peak found, %d", named)
-        planned = self._partitioned_at(named, gm, num_fwd_outputs, root, partition)
+        planned = self._partitioned_at(named, gm, num_fwd_outputs, root, partition, previous=result)
         if planned is None:
             return None
         candidate, fw, bw = planned
@@ -279,16 +279,17 @@ class SACPartitioner(CustomPartitionerFn):
         return candidate.step_peak_bytes, candidate, fw, bw
 
     def _partitioned_at(self, budget: int, gm: fx.GraphModule, num_fwd_outputs: int, root: str,
-                        partition: Callable[[Any], Any]) -> tuple[Any, Any, Any] | None:
+                        partition: Callable[[Any], Any], previous: Any = None) -> tuple[Any, Any, Any] | None:
         """(result, forward, backward) of the plan made for the absolute ``budget``, partitioned and
-        checked, or None where that budget plans nothing."""
+        checked, or None where that budget plans nothing. ``previous``: a plan of this graph made
+        before, whose analysis (and the lowest-peak searches run on it) the plan reuses."""
         from sac_compiler.plan_graph import BudgetError, plan_and_tag
 
         config = dataclasses.replace(self.config, memory_budget=MemoryBudget(bytes=budget))
         try:
             result = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, config,
                                   outside_bytes=self.outside_bytes, fsdp=self.fsdp, target_device=self.target_device,
-                                  freed_before_optimizer=self.freed_before_optimizer)
+                                  previous=previous, freed_before_optimizer=self.freed_before_optimizer)
         except BudgetError:
             return None
         if result is None or result.plan is None:

@@ -746,6 +746,37 @@ def test_a_refusal_under_inductor_names_a_least_budget_the_partitioned_graphs_me
     assert result.step_peak_bytes <= least - planning_margin(result, config)
 
 
+def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
+    """Where the partition rounds end over the budget the backend partitions the plan made at the
+    least budget of the lowest peak found (``SACPartitioner._lowest_plan_partitioned``). That plan
+    is of the same graph: it reuses the annotated graph and the lowest-peak searches already run
+    on it rather than annotating the graph and searching again (here the partitioned simulation
+    is made to peak higher than any plan can meet, so the rounds end over the budget)."""
+    from benchmarks.plan_offline import _capture
+    from sac_compiler import analysis
+    from sac_compiler.plan_graph import GraphPlanResult
+    from sac_compiler.planner import plan_partitioned
+
+    own_simulate = GraphPlanResult.simulate
+    monkeypatch.setattr(GraphPlanResult, "simulate", lambda self, fw, bw: dataclasses.replace(
+        own_simulate(self, fw, bw), peak_bytes=own_simulate(self, fw, bw).peak_bytes + 2**30))
+    analyses, lowest = [], []
+    own_analyze = analysis.analyze
+    monkeypatch.setattr(analysis, "analyze", lambda *a, **k: analyses.append(own_analyze(*a, **k)) or analyses[-1])
+    own_lowest = SACPartitioner._lowest_plan_partitioned
+
+    def lowest_partitioned(self, *args, **kwargs):
+        lowest.append(own_lowest(self, *args, **kwargs))
+        return lowest[-1]
+
+    monkeypatch.setattr(SACPartitioner, "_lowest_plan_partitioned", lowest_partitioned)
+    result = plan_partitioned(_capture("gpt2", True, "small"),
+                              SACConfig.from_options({"memory_budget": 0.5, "compiler": "inductor"}))
+    assert len(lowest) == 1 and lowest[0] is not None  # the lowest plan was partitioned
+    assert len(analyses) == 1  # and planned on the graph's one analysis
+    assert result.analysis is analyses[0]
+
+
 class _SpectralNet(nn.Module):
     """Spectral norm's power iteration updates its ``_u``/``_v`` buffers in place in forward, from
     each other (no mutated value has the layout of its input)."""
