@@ -229,6 +229,12 @@ class SACPartitioner(CustomPartitionerFn):
                         target = (target + plannable) // 2  # too low for any plan: halfway back
                 if candidate is None:
                     break
+                if (candidate.plan is not None and candidate.offload is None and result.offload is None
+                        and frozenset(candidate.plan.recompute) == frozenset(result.plan.recompute)
+                        and (candidate.predicted_peak or 0) > target - planning_margin(candidate, self.config)):
+                    # the same plan again, above the target: the lowest the planner finds, which a lower
+                    # target gives again; partitioned, it would peak where it did
+                    break
                 plannable, result = target, candidate
                 fw, bw = partition(result)
                 result.check_partition(fw, bw)

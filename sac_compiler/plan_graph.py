@@ -1189,6 +1189,12 @@ def _plan(result: GraphPlanResult, config: SACConfig, target: int | None = None,
         result.fraction_range = (low, high)
         log.info("sac plan: memory_budget %g resolves to %s (lowest peak found %s, fastest plan %s)",
                  fraction, format_bytes(budget), format_bytes(low), format_bytes(high))
+    elif fraction is not None and fraction < 1.0 and target is not None:
+        # a fraction's plan made again for a lower target (the partitioned graphs peaked over it):
+        # the lowest peak its range found (searched on this analysis, so known) tells whether the
+        # target asks for less, where the program's rounds would search to their time limits
+        lowest = _lowest_plan(problem, analysis, config, options, fastest=fastest, refine=False, lower=False,
+                              memo=memo)
     result.budget_bytes = budget
     result.target_bytes = target if target is not None else budget
     margin = planning_margin(result, config)

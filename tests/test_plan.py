@@ -777,6 +777,33 @@ def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
     assert result.analysis is analyses[0]
 
 
+def test_a_fractions_plan_made_again_below_its_lowest_peak_runs_no_solver_rounds(monkeypatch):
+    """memory_budget 0 resolves to the lowest peak found; where the partitioned graphs peak over
+    it, the backend plans again for a lower target. No plan is below the lowest found: the
+    planner returns the lowest-peak plan without running the program's rounds (each solve would
+    search under it to its time limit, minutes on the MoE), and the backend partitions no plan
+    twice (the partitioned simulation is made to peak higher than any plan can meet here)."""
+    from benchmarks.plan_offline import _capture
+    from sac_compiler.plan_graph import GraphPlanResult
+    from sac_compiler.planner import plan_partitioned
+
+    own_simulate = GraphPlanResult.simulate
+    monkeypatch.setattr(GraphPlanResult, "simulate", lambda self, fw, bw: dataclasses.replace(
+        own_simulate(self, fw, bw), peak_bytes=own_simulate(self, fw, bw).peak_bytes + 2**30))
+    rounds, checked = [], []
+    own_rounds = plan_graph._solve_rounds
+    monkeypatch.setattr(plan_graph, "_solve_rounds", lambda problem, analysis, config, *args, **kwargs: (
+        rounds.append(config.memory_budget) or own_rounds(problem, analysis, config, *args, **kwargs)))
+    own_check = GraphPlanResult.check_partition
+    monkeypatch.setattr(GraphPlanResult, "check_partition", lambda self, fw, bw: (
+        checked.append(frozenset(self.plan.recompute)) or own_check(self, fw, bw)))
+    result = plan_partitioned(_capture("gpt2", True, "small"),
+                              SACConfig.from_options({"memory_budget": 0.0, "compiler": "inductor"}))
+    assert result.plan is not None and len(checked) >= 2  # planned again after the first partition
+    assert [budget for budget in rounds if budget.fraction is not None] == []
+    assert len(set(checked)) == len(checked)
+
+
 class _SpectralNet(nn.Module):
     """Spectral norm's power iteration updates its ``_u``/``_v`` buffers in place in forward, from
     each other (no mutated value has the layout of its input)."""
