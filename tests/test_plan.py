@@ -781,7 +781,7 @@ def test_a_fractions_plan_made_again_below_its_lowest_peak_runs_no_solver_rounds
     """memory_budget 0 resolves to the lowest peak found; where the partitioned graphs peak over
     it, the backend plans again for a lower target. No plan is below the lowest found: the
     planner returns the lowest-peak plan without running the program's rounds (each solve would
-    search under it to its time limit, minutes on the MoE), and the backend partitions no plan
+    search under it to its time limit), and the backend partitions no plan
     twice (the partitioned simulation is made to peak higher than any plan can meet here)."""
     from benchmarks.plan_offline import _capture
     from sac_compiler.plan_graph import GraphPlanResult
