@@ -746,6 +746,19 @@ def test_a_refusal_under_inductor_names_a_least_budget_the_partitioned_graphs_me
     assert result.step_peak_bytes <= least - planning_margin(result, config)
 
 
+def _partitioned_out_of_reach(monkeypatch):
+    """Make every plan's partitioned simulation peak 1 GiB higher: no plan meets its budget there."""
+    from sac_compiler.plan_graph import GraphPlanResult
+
+    own_simulate = GraphPlanResult.simulate
+
+    def simulate(self, fw, bw):
+        sim = own_simulate(self, fw, bw)
+        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + 2**30)
+
+    monkeypatch.setattr(GraphPlanResult, "simulate", simulate)
+
+
 def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
     """Where the partition rounds end over the budget the backend partitions the plan made at the
     least budget of the lowest peak found (``SACPartitioner._lowest_plan_partitioned``). That plan
@@ -754,12 +767,9 @@ def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
     is made to peak higher than any plan can meet, so the rounds end over the budget)."""
     from benchmarks.plan_offline import _capture
     from sac_compiler import analysis
-    from sac_compiler.plan_graph import GraphPlanResult
     from sac_compiler.planner import plan_partitioned
 
-    own_simulate = GraphPlanResult.simulate
-    monkeypatch.setattr(GraphPlanResult, "simulate", lambda self, fw, bw: dataclasses.replace(
-        own_simulate(self, fw, bw), peak_bytes=own_simulate(self, fw, bw).peak_bytes + 2**30))
+    _partitioned_out_of_reach(monkeypatch)
     analyses, lowest = [], []
     own_analyze = analysis.analyze
     monkeypatch.setattr(analysis, "analyze", lambda *a, **k: analyses.append(own_analyze(*a, **k)) or analyses[-1])
@@ -781,15 +791,13 @@ def test_a_fractions_plan_made_again_below_its_lowest_peak_runs_no_solver_rounds
     """memory_budget 0 resolves to the lowest peak found; where the partitioned graphs peak over
     it, the backend plans again for a lower target. No plan is below the lowest found: the
     planner returns the lowest-peak plan without running the program's rounds (each solve would
-    search under it to its time limit), and the backend partitions no plan
-    twice (the partitioned simulation is made to peak higher than any plan can meet here)."""
+    search under it to its time limit), and the backend partitions no plan twice (the
+    partitioned simulation is made to peak higher than any plan can meet here)."""
     from benchmarks.plan_offline import _capture
     from sac_compiler.plan_graph import GraphPlanResult
     from sac_compiler.planner import plan_partitioned
 
-    own_simulate = GraphPlanResult.simulate
-    monkeypatch.setattr(GraphPlanResult, "simulate", lambda self, fw, bw: dataclasses.replace(
-        own_simulate(self, fw, bw), peak_bytes=own_simulate(self, fw, bw).peak_bytes + 2**30))
+    _partitioned_out_of_reach(monkeypatch)
     rounds, checked = [], []
     own_rounds = plan_graph._solve_rounds
     monkeypatch.setattr(plan_graph, "_solve_rounds", lambda problem, analysis, config, *args, **kwargs: (
