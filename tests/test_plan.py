@@ -712,6 +712,21 @@ def test_an_infeasible_byte_budget_names_the_least_budget_that_plans():
     assert result.partitioned.peak_bytes <= least
 
 
+def _partitioned_higher(monkeypatch, extra):
+    """Make every plan's partitioned simulation peak ``extra`` bytes higher than the memory model
+    has it (a behaviour of Inductor only the partitioned simulation would follow; 1 GiB: no plan
+    meets its budget there)."""
+    from sac_compiler.plan_graph import GraphPlanResult
+
+    own_simulate = GraphPlanResult.simulate
+
+    def simulate(self, fw, bw):
+        sim = own_simulate(self, fw, bw)
+        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + extra)
+
+    monkeypatch.setattr(GraphPlanResult, "simulate", simulate)
+
+
 @pytest.mark.parametrize("partitioned_higher", [0, 64 * 1024])
 def test_a_refusal_under_inductor_names_a_least_budget_the_partitioned_graphs_meet(monkeypatch, partitioned_higher):
     """Under Inductor the least budget a refusal names is checked on the partitioned graphs of the
@@ -722,16 +737,10 @@ def test_a_refusal_under_inductor_names_a_least_budget_the_partitioned_graphs_me
     planner's margin; where they agree (the UNet block as the simulations have it now) the
     refusal names the joint graph's least budget, which plans within itself too."""
     from benchmarks.plan_offline import _capture
-    from sac_compiler.plan_graph import BudgetError, GraphPlanResult, planning_margin
+    from sac_compiler.plan_graph import BudgetError, planning_margin
     from sac_compiler.planner import plan_partitioned
 
-    own_simulate = GraphPlanResult.simulate
-
-    def simulate(self, fw, bw):
-        sim = own_simulate(self, fw, bw)
-        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + partitioned_higher)
-
-    monkeypatch.setattr(GraphPlanResult, "simulate", simulate)
+    _partitioned_higher(monkeypatch, partitioned_higher)
 
     def plan(budget):
         return plan_partitioned(_capture("unet_block", False, "small"),
@@ -746,19 +755,6 @@ def test_a_refusal_under_inductor_names_a_least_budget_the_partitioned_graphs_me
     assert result.step_peak_bytes <= least - planning_margin(result, config)
 
 
-def _partitioned_out_of_reach(monkeypatch):
-    """Make every plan's partitioned simulation peak 1 GiB higher: no plan meets its budget there."""
-    from sac_compiler.plan_graph import GraphPlanResult
-
-    own_simulate = GraphPlanResult.simulate
-
-    def simulate(self, fw, bw):
-        sim = own_simulate(self, fw, bw)
-        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + 2**30)
-
-    monkeypatch.setattr(GraphPlanResult, "simulate", simulate)
-
-
 def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
     """Where the partition rounds end over the budget the backend partitions the plan made at the
     least budget of the lowest peak found (``SACPartitioner._lowest_plan_partitioned``). That plan
@@ -769,7 +765,7 @@ def test_the_lowest_plan_partitioned_reuses_the_graphs_analysis(monkeypatch):
     from sac_compiler import analysis
     from sac_compiler.planner import plan_partitioned
 
-    _partitioned_out_of_reach(monkeypatch)
+    _partitioned_higher(monkeypatch, 2**30)
     analyses, lowest = [], []
     own_analyze = analysis.analyze
     monkeypatch.setattr(analysis, "analyze", lambda *a, **k: analyses.append(own_analyze(*a, **k)) or analyses[-1])
@@ -797,7 +793,7 @@ def test_a_fractions_plan_made_again_below_its_lowest_peak_runs_no_solver_rounds
     from sac_compiler.plan_graph import GraphPlanResult
     from sac_compiler.planner import plan_partitioned
 
-    _partitioned_out_of_reach(monkeypatch)
+    _partitioned_higher(monkeypatch, 2**30)
     rounds, checked = [], []
     own_rounds = plan_graph._solve_rounds
     monkeypatch.setattr(plan_graph, "_solve_rounds", lambda problem, analysis, config, *args, **kwargs: (
