@@ -11,10 +11,11 @@ the planning time (what ``GraphPlanResult.planning_s`` counts: all but the one p
 
     python benchmarks/plan_offline.py --models t5 gpt2 --fractions 0.5 0.75 --out plans.json
 
-With a CUDA build of torch (no GPU needed), ``--checks-in-cuda-order`` checks each plan as
-``partition_order="auto"`` does on a GPU (the backward in the order Inductor schedules it for
-CUDA), and ``--replay-cuda`` gives the final plan's peak in that order (what the default check,
-in graph order, accepted)::
+With a CUDA build of torch (no GPU needed), ``--order auto`` checks the plans as
+``partition_order="auto"`` does on a GPU (in graph order, then the plan those checks end on with
+the backward in the order Inductor schedules it for CUDA), ``--order inductor`` checks every plan
+in that order, and ``--replay-cuda`` gives the final plan's peak in that order (what the default
+check, in graph order, accepted)::
 
     python benchmarks/plan_offline.py --models t5 --fractions 0.5 --replay-cuda
 
@@ -47,12 +48,12 @@ log = logging.getLogger(__name__)
 
 
 def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, size: str = "full",
-               cuda_checks: bool = False, replay_cuda: bool = False) -> dict[str, Any]:
+               order: str = "graph", replay_cuda: bool = False) -> dict[str, Any]:
     """One zoo model at ``size``, planned offline at ``fraction`` for the device ``spec``.
 
-    ``cuda_checks``: each plan's partitioned graphs are checked with the backward in the order
-    Inductor schedules it for CUDA, as ``partition_order="auto"`` checks them on a GPU (each
-    partition recorded and replayed on fake CUDA tensors). ``replay_cuda``: the final plan's
+    ``order``: the backend's ``partition_order``; "auto" and "inductor" check plans with the
+    backward in the order Inductor schedules it for CUDA as they do on a GPU (each such partition
+    recorded and replayed on fake CUDA tensors). ``replay_cuda``: the final plan's
     partitioned graphs are also replayed in that order (``partitioned_cuda``). Both lower graphs
     for CUDA here (``benchmarks/cuda_lowering.py``): they need a CUDA build of torch, no GPU."""
     from benchmarks.zoo import ZOO
@@ -69,16 +70,18 @@ def plan_model(name: str, fraction: float, spec: str, loss_inside: bool = True, 
                                spec=spec, nodes=len(graph.gm.graph.nodes), capture_s=round(capture_s, 2),
                                torch=torch.__version__)
     lowering_s: list[float] = []
+    cuda_checks = order != "graph"
     if cuda_checks or replay_cuda:
         from benchmarks.cuda_lowering import answer_as_h200
 
         answer_as_h200()  # after the capture: Dynamo's tracing does not run under it
-        row["partition_order"] = "cuda" if cuda_checks else "graph"
+        row["partition_order"] = order
     start = time.perf_counter()
     partitions: list[Any] = []
     try:
         with _checks_in_cuda_order(lowering_s) if cuda_checks else contextlib.nullcontext(), _kept(partitions):
-            result = plan_partitioned(graph, SACConfig.from_options({"memory_budget": fraction, "device": spec}))
+            result = plan_partitioned(graph, SACConfig.from_options({"memory_budget": fraction, "device": spec,
+                                                                     "partition_order": order}))
     except BudgetError as error:
         return {**row, "error": str(error), "wall_s": round(time.perf_counter() - start, 2)}
     wall_s = round(time.perf_counter() - start, 2)
@@ -190,26 +193,37 @@ def _kept(partitions: list[Any]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _checks_in_cuda_order(lowering_s: list[float]) -> Iterator[None]:
-    """Within the block, the backend checks each plan's partitioned graphs in Inductor's CUDA order."""
+    """Within the block, the backend checks plans in Inductor's CUDA order where its
+    ``partition_order`` says so on a GPU ("inductor" every plan, "auto" the plan its graph-order
+    checks end on): the graphs here are on meta tensors, which no GPU lowers, so the check records
+    each partition and replays it on fake CUDA tensors. ``lowering_s``: each such check's time."""
     from sac_compiler.plan_graph import GraphPlanResult
 
-    own = GraphPlanResult.simulate
+    own_simulate, own_resolved = GraphPlanResult.simulate, GraphPlanResult.resolved_order
 
-    def simulate(self: Any, fw: Any, bw: Any) -> Any:
+    def resolved(self: Any, bw: Any, order: str | None = None) -> str:
+        order = order or self.partition_order
+        return "inductor" if order in ("auto", "inductor") and self.fused_pointwise else "graph"
+
+    def simulate(self: Any, fw: Any, bw: Any, order: str | None = None) -> Any:
+        if resolved(self, bw, order) != "inductor":
+            return own_simulate(self, fw, bw, "graph")
         start = time.perf_counter()
         try:
             peak = _in_cuda_order(self, fw, bw)
         except ValueError as error:  # a partition a record cannot hold: checked in graph order
             log.warning("plan_offline: a partition checked in graph order: %s", error)
-            return own(self, fw, bw)
+            return own_simulate(self, fw, bw, "graph")
         lowering_s.append(time.perf_counter() - start)
         return peak
 
     GraphPlanResult.simulate = simulate  # type: ignore[method-assign]
+    GraphPlanResult.resolved_order = resolved  # type: ignore[method-assign]
     try:
         yield
     finally:
-        GraphPlanResult.simulate = own  # type: ignore[method-assign]
+        GraphPlanResult.simulate = own_simulate  # type: ignore[method-assign]
+        GraphPlanResult.resolved_order = own_resolved  # type: ignore[method-assign]
 
 
 def _gib(n: int | None) -> str:
@@ -230,9 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", default="H200", help="device spec the plans are for (default: H200)")
     parser.add_argument("--model-only", action="store_true",
                         help="plan the model's own graph even where its loss can be computed inside (default: off)")
-    parser.add_argument("--checks-in-cuda-order", action="store_true",
-                        help="check each plan's partitioned graphs with the backward in Inductor's CUDA order, as "
-                             "partition_order='auto' does on a GPU (needs a CUDA build of torch, no GPU; default: off)")
+    parser.add_argument("--order", default="graph", choices=("graph", "auto", "inductor"),
+                        help="the backend's partition_order, its checks in Inductor's CUDA order made as on a GPU "
+                             "(needs a CUDA build of torch, no GPU; default: graph)")
+    parser.add_argument("--checks-in-cuda-order", action="store_const", dest="order", const="inductor",
+                        help="--order inductor: every plan checked in Inductor's CUDA order")
     parser.add_argument("--replay-cuda", action="store_true",
                         help="also replay the final plan's partitioned graphs in Inductor's CUDA order "
                              "(needs a CUDA build of torch, no GPU; default: off)")
@@ -250,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         full_ac = full_ac_peak(name, loss_inside=not args.model_only, size=args.size) if args.full_ac else {}
         for fraction in args.fractions:
             row = plan_model(name, fraction, args.spec, loss_inside=not args.model_only, size=args.size,
-                             cuda_checks=args.checks_in_cuda_order, replay_cuda=args.replay_cuda)
+                             order=args.order, replay_cuda=args.replay_cuda)
             row.update(full_ac)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

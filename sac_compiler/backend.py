@@ -113,6 +113,8 @@ class SACPartitioner(CustomPartitionerFn):
         # graph on CPU or meta fake tensors for a GPU); None: the device of the graph's inputs
         self.target_device: torch.device | None = None
         self._checks: list[tuple[int | None, int]] = []
+        # the order the partitioned graphs are checked in now (GraphPlanResult.simulate's ``order``)
+        self._order: str | None = None
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -195,57 +197,24 @@ class SACPartitioner(CustomPartitionerFn):
         else:
             fw, bw = partition(result)
         if result is not None:
-            result.check_partition(fw, bw)
-            self._count_runs(result, fw)
-            # (no budget: no plan, and the loop below stops at once)
-            target = plannable = result.budget_bytes or 0
+            # "auto": every plan checked in graph order (the rounds below), then the plan they end on
+            # checked once more in Inductor's order where Inductor compiles the graphs for a CUDA GPU
+            # this process sees, and the rounds run again in that order if it peaks over there
+            confirm = self.config.partition_order == "auto"
+            self._order = "graph" if confirm else self.config.partition_order
+            self._check(result, fw, bw)
+            # (no budget: no plan, and the rounds stop at once)
             # the partitioned graphs must leave the planner's margin free too: the plan aims there
             limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
-            best = (result.step_peak_bytes, result, fw, bw)
-            for _ in range(_PARTITION_ROUNDS):
-                if result.plan is None or result.step_peak_bytes <= limit:
-                    break
-                # The partitioned graphs peak higher than the joint-graph plan said: plan lower, by
-                # the excess below this plan's own joint-graph peak where that is under the target
-                # (a target lowered by a few MiB that the plan already clears gives the same plan),
-                # and by an eighth of the margin more (planning lower by the excess alone can land
-                # a few MiB over again, round after round)
-                margin = planning_margin(result, self.config)
-                own = result.predicted_peak + margin if result.predicted_peak is not None else target
-                target = min(target, own) - (result.step_peak_bytes - limit) - margin // _OVERSHOOT
-                candidate = None
-                for _ in range(_BISECTIONS):
-                    log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "
-                             "less the planner's margin; planning for %d", result.step_peak_bytes,
-                             self.runs_per_step, result.budget_bytes, target)
-                    try:
-                        candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
-                                                 target=target, budget=result.budget_bytes,
-                                                 outside_bytes=self.outside_bytes, fsdp=self.fsdp,
-                                                 target_device=self.target_device, previous=result,
-                                                 freed_before_optimizer=self.freed_before_optimizer)
-                        break
-                    except BudgetError:
-                        target = (target + plannable) // 2  # too low for any plan: halfway back
-                if candidate is None:
-                    break
-                if (candidate.plan is not None and candidate.offload is None and result.offload is None
-                        and frozenset(candidate.plan.recompute) == frozenset(result.plan.recompute)
-                        and (candidate.predicted_peak or 0) > target - planning_margin(candidate, self.config)):
-                    # the same plan again, above the target: the lowest the planner finds, which a lower
-                    # target gives again; partitioned, it would peak where it did
-                    break
-                plannable, result = target, candidate
-                fw, bw = partition(result)
-                result.check_partition(fw, bw)
-                self._count_runs(result, fw)
-                if result.step_peak_bytes < best[0]:
-                    best = (result.step_peak_bytes, result, fw, bw)
-            _, result, fw, bw = best
-            if result.plan is not None and result.step_peak_bytes > limit:
-                lowest = self._lowest_plan_partitioned(gm, num_fwd_outputs, root, result, partition)
-                if lowest is not None and lowest[0] < best[0]:
-                    _, result, fw, bw = lowest
+            result, fw, bw = self._settle(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
+            if confirm and result.plan is not None and result.resolved_order(bw) == "inductor":
+                checked = result.step_peak_bytes
+                self._order = "inductor"
+                self._check(result, fw, bw)
+                log.info("sac: the plan's partitioned graphs peak at %d bytes in graph order, %d in the order "
+                         "Inductor schedules the backward", checked, result.step_peak_bytes)
+                if result.step_peak_bytes > limit:
+                    result, fw, bw = self._settle(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             # the backend's own time: all but the one partition plain torch.compile makes too
@@ -261,6 +230,66 @@ class SACPartitioner(CustomPartitionerFn):
 
                 write_report(result, self.config.report)
         return fw, bw
+
+    def _check(self, result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
+        """Simulate ``result``'s partitioned graphs in this graph's current check order and count
+        the graph's runs in a step (``_count_runs``)."""
+        result.check_partition(fw, bw, order=self._order)
+        self._count_runs(result, fw)
+
+    def _settle(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any, fw: fx.GraphModule,
+                bw: fx.GraphModule, partition: Callable[[Any], Any], limit: int) -> tuple[Any, Any, Any]:
+        """(result, forward, backward): ``result`` (checked, partitioned as ``fw``, ``bw``), or where
+        its partitioned graphs peak over ``limit`` the lowest-peak plan of the rounds that plan again
+        lower, each checked in the current order."""
+        from sac_compiler.plan_graph import BudgetError, plan_and_tag, planning_margin
+
+        target = plannable = result.budget_bytes or 0
+        best = (result.step_peak_bytes, result, fw, bw)
+        for _ in range(_PARTITION_ROUNDS):
+            if result.plan is None or result.step_peak_bytes <= limit:
+                break
+            # The partitioned graphs peak higher than the joint-graph plan said: plan lower, by
+            # the excess below this plan's own joint-graph peak where that is under the target
+            # (a target lowered by a few MiB that the plan already clears gives the same plan),
+            # and by an eighth of the margin more (planning lower by the excess alone can land
+            # a few MiB over again, round after round)
+            margin = planning_margin(result, self.config)
+            own = result.predicted_peak + margin if result.predicted_peak is not None else target
+            target = min(target, own) - (result.step_peak_bytes - limit) - margin // _OVERSHOOT
+            candidate = None
+            for _ in range(_BISECTIONS):
+                log.info("sac: partitioned graphs peak at %d bytes (%d runs in a step), over the budget %d "
+                         "less the planner's margin; planning for %d", result.step_peak_bytes,
+                         self.runs_per_step, result.budget_bytes, target)
+                try:
+                    candidate = plan_and_tag(gm, num_fwd_outputs, self.source_gm, root, self.config,
+                                             target=target, budget=result.budget_bytes,
+                                             outside_bytes=self.outside_bytes, fsdp=self.fsdp,
+                                             target_device=self.target_device, previous=result,
+                                             freed_before_optimizer=self.freed_before_optimizer)
+                    break
+                except BudgetError:
+                    target = (target + plannable) // 2  # too low for any plan: halfway back
+            if candidate is None:
+                break
+            if (candidate.plan is not None and candidate.offload is None and result.offload is None
+                    and frozenset(candidate.plan.recompute) == frozenset(result.plan.recompute)
+                    and (candidate.predicted_peak or 0) > target - planning_margin(candidate, self.config)):
+                # the same plan again, above the target: the lowest the planner finds, which a lower
+                # target gives again; partitioned, it would peak where it did
+                break
+            plannable, result = target, candidate
+            fw, bw = partition(result)
+            self._check(result, fw, bw)
+            if result.step_peak_bytes < best[0]:
+                best = (result.step_peak_bytes, result, fw, bw)
+        _, result, fw, bw = best
+        if result.plan is not None and result.step_peak_bytes > limit:
+            lowest = self._lowest_plan_partitioned(gm, num_fwd_outputs, root, result, partition)
+            if lowest is not None and lowest[0] < best[0]:
+                _, result, fw, bw = lowest
+        return result, fw, bw
 
     def _lowest_plan_partitioned(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any,
                                  partition: Callable[[Any], Any]) -> tuple[int, Any, Any, Any] | None:
@@ -301,8 +330,7 @@ class SACPartitioner(CustomPartitionerFn):
         if result is None or result.plan is None:
             return None
         fw, bw = partition(result)
-        result.check_partition(fw, bw)
-        self._count_runs(result, fw)
+        self._check(result, fw, bw)
         return result, fw, bw
 
     def _least_partitioned(self, error: Any, gm: fx.GraphModule, num_fwd_outputs: int, root: str,
@@ -368,8 +396,7 @@ class SACPartitioner(CustomPartitionerFn):
             if candidate is None or candidate.plan is None or candidate.plan.recompute_ms >= result.plan.recompute_ms:
                 continue
             fw2, bw2 = partition(candidate)
-            candidate.check_partition(fw2, bw2)
-            self._count_runs(candidate, fw2)
+            self._check(candidate, fw2, bw2)
             log.info("sac: partitioned graphs peak %d bytes under the budget; a plan for %d peaks at %d (%s)",
                      slack, target, candidate.step_peak_bytes,
                      "taken" if candidate.step_peak_bytes <= limit else "over: kept the first")

@@ -160,16 +160,24 @@ class GraphPlanResult:
             raise AttributeError("step_peak_bytes: the partitioned graphs are not simulated yet")
         return int(self.partitioned.peak_bytes) + (self.runs_per_step - 1) * self.held_per_run_bytes
 
-    def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule) -> Any:
-        """Peak of the partitioned graphs as they will run (forward, then backward), in their own
-        order or, with ``partition_order="inductor"`` (and ``"auto"`` where Inductor compiles them
-        for a GPU this process sees), with the backward in the order Inductor schedules it."""
-        from sac_compiler.inductor_order import lowers_for_cuda, simulate_in_inductor_order
+    def resolved_order(self, bw: fx.GraphModule, order: str | None = None) -> str:
+        """``order`` (``partition_order`` where None) as ``simulate`` follows it for ``bw``:
+        "graph" or "inductor"; "auto" is "inductor" where Inductor compiles the graphs for a CUDA
+        GPU this process sees, else "graph"."""
+        from sac_compiler.inductor_order import lowers_for_cuda
 
-        order = self.partition_order
+        order = order or self.partition_order
         if order == "auto":
-            order = "inductor" if self.fused_pointwise and lowers_for_cuda(bw) else "graph"
-        if order == "inductor":
+            return "inductor" if self.fused_pointwise and lowers_for_cuda(bw) else "graph"
+        return order
+
+    def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None) -> Any:
+        """Peak of the partitioned graphs as they will run (forward, then backward), in their own
+        order or with the backward in the order Inductor schedules it, as ``order`` says
+        (``resolved_order``; ``partition_order`` where None)."""
+        from sac_compiler.inductor_order import simulate_in_inductor_order
+
+        if self.resolved_order(bw, order) == "inductor":
             return simulate_in_inductor_order(fw, bw, reorder_for_peak_memory=self.reorder_for_peak_memory,
                                               **self.simulation_args())
         from sac_compiler.passes.annotate_memory import simulate_partitioned
@@ -201,13 +209,14 @@ class GraphPlanResult:
                                  if i.kind != InputKind.TANGENT},
         }
 
-    def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
-        """Record what the partitioned forward saves for backward; flag saves the plan did not intend."""
+    def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None) -> None:
+        """Record what the partitioned forward saves for backward and their peak (``simulate`` in
+        ``order``); flag saves the plan did not intend."""
         out = next(iter(fw.graph.find_nodes(op="output")))
         num_fwd = self.analysis.graph.num_fwd_outputs
         saved = [n for n in out.args[0][num_fwd:] if isinstance(n, fx.Node)]
         self.saved_by_partition = [n.name for n in saved]
-        self.partitioned = self.simulate(fw, bw)
+        self.partitioned = self.simulate(fw, bw, order)
         if self.plan is None:
             return
         owner = {n.name: get_record(n).storage_owner for n in self.analysis.graph.gm.graph.nodes if n.op != "output"}

@@ -227,3 +227,67 @@ def test_reading_a_schedule_leaves_inductors_graph_cache_alone():
         assert inductor_order.scheduled_origins(bw, backward=True)
     cache_events = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
     assert cache_events == {}
+
+
+def _auto_on_a_gpu(monkeypatch, higher):
+    """``partition_order="auto"`` as on a GPU, on a CPU graph: "auto" resolves to Inductor's order,
+    whose check is the graph-order simulation ``higher(result)`` bytes higher (what Inductor's
+    schedule would add). Returns the order of every check made: (order, recomputed values)."""
+    import dataclasses
+
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+    from sac_compiler.plan_graph import GraphPlanResult
+
+    checks = []
+    own_resolved = GraphPlanResult.resolved_order
+    monkeypatch.setattr(GraphPlanResult, "resolved_order", lambda self, bw, order=None: (
+        "inductor" if (order or self.partition_order) == "auto" else own_resolved(self, bw, order)))
+    own_check = GraphPlanResult.check_partition
+
+    def check(self, fw, bw, order=None):
+        checks.append((self.resolved_order(bw, order), frozenset(self.plan.recompute)))
+        own_check(self, fw, bw, order)
+
+    def in_inductor_order(fw, bw, reorder_for_peak_memory=True, **kwargs):
+        sim = simulate_partitioned(fw, bw, **kwargs)
+        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + higher(sim.peak_bytes))
+
+    monkeypatch.setattr(GraphPlanResult, "check_partition", check)
+    monkeypatch.setattr(inductor_order, "simulate_in_inductor_order", in_inductor_order)
+    return checks
+
+
+def _planned_auto(budget):
+    from benchmarks.plan_offline import _capture
+    from sac_compiler.planner import plan_partitioned
+
+    config = SACConfig.from_options({"memory_budget": budget, "compiler": "inductor", "partition_order": "auto"})
+    return plan_partitioned(_capture("gpt2", True, "small"), config), config
+
+
+def test_auto_checks_in_inductors_order_once_where_the_plan_fits_there(monkeypatch):
+    """``"auto"`` checks plans in graph order and lowers the backward once, for the plan those
+    checks end on: where that plan fits the budget in Inductor's order too, it is the plan, with
+    the peak of that order."""
+    checks = _auto_on_a_gpu(monkeypatch, lambda peak: 0)
+    result, _ = _planned_auto(0.5)
+    orders = [order for order, _ in checks]
+    graph = orders.count("graph")
+    assert graph >= 1 and orders == ["graph"] * graph + ["inductor"] * (len(orders) - graph)
+    assert not result.slack_taken and len(orders) == graph + 1  # no plan for more room: one lowering
+    assert frozenset(result.plan.recompute) == checks[-1][1]
+
+
+def test_auto_plans_again_in_inductors_order_where_the_plan_peaks_over_there(monkeypatch):
+    """Where the plan the graph-order checks end on peaks over the budget (less the planner's
+    margin) in Inductor's order, the rounds plan again lower with every check in that order, and
+    the plan taken fits there."""
+    from sac_compiler.plan_graph import planning_margin
+
+    checks = _auto_on_a_gpu(monkeypatch, lambda peak: peak // 20)  # Inductor's order 5% higher
+    result, config = _planned_auto(0.75)
+    orders = [order for order, _ in checks]
+    first = orders.index("inductor")
+    assert first > 0 and set(orders[first:]) == {"inductor"} and len(orders) > first + 1
+    assert frozenset(result.plan.recompute) != checks[first][1]
+    assert result.step_peak_bytes <= result.budget_bytes - planning_margin(result, config)

@@ -180,8 +180,8 @@ def test_partitioned_graphs_peaking_inside_the_margin_are_planned_lower(monkeypa
     real_check = plan_graph.GraphPlanResult.check_partition
     checked = []
 
-    def check(self, fw, bw):
-        real_check(self, fw, bw)
+    def check(self, fw, bw, order=None):
+        real_check(self, fw, bw, order)
         if not checked:  # the first plan's partition: say it peaks inside the margin
             margin = plan_graph.planning_margin(self, config)
             assert margin > 0
@@ -209,8 +209,8 @@ def test_partitioned_graphs_over_by_less_than_the_plans_slack_are_planned_below_
     checked = []
     gap = []  # the partitioned graphs peak this much above each plan's joint-graph peak
 
-    def check(self, fw, bw):
-        real_check(self, fw, bw)
+    def check(self, fw, bw, order=None):
+        real_check(self, fw, bw, order)
         if not gap:
             limit = budget - plan_graph.planning_margin(self, config)
             room = limit - self.predicted_peak
@@ -720,8 +720,8 @@ def _partitioned_higher(monkeypatch, extra):
 
     own_simulate = GraphPlanResult.simulate
 
-    def simulate(self, fw, bw):
-        sim = own_simulate(self, fw, bw)
+    def simulate(self, fw, bw, order=None):
+        sim = own_simulate(self, fw, bw, order)
         return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + extra)
 
     monkeypatch.setattr(GraphPlanResult, "simulate", simulate)
@@ -799,8 +799,8 @@ def test_a_fractions_plan_made_again_below_its_lowest_peak_runs_no_solver_rounds
     monkeypatch.setattr(plan_graph, "_solve_rounds", lambda problem, analysis, config, *args, **kwargs: (
         rounds.append(config.memory_budget) or own_rounds(problem, analysis, config, *args, **kwargs)))
     own_check = GraphPlanResult.check_partition
-    monkeypatch.setattr(GraphPlanResult, "check_partition", lambda self, fw, bw: (
-        checked.append(frozenset(self.plan.recompute)) or own_check(self, fw, bw)))
+    monkeypatch.setattr(GraphPlanResult, "check_partition", lambda self, fw, bw, order=None: (
+        checked.append(frozenset(self.plan.recompute)) or own_check(self, fw, bw, order)))
     result = plan_partitioned(_capture("gpt2", True, "small"),
                               SACConfig.from_options({"memory_budget": 0.0, "compiler": "inductor"}))
     assert result.plan is not None and len(checked) >= 2  # planned again after the first partition
