@@ -209,14 +209,14 @@ class SACConfig:
     # what it saves for its backward through the others. Run-time enforcement finds it on CUDA
     runs_per_step: int = 1
     # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
-    # ordering rules), "inductor" (the backward in the order Inductor's scheduler runs it: it is
-    # lowered up to the scheduler once more) or "auto": "inductor" where the graph is compiled by
-    # Inductor for a CUDA GPU this process sees, else "graph" (sac_compiler.inductor_order). Replayed in
-    # Inductor's CUDA order the partitions recorded on an H200 came within 2% of their measured
-    # peaks far more often than in graph order. As the backend's own check on the zoo's matrix on a
-    # GPU it held every budget, but each check lowers the backward again, which makes planning
-    # much longer, and it was not more accurate everywhere (docs/results.md): "graph" stays the
-    # default
+    # ordering rules), "inductor" (every plan's backward in the order Inductor's scheduler runs it:
+    # it is lowered up to the scheduler once more per plan) or "auto": where the graph is compiled
+    # by Inductor for a CUDA GPU this process sees, the plans are checked in graph order and the
+    # plan those checks end on once more in Inductor's order (one lowering), the checks going on in
+    # that order where it peaks over the budget there; elsewhere "graph" (sac_compiler.inductor_order).
+    # Replayed in Inductor's CUDA order the partitions recorded on an H200 came within 2% of their
+    # measured peaks far more often than in graph order; each lowering costs planning time
+    # (docs/results.md): "graph" stays the default
     partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
