@@ -14,6 +14,7 @@ so that a warm cache never hands back a partition planned by other code or for o
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -115,6 +116,12 @@ class SACPartitioner(CustomPartitionerFn):
         self._checks: list[tuple[int | None, int]] = []
         # the order the partitioned graphs are checked in now (GraphPlanResult.simulate's ``order``)
         self._order: str | None = None
+        # partition_order="auto" on a GPU: the compile's recorder of Inductor's schedule (set by
+        # _compile), the plan left for it to check (result, forward, backward, limit), and whether
+        # that check found the plan over the budget (confirm_compiled)
+        self.recorder: Any = None
+        self.pending: tuple[Any, fx.GraphModule, fx.GraphModule, int] | None = None
+        self.over_in_inductor_order = False
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -207,16 +214,30 @@ class SACPartitioner(CustomPartitionerFn):
             # the partitioned graphs must leave the planner's margin free too: the plan aims there
             limit = (result.budget_bytes or 0) - planning_margin(result, self.config)
             result, fw, bw = self._settle(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
+            defer = False
             if confirm and result.plan is not None and result.resolved_order(bw) == "inductor":
-                checked = result.step_peak_bytes
-                self._order = "inductor"
-                self._check(result, fw, bw)
-                log.info("sac: the plan's partitioned graphs peak at %d bytes in graph order, %d in the order "
-                         "Inductor schedules the backward", checked, result.step_peak_bytes)
-                if result.step_peak_bytes > limit:
-                    result, fw, bw = self._settle(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
+                # where this compile records Inductor's schedule of the backward (a ScheduleRecorder
+                # in _compile), the compile's own schedule checks the plan (confirm_compiled):
+                # nothing is lowered here
+                defer = self.recorder is not None
+                if not defer:
+                    checked = result.step_peak_bytes
+                    self._order = "inductor"
+                    self._check(result, fw, bw)
+                    log.info("sac: the plan's partitioned graphs peak at %d bytes in graph order, %d in the order "
+                             "Inductor schedules the backward", checked, result.step_peak_bytes)
+                    if result.step_peak_bytes > limit:
+                        result, fw, bw = self._settle(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
             if result.plan is not None and result.plan.recompute and result.step_peak_bytes <= limit:
                 result, fw, bw = self._take_slack(gm, num_fwd_outputs, root, result, fw, bw, partition, limit)
+            if defer:
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+                # Inductor compiles the forward in place (its post-grad passes): the check
+                # simulates the forward as partitioned
+                with unset_fake_temporarily():
+                    self.pending = (result, copy.deepcopy(fw), bw, limit)
+                self.recorder.active = True
             # the backend's own time: all but the one partition plain torch.compile makes too
             result.planning_s = time.perf_counter() - start - (partitioning[0] if partitioning else 0.0)
             result.solve_times_s = list(solve_times)
@@ -225,11 +246,43 @@ class SACPartitioner(CustomPartitionerFn):
             if result.plan is not None and result.budget_bytes is not None and result.step_peak_bytes > result.budget_bytes:
                 log.warning("sac: the partitioned graphs still peak at %d bytes (%d runs in a step), over the "
                             "budget %d", result.step_peak_bytes, self.runs_per_step, result.budget_bytes)
-            if self.config.report and result.plan is not None:
+            if self.config.report and result.plan is not None and self.pending is None:
                 from sac_compiler.report import write_report
 
                 write_report(result, self.config.report)
         return fw, bw
+
+    def confirm_compiled(self) -> None:
+        """Check the plan whose check in Inductor's order was left to the compile (``pending``) on
+        the schedule the compile's :class:`~sac_compiler.inductor_order.ScheduleRecorder` read of
+        its backward; where the compile scheduled none (Inductor's FX graph cache served the
+        backward, or it compiles at its first run), the backward is lowered here to read it. Sets
+        ``over_in_inductor_order`` where the plan peaks over the budget less the planner's margin
+        in that order: the caller compiles the graph again, every plan checked in that order."""
+        if self.pending is None:
+            return
+        result, fw, bw, limit = self.pending
+        self.pending = None
+        start = time.perf_counter()
+        checked = result.step_peak_bytes
+        found = self.recorder.found if self.recorder is not None else []
+        if found:
+            lowered, scheduled = found[-1]
+            result.partitioned = result.simulate(fw, lowered, scheduled=scheduled)
+        else:
+            log.info("sac: the compile scheduled no backward here (a cache hit, or compiled when it first runs): "
+                     "lowering it to check the plan in Inductor's order")
+            result.partitioned = result.simulate(fw, bw, "inductor")
+        self._count_runs(result, fw)
+        log.info("sac: the plan's partitioned graphs peak at %d bytes in graph order, %d in the order Inductor "
+                 "scheduled the backward", checked, result.step_peak_bytes)
+        result.partition_checks = list(self._checks)
+        result.planning_s = (result.planning_s or 0.0) + time.perf_counter() - start
+        self.over_in_inductor_order = result.plan is not None and result.step_peak_bytes > limit
+        if self.config.report and result.plan is not None:
+            from sac_compiler.report import write_report
+
+            write_report(result, self.config.report)
 
     def _check(self, result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
         """Simulate ``result``'s partitioned graphs in this graph's current check order and count
@@ -1008,8 +1061,11 @@ def compile_graph(
         later_grads, own_grads = gradients_made_before(example_inputs, config, optimizers)
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
-                     runs_per_step: int | None = None, loss_memory: int | None = None) -> tuple[Callable[..., Any], Any]:
+                     runs_per_step: int | None = None, loss_memory: int | None = None,
+                     order: str | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
+        if order is not None:
+            planned = dataclasses.replace(planned, partition_order=order)
         # the other runs of a graph that runs several times read parameters of their own
         held = max(0, later_grads - ((runs_per_step or config.runs_per_step) - 1) * own_grads)
         if held:
@@ -1028,7 +1084,16 @@ def compile_graph(
         # graph's forward and the end of its backward, and the optimizer step's own peak is checked
         # apart (BudgetEnforcer._check_between_steps)
         partitioner.freed_before_optimizer = held_for_backwards() + max(0, extra_bytes)
-        return _compile(graph, inputs, planned, partitioner), partitioner
+        compiled = _compile(graph, inputs, planned, partitioner)
+        if partitioner.over_in_inductor_order:
+            # checked on the schedule Inductor compiled, the plan peaks over the budget: compile
+            # again, every plan checked in that order (each lowers its backward once more)
+            log.warning("sac: %s: the plan's partitioned graphs peak at %s in the order Inductor scheduled the "
+                        "backward, over the budget less the planner's margin; compiling again with every plan "
+                        "checked in that order", name, format_bytes(partitioner.last_result.step_peak_bytes))
+            return compile_once(graph, inputs, extra_bytes, runs_per_step,
+                                loss_memory, order="inductor")
+        return compiled, partitioner
 
     device = _cuda_device(example_inputs)
     budget = config.memory_budget
@@ -1077,6 +1142,20 @@ def offload_at_this_compile(config: SACConfig, name: str = "the graph") -> SACCo
     log.warning("sac: %s is planned again at run time, where torch %s cannot compile offloaded values (its "
                 "offload pass needs Dynamo's own compile): planning it without offload", name, torch.__version__)
     return dataclasses.replace(config, offload=False)
+
+
+def confirms_in_compile(config: SACConfig, example_inputs: Sequence[Any]) -> bool:
+    """Whether the compile of a graph records Inductor's schedule of its backward to check the
+    plan in that order (``partition_order="auto"`` under Inductor with a budget, on CUDA inputs,
+    where the installed torch has the post-fusion hook and compiles backwards when asked)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    if (config.partition_order != "auto" or config.compiler != "inductor" or config.memory_budget is None
+            or not hasattr(inductor_config, "_post_fusion_custom_pass")
+            or not hasattr(functorch_config, "force_non_lazy_backward_lowering")):
+        return False
+    return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
 def _cuda_device(example_inputs: Sequence[Any]) -> torch.device | None:
@@ -1128,10 +1207,25 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfi
         # broadcast from rank 0 (every rank must join every broadcast), it must run
         always_run = bool(config.report) or type(partitioner) is not SACPartitioner or plans_are_broadcast()
         # Inductor's reordering for peak memory as the option says (partition_order='inductor' follows it)
+        hooks: dict[str, Any] = {}
+        lowering = contextlib.nullcontext()
+        if confirms_in_compile(config, example_inputs):
+            from torch._functorch import config as functorch_config
+
+            from sac_compiler.inductor_order import ScheduleRecorder
+
+            # the plan is checked on the schedule this compile makes of its backward: compiled now,
+            # not when it first runs, and with the AOTAutograd cache off (a plan it served would
+            # go unchecked; Inductor's own cache of the graphs stays on)
+            partitioner.recorder = ScheduleRecorder()
+            hooks["_post_fusion_custom_pass"] = partitioner.recorder
+            lowering = functorch_config.patch(force_non_lazy_backward_lowering=True)
+            always_run = True
         patch = inductor_config.patch(custom_partitioner_fn=partitioner,
-                                      reorder_for_peak_memory=config.reorder_for_peak_memory)
-        with patch, _partitioner_always_runs(always_run):
+                                      reorder_for_peak_memory=config.reorder_for_peak_memory, **hooks)
+        with patch, lowering, _partitioner_always_runs(always_run):
             compiled = compile_fx(gm, example_inputs)
+        partitioner.confirm_compiled()
         if config.report and not partitioner.ran and counters["aot_autograd"]["autograd_cache_hit"] > hits:
             log.warning(
                 "sac: report not written for %s: the graph came from Inductor's AOTAutograd cache, so the "

@@ -170,10 +170,37 @@ def lowers_for_cuda(gm: fx.GraphModule) -> bool:
     return devices == {"cuda"}
 
 
+class ScheduleRecorder:
+    """Inductor's post-fusion hook for the backend's own compile of a graph: it reads the schedule
+    of each backward Inductor compiles (the FX origins of its scheduled nodes, in the order
+    Inductor runs them, as :func:`lower_to_schedule` reads them) and keeps the graph Inductor
+    lowered (after its post-grad passes), and changes nothing. The check in Inductor's order then
+    costs no lowering of its own (``SACConfig.partition_order="auto"``).
+
+    Inductor's FX graph cache key pickles the config, hooks included: a recorder pickles as an
+    empty one (a stable key). A compile the cache serves schedules nothing, and records nothing."""
+
+    def __init__(self) -> None:
+        self.active = False  # set where a plan is left for this compile's schedule to check
+        self.found: list[tuple[fx.GraphModule, list[list[str]]]] = []
+
+    def __call__(self, nodes: list[Any]) -> list[Any]:
+        from torch._inductor.virtualized import V
+
+        if self.active and getattr(V.graph, "is_backward", False):
+            self.found.append((V.graph.module, [node_origins(node) for node in _reordered_for_peak_memory(nodes)]))
+        return nodes
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (ScheduleRecorder, ())
+
+
 def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, reorder_for_peak_memory: bool = True,
-                               **kwargs: Any) -> Any:
+                               scheduled: list[list[str]] | None = None, **kwargs: Any) -> Any:
     """``simulate_partitioned`` of the forward in its own order and the backward in the order
     Inductor schedules it, without the ordering rule that order replaces (``REPLACED_RULES``).
+    ``scheduled``: the schedule of ``bw`` already read (a :class:`ScheduleRecorder`'s, ``bw`` the
+    graph it lowered); None: ``bw`` is lowered here to read it.
 
     The forward keeps its order: Inductor fuses a forward's loss (its log-softmax over the
     vocabulary and the loss) into reductions whose intermediates never exist, which the
@@ -191,7 +218,8 @@ def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, reorder_f
     mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
     try:
         with mode:
-            ordered_bw = in_inductor_order(bw, backward=True, reorder_for_peak_memory=reorder_for_peak_memory)
+            ordered_bw = in_inductor_order(bw, backward=True, scheduled=scheduled,
+                                           reorder_for_peak_memory=reorder_for_peak_memory)
     except Exception as error:  # noqa: BLE001 - the check goes on in graph order, and says so
         log.warning("sac: Inductor's schedule of the backward could not be read (%s: %s); its peak is simulated "
                     "in graph order", type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
@@ -200,5 +228,5 @@ def simulate_in_inductor_order(fw: fx.GraphModule, bw: fx.GraphModule, reorder_f
         return simulate_partitioned(fw, ordered_bw, **kwargs)
 
 
-__all__ = ["REPLACED_RULES", "in_inductor_order", "lower_to_schedule", "lowers_for_cuda", "node_origins",
-           "schedule_priority", "scheduled_origins", "simulate_in_inductor_order"]
+__all__ = ["REPLACED_RULES", "ScheduleRecorder", "in_inductor_order", "lower_to_schedule", "lowers_for_cuda",
+           "node_origins", "schedule_priority", "scheduled_origins", "simulate_in_inductor_order"]

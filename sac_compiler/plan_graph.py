@@ -171,15 +171,18 @@ class GraphPlanResult:
             return "inductor" if self.fused_pointwise and lowers_for_cuda(bw) else "graph"
         return order
 
-    def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None) -> Any:
+    def simulate(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None,
+                 scheduled: list[list[str]] | None = None) -> Any:
         """Peak of the partitioned graphs as they will run (forward, then backward), in their own
         order or with the backward in the order Inductor schedules it, as ``order`` says
-        (``resolved_order``; ``partition_order`` where None)."""
+        (``resolved_order``; ``partition_order`` where None). ``scheduled``: that order as
+        Inductor's compile of ``bw`` read it (``inductor_order.ScheduleRecorder``), else ``bw`` is
+        lowered to read it."""
         from sac_compiler.inductor_order import simulate_in_inductor_order
 
-        if self.resolved_order(bw, order) == "inductor":
+        if scheduled is not None or self.resolved_order(bw, order) == "inductor":
             return simulate_in_inductor_order(fw, bw, reorder_for_peak_memory=self.reorder_for_peak_memory,
-                                              **self.simulation_args())
+                                              scheduled=scheduled, **self.simulation_args())
         from sac_compiler.passes.annotate_memory import simulate_partitioned
 
         return simulate_partitioned(fw, bw, **self.simulation_args())

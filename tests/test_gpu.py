@@ -192,6 +192,49 @@ def test_planned_step_fits_the_budget_on_cuda(fraction):
     assert predicted_extra == pytest.approx(measured_extra, rel=0.05)
 
 
+def test_auto_checks_the_plan_on_the_schedule_its_compile_makes_on_cuda(monkeypatch):
+    """``partition_order="auto"`` on a GPU: the compile of the graphs reads Inductor's CUDA
+    schedule of the backward it compiles (no lowering apart), the plan checked there is the one
+    that runs, under its budget and predicted within 5%."""
+    import functools
+
+    from sac_compiler import inductor_order
+    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.config import SACConfig
+
+    lowerings = []
+    own_lower = inductor_order.lower_to_schedule
+    monkeypatch.setattr(inductor_order, "lower_to_schedule",
+                        lambda *args, **kwargs: lowerings.append(1) or own_lower(*args, **kwargs))
+    ran = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            ran.append(self)
+            return super().__call__(gm, joint_inputs, **kwargs)
+
+    model, loss, tokens = _seed_transformer_loss()
+    torch._dynamo.reset()
+    plain_extra = _measured_extra(model, torch.compile(loss), tokens)
+    static = torch.cuda.memory_allocated()
+    budget = int(static + 0.5 * plain_extra)
+    torch._dynamo.reset()
+    config = SACConfig.from_options({"memory_budget": budget, "enforce_budget": False, "partition_order": "auto"})
+    backend = functools.partial(compile_graph, config=config, partitioner_cls=Recording)
+    measured_extra = _measured_extra(model, torch.compile(loss, backend=backend), tokens)
+    partitioner = ran[-1]
+    result = partitioner.last_result
+    predicted_extra = result.partitioned.peak_bytes - result.analysis.memory.static_bytes - result.outside_bytes
+    print(f"\nauto at 0.5: budget extra {(budget - static) / 2**30:.3f} GiB, measured {measured_extra / 2**30:.3f}, "
+          f"predicted {predicted_extra / 2**30:.3f}, compiles {len(ran)}, lowerings apart {len(lowerings)}")
+    if len(ran) == 1:  # the compile's schedule confirmed the plan
+        assert lowerings == [] and len(partitioner.recorder.found) == 1
+    else:  # it did not: compiled again, every plan checked in Inductor's order
+        assert ran[0].over_in_inductor_order and partitioner.config.partition_order == "inductor"
+    assert measured_extra <= budget - static
+    assert predicted_extra == pytest.approx(measured_extra, rel=0.05)
+
+
 def test_backend_with_benchmark_mode_times_ops_inside_the_compile():
     """estimate_mode="benchmark": the backend times the joint graph's ops on the GPU while
     AOTAutograd's fake mode is active (the timing runs on real tensors), and the planned step's

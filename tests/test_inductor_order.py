@@ -291,3 +291,85 @@ def test_auto_plans_again_in_inductors_order_where_the_plan_peaks_over_there(mon
     assert first > 0 and set(orders[first:]) == {"inductor"} and len(orders) > first + 1
     assert frozenset(result.plan.recompute) != checks[first][1]
     assert result.step_peak_bytes <= result.budget_bytes - planning_margin(result, config)
+
+
+def _compiled_auto(monkeypatch, budget):
+    """A small model compiled by Inductor with ``partition_order="auto"`` as on a GPU (the compile
+    records Inductor's schedule of the backward; this CPU's schedule stands in for the GPU's),
+    one training step run. Returns the partitioners that ran, with their plans, and the number
+    of lowerings made apart from the compiles."""
+    import functools
+
+    from sac_compiler import backend
+    from sac_compiler.backend import SACPartitioner, compile_graph
+
+    monkeypatch.setattr(backend, "confirms_in_compile", lambda config, inputs: config.partition_order == "auto")
+    monkeypatch.setattr(inductor_order, "lowers_for_cuda", lambda gm: True)
+    lowerings = []
+    own_lower = inductor_order.lower_to_schedule
+    monkeypatch.setattr(inductor_order, "lower_to_schedule",
+                        lambda *args, **kwargs: lowerings.append(1) or own_lower(*args, **kwargs))
+    ran = []
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            ran.append(self)
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            # the plan left for the compile to check: its forward as partitioned, its backward
+            self.partitions = self.pending[1:3] if self.pending is not None else None
+            return out
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Nested(dim=64, n_layers=3)
+    x = torch.randn(256, 64)
+    config = SACConfig.from_options({"memory_budget": budget, "partition_order": "auto", "compiler": "inductor"})
+    compiled = torch.compile(model, backend=functools.partial(compile_graph, config=config, partitioner_cls=Recording))
+    compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)  # Inductor's fused sums, in float32
+    return ran, lowerings
+
+
+def test_auto_checks_the_plan_on_the_schedule_its_own_compile_makes(monkeypatch):
+    """On a GPU ``"auto"`` leaves the check in Inductor's order to the compile of the graphs: the
+    compile reads Inductor's schedule of the backward it compiles, and the plan's peak is
+    simulated in that order, with no lowering apart; that peak is the one the backward lowered
+    apart gives (the check without the recorder)."""
+    ran, lowerings = _compiled_auto(monkeypatch, 0.5)
+    (partitioner,) = ran
+    result = partitioner.last_result
+    assert lowerings == [] and len(partitioner.recorder.found) == 1
+    assert not partitioner.over_in_inductor_order and partitioner.pending is None
+    lowered, scheduled = partitioner.recorder.found[0]
+    assert {o for kernel in scheduled for o in kernel} <= {n.name for n in lowered.graph.nodes}
+    # the last check made is the compile's, and it is the plan's peak
+    assert result.partition_checks[-1] == (result.predicted_peak, result.step_peak_bytes)
+    fw, bw = partitioner.partitions
+    apart = result.simulate(fw, bw, "inductor")
+    assert lowerings == [1] and apart.peak_bytes == result.partitioned.peak_bytes
+
+
+def test_auto_compiles_again_in_inductors_order_where_the_compiled_schedule_peaks_over(monkeypatch):
+    """Where the plan peaks over the budget on the schedule its compile made, the graph is
+    compiled again with every plan checked in Inductor's order (each lowering its backward), and
+    the plan taken fits there."""
+    import dataclasses
+
+    from sac_compiler.passes.annotate_memory import simulate_partitioned
+
+    def in_order(fw, bw, reorder_for_peak_memory=True, scheduled=None, **kwargs):
+        sim = simulate_partitioned(fw, bw, **kwargs)
+        # the compile's schedule a quarter higher than graph order; the lowered one as graph order
+        return dataclasses.replace(sim, peak_bytes=sim.peak_bytes * 5 // 4) if scheduled is not None else sim
+
+    monkeypatch.setattr(inductor_order, "simulate_in_inductor_order", in_order)
+    ran, _ = _compiled_auto(monkeypatch, 0.5)
+    first, again = ran
+    assert first.over_in_inductor_order and first.config.partition_order == "auto"
+    assert again.config.partition_order == "inductor" and again.recorder is None
+    result = again.last_result
+    assert result.step_peak_bytes <= result.budget_bytes
