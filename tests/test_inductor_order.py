@@ -248,7 +248,7 @@ def _auto_on_a_gpu(monkeypatch, higher):
         checks.append((self.resolved_order(bw, order), frozenset(self.plan.recompute)))
         own_check(self, fw, bw, order)
 
-    def in_inductor_order(fw, bw, reorder_for_peak_memory=True, **kwargs):
+    def in_inductor_order(fw, bw, reorder_for_peak_memory=True, scheduled=None, **kwargs):
         sim = simulate_partitioned(fw, bw, **kwargs)
         return dataclasses.replace(sim, peak_bytes=sim.peak_bytes + higher(sim.peak_bytes))
 
