@@ -236,6 +236,7 @@ def _auto_on_a_gpu(monkeypatch, higher):
     import dataclasses
 
     from sac_compiler.passes.annotate_memory import simulate_partitioned
+
     from sac_compiler.plan_graph import GraphPlanResult
 
     checks = []
