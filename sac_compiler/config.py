@@ -211,12 +211,13 @@ class SACConfig:
     # how the partitioned graphs are simulated after partitioning: "graph" (their order, with the
     # ordering rules), "inductor" (every plan's backward in the order Inductor's scheduler runs it:
     # it is lowered up to the scheduler once more per plan) or "auto": where the graph is compiled
-    # by Inductor for a CUDA GPU this process sees, the plans are checked in graph order and the
-    # plan those checks end on once more in Inductor's order (one lowering), the checks going on in
-    # that order where it peaks over the budget there; elsewhere "graph" (sac_compiler.inductor_order).
-    # Replayed in Inductor's CUDA order the partitions recorded on an H200 came within 2% of their
-    # measured peaks far more often than in graph order; each lowering costs planning time
-    # (docs/results.md): "graph" stays the default
+    # by Inductor for a CUDA GPU, the plans are checked in graph order and the plan those checks
+    # end on once more in Inductor's order, on the schedule the compile itself makes of its
+    # backward (backend.confirms_in_compile; no lowering of its own), and a plan over the budget
+    # there is compiled again with every plan checked in that order; elsewhere "graph"
+    # (sac_compiler.inductor_order). Replayed in Inductor's CUDA order the partitions recorded on an
+    # H200 came within 2% of their measured peaks far more often than in graph order
+    # (docs/results.md); "graph" stays the default until "auto" in this form has run on a GPU
     partition_order: str = "graph"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
