@@ -198,21 +198,11 @@ def test_auto_checks_the_plan_on_the_schedule_its_compile_makes_on_cuda(monkeypa
     that runs, under its budget and predicted within 5%."""
     import functools
 
-    from sac_compiler import inductor_order
-    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.backend import compile_graph
     from sac_compiler.config import SACConfig
+    from tests.test_inductor_order import recording_compiles
 
-    lowerings = []
-    own_lower = inductor_order.lower_to_schedule
-    monkeypatch.setattr(inductor_order, "lower_to_schedule",
-                        lambda *args, **kwargs: lowerings.append(1) or own_lower(*args, **kwargs))
-    ran = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            ran.append(self)
-            return super().__call__(gm, joint_inputs, **kwargs)
-
+    lowerings, ran, Recording = recording_compiles(monkeypatch)
     model, loss, tokens = _seed_transformer_loss()
     torch._dynamo.reset()
     plain_extra = _measured_extra(model, torch.compile(loss), tokens)

@@ -294,6 +294,27 @@ def test_auto_plans_again_in_inductors_order_where_the_plan_peaks_over_there(mon
     assert result.step_peak_bytes <= result.budget_bytes - planning_margin(result, config)
 
 
+def recording_compiles(monkeypatch):
+    """(lowerings, partitioners, partitioner class): each lowering of a backward made apart from
+    a compile, and each partitioner of the class that runs, which keeps the plan it leaves for
+    its compile to check (``partitions``: that forward as partitioned and its backward)."""
+    from sac_compiler.backend import SACPartitioner
+
+    lowerings, ran = [], []
+    own_lower = inductor_order.lower_to_schedule
+    monkeypatch.setattr(inductor_order, "lower_to_schedule",
+                        lambda *args, **kwargs: lowerings.append(1) or own_lower(*args, **kwargs))
+
+    class Recording(SACPartitioner):
+        def __call__(self, gm, joint_inputs, **kwargs):
+            ran.append(self)
+            out = super().__call__(gm, joint_inputs, **kwargs)
+            self.partitions = self.pending[1:3] if self.pending is not None else None
+            return out
+
+    return lowerings, ran, Recording
+
+
 def _compiled_auto(monkeypatch, budget):
     """A small model compiled by Inductor with ``partition_order="auto"`` as on a GPU (the compile
     records Inductor's schedule of the backward; this CPU's schedule stands in for the GPU's),
@@ -302,24 +323,11 @@ def _compiled_auto(monkeypatch, budget):
     import functools
 
     from sac_compiler import backend
-    from sac_compiler.backend import SACPartitioner, compile_graph
+    from sac_compiler.backend import compile_graph
 
     monkeypatch.setattr(backend, "confirms_in_compile", lambda config, inputs: config.partition_order == "auto")
     monkeypatch.setattr(inductor_order, "lowers_for_cuda", lambda gm: True)
-    lowerings = []
-    own_lower = inductor_order.lower_to_schedule
-    monkeypatch.setattr(inductor_order, "lower_to_schedule",
-                        lambda *args, **kwargs: lowerings.append(1) or own_lower(*args, **kwargs))
-    ran = []
-
-    class Recording(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            ran.append(self)
-            out = super().__call__(gm, joint_inputs, **kwargs)
-            # the plan left for the compile to check: its forward as partitioned, its backward
-            self.partitions = self.pending[1:3] if self.pending is not None else None
-            return out
-
+    lowerings, ran, Recording = recording_compiles(monkeypatch)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Nested(dim=64, n_layers=3)
