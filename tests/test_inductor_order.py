@@ -382,3 +382,15 @@ def test_auto_compiles_again_in_inductors_order_where_the_compiled_schedule_peak
     assert again.config.partition_order == "inductor" and again.recorder is None
     result = again.last_result
     assert result.step_peak_bytes <= result.budget_bytes
+
+
+def test_auto_lowers_the_backward_apart_where_its_compile_scheduled_none(monkeypatch):
+    """Where the compile schedules no backward (Inductor's FX graph cache served it), the plan
+    left for the compile to check is checked with its backward lowered apart, once."""
+    monkeypatch.setattr(inductor_order.ScheduleRecorder, "__call__", lambda self, nodes: nodes)
+    ran, lowerings = _compiled_auto(monkeypatch, 0.5)
+    first = ran[0]
+    assert first.recorder is not None and first.recorder.found == []
+    # one lowering for the check (and, where the plan peaks over there, those of the compile again)
+    assert lowerings == [1] if len(ran) == 1 else len(lowerings) > 1
+    assert first.last_result.partition_checks[-1][1] == first.last_result.step_peak_bytes
