@@ -1206,7 +1206,6 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfi
         # a cache hit skips the partitioner: with a report, a recording subclass, or plans
         # broadcast from rank 0 (every rank must join every broadcast), it must run
         always_run = bool(config.report) or type(partitioner) is not SACPartitioner or plans_are_broadcast()
-        # Inductor's reordering for peak memory as the option says (partition_order='inductor' follows it)
         hooks: dict[str, Any] = {}
         lowering = contextlib.nullcontext()
         if confirms_in_compile(config, example_inputs):
@@ -1221,6 +1220,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SACConfi
             hooks["_post_fusion_custom_pass"] = partitioner.recorder
             lowering = functorch_config.patch(force_non_lazy_backward_lowering=True)
             always_run = True
+        # Inductor's reordering for peak memory as the option says (partition_order='inductor' follows it)
         patch = inductor_config.patch(custom_partitioner_fn=partitioner,
                                       reorder_for_peak_memory=config.reorder_for_peak_memory, **hooks)
         with patch, lowering, _partitioner_always_runs(always_run):
