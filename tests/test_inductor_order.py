@@ -315,11 +315,12 @@ def recording_compiles(monkeypatch):
     return lowerings, ran, Recording
 
 
-def _compiled_auto(monkeypatch, budget):
-    """A small model compiled by Inductor with ``partition_order="auto"`` as on a GPU (the compile
-    records Inductor's schedule of the backward; this CPU's schedule stands in for the GPU's),
-    one training step run. Returns the partitioners that ran, with their plans, and the number
-    of lowerings made apart from the compiles."""
+def _compiled_auto(monkeypatch, budget, model=None):
+    """A small model (``model``, else a three-layer ``Nested``) compiled by Inductor with
+    ``partition_order="auto"`` as on a GPU (the compile records Inductor's schedule of the
+    backward; this CPU's schedule stands in for the GPU's), one training step run, its gradients
+    those of eager. Returns the partitioners that ran, with their plans, and the lowerings made
+    apart from the compiles."""
     import functools
 
     from sac_compiler import backend
@@ -330,7 +331,7 @@ def _compiled_auto(monkeypatch, budget):
     lowerings, ran, Recording = recording_compiles(monkeypatch)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Nested(dim=64, n_layers=3)
+    model = model if model is not None else Nested(dim=64, n_layers=3)
     x = torch.randn(256, 64)
     config = SACConfig.from_options({"memory_budget": budget, "partition_order": "auto", "compiler": "inductor"})
     compiled = torch.compile(model, backend=functools.partial(compile_graph, config=config, partitioner_cls=Recording))
@@ -382,6 +383,41 @@ def test_auto_compiles_again_in_inductors_order_where_the_compiled_schedule_peak
     assert again.config.partition_order == "inductor" and again.recorder is None
     result = again.last_result
     assert result.step_peak_bytes <= result.budget_bytes
+
+
+class _Broken(torch.nn.Module):
+    """Two halves of layers with a graph break between them: two graphs, each compiled apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Nested(dim=64, n_layers=2), Nested(dim=64, n_layers=2)
+        self.second.layers.insert(0, torch.nn.Linear(4, 64))
+
+    def forward(self, x):
+        x = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(x)
+
+
+def test_auto_checks_each_graph_of_a_graph_break_on_its_own_compiles_schedule(monkeypatch):
+    """With a graph break each graph is compiled apart: each plan is checked on the schedule of
+    the backward its own compile made (its recorder holds that backward, none of the other's),
+    and the graphs train as eager."""
+    ran, lowerings = _compiled_auto(monkeypatch, 0.9, model=_Broken())
+    planned = [p for p in ran if p.config.partition_order == "auto" and p.last_result is not None
+               and p.last_result.plan is not None]
+    assert len(planned) >= 2
+    for partitioner in planned:
+        (found,) = partitioner.recorder.found
+        lowered, _ = found
+        # the recorded backward is this graph's: it reads what this graph's forward saved
+        fw, bw = partitioner.partitions
+        assert ([n.name for n in lowered.graph.find_nodes(op="placeholder")]
+                == [n.name for n in bw.graph.find_nodes(op="placeholder")])
+        assert partitioner.last_result.partition_checks[-1][1] == partitioner.last_result.step_peak_bytes
+    assert len({id(p.recorder) for p in planned}) == len(planned)
+    if not any(p.over_in_inductor_order for p in planned):
+        assert lowerings == []
 
 
 def test_auto_lowers_the_backward_apart_where_its_compile_scheduled_none(monkeypatch):
