@@ -411,7 +411,7 @@ def test_auto_checks_each_graph_of_a_graph_break_on_its_own_compiles_schedule(mo
         (found,) = partitioner.recorder.found
         lowered, _ = found
         # the recorded backward is this graph's: it reads what this graph's forward saved
-        fw, bw = partitioner.partitions
+        _, bw = partitioner.partitions
         assert ([n.name for n in lowered.graph.find_nodes(op="placeholder")]
                 == [n.name for n in bw.graph.find_nodes(op="placeholder")])
         assert partitioner.last_result.partition_checks[-1][1] == partitioner.last_result.step_peak_bytes
