@@ -471,7 +471,8 @@ def annotate_memory(
         sizes = {n: alloc.get(n, 0) for n in nodes if owner[n] is n and n.op == "call_function"
                  and (n not in rematerialized or alloc.get(n, 0) == 0)}
         inplace_pointwise(nodes, sizes, {}, owner, {n: runs_at.get(n, index[n]) for n in nodes},
-                          last_at, not_given, handed_over, adopting, {}, exclusive=False, side_of=_side)
+                          last_at, not_given, handed_over, adopting, {}, exclusive=False, side_of=_side,
+                          padded_layout="padded_layout" in rules)
 
     # MemTracker's split of the live bytes: made in forward / made in backward / gradients.
     phase_of = {n: ("grad" if categories[n] == MemoryCategory.GRADIENT

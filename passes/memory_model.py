@@ -264,6 +264,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "read where it writes, writes its output into that input's buffer (in_out_ptr): a buffer of the graph, "
          "or a saved value the backward was donated, that no other kernel reads but the kernel's ancestors "
          "(the reductions over the logits before the log-softmax).", _BOTH, True),
+    Rule("padded_layout", "On a GPU Inductor pads the rows of a buffer whose layout it chooses to 128 bytes "
+         "(a stride over 1024 elements): a value the forward saves reaches the backward so, and a pointwise "
+         "kernel's output over it is laid out the same, so inplace_pointwise writes into it too.", _BOTH, True),
     Rule("rebuild_fusion", "Inductor's scheduler fuses a later backward pointwise kernel into a rebuild "
          "kernel when its inputs exist by then and it reads a buffer the rebuild reads or makes.",
          frozenset({PARTITIONED}), True),

@@ -76,7 +76,7 @@ def inplace_pointwise(
     made_at: dict[fx.Node, int], last: dict[fx.Node, int], kept: set[fx.Node],
     handed_over: dict[fx.Node, tuple[int, fx.Node]], adopting: set[fx.Node],
     takeable: dict[fx.Node, tuple[list[fx.Node], int]], exclusive: bool = True,
-    side_of: Callable[[fx.Node], Any] | None = None,
+    side_of: Callable[[fx.Node], Any] | None = None, padded_layout: bool = False,
 ) -> None:
     """``inplace_pointwise``: a pointwise kernel writes its output into the buffer of an input it
     is the last reader of, read at the index it writes (same shape and strides, no broadcast) and of
@@ -92,7 +92,8 @@ def inplace_pointwise(
     readers of a value folded into other kernels. ``side_of`` (the joint simulation, where a
     backward kernel's input was read in forward as well): the same, on the kernel's own side
     (forward or backward). ``sizes``: bytes per allocation, 0 for a value folded into its readers'
-    kernels."""
+    kernels. ``padded_layout``: an input in the layout Inductor pads the output to on a GPU
+    (:func:`inductor_padded_strides`) is read where the kernel writes too."""
     taken: set[fx.Node] = set()
     aliases: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
@@ -104,6 +105,9 @@ def inplace_pointwise(
                 or not isinstance(out.meta.get("val"), torch.Tensor)):
             continue
         value = out.meta["val"]
+        layouts = {tuple(value.stride())}
+        if padded_layout:  # the output's layout as Inductor chooses it on a GPU
+            layouts.add(inductor_padded_strides(value))
         step = made_at[out]
         # the kernel: out and the values folded into it (through pointwise ops only)
         chain, stack = {out}, [out]
@@ -133,7 +137,7 @@ def inplace_pointwise(
             for arg in reader.all_input_nodes:
                 read = arg.meta.get("val")
                 if (not isinstance(read, torch.Tensor) or read.dtype != value.dtype or read.shape != value.shape
-                        or read.stride() != value.stride()):
+                        or tuple(read.stride()) not in layouts):
                     continue
                 base = owner.get(arg, arg)
                 if base in kept or base in handed_over or base in taken or base in chain:
@@ -164,6 +168,40 @@ def inplace_pointwise(
                 adopting.add(out)
                 rule_of[out] = "inplace_pointwise"
                 break
+
+
+def inductor_padded_strides(val: torch.Tensor) -> tuple[int, ...]:
+    """The strides Inductor gives a buffer of ``val``'s shape and stride order whose layout it
+    chooses, on a GPU (``torch._inductor.ir.Layout._pad_strides`` under
+    ``config.comprehensive_padding``, which Inductor turns off on CPU): from the innermost
+    dimension out, a stride over ``padding_stride_threshold`` elements that is no multiple of
+    ``padding_alignment_bytes`` is rounded up to one (a (tokens, 30522) fp32 logits buffer is laid
+    out in rows of 30528). A channels-last layout is left as it is, as are symbolic shapes.
+
+    A value the compiled forward saves reaches the backward in that layout (AOTAutograd gives the
+    backward the strides of the forward's outputs), and a pointwise kernel's output over it is
+    laid out the same: the kernel can write where it reads (the ``padded_layout`` rule)."""
+    from torch._inductor import config
+
+    strides = tuple(val.stride())
+    if (not strides or not getattr(config, "comprehensive_padding", False)
+            or not all(isinstance(d, int) for d in (*val.shape, *strides))):
+        return strides
+    if (not getattr(config, "pad_channels_last", False) and val.dim() == 4
+            and val.is_contiguous(memory_format=torch.channels_last) and not val.is_contiguous()):
+        return strides
+    align = max(1, getattr(config, "padding_alignment_bytes", 128) // val.element_size())
+    threshold = getattr(config, "padding_stride_threshold", 1024)
+    fill = sorted(range(len(strides)), key=strides.__getitem__)  # innermost first (Inductor's fill order)
+    new = [0] * len(strides)
+    new[fill[0]] = 1
+    padded = False
+    for inner, dim in zip(fill, fill[1:]):
+        stride = new[inner] * val.shape[inner]
+        if stride > threshold and stride % align:
+            stride, padded = -(-stride // align) * align, True
+        new[dim] = stride
+    return tuple(new) if padded else strides
 
 
 def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node],

@@ -270,7 +270,8 @@ def _run_graph(
                                         same_step, hand_over="dying_input_reuse" in rules)
     if "inplace_pointwise" in rules:
         inplace_pointwise(nodes, sizes, rule_of, owner, made_at, last, kept, handed_over, adopting,
-                          _takeable_storage(nodes, placeholder_storage or {}, static_storage, donated_storage))
+                          _takeable_storage(nodes, placeholder_storage or {}, static_storage, donated_storage),
+                          padded_layout="padded_layout" in rules)
     accumulators: dict[fx.Node, tuple[int, int]] = {}  # (step allocated, bytes)
     for node in sizes:
         early, accumulator = embedding_accumulator(node, device, rules)

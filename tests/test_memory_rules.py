@@ -1075,6 +1075,47 @@ def test_rule_inplace_pointwise_reads_through_views():
     assert _peak(gm, start, _outputs(gm), **kwargs)[0] > start
 
 
+def test_rule_padded_layout():
+    """A saved value the compiled forward laid out with padded rows (a (tokens, vocabulary) logits
+    buffer reaches the backward so on a GPU) is written over by the pointwise kernel that reads it
+    last: Inductor pads that kernel's output alike. Without the rule the layouts differ and the
+    output is a buffer of its own (seen on a BERT's MLM head: the backward's schedule recorded
+    from the compile, with the padded logits, simulated 2.0 GB over the same schedule lowered
+    apart, whose peak the step measured)."""
+    from sac_compiler.passes.memory_rules import inductor_padded_strides
+
+    rows, cols = 8, 1030  # rows of 1030 fp32 are padded to 1056 (128 bytes), past the 1024 threshold
+    graph, op, placeholder = _graph_builder()
+    h = placeholder("h", torch.empty_strided((rows, cols), (1056, 1)))
+    w = placeholder("w", torch.empty(cols, 64))
+    g = placeholder("tangents_1", torch.empty(rows, cols))
+    e = op(aten.exp.default, h, val=torch.empty(rows, cols))
+    grad = op(aten.mul.Tensor, e, g, val=torch.empty(rows, cols))
+    grad_x = op(aten.mm.default, grad, w, val=torch.empty(rows, 64))
+    graph.output((grad_x,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    value, padded = rows * cols * 4, rows * 1056 * 4
+    kwargs = {"placeholder_storage": {"h": ("h", padded)}, "static_storage": frozenset({"w"}),
+              "donated_storage": frozenset({"h"})}
+    start = padded + value  # h and the tangent
+    assert _peak(gm, start, _outputs(gm), **kwargs) == (start, "start")
+    assert _peak(gm, start, _outputs(gm), off={"padded_layout"}, **kwargs) == (start + value, grad.name)
+
+    # the strides, as Inductor's Layout._pad_strides gives them
+    assert inductor_padded_strides(torch.empty(rows, cols)) == (1056, 1)
+    assert inductor_padded_strides(torch.empty(4, rows, cols, dtype=torch.bfloat16)) == (rows * 1088, 1088, 1)
+    assert inductor_padded_strides(torch.empty(rows, 1000)) == (1000, 1)  # under the threshold
+    assert inductor_padded_strides(torch.empty(rows, 1056)) == (1056, 1)  # aligned already
+    transposed = torch.empty(rows, cols).t()  # (cols, rows) column-major: its columns are padded
+    assert inductor_padded_strides(transposed) == (1, 1056)
+    channels_last = torch.empty(2, 1030, 4, 4).to(memory_format=torch.channels_last)
+    assert inductor_padded_strides(channels_last) == channels_last.stride()
+    from torch._inductor import config
+
+    with config.patch(comprehensive_padding=False):
+        assert inductor_padded_strides(torch.empty(rows, cols)) == (cols, 1)
+
+
 def test_rule_inplace_pointwise_in_the_joint_simulation_counts_readers_on_its_own_side():
     """In the joint simulation a forward kernel writes over a dying input when every other forward
     kernel that read it is one of its ancestors (the log-softmax after the reductions over the
