@@ -215,10 +215,11 @@ class SACConfig:
     # end on once more in Inductor's order, on the schedule the compile itself makes of its
     # backward (backend.confirms_in_compile; no lowering of its own), and a plan over the budget
     # there is compiled again with every plan checked in that order; elsewhere "graph"
-    # (sac_compiler.inductor_order). Replayed in Inductor's CUDA order the partitions recorded on an
-    # H200 came within 2% of their measured peaks far more often than in graph order
-    # (docs/results.md); "graph" stays the default until "auto" in this form has run on a GPU
-    partition_order: str = "graph"
+    # (sac_compiler.inductor_order). On a GPU "auto" catches the plans graph order under-predicts
+    # (a Llama's first plan peaking over its budget in Inductor's order) and its first plans came
+    # within 2% of their measured steps (docs/results.md), at the cost of a second compile where
+    # the compile's schedule peaks over
+    partition_order: str = "auto"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as
     # in Inductor. Recorded with each partition, and followed by partition_order="inductor"
