@@ -80,3 +80,44 @@ def test_the_berts_cross_entropy_backward_simulates_as_inductor_stored_it(folder
     (name,) = measured(folder)["cells"]
     row = replay(name, folder)
     assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
+
+
+FOLDER_B236D86 = RECORDED.parent / "partitions_h100_auto_b236d86"
+
+
+def test_the_logits_in_the_compiled_forwards_padded_layout_are_written_over_as_measured():
+    """The BERT's plan at 0.5 on an H100 (b236d86): the compiled forward hands its backward the
+    saved MLM logits (16384 x 30522 fp32) in rows padded to 30528 elements, as the backward
+    Inductor compiles receives them, and the logits' gradient is written into their buffer
+    (``padded_layout``): the backward simulates as with the traced strides, at the measured peak.
+    Without the rule it is a logits-sized buffer more."""
+    import torch
+    from sac_compiler.passes.memory_model import rules_disabled
+    from sac_compiler.passes.memory_rules import inductor_padded_strides
+
+    from sac_compiler.partition_record import replay_partition
+
+    name = "bert-loss_inside-sac0.5-graph0"
+    record = load(name, FOLDER_B236D86)
+    traced = replay_partition(record).peak_bytes
+    padded = []
+    for node in record["bw"]["nodes"]:
+        val = node.get("val")
+        if node["op"] != "placeholder" or not isinstance(val, dict) or val["dtype"] != "float32":
+            continue
+        strides = inductor_padded_strides(torch.empty_strided(val["size"], val["stride"], device="meta"))
+        if list(strides) != val["stride"]:
+            val["stride"] = list(strides)
+            padded.append((node["name"], val["size"], val["stride"]))
+    assert padded == [("addmm_49", [16384, 30522], [30528, 1])]
+    assert replay_partition(record).peak_bytes == traced
+    with_rule: dict = {}
+    without: dict = {}
+    replay_partition(record, with_rule)
+    with rules_disabled("padded_layout"):
+        replay_partition(record, without)
+    at = {name: live for name, live in with_rule["backward"]}
+    over = {name: live - at[name] for name, live in without["backward"] if live != at[name]}
+    assert over == {"sub_28": 16384 * 30522 * 4}  # the logits' gradient, in a buffer of its own
+    row = replay(name, FOLDER_B236D86)
+    assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
