@@ -216,9 +216,7 @@ class SACConfig:
     # backward (backend.confirms_in_compile; no lowering of its own), and a plan over the budget
     # there is compiled again with every plan checked in that order; elsewhere "graph"
     # (sac_compiler.inductor_order). On a GPU "auto" catches the plans graph order under-predicts
-    # (a Llama's first plan peaking over its budget in Inductor's order) and its first plans came
-    # within 2% of their measured steps (docs/results.md), at the cost of a second compile where
-    # the compile's schedule peaks over
+    # (docs/results.md), at the cost of a second compile where the compile's schedule peaks over
     partition_order: str = "auto"
     # Inductor's own reordering of the kernels it schedules by its estimate of their peak
     # (torch._inductor.config.reorder_for_peak_memory) for the graphs this backend compiles; on, as

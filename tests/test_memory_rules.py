@@ -1079,9 +1079,8 @@ def test_rule_padded_layout():
     """A saved value the compiled forward laid out with padded rows (a (tokens, vocabulary) logits
     buffer reaches the backward so on a GPU) is written over by the pointwise kernel that reads it
     last: Inductor pads that kernel's output alike. Without the rule the layouts differ and the
-    output is a buffer of its own (seen on a BERT's MLM head: the backward's schedule recorded
-    from the compile, with the padded logits, simulated 2.0 GB over the same schedule lowered
-    apart, whose peak the step measured)."""
+    output is a buffer of its own (as a BERT's MLM head was simulated on the schedule recorded from
+    its compile, above the step it measured: docs/results.md)."""
     from sac_compiler.passes.memory_rules import inductor_padded_strides
 
     rows, cols = 8, 1030  # rows of 1030 fp32 are padded to 1056 (128 bytes), past the 1024 threshold
