@@ -121,3 +121,21 @@ def test_the_logits_in_the_compiled_forwards_padded_layout_are_written_over_as_m
     assert over == {"sub_28": 16384 * 30522 * 4}  # the logits' gradient, in a buffer of its own
     row = replay(name, FOLDER_B236D86)
     assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
+
+
+LOSS_INSIDE_B236D86 = sorted(measured(FOLDER_B236D86)["cells"])
+# simulated in graph order, these miss by more than 2% (the plans that ran were checked on the
+# schedule Inductor compiled, where they came within 2%: docs/results.md)
+GRAPH_ORDER_MISSES_B236D86 = {"moe-loss_inside-sac0.5-graph0": "2.3% high", "t5-loss_inside-sac0.5-graph0": "7.7% high"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"graph order: {GRAPH_ORDER_MISSES_B236D86[name]}"))
+    if name in GRAPH_ORDER_MISSES_B236D86 else name for name in LOSS_INSIDE_B236D86])
+def test_the_plans_auto_ran_on_an_h100_simulate_in_graph_order_within_2_percent(name):
+    """The zoo's plans at 0.5 with the loss inside that ``partition_order="auto"`` ran on an H100
+    (b236d86), replayed in graph order, the order planning without a GPU has: the extra peak
+    against the measured one."""
+    row = replay(name, FOLDER_B236D86)
+    assert row["recompute"] > 0
+    assert row["ratio"] == pytest.approx(1.0, abs=0.02), row
