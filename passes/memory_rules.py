@@ -172,36 +172,24 @@ def inplace_pointwise(
 
 def inductor_padded_strides(val: torch.Tensor) -> tuple[int, ...]:
     """The strides Inductor gives a buffer of ``val``'s shape and stride order whose layout it
-    chooses, on a GPU (``torch._inductor.ir.Layout._pad_strides`` under
-    ``config.comprehensive_padding``, which Inductor turns off on CPU): from the innermost
-    dimension out, a stride over ``padding_stride_threshold`` elements that is no multiple of
+    chooses, on a GPU: Inductor's own ``ir.Layout._pad_strides``, which it applies under
+    ``config.comprehensive_padding`` (turned off on CPU): from the innermost dimension out, a
+    stride over ``padding_stride_threshold`` elements that is no multiple of
     ``padding_alignment_bytes`` is rounded up to one (a (tokens, 30522) fp32 logits buffer is laid
-    out in rows of 30528). A channels-last layout is left as it is, as are symbolic shapes.
+    out in rows of 30528); a channels-last layout is left as it is. Symbolic shapes are left
+    unpadded, as Inductor leaves them by default.
 
     A value the compiled forward saves reaches the backward in that layout (AOTAutograd gives the
     backward the strides of the forward's outputs), and a pointwise kernel's output over it is
     laid out the same: the kernel can write where it reads (the ``padded_layout`` rule)."""
     from torch._inductor import config
+    from torch._inductor.ir import Layout
 
     strides = tuple(val.stride())
     if (not strides or not getattr(config, "comprehensive_padding", False)
             or not all(isinstance(d, int) for d in (*val.shape, *strides))):
         return strides
-    if (not getattr(config, "pad_channels_last", False) and val.dim() == 4
-            and val.is_contiguous(memory_format=torch.channels_last) and not val.is_contiguous()):
-        return strides
-    align = max(1, getattr(config, "padding_alignment_bytes", 128) // val.element_size())
-    threshold = getattr(config, "padding_stride_threshold", 1024)
-    fill = sorted(range(len(strides)), key=strides.__getitem__)  # innermost first (Inductor's fill order)
-    new = [0] * len(strides)
-    new[fill[0]] = 1
-    padded = False
-    for inner, dim in zip(fill, fill[1:]):
-        stride = new[inner] * val.shape[inner]
-        if stride > threshold and stride % align:
-            stride, padded = -(-stride // align) * align, True
-        new[dim] = stride
-    return tuple(new) if padded else strides
+    return tuple(int(s) for s in Layout._pad_strides(list(strides), list(val.shape), val.dtype))
 
 
 def inductor_inlined(candidates: list[fx.Node], readers: Any, owner: dict[fx.Node, fx.Node],
