@@ -390,7 +390,8 @@ def annotate_memory(
     chain_kernels: list[tuple[int, set[fx.Node]]] = []
     if "recompute_chain_kernel" in rules:
         needed_now = {n for n, needed in rematerialized.items() if needed}
-        for group in fused_recompute_groups(nodes, needed_now, owner):
+        for group in fused_recompute_groups(nodes, needed_now, owner,
+                                            inline if "inlined_value_links_none" in rules else ()):
             earliest = min(min(rematerialized[n]) for n in group)
             chain_kernels.append((earliest, ancestors(group, needed_now, owner)))
             for node in chain_kernels[-1][1]:

@@ -250,6 +250,9 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          _BOTH, True),
     Rule("recompute_chain_kernel", "Inductor rebuilds a connected chain of recomputed pointwise values in one "
          "kernel, before the first of them is needed, after the recomputed values it reads.", _BOTH, True),
+    Rule("inlined_value_links_none", "A recomputed pointwise value Inductor folds into each of its readers (no "
+         "buffer) links none of them into one rebuild kernel: each reader computes it (a T5's position bias, read "
+         "by every layer's attention scores, each layer's softmax its own kernel).", _BOTH, True),
     Rule("draws_repeated", "The backend gives each backward kernel that reads a recomputed random draw through "
          "a value made from it (dropout's mask made again for its gradient) a draw of its own from the same seed, "
          "the same numbers (backend.repeat_recomputed_draws): the rebuild chain's draw is then read by its kernel "

@@ -7,7 +7,7 @@ them; each function names its rule.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -302,8 +302,8 @@ def computed_in_each_reader(node: fx.Node) -> bool:
     return node.op == "call_function" and not node.all_input_nodes and is_pointwise_op(node)
 
 
-def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
-                           owner: dict[fx.Node, fx.Node]) -> list[list[fx.Node]]:
+def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node], owner: dict[fx.Node, fx.Node],
+                           inlined: Collection[fx.Node] = ()) -> list[list[fx.Node]]:
     """Recomputed pointwise values Inductor rebuilds in one fused kernel.
 
     Recomputed values depend on nothing backward makes, so Inductor fuses a connected set of
@@ -311,11 +311,24 @@ def fused_recompute_groups(order: list[fx.Node], members: set[fx.Node],
     before the first of them is needed, after the recomputed values it reads (matmuls included):
     each value stored there exists from then on. Returns the connected sets (in graph order);
     ``ancestors`` gives what else they pull forward.
+
+    A value Inductor folds into each of its readers (``inlined``: no buffer) is computed in each
+    reader's kernel: it links none of its readers if it has two or more (the
+    ``inlined_value_links_none`` rule, given ``inlined``), as a constant fill links none
+    (``computed_in_each_reader``). A T5 decoder's position bias, which every layer's attention
+    scores read, so links no two layers, as Inductor's CUDA schedule has them: each layer's
+    softmax in a kernel of its own. (Inductor may still fuse two readers that share what the value
+    reads when they stand near each other, as it does two kernels of a few nodes on CPU; readers
+    in different layers of a model did not fuse in the schedules read: docs/results.md.)
     """
     eligible = [n for n in order if n in members and is_pointwise_op(n)]
     ok = {n for n in eligible if not computed_in_each_reader(n)}
-    return _linked_groups(eligible, [(owner.get(a, a), node) for node in eligible for a in node.all_input_nodes
-                                     if owner.get(a, a) in ok])
+    links = [(owner.get(a, a), node) for node in eligible for a in node.all_input_nodes if owner.get(a, a) in ok]
+    readers: dict[fx.Node, set[fx.Node]] = {}
+    for base, node in links:
+        readers.setdefault(base, set()).add(node)
+    return _linked_groups(eligible, [(base, node) for base, node in links
+                                     if base not in inlined or len(readers[base]) == 1])
 
 
 def _linked_groups(items: list[fx.Node], links: Iterable[tuple[fx.Node, fx.Node]]) -> list[list[fx.Node]]:

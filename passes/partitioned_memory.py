@@ -219,7 +219,9 @@ def _run_graph(
     if "recompute_chain_kernel" in rules and recomputed:
         members = {n for n in nodes if n.name in recomputed and n.op == "call_function"}
         rebuilt_at: dict[fx.Node, int] = {}
-        for group in fused_recompute_groups(nodes, members, owner):
+        inlined = ({n for n in sizes if rule_of.get(n) == "pointwise_fusion"}
+                   if "inlined_value_links_none" in rules else set())
+        for group in fused_recompute_groups(nodes, members, owner, inlined):
             earliest = min(index[n] for n in group)
             kernel = ancestors(group, members, owner)
             kernels.append((group, earliest, kernel, []))
