@@ -671,18 +671,23 @@ def test_rule_recompute_chain_kernel():
         3 * tile + 2 * row + 4, s.name)
 
 
-def _layers_reading_one_constant():
+def _layers_reading_one_constant(shared="fill"):
     """A backward rebuilding two layers' recomputed ``where(mask, c, h) * 3`` chains for two
-    matmuls, both reading one recomputed constant fill ``c`` (a masked fill's value, as T5's
-    attention scores read one in every layer), each its own mask; between the matmuls a ``big``
-    temporary; ``h2`` is read again after its layer's rebuild."""
+    matmuls, both reading one recomputed value ``c``, each its own mask; between the matmuls a
+    ``big`` temporary; ``h2`` is read again after its layer's rebuild. ``shared="fill"``: ``c``
+    is a constant fill (a masked fill's value, as T5's attention scores read one in every layer);
+    ``"computed"``: ``c = bias * 2`` from a saved ``bias`` (as a T5 decoder's position bias,
+    which every layer's scores read)."""
     graph, op, placeholder = _graph_builder()
     h1, h2 = placeholder("h1", torch.empty(64, 64)), placeholder("h2", torch.empty(64, 64))
     masks = [placeholder(f"mask{i}", torch.empty(64, 64, dtype=torch.bool)) for i in (1, 2)]
     w, g = placeholder("w", torch.empty(64, 64)), placeholder("tangents_1", torch.empty(1, 64))
-    c = graph.call_function(aten.full.default, ([64, 64], -1e4),
-                            {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
-    c.meta["val"] = torch.empty(64, 64)
+    if shared == "fill":
+        c = graph.call_function(aten.full.default, ([64, 64], -1e4),
+                                {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False})
+        c.meta["val"] = torch.empty(64, 64)
+    else:
+        c = op(aten.mul.Tensor, placeholder("bias", torch.empty(64, 64)), 2.0, val=torch.empty(64, 64))
 
     def chain(h, mask):
         masked = op(aten.where.self, mask, c, h, val=torch.empty(64, 64))
@@ -717,6 +722,31 @@ def test_rule_recompute_chain_kernel_is_not_linked_by_a_constant():
     # made with it (linked by the constant, it was: 4 tiles there), nor fused into its kernel
     # (rebuild_fusion: the constant is no buffer the two kernels share)
     assert _peak(gm, 2 * tile + row, keep, off={"dying_input_reuse"}, **kwargs) == (3 * tile + row, chains[0][0].name)
+
+
+def test_rule_inlined_value_links_none():
+    """A recomputed value Inductor folds into each of its readers (``c = bias * 2``, read by two
+    layers' chains) is computed in each reader's kernel: it links neither chain to the other, and
+    the second layer's is rebuilt at its own matmul. Linked by it, both are rebuilt at the first
+    layer's, the second's product held through ``big``."""
+    from sac_compiler.passes.memory_rules import fused_recompute_groups
+
+    gm, chains, s, recomputed, keep = _layers_reading_one_constant("computed")
+    nodes = list(gm.graph.nodes)
+    members = {n for n in nodes if n.name in recomputed}
+    (shared,) = members - {n for chain in chains for n in chain}
+    assert fused_recompute_groups(nodes, members, {}, inlined={shared}) == [list(chain) for chain in chains]
+    assert fused_recompute_groups(nodes, members, {}) == [[shared, *chains[0], *chains[1]]]
+    tile, row = 64 * 64 * 4, 64 * 4
+    kwargs = {"static_storage": frozenset({"w", "mask1", "mask2", "bias"}), "recomputed": recomputed,
+              "placeholder_storage": {"h1": ("h1", tile), "h2": ("h2", tile)}}
+    # (rebuild_fusion off: the two kernels read one buffer, bias, and it would join them anyway)
+    off = {"dying_input_reuse", "rebuild_fusion"}
+    # the first layer's rebuild: h1, h2, the tangent and its product
+    assert _peak(gm, 2 * tile + row, keep, off=off, **kwargs) == (3 * tile + row, chains[0][0].name)
+    # and the second layer's product with it, through big
+    assert _peak(gm, 2 * tile + row, keep, off=off | {"inlined_value_links_none"}, **kwargs) == (
+        4 * tile + row, shared.name)
 
 
 def test_inductor_computes_a_constant_inside_each_reader_and_fuses_no_two_layers_by_it():
