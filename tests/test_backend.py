@@ -197,7 +197,7 @@ def test_the_partition_check_lowers_the_backward_inside_the_backends_own_compile
     the schedule is read (no warning that it could not be), and the compiled step's gradients are
     eager's."""
     from sac_compiler import inductor_order
-    from sac_compiler.backend import SACPartitioner
+    from sac_compiler.backend import SACPartitioner, compile_graph
 
     results, lowered = [], []
     lower = inductor_order.lower_to_schedule
@@ -214,32 +214,19 @@ def test_the_partition_check_lowers_the_backward_inside_the_backends_own_compile
             results.append(self.last_result)
             return out
 
-    caplog.set_level("WARNING", logger="sac_compiler.inductor_order")
-    config = SACConfig.from_options({"memory_budget": 0.5, "partition_order": "inductor"})
-    step, eager = _nested_step_and_eager(config, Recording)
-    assert "could not be read" not in caplog.text and lowered and all(lowered)
-    (result,) = results
-    assert result.partition_order == "inductor" and result.partitioned.peak_bytes > 0
-    _assert_same_step(step, eager)
-
-
-def _nested_step_and_eager(config, partitioner_cls):
-    """One step of the ``Nested`` model compiled by ``compile_graph`` with ``config`` and
-    ``partitioner_cls``, and the same step in eager: each (output, gradients)."""
-    from sac_compiler.backend import compile_graph
-
     torch.manual_seed(0)
     model = Nested()
     x = torch.randn(4, 16)
-    eager = _run(model, (x,))
+    ref_out, ref_grads = _run(model, (x,))
     torch._dynamo.reset()
+    config = SACConfig.from_options({"memory_budget": 0.5, "partition_order": "inductor"})
     compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
-                                                                           partitioner_cls=partitioner_cls))
-    return _run(model, (x,), compiled), eager
-
-
-def _assert_same_step(step, eager):
-    (out, grads), (ref_out, ref_grads) = step, eager
+                                                                           partitioner_cls=Recording))
+    with caplog.at_level("WARNING", logger="sac_compiler.inductor_order"):
+        out, grads = _run(model, (x,), compiled)
+    assert "could not be read" not in caplog.text and lowered and all(lowered)
+    (result,) = results
+    assert result.partition_order == "inductor" and result.partitioned.peak_bytes > 0
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
@@ -253,7 +240,7 @@ def test_a_compile_again_in_inductors_order_lowers_no_plan_it_checked_in_that_or
     the first compile checked in that order: the compile again makes the same plans, takes their
     simulations and lowers nothing for them. Its gradients are eager's."""
     from sac_compiler import inductor_order
-    from sac_compiler.backend import SACPartitioner
+    from sac_compiler.backend import SACPartitioner, compile_graph
 
     lowered = []
     lower = inductor_order.lower_to_schedule
@@ -272,14 +259,23 @@ def test_a_compile_again_in_inductors_order_lowers_no_plan_it_checked_in_that_or
             self.over_in_inductor_order = len(partitioners) == 1
             return out
 
+    torch.manual_seed(0)
+    model = Nested()
+    x = torch.randn(4, 16)
+    ref_out, ref_grads = _run(model, (x,))
+    torch._dynamo.reset()
     config = SACConfig.from_options({"memory_budget": 0.3, "partition_order": "inductor"})
-    step, eager = _nested_step_and_eager(config, FoundOver)
+    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
+                                                                           partitioner_cls=FoundOver))
+    out, grads = _run(model, (x,), compiled)
     first, again = partitioners
     assert 1 in lowered and 2 not in lowered  # the first compile lowered its checks; the second none
     assert first.last_result.plan.recompute
     assert set(again.last_result.plan.recompute) == set(first.last_result.plan.recompute)
     assert again.last_result.partitioned is first.last_result.partitioned
-    _assert_same_step(step, eager)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_report_prints_the_analysis(capsys):
