@@ -298,10 +298,7 @@ class SACPartitioner(CustomPartitionerFn):
         count the graph's runs in a step (``_count_runs``)."""
         key = _plan_key(result) if self._order == "inductor" else None
         known = self.checked_in_inductor_order.get(key) if key is not None else None
-        if known is not None:
-            result.check_partition(fw, bw, order=self._order, partitioned=known)
-        else:
-            result.check_partition(fw, bw, order=self._order)
+        result.check_partition(fw, bw, order=self._order, partitioned=known)
         if key is not None:
             self.checked_in_inductor_order[key] = result.partitioned
         self._count_runs(result, fw)

@@ -245,9 +245,9 @@ def _auto_on_a_gpu(monkeypatch, higher):
         "inductor" if (order or self.partition_order) == "auto" else own_resolved(self, bw, order)))
     own_check = GraphPlanResult.check_partition
 
-    def check(self, fw, bw, order=None, partitioned=None):
+    def check(self, fw, bw, order=None):
         checks.append((self.resolved_order(bw, order), frozenset(self.plan.recompute)))
-        own_check(self, fw, bw, order, partitioned)
+        own_check(self, fw, bw, order)
 
     def in_inductor_order(fw, bw, reorder_for_peak_memory=True, scheduled=None, **kwargs):
         sim = simulate_partitioned(fw, bw, **kwargs)
