@@ -122,11 +122,6 @@ class SACPartitioner(CustomPartitionerFn):
         self.recorder: Any = None
         self.pending: tuple[Any, fx.GraphModule, fx.GraphModule, int] | None = None
         self.over_in_inductor_order = False
-        # the plans (by the values they recompute) whose partitioned graphs were simulated in
-        # Inductor's order, and that simulation: a compile again of the same graph with the same
-        # options, every plan checked in that order, takes them from here rather than lowering the
-        # same backward once more (its first plan is the plan the compile's schedule found over)
-        self.checked_in_inductor_order: dict[frozenset[str], Any] = {}
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -278,9 +273,6 @@ class SACPartitioner(CustomPartitionerFn):
             log.info("sac: the compile scheduled no backward here (a cache hit, or compiled when it first runs): "
                      "lowering it to check the plan in Inductor's order")
             result.partitioned = result.simulate(fw, bw, "inductor")
-        key = _plan_key(result)
-        if key is not None:
-            self.checked_in_inductor_order[key] = result.partitioned
         self._count_runs(result, fw)
         log.info("sac: the plan's partitioned graphs peak at %d bytes in graph order, %d in the order Inductor "
                  "scheduled the backward", checked, result.step_peak_bytes)
@@ -293,14 +285,9 @@ class SACPartitioner(CustomPartitionerFn):
             write_report(result, self.config.report)
 
     def _check(self, result: Any, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
-        """Simulate ``result``'s partitioned graphs in this graph's current check order (in
-        Inductor's order, a plan checked so before is taken from ``checked_in_inductor_order``) and
-        count the graph's runs in a step (``_count_runs``)."""
-        key = _plan_key(result) if self._order == "inductor" else None
-        known = self.checked_in_inductor_order.get(key) if key is not None else None
-        result.check_partition(fw, bw, order=self._order, partitioned=known)
-        if key is not None:
-            self.checked_in_inductor_order[key] = result.partitioned
+        """Simulate ``result``'s partitioned graphs in this graph's current check order and count
+        the graph's runs in a step (``_count_runs``)."""
+        result.check_partition(fw, bw, order=self._order)
         self._count_runs(result, fw)
 
     def _settle(self, gm: fx.GraphModule, num_fwd_outputs: int, root: str, result: Any, fw: fx.GraphModule,
@@ -664,14 +651,6 @@ def held_per_run(result: Any, fw: fx.GraphModule) -> int:
                  if n.op == "placeholder" and kinds.get(n.name) == InputKind.USER_INPUT
                  and isinstance(n.meta.get("val"), torch.Tensor))
     return result.partitioned.saved_bytes + inputs
-
-
-def _plan_key(result: Any) -> frozenset[str] | None:
-    """The values a plan recomputes, which fix its partitioned graphs (None: no plan, or a plan
-    that offloads too, whose graphs depend on more)."""
-    if result is None or result.plan is None or getattr(result, "offload", None) is not None:
-        return None
-    return frozenset(result.plan.recompute)
 
 
 def outside_bytes(example_inputs: Sequence[Any]) -> int:
@@ -1083,8 +1062,7 @@ def compile_graph(
 
     def compile_once(graph: fx.GraphModule, inputs: Sequence[Any], extra_bytes: int,
                      runs_per_step: int | None = None, loss_memory: int | None = None,
-                     order: str | None = None, checked: dict[frozenset[str], Any] | None = None
-                     ) -> tuple[Callable[..., Any], Any]:
+                     order: str | None = None) -> tuple[Callable[..., Any], Any]:
         planned = config if loss_memory is None else dataclasses.replace(config, loss_memory=loss_memory)
         if order is not None:
             planned = dataclasses.replace(planned, partition_order=order)
@@ -1098,7 +1076,6 @@ def compile_graph(
         partitioner = partitioner_cls(planned, graph, outside + extra_bytes, runs_per_step=runs_per_step)
         partitioner.fsdp = fsdp
         partitioner.name = name
-        partitioner.checked_in_inductor_order.update(checked or {})
         from sac_compiler.enforce import held_for_backwards
 
         # the step's graphs before this one (a graph break) hold their saved values now, counted in
@@ -1115,7 +1092,7 @@ def compile_graph(
                         "backward, over the budget less the planner's margin; compiling again with every plan "
                         "checked in that order", name, format_bytes(partitioner.last_result.step_peak_bytes))
             return compile_once(graph, inputs, extra_bytes, runs_per_step,
-                                loss_memory, order="inductor", checked=partitioner.checked_in_inductor_order)
+                                loss_memory, order="inductor")
         return compiled, partitioner
 
     device = _cuda_device(example_inputs)

@@ -212,16 +212,14 @@ class GraphPlanResult:
                                  if i.kind != InputKind.TANGENT},
         }
 
-    def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None,
-                        partitioned: Any = None) -> None:
+    def check_partition(self, fw: fx.GraphModule, bw: fx.GraphModule, order: str | None = None) -> None:
         """Record what the partitioned forward saves for backward and their peak (``simulate`` in
-        ``order``, or ``partitioned``: the simulation of these graphs made before); flag saves the
-        plan did not intend."""
+        ``order``); flag saves the plan did not intend."""
         out = next(iter(fw.graph.find_nodes(op="output")))
         num_fwd = self.analysis.graph.num_fwd_outputs
         saved = [n for n in out.args[0][num_fwd:] if isinstance(n, fx.Node)]
         self.saved_by_partition = [n.name for n in saved]
-        self.partitioned = partitioned if partitioned is not None else self.simulate(fw, bw, order)
+        self.partitioned = self.simulate(fw, bw, order)
         if self.plan is None:
             return
         owner = {n.name: get_record(n).storage_owner for n in self.analysis.graph.gm.graph.nodes if n.op != "output"}

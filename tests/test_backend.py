@@ -232,52 +232,6 @@ def test_the_partition_check_lowers_the_backward_inside_the_backends_own_compile
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.inductor
-def test_a_compile_again_in_inductors_order_lowers_no_plan_it_checked_in_that_order(monkeypatch):
-    """Where the compile's schedule finds a plan over the budget (``over_in_inductor_order``, which
-    only a CUDA compile's check sets: set here by hand after the first compile), the backend
-    compiles the graph again with every plan checked in Inductor's order, handing on the plans
-    the first compile checked in that order: the compile again makes the same plans, takes their
-    simulations and lowers nothing for them. Its gradients are eager's."""
-    from sac_compiler import inductor_order
-    from sac_compiler.backend import SACPartitioner, compile_graph
-
-    lowered = []
-    lower = inductor_order.lower_to_schedule
-
-    def counting(gm, backward, read, *args, **kwargs):
-        lowered.append(len(partitioners))
-        return lower(gm, backward, read, *args, **kwargs)
-
-    monkeypatch.setattr(inductor_order, "lower_to_schedule", counting)
-    partitioners = []
-
-    class FoundOver(SACPartitioner):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            partitioners.append(self)
-            out = super().__call__(gm, joint_inputs, **kwargs)
-            self.over_in_inductor_order = len(partitioners) == 1
-            return out
-
-    torch.manual_seed(0)
-    model = Nested()
-    x = torch.randn(4, 16)
-    ref_out, ref_grads = _run(model, (x,))
-    torch._dynamo.reset()
-    config = SACConfig.from_options({"memory_budget": 0.3, "partition_order": "inductor"})
-    compiled = torch.compile(model, backend=lambda gm, inputs: compile_graph(gm, inputs, config,
-                                                                           partitioner_cls=FoundOver))
-    out, grads = _run(model, (x,), compiled)
-    first, again = partitioners
-    assert 1 in lowered and 2 not in lowered  # the first compile lowered its checks; the second none
-    assert first.last_result.plan.recompute
-    assert set(again.last_result.plan.recompute) == set(first.last_result.plan.recompute)
-    assert again.last_result.partitioned is first.last_result.partitioned
-    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
-
-
 def test_report_prints_the_analysis(capsys):
     model = Nested()
     compiled = torch.compile(model, backend="sac", options={"compiler": "eager", "report": True})
